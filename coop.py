@@ -72,14 +72,14 @@ def parse_args(argv=None):
     # optimisation (CoOp: SGD 0.002, batch 32, epochs by shots; CoCoOp: batch 1, 10 epochs)
     p.add_argument("--epochs", type=int, default=None, help="default: 50/100/200 for 1/2-4/8+ shots (CoCoOp: 10)")
     p.add_argument("--batch-size", type=int, default=None, help="default: 32 (CoCoOp: 1)")
-    p.add_argument("--lr", type=float, default=0.002)
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--lr", type=float, default=0.002, help="SGD learning rate after the warm-up epoch")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    p.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay (on the context too)")
     p.add_argument("--warmup-lr", type=float, default=1e-5, help="constant learning rate of the first epoch")
     p.add_argument("--drop-last", action="store_true",
                    help="drop the last partial batch when N >= batch size, as the original loader did")
     # run
-    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--seed", type=int, default=1, help="the papers report seeds 1, 2, 3")
     p.add_argument("--precision", choices=["fp32", "amp", "fp16"], default=None, help="default: amp on CUDA, fp32 on CPU")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--workers", type=int, default=4)
@@ -162,6 +162,8 @@ def load_dataset(root, split_file=None, classnames_file=None):
     if classnames_file is None and os.path.isfile(os.path.join(root, "classnames.txt")):
         classnames_file = os.path.join(root, "classnames.txt")
     names = read_classnames(classnames_file) if classnames_file else None
+    if not os.path.isdir(root):
+        fail(f"{root}: folder not found; expected {root}/train/<class>/<image> and {root}/test/<class>/<image>")
     if not os.path.isdir(os.path.join(root, "test")):
         fail(f"{root}: no test/ folder; expected {root}/train/<class>/<image> and {root}/test/<class>/<image>")
     data = {"val": []}

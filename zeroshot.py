@@ -197,6 +197,8 @@ def load_dataset(root, split_file=None, classnames_file=None):
     if classnames_file is None and os.path.isfile(os.path.join(root, "classnames.txt")):
         classnames_file = os.path.join(root, "classnames.txt")
     names = read_classnames(classnames_file) if classnames_file else None
+    if not os.path.isdir(root):
+        fail(f"{root}: folder not found; expected {root}/train/<class>/<image> and {root}/test/<class>/<image>")
     if not os.path.isdir(os.path.join(root, "test")):
         fail(f"{root}: no test/ folder; expected {root}/train/<class>/<image> and {root}/test/<class>/<image>")
     data = {"val": []}

@@ -26,11 +26,11 @@ def tiny_clip(vit=False, seed=0, context_length=77):
                             vision_width=64 if vit else 8, vision_patch_size=16 if vit else None,
                             context_length=context_length, vocab_size=49408, transformer_width=64,
                             transformer_heads=1, transformer_layers=2)
-    return model.eval()
+    return model.requires_grad_(False).eval()  # frozen, as load_clip returns it
 
 
 def draw(path, colour, mode="RGB", size=40):
-    image = Image.new("RGB", (size, size), COLOURS[colour])
+    image = Image.new("RGB", (size, size), COLOURS.get(colour, (128, 128, 128)))
     if mode != "RGB":
         image = image.convert(mode)
     image.save(path)

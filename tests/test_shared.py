@@ -1,0 +1,188 @@
+"""The shared blocks: data reading and its checks, CLIP loading, the cut text encoder, run files."""
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+from conftest import ROOT, draw, make_image_folder, tiny_clip
+
+import coop
+
+CPU = torch.device("cpu")
+
+
+# --- CLIP loading ------------------------------------------------------------------------------
+def test_state_dict_file_loads_exactly(tiny_ckpt):
+    model = coop.load_clip(tiny_ckpt, CPU, "fp32")
+    reference = tiny_clip().state_dict()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, reference[k]), k  # the fallback puts back the file's fp32 values
+    assert not any(p.requires_grad for p in model.parameters()) and not model.training
+    assert model.dtype == torch.float32
+
+
+def test_torchscript_archive_loads(tmp_path):
+    model = tiny_clip(seed=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(model, (torch.randn(1, 3, 32, 32), torch.zeros(1, 77, dtype=torch.long)))
+        torch.jit.save(traced, tmp_path / "traced.pt")  # the kind of file OpenAI distributes
+    loaded = coop.load_clip(str(tmp_path / "traced.pt"), CPU, "fp32")
+    for k, v in model.state_dict().items():  # clip.load's build_model rounds weights to fp16, as for OpenAI's files
+        torch.testing.assert_close(loaded.state_dict()[k], v, atol=2e-3, rtol=1e-3)
+
+
+def test_fp16_keeps_clips_own_layout(tiny_ckpt):
+    model = coop.load_clip(tiny_ckpt, CPU, "fp16")
+    assert model.dtype == torch.float16 and model.ln_final.weight.dtype == torch.float32
+
+
+def test_unknown_backbone_lists_the_names():
+    with pytest.raises(SystemExit, match="unknown backbone 'ViT-B/99'.*RN50.*ViT-B/16"):
+        coop.load_clip("ViT-B/99", CPU, "fp32")
+
+
+def test_file_that_is_not_a_checkpoint(tmp_path):
+    (tmp_path / "junk.pt").write_text("hello")
+    with pytest.raises(SystemExit, match="junk.pt: not a CLIP checkpoint"):
+        coop.load_clip(str(tmp_path / "junk.pt"), CPU, "fp32")
+
+
+# --- the cut text encoder ------------------------------------------------------------------------
+@pytest.mark.parametrize("vit", [False, True])
+def test_cut_text_encoder_equals_the_full_77_positions(vit):
+    model = tiny_clip(vit=vit, seed=1)
+    texts = ["a photo of a red circle.", "x", "a much longer sentence about a small green square on a striped mat."]
+    tokens = coop.tokenize(model, texts)
+    with torch.no_grad():
+        full = model.encode_text(tokens)  # CLIP's own encoder over all 77 positions
+        cut = coop.TextEncoder(model)(model.token_embedding(tokens), tokens)
+    torch.testing.assert_close(cut, full, atol=1e-5, rtol=1e-5)
+
+
+def test_ensemble_is_the_normalised_mean_of_normalised_features():
+    model = tiny_clip(seed=2)
+    names = ["red", "blue"]
+    w = coop.zeroshot_classifier(model, names, ["a photo of a {}.", "art of the {}."])
+    with torch.no_grad():
+        f = [torch.nn.functional.normalize(model.encode_text(coop.tokenize(model, [t.format(c) for c in names])), dim=-1)
+             for t in ["a photo of a {}.", "art of the {}."]]
+    expected = torch.nn.functional.normalize(f[0] + f[1], dim=-1)
+    torch.testing.assert_close(w, expected, atol=1e-5, rtol=1e-5)
+
+
+# --- data ----------------------------------------------------------------------------------------
+def test_image_folder_and_classnames(tmp_path):
+    make_image_folder(tmp_path / "d" / "test", ["golden_retriever", "cat"], 2)
+    data = coop.load_dataset(str(tmp_path / "d"))
+    assert data["classnames"] == ["cat", "golden retriever"] and data["train"] == []
+    (tmp_path / "names.txt").write_text("cat\tfelis catus\ngolden_retriever a golden retriever\n")
+    data = coop.load_dataset(str(tmp_path / "d"), classnames_file=str(tmp_path / "names.txt"))
+    assert data["classnames"] == ["felis catus", "a golden retriever"]
+    assert [y for _, y in data["test"]] == [0, 0, 1, 1]
+
+
+def test_split_file(split_data):
+    image_root, split_file = split_data
+    data = coop.load_dataset(image_root, split_file)
+    assert data["classnames"][0] == "red thing"  # '_' -> ' '
+    assert len(data["train"]) == 18 and len(data["val"]) == 6 and len(data["test"]) == 6
+    assert all(os.path.isfile(p) for p, _ in data["test"])
+
+
+def test_few_shot_sampling_is_seeded_and_per_class(tiny_data):
+    train = coop.load_dataset(tiny_data)["train"]
+    a, b = coop.sample_few_shot(train, 2, seed=1), coop.sample_few_shot(train, 2, seed=1)
+    assert a == b and a != coop.sample_few_shot(train, 2, seed=2)
+    assert sorted(y for _, y in a) == [0, 0, 1, 1, 2, 2, 3, 3]
+
+
+def test_more_shots_than_images_warns_and_keeps_all(tiny_data, capsys):
+    train = coop.load_dataset(tiny_data)["train"]
+    assert len(coop.sample_few_shot(train, 16, seed=1)) == len(train)
+    assert "fewer than 16 training images in 4 classes" in capsys.readouterr().out
+
+
+def test_base_new_split_sorted_ceil_half_relabelled(split_data):
+    data = coop.load_dataset(*split_data)  # 6 classes
+    base, new = coop.subsample_classes(data, "base"), coop.subsample_classes(data, "new")
+    assert base["classnames"] == data["classnames"][:3] and new["classnames"] == data["classnames"][3:]
+    assert {y for _, y in base["test"]} == {0, 1, 2} and {y for _, y in new["test"]} == {0, 1, 2}
+    odd = {k: [(p, y) for p, y in v if y < 5] for k, v in data.items() if k != "classnames"}
+    odd["classnames"] = data["classnames"][:5]
+    assert len(coop.subsample_classes(odd, "base")["classnames"]) == 3  # ceil(5 / 2)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "folder not found"),
+    ("no_test", "no test/ folder"),
+    ("empty_class", "class folder has no images"),
+    ("unreadable", "cannot read this image"),
+])
+def test_bad_data_is_named_before_any_work(tmp_path, case, message):
+    root = tmp_path / "d"
+    if case != "missing":
+        make_image_folder(root / "train", ["a", "b"], 2)
+    if case not in ("missing", "no_test"):
+        make_image_folder(root / "test", ["a", "b"], 2)
+    if case == "empty_class":
+        os.makedirs(root / "train" / "c")
+        os.makedirs(root / "test" / "c")
+    if case == "unreadable":
+        (root / "train" / "a" / "9.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(SystemExit, match=message) as e:
+        data = coop.load_dataset(str(root / "nothing" if case == "missing" else root))
+        coop.check_images(data["train"])
+    if case == "unreadable":
+        assert "9.jpg" in str(e.value)
+
+
+def test_grayscale_rgba_palette_are_converted(tiny_data, capsys):
+    items = coop.load_dataset(tiny_data)["train"]
+    coop.check_images(items)
+    assert "are grayscale, RGBA or palette images; they are converted to RGB" in capsys.readouterr().out
+    dataset = coop.ImageDataset(items, coop.test_transform(32))
+    assert all(dataset[i][0].shape == (3, 32, 32) for i in range(4))  # RGB, L, RGBA, P
+
+
+def test_train_and_test_transforms():
+    from PIL import Image
+
+    image = Image.new("RGB", (64, 48), (200, 10, 10))
+    assert coop.train_transform(32)(image).shape == (3, 32, 32)
+    x = coop.test_transform(32)(image)
+    assert x.shape == (3, 32, 32)
+    torch.testing.assert_close(x[0, 0, 0], torch.tensor((200 / 255 - coop.CLIP_MEAN[0]) / coop.CLIP_STD[0]))
+
+
+# --- run folder ----------------------------------------------------------------------------------
+def test_atomic_writes_leave_no_partial_file(tmp_path):
+    path = tmp_path / "m.json"
+    coop.save_json(str(path), {"a": 1})
+    with pytest.raises(TypeError):
+        coop.save_json(str(path), {"a": object()})  # fails half-way through writing
+    assert json.loads(path.read_text()) == {"a": 1} and os.listdir(tmp_path) == ["m.json"]
+    coop.save_checkpoint(str(tmp_path / "c.pt"), {"state": {"ctx": torch.ones(2)}, "epoch": 3})
+    assert coop.load_checkpoint(str(tmp_path / "c.pt"))["epoch"] == 3
+
+
+# --- the shared blocks stay identical --------------------------------------------------------------
+def test_shared_blocks_identical_in_every_file():
+    out = subprocess.run([sys.executable, "tools/sync_shared.py", "--check"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout
+
+
+def test_sync_tool_detects_and_repairs_a_changed_copy(tmp_path):
+    for name in ("coop.py", "zeroshot.py"):
+        (tmp_path / name).write_text(open(os.path.join(ROOT, name)).read())
+    text = (tmp_path / "zeroshot.py").read_text()
+    (tmp_path / "zeroshot.py").write_text(text.replace("def accuracy(logits, labels):", "def accuracy(logits, y):", 1))
+    tool = [sys.executable, os.path.join(ROOT, "tools/sync_shared.py"), "--root", str(tmp_path)]
+    check = subprocess.run(tool + ["--check"], capture_output=True, text=True)
+    assert check.returncode == 1 and "evaluation" in check.stdout
+    subprocess.run(tool + ["--write"], check=True, capture_output=True)
+    assert (tmp_path / "zeroshot.py").read_text() == text
