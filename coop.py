@@ -13,9 +13,9 @@ generalises better to classes that were not seen in training.
 
 Equations (t_c is the prompt of class c, e(.) CLIP's token embedding, g(.) its text encoder,
 f(x) the L2-normalised image feature, tau CLIP's own frozen logit scale, about 100)
-  [CoOp Eq. 2]   t_c = [SOS] [V]_1 ... [V]_M [CLASS_c] [.] [EOS]      (class token at the end)
-  [CoOp Eq. 3]   p(y=c|x) = softmax_c( tau * cos(g(t_c), f(x)) ),  loss = cross-entropy
-  [CoCoOp Eq. 4] pi = h_theta(f(x)),  [V]_m(x) = [V]_m + pi  for every m  (h: Linear-ReLU-Linear)
+  [CoOp]   t_c = [SOS] [V]_1 ... [V]_M [CLASS_c] [.] [EOS]      (class token at the end)
+  [CoOp]   p(y=c|x) = softmax_c( tau * cos(g(t_c), f(x)) ),  loss = cross-entropy
+  [CoCoOp] pi = h_theta(f(x)),  [V]_m(x) = [V]_m + pi  for every m  (h: Linear-ReLU-Linear)
 
 Learned:  ctx = [V]_1..[V]_M, shape (M, d), or (n_cls, M, d) with --csc; CoCoOp also h_theta.
 Frozen:   all of CLIP (image encoder, text encoder, token embedding, logit scale).
@@ -497,7 +497,7 @@ class PromptLearner(nn.Module):
         n_cls = self.token_prefix.shape[0]
         ctx = self.ctx
         if bias is not None:  # CoCoOp: bias (B, d) from the meta-network, one per image
-            ctx = ctx.unsqueeze(0) + bias.unsqueeze(1)  # [CoCoOp Eq. 4] v_m(x) = v_m + pi: (B, M, d)
+            ctx = ctx.unsqueeze(0) + bias.unsqueeze(1)  # [CoCoOp] v_m(x) = v_m + pi: (B, M, d)
             B = ctx.shape[0]
             ctx = ctx.unsqueeze(1).expand(-1, n_cls, -1, -1)  # (B, n_cls, M, d)
             prefix = self.token_prefix.unsqueeze(0).expand(B, -1, -1, -1)  # (B, n_cls, 1, d)
@@ -505,7 +505,7 @@ class PromptLearner(nn.Module):
             return torch.cat([prefix, ctx, suffix], dim=2)  # (B, n_cls, L, d)
         if ctx.dim() == 2:  # generic context, shared by all classes
             ctx = ctx.unsqueeze(0).expand(n_cls, -1, -1)  # (n_cls, M, d)
-        if self.position == "end":  # [CoOp Eq. 2] [SOS] [V]_1..[V]_M [CLASS] [.] [EOS]
+        if self.position == "end":  # [CoOp] [SOS] [V]_1..[V]_M [CLASS] [.] [EOS]
             return torch.cat([self.token_prefix, ctx, self.token_suffix], dim=1)  # (n_cls, L, d)
         half, prompts = self.n_ctx // 2, []
         for i, n in enumerate(self.name_lens):  # the class tokens move; the length and EOT index do not
@@ -536,7 +536,7 @@ class CustomCLIP(nn.Module):
         pl, scale = self.prompt_learner, self.logit_scale.exp()
         if self.meta_net is None:  # one text feature per class, shared by all images
             text = F.normalize(self.text_encoder(pl(), pl.tokenized).float(), dim=-1)  # (n_cls, D)
-            return scale * image_features @ text.t()  # [CoOp Eq. 3] (B, n_cls)
+            return scale * image_features @ text.t()  # [CoOp] (B, n_cls)
         pi = self.meta_net(image_features)  # [CoCoOp] pi = h_theta(f(x)) on the normalised feature: (B, d)
         prompts = pl(pi)  # (B, n_cls, L, d)
         B, n_cls = prompts.shape[:2]

@@ -1,0 +1,470 @@
+"""The toy world: a synthetic world of coloured shapes, tiny CLIPs pretrained on it, and the demo.
+
+Nobody can download CLIP's weights or its datasets here, and many students have no GPU. This file
+makes every method in the project runnable and checkable on a laptop CPU in minutes:
+
+  1. The world: 32-pixel images of a shape (10 kinds) in a colour (12) at a size (3) on a
+     background (5 kinds), drawn with PIL at 4x and downsampled for clean edges, each with English
+     captions made from several templates ("a photo of a small red circle on a striped background"),
+     attributes sometimes left out. 12 colour+shape combinations are never shown in pretraining.
+  2. Contrastive pretraining, CLIP's recipe in miniature [CLIP, arXiv 2103.00020, Fig. 3]:
+        logits = exp(t) * normalise(image_features) @ normalise(text_features).T      (B, B)
+        loss   = ( CE(logits, arange(B)) + CE(logits.T, arange(B)) ) / 2              symmetric InfoNCE
+     with the learned temperature t, the real CLIP tokenizer and `clip.model.CLIP` itself, captions
+     sampled afresh every step. Two image towers: a ResNet (learns shapes fast on a CPU) for the
+     text-side methods and a ViT for VPT and multimodal prompts. The ViT uses 16-pixel patches, so it
+     sees a 2x2 grid plus the class token: close to a small network over image quadrants.
+  3. Downstream datasets in the ImageFolder layout (train/ val/ test/): `shapes` (120 colour+shape
+     classes, base and new halves by the usual rule), the shifted domains `sketch` (outline
+     drawings) and `noise` (Gaussian noise), and `proxy` (10 shape classes, a source set for
+     methods that need source statistics or prototypes).
+
+Run
+  python toyworld.py                # build toy/ (about 10 minutes on 2 cores; reused afterwards)
+  python toyworld.py --demo         # build if needed, run every method file on it, write the table
+  python coop.py --backbone toy/clip_rn.pt --data toy/shapes --shots 4 --subsample base \\
+        --eval-data toy/sketch toy/noise
+"""
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFilter
+
+with warnings.catch_warnings():  # openai-clip 1.0.1 imports the deprecated pkg_resources
+    warnings.simplefilter("ignore")
+    import clip
+
+SHAPES = ["circle", "square", "triangle", "diamond", "pentagon", "hexagon", "star", "cross", "ring", "crescent"]
+COLOURS = {"red": (220, 30, 30), "orange": (245, 135, 20), "yellow": (240, 220, 30), "green": (35, 160, 55),
+           "cyan": (40, 215, 225), "blue": (30, 60, 215), "purple": (135, 45, 185), "pink": (250, 140, 200),
+           "brown": (125, 75, 35), "gray": (128, 128, 128), "white": (250, 250, 250), "black": (12, 12, 12)}
+SIZES = {"small": 0.38, "medium": 0.58, "large": 0.8}  # the shape's extent as a fraction of the image
+BACKGROUNDS = ["plain", "dark", "noisy", "striped", "checkered"]
+PX, SUPER = 32, 4  # image side, supersampling factor
+
+# Pretraining captions: an opening, the noun phrase with some attributes left out, maybe the background
+OPENINGS = ["a photo of a", "an image of a", "a picture of a", "a", "a photo of one"]
+# The toy models: text tower as in the reference prototype (3 layers, width 64 -> 1 head, context 24)
+TEXT = dict(context_length=24, vocab_size=49408, transformer_width=64, transformer_heads=1, transformer_layers=3)
+TOWERS = {
+    "rn": dict(embed_dim=128, image_resolution=PX, vision_layers=(1, 1, 1, 1), vision_width=16,
+               vision_patch_size=None, **TEXT),
+    "vit": dict(embed_dim=128, image_resolution=PX, vision_layers=4, vision_width=128, vision_patch_size=16, **TEXT),
+}
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. Drawing the world
+# ------------------------------------------------------------------------------------------------
+def heldout_combinations(seed=0):
+    """12 of the 120 colour+shape combinations, one per colour, never shown in pretraining."""
+    rng = np.random.default_rng(seed)
+    return {(c, SHAPES[s]) for c, s in zip(COLOURS, rng.permutation(len(SHAPES)).tolist() + [0, 1])}
+
+
+def shape_mask(shape, size, rng):
+    """The shape as a supersampled 'L' mask, randomly placed and rotated."""
+    n = PX * SUPER
+    mask = Image.new("L", (n, n), 0)
+    draw = ImageDraw.Draw(mask)
+    r = 0.5 * n * SIZES[size] * rng.uniform(0.9, 1.1)
+    cx, cy = (n / 2 + rng.uniform(-1, 1) * (n / 2 - r) * 0.8 for _ in range(2))
+    angle = rng.uniform(0, 2 * math.pi)
+
+    def polygon(radii, k, turn=angle, squash=1.0):
+        pts = [(cx + radii[i % len(radii)] * squash * math.cos(turn + 2 * math.pi * i / k),
+                cy + radii[i % len(radii)] * math.sin(turn + 2 * math.pi * i / k)) for i in range(k)]
+        draw.polygon(pts, fill=255)
+
+    if shape in ("circle", "ring", "crescent"):
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
+        if shape == "ring":
+            draw.ellipse([cx - 0.55 * r, cy - 0.55 * r, cx + 0.55 * r, cy + 0.55 * r], fill=0)
+        if shape == "crescent":
+            dx, dy = 0.45 * r * math.cos(angle), 0.45 * r * math.sin(angle)
+            draw.ellipse([cx + dx - 0.85 * r, cy + dy - 0.85 * r, cx + dx + 0.85 * r, cy + dy + 0.85 * r], fill=0)
+    elif shape == "square":
+        polygon([r * 0.85], 4, turn=angle % (math.pi / 8) + math.pi / 4 - math.pi / 16)  # roughly axis-aligned
+    elif shape == "diamond":
+        polygon([r], 4, turn=0.0, squash=0.6)  # a tall rhombus
+    elif shape == "triangle":
+        polygon([r], 3)
+    elif shape == "pentagon":
+        polygon([r], 5)
+    elif shape == "hexagon":
+        polygon([r], 6)
+    elif shape == "star":
+        polygon([r, 0.42 * r], 10)
+    elif shape == "cross":
+        t = 0.33 * r
+        draw.rectangle([cx - r, cy - t, cx + r, cy + t], fill=255)
+        draw.rectangle([cx - t, cy - r, cx + t, cy + r], fill=255)
+    return mask
+
+
+def background(kind, rng):
+    """A 32x32 background as an RGB array (32, 32, 3) in float."""
+    tone = lambda lo, hi: rng.integers(lo, hi, 3).astype(np.float32)  # noqa: E731
+    if kind == "plain":
+        return np.broadcast_to(tone(165, 215), (PX, PX, 3))
+    if kind == "dark":
+        return np.broadcast_to(tone(25, 70), (PX, PX, 3))
+    if kind == "noisy":
+        return rng.integers(40, 215, (PX, PX, 3)).astype(np.float32)
+    a, b = tone(30, 225), tone(30, 225)
+    y, x = np.mgrid[0:PX, 0:PX]
+    half = int(rng.integers(3, 6))  # half the period, in pixels
+    if kind == "striped":
+        on = ((x, y, x + y)[rng.integers(0, 3)] // half) % 2 == 0  # vertical, horizontal or diagonal
+    else:  # checkered
+        on = (x // half + y // half) % 2 == 0
+    return np.where(on[..., None], a, b)
+
+
+def render(shape, colour, size, bg, rng, style="photo"):
+    """One 32x32 RGB image. style 'sketch': the outline only, on paper; 'photo': filled, on `bg`."""
+    mask = shape_mask(shape, size, rng)  # drawn at 4x ...
+    if style == "sketch":
+        mask = mask.filter(ImageFilter.FIND_EDGES).filter(ImageFilter.MaxFilter(2 * SUPER + 1))
+        canvas = np.broadcast_to(np.array([210, 205, 190]) + rng.integers(-10, 10, 3), (PX, PX, 3))
+    else:
+        canvas = background(bg, rng)
+    alpha = np.asarray(mask.resize((PX, PX), Image.BOX), dtype=np.float32)[..., None] / 255  # ... and averaged down
+    ink = np.clip(np.array(COLOURS[colour]) + rng.integers(-12, 13, 3), 0, 255)
+    return Image.fromarray((canvas * (1 - alpha) + ink * alpha).round().astype(np.uint8))
+
+
+def add_noise(image, sigma, rng):
+    x = np.asarray(image, dtype=np.float32) + rng.normal(0, sigma, (PX, PX, 3))
+    return Image.fromarray(np.clip(x, 0, 255).astype(np.uint8))
+
+
+def random_attributes(rng, n, exclude=()):
+    """n random (shape, colour, size, background) index tuples, avoiding the excluded combinations."""
+    colours, out = list(COLOURS), []
+    while len(out) < n:
+        a = (rng.integers(len(SHAPES)), rng.integers(len(COLOURS)), rng.integers(len(SIZES)),
+             rng.integers(len(BACKGROUNDS)))
+        if (colours[a[1]], SHAPES[a[0]]) not in exclude:
+            out.append(tuple(int(v) for v in a))
+    return np.array(out)
+
+
+def draw_pool(attrs, seed):
+    """Images (N, 3, 32, 32) uint8 for attribute rows (shape, colour, size, background)."""
+    rng = np.random.default_rng(seed)
+    colours, sizes = list(COLOURS), list(SIZES)
+    images = np.empty((len(attrs), PX, PX, 3), np.uint8)
+    for i, (s, c, z, b) in enumerate(attrs):
+        images[i] = np.asarray(render(SHAPES[s], colours[c], sizes[z], BACKGROUNDS[b], rng))
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # NHWC -> NCHW
+
+
+def caption(attrs, rng):
+    """A fresh English caption for one image, e.g. 'a photo of a small red circle on a striped background.'"""
+    shape, colour, size, bg = SHAPES[attrs[0]], list(COLOURS)[attrs[1]], list(SIZES)[attrs[2]], BACKGROUNDS[attrs[3]]
+    size = size + " " if rng.random() < 0.5 else ""  # attributes are sometimes left out
+    if rng.random() < 0.15:
+        phrase = f"{size}{shape}"
+    elif rng.random() < 0.2:  # the colour after the noun
+        phrase = f"{size}{shape} in {colour}"
+    else:
+        phrase = f"{size}{colour} {shape}"
+    where = f" on a {bg} background" if rng.random() < 0.5 else ""
+    return f"{OPENINGS[rng.integers(len(OPENINGS))]} {phrase}{where}."
+
+
+def draw_pool_parallel(attrs, seed, workers=2):
+    """draw_pool over `workers` processes; chunk i uses seed + i, so the pool is the same every run."""
+    chunks = np.array_split(attrs, max(1, workers) * 4)
+    if workers <= 1:
+        return torch.cat([draw_pool(c, seed + i) for i, c in enumerate(chunks)])
+    import multiprocessing as mp
+
+    with mp.get_context("fork").Pool(workers) as pool:
+        return torch.cat(pool.starmap(draw_pool, [(c, seed + i) for i, c in enumerate(chunks)]))
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. Contrastive pretraining of a tiny clip.model.CLIP
+# ------------------------------------------------------------------------------------------------
+MEAN = torch.tensor((0.48145466, 0.4578275, 0.40821073)).view(1, 3, 1, 1)
+STD = torch.tensor((0.26862954, 0.26130258, 0.27577711)).view(1, 3, 1, 1)
+
+
+def to_input(images_uint8):
+    """uint8 (B, 3, 32, 32) -> CLIP-normalised float, exactly what the methods' test transform gives."""
+    return (images_uint8.float() / 255 - MEAN) / STD
+
+
+def param_groups(model, weight_decay):
+    """Weight decay on matrices only: none on gains, biases, embeddings and the temperature."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        is_matrix = p.dim() >= 2 and "embedding" not in name
+        (decay if is_matrix else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def pretrain(model, images, attrs, steps, batch_size, lr, seed, label=""):
+    """CLIP's symmetric InfoNCE on (image, fresh caption) pairs. Returns the loss curve."""
+    rng, gen = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(param_groups(model, 0.1), lr=lr, betas=(0.9, 0.98), eps=1e-6)
+    warmup = min(50, steps // 10)
+    schedule = lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / (steps - warmup)))  # noqa: E731
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    model.train()
+    losses, t0 = [], time.time()
+    for step in range(steps):
+        idx = torch.randint(len(images), (batch_size,), generator=gen)
+        x = to_input(images[idx])  # (B, 3, 32, 32)
+        tokens = clip.tokenize([caption(attrs[i], rng) for i in idx.tolist()], context_length=model.context_length)
+        image_features = F.normalize(model.encode_image(x), dim=-1)  # (B, D)
+        text_features = F.normalize(model.encode_text(tokens), dim=-1)  # (B, D)
+        logits = model.logit_scale.exp() * image_features @ text_features.t()  # [CLIP] (B, B)
+        target = torch.arange(batch_size)
+        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2  # symmetric InfoNCE
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))  # [CLIP] the temperature is clipped at 100
+        losses.append(loss.item())
+        if step % 10 == 0 or step == steps - 1:
+            progress(f"pretraining {label}", step + 1, steps, t0, f"loss {np.mean(losses[-20:]):.3f}")
+    model.eval()
+    return losses
+
+
+def progress(what, done, total, t0, extra=""):
+    """A one-line progress bar on stderr."""
+    elapsed = time.time() - t0
+    bar = "#" * int(30 * done / total)
+    eta = elapsed / done * (total - done)
+    sys.stderr.write(f"\r{what} [{bar:<30}] {done}/{total} {elapsed:.0f}s, {eta:.0f}s left {extra}  ")
+    if done == total:
+        sys.stderr.write("\n")
+    sys.stderr.flush()
+
+
+@torch.no_grad()
+def zero_shot_report(model, seed=123, n=2000):
+    """Zero-shot accuracy (%) on fresh held-out images: shape, colour, colour+shape, unseen combinations."""
+    rng = np.random.default_rng(seed)
+    heldout = heldout_combinations()
+    attrs = random_attributes(rng, n)
+    x = to_input(draw_pool(attrs, seed))
+    f = torch.cat([F.normalize(model.encode_image(x[i : i + 500]), dim=-1) for i in range(0, n, 500)])
+
+    def classify(texts):
+        t = F.normalize(model.encode_text(clip.tokenize(texts, context_length=model.context_length)), dim=-1)
+        return (f @ t.t()).argmax(-1)
+
+    colours = list(COLOURS)
+    combos = [(c, s) for c in colours for s in SHAPES]
+    pred_combo = classify([f"a photo of a {c} {s}." for c, s in combos])
+    true_combo = torch.tensor([colours.index(colours[a[1]]) * len(SHAPES) + a[0] for a in attrs])
+    unseen = torch.tensor([(colours[a[1]], SHAPES[a[0]]) in heldout for a in attrs])
+    report = {
+        "shape": (classify([f"a photo of a {s}." for s in SHAPES]) == torch.tensor(attrs[:, 0])).float().mean(),
+        "colour": (classify([f"a photo of a {c} shape." for c in colours]) == torch.tensor(attrs[:, 1])).float().mean(),
+        "colour+shape": (pred_combo == true_combo).float().mean(),
+        "unseen combinations": (pred_combo == true_combo)[unseen].float().mean(),
+    }
+    return {k: round(100 * float(v), 1) for k, v in report.items()}
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. Downstream datasets (ImageFolder layout) and the saved models
+# ------------------------------------------------------------------------------------------------
+NOISE_SIGMA = 30  # strong enough that zero-shot drops, not so strong that it collapses
+SPLITS = {"train": 16, "val": 4, "test": 20}  # images per class
+
+
+def write_dataset(root, classes, splits, seed, style="photo", sigma=0.0):
+    """root/<split>/<class folder>/<i>.png for classes given as (folder, shape or None, colour or None)."""
+    rng = np.random.default_rng(seed)
+    for split, per_class in splits.items():
+        for folder, shape, colour in classes:
+            os.makedirs(os.path.join(root, split, folder), exist_ok=True)
+            for i in range(per_class):
+                image = render(shape or SHAPES[rng.integers(len(SHAPES))], colour or list(COLOURS)[rng.integers(12)],
+                               list(SIZES)[rng.integers(3)], BACKGROUNDS[rng.integers(5)], rng, style)
+                if sigma:
+                    image = add_noise(image, sigma, rng)
+                image.save(os.path.join(root, split, folder, f"{i:03d}.png"))
+    with open(os.path.join(root, "classnames.txt"), "w") as f:  # folder -> the words used in prompts
+        f.writelines(f"{folder}\t{folder.replace('_', ' ')}\n" for folder, _, _ in classes)
+
+
+def write_datasets(root, seed):
+    combos = [(f"{c}_{s}", s, c) for c in COLOURS for s in SHAPES]  # 120 classes, sorted by colour
+    write_dataset(os.path.join(root, "shapes"), combos, SPLITS, seed + 1)
+    write_dataset(os.path.join(root, "sketch"), combos, SPLITS, seed + 2, style="sketch")
+    write_dataset(os.path.join(root, "noise"), combos, SPLITS, seed + 3, sigma=NOISE_SIGMA)
+    write_dataset(os.path.join(root, "proxy"), [(s, s, None) for s in SHAPES], {"train": 50, "test": 20}, seed + 4)
+
+
+def build_model(tower, images, attrs, steps, lr, batch_size, seed):
+    torch.manual_seed(seed)
+    model = clip.model.CLIP(**TOWERS[tower])
+    t0 = time.time()
+    pretrain(model, images, attrs, steps, batch_size, lr, seed, label=tower)
+    return model, time.time() - t0
+
+
+def build_world(root="toy", seed=0, force=False, rn_steps=1000, vit_steps=2000, batch_size=256, workers=2):
+    """Build whatever of toy/ is missing (or everything with force). Returns the world's record."""
+    os.makedirs(root, exist_ok=True)
+    record_path = os.path.join(root, "world.json")
+    record = json.load(open(record_path)) if os.path.isfile(record_path) and not force else {"seed": seed}
+    pool = None
+    for tower, steps, lr in (("rn", rn_steps, 1e-3), ("vit", vit_steps, 1e-3)):
+        path = os.path.join(root, f"clip_{tower}.pt")
+        if os.path.isfile(path) and not force:
+            continue
+        if pool is None:
+            t0 = time.time()
+            rng = np.random.default_rng(seed)
+            attrs = random_attributes(rng, 100_000, exclude=heldout_combinations(seed))
+            pool = (draw_pool_parallel(attrs, seed + 1, workers), attrs)
+            print(f"drew 100,000 pretraining images in {time.time() - t0:.0f}s")
+        model, seconds = build_model(tower, *pool, steps, lr, batch_size, seed)
+        # A plain state dict in fp32: every method file's load_clip reads it exactly (clip.load itself
+        # cannot read state-dict files in openai-clip 1.0.1; see load_clip).
+        torch.save(model.state_dict(), path + ".tmp")
+        os.replace(path + ".tmp", path)
+        report = zero_shot_report(model)
+        record[tower] = {"config": {k: v for k, v in TOWERS[tower].items()}, "steps": steps, "lr": lr,
+                         "batch_size": batch_size, "pretrain_seconds": round(seconds, 1), "zero_shot": report}
+        print(f"{tower}: {seconds:.0f}s of pretraining; zero-shot on fresh images: {report}")
+        with open(record_path, "w") as f:
+            json.dump(record, f, indent=2)
+    if force or not os.path.isfile(os.path.join(root, "proxy", "classnames.txt")):
+        t0 = time.time()
+        write_datasets(root, seed)
+        print(f"wrote the datasets shapes/ sketch/ noise/ proxy/ in {time.time() - t0:.0f}s")
+    return record
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. The demo: every method file present, on the toy world, against zero-shot CLIP
+# ------------------------------------------------------------------------------------------------
+# (label, file, backbone, extra arguments). CoOp and CoCoOp use CoCoOp's base-to-new setting (4 context
+# vectors from "a photo of a"); everything else is each file's paper default. Missing files are skipped.
+DEMO_METHODS = [
+    ("CoOp", "coop.py", "rn", ["--ctx-init", "a photo of a"]),
+    ("CoCoOp", "coop.py", "rn", ["--cocoop", "--ctx-init", "a photo of a"]),
+    ("ProGrad", "prograd.py", "rn", []),
+]
+DOMAINS = ["sketch", "noise"]
+
+
+def run_commands(commands, parallel):
+    """Run command lines, `parallel` at a time with one thread each; stop at the first failure."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    pending, running, t0 = list(commands), [], time.time()
+    while pending or running:
+        while pending and len(running) < parallel:
+            cmd, log = pending.pop(0)
+            running.append((subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env), log))
+        for proc, log in list(running):
+            if proc.poll() is not None:
+                running.remove((proc, log))
+                if proc.returncode:
+                    sys.exit(f"error: a demo run failed; see {log}:\n" + open(log).read()[-2000:])
+        progress("demo runs", len(commands) - len(pending) - len(running), len(commands), t0)
+        time.sleep(0.2)
+
+
+def summarise(values):
+    """mean ± population std (np.std, ddof 0) over seeds, as the papers report."""
+    return f"{np.mean(values):.1f} ± {np.std(values):.1f}" if len(values) > 1 else f"{values[0]:.1f}"
+
+
+def demo(root="toy", out="runs/demo", shots=(1, 4), seeds=(1, 2, 3), parallel=2):
+    t0 = time.time()
+    here = os.path.dirname(os.path.abspath(__file__))
+    data = ["--data", os.path.join(root, "shapes"), "--subsample", "base",
+            "--eval-data"] + [os.path.join(root, d) for d in DOMAINS]
+    os.makedirs(out, exist_ok=True)
+    commands, runs = [], {}
+    zs_dir = os.path.join(out, "zeroshot")
+    commands.append(([sys.executable, os.path.join(here, "zeroshot.py"), "--backbone", os.path.join(root, "clip_rn.pt"),
+                      *data, "--workers", "0", "--out", zs_dir], os.path.join(out, "zeroshot.log")))
+    for label, file, tower, extra in DEMO_METHODS:
+        if not os.path.isfile(os.path.join(here, file)):
+            continue
+        for k in shots:
+            for seed in seeds:
+                run_dir = os.path.join(out, label, f"{k}shot_seed{seed}")
+                runs.setdefault((label, k), []).append(run_dir)
+                commands.append(([sys.executable, os.path.join(here, file), "--backbone",
+                                  os.path.join(root, f"clip_{tower}.pt"), *data, "--shots", str(k), "--seed", str(seed),
+                                  *extra, "--workers", "0", "--out", run_dir], run_dir + ".log"))
+                os.makedirs(os.path.dirname(run_dir), exist_ok=True)
+    run_commands(commands, parallel)
+
+    columns = ["base", "new", "H"] + DOMAINS
+    zs = json.load(open(os.path.join(zs_dir, "metrics.json")))
+    rows = [("Zero-shot CLIP", "0", {"base": [zs["accuracy"]["test"]], "new": [zs["accuracy"]["new"]],
+                                     "H": [zs["harmonic_mean"]], **{d: [zs["accuracy"][d]] for d in DOMAINS}})]
+    for (label, k), dirs in runs.items():
+        ms = [json.load(open(os.path.join(d, "metrics.json"))) for d in dirs]
+        rows.append((label, str(k), {"base": [m["accuracy"]["test"] for m in ms],
+                                     "new": [m["accuracy"]["new"] for m in ms],
+                                     "H": [m["harmonic_mean"] for m in ms],
+                                     **{d: [m["accuracy"][d] for m in ms] for d in DOMAINS}}))
+    seconds = time.time() - t0
+    table = ["| method | shots | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
+    table += [f"| {label} | {k} | " + " | ".join(summarise(v[c]) for c in columns) + " |" for label, k, v in rows]
+    note = (f"Toy world `{root}`, ResNet tower; base-to-new on `shapes` (60 base / 60 new colour+shape "
+            f"classes, each tested 60-way), domains tested 120-way with the learned prompt; seeds {list(seeds)}, "
+            f"mean ± std; {seconds:.0f}s for the method runs on {os.cpu_count()} cores.")
+    text = "\n".join(table) + "\n\n" + note + "\n"
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(text)
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump({"rows": [{"method": label, "shots": int(k), **v} for label, k, v in rows],
+                   "seconds": round(seconds, 1), "seeds": list(seeds)}, f, indent=2)
+    print("\n" + text)
+    return rows
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Build the toy world (and run the demo on it).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--root", default="toy", help="folder of the world (models and datasets)")
+    p.add_argument("--seed", type=int, default=0, help="the world's seed: same seed, same world")
+    p.add_argument("--force", action="store_true", help="rebuild everything even if it exists")
+    p.add_argument("--rn-steps", type=int, default=1000, help="pretraining steps of the ResNet tower")
+    p.add_argument("--vit-steps", type=int, default=2000, help="pretraining steps of the ViT tower")
+    p.add_argument("--batch-size", type=int, default=256, help="pretraining batch (pairs per step)")
+    p.add_argument("--demo", action="store_true", help="then run every method file on it and write the table")
+    p.add_argument("--demo-out", default="runs/demo", help="folder of the demo runs and its results table")
+    p.add_argument("--workers", type=int, default=2, help="processes for drawing and for the demo runs")
+    return p.parse_args(argv)
+
+
+def main(args):
+    t0 = time.time()
+    build_world(args.root, args.seed, args.force, args.rn_steps, args.vit_steps, args.batch_size, args.workers)
+    print(f"the toy world is in {args.root}/ ({time.time() - t0:.0f}s)")
+    if args.demo:
+        demo(args.root, args.demo_out, parallel=args.workers)
+        print(f"demo finished in {time.time() - t0:.0f}s in all")
+
+
+if __name__ == "__main__":
+    main(parse_args())
