@@ -48,7 +48,7 @@ SHAPES = ["circle", "square", "triangle", "diamond", "pentagon", "hexagon", "sta
 COLOURS = {"red": (220, 30, 30), "orange": (245, 135, 20), "yellow": (240, 220, 30), "green": (35, 160, 55),
            "cyan": (40, 215, 225), "blue": (30, 60, 215), "purple": (135, 45, 185), "pink": (250, 140, 200),
            "brown": (125, 75, 35), "gray": (128, 128, 128), "white": (250, 250, 250), "black": (12, 12, 12)}
-SIZES = {"small": 0.38, "medium": 0.58, "large": 0.8}  # the shape's extent as a fraction of the image
+SIZES = {"small": 0.45, "medium": 0.62, "large": 0.8}  # the shape's extent as a fraction of the image
 BACKGROUNDS = ["plain", "dark", "noisy", "striped", "checkered"]
 PX, SUPER = 32, 4  # image side, supersampling factor
 
@@ -78,7 +78,7 @@ def shape_mask(shape, size, rng):
     mask = Image.new("L", (n, n), 0)
     draw = ImageDraw.Draw(mask)
     r = 0.5 * n * SIZES[size] * rng.uniform(0.9, 1.1)
-    cx, cy = (n / 2 + rng.uniform(-1, 1) * (n / 2 - r) * 0.8 for _ in range(2))
+    cx, cy = (n / 2 + rng.uniform(-1, 1) * (n / 2 - r) * 0.5 for _ in range(2))
     angle = rng.uniform(0, 2 * math.pi)
 
     def polygon(radii, k, turn=angle, squash=1.0):
@@ -120,7 +120,7 @@ def background(kind, rng):
     if kind == "dark":
         return np.broadcast_to(tone(25, 70), (PX, PX, 3))
     if kind == "noisy":
-        return rng.integers(40, 215, (PX, PX, 3)).astype(np.float32)
+        return np.clip(tone(60, 200) + rng.normal(0, 30, (PX, PX, 3)), 0, 255).astype(np.float32)
     a, b = tone(30, 225), tone(30, 225)
     y, x = np.mgrid[0:PX, 0:PX]
     half = int(rng.integers(3, 6))  # half the period, in pixels
@@ -216,6 +216,19 @@ def param_groups(model, weight_decay):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+class CachedTokenizer:
+    """clip.tokenize with a cache: the world has a few thousand distinct captions, each tokenized once."""
+
+    def __init__(self, context_length):
+        self.context_length, self.cache = context_length, {}
+
+    def __call__(self, texts):
+        missing = [t for t in set(texts) if t not in self.cache]
+        if missing:
+            self.cache.update(zip(missing, clip.tokenize(missing, context_length=self.context_length)))
+        return torch.stack([self.cache[t] for t in texts])
+
+
 def pretrain(model, images, attrs, steps, batch_size, lr, seed, label=""):
     """CLIP's symmetric InfoNCE on (image, fresh caption) pairs. Returns the loss curve."""
     rng, gen = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
@@ -223,12 +236,18 @@ def pretrain(model, images, attrs, steps, batch_size, lr, seed, label=""):
     warmup = min(50, steps // 10)
     schedule = lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / (steps - warmup)))  # noqa: E731
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    tokenize = CachedTokenizer(model.context_length)
+    channels_last = model.visual.__class__.__name__ == "ModifiedResNet"  # faster convolutions on the CPU
     model.train()
+    if channels_last:
+        model.visual.to(memory_format=torch.channels_last)
     losses, t0 = [], time.time()
     for step in range(steps):
         idx = torch.randint(len(images), (batch_size,), generator=gen)
         x = to_input(images[idx])  # (B, 3, 32, 32)
-        tokens = clip.tokenize([caption(attrs[i], rng) for i in idx.tolist()], context_length=model.context_length)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        tokens = tokenize([caption(attrs[i], rng) for i in idx.tolist()])  # (B, context_length)
         image_features = F.normalize(model.encode_image(x), dim=-1)  # (B, D)
         text_features = F.normalize(model.encode_text(tokens), dim=-1)  # (B, D)
         logits = model.logit_scale.exp() * image_features @ text_features.t()  # [CLIP] (B, B)
@@ -243,7 +262,7 @@ def pretrain(model, images, attrs, steps, batch_size, lr, seed, label=""):
         losses.append(loss.item())
         if step % 10 == 0 or step == steps - 1:
             progress(f"pretraining {label}", step + 1, steps, t0, f"loss {np.mean(losses[-20:]):.3f}")
-    model.eval()
+    model.to(memory_format=torch.contiguous_format).eval()
     return losses
 
 
