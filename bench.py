@@ -1,0 +1,327 @@
+"""bench.py: time each method's training step on a real CLIP architecture, and each exact speed-up.
+
+For every method file present it builds the method as its `main` does and times the same
+`train_step` that the training loop calls, on random images and N class names, at the method's paper
+batch size. Next to each method it times the plain formulations the scripts avoid, in the same run,
+and reports the largest difference in logits and gradients between the two (it must be within float
+tolerance, or the row says DIFFERENT):
+  - text encoder over all 77 positions      vs  cut after the longest end-of-text token (exact: causal)
+  - ProGrad's teacher with its own image forward  vs  sharing the student's image features
+  - evaluation re-encoding the images for each classifier  vs  encoding them once per test set
+
+On CUDA: warm-up, CUDA events, median and spread of many steps, peak memory, FLOPs of one step
+(torch.utils.flop_counter), achieved TFLOP/s, and that as a fraction of the matrix-product rate
+measured once on the same card in the same run. On the CPU the same table with wall-clock times.
+Weights are random (speed does not depend on their values), so nothing is downloaded.
+
+Run
+  python bench.py --arch ViT-B/16 --classes 1000 --precision amp --out bench.json      # a GPU
+  python bench.py --arch ViT-B/16 --classes 100 --batch-size 4 --steps 3 --warmup 1     # this CPU
+"""
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+import warnings
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    import clip
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import coop  # noqa: E402
+
+try:
+    import prograd  # noqa: E402
+except ImportError:  # the file is not there yet
+    prograd = None
+
+# OpenAI's architectures: embed_dim, image_resolution, vision_layers, vision_width, vision_patch_size,
+# context_length, vocab_size, transformer_width, transformer_heads, transformer_layers
+OPENAI_CONFIGS = {
+    "RN50": (1024, 224, (3, 4, 6, 3), 64, None, 77, 49408, 512, 8, 12),
+    "RN101": (512, 224, (3, 4, 23, 3), 64, None, 77, 49408, 512, 8, 12),
+    "ViT-B/32": (512, 224, 12, 768, 32, 77, 49408, 512, 8, 12),
+    "ViT-B/16": (512, 224, 12, 768, 16, 77, 49408, 512, 8, 12),
+    "ViT-L/14": (768, 224, 24, 1024, 14, 77, 49408, 768, 12, 12),
+}
+PAPER_BATCH = {"coop": 32, "cocoop": 1, "prograd": 32}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Benchmark the methods' training steps and their exact speed-ups.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--arch", default="ViT-B/16", help=f"one of {', '.join(OPENAI_CONFIGS)} (random weights), or a checkpoint")
+    p.add_argument("--methods", default="all", help="comma-separated: coop,cocoop,prograd, or all")
+    p.add_argument("--classes", type=int, default=1000, help="number of class names (ImageNet has 1000)")
+    p.add_argument("--batch-size", type=int, default=None, help="default: each method's paper batch size")
+    p.add_argument("--precision", choices=["fp32", "amp", "fp16"], default=None, help="default: amp on CUDA, else fp32")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per row")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps before timing")
+    p.add_argument("--no-plain", action="store_true", help="skip the side-by-side plain formulations")
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    return p.parse_args(argv)
+
+
+def build_clip(arch, device, precision):
+    """A real CLIP architecture with random weights (seeded), frozen, as load_clip returns it."""
+    if arch not in OPENAI_CONFIGS:
+        return coop.load_clip(arch, device, precision)
+    torch.manual_seed(0)
+    model = clip.model.CLIP(*OPENAI_CONFIGS[arch]).float()
+    if precision == "fp16":
+        clip.model.convert_weights(model)
+    return model.requires_grad_(False).eval().to(device)
+
+
+class FullTextEncoder(nn.Module):
+    """The plain formulation: CLIP's text transformer over every position (as the original CoOp code)."""
+
+    def __init__(self, clip_model):
+        super().__init__()
+        self.clip_model = clip_model
+
+    def forward(self, prompts, tokenized):
+        m = self.clip_model
+        x = prompts.type(m.dtype) + m.positional_embedding.type(m.dtype)  # (N, 77, d)
+        x = m.transformer(x.permute(1, 0, 2)).permute(1, 0, 2)  # the full causal mask, all 77 positions
+        x = m.ln_final(x).type(m.dtype)
+        return x[torch.arange(x.shape[0]), tokenized.argmax(dim=-1)] @ m.text_projection
+
+
+# ------------------------------------------------------------------------------------------------
+# The rows: (name, step function, a function giving logits and gradients for the exactness check)
+# ------------------------------------------------------------------------------------------------
+def make_method(method, clip_model, classnames, device, precision, full_text=False):
+    """The method as its main builds it: model, optimizer, scaler, and the step the loop calls."""
+    torch.manual_seed(0)
+    if method == "prograd":
+        model = prograd.CustomCLIP(clip_model, classnames, 16, "a photo of a").to(device)
+        teacher = prograd.zeroshot_classifier(clip_model, classnames, ["a photo of a {}."])
+    else:
+        model = coop.CustomCLIP(clip_model, classnames, n_ctx=4 if method == "cocoop" else 16,
+                                ctx_init="a photo of a" if method == "cocoop" else "",
+                                cocoop=method == "cocoop").to(device)
+        teacher = None
+    if full_text:
+        model.text_encoder = FullTextEncoder(clip_model)
+    learned = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(learned, lr=0.002, momentum=0.9, weight_decay=5e-4)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "amp" and device.type == "cuda")
+    return model, teacher, optimizer, scaler
+
+
+def step_fn(method, clip_model, model, teacher, optimizer, scaler, images, labels, precision, teacher_forward=False):
+    if method != "prograd":
+        return lambda: coop.train_step(model, clip_model.encode_image, optimizer, scaler, images, labels, precision)
+    if not teacher_forward:
+        return lambda: prograd.train_step(model, clip_model.encode_image, teacher, optimizer, scaler, images, labels,
+                                          precision, 1.0, 1.0)
+
+    def plain():  # the original: the teacher (a second CLIP) encodes the same batch again
+        with torch.no_grad(), coop.autocast(images.device, precision):
+            clip_model.encode_image(images)
+        return prograd.train_step(model, clip_model.encode_image, teacher, optimizer, scaler, images, labels,
+                                  precision, 1.0, 1.0)
+
+    return plain
+
+
+def logits_and_grads(method, clip_model, model, teacher, images, labels, precision, teacher_forward=False):
+    """What the exactness check compares: the step's logits and the gradients it applies."""
+    with torch.no_grad(), coop.autocast(images.device, precision):
+        f = F.normalize(clip_model.encode_image(images).float(), dim=-1)
+        f_teacher = F.normalize(clip_model.encode_image(images).float(), dim=-1) if teacher_forward else f
+    params = [p for p in model.parameters() if p.requires_grad]
+    with coop.autocast(images.device, precision):
+        if method == "prograd":
+            G_d, G_g, _, logits = prograd.two_gradients(model, f, teacher, labels, 1.0, params)
+            teacher_logits = model.logit_scale.exp() * f_teacher @ teacher.t()
+            grads = [prograd.project(d, g, 1.0) for d, g in zip(G_d, G_g)]
+            return torch.cat([logits.float().flatten(), teacher_logits.flatten()]), grads
+        logits = model(f).float()
+        grads = torch.autograd.grad(F.cross_entropy(logits, labels), params)
+    return logits.flatten(), grads
+
+
+def max_difference(a, b):
+    """Largest |difference| in logits and gradients, and whether it is within float tolerance."""
+    (la, ga), (lb, gb) = a, b
+    diff = max([(la - lb).abs().max().item()] + [(x.float() - y.float()).abs().max().item() for x, y in zip(ga, gb)])
+    scale = max([la.abs().max().item()] + [x.float().abs().max().item() for x in ga])
+    tolerance = (1e-4 if la.dtype == torch.float32 and all(g.dtype == torch.float32 for g in ga) else 1e-2) * scale
+    if not math.isfinite(diff):
+        return diff, False
+    return diff, diff <= max(tolerance, 1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# Timing
+# ------------------------------------------------------------------------------------------------
+def time_steps(fn, steps, warmup, device):
+    """Per-step milliseconds: CUDA events on a GPU, wall clock on the CPU."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(steps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(1000 * (time.perf_counter() - t0))
+    return times
+
+
+def count_flops(fn):
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def matmul_rate(device, precision):
+    """TFLOP/s of one large matrix product in the precision the steps use, measured on this device."""
+    n = 8192 if device.type == "cuda" else 1024
+    dtype = torch.float16 if precision in ("amp", "fp16") and device.type == "cuda" else torch.float32
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    ms = statistics.median(time_steps(lambda: a @ b, 10, 3, device))
+    return 2 * n**3 / (ms / 1000) / 1e12
+
+
+def row(name, variant, fn, batch, classes, device, steps, warmup, peak_rate, difference=None):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+    times = time_steps(fn, steps, warmup, device)
+    flops = count_flops(fn)
+    median = statistics.median(times)
+    q = statistics.quantiles(times, n=10, method="inclusive") if len(times) >= 2 else [median] * 9
+    achieved = flops / (median / 1000) / 1e12
+    return {"method": name, "variant": variant, "batch": batch, "classes": classes, "median_ms": round(median, 3),
+            "p10_ms": round(q[0], 3), "p90_ms": round(q[-1], 3),
+            "peak_mib": round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else None,
+            "gflop": round(flops / 1e9, 3), "tflops": round(achieved, 4),
+            "fraction_of_matmul": round(achieved / peak_rate, 4),
+            "max_abs_diff": None if difference is None else difference[0],
+            "exact": None if difference is None else difference[1]}
+
+
+def run(args):
+    device = torch.device(args.device)
+    precision = args.precision or ("amp" if device.type == "cuda" else "fp32")
+    available = ["coop", "cocoop"] + (["prograd"] if prograd else [])
+    methods = available if args.methods == "all" else args.methods.split(",")
+    unknown = [m for m in methods if m not in available]
+    if unknown:
+        sys.exit(f"error: unknown or missing methods {unknown}; available: {available}")
+    clip_model = build_clip(args.arch, device, precision)
+    n_px = clip_model.visual.input_resolution
+    classnames = [f"class {i}" for i in range(args.classes)]
+    peak = matmul_rate(device, precision)
+    rows = []
+    for method in methods:
+        batch = args.batch_size or PAPER_BATCH[method]
+        torch.manual_seed(1)
+        images = torch.randn(batch, 3, n_px, n_px, device=device)
+        labels = torch.randint(args.classes, (batch,), device=device)
+        built = make_method(method, clip_model, classnames, device, precision)
+        common = (batch, args.classes, device, args.steps, args.warmup, peak)
+        rows.append(row(method, "as written", step_fn(method, clip_model, *built, images, labels, precision),
+                        *common))
+        print(format_row(rows[-1]), flush=True)
+        if args.no_plain:
+            continue
+        fast = logits_and_grads(method, clip_model, *make_method(method, clip_model, classnames, device, precision)[:2],
+                                images, labels, precision)
+        full = make_method(method, clip_model, classnames, device, precision, full_text=True)
+        difference = max_difference(fast, logits_and_grads(method, clip_model, *full[:2], images, labels, precision))
+        rows.append(row(method, "text encoder over all 77 positions",
+                        step_fn(method, clip_model, *full, images, labels, precision), *common, difference))
+        print(format_row(rows[-1]), flush=True)
+        if method == "prograd":
+            plain = make_method(method, clip_model, classnames, device, precision)
+            difference = max_difference(fast, logits_and_grads(method, clip_model, *plain[:2], images, labels,
+                                                               precision, teacher_forward=True))
+            rows.append(row(method, "teacher with its own image forward",
+                            step_fn(method, clip_model, *plain, images, labels, precision, teacher_forward=True),
+                            *common, difference))
+            print(format_row(rows[-1]), flush=True)
+    if not args.no_plain:
+        rows += eval_rows(clip_model, classnames, args, device, precision, peak)
+    result = {"arch": args.arch, "device": coop.device_name(device), "precision": precision, "classes": args.classes,
+              "matmul_tflops": round(peak, 4), "torch": torch.__version__, "rows": rows,
+              "note": "CPU run: wall-clock times" if device.type == "cpu" else "CUDA events"}
+    print(f"\n{result['device']}, {args.arch}, {precision}, {args.classes} classes; matrix-product rate measured "
+          f"here: {peak:.3f} TFLOP/s" + (" (a CPU run: wall-clock times)" if device.type == "cpu" else ""))
+    print(markdown_table(rows))
+    if args.out:
+        coop.save_json(args.out, result)
+    return result
+
+
+def eval_rows(clip_model, classnames, args, device, precision, peak):
+    """Evaluating zero-shot and a learned prompt on one test batch: features encoded once vs twice."""
+    batch = args.batch_size or 100  # the papers' test batch
+    torch.manual_seed(2)
+    images = torch.randn(batch, 3, clip_model.visual.input_resolution, clip_model.visual.input_resolution,
+                         device=device)
+    model = make_method("coop", clip_model, classnames, device, precision)[0]
+    weights = coop.zeroshot_classifier(clip_model, classnames, ["a photo of a {}."])
+
+    @torch.no_grad()
+    def evaluate(encode_twice):
+        with coop.autocast(device, precision):
+            f = F.normalize(clip_model.encode_image(images).float(), dim=-1)
+            zero_shot = f @ weights.t()
+            if encode_twice:
+                f = F.normalize(clip_model.encode_image(images).float(), dim=-1)
+            return torch.cat([zero_shot.flatten(), model(f).float().flatten()]), []
+
+    difference = max_difference(evaluate(False), evaluate(True))
+    common = (batch, args.classes, device, args.steps, args.warmup, peak)
+    rows = [row("eval", "image features encoded once", lambda: evaluate(False), *common),
+            row("eval", "re-encoded for each classifier", lambda: evaluate(True), *common, difference)]
+    for r in rows:
+        print(format_row(r), flush=True)
+    return rows
+
+
+def format_row(r):
+    check = "" if r["exact"] is None else f"  max|diff| {r['max_abs_diff']:.2e} {'exact' if r['exact'] else 'DIFFERENT'}"
+    return f"{r['method']:>8} | {r['variant']:<36} | {r['median_ms']:10.2f} ms | {r['gflop']:10.2f} GFLOP{check}"
+
+
+def markdown_table(rows):
+    head = ("| method | variant | batch | classes | median ms | p10–p90 ms | peak MiB | GFLOP | TFLOP/s | "
+            "of matmul | speed-up | max abs diff |")
+    lines = [head, "|" + "---|" * 12]
+    base = {}
+    for r in rows:
+        key = r["method"]
+        if r["exact"] is None:
+            base[key] = r["median_ms"]
+        speedup = "" if r["exact"] is None else f"{r['median_ms'] / base[key]:.2f}×"
+        diff = "" if r["exact"] is None else f"{r['max_abs_diff']:.1e} ({'exact' if r['exact'] else 'DIFFERENT'})"
+        lines.append(f"| {r['method']} | {r['variant']} | {r['batch']} | {r['classes']} | {r['median_ms']:.1f} | "
+                     f"{r['p10_ms']:.1f}–{r['p90_ms']:.1f} | {r['peak_mib'] or '–'} | {r['gflop']:.1f} | "
+                     f"{r['tflops']:.3f} | {100 * r['fraction_of_matmul']:.0f}% | {speedup} | {diff} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    run(parse_args())

@@ -1,0 +1,47 @@
+"""bench.py: it runs on the CPU for every method, and its exactness check can fail."""
+
+import json
+import math
+
+import torch
+from conftest import tiny_clip
+
+import bench
+
+CPU = torch.device("cpu")
+
+
+def test_bench_runs_every_method_on_the_cpu(tiny_ckpt, tmp_path):
+    out = tmp_path / "bench.json"
+    bench.run(bench.parse_args(["--arch", tiny_ckpt, "--classes", "5", "--batch-size", "2", "--steps", "2",
+                                "--warmup", "1", "--device", "cpu", "--out", str(out)]))
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert {r["method"] for r in rows if r["variant"] == "as written"} == {"coop", "cocoop", "prograd"}
+    assert all(r["median_ms"] > 0 and math.isfinite(r["gflop"]) and r["gflop"] > 0 for r in rows)
+    plain = [r for r in rows if r["exact"] is not None]
+    assert {r["variant"] for r in plain} == {"text encoder over all 77 positions", "teacher with its own image forward",
+                                             "re-encoded for each classifier"}
+    assert all(r["exact"] for r in plain)  # every speed-up keeps the results
+    assert result["note"].startswith("CPU run")
+
+
+class EncoderOffByOne(bench.FullTextEncoder):
+    """A deliberately wrong formulation: the feature one position before the end-of-text token."""
+
+    def forward(self, prompts, tokenized):
+        return super().forward(prompts, (tokenized.argmax(dim=-1, keepdim=True) - 1 == torch.arange(77)).int())
+
+
+def test_the_exactness_check_reports_a_wrong_formulation():
+    model = tiny_clip(seed=12)
+    names = ["red", "green", "blue"]
+    images, labels = torch.randn(2, 3, 32, 32), torch.tensor([0, 2])
+    fast = bench.logits_and_grads("coop", model, *bench.make_method("coop", model, names, CPU, "fp32")[:2],
+                                  images, labels, "fp32")
+    right = bench.make_method("coop", model, names, CPU, "fp32", full_text=True)
+    assert bench.max_difference(fast, bench.logits_and_grads("coop", model, *right[:2], images, labels, "fp32"))[1]
+    wrong = bench.make_method("coop", model, names, CPU, "fp32", full_text=True)
+    wrong[0].text_encoder = EncoderOffByOne(model)
+    diff, exact = bench.max_difference(fast, bench.logits_and_grads("coop", model, *wrong[:2], images, labels, "fp32"))
+    assert not exact and diff > 0
