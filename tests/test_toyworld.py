@@ -1,0 +1,86 @@
+"""The toy world: deterministic drawing, captions, held-out combinations; slow: its CLIPs and CoOp on it."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import coop
+import toyworld as tw
+
+
+def test_drawing_is_deterministic_and_rgb_32px():
+    a = tw.render("star", "red", "large", "striped", np.random.default_rng(3))
+    b = tw.render("star", "red", "large", "striped", np.random.default_rng(3))
+    assert a.size == (32, 32) and a.mode == "RGB" and np.array_equal(np.asarray(a), np.asarray(b))
+    sketch = np.asarray(tw.render("circle", "red", "large", "plain", np.random.default_rng(3), style="sketch"))
+    filled = np.asarray(tw.render("circle", "red", "large", "plain", np.random.default_rng(3)))
+    red = lambda x: ((x[..., 0] > 150) & (x[..., 1] < 90)).sum()  # noqa: E731
+    assert 0 < red(sketch) < red(filled)  # an outline has less ink than the filled shape
+
+
+def test_every_shape_and_background_draws_something_different():
+    rng = np.random.default_rng(0)
+    masks = [np.asarray(tw.shape_mask(s, "large", np.random.default_rng(1))) for s in tw.SHAPES]
+    assert all(m.max() == 255 for m in masks)
+    assert len({m.tobytes() for m in masks}) == len(tw.SHAPES)
+    for kind in tw.BACKGROUNDS:
+        assert tw.background(kind, rng).shape == (32, 32, 3)
+
+
+def test_captions_are_english_with_the_attributes():
+    rng = np.random.default_rng(0)
+    attrs = (tw.SHAPES.index("ring"), list(tw.COLOURS).index("blue"), 2, 3)
+    captions = {tw.caption(attrs, rng) for _ in range(200)}
+    assert all("ring" in c and c.endswith(".") for c in captions)
+    assert any("blue ring" in c for c in captions) and any("large" in c for c in captions)
+    assert any("striped background" in c for c in captions) and any("blue" not in c for c in captions)
+    assert max(len(tw.clip.tokenize([c], context_length=77)[0].nonzero()) for c in captions) <= 24
+
+
+def test_heldout_combinations_never_appear_in_pretraining():
+    heldout = tw.heldout_combinations(0)
+    assert len(heldout) == 12 and len({c for c, _ in heldout}) == 12  # one per colour
+    attrs = tw.random_attributes(np.random.default_rng(0), 5000, heldout)
+    colours = list(tw.COLOURS)
+    assert not any((colours[c], tw.SHAPES[s]) in heldout for s, c, _, _ in attrs)
+
+
+def test_datasets_are_image_folders_the_methods_read(tmp_path):
+    classes = [("red_circle", "circle", "red"), ("blue_star", "star", "blue")]
+    tw.write_dataset(str(tmp_path / "d"), classes, {"train": 2, "test": 3}, seed=0, sigma=30)
+    data = coop.load_dataset(str(tmp_path / "d"))
+    assert data["classnames"] == ["blue star", "red circle"] and len(data["test"]) == 6
+
+
+def test_cached_tokenizer_equals_clip_tokenize():
+    tokenize = tw.CachedTokenizer(24)
+    texts = ["a photo of a red circle.", "a blue star.", "a photo of a red circle."]
+    assert torch.equal(tokenize(texts), tw.clip.tokenize(texts, context_length=24))
+
+
+# --- slow: the pretrained toy world and what the methods do on it ----------------------------------
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = os.environ.get("TOYWORLD") or str(tmp_path_factory.mktemp("toy"))
+    record = tw.build_world(root)
+    return root, record
+
+
+@pytest.mark.slow
+def test_the_toy_clips_classify_far_above_chance(world):
+    _, record = world
+    for tower in ("rn", "vit"):
+        zs = record[tower]["zero_shot"]
+        assert zs["shape"] > 30 and zs["colour"] > 80 and zs["colour+shape"] > 20, (tower, zs)  # chance: 10/8/0.8
+
+
+@pytest.mark.slow
+def test_coop_beats_zero_shot_on_the_shifted_domain_it_was_trained_on(world, tmp_path):
+    root, _ = world
+    m = coop.main(coop.parse_args(["--backbone", os.path.join(root, "clip_rn.pt"), "--data", os.path.join(root, "sketch"),
+                                   "--shots", "4", "--subsample", "base", "--ctx-init", "a photo of a", "--workers", "0",
+                                   "--out", str(tmp_path)]))
+    assert m["accuracy"]["test"] > m["zero_shot"]["test"] + 5, json.dumps(m)
