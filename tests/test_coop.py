@@ -240,3 +240,12 @@ def test_help_reads_like_the_paper():
     out = subprocess.run([sys.executable, "coop.py", "--help"], cwd=ROOT, capture_output=True, text=True).stdout
     for fact in ("0.002", "0.9", "0.0005", "1e-05", "50/100/200", "(CoCoOp: 1)", "(CoCoOp: 10)", "a photo of a"):
         assert fact in out, fact
+
+
+@pytest.mark.parametrize("precision", ["amp", "fp16"])
+def test_mixed_precision_keeps_the_learned_context_fp32(tiny_ckpt, tiny_data, tmp_path, precision):
+    m = run(["--backbone", tiny_ckpt, "--data", tiny_data, "--shots", "1", "--epochs", "2", "--precision", precision,
+             "--out", str(tmp_path)])
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert m["precision"] == precision and ckpt["state"]["prompt_learner.ctx"].dtype == torch.float32
+    assert torch.isfinite(ckpt["state"]["prompt_learner.ctx"]).all()
