@@ -53,7 +53,9 @@ BACKGROUNDS = ["plain", "dark", "noisy", "striped", "checkered"]
 PX, SUPER = 32, 4  # image side, supersampling factor
 
 # Pretraining captions: an opening, the noun phrase with some attributes left out, maybe the background
-OPENINGS = ["a photo of a", "an image of a", "a picture of a", "a", "a photo of one"]
+# (the long openings reach the later positions, where learned prompts put the class name)
+OPENINGS = ["a photo of a", "an image of a", "a picture of a", "a", "a photo of one",
+            "in this picture from the toy world we see a", "here is a small picture, and it shows a"]
 # The toy models: text tower as in the reference prototype (3 layers, width 64 -> 1 head, context 24)
 TEXT = dict(context_length=24, vocab_size=49408, transformer_width=64, transformer_heads=1, transformer_layers=3)
 TOWERS = {
@@ -261,19 +263,21 @@ def pretrain(model, images, attrs, steps, batch_size, lr, seed, label=""):
             model.logit_scale.clamp_(0, math.log(100))  # [CLIP] the temperature is clipped at 100
         losses.append(loss.item())
         if step % 10 == 0 or step == steps - 1:
-            progress(f"pretraining {label}", step + 1, steps, t0, f"loss {np.mean(losses[-20:]):.3f}")
+            progress(f"pretraining {label}", step + 1, steps, t0, f"loss {np.mean(losses[-20:]):.3f}",
+                     newline_every=steps // 10 if torch.get_num_threads() == 1 else 0)
     model.to(memory_format=torch.contiguous_format).eval()
     return losses
 
 
-def progress(what, done, total, t0, extra=""):
-    """A one-line progress bar on stderr."""
+def progress(what, done, total, t0, extra="", newline_every=0):
+    """A one-line progress bar on stderr (a line every `newline_every` steps when processes share it)."""
+    if newline_every and done % newline_every > 10 and done != total:
+        return
     elapsed = time.time() - t0
     bar = "#" * int(30 * done / total)
     eta = elapsed / done * (total - done)
-    sys.stderr.write(f"\r{what} [{bar:<30}] {done}/{total} {elapsed:.0f}s, {eta:.0f}s left {extra}  ")
-    if done == total:
-        sys.stderr.write("\n")
+    end = "\n" if newline_every or done == total else ""
+    sys.stderr.write(f"\r{what} [{bar:<30}] {done}/{total} {elapsed:.0f}s, {eta:.0f}s left {extra}  {end}")
     sys.stderr.flush()
 
 
@@ -335,39 +339,53 @@ def write_datasets(root, seed):
     write_dataset(os.path.join(root, "proxy"), [(s, s, None) for s in SHAPES], {"train": 50, "test": 20}, seed + 4)
 
 
-def build_model(tower, images, attrs, steps, lr, batch_size, seed):
+def build_model(tower, images, attrs, steps, lr, batch_size, seed, threads=None):
+    """Pretrain one tower; returns its state dict and the seconds it took."""
+    if threads:
+        torch.set_num_threads(threads)
     torch.manual_seed(seed)
     model = clip.model.CLIP(**TOWERS[tower])
     t0 = time.time()
     pretrain(model, images, attrs, steps, batch_size, lr, seed, label=tower)
-    return model, time.time() - t0
+    return model.state_dict(), time.time() - t0
 
 
-def build_world(root="toy", seed=0, force=False, rn_steps=1000, vit_steps=2000, batch_size=256, workers=2):
+def build_models(jobs, images, attrs, batch_size, seed, workers):
+    """Pretrain the towers, side by side in `workers` processes of one thread each (faster on a CPU)."""
+    if workers <= 1 or len(jobs) == 1:
+        return [build_model(tower, images, attrs, steps, lr, batch_size, seed) for tower, steps, lr in jobs]
+    import multiprocessing as mp
+
+    with mp.get_context("fork").Pool(min(workers, len(jobs))) as pool:
+        return pool.starmap(build_model, [(tower, images, attrs, steps, lr, batch_size, seed, 1)
+                                          for tower, steps, lr in jobs])
+
+
+def build_world(root="toy", seed=0, force=False, rn_steps=1000, vit_steps=1200, lr=3e-3, batch_size=256, workers=2):
     """Build whatever of toy/ is missing (or everything with force). Returns the world's record."""
     os.makedirs(root, exist_ok=True)
     record_path = os.path.join(root, "world.json")
     record = json.load(open(record_path)) if os.path.isfile(record_path) and not force else {"seed": seed}
-    pool = None
-    for tower, steps, lr in (("rn", rn_steps, 1e-3), ("vit", vit_steps, 1e-3)):
-        path = os.path.join(root, f"clip_{tower}.pt")
-        if os.path.isfile(path) and not force:
-            continue
-        if pool is None:
-            t0 = time.time()
-            rng = np.random.default_rng(seed)
-            attrs = random_attributes(rng, 100_000, exclude=heldout_combinations(seed))
-            pool = (draw_pool_parallel(attrs, seed + 1, workers), attrs)
-            print(f"drew 100,000 pretraining images in {time.time() - t0:.0f}s")
-        model, seconds = build_model(tower, *pool, steps, lr, batch_size, seed)
-        # A plain state dict in fp32: every method file's load_clip reads it exactly (clip.load itself
-        # cannot read state-dict files in openai-clip 1.0.1; see load_clip).
-        torch.save(model.state_dict(), path + ".tmp")
-        os.replace(path + ".tmp", path)
-        report = zero_shot_report(model)
-        record[tower] = {"config": {k: v for k, v in TOWERS[tower].items()}, "steps": steps, "lr": lr,
-                         "batch_size": batch_size, "pretrain_seconds": round(seconds, 1), "zero_shot": report}
-        print(f"{tower}: {seconds:.0f}s of pretraining; zero-shot on fresh images: {report}")
+    jobs = [(tower, steps, lr) for tower, steps in (("rn", rn_steps), ("vit", vit_steps))
+            if force or not os.path.isfile(os.path.join(root, f"clip_{tower}.pt"))]
+    if jobs:
+        t0 = time.time()
+        attrs = random_attributes(np.random.default_rng(seed), 100_000, exclude=heldout_combinations(seed))
+        images = draw_pool_parallel(attrs, seed + 1, workers)
+        print(f"drew 100,000 pretraining images in {time.time() - t0:.0f}s")
+        for (tower, steps, lr), (state, seconds) in zip(jobs, build_models(jobs, images, attrs, batch_size, seed,
+                                                                             workers)):
+            model = clip.model.CLIP(**TOWERS[tower])
+            model.load_state_dict(state)
+            path = os.path.join(root, f"clip_{tower}.pt")
+            # A plain state dict in fp32: every method file's load_clip reads it exactly (clip.load itself
+            # cannot read state-dict files in openai-clip 1.0.1; see load_clip in coop.py).
+            torch.save(model.state_dict(), path + ".tmp")
+            os.replace(path + ".tmp", path)
+            report = zero_shot_report(model.eval())
+            record[tower] = {"config": dict(TOWERS[tower]), "steps": steps, "lr": lr, "batch_size": batch_size,
+                             "pretrain_seconds": round(seconds, 1), "zero_shot": report}
+            print(f"{tower}: {seconds:.0f}s of pretraining; zero-shot on 2,000 fresh images: {report}")
         with open(record_path, "w") as f:
             json.dump(record, f, indent=2)
     if force or not os.path.isfile(os.path.join(root, "proxy", "classnames.txt")):
@@ -468,7 +486,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="the world's seed: same seed, same world")
     p.add_argument("--force", action="store_true", help="rebuild everything even if it exists")
     p.add_argument("--rn-steps", type=int, default=1000, help="pretraining steps of the ResNet tower")
-    p.add_argument("--vit-steps", type=int, default=2000, help="pretraining steps of the ViT tower")
+    p.add_argument("--vit-steps", type=int, default=1200, help="pretraining steps of the ViT tower")
+    p.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate of the pretraining")
     p.add_argument("--batch-size", type=int, default=256, help="pretraining batch (pairs per step)")
     p.add_argument("--demo", action="store_true", help="then run every method file on it and write the table")
     p.add_argument("--demo-out", default="runs/demo", help="folder of the demo runs and its results table")
@@ -478,7 +497,7 @@ def parse_args(argv=None):
 
 def main(args):
     t0 = time.time()
-    build_world(args.root, args.seed, args.force, args.rn_steps, args.vit_steps, args.batch_size, args.workers)
+    build_world(args.root, args.seed, args.force, args.rn_steps, args.vit_steps, args.lr, args.batch_size, args.workers)
     print(f"the toy world is in {args.root}/ ({time.time() - t0:.0f}s)")
     if args.demo:
         demo(args.root, args.demo_out, parallel=args.workers)

@@ -37,7 +37,13 @@ def test_captions_are_english_with_the_attributes():
     assert all("ring" in c and c.endswith(".") for c in captions)
     assert any("blue ring" in c for c in captions) and any("large" in c for c in captions)
     assert any("striped background" in c for c in captions) and any("blue" not in c for c in captions)
-    assert max(len(tw.clip.tokenize([c], context_length=77)[0].nonzero()) for c in captions) <= 24
+
+
+def test_the_longest_captions_fit_the_context():
+    longest = [f"{o} {z} {s} in {c} on a {b} background." for o in tw.OPENINGS for z in tw.SIZES for s in tw.SHAPES
+               for c in tw.COLOURS for b in tw.BACKGROUNDS]
+    eot = tw.clip.tokenize(longest, context_length=77).argmax(dim=-1)
+    assert eot.max() < tw.TEXT["context_length"] and eot.max() >= 18  # and they reach the later positions
 
 
 def test_heldout_combinations_never_appear_in_pretraining():
