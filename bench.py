@@ -20,7 +20,6 @@ Run
 """
 
 import argparse
-import json
 import math
 import os
 import statistics
@@ -67,7 +66,7 @@ def parse_args(argv=None):
     p.add_argument("--precision", choices=["fp32", "amp", "fp16"], default=None, help="default: amp on CUDA, else fp32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--steps", type=int, default=20, help="timed steps per row")
-    p.add_argument("--warmup", type=int, default=5, help="untimed steps before timing")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps before timing (the first counts the FLOPs)")
     p.add_argument("--no-plain", action="store_true", help="skip the side-by-side plain formulations")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     return p.parse_args(argv)
@@ -168,10 +167,17 @@ def max_difference(a, b):
 # ------------------------------------------------------------------------------------------------
 # Timing
 # ------------------------------------------------------------------------------------------------
-def time_steps(fn, steps, warmup, device):
-    """Per-step milliseconds: CUDA events on a GPU, wall clock on the CPU."""
-    for _ in range(warmup):
-        fn()
+def time_steps(fn, steps, warmup, device, count=False):
+    """Per-step milliseconds (CUDA events on a GPU, wall clock on the CPU) and, with count, the FLOPs
+    of one step, counted during the first warm-up step so that no timed step pays for the counting."""
+    flops = None
+    for i in range(max(warmup, 1 if count else 0)):
+        if count and i == 0:
+            with FlopCounterMode(display=False) as counter:
+                fn()
+            flops = counter.get_total_flops()
+        else:
+            fn()
     times = []
     for _ in range(steps):
         if device.type == "cuda":
@@ -185,13 +191,7 @@ def time_steps(fn, steps, warmup, device):
             t0 = time.perf_counter()
             fn()
             times.append(1000 * (time.perf_counter() - t0))
-    return times
-
-
-def count_flops(fn):
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops()
+    return times, flops
 
 
 def matmul_rate(device, precision):
@@ -199,7 +199,7 @@ def matmul_rate(device, precision):
     n = 8192 if device.type == "cuda" else 1024
     dtype = torch.float16 if precision in ("amp", "fp16") and device.type == "cuda" else torch.float32
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    ms = statistics.median(time_steps(lambda: a @ b, 10, 3, device))
+    ms = statistics.median(time_steps(lambda: a @ b, 10, 3, device)[0])
     return 2 * n**3 / (ms / 1000) / 1e12
 
 
@@ -207,8 +207,7 @@ def row(name, variant, fn, batch, classes, device, steps, warmup, peak_rate, dif
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(device)
-    times = time_steps(fn, steps, warmup, device)
-    flops = count_flops(fn)
+    times, flops = time_steps(fn, steps, warmup, device, count=True)
     median = statistics.median(times)
     q = statistics.quantiles(times, n=10, method="inclusive") if len(times) >= 2 else [median] * 9
     achieved = flops / (median / 1000) / 1e12

@@ -76,6 +76,8 @@ def parse_args(argv=None):
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     p.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay (on the context too)")
     p.add_argument("--warmup-lr", type=float, default=1e-5, help="constant learning rate of the first epoch")
+    p.add_argument("--crop-scale", type=float, default=0.08,
+                   help="smallest area of the random resized crop (the toy world's 32-pixel shapes need about 0.5)")
     p.add_argument("--drop-last", action="store_true",
                    help="drop the last partial batch when N >= batch size, as the original loader did")
     # run
@@ -248,11 +250,11 @@ class ImageDataset(torch.utils.data.Dataset):
         return self.transform(image), label
 
 
-def train_transform(n_px):
+def train_transform(n_px, min_scale=0.08):
     """CoOp/Dassl: random resized crop (scale 0.08-1, bicubic), horizontal flip, CLIP normalisation."""
     import torchvision.transforms as T  # torchvision comes with the clip package
 
-    return T.Compose([T.RandomResizedCrop(n_px, scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+    return T.Compose([T.RandomResizedCrop(n_px, scale=(min_scale, 1.0), interpolation=T.InterpolationMode.BICUBIC),
                       T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
 
 
@@ -673,7 +675,8 @@ def main(args):
     # The original loader silently drops the last partial batch when N >= batch size (up to 31
     # images per epoch); we keep every image unless --drop-last asks for the original behaviour.
     drop_last = args.drop_last and len(train["train"]) >= batch_size
-    loader = make_loader(train["train"], train_transform(n_px), batch_size, args.workers, True, drop_last, generator)
+    loader = make_loader(train["train"], train_transform(n_px, args.crop_scale), batch_size, args.workers, True,
+                         drop_last, generator)
     start_epoch, train_seconds = 0, 0.0
     if args.resume:
         ckpt = load_checkpoint(ckpt_path)

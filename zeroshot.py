@@ -283,11 +283,11 @@ class ImageDataset(torch.utils.data.Dataset):
         return self.transform(image), label
 
 
-def train_transform(n_px):
+def train_transform(n_px, min_scale=0.08):
     """CoOp/Dassl: random resized crop (scale 0.08-1, bicubic), horizontal flip, CLIP normalisation."""
     import torchvision.transforms as T  # torchvision comes with the clip package
 
-    return T.Compose([T.RandomResizedCrop(n_px, scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+    return T.Compose([T.RandomResizedCrop(n_px, scale=(min_scale, 1.0), interpolation=T.InterpolationMode.BICUBIC),
                       T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
 
 
