@@ -21,7 +21,7 @@ Learned:  ctx = [V]_1..[V]_M, shape (M, d), or (n_cls, M, d) with --csc; CoCoOp 
 Frozen:   all of CLIP (image encoder, text encoder, token embedding, logit scale).
 
 Run
-  quick CPU run on the toy world:  python coop.py --backbone toy/clip_rn.pt --data toy/shapes --shots 4
+  quick CPU run on the toy world:  python coop.py --backbone toy/clip_rn.pt --data toy/sketch --shots 4 --crop-scale 0.5
   paper setting (16 shots, RN50): python coop.py --backbone RN50 --data DATA/oxford_pets/images \
         --split-file DATA/oxford_pets/split_zhou_OxfordPets.json --shots 16
   CoCoOp base-to-new (ViT-B/16):  python coop.py --cocoop --backbone ViT-B/16 --ctx-init "a photo of a" \

@@ -1,6 +1,6 @@
 """ProGrad: prompt tuning whose updates never oppose zero-shot CLIP's general knowledge.
 
-Paper: Zhu et al., "Prompt-aligned Gradient for Prompt Tuning", arXiv 2205.14865 (ICCV 2023).
+Paper: Zhu et al., "Prompt-aligned Gradient for Prompt Tuning", arXiv 2205.14865.
 
 The idea. CoOp's learned context fits the few training images and can forget what CLIP knew: with
 few shots it may end below zero-shot CLIP. ProGrad trains the same context (CoOp's prompt learner)
@@ -22,7 +22,7 @@ Differs from coop.py: the template initialisation, the teacher, and train_step (
 projection); no CSC, no class positions, no CoCoOp (ProGrad uses none of them).
 
 Run
-  quick CPU run on the toy world:  python prograd.py --backbone toy/clip_rn.pt --data toy/shapes --shots 4
+  quick CPU run on the toy world:  python prograd.py --backbone toy/clip_rn.pt --data toy/sketch --shots 4 --crop-scale 0.5
   paper setting (16 shots, RN50): python prograd.py --backbone RN50 --data DATA/oxford_pets/images \
         --split-file DATA/oxford_pets/split_zhou_OxfordPets.json --template OxfordPets --shots 16
   base-to-new, as the authors' scripts (4 shots): add --shots 4 --subsample base

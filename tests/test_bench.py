@@ -45,3 +45,10 @@ def test_the_exactness_check_reports_a_wrong_formulation():
     wrong[0].text_encoder = EncoderOffByOne(model)
     diff, exact = bench.max_difference(fast, bench.logits_and_grads("coop", model, *wrong[:2], images, labels, "fp32"))
     assert not exact and diff > 0
+
+
+def test_bench_times_only_the_plain_rows_asked_for(tiny_ckpt):
+    result = bench.run(bench.parse_args(["--arch", tiny_ckpt, "--methods", "prograd", "--plain", "teacher",
+                                         "--classes", "3", "--batch-size", "2", "--steps", "1", "--warmup", "1",
+                                         "--device", "cpu"]))
+    assert [r["variant"] for r in result["rows"]] == ["as written", "teacher with its own image forward"]
