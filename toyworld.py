@@ -20,7 +20,7 @@ makes every method in the project runnable and checkable on a laptop CPU in minu
      methods that need source statistics or prototypes).
 
 Run
-  python toyworld.py                # build toy/ (about 10 minutes on 2 cores; reused afterwards)
+  python toyworld.py                # build toy/ (about 11 minutes on 2 cores; reused afterwards)
   python toyworld.py --demo         # build if needed, run every method file on it, write the table
   python coop.py --backbone toy/clip_rn.pt --data toy/shapes --shots 4 --subsample base \\
         --eval-data toy/sketch toy/noise
