@@ -164,12 +164,16 @@ def random_attributes(rng, n, exclude=()):
 
 def draw_pool(attrs, seed):
     """Images (N, 3, 32, 32) uint8 for attribute rows (shape, colour, size, background)."""
+    return torch.from_numpy(draw_numpy(attrs, seed)).permute(0, 3, 1, 2).contiguous()  # NHWC -> NCHW
+
+
+def draw_numpy(attrs, seed):
     rng = np.random.default_rng(seed)
     colours, sizes = list(COLOURS), list(SIZES)
     images = np.empty((len(attrs), PX, PX, 3), np.uint8)
     for i, (s, c, z, b) in enumerate(attrs):
         images[i] = np.asarray(render(SHAPES[s], colours[c], sizes[z], BACKGROUNDS[b], rng))
-    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # NHWC -> NCHW
+    return images
 
 
 def caption(attrs, rng):
@@ -190,11 +194,14 @@ def draw_pool_parallel(attrs, seed, workers=2):
     """draw_pool over `workers` processes; chunk i uses seed + i, so the pool is the same every run."""
     chunks = np.array_split(attrs, max(1, workers) * 4)
     if workers <= 1:
-        return torch.cat([draw_pool(c, seed + i) for i, c in enumerate(chunks)])
-    import multiprocessing as mp
+        parts = [draw_numpy(c, seed + i) for i, c in enumerate(chunks)]
+    else:
+        import multiprocessing as mp
 
-    with mp.get_context("fork").Pool(workers) as pool:
-        return torch.cat(pool.starmap(draw_pool, [(c, seed + i) for i, c in enumerate(chunks)]))
+        # "spawn", not "fork": a process forked after torch has used its thread pool can hang in it
+        with mp.get_context("spawn").Pool(workers) as pool:
+            parts = pool.starmap(draw_numpy, [(c, seed + i) for i, c in enumerate(chunks)])
+    return torch.from_numpy(np.concatenate(parts)).permute(0, 3, 1, 2).contiguous()  # NHWC -> NCHW
 
 
 # ------------------------------------------------------------------------------------------------
@@ -343,6 +350,8 @@ def build_model(tower, images, attrs, steps, lr, batch_size, seed, threads=None)
     """Pretrain one tower; returns its state dict and the seconds it took."""
     if threads:
         torch.set_num_threads(threads)
+    if isinstance(images, np.ndarray):  # sent to a worker process as numpy
+        images = torch.from_numpy(images)
     torch.manual_seed(seed)
     model = clip.model.CLIP(**TOWERS[tower])
     t0 = time.time()
@@ -356,8 +365,9 @@ def build_models(jobs, images, attrs, batch_size, seed, workers):
         return [build_model(tower, images, attrs, steps, lr, batch_size, seed) for tower, steps, lr in jobs]
     import multiprocessing as mp
 
-    with mp.get_context("fork").Pool(min(workers, len(jobs))) as pool:
-        return pool.starmap(build_model, [(tower, images, attrs, steps, lr, batch_size, seed, 1)
+    # "spawn", not "fork": a process forked after torch has used its thread pool can hang in it
+    with mp.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
+        return pool.starmap(build_model, [(tower, images.numpy(), attrs, steps, lr, batch_size, seed, 1)
                                           for tower, steps, lr in jobs])
 
 
