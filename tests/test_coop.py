@@ -2,14 +2,13 @@
 
 import json
 import math
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, make_image_folder, tiny_clip
+from conftest import ROOT, tiny_clip
 
 import coop
 
@@ -202,13 +201,11 @@ def test_checkpoint_from_another_configuration(tiny_ckpt, tiny_data, tmp_path):
     with pytest.raises(SystemExit, match="does not fit this run.*--n-ctx"):  # another context length
         run(["--backbone", tiny_ckpt, "--data", tiny_data, "--eval-only", "--load", ckpt, "--out", str(tmp_path / "b")])
     wide = tmp_path / "wide.pt"
-    model = tiny_clip()
     state = clip_with_text_width(128)
     torch.save(state, wide)
     with pytest.raises(SystemExit, match="does not fit this run"):  # another backbone width
         run(["--backbone", str(wide), "--data", tiny_data, "--n-ctx", "4", "--eval-only", "--load", ckpt,
              "--out", str(tmp_path / "c")])
-    del model
 
 
 def clip_with_text_width(width):

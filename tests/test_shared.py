@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import ROOT, draw, make_image_folder, tiny_clip
+from conftest import ROOT, make_image_folder, tiny_clip
 
 import coop
 
