@@ -235,18 +235,25 @@ def check_images(items, full=True):
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    def __init__(self, items, transform):
-        self.items, self.transform = items, transform
+    """(path, label) items -> (transformed image, label). With cache_bytes, decoded images are kept in
+    memory up to that many bytes; the (random) transform still runs on every read."""
+
+    def __init__(self, items, transform, cache_bytes=0):
+        self.items, self.transform, self.cache, self.room = items, transform, {}, cache_bytes
 
     def __len__(self):
         return len(self.items)
 
     def __getitem__(self, i):
         path, label = self.items[i]
-        try:
-            image = Image.open(path).convert("RGB")  # grayscale, RGBA (alpha dropped) and palette -> RGB
-        except (OSError, ValueError) as e:
-            raise OSError(f"{path}: cannot read this image ({e}); replace or delete the file") from e
+        image = self.cache.get(i)
+        if image is None:
+            try:
+                image = Image.open(path).convert("RGB")  # grayscale, RGBA (alpha dropped) and palette -> RGB
+            except (OSError, ValueError) as e:
+                raise OSError(f"{path}: cannot read this image ({e}); replace or delete the file") from e
+            if image.width * image.height * 3 <= self.room:
+                self.cache[i], self.room = image, self.room - image.width * image.height * 3
         return self.transform(image), label
 
 
@@ -267,9 +274,12 @@ def test_transform(n_px):
 
 
 def make_loader(items, transform, batch_size, workers, shuffle=False, drop_last=False, generator=None):
-    return torch.utils.data.DataLoader(ImageDataset(items, transform), batch_size=batch_size, shuffle=shuffle,
-                                       num_workers=workers, drop_last=drop_last, generator=generator,
-                                       persistent_workers=False, pin_memory=torch.cuda.is_available())
+    # A training set (shuffle) is read every epoch: without worker processes (which would each hold and then
+    # drop a copy), its decoded images stay in memory, up to 1 GiB. Same batches, less decoding.
+    dataset = ImageDataset(items, transform, cache_bytes=2**30 if shuffle and workers == 0 else 0)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
+                                       drop_last=drop_last, generator=generator, persistent_workers=False,
+                                       pin_memory=torch.cuda.is_available())
 # --- end shared: data ---
 
 
@@ -422,8 +432,14 @@ def append_log(run_dir, record):
 
 
 def versions():
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        clip_version = "openai-clip " + version("openai-clip")
+    except PackageNotFoundError:  # clip installed from a git checkout
+        clip_version = "clip (not from PyPI)"
     return {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-            "clip": "openai-clip"}
+            "clip": clip_version}
 
 
 def device_name(device):
@@ -493,7 +509,17 @@ class PromptLearner(nn.Module):
         self.register_buffer("token_prefix", embedding[:, :1], persistent=False)  # SOS: (n_cls, 1, d)
         self.register_buffer("token_suffix", embedding[:, 1 + self.n_ctx :], persistent=False)  # class . EOT pad
         self.register_buffer("tokenized", tokenized.to(device), persistent=False)  # only to find EOT
-        self.name_lens = (tokenize(clip_model, classnames).argmax(dim=-1) - 1).tolist()  # BPE tokens per name
+        # Where each row of the 'end' layout goes when the class name moves: the name keeps its BPE
+        # tokens, and the prompt's length and EOT index do not change.
+        name_lens = (tokenize(clip_model, classnames).argmax(dim=-1) - 1).tolist()  # BPE tokens per name
+        M, L, order = self.n_ctx, tokenized.shape[1], []
+        for n in name_lens:
+            sos, ctx, name, rest = [0], list(range(1, 1 + M)), list(range(1 + M, 1 + M + n)), list(range(1 + M + n, L))
+            if self.position == "middle":  # [SOS] [V]_1..[V]_M/2 [CLASS] [V]_M/2+1..[V]_M [.] [EOS]
+                order.append(sos + ctx[: M // 2] + name + ctx[M // 2 :] + rest)
+            else:  # front: [SOS] [CLASS] [V]_1..[V]_M [.] [EOS]  (unused for 'end')
+                order.append(sos + name + ctx + rest)
+        self.register_buffer("order", torch.tensor(order, device=device), persistent=False)  # (n_cls, L)
 
     def forward(self, bias=None):
         n_cls = self.token_prefix.shape[0]
@@ -507,17 +533,11 @@ class PromptLearner(nn.Module):
             return torch.cat([prefix, ctx, suffix], dim=2)  # (B, n_cls, L, d)
         if ctx.dim() == 2:  # generic context, shared by all classes
             ctx = ctx.unsqueeze(0).expand(n_cls, -1, -1)  # (n_cls, M, d)
+        prompts = torch.cat([self.token_prefix, ctx, self.token_suffix], dim=1)  # (n_cls, L, d)
         if self.position == "end":  # [CoOp] [SOS] [V]_1..[V]_M [CLASS] [.] [EOS]
-            return torch.cat([self.token_prefix, ctx, self.token_suffix], dim=1)  # (n_cls, L, d)
-        half, prompts = self.n_ctx // 2, []
-        for i, n in enumerate(self.name_lens):  # the class tokens move; the length and EOT index do not
-            name, rest = self.token_suffix[i : i + 1, :n], self.token_suffix[i : i + 1, n:]  # (1, n, d), (1, ., d)
-            if self.position == "middle":  # [SOS] [V]_1..[V]_M/2 [CLASS] [V]_M/2+1..[V]_M [.] [EOS]
-                pieces = [self.token_prefix[i : i + 1], ctx[i : i + 1, :half], name, ctx[i : i + 1, half:], rest]
-            else:  # front: [SOS] [CLASS] [V]_1..[V]_M [.] [EOS]
-                pieces = [self.token_prefix[i : i + 1], name, ctx[i : i + 1], rest]
-            prompts.append(torch.cat(pieces, dim=1))  # (1, L, d)
-        return torch.cat(prompts)  # (n_cls, L, d)
+            return prompts
+        # middle and front: the same rows, reordered per class by `order` (see set_classnames)
+        return prompts.gather(1, self.order.unsqueeze(-1).expand(-1, -1, prompts.shape[-1]))
 
 
 class CustomCLIP(nn.Module):

@@ -160,6 +160,22 @@ def test_train_and_test_transforms():
 
 
 # --- run folder ----------------------------------------------------------------------------------
+def test_cached_training_images_give_the_same_batches(tiny_data):
+    items = coop.load_dataset(tiny_data)["train"]
+    transform = coop.train_transform(32, 0.5)
+
+    def two_epochs(loader):
+        torch.manual_seed(0)
+        return [x for _ in range(2) for x, _ in loader]
+
+    cached = coop.make_loader(items, transform, 5, 0, True, generator=torch.Generator().manual_seed(1))
+    plain = torch.utils.data.DataLoader(coop.ImageDataset(items, transform), batch_size=5, shuffle=True,
+                                        generator=torch.Generator().manual_seed(1))
+    a, b = two_epochs(cached), two_epochs(plain)
+    assert len(cached.dataset.cache) == len(items) and not plain.dataset.cache
+    assert len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+
+
 def test_atomic_writes_leave_no_partial_file(tmp_path):
     path = tmp_path / "m.json"
     coop.save_json(str(path), {"a": 1})
