@@ -59,7 +59,8 @@ PAPER_BATCH = {"coop": 32, "cocoop": 1, "prograd": 32}
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Benchmark the methods' training steps and their exact speed-ups.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--arch", default="ViT-B/16", help=f"one of {', '.join(OPENAI_CONFIGS)} (random weights), or a checkpoint")
+    p.add_argument("--arch", default="ViT-B/16",
+                   help=f"one of {', '.join(OPENAI_CONFIGS)} (random weights), or a checkpoint")
     p.add_argument("--methods", default="all", help="comma-separated: coop,cocoop,prograd, or all")
     p.add_argument("--classes", type=int, default=1000, help="number of class names (ImageNet has 1000)")
     p.add_argument("--batch-size", type=int, default=None, help="default: each method's paper batch size")
@@ -307,7 +308,8 @@ def eval_rows(clip_model, classnames, args, device, precision, peak):
 
 
 def format_row(r):
-    check = "" if r["exact"] is None else f"  max|diff| {r['max_abs_diff']:.2e} {'exact' if r['exact'] else 'DIFFERENT'}"
+    verdict = "exact" if r["exact"] else "DIFFERENT"
+    check = "" if r["exact"] is None else f"  max|diff| {r['max_abs_diff']:.2e} {verdict}"
     return f"{r['method']:>8} | {r['variant']:<36} | {r['median_ms']:10.2f} ms | {r['gflop']:10.2f} GFLOP{check}"
 
 

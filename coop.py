@@ -55,18 +55,21 @@ def parse_args(argv=None):
     )
     # data and protocol
     p.add_argument("--backbone", default="RN50", help="CLIP name (RN50, ViT-B/16, ...) or checkpoint path")
-    p.add_argument("--data", required=True, help="ImageFolder root with train/ [val/] test/, or the image root of --split-file")
+    p.add_argument("--data", required=True,
+                   help="ImageFolder root with train/ [val/] test/, or the image root of --split-file")
     p.add_argument("--split-file", default=None, help="CoOp split_zhou_<Name>.json (then --data is its image root)")
     p.add_argument("--classnames", default=None, help="classnames.txt: 'folder<TAB>readable name' per line")
     p.add_argument("--shots", type=int, default=16, help="training images per class (seeded sample)")
     p.add_argument("--subsample", choices=["all", "base", "new"], default="all",
                    help="base-to-new protocol: 'base' trains on the first half of the classes and also reports 'new'")
-    p.add_argument("--eval-data", nargs="*", default=[], help="extra test sets (ImageFolder roots) for the learned context")
+    p.add_argument("--eval-data", nargs="*", default=[],
+                   help="extra test sets (ImageFolder roots) for the learned context")
     p.add_argument("--template", default="a photo of a {}.", help="hand-crafted template of the zero-shot baseline")
     # the method
     p.add_argument("--cocoop", action="store_true", help="CoCoOp: add the image-conditioned meta-network")
     p.add_argument("--n-ctx", type=int, default=None, help="context vectors M (default 16 for CoOp, 4 for CoCoOp)")
-    p.add_argument("--ctx-init", default="", help="initialise the context from these words, e.g. 'a photo of a' (sets M)")
+    p.add_argument("--ctx-init", default="",
+                   help="initialise the context from these words, e.g. 'a photo of a' (sets M)")
     p.add_argument("--csc", action="store_true", help="class-specific context (one context per class)")
     p.add_argument("--class-token-position", choices=["end", "middle", "front"], default="end")
     # optimisation (CoOp: SGD 0.002, batch 32, epochs by shots; CoCoOp: batch 1, 10 epochs)
@@ -82,7 +85,8 @@ def parse_args(argv=None):
                    help="drop the last partial batch when N >= batch size, as the original loader did")
     # run
     p.add_argument("--seed", type=int, default=1, help="the papers report seeds 1, 2, 3")
-    p.add_argument("--precision", choices=["fp32", "amp", "fp16"], default=None, help="default: amp on CUDA, fp32 on CPU")
+    p.add_argument("--precision", choices=["fp32", "amp", "fp16"], default=None,
+                   help="default: amp on CUDA, fp32 on CPU")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--out", default=None, help="run folder (default runs/<method>/<dataset>/<shots>shot_seed<seed>)")
@@ -682,7 +686,8 @@ def main(args):
     assert n_learned == expected and all(not p.requires_grad for p in clip_model.parameters())
     print(f"{method}: {pl.n_ctx} context vectors, learned {list(learned_state(model))} = {n_learned:,} parameters; "
           f"CLIP's {n_frozen:,} are frozen")
-    config = {"method": method, "backbone": args.backbone, "n_ctx": pl.n_ctx, "csc": args.csc, "ctx_dim": pl.ctx.shape[-1]}
+    config = {"method": method, "backbone": args.backbone, "n_ctx": pl.n_ctx, "csc": args.csc,
+              "ctx_dim": pl.ctx.shape[-1]}
     if args.load:
         load_learned(model, load_checkpoint(args.load), args.load)
 
@@ -724,8 +729,9 @@ def main(args):
         append_log(run_dir, record)
         print(f"epoch {epoch + 1}/{epochs}  lr {lr:.3e}  loss {record['loss']:.4f}  "
               f"train acc {record['train_acc']:.1f}  {record['seconds']:.1f}s")
-        save_checkpoint(ckpt_path, {"config": config, "state": learned_state(model), "optimizer": optimizer.state_dict(),
-                                    "epoch": epoch + 1, "train_seconds": train_seconds,
+        save_checkpoint(ckpt_path, {"config": config, "state": learned_state(model),
+                                    "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
+                                    "train_seconds": train_seconds,
                                     "rng": {"torch": torch.get_rng_state(), "loader": generator.get_state()}})
 
     # 4. Evaluation of the last epoch on every test set (image features encoded once per set)

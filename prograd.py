@@ -22,7 +22,8 @@ Differs from coop.py: the template initialisation, the teacher, and train_step (
 projection); no CSC, no class positions, no CoCoOp (ProGrad uses none of them).
 
 Run
-  quick CPU run on the toy world:  python prograd.py --backbone toy/clip_rn.pt --data toy/sketch --shots 4 --crop-scale 0.5
+  quick CPU run on the toy world:  python prograd.py --backbone toy/clip_rn.pt --data toy/sketch --shots 4 \
+        --crop-scale 0.5
   paper setting (16 shots, RN50): python prograd.py --backbone RN50 --data DATA/oxford_pets/images \
         --split-file DATA/oxford_pets/split_zhou_OxfordPets.json --template OxfordPets --shots 16
   base-to-new, as the authors' scripts (4 shots): add --shots 4 --subsample base
@@ -72,13 +73,15 @@ def parse_args(argv=None):
     )
     # data and protocol
     p.add_argument("--backbone", default="RN50", help="CLIP name (RN50, ViT-B/16, ...) or checkpoint path")
-    p.add_argument("--data", required=True, help="ImageFolder root with train/ [val/] test/, or the image root of --split-file")
+    p.add_argument("--data", required=True,
+                   help="ImageFolder root with train/ [val/] test/, or the image root of --split-file")
     p.add_argument("--split-file", default=None, help="CoOp split_zhou_<Name>.json (then --data is its image root)")
     p.add_argument("--classnames", default=None, help="classnames.txt: 'folder<TAB>readable name' per line")
     p.add_argument("--shots", type=int, default=16, help="training images per class (seeded sample)")
     p.add_argument("--subsample", choices=["all", "base", "new"], default="all",
                    help="base-to-new protocol: 'base' trains on the first half of the classes and also reports 'new'")
-    p.add_argument("--eval-data", nargs="*", default=[], help="extra test sets (ImageFolder roots) for the learned context")
+    p.add_argument("--eval-data", nargs="*", default=[],
+                   help="extra test sets (ImageFolder roots) for the learned context")
     p.add_argument("--template", default="a photo of a {}.",
                    help=f"the teacher's template (class name last), or a dataset name: {', '.join(PROGRAD_TEMPLATES)}")
     # the method
@@ -102,7 +105,8 @@ def parse_args(argv=None):
                    help="drop the last partial batch when N >= batch size, as the original loader did")
     # run
     p.add_argument("--seed", type=int, default=1, help="the papers report seeds 1, 2, 3")
-    p.add_argument("--precision", choices=["fp32", "amp", "fp16"], default=None, help="default: amp on CUDA, fp32 on CPU")
+    p.add_argument("--precision", choices=["fp32", "amp", "fp16"], default=None,
+                   help="default: amp on CUDA, fp32 on CPU")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--out", default=None, help="run folder (default runs/prograd/<dataset>/<shots>shot_seed<seed>)")
@@ -713,8 +717,8 @@ def main(args):
     # The original loader silently drops the last partial batch when N >= batch size (up to 31
     # images per epoch); we keep every image unless --drop-last asks for the original behaviour.
     drop_last = args.drop_last and len(train["train"]) >= args.batch_size
-    loader = make_loader(train["train"], train_transform(n_px, args.crop_scale), args.batch_size, args.workers, True, drop_last,
-                         generator)
+    loader = make_loader(train["train"], train_transform(n_px, args.crop_scale), args.batch_size, args.workers, True,
+                         drop_last, generator)
     start_epoch, train_seconds = 0, 0.0
     if args.resume:
         ckpt = load_checkpoint(ckpt_path)
@@ -747,8 +751,9 @@ def main(args):
         print(f"epoch {epoch + 1}/{epochs}  lr {lr:.3e}  loss {record['loss']:.4f}  "
               f"train acc {record['train_acc']:.1f}  conflicts {100 * record['conflict_fraction']:.0f}%  "
               f"cos(G_d, G_g) {record['mean_cosine']:+.3f}  {record['seconds']:.1f}s")
-        save_checkpoint(ckpt_path, {"config": config, "state": learned_state(model), "optimizer": optimizer.state_dict(),
-                                    "epoch": epoch + 1, "train_seconds": train_seconds,
+        save_checkpoint(ckpt_path, {"config": config, "state": learned_state(model),
+                                    "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
+                                    "train_seconds": train_seconds,
                                     "rng": {"torch": torch.get_rng_state(), "loader": generator.get_state()}})
 
     # 4. Evaluation of the last epoch on every test set (image features encoded once per set)

@@ -104,7 +104,8 @@ def parse_args(argv=None):
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--backbone", default="RN50", help="CLIP name (RN50, ViT-B/16, ...) or checkpoint path")
-    p.add_argument("--data", required=True, help="ImageFolder root with [train/] test/, or the image root of --split-file")
+    p.add_argument("--data", required=True,
+                   help="ImageFolder root with [train/] test/, or the image root of --split-file")
     p.add_argument("--split-file", default=None, help="CoOp split_zhou_<Name>.json (then --data is its image root)")
     p.add_argument("--classnames", default=None, help="classnames.txt: 'folder<TAB>readable name' per line")
     p.add_argument("--subsample", choices=["all", "base", "new"], default="all",
@@ -115,9 +116,11 @@ def parse_args(argv=None):
     p.add_argument("--ensemble", choices=["none", "select", "all"], default="none",
                    help="average the text features of the 7 selected ImageNet templates, or of all 80")
     p.add_argument("--add-template", action="store_true",
-                   help="also put --template in the ensemble (CoOp's ZeroshotCLIP2 does so for every dataset but ImageNet)")
+                   help="also put --template in the ensemble (CoOp's ZeroshotCLIP2 does so for every dataset but "
+                        "ImageNet)")
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--precision", choices=["fp32", "amp", "fp16"], default=None, help="default: amp on CUDA, fp32 on CPU")
+    p.add_argument("--precision", choices=["fp32", "amp", "fp16"], default=None,
+                   help="default: amp on CUDA, fp32 on CPU")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=100, help="test batch size (does not change results)")

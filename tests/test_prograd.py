@@ -125,7 +125,8 @@ def test_command_line_base_to_new(tiny_ckpt, tiny_data, shifted_data, tmp_path):
     from conftest import ROOT
 
     cmd = [sys.executable, "prograd.py", "--backbone", tiny_ckpt, "--data", tiny_data, "--shots", "2",
-           "--epochs", "2", "--subsample", "base", "--eval-data", shifted_data, "--workers", "0", "--out", str(tmp_path)]
+           "--epochs", "2", "--subsample", "base", "--eval-data", shifted_data, "--workers", "0",
+           "--out", str(tmp_path)]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     metrics = json.loads((tmp_path / "metrics.json").read_text())

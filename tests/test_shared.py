@@ -69,8 +69,8 @@ def test_ensemble_is_the_normalised_mean_of_normalised_features():
     names = ["red", "blue"]
     w = coop.zeroshot_classifier(model, names, ["a photo of a {}.", "art of the {}."])
     with torch.no_grad():
-        f = [torch.nn.functional.normalize(model.encode_text(coop.tokenize(model, [t.format(c) for c in names])), dim=-1)
-             for t in ["a photo of a {}.", "art of the {}."]]
+        f = [torch.nn.functional.normalize(model.encode_text(coop.tokenize(model, [t.format(c) for c in names])),
+                                           dim=-1) for t in ["a photo of a {}.", "art of the {}."]]
     expected = torch.nn.functional.normalize(f[0] + f[1], dim=-1)
     torch.testing.assert_close(w, expected, atol=1e-5, rtol=1e-5)
 

@@ -76,7 +76,8 @@ def test_demo_runs_every_method_and_its_table_matches_the_runs_and_the_command_l
     classes = [("red_circle", "circle", "red"), ("blue_star", "star", "blue"), ("green_ring", "ring", "green"),
                ("gray_cross", "cross", "gray")]
     for i, domain in enumerate([tw.TRAIN_DOMAIN] + tw.DOMAINS):
-        tw.write_dataset(str(root / domain), classes, {"train": 2, "test": 2}, seed=i, style="sketch" if i == 0 else "photo")
+        tw.write_dataset(str(root / domain), classes, {"train": 2, "test": 2}, seed=i,
+                         style="sketch" if i == 0 else "photo")
     shutil.copy(tiny_ckpt, root / "clip_rn.pt")
     rows = tw.demo(str(root), str(out), shots=(1,), seeds=(1, 2), parallel=2)
     assert [(label, k) for label, k, _ in rows] == [("Zero-shot CLIP", "0"), ("CoOp", "1"), ("CoCoOp", "1"),
@@ -121,7 +122,9 @@ def test_the_toy_clips_classify_far_above_chance(world):
 @pytest.mark.slow
 def test_coop_beats_zero_shot_on_the_shifted_domain_it_was_trained_on(world, tmp_path):
     root, _ = world
-    m = coop.main(coop.parse_args(["--backbone", os.path.join(root, "clip_rn.pt"), "--data", os.path.join(root, "sketch"),
-                                   "--shots", "4", "--subsample", "base", "--ctx-init", "a photo of a", "--workers", "0",
-                                   "--crop-scale", "0.5", "--out", str(tmp_path)]))
-    assert m["accuracy"]["test"] > m["zero_shot"]["test"] + 2.5, json.dumps(m)  # 30-way, chance is 3.3
+    argv = ["--backbone", os.path.join(root, "clip_rn.pt"), "--data", os.path.join(root, "sketch"), "--shots", "8",
+            "--subsample", "base", "--ctx-init", "a photo of a", "--workers", "0", "--crop-scale", "0.5",
+            "--out", str(tmp_path)]
+    m = coop.main(coop.parse_args(argv))
+    # measured 20.0 vs 11.3 on the default world (about a minute); 30-way, chance is 3.3
+    assert m["accuracy"]["test"] > m["zero_shot"]["test"] + 5, json.dumps(m)
