@@ -346,6 +346,13 @@ def write_dataset(root, classes, splits, seed, style="photo", sigma=0.0):
         f.writelines(f"{folder}\t{folder.replace('_', ' ')}\n" for folder, _, _ in classes)
 
 
+def write_text(path, text):
+    """Atomically: a temporary file, then a rename, so an interrupted run never leaves half a file."""
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
 def write_datasets(root, seed):
     combos = [(f"{c}_{s}", s, c) for c in TASK_COLOURS for s in SHAPES]  # 60 classes, sorted by colour
     write_dataset(os.path.join(root, "shapes"), combos, SPLITS, seed + 1)
@@ -404,8 +411,7 @@ def build_world(root="toy", seed=0, force=False, rn_steps=900, vit_steps=1000, l
             record[tower] = {"config": dict(TOWERS[tower]), "steps": steps, "lr": lr, "batch_size": batch_size,
                              "pretrain_seconds": round(seconds, 1), "zero_shot": report}
             print(f"{tower}: {seconds:.0f}s of pretraining; zero-shot on 2,000 fresh images: {report}")
-        with open(record_path, "w") as f:
-            json.dump(record, f, indent=2)
+        write_text(record_path, json.dumps(record, indent=2))
     if force or not os.path.isfile(os.path.join(root, "proxy", "classnames.txt")):
         t0 = time.time()
         write_datasets(root, seed)
@@ -517,11 +523,10 @@ def demo(root="toy", out="runs/demo", shots=(1, 4), seeds=(1, 2, 3), parallel=2)
             f"{' and '.join(DOMAINS)}: the same prompt on other domains, all 60 classes. Seeds {list(seeds)}, "
             f"mean ± std; {seconds:.0f}s for the method runs on {os.cpu_count()} cores.")
     text = "\n".join(table) + "\n\n" + note + "\n"
-    with open(os.path.join(out, "results.md"), "w") as f:
-        f.write(text)
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump({"rows": [{"method": label, "shots": int(k), **v} for label, k, v in rows],
-                   "seconds": round(seconds, 1), "seeds": list(seeds)}, f, indent=2)
+    write_text(os.path.join(out, "results.md"), text)
+    results = {"rows": [{"method": label, "shots": int(k), **v} for label, k, v in rows],
+               "seconds": round(seconds, 1), "seeds": list(seeds)}
+    write_text(os.path.join(out, "results.json"), json.dumps(results, indent=2))
     print("\n" + text)
     return rows
 
