@@ -21,7 +21,7 @@ makes every method in the project runnable and checkable on a laptop CPU in minu
   4. The demo: base-to-new on `sketch` for every method file present, against zero-shot CLIP.
 
 Run
-  python toyworld.py                # build toy/ (about 9 minutes on 2 cores; reused afterwards)
+  python toyworld.py                # build toy/ (about 8 minutes on 2 cores; reused afterwards)
   python toyworld.py --demo         # build if needed, run every method file on it, write the table (+3 min)
   python coop.py --backbone toy/clip_rn.pt --data toy/shapes --shots 4 --subsample base \\
         --eval-data toy/sketch toy/noise
