@@ -262,7 +262,8 @@ class ImageDataset(torch.utils.data.Dataset):
 
 
 def train_transform(n_px, min_scale=0.08):
-    """CoOp/Dassl: random resized crop (scale 0.08-1, bicubic), horizontal flip, CLIP normalisation."""
+    """CoOp/Dassl: random resized crop (area min_scale-1, 0.08 in the papers; bicubic), horizontal flip,
+    CLIP normalisation."""
     import torchvision.transforms as T  # torchvision comes with the clip package
 
     return T.Compose([T.RandomResizedCrop(n_px, scale=(min_scale, 1.0), interpolation=T.InterpolationMode.BICUBIC),
@@ -513,17 +514,18 @@ class PromptLearner(nn.Module):
         self.register_buffer("token_prefix", embedding[:, :1], persistent=False)  # SOS: (n_cls, 1, d)
         self.register_buffer("token_suffix", embedding[:, 1 + self.n_ctx :], persistent=False)  # class . EOT pad
         self.register_buffer("tokenized", tokenized.to(device), persistent=False)  # only to find EOT
-        # Where each row of the 'end' layout goes when the class name moves: the name keeps its BPE
-        # tokens, and the prompt's length and EOT index do not change.
-        name_lens = (tokenize(clip_model, classnames).argmax(dim=-1) - 1).tolist()  # BPE tokens per name
-        M, L, order = self.n_ctx, tokenized.shape[1], []
-        for n in name_lens:
-            sos, ctx, name, rest = [0], list(range(1, 1 + M)), list(range(1 + M, 1 + M + n)), list(range(1 + M + n, L))
-            if self.position == "middle":  # [SOS] [V]_1..[V]_M/2 [CLASS] [V]_M/2+1..[V]_M [.] [EOS]
-                order.append(sos + ctx[: M // 2] + name + ctx[M // 2 :] + rest)
-            else:  # front: [SOS] [CLASS] [V]_1..[V]_M [.] [EOS]  (unused for 'end')
-                order.append(sos + name + ctx + rest)
-        self.register_buffer("order", torch.tensor(order, device=device), persistent=False)  # (n_cls, L)
+        if self.position != "end":  # which row of the 'end' layout goes where when the class name moves;
+            # the name keeps its BPE tokens, and the prompt's length and EOT index do not change
+            name_lens = (tokenize(clip_model, classnames).argmax(dim=-1) - 1).tolist()  # BPE tokens per name
+            M, L, order = self.n_ctx, tokenized.shape[1], []
+            for n in name_lens:
+                v, name, rest = list(range(1, 1 + M)), list(range(1 + M, 1 + M + n)), list(range(1 + M + n, L))
+                sos = [0]
+                if self.position == "middle":  # [SOS] [V]_1..[V]_M/2 [CLASS] [V]_M/2+1..[V]_M [.] [EOS]
+                    order.append(sos + v[: M // 2] + name + v[M // 2 :] + rest)
+                else:  # front: [SOS] [CLASS] [V]_1..[V]_M [.] [EOS]
+                    order.append(sos + name + v + rest)
+            self.register_buffer("order", torch.tensor(order, device=device), persistent=False)  # (n_cls, L)
 
     def forward(self, bias=None):
         n_cls = self.token_prefix.shape[0]

@@ -282,7 +282,8 @@ class ImageDataset(torch.utils.data.Dataset):
 
 
 def train_transform(n_px, min_scale=0.08):
-    """CoOp/Dassl: random resized crop (scale 0.08-1, bicubic), horizontal flip, CLIP normalisation."""
+    """CoOp/Dassl: random resized crop (area min_scale-1, 0.08 in the papers; bicubic), horizontal flip,
+    CLIP normalisation."""
     import torchvision.transforms as T  # torchvision comes with the clip package
 
     return T.Compose([T.RandomResizedCrop(n_px, scale=(min_scale, 1.0), interpolation=T.InterpolationMode.BICUBIC),
