@@ -92,3 +92,13 @@ def split_data(tmp_path_factory):
     with open(root / "split_zhou_Colours.json", "w") as f:
         json.dump(split, f, indent=4)
     return str(images), str(root / "split_zhou_Colours.json")
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+    """The toy world (slow tests only): built once per test session in a temporary folder, or the
+    world already built at $TOYWORLD (e.g. TOYWORLD=toy). Returns (root, world.json's record)."""
+    import toyworld
+
+    root = os.environ.get("TOYWORLD") or str(tmp_path_factory.mktemp("toy"))
+    return root, toyworld.build_world(root)

@@ -104,13 +104,6 @@ def test_a_failing_demo_run_reports_its_log(tmp_path):
 
 
 # --- slow: the pretrained toy world and what the methods do on it ----------------------------------
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = os.environ.get("TOYWORLD") or str(tmp_path_factory.mktemp("toy"))
-    record = tw.build_world(root)
-    return root, record
-
-
 @pytest.mark.slow
 def test_the_toy_clips_classify_far_above_chance(world):
     _, record = world

@@ -6,6 +6,7 @@ A shared block is fenced in every file that has it:
     # --- end shared: data ---
   python tools/sync_shared.py --check   # list the blocks that differ (exit 1 if any)
   python tools/sync_shared.py --write   # rewrite every copy from coop.py
+  python tools/sync_shared.py --write --only vpt.py   # rewrite the copies in one file only
 """
 
 import argparse
@@ -29,6 +30,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--check", action="store_true", help="report differing copies, exit 1 if any")
     p.add_argument("--write", action="store_true", help="rewrite the copies from coop.py")
+    p.add_argument("--only", default=None, help="check or rewrite this one file (e.g. vpt.py)")
     p.add_argument("--root", default=ROOT, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     with open(os.path.join(args.root, CANONICAL)) as f:
@@ -38,7 +40,7 @@ def main(argv=None):
     differ = []
     for name in FILES:
         path = os.path.join(args.root, name)
-        if name == CANONICAL or not os.path.isfile(path):
+        if name == CANONICAL or not os.path.isfile(path) or args.only not in (None, name):
             continue
         with open(path) as f:
             text = f.read()
