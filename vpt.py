@@ -1,0 +1,1135 @@
+"""VPT inside CLIP's image encoder, and pixel-space visual prompting (the padding prompt).
+
+Papers  VPT: Jia et al., "Visual Prompt Tuning", arXiv 2203.12119 (ECCV 2022)
+        Pad: Bahng et al., "Exploring Visual Prompts for Adapting Large-Scale Models", 2203.17274
+
+The idea. CoOp learns words on CLIP's text side; these methods learn on the image side and keep
+the text classifier frozen. VPT adds p learned tokens to the sequence of CLIP's frozen vision
+transformer: shallow, one set at the input that every layer carries along; deep, a fresh set
+before every block that *replaces* the previous block's outputs at those positions (the length
+stays 1 + p + N). Bahng et al. learn one input-agnostic perturbation in pixel space: a border
+(30 px wide at 224 px) added to every normalised image. It touches only the input, so it works
+on any backbone, ResNets included. Scores come from CLIP's text classifier, encoded once from
+the template, or (--head linear) from the VPT paper's linear head trained with the prompts.
+
+Equations (E_i the patch tokens after block i, x_i the class token, P_i the prompts of block i,
+L_i block i, W the frozen text classifier, 1/tau CLIP's logit scale, about 100)
+  [VPT Eq. 1-2]  shallow: [x_i, Z_i, E_i] = L_i([x_i-1, Z_i-1, E_i-1]),  Z_0 = P
+  [VPT Eq. 3-4]  deep:    [x_i, _, E_i]   = L_i([x_i-1, P_i-1, E_i-1])   (prompt outputs dropped)
+  [VPT]          f(x) = ln_post(x_L) @ proj;  logits = cos(f(x), W) / tau,  or  head(f(x))
+  [Pad]          x' = x + border (zero inside the centre), x the normalised image
+Learned: prompts (n_layers if deep else 1, p, width), or the border's four tensors (69,840
+numbers at 224 px); with --head linear also the head. Frozen: all of CLIP.
+Unlike coop.py the image encoder is in the graph (forward and backward every step); the text
+classifier is encoded once.
+
+The papers' settings. VPT (supervised ViT-B/16, linear head): SGD, batch 128, 100 epochs, lr from
+a grid scaled by batch/256, tuned for a random head and not transferable to CLIP. VPT in CLIP, as
+MaPLe's "Deep Vision Prompting" baseline (the base-to-new tables that quote VPT): ViT-B/16, 8
+prompts at all 12 layers appended after the patches through ln_pre, SGD lr 0.0025, batch 4, 5
+epochs, a warm-up epoch at 1e-5 then cosine, weight decay 5e-4; base 80.24, new 73.43, H 76.68.
+Defaults here: that recipe with the VPT paper's placement (after the class token, uniform init);
+--placement maple gives MaPLe's model. Pad: ViT-B/32, SGD lr 40, momentum 0.9, no weight decay,
+batch 256, 1000 epochs, 1000 linear warm-up steps then cosine per step, "This is a photo of a {}",
+training images through CLIP's preprocess (no augmentation).
+
+Run
+  python vpt.py --backbone toy/clip_vit.pt --data toy/sketch --shots 4 --crop-scale 0.5
+  python vpt.py --backbone ViT-B/16 --data DATA/oxford_pets/images --shots 16 --subsample base \
+      --split-file DATA/oxford_pets/split_zhou_OxfordPets.json
+  python vpt.py --method pad --backbone ViT-B/32 --data ... --split-file ... --shots 16
+"""
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import time
+import warnings
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+with warnings.catch_warnings():  # openai-clip 1.0.1 imports the deprecated pkg_resources
+    warnings.simplefilter("ignore")
+    import clip
+
+
+# --- shared: text encoder (canonical copy in coop.py; re-sync with tools/sync_shared.py) ---
+class TextEncoder(nn.Module):
+    """CLIP's text transformer on prompt embeddings, in two exact shortcuts of its 77 positions.
+
+    The transformer is causal: position i attends to positions <= i only. So (1) the end-of-text
+    (EOT) feature depends only on the positions up to it, and running the prompts cut after the
+    longest EOT gives exactly the 77-position result (`forward`); and (2) positions before the
+    class name never see it: when every class's prompt starts with the same prefix ([SOS] and a
+    generic context), the prefix's hidden states are the same for every class. `shared_prefix`
+    computes them once (once per image for CoCoOp) and runs only each class's remaining tokens
+    (name, ".", EOT), which attend to the prefix's keys and values and, causally, to their own.
+    """
+
+    def __init__(self, clip_model):
+        super().__init__()
+        self.transformer, self.ln_final = clip_model.transformer, clip_model.ln_final
+        self.positional_embedding = clip_model.positional_embedding
+        self.text_projection, self.dtype = clip_model.text_projection, clip_model.dtype
+
+    def forward(self, prompts, tokenized):
+        # prompts: (N, L, d) token embeddings; tokenized: (N, L) ids, used to find EOT (largest id)
+        eot = tokenized.argmax(dim=-1)  # (N,)
+        n = int(eot.max()) + 1
+        x = prompts[:, :n].type(self.dtype) + self.positional_embedding[:n].type(self.dtype)
+        mask = torch.full((n, n), float("-inf"), device=x.device, dtype=x.dtype).triu_(1)
+        x = x.permute(1, 0, 2)  # NLD -> LND: (n, N, d)
+        for block in self.transformer.resblocks:  # = block(x) with the causal mask cut to n
+            h = block.ln_1(x)
+            x = x + block.attn(h, h, h, need_weights=False, attn_mask=mask)[0]
+            x = x + block.mlp(block.ln_2(x))
+        x = x.permute(1, 0, 2)[torch.arange(x.shape[1]), eot]  # LND -> NLD, the EOT rows: (N, d)
+        return self.ln_final(x).type(self.dtype) @ self.text_projection  # (N, D)
+
+    def shared_prefix(self, prefix, suffix, tokenized, deep=()):
+        """Exactly forward(cat([prefix[b], suffix[c]]), tokenized[c]) for every pair (b, c).
+
+        prefix: (B, P, d), the first P positions, the same for every class (B = 1, or one per
+        image); suffix: (C, L - P, d), the rest of each class's prompt; tokenized: (C, L) ids;
+        deep: tensors (n, d) that replace prefix positions 1..n before blocks 1, 2, ... (MaPLe's
+        deeper text prompts). Returns (B, C, D).
+        """
+        (B, P, d), C = prefix.shape, suffix.shape[0]
+        eot = tokenized.argmax(dim=-1) - P  # EOT's index within the suffix: (C,)
+        S = int(eot.max()) + 1
+        pos = self.positional_embedding.type(self.dtype)
+        xp = prefix.type(self.dtype) + pos[:P]  # (B, P, d)
+        xs = (suffix[:, :S].type(self.dtype) + pos[P : P + S]).expand(B, -1, -1, -1)
+        xs = xs.reshape(B * C, S, d)  # every (image, class) pair's own tokens: (B*C, S, d)
+        see = torch.ones(S, P + S, dtype=torch.bool, device=xp.device).tril_(P)  # (S, P + S)
+        for i, block in enumerate(self.transformer.resblocks):
+            if 0 < i <= len(deep):  # MaPLe: the previous block's outputs there are replaced
+                n = deep[i - 1].shape[0]
+                xp = torch.cat(
+                    [xp[:, :1], deep[i - 1].type(xp.dtype).expand(B, -1, -1), xp[:, 1 + n :]], dim=1
+                )  # (B, P, d)
+            heads = block.attn.num_heads
+            split = lambda t: t.unflatten(-1, (heads, -1)).transpose(-3, -2)  # (.., heads, L, d_h)
+            qkv_p = F.linear(block.ln_1(xp), block.attn.in_proj_weight, block.attn.in_proj_bias)
+            qkv_s = F.linear(block.ln_1(xs), block.attn.in_proj_weight, block.attn.in_proj_bias)
+            (qp, kp, vp), (qs, ks, vs) = (
+                map(split, qkv_p.chunk(3, -1)),
+                map(split, qkv_s.chunk(3, -1)),
+            )
+            # The prefix attends causally to itself only: it never sees a class name.
+            ap = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True)  # (B, heads, P, d_h)
+            # Each class's tokens attend to [prefix keys/values ; their own, causally]:
+            #   softmax(q_s [K_p ; K_s]^T / sqrt(d_h) + mask) [V_p ; V_s]
+            rep = lambda t: t.unsqueeze(1).expand(-1, C, -1, -1, -1).flatten(0, 1)  # B -> B*C
+            k, v = torch.cat([rep(kp), ks], dim=-2), torch.cat([rep(vp), vs], dim=-2)
+            a_s = F.scaled_dot_product_attention(qs, k, v, attn_mask=see)  # (B*C, heads, S, d_h)
+            merge = lambda t: block.attn.out_proj(t.transpose(-3, -2).flatten(-2))  # (.., L, d)
+            xp, xs = xp + merge(ap), xs + merge(a_s)
+            xp, xs = xp + block.mlp(block.ln_2(xp)), xs + block.mlp(block.ln_2(xs))
+        x = xs[torch.arange(B * C), eot.repeat(B)]  # the EOT rows: (B*C, d)
+        return (self.ln_final(x).type(self.dtype) @ self.text_projection).view(B, C, -1)
+
+
+def tokenize(clip_model, texts):
+    return clip.tokenize(texts, context_length=clip_model.context_length)
+
+
+@torch.no_grad()
+def text_features(clip_model, texts, batch_size=1000):
+    """L2-normalised CLIP text features of plain texts, (N, D) in fp32."""
+    encoder, device, out = TextEncoder(clip_model), clip_model.positional_embedding.device, []
+    for i in range(0, len(texts), batch_size):
+        tokens = tokenize(clip_model, texts[i : i + batch_size]).to(device)
+        out.append(F.normalize(encoder(clip_model.token_embedding(tokens), tokens).float(), dim=-1))
+    return torch.cat(out)
+
+
+def zeroshot_classifier(clip_model, classnames, templates):
+    """[CLIP] one weight per class: the normalised mean of its normalised template features."""
+    per_template = [text_features(clip_model, [t.format(c) for c in classnames]) for t in templates]
+    return F.normalize(torch.stack(per_template).mean(dim=0), dim=-1)  # (n_cls, D)
+
+
+# --- end shared: text encoder ---
+
+
+# ------------------------------------------------------------------------------------------------
+# The method: prompt tokens inside the ViT, the padding prompt, the two heads
+# ------------------------------------------------------------------------------------------------
+class PromptedViT(nn.Module):
+    """CLIP's frozen vision transformer with p learned prompt tokens (VPT), an explicit forward.
+
+    placement "vpt" (the VPT paper, KMnP's code): [CLS, P_1..P_p, patch_1..patch_N] after ln_pre,
+        init uniform(-v, v), v = sqrt(6 / (3 * patch^2 + width)) (0.0625 for ViT-B/16).
+    placement "maple" (MaPLe's "Deep Vision Prompting", the CLIP base-to-new "VPT" numbers):
+        [CLS, patch_1..patch_N, P_1..P_p] before ln_pre, init N(0, 0.02^2) as MaPLe's code.
+    Neither gets a position embedding. forward(images) is the same kind of feature as
+    visual(images): unnormalised, (B, output_dim); with p = 0 it is CLIP's encode_image.
+    """
+
+    def __init__(self, visual, n_prompts, deep, dropout=0.0, placement="vpt"):
+        super().__init__()
+        if not hasattr(visual, "transformer"):
+            raise ValueError(
+                f"prompt tokens need a vision transformer, and this CLIP's image encoder is a "
+                f"{type(visual).__name__}: use a ViT backbone (e.g. ViT-B/16) or the pixel-space "
+                "padding prompt (--method pad), which works on any backbone"
+            )
+        if placement not in ("vpt", "maple") or n_prompts < 0:
+            raise ValueError(
+                f"placement must be 'vpt' or 'maple' and n_prompts >= 0, not "
+                f"{placement!r} and {n_prompts}"
+            )
+        self.visual, self.n_prompts, self.deep, self.placement = visual, n_prompts, deep, placement
+        width, patch = visual.conv1.out_channels, visual.conv1.kernel_size[0]
+        prompts = torch.empty(len(visual.transformer.resblocks) if deep else 1, n_prompts, width)
+        if (
+            placement == "vpt"
+        ):  # [VPT] KMnP calls it "xavier_uniform": fan_in 3*patch^2, fan_out width
+            v = math.sqrt(6.0 / (3 * patch * patch + width))
+            nn.init.uniform_(prompts, -v, v)
+        else:  # MaPLe's VPT
+            nn.init.normal_(prompts, std=0.02)
+        self.prompts = nn.Parameter(prompts)
+        self.dropout = nn.Dropout(dropout)  # on the prompts only (VPT's demo: 0.1 for deep)
+
+    def train(
+        self, mode=True
+    ):  # CLIP stays frozen and in eval mode; only the prompt dropout trains
+        super().train(mode)
+        self.visual.eval()
+        return self
+
+    def prompt(self, i, batch, dtype):
+        """Prompt set i for every image, (B, p, width); dropout draws one mask per image."""
+        return self.dropout(self.prompts[i].to(dtype).expand(batch, -1, -1))
+
+    def forward(self, images):
+        v, p = self.visual, self.n_prompts
+        x = v.conv1(images.type(v.conv1.weight.dtype))  # (B, width, grid, grid)
+        x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)  # (B, N, width), N = grid^2
+        B, width = x.shape[0], x.shape[-1]
+        cls = v.class_embedding.to(x.dtype) + torch.zeros(
+            B, 1, width, dtype=x.dtype, device=x.device
+        )
+        x = torch.cat([cls, x], dim=1)  # (B, 1+N, width)
+        x = x + v.positional_embedding.to(x.dtype)  # the prompts never get a position embedding
+        if self.placement == "vpt":
+            # Why after ln_pre: KMnP puts the prompts into the sequence that the first block reads
+            # (the embeddings, position included); in CLIP that sequence is ln_pre's output. There
+            # the input set is written exactly where every deep set is written (straight into a
+            # block's input), and its init scale matters: ln_pre would re-normalise each prompt.
+            x = v.ln_pre(x)
+            x = torch.cat([x[:, :1], self.prompt(0, B, x.dtype), x[:, 1:]], dim=1)  # (B, 1+p+N, w)
+            rows = slice(1, 1 + p)
+        else:  # [MaPLe] appended after the patches, layer-normed with them
+            x = v.ln_pre(torch.cat([x, self.prompt(0, B, x.dtype)], dim=1))  # (B, 1+N+p, width)
+            rows = slice(x.shape[1] - p, x.shape[1])
+        x = x.permute(1, 0, 2)  # NLD -> LND
+        for i, block in enumerate(v.transformer.resblocks):
+            if i > 0 and self.deep and p > 0:  # [VPT Eq. 3] replace, not add: block i-1's outputs
+                x[rows] = self.prompt(i, B, x.dtype).permute(1, 0, 2)  # at the prompts: (p, B, w)
+            x = block(x)  # CLIP's own block: attention over all 1+p+N tokens, then the MLP
+        x = x.permute(1, 0, 2)  # LND -> NLD
+        return v.ln_post(x[:, 0, :]) @ v.proj  # [VPT] the class token, CLIP's pooling: (B, D)
+
+
+class PadPrompter(nn.Module):
+    """[Pad] A learned border `pad` pixels wide, added to the normalised image (zero centre).
+
+    At 224 px and pad 30: pad_up/pad_down (1, 3, 30, 224), pad_left/pad_right (1, 3, 164, 30),
+    69,840 numbers, standard-normal init as the original.
+    """
+
+    def __init__(self, image_size, pad):
+        super().__init__()
+        if not 0 < 2 * pad < image_size:
+            raise ValueError(
+                f"the border width must be in 1..{(image_size - 1) // 2} for "
+                f"{image_size}-pixel images, not {pad}"
+            )
+        inner = image_size - 2 * pad
+        self.pad_up = nn.Parameter(torch.randn(1, 3, pad, image_size))
+        self.pad_down = nn.Parameter(torch.randn(1, 3, pad, image_size))
+        self.pad_left = nn.Parameter(torch.randn(1, 3, inner, pad))
+        self.pad_right = nn.Parameter(torch.randn(1, 3, inner, pad))
+        self.register_buffer("centre", torch.zeros(1, 3, inner, inner), persistent=False)
+
+    def border(self):
+        middle = torch.cat([self.pad_left, self.centre, self.pad_right], dim=3)  # (1, 3, inner, S)
+        return torch.cat([self.pad_up, middle, self.pad_down], dim=2)  # (1, 3, S, S)
+
+    def forward(self, x):
+        return x + self.border()  # [Pad] x' = x + border, the same for every image; no clamping
+
+
+def pad_width(n_px):
+    """Bahng et al.'s 30 pixels at 224, scaled to the model's input size (4 at 32 px)."""
+    return max(1, round(30 * n_px / 224))
+
+
+class PaddedEncoder(nn.Module):
+    """CLIP's frozen image encoder (ViT or ResNet) on images with the learned border added."""
+
+    def __init__(self, visual, pad):
+        super().__init__()
+        self.prompter, self.visual = PadPrompter(visual.input_resolution, pad), visual
+
+    def train(self, mode=True):  # a ResNet's BatchNorm statistics must not move
+        super().train(mode)
+        self.visual.eval()
+        return self
+
+    def forward(self, images):
+        return self.visual(self.prompter(images).type(self.visual.conv1.weight.dtype))  # (B, D)
+
+
+class TextHead(nn.Module):
+    """CLIP's zero-shot classifier, frozen: logits = scale * normalise(f) @ W^T, W (n_cls, D)."""
+
+    def __init__(self, weights, logit_scale):
+        super().__init__()
+        self.register_buffer("weights", weights.float(), persistent=False)
+        self.register_buffer("scale", logit_scale.detach().float().exp(), persistent=False)
+
+    def forward(self, features):
+        return self.scale * F.normalize(features.float(), dim=-1) @ self.weights.t()  # [CLIP]
+
+
+def linear_head(dim, n_classes):
+    """The VPT paper's classifier: one Linear layer on the image feature, initialised as KMnP's.
+
+    KMnP's head reads the 768-d class token after the last LayerNorm; here it reads CLIP's image
+    feature, which is that token times CLIP's frozen projection (ViT) or the ResNet's pooling.
+    """
+    head = nn.Linear(dim, n_classes)
+    nn.init.kaiming_normal_(head.weight, a=0, mode="fan_out")
+    nn.init.constant_(head.bias, -math.log((1 - 0.01) / 0.01))  # about -4.595
+    return head
+
+
+class PromptedCLIP(nn.Module):
+    """A prompted image encoder (PromptedViT or PaddedEncoder) followed by a head."""
+
+    def __init__(self, encoder, head):
+        super().__init__()
+        self.encoder, self.head = encoder, head
+
+    def forward(self, images):
+        return self.head(self.encoder(images).float())  # (B, n_cls)
+
+
+def lr_at_epoch(epoch, base_lr, epochs, warmup_lr):
+    """Dassl's schedule (MaPLe's VPT), stepped per epoch: a constant warm-up epoch, then cosine."""
+    if epoch == 0:
+        return warmup_lr
+    return 0.5 * base_lr * (1 + math.cos(math.pi * (epoch - 1) / epochs))
+
+
+def lr_at_step(step, base_lr, total_steps, warmup_steps):
+    """Bahng et al.'s schedule, stepped per batch: linear warm-up, then cosine to 0."""
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    return (
+        0.5
+        * base_lr
+        * (1 + math.cos(math.pi * (step - warmup_steps) / (total_steps - warmup_steps)))
+    )
+
+
+@torch.no_grad()
+def border_image(prompter, min_side=224):
+    """The learned border as pixels: the prompt added to an image of CLIP's mean colour (a mid
+    gray, which stays in the centre), un-normalised (* std + mean), clipped, enlarged to be seen."""
+    mean, std = torch.tensor(CLIP_MEAN).view(3, 1, 1), torch.tensor(CLIP_STD).view(3, 1, 1)
+    pixels = (prompter.border()[0].float().cpu() * std + mean).clamp(0, 1)  # (3, S, S)
+    image = Image.fromarray((pixels.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+    side = image.width * max(1, math.ceil(min_side / image.width))
+    return image.resize((side, side), Image.NEAREST)
+
+
+@torch.no_grad()
+def evaluate(model, clip_model, weights, loader, device, precision):
+    """Zero-shot CLIP and the prompted model on one test set, in one pass over its images."""
+    zero_shot, ours, labels = [], [], []
+    for images, y in loader:
+        images = images.to(device)
+        with autocast(device, precision):
+            zero_shot.append(
+                F.normalize(clip_model.encode_image(images).float(), dim=-1) @ weights.t()
+            )
+            ours.append(model(images).float())
+        labels.append(y.to(device))
+    labels = torch.cat(labels)
+    return accuracy(torch.cat(zero_shot), labels), accuracy(torch.cat(ours), labels)
+
+
+# ------------------------------------------------------------------------------------------------
+# One optimisation step (the unit the training loop, the tests and bench.py call)
+# ------------------------------------------------------------------------------------------------
+def train_step(model, optimizer, scaler, images, labels, precision):
+    # Unlike coop.py, the whole frozen image encoder is in the graph: the backward pass runs back
+    # through every block to the prompts (only activation gradients; CLIP's weights get none).
+    with autocast(images.device, precision):
+        logits = model(images)  # (B, n_cls)
+    loss = F.cross_entropy(logits.float(), labels)
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"the loss is {loss.item()}; try --precision fp32 or a lower --lr")
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()  # a no-op scale unless --precision amp on CUDA
+    scaler.step(optimizer)  # SGD on the fp32 prompts (and head)
+    scaler.update()
+    return loss.item(), accuracy(logits, labels)
+
+
+# ------------------------------------------------------------------------------------------------
+# main: data, model, the visible training loop, evaluation, results
+# ------------------------------------------------------------------------------------------------
+def main(args):
+    device = torch.device(args.device)
+    precision = args.precision or ("amp" if device.type == "cuda" else "fp32")
+    pad = args.method == "pad"  # the defaults: Bahng et al.'s recipe, or MaPLe's VPT recipe
+    epochs = args.epochs or (1000 if pad else 5)
+    batch_size = args.batch_size or (256 if pad else 4)
+    lr = args.lr or (40.0 if pad else 0.0025)
+    weight_decay = args.weight_decay if args.weight_decay is not None else (0.0 if pad else 5e-4)
+    template = args.template or ("This is a photo of a {}" if pad else "a photo of a {}.")
+    if args.eval_only and not args.load:
+        fail("--eval-only needs --load <checkpoint.pt>")
+    if args.shots < 1 or args.n_prompts < 0:
+        fail("--shots must be at least 1 and --n-prompts at least 0")
+    if args.head == "linear" and args.subsample == "base":
+        fail("a linear head knows only its training classes: use --head text for base-to-new")
+    dataset, train, test_sets = load_task(args, args.shots)
+    if not train["train"] and not args.eval_only:
+        fail(f"{args.data}: no training images (a train/ folder or the split file's train list)")
+    for name, (_, classnames) in test_sets.items():
+        if args.head == "linear" and classnames != train["classnames"]:
+            fail(
+                f"--head linear: the test set {name} has other classes than the training set; "
+                "a linear head can only score its own classes (use --head text)"
+            )
+    run_dir = args.out or os.path.join(
+        "runs", f"vpt-{args.method}", dataset, f"{args.shots}shot_seed{args.seed}"
+    )
+    if args.resume and not os.path.isfile(os.path.join(run_dir, "checkpoint.pt")):
+        fail(f"--resume: {run_dir}/checkpoint.pt not found; start the run without --resume")
+    seed_everything(args.seed)
+
+    # Frozen CLIP, the prompted image encoder and the head
+    clip_model = load_clip(args.backbone, device, precision)
+    visual, n_px = clip_model.visual, clip_model.visual.input_resolution
+    border = args.pad or pad_width(n_px)
+    try:
+        if pad:
+            encoder = PaddedEncoder(visual, border)
+        else:
+            encoder = PromptedViT(
+                visual, args.n_prompts, args.method == "deep", args.dropout, args.placement
+            )
+    except ValueError as e:
+        fail(f"--method {args.method} with --backbone {args.backbone}: {e}")
+    text_head = lambda names: TextHead(
+        zeroshot_classifier(clip_model, names, [template]), clip_model.logit_scale
+    )  # encoded once per set of classes
+    if args.head == "text":
+        head = text_head(train["classnames"])
+    else:
+        head = linear_head(visual.output_dim, len(train["classnames"]))
+    model = PromptedCLIP(encoder, head).to(device)
+    learned = [p for p in model.parameters() if p.requires_grad]
+    assert not any(p.requires_grad for p in clip_model.parameters())
+    what = (
+        f"a {border}-px border"
+        if pad
+        else (
+            f"{args.n_prompts} prompts x {encoder.prompts.shape[0]} layers, placement {args.placement}"
+        )
+    )
+    print(
+        f"vpt-{args.method}: {what}, {args.head} head; learned {list(learned_state(model))} = "
+        f"{sum(p.numel() for p in learned):,} parameters; CLIP's "
+        f"{sum(p.numel() for p in clip_model.parameters()):,} are frozen"
+    )
+    config = {
+        "method": f"vpt-{args.method}",
+        "backbone": args.backbone,
+        "head": args.head,
+        "n_prompts": 0 if pad else args.n_prompts,
+        "placement": args.placement,
+        "pad": border if pad else 0,
+    }
+    if args.load:
+        load_learned(model, load_checkpoint(args.load), args.load, config)
+
+    # Training: SGD on the prompts (and the head); the head's bias gets no weight decay (KMnP)
+    os.makedirs(run_dir, exist_ok=True)
+    save(os.path.join(run_dir, "args.json"), vars(args))
+    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and n == "head.bias"]
+    decay = [p for p in learned if all(p is not q for q in no_decay)]
+    optimizer = torch.optim.SGD(
+        [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr,
+        momentum=args.momentum,
+        weight_decay=weight_decay,
+    )
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "amp" and device.type == "cuda")
+    generator = torch.Generator().manual_seed(args.seed)  # the shuffling order, kept for --resume
+    # Bahng et al. train on CLIP's preprocess (no augmentation); MaPLe's VPT on random crops + flip
+    transform = test_transform(n_px) if pad else train_transform(n_px, args.crop_scale)
+    loader = make_loader(
+        train["train"], transform, batch_size, args.workers, True, False, generator
+    )
+    start, train_seconds, n_seen = 0, 0.0, 0
+    if args.resume:
+        start, train_seconds = resume(run_dir, model, optimizer, generator, config)
+    elif os.path.exists(os.path.join(run_dir, "log.jsonl")) and not args.eval_only:
+        os.remove(os.path.join(run_dir, "log.jsonl"))  # a fresh run starts a fresh log
+    for epoch in range(start, 0 if args.eval_only else epochs):
+        model.train()  # the prompt dropout only; CLIP stays in eval mode
+        t0, losses, accs, n = time.time(), [], [], 0
+        peak_mib(device, reset=True)
+        for i, (images, labels) in enumerate(loader):
+            if pad:  # per step: 1000 linear warm-up steps, then cosine
+                step_lr = lr_at_step(
+                    epoch * len(loader) + i, lr, epochs * len(loader), args.warmup_steps
+                )
+            else:  # per epoch: a constant warm-up epoch, then cosine
+                step_lr = lr_at_epoch(epoch, lr, epochs, args.warmup_lr)
+            for group in optimizer.param_groups:
+                group["lr"] = step_lr
+            loss, acc = train_step(
+                model,
+                optimizer,
+                scaler,
+                images.to(device, non_blocking=True),
+                labels.to(device),
+                precision,
+            )
+            losses.append(loss)
+            accs.append(acc)
+            n += len(labels)
+        seconds = time.time() - t0
+        train_seconds, n_seen = train_seconds + seconds, n_seen + n
+        record = {
+            "epoch": epoch + 1,
+            "lr": step_lr,
+            "loss": float(np.mean(losses)),
+            "train_acc": float(np.mean(accs)),
+            "seconds": round(seconds, 3),
+            "images_per_s": round(n / seconds, 1),
+            "peak_mib": peak_mib(device),
+        }
+        append_log(run_dir, record)
+        print(
+            f"epoch {epoch + 1}/{epochs}  lr {step_lr:.3e}  loss {record['loss']:.4f}  "
+            f"train acc {record['train_acc']:.1f}  {seconds:.1f}s  {n / seconds:.1f} img/s"
+        )
+        save_progress(run_dir, config, model, optimizer, epoch + 1, train_seconds, generator)
+    if pad:  # what the border looks like, for a student to see
+        image, path = border_image(model.encoder.prompter), os.path.join(run_dir, "border.png")
+        tmp = f"{path}.{os.getpid()}.tmp"
+        image.save(tmp, format="PNG")
+        os.replace(tmp, path)  # atomic, as every file of the run folder
+
+    # Evaluation of the last epoch on every test set (the text head re-encoded for its classes)
+    model.eval()
+    zero_shot, acc = {}, {}
+    for name, (items, classnames) in test_sets.items():
+        loader = make_loader(items, test_transform(n_px), 100, args.workers)
+        if args.head == "text":
+            model.head = text_head(classnames).to(device)
+        zero_shot[name], acc[name] = evaluate(
+            model,
+            clip_model,
+            model.head.weights if args.head == "text" else text_head(classnames).weights,
+            loader,
+            device,
+            precision,
+        )
+    metrics = {
+        "method": f"vpt-{args.method}",
+        "backbone": args.backbone,
+        "dataset": dataset,
+        "shots": args.shots,
+        "seed": args.seed,
+        "zero_shot": zero_shot,
+        "accuracy": acc,
+    }
+    if "new" in acc:
+        metrics["harmonic_mean"] = harmonic_mean(acc["test"], acc["new"])
+    metrics.update(
+        {
+            "epochs": 0 if args.eval_only else epochs,
+            "precision": precision,
+            "train_seconds": round(train_seconds, 2),
+            "peak_mib": peak_mib(device),
+            "images_per_s": round(n_seen / train_seconds, 1) if n_seen else None,
+            **run_info(device),
+        }
+    )
+    finish_run(run_dir, metrics)
+    return metrics
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description="VPT (shallow/deep) in CLIP's ViT, and the padding prompt (defaults: the "
+        "papers' settings, see the module docstring).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add = p.add_argument
+    # data and protocol
+    add("--backbone", default="ViT-B/16", help="CLIP name or checkpoint path (pad: any backbone)")
+    add(
+        "--data",
+        required=True,
+        help="ImageFolder root with train/ [val/] test/, or the image root of --split-file",
+    )
+    add("--split-file", default=None, help="CoOp's split_zhou_<Name>.json (--data: its image root)")
+    add("--classnames", default=None, help="classnames.txt: 'folder<TAB>readable name' per line")
+    add("--shots", type=int, default=16, help="training images per class (seeded sample)")
+    add(
+        "--subsample",
+        choices=["all", "base", "new"],
+        default="all",
+        help="base-to-new: 'base' trains on the first half of the classes and also tests 'new'",
+    )
+    add("--eval-data", nargs="*", default=[], help="extra test sets (ImageFolder roots)")
+    add(
+        "--template",
+        default=None,
+        help="the text head's and the zero-shot baseline's template "
+        "(default 'a photo of a {}.'; pad: 'This is a photo of a {}', no period, as Bahng et al.)",
+    )
+    # the method
+    add(
+        "--method",
+        choices=["shallow", "deep", "pad"],
+        default="deep",
+        help="VPT-shallow, VPT-deep (prompt tokens, a ViT only) or the pixel-space padding prompt",
+    )
+    add("--n-prompts", type=int, default=8, help="prompt tokens p per layer (MaPLe's VPT: 8)")
+    add(
+        "--placement",
+        choices=["vpt", "maple"],
+        default="vpt",
+        help="vpt: after the class token, after ln_pre, uniform init (the VPT paper); maple: "
+        "after the patches, through ln_pre, N(0, 0.02) init (MaPLe's Deep Vision Prompting)",
+    )
+    add("--dropout", type=float, default=0.0, help="prompt dropout (VPT's demo: 0.1 for deep)")
+    add("--pad", type=int, default=None, help="border width in pixels (default 30 at 224 px)")
+    add(
+        "--head",
+        choices=["text", "linear"],
+        default="text",
+        help="text: CLIP's frozen text classifier; linear: the VPT paper's trained linear head",
+    )
+    # optimisation
+    add("--epochs", type=int, default=None, help="default: 5 (pad: 1000)")
+    add("--batch-size", type=int, default=None, help="default: 4 (pad: 256)")
+    add("--lr", type=float, default=None, help="SGD learning rate, default 0.0025 (pad: 40)")
+    add("--momentum", type=float, default=0.9, help="SGD momentum")
+    add("--weight-decay", type=float, default=None, help="default 5e-4 (pad: 0)")
+    add("--warmup-lr", type=float, default=1e-5, help="prompt tokens: the first epoch's lr")
+    add("--warmup-steps", type=int, default=1000, help="pad: linear warm-up steps")
+    add(
+        "--crop-scale",
+        type=float,
+        default=0.08,
+        help="prompt tokens: smallest area of the random resized crop (toy world: 0.5)",
+    )
+    # run
+    add("--seed", type=int, default=1, help="the papers report seeds 1, 2, 3")
+    add(
+        "--precision",
+        choices=["fp32", "amp", "fp16"],
+        default=None,
+        help="default: amp on CUDA, fp32 on the CPU",
+    )
+    add("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add("--workers", type=int, default=4, help="data-loading processes")
+    add(
+        "--out",
+        default=None,
+        help="run folder (default runs/vpt-<method>/<dataset>/<k>shot_seed<s>)",
+    )
+    add("--load", default=None, help="checkpoint.pt of learned parameters to start from")
+    add("--eval-only", action="store_true", help="evaluate --load without training")
+    add("--resume", action="store_true", help="continue the run in --out after its last epoch")
+    return p.parse_args(argv)
+
+
+# ================================================================================================
+# Appendix: the shared blocks, identical in every method file (tools/sync_shared.py keeps them so)
+#   data          dataset readers (ImageFolder, CoOp split files), few-shot sampling, base/new
+#                 split, load_task, transforms, loader, checks on bad input
+#   clip          load_clip (names, TorchScript archives and state dicts), autocast
+#   evaluation    encode_images, accuracy, harmonic_mean
+#   run folder    atomic save, the log, seeds, peak memory, run_info, the summary line
+#   checkpoint    learned_state, load_learned, save_progress, resume
+# ================================================================================================
+
+
+# --- shared: data (canonical copy in coop.py; re-sync with tools/sync_shared.py) ---
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def fail(message):
+    """Stop the command line before any long work, saying what is wrong and what to do."""
+    raise SystemExit(f"error: {message}")
+
+
+def read_classnames(path):
+    """classnames.txt: one 'folder<TAB or space>readable name' per line -> {folder: name}."""
+    if not os.path.isfile(path):
+        fail(f"{path}: class-name file not found")
+    names = {}
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            folder, _, name = line.strip().replace("\t", " ").partition(" ")
+            if folder and not name.strip():
+                fail(f"{path}:{number}: expected 'folder<TAB>readable name', got {line.strip()!r}")
+            if folder:
+                names[folder] = name.strip()
+    return names
+
+
+def read_image_folder(root, classnames=None):
+    """ImageFolder layout root/<class folder>/<image> -> ([(path, label)], [class name])."""
+    if not os.path.isdir(root):
+        fail(f"{root}: folder not found; expected <root>/<class folder>/<image files>")
+    folders = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    folders = [d for d in folders if not d.startswith(".")]
+    if not folders:
+        fail(f"{root}: no class folders in it; expected <root>/<class folder>/<image files>")
+    items = []
+    for label, folder in enumerate(folders):
+        files = sorted(os.listdir(os.path.join(root, folder)))
+        files = [f for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
+        if not files:
+            fail(f"{os.path.join(root, folder)}: class folder has no images; add some or remove it")
+        items += [(os.path.join(root, folder, f), label) for f in files]
+    missing = [d for d in folders if classnames is not None and d not in classnames]
+    if missing:
+        fail(f"--classnames has no line for the folders {missing[:5]} of {root}")
+    names = [classnames[d] if classnames else d.replace("_", " ") for d in folders]
+    return items, names
+
+
+def read_split_file(split_file, image_root):
+    """CoOp's split_zhou_<Name>.json: {"train"|"val"|"test": [[path, label, class name], ...]}."""
+    if not os.path.isfile(split_file):
+        fail(f"{split_file}: split file not found")
+    try:
+        with open(split_file, encoding="utf-8") as f:
+            split = json.load(f)
+        data = {
+            s: [(os.path.join(image_root, p), int(y)) for p, y, _ in split[s]]
+            for s in ("train", "val", "test")
+        }
+        names = {int(y): c for _, y, c in split["train"]}
+    except (ValueError, KeyError, TypeError) as e:
+        fail(f"{split_file}: not a CoOp split file ({e!r}); expected train/val/test lists")
+    if sorted(names) != list(range(len(names))):
+        fail(f"{split_file}: the training labels are not 0..n-1; every class needs training images")
+    data["classnames"] = [names[y].replace("_", " ") for y in range(len(names))]
+    if data["train"] and not os.path.isfile(data["train"][0][0]):
+        fail(f"{data['train'][0][0]}: image not found; is --data the image root of {split_file}?")
+    return data
+
+
+def load_dataset(root, split_file=None, classnames_file=None):
+    """-> {"train", "val", "test": [(path, label)], "classnames": [name]}; missing splits are empty."""
+    if split_file:
+        return read_split_file(split_file, root)
+    if classnames_file is None and os.path.isfile(os.path.join(root, "classnames.txt")):
+        classnames_file = os.path.join(root, "classnames.txt")
+    names = read_classnames(classnames_file) if classnames_file else None
+    if not os.path.isdir(os.path.join(root, "test")):
+        fail(f"{root}: no test/ folder; expected {root}/train/<class>/<image> and {root}/test/...")
+    data = {"train": [], "val": []}
+    data["test"], data["classnames"] = read_image_folder(os.path.join(root, "test"), names)
+    for split in ("train", "val"):
+        if os.path.isdir(os.path.join(root, split)):
+            data[split], split_names = read_image_folder(os.path.join(root, split), names)
+            if split_names != data["classnames"]:
+                fail(f"{root}/{split} and {root}/test have different class folders")
+    return data
+
+
+def load_eval_set(root):
+    """An --eval-data set <root>/[test/]<class>/<image> -> (name, items, class names)."""
+    root = os.path.normpath(root)
+    if os.path.basename(root) == "test":  # name a test/ folder after its dataset
+        root = os.path.dirname(root)
+    names_file = os.path.join(root, "classnames.txt")
+    names = read_classnames(names_file) if os.path.isfile(names_file) else None
+    folder = os.path.join(root, "test") if os.path.isdir(os.path.join(root, "test")) else root
+    return (os.path.basename(root), *read_image_folder(folder, names))
+
+
+def sample_few_shot(items, shots, seed):
+    """Dassl's rule: per class, `shots` items without replacement; a smaller class keeps all."""
+    rng, by_class, sampled, short = random.Random(seed), {}, [], []
+    for item in items:
+        by_class.setdefault(item[1], []).append(item)
+    for group in by_class.values():
+        if len(group) < shots:
+            short.append(f"{os.path.dirname(group[0][0])} ({len(group)})")
+        sampled += rng.sample(group, min(shots, len(group)))
+    if short:
+        print(
+            f"warning: fewer than {shots} training images in {len(short)} classes, all of them "
+            f"are used: {', '.join(short[:5])}"
+        )
+    return sampled
+
+
+def subsample_classes(data, which):
+    """Base-to-new split: sorted labels, the first ceil(n/2) are base, the rest new; relabelled."""
+    if which == "all":
+        return data
+    labels = sorted({y for _, y in data["train"] or data["test"]})
+    m = math.ceil(len(labels) / 2)
+    relabel = {y: i for i, y in enumerate(labels[:m] if which == "base" else labels[m:])}
+    out = {
+        s: [(p, relabel[y]) for p, y in data[s] if y in relabel] for s in ("train", "val", "test")
+    }
+    out["classnames"] = [data["classnames"][y] for y in relabel]
+    return out
+
+
+def check_images(items, full=True):
+    """Open every image once now, so an unreadable file stops the run before any long work."""
+    not_rgb = 0
+    for path, _ in items:
+        try:
+            with Image.open(path) as image:
+                not_rgb += image.mode != "RGB"
+                if full:  # decode the pixels too (done for the small few-shot training set)
+                    image.load()
+        except (OSError, ValueError) as e:
+            fail(f"{path}: cannot read this image ({e}); replace or delete the file")
+    if not_rgb:
+        print(f"note: {not_rgb} images are grayscale, RGBA or palette images; converted to RGB")
+
+
+def load_task(args, shots=None):
+    """The run's data, checked before anything slow -> (dataset name, {"train", "val", "test",
+    "classnames"} of the trained classes, {test set name: (items, class names)}). Few-shot
+    sampling (train, seeded) happens before the base/new split, as in the papers."""
+    data = load_dataset(args.data, args.split_file, args.classnames)
+    if shots:
+        data["train"] = sample_few_shot(data["train"], shots, args.seed)
+    part = subsample_classes(data, args.subsample)
+    test_sets = {"test": (part["test"], part["classnames"])}
+    if args.subsample == "base":  # the same learned parameters, tested on the other half
+        new = subsample_classes(data, "new")
+        test_sets["new"] = (new["test"], new["classnames"])
+    for root in args.eval_data:
+        name, items, classnames = load_eval_set(root)
+        test_sets[name if name not in test_sets else root] = (items, classnames)
+    check_images(part["train"])
+    for items, _ in test_sets.values():
+        check_images(items, full=False)
+    name = os.path.basename(os.path.normpath(args.data))
+    if args.split_file:
+        name = os.path.basename(args.split_file)[: -len(".json")].replace("split_zhou_", "")
+    return name, part, test_sets
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """(path, label) items -> (transformed image, label). With cache_bytes, decoded images stay in
+    memory up to that many bytes; the (random) transform still runs on every read."""
+
+    def __init__(self, items, transform, cache_bytes=0):
+        self.items, self.transform, self.cache, self.room = items, transform, {}, cache_bytes
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        path, label = self.items[i]
+        image = self.cache.get(i)
+        if image is None:
+            try:
+                image = Image.open(path).convert("RGB")  # grayscale, RGBA, palette -> RGB
+            except (OSError, ValueError) as e:
+                raise OSError(f"{path}: cannot read this image ({e}); replace or delete it") from e
+            if image.width * image.height * 3 <= self.room:
+                self.cache[i], self.room = image, self.room - image.width * image.height * 3
+        return self.transform(image), label
+
+
+def train_transform(n_px, min_scale=0.08):
+    """CoOp/Dassl: random resized crop (area min_scale-1, 0.08 in the papers; bicubic),
+    horizontal flip, CLIP normalisation."""
+    import torchvision.transforms as T  # torchvision comes with the clip package
+
+    crop = T.RandomResizedCrop(n_px, (min_scale, 1.0), interpolation=T.InterpolationMode.BICUBIC)
+    return T.Compose(
+        [crop, T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)]
+    )
+
+
+def test_transform(n_px):
+    """CLIP's own preprocess: shorter side to n_px (bicubic), centre crop, CLIP normalisation."""
+    import torchvision.transforms as T
+
+    resize = T.Resize(n_px, interpolation=T.InterpolationMode.BICUBIC)
+    return T.Compose([resize, T.CenterCrop(n_px), T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
+
+
+def make_loader(
+    items, transform, batch_size, workers, shuffle=False, drop_last=False, generator=None
+):
+    # A training set (shuffle) is read every epoch: without worker processes (which would each hold
+    # a copy), its decoded images stay in memory, up to 1 GiB. Same batches, less decoding.
+    cache = 2**30 if shuffle and workers == 0 else 0
+    return torch.utils.data.DataLoader(
+        ImageDataset(items, transform, cache),
+        batch_size,
+        shuffle,
+        num_workers=workers,
+        drop_last=drop_last,
+        generator=generator,
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
+# --- end shared: data ---
+
+
+# --- shared: clip (canonical copy in coop.py; re-sync with tools/sync_shared.py) ---
+def load_clip(backbone, device, precision):
+    """CLIP by name or checkpoint path, frozen and in eval mode; fp32 weights unless precision is fp16.
+
+    openai-clip 1.0.1 reads a plain state-dict file wrongly (after its TorchScript attempt it does not
+    rewind the file), so such files are read here with torch.load and built with clip's build_model.
+    """
+    if backbone not in clip.available_models() and not os.path.isfile(backbone):
+        fail(
+            f"unknown backbone {backbone!r}: use one of {', '.join(clip.available_models())}, "
+            "or the path of a CLIP checkpoint file"
+        )
+    try:
+        with (
+            warnings.catch_warnings()
+        ):  # torch deprecates torch.jit.load, which clip.load tries first
+            warnings.simplefilter("ignore")
+            model, _ = clip.load(backbone, device="cpu", jit=False)
+    except Exception as e:
+        if not os.path.isfile(backbone):
+            fail(
+                f"could not load {backbone} ({e}); without internet, put OpenAI's file in ~/.cache/clip "
+                "or pass its path with --backbone"
+            )
+        try:
+            state_dict = torch.load(backbone, map_location="cpu", weights_only=True)
+            model = clip.model.build_model(dict(state_dict))
+        except Exception as e2:
+            fail(f"{backbone}: not a CLIP checkpoint (TorchScript archive or state dict): {e2}")
+        model.float().load_state_dict(
+            state_dict
+        )  # build_model rounds to fp16: put the file's values back
+    model = model.float()
+    if precision == "fp16":
+        clip.model.convert_weights(
+            model
+        )  # CLIP's own fp16 layout (LayerNorm and embeddings stay fp32)
+    return model.requires_grad_(False).eval().to(device)
+
+
+def autocast(device, precision):
+    """Mixed precision for --precision amp (fp16 on CUDA, bf16 on the CPU); a no-op otherwise."""
+    if precision != "amp":
+        return nullcontext()
+    return torch.autocast(
+        device_type=device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16
+    )
+
+
+# --- end shared: clip ---
+
+
+# --- shared: evaluation (canonical copy in coop.py; re-sync with tools/sync_shared.py) ---
+@torch.no_grad()
+def encode_images(encode, loader, device, precision):
+    """L2-normalised image features (N, D) in fp32 and labels (N,) of a whole test set."""
+    features, labels = [], []
+    for images, y in loader:
+        with autocast(device, precision):
+            features.append(F.normalize(encode(images.to(device)).float(), dim=-1))
+        labels.append(y.to(device))
+    return torch.cat(features), torch.cat(labels)
+
+
+def accuracy(logits, labels):
+    """Top-1 accuracy in percent over the whole set (micro average, as in the papers)."""
+    return 100.0 * (logits.argmax(dim=-1) == labels).float().mean().item()
+
+
+def harmonic_mean(base, new):
+    return 2 * base * new / (base + new)
+
+
+# --- end shared: evaluation ---
+
+
+# --- shared: run folder (canonical copy in coop.py; re-sync with tools/sync_shared.py) ---
+def save(path, obj):
+    """Write atomically (a temporary file in the same folder, then a rename), so that a crash never
+    leaves half a file: text for a str, JSON for a .json path, torch.save otherwise."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        if isinstance(obj, str) or path.endswith(".json"):
+            with open(tmp, "w") as f:
+                f.write(obj) if isinstance(obj, str) else json.dump(obj, f, indent=2)
+        else:
+            torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checkpoint(path):
+    if not os.path.isfile(path):
+        fail(f"{path}: checkpoint not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        fail(f"{path}: not a checkpoint written by this project ({e})")
+
+
+def append_log(run_dir, record):
+    with open(os.path.join(run_dir, "log.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def peak_mib(device, reset=False):
+    """CUDA's peak memory since the last reset, in MiB (None on the CPU)."""
+    if device.type != "cuda":
+        return None
+    peak = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    if reset:
+        torch.cuda.reset_peak_memory_stats(device)
+    return peak
+
+
+def run_info(device):
+    """Where and with what a run ran, for metrics.json."""
+    from importlib import metadata
+
+    try:
+        clip_version = "openai-clip " + metadata.version("openai-clip")
+    except metadata.PackageNotFoundError:  # clip installed from a git checkout
+        clip_version = "clip (not from PyPI)"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return {
+        "device": f"{name} ({os.cpu_count()} cores)",
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "clip": clip_version,
+        },
+    }
+
+
+def finish_run(run_dir, metrics):
+    """Write metrics.json and print its one-line summary (the last line of every run)."""
+    save(os.path.join(run_dir, "metrics.json"), metrics)
+    acc = " ".join(f"{k}={v:.2f}" for k, v in metrics["accuracy"].items())
+    zs = " ".join(f"{k}={v:.2f}" for k, v in metrics["zero_shot"].items())
+    hm = f" H={metrics['harmonic_mean']:.2f}" if "harmonic_mean" in metrics else ""
+    speed = f" | {metrics['images_per_s']:.1f} img/s" if metrics.get("images_per_s") else ""
+    peak = f", peak {metrics['peak_mib']:.0f} MiB" if metrics.get("peak_mib") else ""
+    print(
+        f"{metrics['method']} {metrics['dataset']} shots={metrics['shots']} seed={metrics['seed']}: "
+        f"accuracy {acc}{hm} | zero-shot {zs}{speed}{peak} | {run_dir}/metrics.json"
+    )
+
+
+# --- end shared: run folder ---
+
+
+# --- shared: checkpoint (canonical copy in coop.py; re-sync with tools/sync_shared.py) ---
+def learned_state(model):
+    """The parameters a method learns (requires_grad): all that a checkpoint holds of the model."""
+    return {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+
+
+def load_learned(model, checkpoint, path, config):
+    """Copy the learned parameters of `checkpoint` into `model`, after checking that it was written
+    by the same method and that every tensor has the shape this run learns."""
+    theirs, mine = checkpoint["state"], learned_state(model)
+    fits = set(theirs) == set(mine) and all(theirs[k].shape == mine[k].shape for k in mine)
+    if checkpoint.get("config", {}).get("method") != config["method"] or not fits:
+        fail(
+            f"{path} does not fit this run: it was written with {checkpoint.get('config')} and "
+            f"holds { ({k: tuple(v.shape) for k, v in theirs.items()}) }; this run ({config}) learns "
+            f"{ ({k: tuple(v.shape) for k, v in mine.items()}) }; use the options it was written with"
+        )
+    model.load_state_dict(theirs, strict=False)
+
+
+def save_progress(run_dir, config, model, optimizer, epoch, train_seconds, generator):
+    """checkpoint.pt after each epoch: what --resume needs to continue exactly where it stopped."""
+    save(
+        os.path.join(run_dir, "checkpoint.pt"),
+        {
+            "config": config,
+            "state": learned_state(model),
+            "optimizer": optimizer.state_dict(),
+            "epoch": epoch,
+            "train_seconds": train_seconds,
+            "rng": {"torch": torch.get_rng_state(), "loader": generator.get_state()},
+        },
+    )
+
+
+def resume(run_dir, model, optimizer, generator, config):
+    """Restore the last finished epoch -> (epochs done, training seconds so far). log.jsonl keeps
+    exactly one line per epoch the checkpoint holds: a run killed between appending an epoch's
+    line and saving its checkpoint would otherwise log that epoch twice."""
+    path, log = os.path.join(run_dir, "checkpoint.pt"), os.path.join(run_dir, "log.jsonl")
+    ckpt = load_checkpoint(path)
+    load_learned(model, ckpt, path, config)
+    optimizer.load_state_dict(ckpt["optimizer"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    generator.set_state(ckpt["rng"]["loader"])
+    lines = {}
+    for line in open(log).read().splitlines() if os.path.isfile(log) else []:
+        try:
+            record = json.loads(line)
+        except ValueError:  # a line cut short by the kill
+            continue
+        if record["epoch"] <= ckpt["epoch"]:
+            lines[record["epoch"]] = line
+    save(log, "".join(lines[e] + "\n" for e in sorted(lines)))
+    print(f"resuming {run_dir} after epoch {ckpt['epoch']}")
+    return ckpt["epoch"], ckpt["train_seconds"]
+
+
+# --- end shared: checkpoint ---
+
+
+if __name__ == "__main__":
+    main(parse_args())
