@@ -1,0 +1,1344 @@
+"""CLIP-Adapter, Tip-Adapter, Tip-Adapter-F and the linear probe: few-shot CLIP on cached features.
+
+Papers
+  CLIP-Adapter: Gao et al., "CLIP-Adapter: Better Vision-Language Models with Feature Adapters",
+                arXiv 2110.04544
+  Tip-Adapter:  Zhang et al., "Tip-Adapter: Training-free Adaption of CLIP for Few-shot
+                Classification", arXiv 2111.03930 (Tip-Adapter-F is its fine-tuned variant)
+  Linear probe: Radford et al., arXiv 2103.00020, App. A.3, as CoOp runs it (arXiv 2109.01134, lpclip)
+
+The idea. All four keep CLIP frozen and put something small on top of the image feature, so the
+image encoder's output never changes: it runs once per (image, view) into a feature cache, and an
+epoch afterwards costs milliseconds. CLIP-Adapter learns a bottleneck MLP and blends its output
+with the feature. Tip-Adapter builds a key-value cache from the few-shot images (keys: their
+features, values: their one-hot labels) and adds the labels of similar keys to the zero-shot
+logits, without training; Tip-Adapter-F fine-tunes the keys. The linear probe ignores the text.
+
+Equations (f the raw image feature, f^ = f/|f|, W (C, D) the normalised text features of the
+dataset's template, s CLIP's logit scale (about 100), K (N, D) the keys, V (N, C) one-hot values)
+  [CLIP-Adapter]  A(f) = ReLU(ReLU(f W1^T) W2^T),  W1 (D/4, D), W2 (D, D/4), no biases
+  [CLIP-Adapter]  f* = alpha A(f) + (1 - alpha) f,  logits = s norm(f*) W^T         (alpha = 0.2)
+  [Tip-Adapter]   logits = s f^ W^T + alpha exp(-beta (1 - f^ K^T)) V    (beta: sharpness,
+                  alpha: the cache's weight, as in the current code; the first code swapped names)
+  [Linear probe]  min_{P,b} mean_i CE(f_i P^T + b, y_i) + |P|^2 / (2 C N)      (sklearn's objective)
+Learned: CLIP-Adapter W1, W2; Tip-Adapter nothing (K, V are built); Tip-Adapter-F K (init: the
+built K); the probe P, b. Frozen: all of CLIP and the text classifier W. Unlike coop.py, nothing
+passes through the text encoder while training.
+
+Settings. The cache: --aug-views 10 views of every training image (random resized crop of area
+0.5-1, bicubic, flip, as Tip-Adapter), keys = the normalised mean of the raw view features.
+CLIP-Adapter's training recipe is not published: we use CoOp's (SGD lr 0.002, momentum 0.9, weight
+decay 5e-4, batch 32, one warm-up epoch at 1e-5, cosine per epoch, 50/100/200 epochs for
+1/2-4/8-16 shots), each epoch showing every image once as one of its cached views, drawn at
+random; alpha 0.2 as in its code; the last epoch is kept. Tip-Adapter-F: AdamW lr 1e-3, eps 1e-4,
+cosine per iteration, batch 256, 20 epochs; the original keeps the epoch best on *test* and
+searched ImageNet's alpha/beta on *test*: here both are chosen on a validation set. Validation
+set: min(shots, 4) images per class (Dassl's rule; CoOp's lpclip uses {1:1, 2:2, 4:4, 8:4, 16:4},
+the same), drawn from val/ or, without one, from the training images that are not among the shots.
+The linear probe fits raw test-transform features by L-BFGS with CoOp's search for C.
+New classes: CLIP-Adapter scores any class names (the adapter does not depend on them); Tip's
+cache adds only to the classes it holds (matched by name), so on new classes it is exactly
+zero-shot; the probe scores only its training classes (other test sets are listed as not scored).
+
+Run
+  toy world:  python adapter.py --method tip-f --backbone toy/clip_rn.pt --data toy/sketch --shots 4
+  paper (RN50, 16 shots): python adapter.py --method tip-f --backbone RN50 \\
+        --data DATA/oxford_pets/images --split-file DATA/oxford_pets/split_zhou_OxfordPets.json
+"""
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import time
+import warnings
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+with warnings.catch_warnings():  # openai-clip 1.0.1 imports the deprecated pkg_resources
+    warnings.simplefilter("ignore")
+    import clip
+
+
+# --- shared: text encoder (canonical copy in coop.py; re-sync with tools/sync_shared.py) ---
+class TextEncoder(nn.Module):
+    """CLIP's text transformer on prompt embeddings, in two exact shortcuts of its 77 positions.
+
+    The transformer is causal: position i attends to positions <= i only. So (1) the end-of-text
+    (EOT) feature depends only on the positions up to it, and running the prompts cut after the
+    longest EOT gives exactly the 77-position result (`forward`); and (2) positions before the
+    class name never see it: when every class's prompt starts with the same prefix ([SOS] and a
+    generic context), the prefix's hidden states are the same for every class. `shared_prefix`
+    computes them once (once per image for CoCoOp) and runs only each class's remaining tokens
+    (name, ".", EOT), which attend to the prefix's keys and values and, causally, to their own.
+    """
+
+    def __init__(self, clip_model):
+        super().__init__()
+        self.transformer, self.ln_final = clip_model.transformer, clip_model.ln_final
+        self.positional_embedding = clip_model.positional_embedding
+        self.text_projection, self.dtype = clip_model.text_projection, clip_model.dtype
+
+    def forward(self, prompts, tokenized):
+        # prompts: (N, L, d) token embeddings; tokenized: (N, L) ids, used to find EOT (largest id)
+        eot = tokenized.argmax(dim=-1)  # (N,)
+        n = int(eot.max()) + 1
+        x = prompts[:, :n].type(self.dtype) + self.positional_embedding[:n].type(self.dtype)
+        mask = torch.full((n, n), float("-inf"), device=x.device, dtype=x.dtype).triu_(1)
+        x = x.permute(1, 0, 2)  # NLD -> LND: (n, N, d)
+        for block in self.transformer.resblocks:  # = block(x) with the causal mask cut to n
+            h = block.ln_1(x)
+            x = x + block.attn(h, h, h, need_weights=False, attn_mask=mask)[0]
+            x = x + block.mlp(block.ln_2(x))
+        x = x.permute(1, 0, 2)[torch.arange(x.shape[1]), eot]  # LND -> NLD, the EOT rows: (N, d)
+        return self.ln_final(x).type(self.dtype) @ self.text_projection  # (N, D)
+
+    def shared_prefix(self, prefix, suffix, tokenized, deep=()):
+        """Exactly forward(cat([prefix[b], suffix[c]]), tokenized[c]) for every pair (b, c).
+
+        prefix: (B, P, d), the first P positions, the same for every class (B = 1, or one per
+        image); suffix: (C, L - P, d), the rest of each class's prompt; tokenized: (C, L) ids;
+        deep: tensors (n, d) that replace prefix positions 1..n before blocks 1, 2, ... (MaPLe's
+        deeper text prompts). Returns (B, C, D).
+        """
+        (B, P, d), C = prefix.shape, suffix.shape[0]
+        eot = tokenized.argmax(dim=-1) - P  # EOT's index within the suffix: (C,)
+        S = int(eot.max()) + 1
+        pos = self.positional_embedding.type(self.dtype)
+        xp = prefix.type(self.dtype) + pos[:P]  # (B, P, d)
+        xs = (suffix[:, :S].type(self.dtype) + pos[P : P + S]).expand(B, -1, -1, -1)
+        xs = xs.reshape(B * C, S, d)  # every (image, class) pair's own tokens: (B*C, S, d)
+        see = torch.ones(S, P + S, dtype=torch.bool, device=xp.device).tril_(P)  # (S, P + S)
+        for i, block in enumerate(self.transformer.resblocks):
+            if 0 < i <= len(deep):  # MaPLe: the previous block's outputs there are replaced
+                n = deep[i - 1].shape[0]
+                new = deep[i - 1].type(xp.dtype).expand(B, -1, -1)  # (B, n, d)
+                xp = torch.cat([xp[:, :1], new, xp[:, 1 + n :]], dim=1)  # (B, P, d)
+            heads = block.attn.num_heads
+            split = lambda t: t.unflatten(-1, (heads, -1)).transpose(-3, -2)  # (.., heads, L, d_h)
+            qkv_p = F.linear(block.ln_1(xp), block.attn.in_proj_weight, block.attn.in_proj_bias)
+            qkv_s = F.linear(block.ln_1(xs), block.attn.in_proj_weight, block.attn.in_proj_bias)
+            qp, kp, vp = map(split, qkv_p.chunk(3, dim=-1))  # (B, heads, P, d_h) each
+            qs, ks, vs = map(split, qkv_s.chunk(3, dim=-1))  # (B*C, heads, S, d_h) each
+            # The prefix attends causally to itself only: it never sees a class name.
+            ap = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True)  # (B, heads, P, d_h)
+            # Each class's tokens attend to [prefix keys/values ; their own, causally]:
+            #   softmax(q_s [K_p ; K_s]^T / sqrt(d_h) + mask) [V_p ; V_s]
+            rep = lambda t: t.unsqueeze(1).expand(-1, C, -1, -1, -1).flatten(0, 1)  # B -> B*C
+            k, v = torch.cat([rep(kp), ks], dim=-2), torch.cat([rep(vp), vs], dim=-2)
+            a_s = F.scaled_dot_product_attention(qs, k, v, attn_mask=see)  # (B*C, heads, S, d_h)
+            merge = lambda t: block.attn.out_proj(t.transpose(-3, -2).flatten(-2))  # (.., L, d)
+            xp, xs = xp + merge(ap), xs + merge(a_s)
+            xp, xs = xp + block.mlp(block.ln_2(xp)), xs + block.mlp(block.ln_2(xs))
+        x = xs[torch.arange(B * C), eot.repeat(B)]  # the EOT rows: (B*C, d)
+        return (self.ln_final(x).type(self.dtype) @ self.text_projection).view(B, C, -1)
+
+
+def tokenize(clip_model, texts):
+    return clip.tokenize(texts, context_length=clip_model.context_length)
+
+
+@torch.no_grad()
+def text_features(clip_model, texts, batch_size=1000):
+    """L2-normalised CLIP text features of plain texts, (N, D) in fp32."""
+    encoder, device, out = TextEncoder(clip_model), clip_model.positional_embedding.device, []
+    for i in range(0, len(texts), batch_size):
+        tokens = tokenize(clip_model, texts[i : i + batch_size]).to(device)
+        out.append(F.normalize(encoder(clip_model.token_embedding(tokens), tokens).float(), dim=-1))
+    return torch.cat(out)
+
+
+def zeroshot_classifier(clip_model, classnames, templates):
+    """[CLIP] one weight per class: the normalised mean of its normalised template features."""
+    per_template = [text_features(clip_model, [t.format(c) for c in classnames]) for t in templates]
+    return F.normalize(torch.stack(per_template).mean(dim=0), dim=-1)  # (n_cls, D)
+
+
+# --- end shared: text encoder ---
+
+
+# ------------------------------------------------------------------------------------------------
+# The methods: CLIP-Adapter, Tip-Adapter(-F), the linear probe, all on cached image features
+# ------------------------------------------------------------------------------------------------
+class ClipAdapter(nn.Module):
+    """[CLIP-Adapter] the visual adapter as its authors coded it: two bias-free linear layers, each
+    followed by a ReLU (so A(f) >= 0). dim is the model's embedding width (1024 RN50, 512 ViT-B)."""
+
+    def __init__(self, dim, reduction=4):
+        super().__init__()
+        if dim // reduction < 1:
+            raise ValueError(f"reduction {reduction} leaves no bottleneck of a {dim}-dim feature")
+        self.fc = nn.Sequential(
+            nn.Linear(dim, dim // reduction, bias=False),
+            nn.ReLU(),
+            nn.Linear(dim // reduction, dim, bias=False),
+            nn.ReLU(),
+        )
+
+    def forward(self, features):
+        return self.fc(features)  # [CLIP-Adapter] A(f) = ReLU(ReLU(f W1^T) W2^T): (B, D)
+
+
+def blend(features, adapter, alpha):
+    """[CLIP-Adapter] f* = alpha A(f) + (1 - alpha) f, on the raw feature (unnormalised in and out)."""
+    return alpha * adapter(features) + (1 - alpha) * features
+
+
+def clip_adapter_logits(features, adapter, alpha, clip_weights, logit_scale):
+    # blend first, normalise second (normalising first would change the effective ratio)
+    f = F.normalize(blend(features, adapter, alpha), dim=-1)  # (B, D)
+    return logit_scale * f @ clip_weights.t()  # [CLIP-Adapter] logits = s norm(f*) W^T: (B, C)
+
+
+def tip_adapter_logits(
+    image_features, clip_weights, cache_keys, cache_values, alpha, beta, logit_scale
+):
+    """[Tip-Adapter] zero-shot logits plus the cache's: (B, D), (C, D), (N, D), (N, C) -> (B, C).
+    Features, text weights and built keys are L2-normalised (fine-tuned keys drift from norm 1)."""
+    clip_logits = logit_scale * image_features @ clip_weights.t()  # (B, C); the code writes 100
+    affinity = image_features @ cache_keys.t()  # cosine similarity to every cached image: (B, N)
+    cache_logits = torch.exp(-beta * (1 - affinity)) @ cache_values  # [Tip-Adapter] (B, C)
+    return clip_logits + alpha * cache_logits  # [Tip-Adapter] s f^ W^T + alpha exp(..) V
+
+
+def build_cache(view_features, labels, n_cls):
+    """[Tip-Adapter] keys: each image's raw features averaged over its views, then normalised
+    (normalising each view first gives other keys); values: one-hot labels.
+    view_features (views, N, D) raw -> keys (N, D), values (N, C)."""
+    keys = F.normalize(view_features.mean(dim=0), dim=-1)
+    return keys, F.one_hot(labels, n_cls).float()
+
+
+class TipAdapterF(nn.Module):
+    """[Tip-Adapter-F] the cache with learnable keys (initialised to the built keys; the code's
+    Linear(D, N, bias=False).weight) and fixed values."""
+
+    def __init__(self, cache_keys, cache_values):
+        super().__init__()
+        self.cache_keys = nn.Parameter(cache_keys.clone())  # (N, D)
+        self.register_buffer("cache_values", cache_values.clone())  # (N, C)
+
+    def forward(self, image_features, clip_weights, alpha, beta, logit_scale):
+        return tip_adapter_logits(
+            image_features,
+            clip_weights,
+            self.cache_keys,
+            self.cache_values,
+            alpha,
+            beta,
+            logit_scale,
+        )
+
+
+@torch.no_grad()
+def search_alpha_beta(
+    features, labels, clip_weights, cache_keys, cache_values, logit_scale, scale, steps=(200, 20)
+):
+    """[Tip-Adapter utils.search_hp] the authors' grid: beta_i = 0.1 + i (beta_max - 0.1) / n_beta,
+    alpha_j likewise, i < n; the first best pair (beta outer, alpha inner) wins. Give it validation
+    features only. Returns (accuracy, alpha, beta)."""
+    (beta_max, alpha_max), (n_beta, n_alpha) = scale, steps
+    betas = [0.1 + i * (beta_max - 0.1) / n_beta for i in range(n_beta)]
+    alphas = [0.1 + j * (alpha_max - 0.1) / n_alpha for j in range(n_alpha)]
+    alpha_column = torch.tensor(alphas, device=features.device).view(-1, 1, 1)  # (n_alpha, 1, 1)
+    clip_logits = logit_scale * features @ clip_weights.t()  # (B, C)
+    affinity = features @ cache_keys.t()  # (B, N)
+    best = (-1, None, None)
+    for beta in betas:  # all alphas of one beta at once: (n_alpha, B, C)
+        logits = clip_logits + alpha_column * (torch.exp(-beta * (1 - affinity)) @ cache_values)
+        correct = (logits.argmax(dim=-1) == labels).sum(dim=-1)  # (n_alpha,)
+        j = int(correct.argmax())  # the first of equals, as the authors' strict '>'
+        if int(correct[j]) > best[0]:
+            best = (int(correct[j]), alphas[j], beta)
+    return 100.0 * best[0] / len(labels), best[1], best[2]
+
+
+def fit_linear_probe(features, labels, n_cls, C, max_iter=1000):
+    """[Linear probe] multinomial logistic regression with sklearn's objective (mean cross-entropy
+    + |P|^2 / (2 C N), bias not penalised), by L-BFGS from zero. Returns P (C, D), b (C,)."""
+    if not C > 0 or not math.isfinite(C):
+        raise ValueError(f"the inverse regularisation strength C must be positive, not {C}")
+    n, d = features.shape
+    P = torch.zeros(n_cls, d, device=features.device, requires_grad=True)
+    b = torch.zeros(n_cls, device=features.device, requires_grad=True)
+    # scipy's L-BFGS defaults as sklearn calls them: 10 pairs of history, gradient tolerance 1e-4
+    optimizer = torch.optim.LBFGS(
+        [P, b],
+        lr=1,
+        max_iter=max_iter,
+        history_size=10,
+        tolerance_grad=1e-4,
+        line_search_fn="strong_wolfe",
+    )
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(features @ P.t() + b, labels) + (P**2).sum() / (2 * C * n)
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    return P.detach(), b.detach()
+
+
+def search_C(fit, val_accuracy, steps=8):
+    """[CoOp lpclip] C from {1e6, 1e4, ..., 1e-6} by validation accuracy, then `steps` bisections in
+    log10 between C*/10 and 10 C*, keeping the better end each time. fit(C) -> probe;
+    val_accuracy(probe) -> accuracy. Returns (C, probe, accuracy) of the last step."""
+    fits = {}
+
+    def scored(C):  # fits are deterministic (from zero), so each C is fitted once
+        if C not in fits:
+            probe = fit(C)
+            fits[C] = (probe, val_accuracy(probe))
+        return fits[C]
+
+    coarse = [1e6, 1e4, 1e2, 1.0, 1e-2, 1e-4, 1e-6]
+    peak = coarse[int(np.argmax([scored(C)[1] for C in coarse]))]
+    left, right = math.log10(peak) - 1, math.log10(peak) + 1
+    C = peak
+    for _ in range(steps):
+        if scored(10**left)[1] < scored(10**right)[1]:  # the better end, the left one on ties
+            C, left = 10**right, (left + right) / 2
+        else:
+            C, right = 10**left, (left + right) / 2
+    return C, *scored(C)
+
+
+def probe_logits(features, probe):
+    P, b = probe
+    return features @ P.t() + b  # (B, C)
+
+
+def epoch_batches(view_features, labels, batch_size, generator):
+    """One epoch on the cache: every training image once, as one of its views drawn at random,
+    in a shuffled order. view_features (views, N, D) -> batches of (B, D) features and labels."""
+    views, n, _ = view_features.shape
+    which, order = (
+        torch.randint(views, (n,), generator=generator),
+        torch.randperm(n, generator=generator),
+    )
+    which, order = which.to(view_features.device), order.to(view_features.device)
+    for i in range(0, n, batch_size):
+        idx = order[i : i + batch_size]
+        yield view_features[which[idx], idx], labels[idx]  # (B, D), (B,)
+
+
+def epochs_for_shots(shots):
+    """CoOp's configs: 50 epochs for 1 shot, 100 for 2-4 shots, 200 for 8-16 shots."""
+    return 50 if shots <= 1 else 100 if shots <= 4 else 200
+
+
+def lr_at_epoch(epoch, base_lr, epochs, warmup_lr=1e-5):
+    """CoOp (Dassl): a constant warm-up epoch, then cosine over `epochs`, stepped once per epoch."""
+    if epoch == 0:
+        return warmup_lr
+    return 0.5 * base_lr * (1 + math.cos(math.pi * (epoch - 1) / epochs))
+
+
+# ------------------------------------------------------------------------------------------------
+# One optimisation step on cached features (the unit the loops, the tests and bench.py call)
+# ------------------------------------------------------------------------------------------------
+def train_step(logits_fn, optimizer, features, labels, scheduler=None):
+    """logits_fn(features) -> (B, C) logits; CLIP does not run here at all."""
+    logits = logits_fn(features)
+    loss = F.cross_entropy(logits, labels)
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"the loss is {loss.item()}; lower --lr or the alpha/beta values")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    if scheduler is not None:  # Tip-Adapter-F: cosine per iteration
+        scheduler.step()
+    return loss.item(), accuracy(logits, labels)
+
+
+# ------------------------------------------------------------------------------------------------
+# The feature cache: the frozen image encoder runs once per (image, view)
+# ------------------------------------------------------------------------------------------------
+class SeededViews(torch.utils.data.Dataset):
+    """`views` passes over the items. View v of image i is drawn with its own seed, so the cache
+    does not depend on the batch size, the number of workers or the order of reading."""
+
+    def __init__(self, items, transform, views=1, seed=0):
+        self.images, self.seed = ImageDataset(items * views, transform), seed
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, k):  # k = v * N + i
+        with torch.random.fork_rng(devices=[]):
+            torch.random.default_generator.manual_seed(self.seed * 1_000_003 + k)
+            return self.images[k]
+
+
+@torch.no_grad()
+def encode_views(
+    encode_image, items, transform, device, precision, views=1, seed=0, workers=4, batch_size=256
+):
+    """Raw (unnormalised) image features of every view of every item: (views, N, D) in fp32."""
+    from tqdm import tqdm  # comes with the clip package
+
+    loader = torch.utils.data.DataLoader(
+        SeededViews(items, transform, views, seed),
+        batch_size=batch_size,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+    )
+    out = []
+    for images, _ in tqdm(loader, desc=f"encoding {views}x{len(items)} images", leave=False):
+        with autocast(device, precision):
+            out.append(encode_image(images.to(device, non_blocking=True)).float())
+    return torch.cat(out).view(views, len(items), -1)  # (views*N, D) -> (views, N, D)
+
+
+def label_tensor(items, device):
+    return torch.tensor([y for _, y in items], device=device)
+
+
+def draw_validation(data, shots, k, seed):
+    """The few-shot validation set: k images per class from val/ if there is one, else from the
+    training images that are not among the shots (done before the base/new split, like the shots)."""
+    taken = set(shots)
+    pool = data["val"] or [item for item in data["train"] if item not in taken]
+    by_class = {}
+    for item in pool:
+        by_class.setdefault(item[1], []).append(item)
+    empty = [data["classnames"][y] for y in range(len(data["classnames"])) if y not in by_class]
+    if empty:
+        where = "val/ split" if data["val"] else "training images left after the shots"
+        fail(
+            f"no validation image for the classes {empty[:5]} in the {where}; add a val/ folder "
+            f"or use fewer --shots"
+        )
+    rng = random.Random(seed + 1)
+    return [x for y in sorted(by_class) for x in rng.sample(by_class[y], min(k, len(by_class[y])))]
+
+
+def name_map(from_names, to_names, device):
+    """(len(from), len(to)) 0/1 matrix: 1 where the class names match (cache values -> a test set)."""
+    index = {n: j for j, n in enumerate(to_names)}
+    M = torch.zeros(len(from_names), len(to_names), device=device)
+    for i, n in enumerate(from_names):
+        if n in index:
+            M[i, index[n]] = 1
+    return M
+
+
+# [CoOp trainers/zsclip.py] the single template of each dataset, used by CLIP-Adapter and Tip-Adapter
+CUSTOM_TEMPLATES = {
+    "OxfordPets": "a photo of a {}, a type of pet.",
+    "OxfordFlowers": "a photo of a {}, a type of flower.",
+    "FGVCAircraft": "a photo of a {}, a type of aircraft.",
+    "DescribableTextures": "{} texture.",
+    "EuroSAT": "a centered satellite photo of {}.",
+    "StanfordCars": "a photo of a {}.",
+    "Food101": "a photo of {}, a type of food.",
+    "SUN397": "a photo of a {}.",
+    "Caltech101": "a photo of a {}.",
+    "UCF101": "a photo of a person doing {}.",
+    "ImageNet": "a photo of a {}.",
+}
+# [CoOp imagenet_templates.py] the 7 templates Tip-Adapter ensembles on ImageNet (--template select)
+TEMPLATES_SELECT = [
+    "itap of a {}.",
+    "a bad photo of the {}.",
+    "a origami {}.",
+    "a photo of the large {}.",
+    "a {} in a video game.",
+    "art of the {}.",
+    "a photo of the small {}.",
+]
+# [Tip-Adapter configs/*.yaml] init alpha, and the search scale (beta_max, alpha_max); init beta is 1
+TIP_CONFIGS = {
+    "ImageNet": (1.17, (7, 3)),
+    "Caltech101": (3, (12, 5)),
+    "DescribableTextures": (2, (13, 13)),
+    "EuroSAT": (2, (12, 10)),
+    "FGVCAircraft": (5, (30, 30)),
+    "Food101": (1.17, (10, 10)),
+    "OxfordFlowers": (10, (50, 50)),
+    "OxfordPets": (1.17, (7, 3)),
+    "StanfordCars": (3, (20, 10)),
+    "SUN397": (1.17, (12, 10)),
+    "UCF101": (3, (7, 3)),
+}
+# Other datasets: alpha = beta = 1 (the authors' baseline, Tip-Adapter issue #13); the scale is ours
+OTHER_TIP_CONFIG = (1.0, (12, 10))
+DEFAULTS = {  # per method: epochs, batch size, lr, weight decay (None: not trained by gradient)
+    "clip-adapter": (None, 32, 0.002, 5e-4),  # CoOp's recipe (CLIP-Adapter's is not published)
+    "tip-f": (20, 256, 0.001, 0.01),  # the code's AdamW(lr=1e-3, eps=1e-4), torch's default decay
+    "tip": (None, None, None, None),
+    "linear-probe": (None, None, None, None),
+}
+
+
+def paper_dataset(args):
+    """The paper dataset this is (for its template and Tip-Adapter's settings), from the split
+    file's or the folder's name; None if unknown."""
+    name = os.path.basename(args.split_file or "").replace("split_zhou_", "").split(".")[0]
+    name = name or os.path.basename(os.path.normpath(args.data))
+    if name.lower() in ("images", "jpg", "2750"):  # CoOp's image roots: take their dataset folder
+        name = os.path.basename(os.path.dirname(os.path.normpath(args.data)))
+    key = name.lower().replace("_", "").replace("-", "")
+    aliases = {k.lower(): k for k in CUSTOM_TEMPLATES} | {"dtd": "DescribableTextures"}
+    return aliases.get(key)
+
+
+# ------------------------------------------------------------------------------------------------
+# main: data, the feature cache, each method, evaluation, results
+# ------------------------------------------------------------------------------------------------
+def main(args):
+    device = torch.device(args.device)
+    precision = args.precision or ("amp" if device.type == "cuda" else "fp32")
+    method = args.method
+    paper = paper_dataset(args)
+    epochs, batch_size, lr, weight_decay = DEFAULTS[method]
+    epochs = args.epochs or epochs or epochs_for_shots(args.shots)
+    batch_size, lr = args.batch_size or batch_size, args.lr or lr
+    weight_decay = args.weight_decay if args.weight_decay is not None else weight_decay
+    init_alpha, scale = TIP_CONFIGS.get(paper, OTHER_TIP_CONFIG)
+    alpha = (
+        args.alpha if args.alpha is not None else 0.2 if method == "clip-adapter" else init_alpha
+    )
+    beta = args.beta if args.beta is not None else 1.0
+    scale = tuple(args.search_scale or scale)
+    if args.template == "select" or (args.template is None and paper == "ImageNet"):
+        templates = TEMPLATES_SELECT  # Tip-Adapter's ImageNet classifier
+    else:
+        template = args.template or CUSTOM_TEMPLATES.get(paper, "a photo of a {}.")
+        templates = [CUSTOM_TEMPLATES.get(template, template)]
+    # bad input, before any long work
+    if args.shots < 1 or args.aug_views < 1:
+        fail("--shots and --aug-views must be at least 1")
+    if args.eval_only and not args.load:
+        fail("--eval-only needs --load <checkpoint.pt>")
+    if args.load and not args.eval_only and method in ("tip", "linear-probe"):
+        fail(f"--load: {method} trains nothing; add --eval-only to evaluate the checkpoint")
+    if method == "clip-adapter" and not 0 <= alpha <= 1:
+        fail(f"--alpha {alpha}: CLIP-Adapter's residual ratio must lie in [0, 1] (paper: 0.2)")
+    if method in ("tip", "tip-f") and not (0 <= alpha <= 100 and 0 <= beta <= 100):
+        fail(f"--alpha {alpha} / --beta {beta}: Tip-Adapter's weight and sharpness lie in [0, 100]")
+    if min(scale) <= 0.1 or min(args.search_step) < 1:
+        fail(f"--search-scale {scale}: both maxima must exceed 0.1 (the grid starts there)")
+    if args.C is not None and not (args.C > 0 and math.isfinite(args.C)):
+        fail(f"--C {args.C}: the inverse regularisation strength must be a positive number")
+    if not 0 < args.crop_scale <= 1:
+        fail(f"--crop-scale {args.crop_scale}: the smallest crop area is a fraction in (0, 1]")
+    if min(batch_size or 1, epochs) < 1:
+        fail("--epochs and --batch-size must be at least 1")
+    dataset = paper or os.path.basename(os.path.normpath(args.data))
+    run_dir = args.out or os.path.join("runs", method, dataset, f"{args.shots}shot_seed{args.seed}")
+    ckpt = load_checkpoint(args.load) if args.load else None
+    seed_everything(args.seed)
+
+    # 1. Data: shots and the validation set are drawn before the base/new split
+    data = load_dataset(args.data, args.split_file, args.classnames)
+    shots = sample_few_shot(data["train"], args.shots, args.seed) if data["train"] else []
+    needs_val = method != "clip-adapter" and not args.eval_only
+    val_shots = args.val_shots or min(args.shots, 4)
+    data["val"] = draw_validation(data, shots, val_shots, args.seed) if needs_val else []
+    data["train"] = shots
+    train = subsample_classes(data, args.subsample)
+    if not train["train"] and not args.eval_only:
+        fail(f"{args.data}: no training images (a train/ folder or the split file's train list)")
+    test_sets = {"test": (train["test"], train["classnames"])}
+    if args.subsample == "base":
+        new = subsample_classes(data, "new")
+        test_sets["new"] = (new["test"], new["classnames"])
+    for root in args.eval_data:
+        name, items, classnames = load_eval_set(root)
+        test_sets[name if name not in test_sets else root] = (items, classnames)
+    check_images(train["train"] + train["val"])
+    for items, _ in test_sets.values():
+        check_images(items, full=False)
+
+    # 2. Frozen CLIP, the text classifier of the training classes, a checkpoint's fit
+    clip_model = load_clip(args.backbone, device, precision)
+    n_px, dim = clip_model.visual.input_resolution, clip_model.visual.output_dim  # D from the model
+    s = clip_model.logit_scale.exp().item()
+    fingerprint = sum(p.double().sum().item() for p in clip_model.visual.parameters())
+    config = {"method": method, "backbone": args.backbone, "dim": dim, "visual_sum": fingerprint}
+    if ckpt is not None:
+        theirs = ckpt.get("config", {})
+        same = theirs.get("method") == method and theirs.get("dim") == dim
+        if not same or not math.isclose(theirs.get("visual_sum", 0), fingerprint, rel_tol=1e-3):
+            fail(
+                f"{args.load} was written by {theirs.get('method')} on {theirs.get('backbone')} "
+                f"(dim {theirs.get('dim')}); this run is {method} on {args.backbone} (dim {dim}): "
+                "use the same --method and --backbone"
+            )
+    classnames = ckpt["classnames"] if ckpt is not None else train["classnames"]
+    n_cls = len(classnames)
+    W = zeroshot_classifier(clip_model, classnames, templates)  # (C, D), frozen
+    print(
+        f"{method}: {dataset}, {n_cls} classes, templates {templates[:2]}{'...' * (len(templates) > 2)}"
+        f", D = {dim}, logit scale {s:.1f}"
+    )
+
+    # 3. The feature cache: training views (test transform for the probe), validation once
+    t0, train_seconds, log, hp = time.time(), 0.0, [], {}
+    views, y_train, f_val, y_val = None, None, None, None
+    if not args.eval_only:
+        probe_views = method == "linear-probe"  # CoOp's lpclip: train features without augmentation
+        transform = test_transform(n_px) if probe_views else train_transform(n_px, args.crop_scale)
+        views = encode_views(
+            clip_model.encode_image,
+            train["train"],
+            transform,
+            device,
+            precision,
+            1 if probe_views else args.aug_views,
+            args.seed,
+            args.workers,
+        )
+        y_train = label_tensor(train["train"], device)
+        if train["val"]:
+            f_val = encode_views(
+                clip_model.encode_image,
+                train["val"],
+                test_transform(n_px),
+                device,
+                precision,
+                workers=args.workers,
+            )[0]
+            y_val = label_tensor(train["val"], device)
+        cache_seconds = time.time() - t0
+        print(
+            f"feature cache: {views.shape[0]} views x {views.shape[1]} training images, "
+            f"{0 if f_val is None else len(f_val)} validation images, {views.numel() * 4 / 2**20:.1f} "
+            f"MiB, {cache_seconds:.1f}s"
+        )
+    os.makedirs(run_dir, exist_ok=True)
+    save_json(os.path.join(run_dir, "args.json"), vars(args))
+
+    # 4. The method, on cached features only
+    state = {}
+    generator = torch.Generator().manual_seed(args.seed)
+    if method == "clip-adapter":
+        adapter = ClipAdapter(dim, args.reduction).to(device)
+        if ckpt is not None:
+            adapter.load_state_dict(ckpt["state"])
+            alpha = ckpt["alpha"]
+        optimizer = torch.optim.SGD(
+            adapter.parameters(), lr=lr, momentum=args.momentum, weight_decay=weight_decay
+        )
+        forward = lambda f: clip_adapter_logits(f, adapter, alpha, W, s)
+        for epoch in range(0 if args.eval_only else epochs):
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at_epoch(epoch, lr, epochs, args.warmup_lr)
+            log.append(run_epoch(forward, optimizer, views, y_train, batch_size, generator, epoch))
+        state = adapter.state_dict()
+    elif method in ("tip", "tip-f"):
+        if ckpt is not None:
+            keys, values, alpha, beta = (
+                ckpt["state"]["cache_keys"],
+                ckpt["state"]["cache_values"],
+                ckpt["alpha"],
+                ckpt["beta"],
+            )
+        else:
+            keys, values = build_cache(views, y_train, n_cls)
+        tip = TipAdapterF(keys.to(device), values.to(device))
+        if method == "tip-f" and not args.eval_only:
+            optimizer = torch.optim.AdamW(
+                tip.parameters(), lr=lr, eps=1e-4, weight_decay=weight_decay
+            )
+            n_iter = epochs * math.ceil(views.shape[1] / batch_size)
+            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, n_iter)
+            forward = lambda f: tip(F.normalize(f, dim=-1), W, alpha, beta, s)  # init alpha, beta
+            best = (-1.0, 0, None)
+            for epoch in range(epochs):
+                log.append(
+                    run_epoch(
+                        forward, optimizer, views, y_train, batch_size, generator, epoch, scheduler
+                    )
+                )
+                with torch.no_grad():  # the epoch is chosen on validation (the original: on test)
+                    log[-1]["val_acc"] = accuracy(forward(f_val), y_val)
+                if log[-1]["val_acc"] > best[0]:
+                    best = (log[-1]["val_acc"], epoch + 1, tip.state_dict())
+                print(f"  val acc {log[-1]['val_acc']:.1f}")
+            tip.load_state_dict(best[2])
+            hp["epoch"] = best[1]
+        if not args.eval_only and not args.no_search:  # alpha, beta on validation, never on test
+            val_acc, alpha, beta = search_alpha_beta(
+                F.normalize(f_val, dim=-1),
+                y_val,
+                W,
+                tip.cache_keys.detach(),
+                tip.cache_values,
+                s,
+                scale,
+                args.search_step,
+            )
+            hp["val_acc"] = val_acc
+            print(f"alpha {alpha:.3f}, beta {beta:.3f}: validation accuracy {val_acc:.2f}")
+        state = {k: v.detach() for k, v in tip.state_dict().items()}
+    else:  # linear probe
+        if ckpt is not None:
+            probe, C = (ckpt["state"]["P"].to(device), ckpt["state"]["b"].to(device)), ckpt["C"]
+        else:
+            fit = lambda C: fit_linear_probe(views[0], y_train, n_cls, C, args.max_iter)
+            if args.C is not None:
+                C, probe = args.C, fit(args.C)
+            else:
+                C, probe, hp["val_acc"] = search_C(
+                    fit, lambda p: accuracy(probe_logits(f_val, p), y_val)
+                )
+                print(f"C = {C:.4g}: validation accuracy {hp['val_acc']:.2f}")
+        state, hp["C"] = {"P": probe[0], "b": probe[1]}, C
+    train_seconds = 0 if args.eval_only else time.time() - t0 - cache_seconds
+    if method != "linear-probe":
+        hp.update(alpha=alpha, beta=beta if method != "clip-adapter" else None)
+    save_checkpoint(
+        os.path.join(run_dir, "checkpoint.pt"),
+        {
+            "config": config,
+            "classnames": classnames,
+            "state": state,
+            "alpha": alpha,
+            "beta": beta,
+            "C": hp.get("C"),
+            **{k: hp[k] for k in ("epoch",) if k in hp},
+        },
+    )
+
+    # 5. Evaluation on every test set; test features exist only from here on
+    zero_shot, acc, not_scored = {}, {}, {}
+    for name, (items, names) in test_sets.items():
+        f = encode_views(
+            clip_model.encode_image,
+            items,
+            test_transform(n_px),
+            device,
+            precision,
+            workers=args.workers,
+        )[0]  # raw features: (N, D)
+        labels, f_n = label_tensor(items, device), F.normalize(f, dim=-1)
+        W_eval = zeroshot_classifier(clip_model, names, templates)
+        zero_shot[name] = accuracy(s * f_n @ W_eval.t(), labels)
+        with torch.no_grad():
+            if method == "clip-adapter":  # the adapter is class-agnostic: any class names
+                acc[name] = accuracy(clip_adapter_logits(f, adapter, alpha, W_eval, s), labels)
+            elif method in ("tip", "tip-f"):  # the cache adds to the classes it holds, by name
+                V = tip.cache_values @ name_map(classnames, names, device)  # (N, C_eval)
+                acc[name] = accuracy(
+                    tip_adapter_logits(f_n, W_eval, tip.cache_keys, V, alpha, beta, s), labels
+                )
+            elif set(names) <= set(classnames):  # the probe knows only its training classes
+                columns = [classnames.index(n) for n in names]
+                acc[name] = accuracy(probe_logits(f, probe)[:, columns], labels)
+            else:
+                not_scored[name] = "classes the linear probe was not trained on"
+    metrics = {
+        "method": method,
+        "backbone": args.backbone,
+        "dataset": dataset,
+        "shots": args.shots,
+        "seed": args.seed,
+        "zero_shot": zero_shot,
+        "accuracy": acc,
+    }
+    if "new" in acc:
+        metrics["harmonic_mean"] = harmonic_mean(acc["test"], acc["new"])
+    if not_scored:
+        metrics["not_scored"] = not_scored
+    metrics.update(
+        {
+            "chosen": hp,
+            "epochs": 0
+            if args.eval_only
+            else (epochs if method in ("clip-adapter", "tip-f") else 0),
+            "train_seconds": round(train_seconds, 2),
+            "cache_seconds": round(0 if args.eval_only else cache_seconds, 2),
+            "device": device_name(device),
+            "precision": precision,
+            "versions": versions(),
+        }
+    )
+    for record in log:
+        append_log(run_dir, record)
+    finish_run(run_dir, metrics)
+    return metrics
+
+
+def run_epoch(forward, optimizer, views, labels, batch_size, generator, epoch, scheduler=None):
+    t0, losses, accs = time.time(), [], []
+    lr = optimizer.param_groups[0]["lr"]
+    for f, y in epoch_batches(views, labels, batch_size, generator):
+        loss, acc = train_step(forward, optimizer, f, y, scheduler)
+        losses.append(loss)
+        accs.append(acc)
+    seconds = time.time() - t0
+    record = {
+        "epoch": epoch + 1,
+        "lr": lr,
+        "loss": float(np.mean(losses)),
+        "train_acc": float(np.mean(accs)),
+        "seconds": round(seconds, 4),
+        "images_per_s": round(views.shape[1] / max(seconds, 1e-9)),
+    }
+    print(
+        f"epoch {epoch + 1}  lr {lr:.3e}  loss {record['loss']:.4f}  train acc "
+        f"{record['train_acc']:.1f}  {record['images_per_s']} images/s"
+    )
+    return record
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description="CLIP-Adapter, Tip-Adapter(-F) and the linear probe on cached CLIP features "
+        "(defaults: the papers' settings).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    # data and protocol
+    p.add_argument(
+        "--backbone", default="RN50", help="CLIP name (RN50, ViT-B/16, ...) or checkpoint path"
+    )
+    p.add_argument(
+        "--data",
+        required=True,
+        help="ImageFolder root with train/ [val/] test/, or the image root of --split-file",
+    )
+    p.add_argument(
+        "--split-file",
+        default=None,
+        help="CoOp split_zhou_<Name>.json (then --data is its image root)",
+    )
+    p.add_argument(
+        "--classnames", default=None, help="classnames.txt: 'folder<TAB>readable name' per line"
+    )
+    p.add_argument(
+        "--shots", type=int, default=16, help="training images per class (seeded sample)"
+    )
+    p.add_argument(
+        "--val-shots",
+        type=int,
+        default=None,
+        help="validation images per class for the alpha/beta, epoch and C choices, drawn from val/ "
+        "or, without one, from the training images not among the shots (default: min(shots, 4))",
+    )
+    p.add_argument(
+        "--subsample",
+        choices=["all", "base", "new"],
+        default="all",
+        help="base-to-new protocol: 'base' trains on the first half of the classes and also reports 'new'",
+    )
+    p.add_argument("--eval-data", nargs="*", default=[], help="extra test sets (ImageFolder roots)")
+    p.add_argument(
+        "--template",
+        default=None,
+        help="the classifier's template, a dataset name of CoOp's table, or 'select' (ImageNet's 7); "
+        "default: the dataset's (guessed from the split file or folder name), else 'a photo of a {}.'",
+    )
+    # the methods
+    p.add_argument(
+        "--method", choices=["clip-adapter", "tip", "tip-f", "linear-probe"], default="clip-adapter"
+    )
+    p.add_argument(
+        "--aug-views", type=int, default=10, help="cached augmented views of each training image"
+    )
+    p.add_argument(
+        "--crop-scale",
+        type=float,
+        default=0.5,
+        help="smallest area of the views' random resized crop (Tip-Adapter: 0.5)",
+    )
+    p.add_argument(
+        "--alpha",
+        type=float,
+        default=None,
+        help="CLIP-Adapter: residual ratio (0.2); Tip: the cache's weight before the search "
+        "(the dataset's init_alpha, 1 if unknown)",
+    )
+    p.add_argument(
+        "--beta", type=float, default=None, help="Tip: the sharpness before the search (1)"
+    )
+    p.add_argument(
+        "--reduction", type=int, default=4, help="CLIP-Adapter's bottleneck: dim / reduction"
+    )
+    p.add_argument(
+        "--search-scale",
+        type=float,
+        nargs=2,
+        default=None,
+        metavar=("BETA_MAX", "ALPHA_MAX"),
+        help="Tip: the grid's maxima (the dataset's config; (12, 10) if unknown)",
+    )
+    p.add_argument(
+        "--search-step", type=int, nargs=2, default=[200, 20], metavar=("N_BETA", "N_ALPHA")
+    )
+    p.add_argument(
+        "--no-search", action="store_true", help="Tip: keep --alpha/--beta, search nothing"
+    )
+    p.add_argument(
+        "--C", type=float, default=None, help="linear probe: this C instead of CoOp's search"
+    )
+    p.add_argument("--max-iter", type=int, default=1000, help="linear probe: L-BFGS iterations")
+    # optimisation
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="CLIP-Adapter: 50/100/200 for 1/2-4/8+ shots; Tip-F: 20",
+    )
+    p.add_argument("--batch-size", type=int, default=None, help="CLIP-Adapter 32, Tip-F 256")
+    p.add_argument(
+        "--lr", type=float, default=None, help="CLIP-Adapter (SGD) 0.002, Tip-F (AdamW) 0.001"
+    )
+    p.add_argument("--momentum", type=float, default=0.9, help="CLIP-Adapter's SGD momentum")
+    p.add_argument("--weight-decay", type=float, default=None, help="CLIP-Adapter 5e-4, Tip-F 0.01")
+    p.add_argument(
+        "--warmup-lr", type=float, default=1e-5, help="CLIP-Adapter's constant first-epoch lr"
+    )
+    # run
+    p.add_argument("--seed", type=int, default=1, help="the papers report seeds 1, 2, 3")
+    p.add_argument(
+        "--precision",
+        choices=["fp32", "amp", "fp16"],
+        default=None,
+        help="of the image encoder while caching (default: amp on CUDA, fp32 on CPU); "
+        "cached features and learned tensors are fp32",
+    )
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument(
+        "--out",
+        default=None,
+        help="run folder (default runs/<method>/<dataset>/<shots>shot_seed<seed>)",
+    )
+    p.add_argument(
+        "--load", default=None, help="checkpoint.pt of this method to start from or to evaluate"
+    )
+    p.add_argument(
+        "--eval-only", action="store_true", help="evaluate --load: no training images are read"
+    )
+    return p.parse_args(argv)
+
+
+# ================================================================================================
+# Appendix: the shared blocks. data (folders, split files, few-shot sampling, transforms), clip
+# (loading, autocast), evaluation (accuracy), run folder (atomic files, checkpoints, metrics.json)
+# ================================================================================================
+# --- shared: data (canonical copy in coop.py; re-sync with tools/sync_shared.py) ---
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def fail(message):
+    """Stop the command line before any long work, saying what is wrong and what to do."""
+    raise SystemExit(f"error: {message}")
+
+
+def read_classnames(path):
+    """classnames.txt: one 'folder<TAB or space>readable name' per line -> {folder: name}."""
+    if not os.path.isfile(path):
+        fail(f"{path}: class-name file not found")
+    names = {}
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            folder, _, name = line.strip().replace("\t", " ").partition(" ")
+            if folder and not name.strip():
+                fail(f"{path}:{number}: expected 'folder<TAB>readable name', got {line.strip()!r}")
+            if folder:
+                names[folder] = name.strip()
+    return names
+
+
+def read_image_folder(root, classnames=None):
+    """ImageFolder layout root/<class folder>/<image> -> ([(path, label)], [class name])."""
+    if not os.path.isdir(root):
+        fail(f"{root}: folder not found; expected <root>/<class folder>/<image files>")
+    folders = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    folders = [d for d in folders if not d.startswith(".")]
+    if not folders:
+        fail(f"{root}: no class folders in it; expected <root>/<class folder>/<image files>")
+    items = []
+    for label, folder in enumerate(folders):
+        files = sorted(os.listdir(os.path.join(root, folder)))
+        files = [f for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
+        if not files:
+            fail(f"{os.path.join(root, folder)}: class folder has no images; add some or remove it")
+        items += [(os.path.join(root, folder, f), label) for f in files]
+    missing = [d for d in folders if classnames is not None and d not in classnames]
+    if missing:
+        fail(f"--classnames has no line for the folders {missing[:5]} of {root}")
+    names = [classnames[d] if classnames else d.replace("_", " ") for d in folders]
+    return items, names
+
+
+def read_split_file(split_file, image_root):
+    """CoOp's split_zhou_<Name>.json: {"train"|"val"|"test": [[path, label, class name], ...]}."""
+    if not os.path.isfile(split_file):
+        fail(f"{split_file}: split file not found")
+    try:
+        with open(split_file, encoding="utf-8") as f:
+            split = json.load(f)
+        data = {
+            s: [(os.path.join(image_root, p), int(y)) for p, y, _ in split[s]]
+            for s in ("train", "val", "test")
+        }
+        names = {int(y): c for _, y, c in split["train"]}
+    except (ValueError, KeyError, TypeError) as e:
+        fail(f"{split_file}: not a CoOp split file ({e!r}); expected train/val/test lists")
+    if sorted(names) != list(range(len(names))):
+        fail(f"{split_file}: the training labels are not 0..n-1; every class needs training images")
+    data["classnames"] = [names[y].replace("_", " ") for y in range(len(names))]
+    if data["train"] and not os.path.isfile(data["train"][0][0]):
+        fail(f"{data['train'][0][0]}: image not found; is --data the image root of {split_file}?")
+    return data
+
+
+def load_dataset(root, split_file=None, classnames_file=None):
+    """-> {"train", "val", "test": [(path, label)], "classnames": [name]}; missing splits: []."""
+    if split_file:
+        return read_split_file(split_file, root)
+    if classnames_file is None and os.path.isfile(os.path.join(root, "classnames.txt")):
+        classnames_file = os.path.join(root, "classnames.txt")
+    names = read_classnames(classnames_file) if classnames_file else None
+    if not os.path.isdir(os.path.join(root, "test")):
+        fail(f"{root}: no test/ folder; expected {root}/train/<class>/<image> and {root}/test/...")
+    data = {"train": [], "val": []}
+    data["test"], data["classnames"] = read_image_folder(os.path.join(root, "test"), names)
+    for split in ("train", "val"):
+        if os.path.isdir(os.path.join(root, split)):
+            data[split], split_names = read_image_folder(os.path.join(root, split), names)
+            if split_names != data["classnames"]:
+                fail(f"{root}/{split} and {root}/test have different class folders")
+    return data
+
+
+def load_eval_set(root):
+    """An --eval-data set <root>/[test/]<class>/<image> -> (name, items, class names)."""
+    root = os.path.normpath(root)
+    if os.path.basename(root) == "test":  # name a test/ folder after its dataset
+        root = os.path.dirname(root)
+    names_file = os.path.join(root, "classnames.txt")
+    names = read_classnames(names_file) if os.path.isfile(names_file) else None
+    folder = os.path.join(root, "test") if os.path.isdir(os.path.join(root, "test")) else root
+    return (os.path.basename(root), *read_image_folder(folder, names))
+
+
+def sample_few_shot(items, shots, seed):
+    """Dassl's rule: per class, `shots` items without replacement; a smaller class keeps all."""
+    rng, by_class, sampled, short = random.Random(seed), {}, [], []
+    for item in items:
+        by_class.setdefault(item[1], []).append(item)
+    for group in by_class.values():
+        if len(group) < shots:
+            short.append(f"{os.path.dirname(group[0][0])} ({len(group)})")
+        sampled += rng.sample(group, min(shots, len(group)))
+    if short:
+        print(
+            f"warning: fewer than {shots} training images in {len(short)} classes, all of them "
+            f"are used: {', '.join(short[:5])}"
+        )
+    return sampled
+
+
+def subsample_classes(data, which):
+    """Base-to-new split: sorted labels, the first ceil(n/2) are base, the rest new; relabelled."""
+    if which == "all":
+        return data
+    labels = sorted({y for _, y in data["train"] or data["test"]})
+    m = math.ceil(len(labels) / 2)
+    relabel = {y: i for i, y in enumerate(labels[:m] if which == "base" else labels[m:])}
+    out = {
+        s: [(p, relabel[y]) for p, y in data[s] if y in relabel] for s in ("train", "val", "test")
+    }
+    out["classnames"] = [data["classnames"][y] for y in relabel]
+    return out
+
+
+def check_images(items, full=True):
+    """Open every image once now, so an unreadable file stops the run before any long work."""
+    not_rgb = 0
+    for path, _ in items:
+        try:
+            with Image.open(path) as image:
+                not_rgb += image.mode != "RGB"
+                if full:  # decode the pixels too (done for the small few-shot training set)
+                    image.load()
+        except (OSError, ValueError) as e:
+            fail(f"{path}: cannot read this image ({e}); replace or delete the file")
+    if not_rgb:
+        print(f"note: {not_rgb} images are grayscale, RGBA or palette images; converted to RGB")
+
+
+def load_task(args, shots=None):
+    """The run's data, checked before anything slow -> (dataset name, {"train", "val", "test",
+    "classnames"} of the trained classes, {test set name: (items, class names)}). Few-shot
+    sampling (train, seeded) happens before the base/new split, as in the papers."""
+    data = load_dataset(args.data, args.split_file, args.classnames)
+    if shots:
+        data["train"] = sample_few_shot(data["train"], shots, args.seed)
+    part = subsample_classes(data, args.subsample)
+    test_sets = {"test": (part["test"], part["classnames"])}
+    if args.subsample == "base":  # the same learned parameters, tested on the other half
+        new = subsample_classes(data, "new")
+        test_sets["new"] = (new["test"], new["classnames"])
+    for root in args.eval_data:
+        name, items, classnames = load_eval_set(root)
+        test_sets[name if name not in test_sets else root] = (items, classnames)
+    check_images(part["train"])
+    for items, _ in test_sets.values():
+        check_images(items, full=False)
+    name = os.path.basename(os.path.normpath(args.data))
+    if args.split_file:
+        name = os.path.basename(args.split_file)[: -len(".json")].replace("split_zhou_", "")
+    return name, part, test_sets
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """(path, label) items -> (transformed image, label). With cache_bytes, decoded images stay in
+    memory up to that many bytes; the (random) transform still runs on every read."""
+
+    def __init__(self, items, transform, cache_bytes=0):
+        self.items, self.transform, self.cache, self.room = items, transform, {}, cache_bytes
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        path, label = self.items[i]
+        image = self.cache.get(i)
+        if image is None:
+            try:
+                image = Image.open(path).convert("RGB")  # grayscale, RGBA, palette -> RGB
+            except (OSError, ValueError) as e:
+                raise OSError(f"{path}: cannot read this image ({e}); replace or delete it") from e
+            if image.width * image.height * 3 <= self.room:
+                self.cache[i], self.room = image, self.room - image.width * image.height * 3
+        return self.transform(image), label
+
+
+def train_transform(n_px, min_scale=0.08):
+    """CoOp/Dassl: random resized crop (area min_scale-1, 0.08 in the papers; bicubic),
+    horizontal flip, CLIP normalisation."""
+    import torchvision.transforms as T  # torchvision comes with the clip package
+
+    crop = T.RandomResizedCrop(n_px, (min_scale, 1.0), interpolation=T.InterpolationMode.BICUBIC)
+    return T.Compose(
+        [crop, T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)]
+    )
+
+
+def test_transform(n_px):
+    """CLIP's own preprocess: shorter side to n_px (bicubic), centre crop, CLIP normalisation."""
+    import torchvision.transforms as T
+
+    resize = T.Resize(n_px, interpolation=T.InterpolationMode.BICUBIC)
+    return T.Compose([resize, T.CenterCrop(n_px), T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
+
+
+def make_loader(
+    items, transform, batch_size, workers, shuffle=False, drop_last=False, generator=None
+):
+    # A training set (shuffle) is read every epoch: without worker processes (which would each hold
+    # a copy), its decoded images stay in memory, up to 1 GiB. Same batches, less decoding.
+    cache = 2**30 if shuffle and workers == 0 else 0
+    return torch.utils.data.DataLoader(
+        ImageDataset(items, transform, cache),
+        batch_size,
+        shuffle,
+        num_workers=workers,
+        drop_last=drop_last,
+        generator=generator,
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
+# --- end shared: data ---
+
+
+# --- shared: clip (canonical copy in coop.py; re-sync with tools/sync_shared.py) ---
+def load_clip(backbone, device, precision):
+    """CLIP by name or checkpoint path, frozen, in eval mode; fp32 weights unless precision fp16.
+
+    openai-clip 1.0.1 reads a plain state-dict file wrongly (after its TorchScript attempt it does
+    not rewind the file), so such files are read here with torch.load and clip's build_model.
+    """
+    if backbone not in clip.available_models() and not os.path.isfile(backbone):
+        names = ", ".join(clip.available_models())
+        fail(f"unknown backbone {backbone!r}: use one of {names}, or a CLIP checkpoint's path")
+    try:
+        with warnings.catch_warnings():  # torch deprecates torch.jit.load, tried by clip.load
+            warnings.simplefilter("ignore")
+            model, _ = clip.load(backbone, device="cpu", jit=False)
+    except Exception as e:
+        if not os.path.isfile(backbone):
+            fail(
+                f"could not load {backbone} ({e}); without internet, put OpenAI's file in "
+                "~/.cache/clip or pass its path with --backbone"
+            )
+        try:
+            state_dict = torch.load(backbone, map_location="cpu", weights_only=True)
+            model = clip.model.build_model(dict(state_dict))
+        except Exception as e2:
+            fail(f"{backbone}: not a CLIP checkpoint (TorchScript archive or state dict): {e2}")
+        model.float().load_state_dict(state_dict)  # build_model rounds to fp16: undo that
+    model = model.float()
+    if precision == "fp16":  # CLIP's own fp16 layout (LayerNorm and embeddings stay fp32)
+        clip.model.convert_weights(model)
+    return model.requires_grad_(False).eval().to(device)
+
+
+def autocast(device, precision):
+    """Mixed precision for --precision amp (fp16 on CUDA, bf16 on the CPU); a no-op otherwise."""
+    if precision != "amp":
+        return nullcontext()
+    return torch.autocast(
+        device_type=device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16
+    )
+
+
+# --- end shared: clip ---
+
+
+# --- shared: evaluation (canonical copy in coop.py; re-sync with tools/sync_shared.py) ---
+@torch.no_grad()
+def encode_images(encode, loader, device, precision):
+    """L2-normalised image features (N, D) in fp32 and labels (N,) of a whole test set."""
+    features, labels = [], []
+    for images, y in loader:
+        with autocast(device, precision):
+            features.append(F.normalize(encode(images.to(device)).float(), dim=-1))
+        labels.append(y.to(device))
+    return torch.cat(features), torch.cat(labels)
+
+
+def accuracy(logits, labels):
+    """Top-1 accuracy in percent over the whole set (micro average, as in the papers)."""
+    return 100.0 * (logits.argmax(dim=-1) == labels).float().mean().item()
+
+
+def harmonic_mean(base, new):
+    return 2 * base * new / (base + new)
+
+
+# --- end shared: evaluation ---
+
+
+# --- shared: run folder (canonical copy in coop.py; re-sync with tools/sync_shared.py) ---
+def save(path, obj):
+    """Write atomically (a temporary file in the same folder, then a rename), so that a crash never
+    leaves half a file: text for a str, JSON for a .json path, torch.save otherwise."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        if isinstance(obj, str) or path.endswith(".json"):
+            with open(tmp, "w") as f:
+                f.write(obj) if isinstance(obj, str) else json.dump(obj, f, indent=2)
+        else:
+            torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checkpoint(path):
+    if not os.path.isfile(path):
+        fail(f"{path}: checkpoint not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        fail(f"{path}: not a checkpoint written by this project ({e})")
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def peak_mib(device, reset=False):
+    """CUDA's peak memory since the last reset, in MiB (None on the CPU)."""
+    if device.type != "cuda":
+        return None
+    peak = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    if reset:
+        torch.cuda.reset_peak_memory_stats(device)
+    return peak
+
+
+def run_info(device):
+    """Where and with what a run ran, for metrics.json."""
+    from importlib import metadata
+
+    try:
+        clip_version = "openai-clip " + metadata.version("openai-clip")
+    except metadata.PackageNotFoundError:  # clip installed from a git checkout
+        clip_version = "clip (not from PyPI)"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return {
+        "device": f"{name} ({os.cpu_count()} cores)",
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "clip": clip_version,
+        },
+    }
+
+
+def add_run_args(add, learned=True):
+    """The options every method file shares: seed, precision, device, run folder, checkpoints."""
+    add("--seed", type=int, default=1, help="the papers report seeds 1, 2, 3")
+    add("--precision", choices=["fp32", "amp", "fp16"], help="default: amp on CUDA, else fp32")
+    add("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add("--workers", type=int, default=4, help="data-loading processes")
+    add("--out", help="run folder (default runs/<method>/<dataset>/...)")
+    if learned:
+        add("--load", help="checkpoint.pt of learned parameters to start from")
+        add("--eval-only", action="store_true", help="evaluate --load without training")
+        add("--resume", action="store_true", help="continue the run in --out after its last epoch")
+
+
+def log_epoch(run_dir, device, epoch, epochs, seconds, n_images, **values):
+    """One line of log.jsonl per epoch, and on the screen: the mean of each per-step value, the
+    speed (images per second) and, on CUDA, the peak memory of the epoch."""
+    record = {"epoch": epoch, **{k: float(np.mean(v)) for k, v in values.items()}}
+    record.update(seconds=round(seconds, 3), images_per_s=round(n_images / seconds, 1))
+    record["peak_mib"] = peak_mib(device)
+    with open(os.path.join(run_dir, "log.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
+    shown = "  ".join(f"{k} {record[k]:.4g}" for k in values)
+    print(f"epoch {epoch}/{epochs}  {shown}  {seconds:.1f}s  {record['images_per_s']} img/s")
+
+
+def finish_run(run_dir, args, method, dataset, zero_shot, accuracy, **extra):
+    """Write metrics.json (the zero-shot baseline and the method's accuracy on every test set,
+    base/new/H, how and where it ran) and print its one-line summary, the run's last line."""
+    device, hm = torch.device(args.device), ""
+    metrics = dict(method=method, backbone=args.backbone, dataset=dataset, seed=args.seed)
+    metrics.update(shots=getattr(args, "shots", 0), zero_shot=zero_shot, accuracy=accuracy)
+    if "new" in accuracy:
+        metrics["harmonic_mean"] = harmonic_mean(accuracy["test"], accuracy["new"])
+        hm = f" H={metrics['harmonic_mean']:.2f}"
+    metrics.update(extra, peak_mib=peak_mib(device), **run_info(device))
+    save(os.path.join(run_dir, "metrics.json"), metrics)
+    acc = " ".join(f"{k}={v:.2f}" for k, v in accuracy.items())
+    zs = " ".join(f"{k}={v:.2f}" for k, v in zero_shot.items())
+    speed = f" | {extra['images_per_s']:.1f} img/s" if extra.get("images_per_s") else ""
+    peak = f", peak {metrics['peak_mib']:.0f} MiB" if metrics["peak_mib"] else ""
+    print(
+        f"{method} {dataset} shots={metrics['shots']} seed={args.seed}: accuracy {acc}{hm} | "
+        f"zero-shot {zs}{speed}{peak} | {run_dir}/metrics.json"
+    )
+    return metrics
+
+
+# --- end shared: run folder ---
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,204 @@
+"""CLIP-Adapter, Tip-Adapter(-F) and the linear probe: the properties the papers and the code give them."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import ROOT, tiny_clip
+from PIL import Image
+
+import adapter as ad
+
+NAMES = ["red", "green circle", "blue"]
+
+
+def run(argv):
+    return ad.main(ad.parse_args(argv + ["--workers", "0"]))
+
+
+def raw_features(model, n=5, seed=0):
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        return model.encode_image(torch.randn(n, 3, 32, 32)).float()  # (n, 32), unnormalised
+
+
+# --- the methods' equations -------------------------------------------------------------------------
+def test_clip_adapter_is_the_coded_bottleneck_and_alpha_zero_is_exactly_zero_shot():
+    model = tiny_clip(seed=1)
+    dim = model.visual.output_dim
+    a = ad.ClipAdapter(dim)  # reduction 4, no biases, a ReLU after each layer
+    assert [tuple(p.shape) for p in a.parameters()] == [(dim // 4, dim), (dim, dim // 4)]
+    f = raw_features(model)
+    W = ad.zeroshot_classifier(model, NAMES, ["a photo of a {}."])  # (C, D)
+    s = model.logit_scale.exp().item()
+    with torch.no_grad():
+        assert (a(f) >= 0).all()
+        torch.testing.assert_close(ad.blend(f, a, 0.3), 0.3 * a(f) + 0.7 * f)
+        zero_shot = s * F.normalize(f, dim=-1) @ W.t()
+        assert torch.equal(ad.clip_adapter_logits(f, a, 0.0, W, s), zero_shot)
+        # bias-free linear layers and ReLUs make A(c f) = c A(f) for c > 0, so blending the raw or
+        # the normalised feature gives the same logits: the code's order cannot matter here
+        blended = ad.clip_adapter_logits(f, a, 0.2, W, s)
+        other = s * F.normalize(ad.blend(F.normalize(f, dim=-1), a, 0.2), dim=-1) @ W.t()
+        torch.testing.assert_close(blended, other)
+
+
+def test_tip_adapter_alpha_zero_is_exactly_zero_shot():
+    torch.manual_seed(0)
+    f = F.normalize(torch.randn(4, 16), dim=-1)
+    W, K = F.normalize(torch.randn(3, 16), dim=-1), F.normalize(torch.randn(6, 16), dim=-1)
+    V = F.one_hot(torch.tensor([0, 1, 2, 0, 1, 2]), 3).float()
+    logits = ad.tip_adapter_logits(f, W, K, V, 0.0, 5.5, 100.0)
+    assert logits.shape == (4, 3) and torch.equal(logits, 100.0 * f @ W.t())
+
+
+def test_tip_adapter_affinity_one_to_a_key_adds_alpha_times_its_value():
+    torch.manual_seed(1)
+    K = torch.eye(6, 16)  # orthonormal keys: a query equal to key 2 has affinity 1 to it, 0 to the rest
+    V = F.one_hot(torch.tensor([0, 1, 2, 0, 1, 2]), 3).float()
+    W = F.normalize(torch.randn(3, 16), dim=-1)
+    f = K[2:3]
+    zero_shot = 100.0 * f @ W.t()
+    for alpha, beta in [(1.5, 3.0), (2.0, 200.0)]:
+        added = ad.tip_adapter_logits(f, W, K, V, alpha, beta, 100.0) - zero_shot
+        rest = math.exp(-beta) * (V.sum(0) - V[2])  # the other keys weigh exp(-beta (1 - 0))
+        torch.testing.assert_close(added, alpha * (V[2] + rest).unsqueeze(0))
+    assert torch.equal(added, 2.0 * V[2:3])  # sharp enough (beta 200), only that key's label
+
+
+def test_cache_keys_average_the_raw_views_then_normalise():
+    torch.manual_seed(2)
+    views = torch.randn(10, 4, 8) * torch.rand(10, 4, 1) * 5  # (views, N, D), views of unequal norm
+    keys, values = ad.build_cache(views, torch.tensor([1, 0, 2, 1]), 3)
+    torch.testing.assert_close(keys, F.normalize(views.mean(0), dim=-1))
+    assert not torch.allclose(keys, F.normalize(F.normalize(views, dim=-1).mean(0), dim=-1))
+    assert torch.equal(values, torch.tensor([[0, 1, 0], [1, 0, 0], [0, 0, 1], [0, 1, 0]]).float())
+
+
+def test_alpha_beta_search_is_the_authors_grid_with_the_first_best_pair():
+    torch.manual_seed(3)
+    f = F.normalize(torch.randn(40, 16), dim=-1)
+    W, K = F.normalize(torch.randn(4, 16), dim=-1), F.normalize(torch.randn(12, 16), dim=-1)
+    V, y = F.one_hot(torch.arange(12) % 4, 4).float(), torch.randint(4, (40,))
+    acc, alpha, beta = ad.search_alpha_beta(f, y, W, K, V, 10.0, (7.0, 3.0), (20, 10))
+    best = (0, None, None)  # the authors' loop: beta outer, alpha inner, strict '>'
+    for i in range(20):
+        for j in range(10):
+            b, a = 0.1 + i * (7.0 - 0.1) / 20, 0.1 + j * (3.0 - 0.1) / 10
+            correct = (ad.tip_adapter_logits(f, W, K, V, a, b, 10.0).argmax(-1) == y).sum().item()
+            if correct > best[0]:
+                best = (correct, a, b)
+    assert (alpha, beta) == (best[1], best[2]) and acc == 100.0 * best[0] / 40
+
+
+def test_linear_probe_reaches_the_optimum_of_sklearns_objective():
+    torch.manual_seed(4)
+    X, y = torch.randn(30, 8), torch.arange(30) % 3
+    X[torch.arange(30), y] += 6  # separable
+    for C in (1e-2, 1.0, 1e4):
+        P, b = ad.fit_linear_probe(X, y, 3, C)
+        P, b = P.clone().requires_grad_(), b.clone().requires_grad_()
+        loss = F.cross_entropy(X @ P.t() + b, y) + (P**2).sum() / (2 * C * 30)
+        grads = torch.autograd.grad(loss, [P, b])
+        assert max(g.abs().max().item() for g in grads) < 1e-3  # stationary (convex: the optimum)
+    assert (ad.probe_logits(X, (P.detach(), b.detach())).argmax(-1) == y).all()  # weak regularisation fits
+    with pytest.raises(ValueError, match="must be positive"):
+        ad.fit_linear_probe(X, y, 3, -1.0)
+
+
+def test_C_search_follows_coops_coarse_list_then_log_bisection():
+    fitted = []
+
+    def fit(C):
+        fitted.append(C)
+        return C
+
+    # validation accuracy peaks at C = 10**0.3; CoOp's steps (worked by hand) end at 10**0.296875
+    C, probe, acc = ad.search_C(fit, lambda C: -abs(math.log10(C) - 0.3))
+    assert math.isclose(C, 10**0.296875) and probe == C and math.isclose(acc, -0.003125)
+    assert fitted[:7] == [1e6, 1e4, 1e2, 1.0, 1e-2, 1e-4, 1e-6]
+    assert len(fitted) == len(set(fitted))  # every C is fitted once
+
+
+# --- a step changes only the method's parameters ------------------------------------------------------
+@pytest.mark.parametrize("method", ["clip-adapter", "tip-f"])
+def test_a_train_step_changes_only_the_methods_parameters(method):
+    model = tiny_clip(seed=5)
+    frozen = {k: v.clone() for k, v in model.state_dict().items()}
+    views = raw_features(model, 8).view(2, 4, -1)  # (views, N, D) cached
+    labels = torch.tensor([0, 1, 2, 0])
+    W = ad.zeroshot_classifier(model, NAMES, ["a photo of a {}."])
+    W0, cache0, s = W.clone(), views.clone(), model.logit_scale.exp().item()
+    if method == "clip-adapter":
+        net = ad.ClipAdapter(32)
+        forward = lambda f: ad.clip_adapter_logits(f, net, 0.2, W, s)
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    else:
+        net = ad.TipAdapterF(*ad.build_cache(views, labels, 3))
+        forward = lambda f: net(F.normalize(f, dim=-1), W, 1.0, 1.0, s)
+        optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3, eps=1e-4)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    ad.train_step(forward, optimizer, views[0], labels)
+    learned = {n for n, p in net.named_parameters()}
+    assert learned == ({"fc.0.weight", "fc.2.weight"} if method == "clip-adapter" else {"cache_keys"})
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k]) != (k in learned), k  # learned ones moved, the values did not
+    assert torch.equal(W, W0) and torch.equal(views, cache0)
+    assert all(torch.equal(v, frozen[k]) for k, v in model.state_dict().items())  # CLIP bit-identical
+
+
+def test_tip_f_training_lowers_the_loss():
+    torch.manual_seed(6)
+    W = F.normalize(torch.randn(3, 16), dim=-1)
+    f, y = F.normalize(torch.randn(12, 16), dim=-1), torch.arange(12) % 3
+    net = ad.TipAdapterF(f.clone(), F.one_hot(torch.randint(3, (12,)), 3).float())  # noisy values
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-2, eps=1e-4)
+    step = lambda: ad.train_step(lambda x: net(x, W, 1.0, 5.0, 10.0), optimizer, f, y)[0]
+    first = step()
+    assert [step() for _ in range(50)][-1] < 0.8 * first
+
+
+def test_an_epoch_shows_every_image_once_as_one_of_its_views():
+    views = torch.arange(3 * 5).float().view(3, 5, 1)  # view v of image i has the value 5v + i
+    labels = torch.arange(5)
+    batches = list(ad.epoch_batches(views, labels, 2, torch.Generator().manual_seed(0)))
+    f, y = torch.cat([b[0] for b in batches]).flatten(), torch.cat([b[1] for b in batches])
+    assert [len(b[1]) for b in batches] == [2, 2, 1] and sorted(y.tolist()) == [0, 1, 2, 3, 4]
+    assert torch.equal(f.long() % 5, y)  # each image's own feature, from some view
+
+
+def test_schedule_is_coops():
+    assert ad.lr_at_epoch(0, 0.002, 50) == 1e-5 and ad.lr_at_epoch(1, 0.002, 50) == 0.002
+    assert math.isclose(ad.lr_at_epoch(49, 0.002, 50), 7.885e-6, rel_tol=1e-3)
+    assert [ad.epochs_for_shots(k) for k in (1, 2, 4, 8, 16)] == [50, 100, 100, 200, 200]
+
+
+# --- the feature cache -----------------------------------------------------------------------------------
+def test_cached_features_equal_features_computed_in_the_loop(tiny_data):
+    model = tiny_clip(seed=7)
+    data = ad.load_dataset(tiny_data)
+    items = data["train"][:5]
+    transform = ad.train_transform(32, 0.5)
+    cpu = torch.device("cpu")
+    cache = ad.encode_views(model.encode_image, items, transform, cpu, "fp32", 3, 11, 0, batch_size=4)
+    assert cache.shape == (3, 5, 32)
+    for v in range(3):  # in the loop: view v of image i drawn again, and encoded on its own
+        for i, (path, _) in enumerate(items):
+            torch.random.default_generator.manual_seed(11 * 1_000_003 + v * 5 + i)
+            x = transform(Image.open(path).convert("RGB")).unsqueeze(0)
+            with torch.no_grad():
+                torch.testing.assert_close(cache[v, i], model.encode_image(x)[0], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(cache[0], cache[1])  # the views differ
+    again = ad.encode_views(model.encode_image, items, transform, cpu, "fp32", 3, 11, 0, batch_size=7)
+    torch.testing.assert_close(again, cache)  # independent of batching
+    # the test transform is CLIP's own preprocess
+    test = ad.encode_views(model.encode_image, items, ad.test_transform(32), cpu, "fp32", workers=0)
+    preprocess = ad.clip.clip._transform(32)
+    with torch.no_grad():
+        loop = model.encode_image(torch.stack([preprocess(Image.open(p).convert("RGB")) for p, _ in items]))
+    torch.testing.assert_close(test[0], loop, atol=1e-5, rtol=1e-5)
