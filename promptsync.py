@@ -1,0 +1,1285 @@
+"""Test-time prompt tuning on multimodal prompts: TPT and PromptAlign (PromptSync comes next).
+
+Papers  TPT:         Shu et al., "Test-Time Prompt Tuning for Zero-Shot Generalization in
+                     Vision-Language Models", arXiv 2209.07511 (NeurIPS 2022)
+        MaPLe:       Khattak et al., "MaPLe: Multi-modal Prompt Learning", arXiv 2210.03117
+        PromptAlign: Abdul Samadh et al., "Align Your Prompts: Test-Time Prompting with
+                     Distribution Alignment for Zero-Shot Generalization", arXiv 2311.01459
+
+The idea. TPT tunes CLIP's prompt on every single test image, without its label: it makes N
+augmented views of the image, keeps the views CLIP is most confident about and minimises the
+entropy of their averaged prediction, then classifies the original image with the updated prompt,
+and resets the prompt for the next image. PromptAlign does the same on MaPLe's multimodal prompts
+(text prompts in the first J layers of the text tower and their linear projections in the vision
+tower, learned once on a labelled source set) and adds a loss that pulls the mean and variance of
+the test image's vision tokens towards statistics recorded on the source set.
+
+Equations (p_i = softmax of view i's logits, H the entropy, tau CLIP's frozen temperature)
+  [TPT Eq. 5]   keep the rho*N views with the lowest H(p_i)               (rho = 0.1 -> 6 of 64)
+  [TPT Eq. 4]   p_bar = mean of p_i over the kept views,   L_ent = H(p_bar) = -sum_c p_bar log p_bar
+  [MaPLe]       text prompts P_j (M, d) in blocks j < J; vision prompts P~_j = F_j(P_j), F_j linear
+  [PromptAlign] L_align = sum_l 0.5 mean|mu_l - mu^_l| + 0.5 mean|var_l - var^_l|  (block inputs)
+  [PromptAlign] L = L_ent + beta L_align,   beta = 100/3,  l = 0, 1   (the authors' code)
+Learned: TPT: ctx (4, d) from "a photo of a"; MaPLe: ctx (2, d), deep text prompts (J-1, 2, d),
+the couplings F_0..F_J-1 (d -> vision width). Frozen: all of CLIP.
+
+The papers' settings: TPT: 63 random crops + flips and the original (AugMix on the fine-grained
+sets), rho 0.1, one AdamW step at lr 5e-3, prompts and optimizer reset per image. MaPLe source
+prompts (cross-dataset recipe): ImageNet 16 shots, 2 tokens, depth 3, SGD lr 0.0026, batch 4, 2
+epochs. PromptAlign: those prompts, ViT-B/16, AdamW lr 4e-2, the same views without AugMix.
+
+Run
+  python promptsync.py --stage source --backbone toy/clip_vit.pt --data toy/proxy --crop-scale 0.5
+  python promptsync.py --loss align --backbone toy/clip_vit.pt --data toy/sketch \\
+      --load runs/maple/proxy/16shot_seed1/checkpoint.pt
+  python promptsync.py --backbone ViT-B/16 --data DATA/imagenet-a --loss tpt      # TPT on CLIP
+"""
+
+import argparse
+import copy
+import json
+import math
+import os
+import platform
+import random
+import time
+import warnings
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+from tqdm import tqdm
+
+with warnings.catch_warnings():  # openai-clip 1.0.1 imports the deprecated pkg_resources
+    warnings.simplefilter("ignore")
+    import clip
+
+
+# --- shared: text encoder (canonical copy in coop.py; re-sync with tools/sync_shared.py) ---
+class TextEncoder(nn.Module):
+    """CLIP's text transformer on prompt embeddings, in two exact shortcuts of its 77 positions.
+
+    The transformer is causal: position i attends to positions <= i only. So (1) the end-of-text
+    (EOT) feature depends only on the positions up to it, and running the prompts cut after the
+    longest EOT gives exactly the 77-position result (`forward`); and (2) positions before the
+    class name never see it: when every class's prompt starts with the same prefix ([SOS] and a
+    generic context), the prefix's hidden states are the same for every class. `shared_prefix`
+    computes them once (once per image for CoCoOp) and runs only each class's remaining tokens
+    (name, ".", EOT), which attend to the prefix's keys and values and, causally, to their own.
+    """
+
+    def __init__(self, clip_model):
+        super().__init__()
+        self.transformer, self.ln_final = clip_model.transformer, clip_model.ln_final
+        self.positional_embedding = clip_model.positional_embedding
+        self.text_projection, self.dtype = clip_model.text_projection, clip_model.dtype
+
+    def forward(self, prompts, tokenized):
+        # prompts: (N, L, d) token embeddings; tokenized: (N, L) ids, used to find EOT (largest id)
+        eot = tokenized.argmax(dim=-1)  # (N,)
+        n = int(eot.max()) + 1
+        x = prompts[:, :n].type(self.dtype) + self.positional_embedding[:n].type(self.dtype)
+        mask = torch.full((n, n), float("-inf"), device=x.device, dtype=x.dtype).triu_(1)
+        x = x.permute(1, 0, 2)  # NLD -> LND: (n, N, d)
+        for block in self.transformer.resblocks:  # = block(x) with the causal mask cut to n
+            h = block.ln_1(x)
+            x = x + block.attn(h, h, h, need_weights=False, attn_mask=mask)[0]
+            x = x + block.mlp(block.ln_2(x))
+        x = x.permute(1, 0, 2)[torch.arange(x.shape[1]), eot]  # LND -> NLD, the EOT rows: (N, d)
+        return self.ln_final(x).type(self.dtype) @ self.text_projection  # (N, D)
+
+    def shared_prefix(self, prefix, suffix, tokenized, deep=()):
+        """Exactly forward(cat([prefix[b], suffix[c]]), tokenized[c]) for every pair (b, c).
+
+        prefix: (B, P, d), the first P positions, the same for every class (B = 1, or one per
+        image); suffix: (C, L - P, d), the rest of each class's prompt; tokenized: (C, L) ids;
+        deep: tensors (n, d) that replace prefix positions 1..n before blocks 1, 2, ... (MaPLe's
+        deeper text prompts). Returns (B, C, D).
+        """
+        (B, P, d), C = prefix.shape, suffix.shape[0]
+        eot = tokenized.argmax(dim=-1) - P  # EOT's index within the suffix: (C,)
+        S = int(eot.max()) + 1
+        pos = self.positional_embedding.type(self.dtype)
+        xp = prefix.type(self.dtype) + pos[:P]  # (B, P, d)
+        xs = (suffix[:, :S].type(self.dtype) + pos[P : P + S]).expand(B, -1, -1, -1)
+        xs = xs.reshape(B * C, S, d)  # every (image, class) pair's own tokens: (B*C, S, d)
+        see = torch.ones(S, P + S, dtype=torch.bool, device=xp.device).tril_(P)  # (S, P + S)
+        for i, block in enumerate(self.transformer.resblocks):
+            if 0 < i <= len(deep):  # MaPLe: the previous block's outputs there are replaced
+                n = deep[i - 1].shape[0]
+                new = deep[i - 1].type(xp.dtype).expand(B, -1, -1)  # (B, n, d)
+                xp = torch.cat([xp[:, :1], new, xp[:, 1 + n :]], dim=1)  # (B, P, d)
+            heads = block.attn.num_heads
+            split = lambda t: t.unflatten(-1, (heads, -1)).transpose(-3, -2)  # (.., heads, L, d_h)
+            qkv_p = F.linear(block.ln_1(xp), block.attn.in_proj_weight, block.attn.in_proj_bias)
+            qkv_s = F.linear(block.ln_1(xs), block.attn.in_proj_weight, block.attn.in_proj_bias)
+            qp, kp, vp = map(split, qkv_p.chunk(3, dim=-1))  # (B, heads, P, d_h) each
+            qs, ks, vs = map(split, qkv_s.chunk(3, dim=-1))  # (B*C, heads, S, d_h) each
+            # The prefix attends causally to itself only: it never sees a class name.
+            ap = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True)  # (B, heads, P, d_h)
+            # Each class's tokens attend to [prefix keys/values ; their own, causally]:
+            #   softmax(q_s [K_p ; K_s]^T / sqrt(d_h) + mask) [V_p ; V_s]
+            rep = lambda t: t.unsqueeze(1).expand(-1, C, -1, -1, -1).flatten(0, 1)  # B -> B*C
+            k, v = torch.cat([rep(kp), ks], dim=-2), torch.cat([rep(vp), vs], dim=-2)
+            a_s = F.scaled_dot_product_attention(qs, k, v, attn_mask=see)  # (B*C, heads, S, d_h)
+            merge = lambda t: block.attn.out_proj(t.transpose(-3, -2).flatten(-2))  # (.., L, d)
+            xp, xs = xp + merge(ap), xs + merge(a_s)
+            xp, xs = xp + block.mlp(block.ln_2(xp)), xs + block.mlp(block.ln_2(xs))
+        x = xs[torch.arange(B * C), eot.repeat(B)]  # the EOT rows: (B*C, d)
+        return (self.ln_final(x).type(self.dtype) @ self.text_projection).view(B, C, -1)
+
+
+def tokenize(clip_model, texts):
+    return clip.tokenize(texts, context_length=clip_model.context_length)
+
+
+@torch.no_grad()
+def text_features(clip_model, texts, batch_size=1000):
+    """L2-normalised CLIP text features of plain texts, (N, D) in fp32."""
+    encoder, device, out = TextEncoder(clip_model), clip_model.positional_embedding.device, []
+    for i in range(0, len(texts), batch_size):
+        tokens = tokenize(clip_model, texts[i : i + batch_size]).to(device)
+        out.append(F.normalize(encoder(clip_model.token_embedding(tokens), tokens).float(), dim=-1))
+    return torch.cat(out)
+
+
+def zeroshot_classifier(clip_model, classnames, templates):
+    """[CLIP] one weight per class: the normalised mean of its normalised template features."""
+    per_template = [text_features(clip_model, [t.format(c) for c in classnames]) for t in templates]
+    return F.normalize(torch.stack(per_template).mean(dim=0), dim=-1)  # (n_cls, D)
+
+
+# --- end shared: text encoder ---
+
+
+# ------------------------------------------------------------------------------------------------
+# The method: the prompts, both towers with them, TPT's selection and loss, PromptAlign's loss
+# ------------------------------------------------------------------------------------------------
+class MultimodalPrompts(nn.Module):
+    """TPT's text context (depth 0) or MaPLe's multimodal prompts (depth J >= 1).
+
+    The text prompt of class c is "a photo of a {c}." with its first M tokens learned (ctx): TPT
+    learns all 4 words, MaPLe the first 2 ("a photo"; "of a" stays fixed). With depth J, the text
+    tokens at positions 1..M are replaced by deep_text[j-1] before text blocks j = 1..J-1, and the
+    vision tower gets the projections proj(ctx), deep_proj[j-1](deep_text[j-1]) [MaPLe].
+    """
+
+    def __init__(self, clip_model, classnames, n_ctx=2, depth=3, ctx_init="a photo of a"):
+        super().__init__()
+        d, visual = clip_model.ln_final.weight.shape[0], clip_model.visual
+        tokens = tokenize(clip_model, [ctx_init]).to(clip_model.token_embedding.weight.device)
+        if not 1 <= n_ctx <= int(tokens.argmax()) - 1:
+            raise ValueError(f"n_ctx must be 1..{int(tokens.argmax()) - 1} ({ctx_init!r})")
+        if depth and not hasattr(visual, "transformer"):
+            raise ValueError("MaPLe's vision prompts need a ViT backbone (e.g. ViT-B/16)")
+        if depth and depth > min(
+            len(clip_model.transformer.resblocks), len(visual.transformer.resblocks)
+        ):
+            raise ValueError(f"depth {depth} is more than the layers of a tower of this CLIP")
+        with torch.no_grad():
+            self.ctx = nn.Parameter(clip_model.token_embedding(tokens)[0, 1 : 1 + n_ctx].float())
+        self.deep_text = nn.ParameterList(  # [MaPLe] deeper text prompts, N(0, 0.02^2)
+            [nn.Parameter(torch.randn(n_ctx, d) * 0.02) for _ in range(max(depth - 1, 0))]
+        )
+        if depth:  # [MaPLe] couplings F_j: the deeper ones are copies of one Linear
+            width = visual.conv1.out_channels
+            self.proj, one = nn.Linear(d, width), nn.Linear(d, width)
+            self.deep_proj = nn.ModuleList(copy.deepcopy(one) for _ in range(depth - 1))
+        self.n_ctx, self.depth, self.ctx_init = n_ctx, depth, ctx_init
+        self.set_classnames(clip_model, classnames)
+
+    def set_classnames(self, clip_model, classnames):
+        tokenized = tokenize(clip_model, [f"{self.ctx_init} {c}." for c in classnames])  # (C, L)
+        tokenized = tokenized.to(clip_model.token_embedding.weight.device)
+        with torch.no_grad():
+            embedding = clip_model.token_embedding(tokenized).float()  # (C, L, d)
+        self.register_buffer("token_prefix", embedding[:, :1], persistent=False)  # SOS
+        self.register_buffer("token_suffix", embedding[:, 1 + self.n_ctx :], persistent=False)
+        self.register_buffer("tokenized", tokenized, persistent=False)  # only to find EOT
+
+    def text_prompts(self):
+        ctx = self.ctx.expand(self.token_prefix.shape[0], -1, -1)  # (C, M, d)
+        return torch.cat([self.token_prefix, ctx, self.token_suffix], dim=1)  # (C, L, d)
+
+    def vision_prompts(self):
+        if not self.depth:
+            return []
+        deep = [f(p) for f, p in zip(self.deep_proj, self.deep_text)]
+        return [self.proj(self.ctx)] + deep  # [MaPLe] P~_j = F_j(P_j): J tensors (M, width)
+
+
+def encode_text(encoder, prompts, tokenized, deep=(), cut=True):
+    """The text tower over prompt embeddings (C, L, d) with MaPLe's deeper prompts (M, d) each.
+
+    Before block j = 1..len(deep), positions 1..M are replaced by deep[j-1] (no position
+    embedding), for every class. cut: run only up to the last EOT (exact, the tower is causal).
+    """
+    eot = tokenized.argmax(dim=-1)  # (C,)
+    n = int(eot.max()) + 1 if cut else prompts.shape[1]
+    x = prompts[:, :n].type(encoder.dtype) + encoder.positional_embedding[:n].type(encoder.dtype)
+    mask = torch.full((n, n), float("-inf"), device=x.device, dtype=x.dtype).triu_(1)  # causal
+    x = x.permute(1, 0, 2)  # NLD -> LND: (n, C, d)
+    for j, block in enumerate(encoder.transformer.resblocks):
+        if 1 <= j <= len(deep):  # [MaPLe] replace the context tokens
+            p = deep[j - 1].type(x.dtype).unsqueeze(1).expand(-1, x.shape[1], -1)  # (M, C, d)
+            x = torch.cat([x[:1], p, x[1 + p.shape[0] :]])  # (n, C, d)
+        h = block.ln_1(x)
+        x = x + block.attn(h, h, h, need_weights=False, attn_mask=mask)[0]
+        x = x + block.mlp(block.ln_2(x))
+    x = x.permute(1, 0, 2)[torch.arange(x.shape[1]), eot]  # LND -> NLD, the EOT rows: (C, d)
+    return encoder.ln_final(x).type(encoder.dtype) @ encoder.text_projection  # (C, D)
+
+
+def encode_image(visual, images, prompts=(), tokens=None):
+    """CLIP's ViT with MaPLe's vision prompts, an explicit forward over the blocks.
+
+    prompts[0] (M, width) is appended after the patches and layer-normed with them (ln_pre);
+    before block j = 1..J-1 the last M tokens are replaced by prompts[j]. This is vpt.py's deep
+    replacement with MaPLe's placement, except that here the prompts are not parameters of their
+    own but projections of the text prompts. tokens: a list that receives every block's input
+    (after the replacement), (T, B, width) each, for PromptAlign's statistics.
+    """
+    x = visual.conv1(images.type(visual.conv1.weight.dtype))  # (B, width, g, g)
+    x = x.flatten(2).permute(0, 2, 1)  # (B, g*g, width)
+    B, width = x.shape[0], x.shape[-1]
+    cls = visual.class_embedding.to(x.dtype) + torch.zeros(
+        B, 1, width, dtype=x.dtype, device=x.device
+    )
+    x = torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)  # (B, 1+g*g, width)
+    if prompts:  # [MaPLe] no position embedding for the prompts
+        x = torch.cat([x, prompts[0].to(x.dtype).expand(B, -1, -1)], dim=1)  # (B, T, width)
+    x = visual.ln_pre(x).permute(1, 0, 2)  # NLD -> LND: (T, B, width)
+    for j, block in enumerate(visual.transformer.resblocks):
+        if 1 <= j < len(prompts):  # [MaPLe] drop the previous block's prompt outputs, insert anew
+            p = prompts[j].to(x.dtype).unsqueeze(1).expand(-1, B, -1)  # (M, B, width)
+            x = torch.cat([x[: -p.shape[0]], p])  # (T, B, width)
+        if tokens is not None:
+            tokens.append(x)
+        x = block(x)
+    return visual.ln_post(x[0]) @ visual.proj  # the class token: (B, D)
+
+
+class PromptedCLIP(nn.Module):
+    """Frozen CLIP with learned prompts in one or both towers: logits (B, C)."""
+
+    def __init__(self, clip_model, classnames, n_ctx=2, depth=3, ctx_init="a photo of a"):
+        super().__init__()
+        self.prompts = MultimodalPrompts(clip_model, classnames, n_ctx, depth, ctx_init)
+        self.text_encoder = TextEncoder(clip_model)
+        self.clip, self.cut_text = clip_model, True  # cut_text=False: all 77 positions (bench)
+
+    def text_features(self):
+        pl = self.prompts
+        if pl.depth == 0 and self.cut_text:  # TPT: the shared (cut) text encoder
+            text = self.text_encoder(pl.text_prompts(), pl.tokenized)
+        else:
+            deep = list(pl.deep_text)
+            text = encode_text(
+                self.text_encoder, pl.text_prompts(), pl.tokenized, deep, self.cut_text
+            )
+        return F.normalize(text.float(), dim=-1)  # (C, D)
+
+    def image_features(self, images, tokens=None):
+        if self.prompts.depth == 0 and tokens is None:  # text-only prompts: CLIP's own forward
+            return F.normalize(self.clip.encode_image(images).float(), dim=-1)
+        prompts = self.prompts.vision_prompts()
+        return F.normalize(encode_image(self.clip.visual, images, prompts, tokens).float(), dim=-1)
+
+    def logits(self, image_features, text_features=None):
+        text = self.text_features() if text_features is None else text_features
+        return self.clip.logit_scale.exp() * image_features.float() @ text.t()  # (B, C)
+
+    def forward(self, images):
+        return self.logits(self.image_features(images))
+
+
+def select_confident(logits, rho):
+    """[TPT Eq. 5] indices of the int(N * rho) views (of N) whose predictions have the lowest
+    entropy."""
+    logp = logits.float().log_softmax(dim=-1)  # (N, C)
+    entropy = -(logp.exp() * logp).sum(dim=-1)  # (N,)
+    return entropy.argsort()[: int(logits.shape[0] * rho)]
+
+
+def marginal_entropy(logits):
+    """[TPT Eq. 4] H(p_bar), p_bar the mean of the views' softmax, via log p_bar = logsumexp."""
+    logp = logits.float().log_softmax(dim=-1)  # (k, C)
+    log_mean = logp.logsumexp(dim=0) - math.log(logp.shape[0])  # log p_bar: (C,)
+    log_mean = log_mean.clamp(min=torch.finfo(log_mean.dtype).min)  # no 0 * -inf
+    return -(log_mean.exp() * log_mean).sum()
+
+
+def token_alignment(means, variances, source_means, source_variances):
+    """[PromptAlign, as coded] sum over the given layers of the L1 (mean over elements) distances
+    of the token means and variances, 0.5 each."""
+    terms = [
+        0.5 * (m - sm).abs().mean() + 0.5 * (v - sv).abs().mean()
+        for m, v, sm, sv in zip(means, variances, source_means, source_variances)
+    ]
+    return torch.stack(terms).sum()
+
+
+@torch.no_grad()
+def token_statistics(model, loader, device, precision):
+    """Mean and biased variance of every vision block's input tokens over a whole set, (L, T, W)
+    each. Batches are merged with Chan et al.'s exact formula: the same as two passes (the means,
+    then the variances around them) in one."""
+    n, mean, m2 = 0, 0.0, 0.0
+    for images, _ in loader:
+        tokens = []
+        with autocast(device, precision):
+            model.image_features(images.to(device), tokens)
+        x = torch.stack(tokens).float()  # (L, T, B, W)
+        b, batch_mean = x.shape[2], x.mean(dim=2)  # (L, T, W)
+        batch_m2 = (x - batch_mean.unsqueeze(2)).square().sum(dim=2)
+        delta, total = batch_mean - mean, n + b
+        mean, m2, n = (
+            mean + delta * b / total,
+            m2 + batch_m2 + delta.square() * n * b / total,
+            total,
+        )
+    return mean, m2 / n
+
+
+# The test-time views: TPT's AugMixAugmenter (the original first, then random crops + flips, with
+# AugMix on top for the fine-grained sets); PromptAlign never uses AugMix.
+AUGMIX_OPS = [
+    "autocontrast",
+    "equalize",
+    "posterize",
+    "rotate",
+    "solarize",
+    "shear_x",
+    "shear_y",
+    "translate_x",
+    "translate_y",
+]
+
+
+def augmix_op(image, op):
+    """One AugMix operation at severity 1 (magnitude level/10, level ~ U(0.1, 1)); translations
+    are relative to the image side (AugMix's code: 224/3 pixels at full level)."""
+    v, s = np.random.uniform(0.1, 1.0) / 10, 1 if np.random.uniform() < 0.5 else -1
+    affine = lambda c: image.transform(image.size, Image.AFFINE, c, resample=Image.BILINEAR)
+    if op in ("autocontrast", "equalize"):
+        return getattr(ImageOps, op)(image)
+    if op == "posterize":
+        return ImageOps.posterize(image, 4 - int(v * 4))
+    if op == "rotate":
+        return image.rotate(s * int(v * 30), resample=Image.BILINEAR)
+    if op == "solarize":
+        return ImageOps.solarize(image, 256 - int(v * 256))
+    if op.startswith("shear"):
+        return affine(
+            (1, s * v * 0.3, 0, 0, 1, 0) if op == "shear_x" else (1, 0, 0, s * v * 0.3, 1, 0)
+        )
+    t = s * int(v * image.size[0] / 3)
+    return affine((1, 0, t, 0, 1, 0) if op == "translate_x" else (1, 0, 0, 0, 1, t))
+
+
+class Views:
+    """image -> (N, 3, n_px, n_px): the original (CLIP's preprocess) and N-1 augmented views."""
+
+    def __init__(self, n_px, n_views=64, augmix=False, crop_scale=0.08):
+        import torchvision.transforms as T
+
+        self.original, self.n_views, self.augmix = test_transform(n_px), n_views, augmix
+        # torchvision's defaults, as TPT: ratio 3/4-4/3, bilinear (not the training's bicubic)
+        self.crop = T.Compose(
+            [T.RandomResizedCrop(n_px, scale=(crop_scale, 1)), T.RandomHorizontalFlip()]
+        )
+        self.tensor = T.Compose([T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
+
+    def __call__(self, image):
+        views = [self.original(image)]
+        for _ in range(self.n_views - 1):
+            crop = self.crop(image)
+            x = self.tensor(crop)
+            if self.augmix:  # [AugMix] on normalised tensors: m x + (1-m) sum_i w_i chain_i(x)
+                w, m = np.random.dirichlet([1.0] * 3), np.random.beta(1.0, 1.0)
+                chains = []
+                for _ in range(3):
+                    aug = crop
+                    for _ in range(np.random.randint(1, 4)):
+                        aug = augmix_op(aug, AUGMIX_OPS[np.random.randint(len(AUGMIX_OPS))])
+                    chains.append(self.tensor(aug))
+                x = m * x + (1 - m) * sum(wi * c for wi, c in zip(w.tolist(), chains))
+            views.append(x)
+        return torch.stack(views)  # (N, 3, n_px, n_px)
+
+
+class ViewDataset(torch.utils.data.Dataset):
+    """(index, path, label) items -> (views, label, index); the random views of image i depend on
+    (seed, i) only, so shards, workers and restarts all see the same views."""
+
+    def __init__(self, items, views, seed):
+        self.items, self.views, self.seed = items, views, seed
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, k):
+        i, path, label = self.items[k]
+        seed_everything(self.seed * 1_000_003 + i)
+        return self.views(Image.open(path).convert("RGB")), label, i
+
+
+# ------------------------------------------------------------------------------------------------
+# One test-time step, and the per-image procedure (reset, select, step, predict)
+# ------------------------------------------------------------------------------------------------
+def train_step(
+    model,
+    optimizer,
+    scaler,
+    views,
+    precision="fp32",
+    loss="tpt",
+    features=None,
+    source=None,
+    layers=(0, 1),
+    weight=100 / 3,
+):
+    """One update on the confident views (k, 3, H, W); with text-only prompts pass their frozen
+    features (k, D) instead. source: (means, variances), (L, T, W) each, for loss 'align'."""
+    tokens = [] if loss == "align" else None
+    with autocast(views.device, precision):
+        if features is None:  # the vision prompts are learned: the vision tower is in the graph
+            features = model.image_features(views, tokens)
+        logits = model.logits(features)  # (k, C)
+    total = marginal_entropy(logits)  # [TPT Eq. 4]
+    if loss == "align":  # token statistics over the k views, per position and channel: (T, W)
+        x = [tokens[l].float() for l in layers]  # (T, k, W) each
+        means, variances = [t.mean(dim=1) for t in x], [t.var(dim=1, unbiased=False) for t in x]
+        source_means, source_variances = (
+            [source[0][l] for l in layers],
+            [source[1][l] for l in layers],
+        )
+        total = total + weight * token_alignment(means, variances, source_means, source_variances)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(total).backward()  # a no-op scale unless --precision amp on CUDA
+    scaler.step(optimizer)  # AdamW on the fp32 prompts; a step with an overflow is skipped
+    scaler.update()
+    return total.item()
+
+
+def adapt(model, views, optimizer, scaler, steps=1, rho=0.1, precision="fp32", **loss_args):
+    """TPT's per-image procedure on views (N, 3, H, W), views[0] the original image, once the
+    prompts and the optimizer are reset. -> (prediction before tuning, after tuning)."""
+    frozen = model.prompts.depth == 0  # text-only prompts: the views' features never change
+    with torch.no_grad(), autocast(views.device, precision):
+        features = model.image_features(views)  # (N, D), every view in one batch
+        logits = model.logits(features)  # (N, C)
+    before = int(logits[0].argmax())
+    selected = select_confident(logits, rho)  # [TPT Eq. 5] chosen once, before the first step
+    for _ in range(steps):
+        kept = features[selected] if frozen else None
+        train_step(model, optimizer, scaler, views[selected], precision, features=kept, **loss_args)
+    if steps == 0:
+        return before, before
+    with torch.no_grad(), autocast(views.device, precision):  # the original view, tuned prompts
+        original = features[:1] if frozen else model.image_features(views[:1])
+        return before, int(model.logits(original)[0].argmax())
+
+
+# ------------------------------------------------------------------------------------------------
+# main: the source stage (MaPLe's prompts and the token statistics), the test stage, --merge
+# ------------------------------------------------------------------------------------------------
+def lr_at_epoch(epoch, base_lr, epochs, warmup_lr=1e-5):
+    """Dassl's schedule, per epoch: a constant warm-up epoch, then a cosine over `epochs`."""
+    return warmup_lr if epoch == 0 else base_lr * (1 + math.cos(math.pi * (epoch - 1) / epochs)) / 2
+
+
+def source_stage(args, model, data, test_sets, run_dir, device, precision):
+    """[MaPLe] learn the prompts on the labelled source shots (both towers in the graph), then
+    record the token statistics PromptAlign aligns to. -> (zero-shot, prompts' accuracy)."""
+    learned, n_px = (
+        [p for p in model.parameters() if p.requires_grad],
+        model.clip.visual.input_resolution,
+    )
+    wd = 5e-4 if args.weight_decay is None else args.weight_decay
+    optimizer = torch.optim.SGD(learned, args.lr, args.momentum, weight_decay=wd)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "amp" and device.type == "cuda")
+    transform = train_transform(n_px, args.crop_scale)
+    loader = make_loader(data["train"], transform, args.batch_size, args.workers, True)
+    for epoch in range(0 if args.eval_only else args.epochs):
+        lr = lr_at_epoch(epoch, args.lr, args.epochs, args.warmup_lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        t0, losses, n = time.time(), [], 0
+        peak_mib(device, reset=True)
+        for images, labels in loader:
+            with autocast(device, precision):
+                logits = model(images.to(device))  # (B, C)
+            loss = F.cross_entropy(logits, labels.to(device))
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            losses, n = losses + [loss.item()], n + len(labels)
+        log_epoch(run_dir, device, epoch + 1, args.epochs, time.time() - t0, n, lr=lr, loss=losses)
+    # [PromptAlign] the statistics, with the learned prompts, over the whole train split (not only
+    # the shots; CLIP's preprocess), saved with the prompts
+    every = load_dataset(args.data, args.split_file, args.classnames)["train"]
+    stats = token_statistics(
+        model, make_loader(every, test_transform(n_px), 100, args.workers), device, precision
+    )
+    config = dict(
+        method="maple", backbone=args.backbone, n_ctx=model.prompts.n_ctx, depth=model.prompts.depth
+    )
+    ckpt = dict(
+        config=config, state=learned_state(model), means=stats[0].cpu(), variances=stats[1].cpu()
+    )
+    save(os.path.join(run_dir, "checkpoint.pt"), ckpt)
+    zero_shot, acc = {}, {}
+    for name, (items, classnames) in test_sets.items():  # zero-shot CLIP vs the learned prompts
+        loader = make_loader(items, test_transform(n_px), 100, args.workers)
+        features, labels = encode_images(model.clip.encode_image, loader, device, precision)
+        weights = zeroshot_classifier(model.clip, classnames, ["a photo of a {}."])
+        zero_shot[name] = accuracy(model.clip.logit_scale.exp() * features @ weights.t(), labels)
+        model.prompts.set_classnames(model.clip, classnames)
+        features, labels = encode_images(model.image_features, loader, device, precision)
+        with torch.no_grad():
+            acc[name] = accuracy(model.logits(features), labels)
+    return zero_shot, acc
+
+
+def test_stage(args, model, source, test_sets, run_dir, device, precision):
+    """[TPT] every test image on its own: reset, views, one step, predict; one line per image in
+    predictions.jsonl. -> (accuracy before tuning, after) of the images this run's folder holds."""
+    learned, n_px = (
+        [p for p in model.parameters() if p.requires_grad],
+        model.clip.visual.input_resolution,
+    )
+    wd = 0.01 if args.weight_decay is None else args.weight_decay
+    optimizer = torch.optim.AdamW(learned, args.lr, weight_decay=wd)
+    initial = copy.deepcopy((model.prompts.state_dict(), optimizer.state_dict()))
+    steps, amp = 0 if args.eval_only else args.steps, precision == "amp" and device.type == "cuda"
+    views = Views(n_px, 1 if args.eval_only else args.views, args.augmix, args.crop_scale)
+    path, (K, N) = os.path.join(run_dir, "predictions.jsonl"), map(int, args.shard.split("/"))
+    done = read_predictions([run_dir]) if args.resume else {}
+    save(path, "".join(json.dumps(r) + "\n" for r in done.values()))  # drops a line cut short
+    for name, (items, classnames) in test_sets.items():
+        model.prompts.set_classnames(model.clip, classnames)
+        todo = [(i, *item) for i, item in enumerate(items) if i % N == K and (name, i) not in done]
+        dataset = ViewDataset(todo, views, args.seed)  # one image's views per item, from workers
+        loader = torch.utils.data.DataLoader(dataset, None, num_workers=args.workers)
+        t0 = time.time()
+        peak_mib(device, reset=True)
+        with open(path, "a") as f:
+            for images, label, i in tqdm(loader, name, mininterval=10):
+                model.prompts.load_state_dict(initial[0])  # [TPT] episodic: reset the prompts
+                optimizer.load_state_dict(initial[1])  # ... and AdamW's state
+                scaler = torch.amp.GradScaler(device.type, init_scale=1000, enabled=amp)
+                before, after = adapt(
+                    model,
+                    images.to(device),
+                    optimizer,
+                    scaler,
+                    steps,
+                    args.rho,
+                    precision,
+                    loss=args.loss,
+                    source=source,
+                    layers=args.align_layers,
+                    weight=args.align_weight,
+                )
+                r = dict(set=name, index=i, label=label, before=before, after=after, n=len(items))
+                f.write(json.dumps(r) + "\n")
+                f.flush()  # a killed run keeps every image it finished (--resume)
+        t = time.time() - t0
+        record = dict(set=name, images=len(todo), seconds=round(t, 3), peak_mib=peak_mib(device))
+        with open(os.path.join(run_dir, "log.jsonl"), "a") as f:
+            f.write(json.dumps(dict(record, images_per_s=round(len(todo) / t, 3))) + "\n")
+    return summary(read_predictions([run_dir]))
+
+
+def read_predictions(run_dirs):
+    """{(test set, image index): record} from the predictions.jsonl of run folders (shards)."""
+    records = {}
+    for run_dir in run_dirs:
+        path = os.path.join(run_dir, "predictions.jsonl")
+        for line in open(path).read().splitlines() if os.path.isfile(path) else []:
+            try:
+                r = json.loads(line)
+            except ValueError:  # a line cut short by a kill
+                continue
+            if records.setdefault((r["set"], r["index"]), r) != r:
+                fail(f"{path}: image {r['index']} of {r['set']} has two different predictions")
+    return records
+
+
+def summary(records):
+    """-> {set: accuracy before tuning}, {set: after}, over the records."""
+    before, after = {}, {}
+    for name in dict.fromkeys(r["set"] for r in records.values()):
+        rs = [r for r in records.values() if r["set"] == name]
+        if len(rs) < rs[0]["n"]:
+            print(f"note: {name}: {len(rs)} of its {rs[0]['n']} images have a prediction")
+        before[name] = 100 * float(np.mean([r["before"] == r["label"] for r in rs]))
+        after[name] = 100 * float(np.mean([r["after"] == r["label"] for r in rs]))
+    return before, after
+
+
+def merge(run_dirs, out):
+    """The accuracy of a whole test set from the run folders of its shards."""
+    runs = [argparse.Namespace(**json.load(open(os.path.join(d, "args.json")))) for d in run_dirs]
+    keys = ["method", "backbone", "dataset", "seed", "views", "steps", "lr", "rho", "load"]
+    if any(getattr(r, k) != getattr(runs[0], k) for r in runs for k in keys):
+        fail(f"--merge: {run_dirs} are not shards of one run (one of {keys} differs)")
+    run_dir = out or os.path.join(os.path.dirname(os.path.normpath(run_dirs[0])), "merged")
+    os.makedirs(run_dir, exist_ok=True)
+    r = runs[0]
+    return finish_run(
+        run_dir, r, r.method, r.dataset, *summary(read_predictions(run_dirs)), merged=run_dirs
+    )
+
+
+def main(args):
+    if args.merge:
+        return merge(args.merge, args.out)
+    device = torch.device(args.device)
+    precision = args.precision or ("amp" if device.type == "cuda" else "fp32")
+    source, align = args.stage == "source", args.stage == "test" and args.loss == "align"
+    ckpt = load_checkpoint(args.load) if args.load else {}
+    saved = ckpt.get("config", {})
+    kind = args.prompts or saved.get("method") or ("maple" if source or align else "tpt")
+    n_ctx = 4 if kind == "tpt" else args.n_ctx or saved.get("n_ctx", 2)
+    depth = 0 if kind == "tpt" else saved.get("depth", 3) if args.depth is None else args.depth
+    args.lr = args.lr or (0.0026 if source else 4e-2 if align else 5e-3)
+    K, _, N = args.shard.partition("/")
+    if not (K.isdigit() and N.isdigit() and int(K) < int(N)):
+        fail(f"--shard {args.shard}: expected K/N with 0 <= K < N, e.g. 0/4")
+    if not args.data:
+        fail("--data is required (or --merge DIR... to merge the shards of a test stage)")
+    if align and (depth == 0 or "means" not in ckpt):
+        fail(
+            "--loss align aligns the vision tokens to source statistics: --load the checkpoint.pt "
+            "of a --stage source run (MaPLe prompts)"
+        )
+    if not source and not args.eval_only and int(args.views * args.rho) < 1:
+        fail(f"--views {args.views} with --rho {args.rho} keeps no view; raise one of them")
+    if (args.eval_only and not args.load) or (source and args.resume):
+        fail("--eval-only needs --load; --resume continues a test stage (rerun a source stage)")
+    if source:
+        dataset, data, test_sets = load_task(args, args.shots)
+        if not data["train"] and not args.eval_only:
+            fail(f"{args.data}: the source stage needs a labelled train/ split")
+    else:  # only the test images are read and checked (not a large train/ folder next to them)
+        data = load_dataset(args.data, args.split_file, args.classnames)
+        dataset, test_sets = os.path.basename(os.path.normpath(args.data)), {}
+        test_sets["test"] = (data["test"], data["classnames"])
+        for root in args.eval_data:
+            name, items, classnames = load_eval_set(root)
+            test_sets[name if name not in test_sets else root] = (items, classnames)
+        for items, _ in test_sets.values():
+            check_images(items, full=False)
+    method = "maple" if source else "promptalign" if align else "tpt" if depth == 0 else "tpt_maple"
+    folder = f"{args.shots}shot_seed{args.seed}" if source else f"seed{args.seed}"
+    folder += f"_shard{K}of{N}" if int(N) > 1 else ""
+    run_dir = args.out or os.path.join("runs", method, dataset, folder)
+    seed_everything(args.seed)
+
+    # Frozen CLIP and the prompts
+    clip_model = load_clip(args.backbone, device, precision)
+    try:
+        model = PromptedCLIP(clip_model, data["classnames"], n_ctx, depth)
+        for _, classnames in test_sets.values():  # every test set's prompts fit, before any work
+            model.prompts.set_classnames(clip_model, classnames)
+        model.prompts.set_classnames(clip_model, data["classnames"])
+    except ValueError as e:
+        fail(str(e))
+    model, n_learned = model.to(device), sum(p.numel() for p in learned_state(model).values())
+    assert not any(p.requires_grad for p in clip_model.parameters())
+    print(
+        f"{method}: {kind} prompts (n_ctx {n_ctx}, depth {depth}): {n_learned:,} parameters "
+        f"{list(learned_state(model))}; CLIP's are frozen"
+    )
+    if args.load:
+        load_learned(
+            model,
+            ckpt,
+            args.load,
+            dict(method=kind, backbone=args.backbone, n_ctx=n_ctx, depth=depth),
+        )
+    stats = None
+    if align:  # the source statistics, (L, T, W) each; T: class token, patches, prompts
+        stats = (ckpt["means"].to(device), ckpt["variances"].to(device))
+        tokens = (
+            clip_model.visual.positional_embedding.shape[0] + n_ctx,
+            clip_model.visual.conv1.out_channels,
+        )
+        args.align_layers = (
+            [int(i) for i in args.align_layers.split(",")]
+            if args.align_layers != "all"
+            else list(range(len(stats[0])))
+        )
+        if tuple(stats[0].shape[1:]) != tokens or max(args.align_layers) >= len(stats[0]):
+            fail(
+                f"{args.load}: its statistics {tuple(stats[0].shape)} do not fit this backbone "
+                f"(L, {tokens}) or --align-layers {args.align_layers}"
+            )
+    os.makedirs(run_dir, exist_ok=True)
+    args.shots = args.shots if source else 0  # test-time methods see no labelled image
+    save(os.path.join(run_dir, "args.json"), dict(vars(args), method=method, dataset=dataset))
+    t0 = time.time()
+    if source:
+        zero_shot, acc = source_stage(args, model, data, test_sets, run_dir, device, precision)
+    else:
+        zero_shot, acc = test_stage(args, model, stats, test_sets, run_dir, device, precision)
+    return finish_run(
+        run_dir, args, method, dataset, zero_shot, acc, seconds=round(time.time() - t0, 1)
+    )
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description="TPT and PromptAlign: test-time prompt tuning (defaults: the papers' settings)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add = p.add_argument
+    add(
+        "--stage",
+        choices=["source", "test"],
+        default="test",
+        help="source: learn MaPLe's prompts and the token statistics on a labelled set; "
+        "test: tune the prompts on every test image",
+    )
+    add(
+        "--loss",
+        choices=["tpt", "align"],
+        default="tpt",
+        help="test stage: TPT's marginal entropy, or PromptAlign's entropy + token alignment",
+    )
+    add(
+        "--prompts",
+        choices=["tpt", "maple"],
+        help="TPT's 4 text vectors or MaPLe's multimodal prompts (default: --load's; else maple "
+        "for --stage source and --loss align, tpt otherwise)",
+    )
+    add("--n-ctx", type=int, help="MaPLe's learned text tokens (default 2: 'a photo')")
+    add("--depth", type=int, help="MaPLe's prompt depth J (default 3, the cross-dataset setting)")
+    add("--backbone", default="ViT-B/16", help="CLIP name or checkpoint path (TPT also: RN50)")
+    add("--data", help="root with test/ (and train/ for the source stage), or --split-file's")
+    add("--split-file", help="CoOp's split_zhou_<Name>.json (then --data is its image root)")
+    add("--classnames", help="classnames.txt ('folder<TAB>name'); default <data>/classnames.txt")
+    add("--eval-data", nargs="*", default=[], help="more test sets (ImageFolder roots)")
+    # the source stage (MaPLe's cross-dataset recipe)
+    add("--shots", type=int, default=16, help="source images per class (seeded sample)")
+    add("--epochs", type=int, default=2, help="source epochs (the first is the warm-up)")
+    add("--batch-size", type=int, default=4, help="source batch size")
+    add("--lr", type=float, help="source: SGD 0.0026; test: AdamW 5e-3 (TPT), 4e-2 (align)")
+    add("--momentum", type=float, default=0.9, help="source SGD momentum")
+    add("--weight-decay", type=float, help="source: SGD 5e-4; test: AdamW 0.01")
+    add("--warmup-lr", type=float, default=1e-5, help="learning rate of the first source epoch")
+    add(
+        "--crop-scale",
+        type=float,
+        default=0.08,
+        help="smallest crop area of the source images and the test views (toy world: 0.5)",
+    )
+    # the test stage
+    add("--views", type=int, default=64, help="views per test image, the original included")
+    add("--rho", type=float, default=0.1, help="confidence selection: the share of views kept")
+    add("--steps", type=int, default=1, help="test-time steps per image")
+    add("--augmix", action="store_true", help="AugMix on the views (TPT on fine-grained sets)")
+    add(
+        "--align-layers",
+        default="0,1",
+        help="blocks aligned: the authors' code aligns 0,1; 'all' for the paper's form",
+    )
+    add("--align-weight", type=float, default=100 / 3, help="beta: the code's 100/3")
+    add("--shard", default="0/1", help="K/N: only every N-th test image, from the K-th")
+    add("--merge", nargs="+", help="print and write the accuracy of these shards' run folders")
+    p.set_defaults(subsample="all")  # load_task's base/new split: not used here
+    add_run_args(add)
+    return p.parse_args(argv)
+
+
+# ================================================================================================
+# Appendix: the shared blocks, identical in every method file (tools/sync_shared.py keeps them so)
+#   data          dataset readers, few-shot sampling, load_task, transforms, loader, input checks
+#   clip          load_clip (names, TorchScript archives and state dicts), autocast
+#   evaluation    encode_images, accuracy
+#   run folder    atomic save, the log, seeds, peak memory, run_info, the summary line
+#   checkpoint    learned_state, load_learned
+# ================================================================================================
+
+
+# --- shared: data (canonical copy in coop.py; re-sync with tools/sync_shared.py) ---
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def fail(message):
+    """Stop the command line before any long work, saying what is wrong and what to do."""
+    raise SystemExit(f"error: {message}")
+
+
+def read_classnames(path):
+    """classnames.txt: one 'folder<TAB or space>readable name' per line -> {folder: name}."""
+    if not os.path.isfile(path):
+        fail(f"{path}: class-name file not found")
+    names = {}
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            folder, _, name = line.strip().replace("\t", " ").partition(" ")
+            if folder and not name.strip():
+                fail(f"{path}:{number}: expected 'folder<TAB>readable name', got {line.strip()!r}")
+            if folder:
+                names[folder] = name.strip()
+    return names
+
+
+def read_image_folder(root, classnames=None):
+    """ImageFolder layout root/<class folder>/<image> -> ([(path, label)], [class name])."""
+    if not os.path.isdir(root):
+        fail(f"{root}: folder not found; expected <root>/<class folder>/<image files>")
+    folders = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    folders = [d for d in folders if not d.startswith(".")]
+    if not folders:
+        fail(f"{root}: no class folders in it; expected <root>/<class folder>/<image files>")
+    items = []
+    for label, folder in enumerate(folders):
+        files = sorted(os.listdir(os.path.join(root, folder)))
+        files = [f for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
+        if not files:
+            fail(f"{os.path.join(root, folder)}: class folder has no images; add some or remove it")
+        items += [(os.path.join(root, folder, f), label) for f in files]
+    missing = [d for d in folders if classnames is not None and d not in classnames]
+    if missing:
+        fail(f"--classnames has no line for the folders {missing[:5]} of {root}")
+    names = [classnames[d] if classnames else d.replace("_", " ") for d in folders]
+    return items, names
+
+
+def read_split_file(split_file, image_root):
+    """CoOp's split_zhou_<Name>.json: {"train"|"val"|"test": [[path, label, class name], ...]}."""
+    if not os.path.isfile(split_file):
+        fail(f"{split_file}: split file not found")
+    try:
+        with open(split_file, encoding="utf-8") as f:
+            split = json.load(f)
+        data = {
+            s: [(os.path.join(image_root, p), int(y)) for p, y, _ in split[s]]
+            for s in ("train", "val", "test")
+        }
+        names = {int(y): c for _, y, c in split["train"]}
+    except (ValueError, KeyError, TypeError) as e:
+        fail(f"{split_file}: not a CoOp split file ({e!r}); expected train/val/test lists")
+    if sorted(names) != list(range(len(names))):
+        fail(f"{split_file}: the training labels are not 0..n-1; every class needs training images")
+    data["classnames"] = [names[y].replace("_", " ") for y in range(len(names))]
+    if data["train"] and not os.path.isfile(data["train"][0][0]):
+        fail(f"{data['train'][0][0]}: image not found; is --data the image root of {split_file}?")
+    return data
+
+
+def load_dataset(root, split_file=None, classnames_file=None):
+    """-> {"train", "val", "test": [(path, label)], "classnames": [name]}; missing splits: []."""
+    if split_file:
+        return read_split_file(split_file, root)
+    if classnames_file is None and os.path.isfile(os.path.join(root, "classnames.txt")):
+        classnames_file = os.path.join(root, "classnames.txt")
+    names = read_classnames(classnames_file) if classnames_file else None
+    if not os.path.isdir(os.path.join(root, "test")):
+        fail(f"{root}: no test/ folder; expected {root}/train/<class>/<image> and {root}/test/...")
+    data = {"train": [], "val": []}
+    data["test"], data["classnames"] = read_image_folder(os.path.join(root, "test"), names)
+    for split in ("train", "val"):
+        if os.path.isdir(os.path.join(root, split)):
+            data[split], split_names = read_image_folder(os.path.join(root, split), names)
+            if split_names != data["classnames"]:
+                fail(f"{root}/{split} and {root}/test have different class folders")
+    return data
+
+
+def load_eval_set(root):
+    """An --eval-data set <root>/[test/]<class>/<image> -> (name, items, class names)."""
+    root = os.path.normpath(root)
+    if os.path.basename(root) == "test":  # name a test/ folder after its dataset
+        root = os.path.dirname(root)
+    names_file = os.path.join(root, "classnames.txt")
+    names = read_classnames(names_file) if os.path.isfile(names_file) else None
+    folder = os.path.join(root, "test") if os.path.isdir(os.path.join(root, "test")) else root
+    return (os.path.basename(root), *read_image_folder(folder, names))
+
+
+def sample_few_shot(items, shots, seed):
+    """Dassl's rule: per class, `shots` items without replacement; a smaller class keeps all."""
+    rng, by_class, sampled, short = random.Random(seed), {}, [], []
+    for item in items:
+        by_class.setdefault(item[1], []).append(item)
+    for group in by_class.values():
+        if len(group) < shots:
+            short.append(f"{os.path.dirname(group[0][0])} ({len(group)})")
+        sampled += rng.sample(group, min(shots, len(group)))
+    if short:
+        print(
+            f"warning: fewer than {shots} training images in {len(short)} classes, all of them "
+            f"are used: {', '.join(short[:5])}"
+        )
+    return sampled
+
+
+def subsample_classes(data, which):
+    """Base-to-new split: sorted labels, the first ceil(n/2) are base, the rest new; relabelled."""
+    if which == "all":
+        return data
+    labels = sorted({y for _, y in data["train"] or data["test"]})
+    m = math.ceil(len(labels) / 2)
+    relabel = {y: i for i, y in enumerate(labels[:m] if which == "base" else labels[m:])}
+    out = {
+        s: [(p, relabel[y]) for p, y in data[s] if y in relabel] for s in ("train", "val", "test")
+    }
+    out["classnames"] = [data["classnames"][y] for y in relabel]
+    return out
+
+
+def check_images(items, full=True):
+    """Open every image once now, so an unreadable file stops the run before any long work."""
+    not_rgb = 0
+    for path, _ in items:
+        try:
+            with Image.open(path) as image:
+                not_rgb += image.mode != "RGB"
+                if full:  # decode the pixels too (done for the small few-shot training set)
+                    image.load()
+        except (OSError, ValueError) as e:
+            fail(f"{path}: cannot read this image ({e}); replace or delete the file")
+    if not_rgb:
+        print(f"note: {not_rgb} images are grayscale, RGBA or palette images; converted to RGB")
+
+
+def load_task(args, shots=None):
+    """The run's data, checked before anything slow -> (dataset name, {"train", "val", "test",
+    "classnames"} of the trained classes, {test set name: (items, class names)}). Few-shot
+    sampling (train, seeded) happens before the base/new split, as in the papers."""
+    data = load_dataset(args.data, args.split_file, args.classnames)
+    if shots:
+        data["train"] = sample_few_shot(data["train"], shots, args.seed)
+    part = subsample_classes(data, args.subsample)
+    test_sets = {"test": (part["test"], part["classnames"])}
+    if args.subsample == "base":  # the same learned parameters, tested on the other half
+        new = subsample_classes(data, "new")
+        test_sets["new"] = (new["test"], new["classnames"])
+    for root in args.eval_data:
+        name, items, classnames = load_eval_set(root)
+        test_sets[name if name not in test_sets else root] = (items, classnames)
+    check_images(part["train"])
+    for items, _ in test_sets.values():
+        check_images(items, full=False)
+    name = os.path.basename(os.path.normpath(args.data))
+    if args.split_file:
+        name = os.path.basename(args.split_file)[: -len(".json")].replace("split_zhou_", "")
+    return name, part, test_sets
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """(path, label) items -> (transformed image, label). With cache_bytes, decoded images stay in
+    memory up to that many bytes; the (random) transform still runs on every read."""
+
+    def __init__(self, items, transform, cache_bytes=0):
+        self.items, self.transform, self.cache, self.room = items, transform, {}, cache_bytes
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        path, label = self.items[i]
+        image = self.cache.get(i)
+        if image is None:
+            try:
+                image = Image.open(path).convert("RGB")  # grayscale, RGBA, palette -> RGB
+            except (OSError, ValueError) as e:
+                raise OSError(f"{path}: cannot read this image ({e}); replace or delete it") from e
+            if image.width * image.height * 3 <= self.room:
+                self.cache[i], self.room = image, self.room - image.width * image.height * 3
+        return self.transform(image), label
+
+
+def train_transform(n_px, min_scale=0.08):
+    """CoOp/Dassl: random resized crop (area min_scale-1, 0.08 in the papers; bicubic),
+    horizontal flip, CLIP normalisation."""
+    import torchvision.transforms as T  # torchvision comes with the clip package
+
+    crop = T.RandomResizedCrop(n_px, (min_scale, 1.0), interpolation=T.InterpolationMode.BICUBIC)
+    return T.Compose(
+        [crop, T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)]
+    )
+
+
+def test_transform(n_px):
+    """CLIP's own preprocess: shorter side to n_px (bicubic), centre crop, CLIP normalisation."""
+    import torchvision.transforms as T
+
+    resize = T.Resize(n_px, interpolation=T.InterpolationMode.BICUBIC)
+    return T.Compose([resize, T.CenterCrop(n_px), T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
+
+
+def make_loader(
+    items, transform, batch_size, workers, shuffle=False, drop_last=False, generator=None
+):
+    # A training set (shuffle) is read every epoch: without worker processes (which would each hold
+    # a copy), its decoded images stay in memory, up to 1 GiB. Same batches, less decoding.
+    cache = 2**30 if shuffle and workers == 0 else 0
+    return torch.utils.data.DataLoader(
+        ImageDataset(items, transform, cache),
+        batch_size,
+        shuffle,
+        num_workers=workers,
+        drop_last=drop_last,
+        generator=generator,
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
+# --- end shared: data ---
+
+
+# --- shared: clip (canonical copy in coop.py; re-sync with tools/sync_shared.py) ---
+def load_clip(backbone, device, precision):
+    """CLIP by name or checkpoint path, frozen, in eval mode; fp32 weights unless precision fp16.
+
+    openai-clip 1.0.1 reads a plain state-dict file wrongly (after its TorchScript attempt it does
+    not rewind the file), so such files are read here with torch.load and clip's build_model.
+    """
+    if backbone not in clip.available_models() and not os.path.isfile(backbone):
+        names = ", ".join(clip.available_models())
+        fail(f"unknown backbone {backbone!r}: use one of {names}, or a CLIP checkpoint's path")
+    try:
+        with warnings.catch_warnings():  # torch deprecates torch.jit.load, tried by clip.load
+            warnings.simplefilter("ignore")
+            model, _ = clip.load(backbone, device="cpu", jit=False)
+    except Exception as e:
+        if not os.path.isfile(backbone):
+            fail(
+                f"could not load {backbone} ({e}); without internet, put OpenAI's file in "
+                "~/.cache/clip or pass its path with --backbone"
+            )
+        try:
+            state_dict = torch.load(backbone, map_location="cpu", weights_only=True)
+            model = clip.model.build_model(dict(state_dict))
+        except Exception as e2:
+            fail(f"{backbone}: not a CLIP checkpoint (TorchScript archive or state dict): {e2}")
+        model.float().load_state_dict(state_dict)  # build_model rounds to fp16: undo that
+    model = model.float()
+    if precision == "fp16":  # CLIP's own fp16 layout (LayerNorm and embeddings stay fp32)
+        clip.model.convert_weights(model)
+    return model.requires_grad_(False).eval().to(device)
+
+
+def autocast(device, precision):
+    """Mixed precision for --precision amp (fp16 on CUDA, bf16 on the CPU); a no-op otherwise."""
+    if precision != "amp":
+        return nullcontext()
+    return torch.autocast(
+        device_type=device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16
+    )
+
+
+# --- end shared: clip ---
+
+
+# --- shared: evaluation (canonical copy in coop.py; re-sync with tools/sync_shared.py) ---
+@torch.no_grad()
+def encode_images(encode, loader, device, precision):
+    """L2-normalised image features (N, D) in fp32 and labels (N,) of a whole test set."""
+    features, labels = [], []
+    for images, y in loader:
+        with autocast(device, precision):
+            features.append(F.normalize(encode(images.to(device)).float(), dim=-1))
+        labels.append(y.to(device))
+    return torch.cat(features), torch.cat(labels)
+
+
+def accuracy(logits, labels):
+    """Top-1 accuracy in percent over the whole set (micro average, as in the papers)."""
+    return 100.0 * (logits.argmax(dim=-1) == labels).float().mean().item()
+
+
+def harmonic_mean(base, new):
+    return 2 * base * new / (base + new)
+
+
+# --- end shared: evaluation ---
+
+
+# --- shared: run folder (canonical copy in coop.py; re-sync with tools/sync_shared.py) ---
+def save(path, obj):
+    """Write atomically (a temporary file in the same folder, then a rename), so that a crash never
+    leaves half a file: text for a str, JSON for a .json path, torch.save otherwise."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        if isinstance(obj, str) or path.endswith(".json"):
+            with open(tmp, "w") as f:
+                f.write(obj) if isinstance(obj, str) else json.dump(obj, f, indent=2)
+        else:
+            torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checkpoint(path):
+    if not os.path.isfile(path):
+        fail(f"{path}: checkpoint not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        fail(f"{path}: not a checkpoint written by this project ({e})")
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def peak_mib(device, reset=False):
+    """CUDA's peak memory since the last reset, in MiB (None on the CPU)."""
+    if device.type != "cuda":
+        return None
+    peak = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    if reset:
+        torch.cuda.reset_peak_memory_stats(device)
+    return peak
+
+
+def run_info(device):
+    """Where and with what a run ran, for metrics.json."""
+    from importlib import metadata
+
+    try:
+        clip_version = "openai-clip " + metadata.version("openai-clip")
+    except metadata.PackageNotFoundError:  # clip installed from a git checkout
+        clip_version = "clip (not from PyPI)"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return {
+        "device": f"{name} ({os.cpu_count()} cores)",
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "clip": clip_version,
+        },
+    }
+
+
+def add_run_args(add, learned=True):
+    """The options every method file shares: seed, precision, device, run folder, checkpoints."""
+    add("--seed", type=int, default=1, help="the papers report seeds 1, 2, 3")
+    add("--precision", choices=["fp32", "amp", "fp16"], help="default: amp on CUDA, else fp32")
+    add("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add("--workers", type=int, default=4, help="data-loading processes")
+    add("--out", help="run folder (default runs/<method>/<dataset>/...)")
+    if learned:
+        add("--load", help="checkpoint.pt of learned parameters to start from")
+        add("--eval-only", action="store_true", help="evaluate --load without training")
+        add("--resume", action="store_true", help="continue the run in --out after its last epoch")
+
+
+def log_epoch(run_dir, device, epoch, epochs, seconds, n_images, **values):
+    """One line of log.jsonl per epoch, and on the screen: the mean of each per-step value, the
+    speed (images per second) and, on CUDA, the peak memory of the epoch."""
+    record = {"epoch": epoch, **{k: float(np.mean(v)) for k, v in values.items()}}
+    record.update(seconds=round(seconds, 3), images_per_s=round(n_images / seconds, 1))
+    record["peak_mib"] = peak_mib(device)
+    with open(os.path.join(run_dir, "log.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
+    shown = "  ".join(f"{k} {record[k]:.4g}" for k in values)
+    print(f"epoch {epoch}/{epochs}  {shown}  {seconds:.1f}s  {record['images_per_s']} img/s")
+
+
+def finish_run(run_dir, args, method, dataset, zero_shot, accuracy, **extra):
+    """Write metrics.json (the zero-shot baseline and the method's accuracy on every test set,
+    base/new/H, how and where it ran) and print its one-line summary, the run's last line."""
+    device, hm = torch.device(args.device), ""
+    metrics = dict(method=method, backbone=args.backbone, dataset=dataset, seed=args.seed)
+    metrics.update(shots=getattr(args, "shots", 0), zero_shot=zero_shot, accuracy=accuracy)
+    if "new" in accuracy:
+        metrics["harmonic_mean"] = harmonic_mean(accuracy["test"], accuracy["new"])
+        hm = f" H={metrics['harmonic_mean']:.2f}"
+    metrics.update(extra, peak_mib=peak_mib(device), **run_info(device))
+    save(os.path.join(run_dir, "metrics.json"), metrics)
+    acc = " ".join(f"{k}={v:.2f}" for k, v in accuracy.items())
+    zs = " ".join(f"{k}={v:.2f}" for k, v in zero_shot.items())
+    speed = f" | {extra['images_per_s']:.1f} img/s" if extra.get("images_per_s") else ""
+    peak = f", peak {metrics['peak_mib']:.0f} MiB" if metrics["peak_mib"] else ""
+    print(
+        f"{method} {dataset} shots={metrics['shots']} seed={args.seed}: accuracy {acc}{hm} | "
+        f"zero-shot {zs}{speed}{peak} | {run_dir}/metrics.json"
+    )
+    return metrics
+
+
+# --- end shared: run folder ---
+
+
+# --- shared: checkpoint (canonical copy in coop.py; re-sync with tools/sync_shared.py) ---
+def learned_state(model):
+    """The parameters a method learns (requires_grad): all that a checkpoint holds of the model."""
+    return {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+
+
+def load_learned(model, checkpoint, path, config):
+    """Copy the learned parameters of `checkpoint` into `model`, after checking that it was written
+    by the same method and that every tensor has the shape this run learns."""
+    theirs, mine = checkpoint["state"], learned_state(model)
+    fits = set(theirs) == set(mine) and all(theirs[k].shape == mine[k].shape for k in mine)
+    if checkpoint.get("config", {}).get("method") != config["method"] or not fits:
+        shapes = lambda state: {k: tuple(v.shape) for k, v in state.items()}
+        fail(
+            f"{path} does not fit this run: it was written with {checkpoint.get('config')} and "
+            f"holds {shapes(theirs)}; this run ({config}) learns {shapes(mine)}; use the options "
+            "it was written with"
+        )
+    model.load_state_dict(theirs, strict=False)
+
+
+def save_progress(run_dir, config, model, optimizer, epoch, train_seconds, generator):
+    """checkpoint.pt after each epoch: what --resume needs to continue exactly where it stopped."""
+    save(
+        os.path.join(run_dir, "checkpoint.pt"),
+        {
+            "config": config,
+            "state": learned_state(model),
+            "optimizer": optimizer.state_dict(),
+            "epoch": epoch,
+            "train_seconds": train_seconds,
+            "rng": {"torch": torch.get_rng_state(), "loader": generator.get_state()},
+        },
+    )
+
+
+def resume(run_dir, model, optimizer, generator, config):
+    """Restore the last finished epoch -> (epochs done, training seconds so far). log.jsonl keeps
+    exactly one line per epoch the checkpoint holds: a run killed between appending an epoch's
+    line and saving its checkpoint would otherwise log that epoch twice."""
+    path, log = os.path.join(run_dir, "checkpoint.pt"), os.path.join(run_dir, "log.jsonl")
+    ckpt = load_checkpoint(path)
+    load_learned(model, ckpt, path, config)
+    optimizer.load_state_dict(ckpt["optimizer"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    generator.set_state(ckpt["rng"]["loader"])
+    lines = {}
+    for line in open(log).read().splitlines() if os.path.isfile(log) else []:
+        try:
+            record = json.loads(line)
+        except ValueError:  # a line cut short by the kill
+            continue
+        if record["epoch"] <= ckpt["epoch"]:
+            lines[record["epoch"]] = line
+    save(log, "".join(lines[e] + "\n" for e in sorted(lines)))
+    print(f"resuming {run_dir} after epoch {ckpt['epoch']}")
+    return ckpt["epoch"], ckpt["train_seconds"]
+
+
+# --- end shared: checkpoint ---
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,309 @@
+"""TPT and PromptAlign on MaPLe's prompts: the properties the papers and the code give them."""
+
+import copy
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import ROOT, tiny_clip
+from PIL import Image
+
+import promptsync as ps
+
+NAMES = ["red", "green circle", "blue"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tiny models are faster on one thread, and much faster when other jobs share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run(argv):
+    return ps.main(ps.parse_args(argv + ["--workers", "0"]))
+
+
+def entropy(logits):
+    p = logits.softmax(dim=-1)
+    return -(p * p.log()).sum(dim=-1)
+
+
+def test_select_confident_keeps_exactly_the_lowest_entropy_views():
+    torch.manual_seed(0)
+    logits = torch.randn(64, 10) * torch.linspace(0.1, 8, 64)[torch.randperm(64)].unsqueeze(1)
+    for rho, k in [(0.1, 6), (0.25, 16), (0.5, 32)]:
+        kept = ps.select_confident(logits, rho)
+        assert len(kept) == k == int(64 * rho) and len(set(kept.tolist())) == k
+        others = torch.ones(64, dtype=torch.bool)
+        others[kept] = False
+        assert entropy(logits[kept]).max() <= entropy(logits[others]).min()
+
+
+def test_marginal_entropy_is_the_entropy_of_the_mean_prediction_and_stays_finite():
+    torch.manual_seed(1)
+    logits = torch.randn(6, 100) * 5
+    p_bar = logits.softmax(dim=-1).mean(dim=0)
+    naive = -(p_bar * p_bar.log()).sum()
+    torch.testing.assert_close(ps.marginal_entropy(logits), naive, rtol=1e-6, atol=1e-6)
+    # extreme logits: two views, each certain of a different class -> p_bar = (1/2, 1/2, 0)
+    extreme = torch.tensor([[1e4, -1e4, 0.0], [-1e4, 1e4, float("-inf")]], requires_grad=True)
+    h = ps.marginal_entropy(extreme)
+    h.backward()
+    assert torch.isfinite(h) and torch.isfinite(extreme.grad).all()
+    assert abs(h.item() - math.log(2)) < 1e-6
+    fp16 = (torch.randn(6, 1000) * 50).half()  # the dtype autocast gives; computed in fp32
+    assert torch.isfinite(ps.marginal_entropy(fp16))
+
+
+def test_token_alignment_is_zero_when_the_statistics_match_and_grows_with_their_distance():
+    torch.manual_seed(2)
+    means, variances = [torch.randn(7, 16) for _ in range(2)], [torch.rand(7, 16) for _ in range(2)]
+    assert ps.token_alignment(means, variances, means, variances) == 0
+    shift = [torch.randn(7, 16) for _ in range(2)]
+    distances = [
+        ps.token_alignment([m + a * s for m, s in zip(means, shift)], variances, means, variances)
+        for a in (0.1, 0.5, 1.0, 2.0)
+    ]
+    assert all(x < y for x, y in zip(distances, distances[1:]))
+    expected = sum(0.5 * (a * s).abs().mean() for a, s in zip([1.0, 1.0], shift))
+    torch.testing.assert_close(distances[2], expected)  # [PromptAlign, code] 0.5 L1 of the means
+    wider = [v + 1.0 for v in variances]
+    assert ps.token_alignment(means, wider, means, variances).item() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("n_ctx", [4, 2])
+def test_zero_depth_and_no_step_give_exactly_zero_shot_clip(n_ctx, tmp_path):
+    clip_model = tiny_clip(vit=True, seed=3)
+    model = ps.PromptedCLIP(clip_model, NAMES, n_ctx=n_ctx, depth=0)
+    texts = [f"a photo of a {c}." for c in NAMES]
+    weights = ps.zeroshot_classifier(clip_model, NAMES, ["a photo of a {}."])
+    with torch.no_grad():
+        assert torch.equal(model.text_features(), ps.text_features(clip_model, texts))
+        torch.testing.assert_close(model.text_features(), weights)  # CLIP's own words
+    views = ps.Views(32, n_views=8)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
+    for i, colour in enumerate([(200, 30, 30), (30, 200, 30), (30, 30, 200)]):
+        image = Image.new("RGB", (40, 48), colour)
+        x = views(image)
+        with torch.no_grad():
+            f = F.normalize(clip_model.encode_image(ps.test_transform(32)(image)[None]), dim=-1)
+            zero_shot = int((f @ weights.t()).argmax())
+        assert ps.adapt(model, x, optimizer, None, steps=0, rho=0.25) == (zero_shot, zero_shot)
+
+
+def test_maple_prompts_start_from_a_photo_and_deep_copies_of_one_coupling():
+    clip_model = tiny_clip(vit=True, seed=4)
+    model = ps.PromptedCLIP(clip_model, NAMES, n_ctx=2, depth=2)
+    pl = model.prompts
+    with torch.no_grad():
+        words = clip_model.token_embedding(
+            ps.tokenize(clip_model, [f"a photo of a {c}." for c in NAMES])
+        )
+    assert torch.equal(pl.text_prompts(), words)  # [MaPLe] ctx = "a photo"; "of a" stays fixed
+    assert len(pl.deep_text) == 1 and pl.deep_text[0].std().item() == pytest.approx(0.02, rel=0.5)
+    assert len(pl.vision_prompts()) == 2 and pl.vision_prompts()[0].shape == (2, 64)
+    deep3 = ps.MultimodalPrompts(clip_model, NAMES, n_ctx=2, depth=2)
+    assert not torch.equal(deep3.proj.weight, deep3.deep_proj[0].weight)
+    with pytest.raises(ValueError, match="depth 3"):
+        ps.MultimodalPrompts(clip_model, NAMES, depth=3)  # the tiny towers have 2 layers
+    with pytest.raises(ValueError, match="ViT"):
+        ps.MultimodalPrompts(tiny_clip(), NAMES, depth=1)
+    learned = {k for k, v in model.named_parameters() if v.requires_grad}
+    assert learned == {
+        "prompts.ctx",
+        "prompts.deep_text.0",
+        "prompts.proj.weight",
+        "prompts.proj.bias",
+        "prompts.deep_proj.0.weight",
+        "prompts.deep_proj.0.bias",
+    }
+
+
+def test_the_explicit_towers_are_clips_and_the_cut_text_tower_is_exact():
+    clip_model = tiny_clip(vit=True, seed=5)
+    images = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            ps.encode_image(clip_model.visual, images), clip_model.encode_image(images)
+        )
+        model = ps.PromptedCLIP(clip_model, NAMES, n_ctx=2, depth=2)
+        pl, enc = model.prompts, model.text_encoder
+        deep = [p + 0.3 for p in pl.deep_text]
+        cut = ps.encode_text(enc, pl.text_prompts(), pl.tokenized, deep)
+        full = ps.encode_text(enc, pl.text_prompts(), pl.tokenized, deep, cut=False)
+        torch.testing.assert_close(cut, full, rtol=1e-5, atol=1e-6)
+        plain = ps.encode_text(enc, pl.text_prompts(), pl.tokenized)
+        torch.testing.assert_close(plain, enc(pl.text_prompts(), pl.tokenized), rtol=0, atol=0)
+        assert (plain - cut).abs().max() > 1e-3  # the deep prompts do reach the text feature
+        # the vision prompts: after ln_pre at block 0, then written straight into blocks 1..J-1
+        tokens = []
+        model.image_features(images, tokens)
+        prompts = pl.vision_prompts()
+        assert len(tokens) == 2 and tokens[0].shape == (1 + 4 + 2, 3, 64)
+        torch.testing.assert_close(tokens[1][-2:], prompts[1].unsqueeze(1).expand(-1, 3, -1))
+        ln_pre = clip_model.visual.ln_pre(prompts[0])
+        torch.testing.assert_close(tokens[0][-2:], ln_pre.unsqueeze(1).expand(-1, 3, -1))
+
+
+def test_token_statistics_merge_batches_exactly_as_two_passes():
+    clip_model = tiny_clip(vit=True, seed=6)
+    model = ps.PromptedCLIP(clip_model, NAMES, n_ctx=2, depth=2)
+    torch.manual_seed(6)
+    batches = [(torch.randn(b, 3, 32, 32), None) for b in (5, 1, 7)]
+    means, variances = ps.token_statistics(model, batches, torch.device("cpu"), "fp32")
+    with torch.no_grad():
+        tokens = []
+        model.image_features(torch.cat([b for b, _ in batches]), tokens)
+    x = torch.stack(tokens)  # (L, T, B, W)
+    assert means.shape == (2, 7, 64)
+    torch.testing.assert_close(means, x.mean(dim=2), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(variances, x.var(dim=2, unbiased=False), rtol=1e-4, atol=1e-6)
+
+
+def test_views_are_the_original_then_crops_and_the_same_for_the_same_image_index(tiny_data):
+    path = os.path.join(tiny_data, "test", "red", "0.png")
+    views = ps.Views(32, n_views=5, augmix=True)
+    items = [(0, path, 0), (1, path, 0)]
+    a, b = ps.ViewDataset(items, views, seed=1), ps.ViewDataset(items, views, seed=1)
+    (x0, label, i), (x1, _, _) = a[0], a[1]
+    assert x0.shape == (5, 3, 32, 32) and label == 0 and i == 0
+    assert torch.equal(x0[0], ps.test_transform(32)(Image.open(path).convert("RGB")))
+    assert torch.equal(b[0][0], x0) and not torch.equal(x1[1:], x0[1:])
+
+
+@pytest.fixture(scope="module")
+def source_ckpt(tiny_vit_ckpt, tiny_data, tmp_path_factory):
+    """A source stage on the tiny ViT through the command line, in a subprocess."""
+    out = tmp_path_factory.mktemp("source")
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "promptsync.py"),
+        "--stage",
+        "source",
+        "--backbone",
+        tiny_vit_ckpt,
+        "--data",
+        tiny_data,
+        "--depth",
+        "2",
+        "--shots",
+        "2",
+        "--epochs",
+        "2",
+        "--lr",
+        "0.05",
+        "--workers",
+        "0",
+        "--out",
+        str(out),
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1].startswith("maple colours shots=2 seed=1")
+    return str(out / "checkpoint.pt")
+
+
+def test_source_stage_saves_prompts_and_the_token_statistics(source_ckpt):
+    ckpt = torch.load(source_ckpt, weights_only=True)
+    assert ckpt["config"] == dict(
+        method="maple", backbone=ckpt["config"]["backbone"], n_ctx=2, depth=2
+    )
+    assert ckpt["means"].shape == ckpt["variances"].shape == (2, 1 + 4 + 2, 64)  # (L, T, W)
+    assert (ckpt["variances"] >= 0).all() and ckpt["variances"][0, -2:].abs().max() < 1e-8
+    log = [
+        json.loads(line) for line in open(os.path.join(os.path.dirname(source_ckpt), "log.jsonl"))
+    ]
+    assert [r["lr"] for r in log] == [1e-5, 0.05]  # the warm-up epoch, then the cosine
+
+
+def test_every_test_image_starts_from_the_same_prompts_and_optimizer(
+    source_ckpt, tiny_vit_ckpt, tiny_data, tmp_path, monkeypatch
+):
+    seen, step = [], ps.train_step
+
+    def recording_step(model, optimizer, *args, **kwargs):
+        seen.append(copy.deepcopy((model.prompts.state_dict(), optimizer.state_dict())))
+        out = step(model, optimizer, *args, **kwargs)
+        assert any(
+            not torch.equal(v, seen[-1][0][k]) for k, v in model.prompts.state_dict().items()
+        )
+        return out
+
+    monkeypatch.setattr(ps, "train_step", recording_step)
+    metrics = run(
+        [
+            "--loss",
+            "align",
+            "--backbone",
+            tiny_vit_ckpt,
+            "--data",
+            tiny_data,
+            "--load",
+            source_ckpt,
+            "--views",
+            "8",
+            "--rho",
+            "0.25",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    assert len(seen) == 12 and metrics["method"] == "promptalign"
+    loaded = torch.load(source_ckpt, weights_only=True)["state"]
+    for prompts, opt in seen:
+        assert all(torch.equal(v, loaded["prompts." + k]) for k, v in prompts.items())
+        assert opt == seen[0][1] and opt["state"] == {}  # a fresh AdamW every image
+
+
+def test_shards_merged_equal_one_run_and_resume_continues(tiny_vit_ckpt, tiny_data, tmp_path):
+    common = [
+        "--backbone",
+        tiny_vit_ckpt,
+        "--data",
+        tiny_data,
+        "--views",
+        "8",
+        "--rho",
+        "0.25",
+        "--lr",
+        "0.5",
+    ]
+    whole = run(common + ["--out", str(tmp_path / "whole")])
+    shards = [str(tmp_path / f"shard{k}") for k in range(3)]
+    for k, out in enumerate(shards):
+        run(common + ["--shard", f"{k}/3", "--out", out])
+    merged = run(["--merge", *shards, "--out", str(tmp_path / "merged")])
+    assert merged["accuracy"] == whole["accuracy"] and merged["zero_shot"] == whole["zero_shot"]
+    records = ps.read_predictions([str(tmp_path / "whole")])
+    assert ps.read_predictions(shards) == records and len(records) == 12
+    # a killed shard: two finished images and a line cut short; --resume does only the rest
+    path = os.path.join(shards[0], "predictions.jsonl")
+    lines = open(path).read().splitlines()
+    open(path, "w").write("\n".join(lines[:2]) + "\n" + lines[2][:15])
+    run(common + ["--shard", "0/3", "--out", shards[0], "--resume"])
+    assert open(path).read().splitlines() == lines
+    other = str(tmp_path / "other")
+    run(common[:-1] + ["0.1", "--shard", "0/3", "--out", other])
+    with pytest.raises(SystemExit, match="not shards of one run"):
+        run(["--merge", other, shards[1], shards[2], "--out", str(tmp_path / "m")])
+
+
+def test_bad_input_stops_with_a_clear_message(tiny_vit_ckpt, tiny_ckpt, tiny_data, tmp_path):
+    common = ["--backbone", tiny_vit_ckpt, "--data", tiny_data, "--out", str(tmp_path)]
+    with pytest.raises(SystemExit, match="--loss align .* --load"):
+        run(common + ["--loss", "align"])
+    with pytest.raises(SystemExit, match="keeps no view"):
+        run(common + ["--views", "8"])
+    with pytest.raises(SystemExit, match="--shard"):
+        run(common + ["--shard", "3/3"])
+    with pytest.raises(SystemExit, match="ViT"):
+        run(["--backbone", tiny_ckpt, "--data", tiny_data, "--prompts", "maple", "--depth", "1"])
