@@ -15,8 +15,9 @@ tower, learned once on a labelled source set) and adds a loss that pulls the mea
 the test image's vision tokens towards statistics recorded on the source set.
 
 Equations (p_i = softmax of view i's logits, H the entropy, tau CLIP's frozen temperature)
-  [TPT Eq. 5]   keep the rho*N views with the lowest H(p_i)               (rho = 0.1 -> 6 of 64)
-  [TPT Eq. 4]   p_bar = mean of p_i over the kept views,   L_ent = H(p_bar) = -sum_c p_bar log p_bar
+  [TPT Eq. 4-6] p~ = 1/(rho N) sum_i 1[H(p_i) <= tau] p_i, tau the rho-quantile of the H(p_i):
+                the mean prediction of the rho N most confident views (rho = 0.1: 6 of 64)
+                L_ent = H(p~) = -sum_c p~_c log p~_c
   [MaPLe]       text prompts P_j (M, d) in blocks j < J; vision prompts P~_j = F_j(P_j), F_j linear
   [PromptAlign] L_align = sum_l 0.5 mean|mu_l - mu^_l| + 0.5 mean|var_l - var^_l|  (block inputs)
   [PromptAlign] L = L_ent + beta L_align,   beta = 100/3,  l = 0, 1   (the authors' code)
@@ -297,17 +298,17 @@ class PromptedCLIP(nn.Module):
 
 
 def select_confident(logits, rho):
-    """[TPT Eq. 5] indices of the int(N * rho) views (of N) whose predictions have the lowest
-    entropy."""
+    """[TPT Eq. 4-6] indices of the int(N * rho) views (of N) whose predictions have the lowest
+    entropy: the views with H(p_i) <= tau."""
     logp = logits.float().log_softmax(dim=-1)  # (N, C)
     entropy = -(logp.exp() * logp).sum(dim=-1)  # (N,)
     return entropy.argsort()[: int(logits.shape[0] * rho)]
 
 
 def marginal_entropy(logits):
-    """[TPT Eq. 4] H(p_bar), p_bar the mean of the views' softmax, via log p_bar = logsumexp."""
+    """[TPT Eq. 4-6] H(p~), p~ the mean of the views' softmax; log p~ in the logsumexp form."""
     logp = logits.float().log_softmax(dim=-1)  # (k, C)
-    log_mean = logp.logsumexp(dim=0) - math.log(logp.shape[0])  # log p_bar: (C,)
+    log_mean = logp.logsumexp(dim=0) - math.log(logp.shape[0])  # log p~: (C,)
     log_mean = log_mean.clamp(min=torch.finfo(log_mean.dtype).min)  # no 0 * -inf
     return -(log_mean.exp() * log_mean).sum()
 
@@ -341,22 +342,14 @@ def token_statistics(model, loader, device, precision):
             m2 + batch_m2 + delta.square() * n * b / total,
             total,
         )
-    return mean, m2 / n
+    return mean.cpu(), (m2 / n).cpu()
 
 
 # The test-time views: TPT's AugMixAugmenter (the original first, then random crops + flips, with
 # AugMix on top for the fine-grained sets); PromptAlign never uses AugMix.
-AUGMIX_OPS = [
-    "autocontrast",
-    "equalize",
-    "posterize",
-    "rotate",
-    "solarize",
-    "shear_x",
-    "shear_y",
-    "translate_x",
-    "translate_y",
-]
+AUGMIX_OPS = (
+    "autocontrast equalize posterize rotate solarize shear_x shear_y translate_x translate_y"
+)
 
 
 def augmix_op(image, op):
@@ -404,7 +397,7 @@ class Views:
                 for _ in range(3):
                     aug = crop
                     for _ in range(np.random.randint(1, 4)):
-                        aug = augmix_op(aug, AUGMIX_OPS[np.random.randint(len(AUGMIX_OPS))])
+                        aug = augmix_op(aug, np.random.choice(AUGMIX_OPS.split()))
                     chains.append(self.tensor(aug))
                 x = m * x + (1 - m) * sum(wi * c for wi, c in zip(w.tolist(), chains))
             views.append(x)
@@ -430,53 +423,40 @@ class ViewDataset(torch.utils.data.Dataset):
 # ------------------------------------------------------------------------------------------------
 # One test-time step, and the per-image procedure (reset, select, step, predict)
 # ------------------------------------------------------------------------------------------------
-def train_step(
-    model,
-    optimizer,
-    scaler,
-    views,
-    precision="fp32",
-    loss="tpt",
-    features=None,
-    source=None,
-    layers=(0, 1),
-    weight=100 / 3,
-):
-    """One update on the confident views (k, 3, H, W); with text-only prompts pass their frozen
-    features (k, D) instead. source: (means, variances), (L, T, W) each, for loss 'align'."""
-    tokens = [] if loss == "align" else None
+def train_step(model, optimizer, scaler, views, precision="fp32", features=None, align=None):
+    """One update on the confident views (k, 3, H, W), or with text-only prompts on their frozen
+    features (k, D). align: PromptAlign's (layers, source means, source variances, weight), the
+    source statistics of those layers, (T, W) each. -> the loss."""
+    tokens = [] if align else None
     with autocast(views.device, precision):
         if features is None:  # the vision prompts are learned: the vision tower is in the graph
             features = model.image_features(views, tokens)
         logits = model.logits(features)  # (k, C)
-    total = marginal_entropy(logits)  # [TPT Eq. 4]
-    if loss == "align":  # token statistics over the k views, per position and channel: (T, W)
+    loss = marginal_entropy(logits)  # [TPT Eq. 4-6]
+    if align:  # [PromptAlign] the k views' token statistics, per position and channel: (T, W)
+        layers, source_means, source_variances, weight = align
         x = [tokens[l].float() for l in layers]  # (T, k, W) each
         means, variances = [t.mean(dim=1) for t in x], [t.var(dim=1, unbiased=False) for t in x]
-        source_means, source_variances = (
-            [source[0][l] for l in layers],
-            [source[1][l] for l in layers],
-        )
-        total = total + weight * token_alignment(means, variances, source_means, source_variances)
+        loss = loss + weight * token_alignment(means, variances, source_means, source_variances)
     optimizer.zero_grad(set_to_none=True)
-    scaler.scale(total).backward()  # a no-op scale unless --precision amp on CUDA
-    scaler.step(optimizer)  # AdamW on the fp32 prompts; a step with an overflow is skipped
+    scaler.scale(loss).backward()  # a no-op scale unless --precision amp on CUDA
+    scaler.step(optimizer)  # AdamW on the fp32 prompts; a step that overflows is skipped
     scaler.update()
-    return total.item()
+    return loss.item()
 
 
-def adapt(model, views, optimizer, scaler, steps=1, rho=0.1, precision="fp32", **loss_args):
-    """TPT's per-image procedure on views (N, 3, H, W), views[0] the original image, once the
-    prompts and the optimizer are reset. -> (prediction before tuning, after tuning)."""
+def adapt(model, views, optimizer, scaler, steps=1, rho=0.1, precision="fp32", align=None):
+    """TPT's procedure for one image, views (N, 3, H, W) with views[0] the original image, after
+    the prompts and the optimizer were reset. -> (prediction before tuning, after tuning)."""
     frozen = model.prompts.depth == 0  # text-only prompts: the views' features never change
     with torch.no_grad(), autocast(views.device, precision):
         features = model.image_features(views)  # (N, D), every view in one batch
         logits = model.logits(features)  # (N, C)
     before = int(logits[0].argmax())
-    selected = select_confident(logits, rho)  # [TPT Eq. 5] chosen once, before the first step
-    for _ in range(steps):
+    selected = select_confident(logits, rho)  # [TPT Eq. 4-6] chosen once, before the first step
+    for _ in range(steps):  # the loss needs only the kept views: only they are recomputed
         kept = features[selected] if frozen else None
-        train_step(model, optimizer, scaler, views[selected], precision, features=kept, **loss_args)
+        train_step(model, optimizer, scaler, views[selected], precision, kept, align)
     if steps == 0:
         return before, before
     with torch.no_grad(), autocast(views.device, precision):  # the original view, tuned prompts
@@ -492,13 +472,11 @@ def lr_at_epoch(epoch, base_lr, epochs, warmup_lr=1e-5):
     return warmup_lr if epoch == 0 else base_lr * (1 + math.cos(math.pi * (epoch - 1) / epochs)) / 2
 
 
-def source_stage(args, model, data, test_sets, run_dir, device, precision):
+def source_stage(args, model, data, test_sets, run_dir, device, precision, config):
     """[MaPLe] learn the prompts on the labelled source shots (both towers in the graph), then
     record the token statistics PromptAlign aligns to. -> (zero-shot, prompts' accuracy)."""
-    learned, n_px = (
-        [p for p in model.parameters() if p.requires_grad],
-        model.clip.visual.input_resolution,
-    )
+    learned = [p for p in model.parameters() if p.requires_grad]
+    n_px = model.clip.visual.input_resolution
     wd = 5e-4 if args.weight_decay is None else args.weight_decay
     optimizer = torch.optim.SGD(learned, args.lr, args.momentum, weight_decay=wd)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "amp" and device.type == "cuda")
@@ -526,12 +504,7 @@ def source_stage(args, model, data, test_sets, run_dir, device, precision):
     stats = token_statistics(
         model, make_loader(every, test_transform(n_px), 100, args.workers), device, precision
     )
-    config = dict(
-        method="maple", backbone=args.backbone, n_ctx=model.prompts.n_ctx, depth=model.prompts.depth
-    )
-    ckpt = dict(
-        config=config, state=learned_state(model), means=stats[0].cpu(), variances=stats[1].cpu()
-    )
+    ckpt = dict(config=config, state=learned_state(model), means=stats[0], variances=stats[1])
     save(os.path.join(run_dir, "checkpoint.pt"), ckpt)
     zero_shot, acc = {}, {}
     for name, (items, classnames) in test_sets.items():  # zero-shot CLIP vs the learned prompts
@@ -546,13 +519,11 @@ def source_stage(args, model, data, test_sets, run_dir, device, precision):
     return zero_shot, acc
 
 
-def test_stage(args, model, source, test_sets, run_dir, device, precision):
+def test_stage(args, model, align, test_sets, run_dir, device, precision):
     """[TPT] every test image on its own: reset, views, one step, predict; one line per image in
     predictions.jsonl. -> (accuracy before tuning, after) of the images this run's folder holds."""
-    learned, n_px = (
-        [p for p in model.parameters() if p.requires_grad],
-        model.clip.visual.input_resolution,
-    )
+    learned = [p for p in model.parameters() if p.requires_grad]
+    n_px = model.clip.visual.input_resolution
     wd = 0.01 if args.weight_decay is None else args.weight_decay
     optimizer = torch.optim.AdamW(learned, args.lr, weight_decay=wd)
     initial = copy.deepcopy((model.prompts.state_dict(), optimizer.state_dict()))
@@ -573,18 +544,9 @@ def test_stage(args, model, source, test_sets, run_dir, device, precision):
                 model.prompts.load_state_dict(initial[0])  # [TPT] episodic: reset the prompts
                 optimizer.load_state_dict(initial[1])  # ... and AdamW's state
                 scaler = torch.amp.GradScaler(device.type, init_scale=1000, enabled=amp)
+                x = images.to(device)
                 before, after = adapt(
-                    model,
-                    images.to(device),
-                    optimizer,
-                    scaler,
-                    steps,
-                    args.rho,
-                    precision,
-                    loss=args.loss,
-                    source=source,
-                    layers=args.align_layers,
-                    weight=args.align_weight,
+                    model, x, optimizer, scaler, steps, args.rho, precision, align
                 )
                 r = dict(set=name, index=i, label=label, before=before, after=after, n=len(items))
                 f.write(json.dumps(r) + "\n")
@@ -697,38 +659,36 @@ def main(args):
         f"{method}: {kind} prompts (n_ctx {n_ctx}, depth {depth}): {n_learned:,} parameters "
         f"{list(learned_state(model))}; CLIP's are frozen"
     )
+    config = dict(method=kind, backbone=args.backbone, n_ctx=n_ctx, depth=depth)
     if args.load:
-        load_learned(
-            model,
-            ckpt,
-            args.load,
-            dict(method=kind, backbone=args.backbone, n_ctx=n_ctx, depth=depth),
-        )
-    stats = None
+        load_learned(model, ckpt, args.load, config)
     if align:  # the source statistics, (L, T, W) each; T: class token, patches, prompts
-        stats = (ckpt["means"].to(device), ckpt["variances"].to(device))
-        tokens = (
-            clip_model.visual.positional_embedding.shape[0] + n_ctx,
-            clip_model.visual.conv1.out_channels,
+        means, variances, v = ckpt["means"], ckpt["variances"], clip_model.visual
+        T, L = v.positional_embedding.shape[0] + n_ctx, len(means)
+        spec = args.align_layers
+        layers = (
+            list(range(L)) if spec == "all" else [int(i) for i in spec.split(",") if i.isdigit()]
         )
-        args.align_layers = (
-            [int(i) for i in args.align_layers.split(",")]
-            if args.align_layers != "all"
-            else list(range(len(stats[0])))
-        )
-        if tuple(stats[0].shape[1:]) != tokens or max(args.align_layers) >= len(stats[0]):
+        if means.shape[1:] != (T, v.conv1.out_channels) or not layers or max(layers) >= L:
             fail(
-                f"{args.load}: its statistics {tuple(stats[0].shape)} do not fit this backbone "
-                f"(L, {tokens}) or --align-layers {args.align_layers}"
+                f"{args.load}: statistics {tuple(means.shape)} and --align-layers {spec} do not "
+                f"fit this backbone (L, {T}, {v.conv1.out_channels}); use 0,1 or all"
             )
+        means, variances = (
+            [means[l].to(device) for l in layers],
+            [variances[l].to(device) for l in layers],
+        )
+        align = (layers, means, variances, args.align_weight)
     os.makedirs(run_dir, exist_ok=True)
     args.shots = args.shots if source else 0  # test-time methods see no labelled image
     save(os.path.join(run_dir, "args.json"), dict(vars(args), method=method, dataset=dataset))
     t0 = time.time()
     if source:
-        zero_shot, acc = source_stage(args, model, data, test_sets, run_dir, device, precision)
+        zero_shot, acc = source_stage(
+            args, model, data, test_sets, run_dir, device, precision, config
+        )
     else:
-        zero_shot, acc = test_stage(args, model, stats, test_sets, run_dir, device, precision)
+        zero_shot, acc = test_stage(args, model, align, test_sets, run_dir, device, precision)
     return finish_run(
         run_dir, args, method, dataset, zero_shot, acc, seconds=round(time.time() - t0, 1)
     )

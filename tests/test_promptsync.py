@@ -307,3 +307,24 @@ def test_bad_input_stops_with_a_clear_message(tiny_vit_ckpt, tiny_ckpt, tiny_dat
         run(common + ["--shard", "3/3"])
     with pytest.raises(SystemExit, match="ViT"):
         run(["--backbone", tiny_ckpt, "--data", tiny_data, "--prompts", "maple", "--depth", "1"])
+
+
+@pytest.mark.slow
+def test_tpt_beats_zero_shot_on_sketches_and_promptalign_runs_from_the_proxy_source(
+    world, tmp_path
+):
+    root, _ = world
+    common = ["--backbone", os.path.join(root, "clip_vit.pt"), "--crop-scale", "0.5"]
+    sketch = ["--data", os.path.join(root, "sketch")]
+    tpt = run(common + sketch + ["--out", str(tmp_path / "tpt")])
+    print("TPT on sketch:", tpt["zero_shot"], "->", tpt["accuracy"])
+    assert tpt["accuracy"]["test"] > tpt["zero_shot"]["test"]  # [TPT] better than zero-shot CLIP
+    source = str(tmp_path / "maple")
+    run(common + ["--stage", "source", "--data", os.path.join(root, "proxy"), "--out", source])
+    align = run(
+        common
+        + sketch
+        + ["--loss", "align", "--load", source + "/checkpoint.pt", "--out", str(tmp_path / "align")]
+    )
+    print("PromptAlign on sketch:", align["zero_shot"], "->", align["accuracy"])
+    assert align["method"] == "promptalign" and 0 <= align["accuracy"]["test"] <= 100
