@@ -5,18 +5,22 @@ For every method file present it builds the method as its `main` does and times 
 batch size. Next to each method it times the plain formulations the scripts avoid, in the same run,
 and reports the largest difference in logits and gradients between the two (it must be within float
 tolerance, or the row says DIFFERENT):
-  - text encoder over all 77 positions      vs  cut after the longest end-of-text token (exact: causal)
+  - the text encoder as the scripts run it (the class-independent prefix, [SOS] and the context,
+    once; then each class's own tokens)  vs  every prompt whole, cut after the longest end-of-text
+    token  vs  all 77 positions, as the official CoOp code (all exact: the transformer is causal)
   - ProGrad's teacher with its own image forward  vs  sharing the student's image features
   - evaluation re-encoding the images for each classifier  vs  encoding them once per test set
 
 On CUDA: warm-up, CUDA events, median and spread of many steps, peak memory, FLOPs of one step
 (torch.utils.flop_counter), achieved TFLOP/s, and that as a fraction of the matrix-product rate
-measured once on the same card in the same run. On the CPU the same table with wall-clock times.
+measured once on the same card in the same run. On the CPU the same table with wall-clock times,
+and as peak memory the growth of the process's resident memory during the row (Linux VmHWM).
+"coop-text" is CoOp's step without the image encoder (its input is image features): the text step.
 Weights are random (speed does not depend on their values), so nothing is downloaded.
 
 Run
   python bench.py --arch ViT-B/16 --classes 1000 --precision amp --out bench.json      # a GPU
-  python bench.py --arch ViT-B/16 --classes 100 --batch-size 4 --steps 3 --warmup 1     # this CPU
+  python bench.py --arch ViT-B/16 --classes 100 --batch-size 2 --steps 3 --warmup 1     # this CPU
 """
 
 import argparse
@@ -53,24 +57,51 @@ OPENAI_CONFIGS = {
     "ViT-B/16": (512, 224, 12, 768, 16, 77, 49408, 512, 8, 12),
     "ViT-L/14": (768, 224, 24, 1024, 14, 77, 49408, 768, 12, 12),
 }
-PAPER_BATCH = {"coop": 32, "cocoop": 1, "prograd": 32}
+PAPER_BATCH = {"coop-text": 32, "coop": 32, "cocoop": 1, "prograd": 32}
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Benchmark the methods' training steps and their exact speed-ups.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--arch", default="ViT-B/16",
-                   help=f"one of {', '.join(OPENAI_CONFIGS)} (random weights), or a checkpoint")
-    p.add_argument("--methods", default="all", help="comma-separated: coop,cocoop,prograd, or all")
-    p.add_argument("--classes", type=int, default=1000, help="number of class names (ImageNet has 1000)")
-    p.add_argument("--batch-size", type=int, default=None, help="default: each method's paper batch size")
-    p.add_argument("--precision", choices=["fp32", "amp", "fp16"], default=None, help="default: amp on CUDA, else fp32")
+    p = argparse.ArgumentParser(
+        description="Benchmark the methods' training steps and their exact speed-ups.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--arch",
+        default="ViT-B/16",
+        help=f"one of {', '.join(OPENAI_CONFIGS)} (random weights), or a checkpoint",
+    )
+    p.add_argument(
+        "--methods",
+        default="all",
+        help="comma-separated: coop-text (the text step alone), coop, cocoop, prograd, or all",
+    )
+    p.add_argument(
+        "--classes", type=int, default=1000, help="number of class names (ImageNet has 1000)"
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=None, help="default: each method's paper batch size"
+    )
+    p.add_argument(
+        "--precision",
+        choices=["fp32", "amp", "fp16"],
+        default=None,
+        help="default: amp on CUDA, else fp32",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--steps", type=int, default=20, help="timed steps per row")
-    p.add_argument("--warmup", type=int, default=5, help="untimed steps before timing (the first counts the FLOPs)")
-    p.add_argument("--plain", default="text,teacher,eval",
-                   help="the plain formulations to time side by side: text (all 77 positions), teacher (ProGrad's "
-                        "own image forward), eval (features re-encoded per classifier), or none")
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=5,
+        help="untimed steps before timing (the first counts the FLOPs)",
+    )
+    p.add_argument(
+        "--plain",
+        default="cut,full,teacher,eval",
+        help="the plain formulations to time side by side: cut (every prompt whole, cut at "
+        "end-of-text), full (all 77 positions), teacher (ProGrad's own image forward), "
+        "eval (features re-encoded per classifier), or none",
+    )
     p.add_argument("--out", default=None, help="write the results as JSON here")
     return p.parse_args(argv)
 
@@ -96,7 +127,9 @@ class FullTextEncoder(nn.Module):
     def forward(self, prompts, tokenized):
         m = self.clip_model
         x = prompts.type(m.dtype) + m.positional_embedding.type(m.dtype)  # (N, 77, d)
-        x = m.transformer(x.permute(1, 0, 2)).permute(1, 0, 2)  # the full causal mask, all 77 positions
+        x = m.transformer(x.permute(1, 0, 2)).permute(
+            1, 0, 2
+        )  # the full causal mask, all 77 positions
         x = m.ln_final(x).type(m.dtype)
         return x[torch.arange(x.shape[0]), tokenized.argmax(dim=-1)] @ m.text_projection
 
@@ -104,18 +137,33 @@ class FullTextEncoder(nn.Module):
 # ------------------------------------------------------------------------------------------------
 # The rows: (name, step function, a function giving logits and gradients for the exactness check)
 # ------------------------------------------------------------------------------------------------
-def make_method(method, clip_model, classnames, device, precision, full_text=False):
-    """The method as its main builds it: model, optimizer, scaler, and the step the loop calls."""
+TEXT_VARIANTS = {  # how the text encoder runs the prompts; "shared" is what the scripts do
+    "shared": "as written: shared prefix once, then each class's tokens",
+    "cut": "every prompt whole, cut at end-of-text",
+    "full": "text encoder over all 77 positions",
+}
+
+
+def make_method(method, clip_model, classnames, device, precision, text="shared"):
+    """The method as its main builds it: model, optimizer, scaler, and the step the loop calls.
+    text: "shared" (the scripts), "cut" (every prompt whole, cut at the last end-of-text token) or
+    "full" (all 77 positions, as the official CoOp code)."""
     torch.manual_seed(0)
     if method == "prograd":
         model = prograd.CustomCLIP(clip_model, classnames, 16, "a photo of a").to(device)
         teacher = prograd.zeroshot_classifier(clip_model, classnames, ["a photo of a {}."])
     else:
-        model = coop.CustomCLIP(clip_model, classnames, n_ctx=4 if method == "cocoop" else 16,
-                                ctx_init="a photo of a" if method == "cocoop" else "",
-                                cocoop=method == "cocoop").to(device)
+        cocoop = method == "cocoop"
+        model = coop.CustomCLIP(
+            clip_model,
+            classnames,
+            n_ctx=4 if cocoop else 16,
+            ctx_init="a photo of a" if cocoop else "",
+            cocoop=cocoop,
+        ).to(device)
         teacher = None
-    if full_text:
+    model.shared_prefix = text == "shared"
+    if text == "full":
         model.text_encoder = FullTextEncoder(clip_model)
     learned = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(learned, lr=0.002, momentum=0.9, weight_decay=5e-4)
@@ -123,45 +171,75 @@ def make_method(method, clip_model, classnames, device, precision, full_text=Fal
     return model, teacher, optimizer, scaler
 
 
-def step_fn(method, clip_model, model, teacher, optimizer, scaler, images, labels, precision, teacher_forward=False):
+def encoder_of(method, clip_model):
+    """The image side of a step: CLIP's image encoder, or none for "coop-text" (the text step
+    alone: its "images" are already normalised image features)."""
+    return (lambda x: x) if method == "coop-text" else clip_model.encode_image
+
+
+def step_fn(
+    method,
+    clip_model,
+    model,
+    teacher,
+    optimizer,
+    scaler,
+    images,
+    labels,
+    precision,
+    teacher_forward=False,
+):
+    encode = encoder_of(method, clip_model)
     if method != "prograd":
-        return lambda: coop.train_step(model, clip_model.encode_image, optimizer, scaler, images, labels, precision)
+        return lambda: coop.train_step(model, encode, optimizer, scaler, images, labels, precision)
     if not teacher_forward:
-        return lambda: prograd.train_step(model, clip_model.encode_image, teacher, optimizer, scaler, images, labels,
-                                          precision, 1.0, 1.0)
+        return lambda: prograd.train_step(
+            model, encode, teacher, optimizer, scaler, images, labels, precision, 1.0, 1.0
+        )
 
     def plain():  # the original: the teacher (a second CLIP) encodes the same batch again
         with torch.no_grad(), coop.autocast(images.device, precision):
             clip_model.encode_image(images)
-        return prograd.train_step(model, clip_model.encode_image, teacher, optimizer, scaler, images, labels,
-                                  precision, 1.0, 1.0)
+        return prograd.train_step(
+            model, encode, teacher, optimizer, scaler, images, labels, precision, 1.0, 1.0
+        )
 
     return plain
 
 
-def logits_and_grads(method, clip_model, model, teacher, images, labels, precision, teacher_forward=False):
+def logits_and_grads(
+    method, clip_model, model, teacher, images, labels, precision, teacher_forward=False
+):
     """What the exactness check compares: the step's logits and the gradients it applies."""
+    encode = encoder_of(method, clip_model)
     with torch.no_grad(), coop.autocast(images.device, precision):
-        f = F.normalize(clip_model.encode_image(images).float(), dim=-1)
-        f_teacher = F.normalize(clip_model.encode_image(images).float(), dim=-1) if teacher_forward else f
+        f = F.normalize(encode(images).float(), dim=-1)
+        f_teacher = F.normalize(encode(images).float(), dim=-1) if teacher_forward else f
     params = [p for p in model.parameters() if p.requires_grad]
+    if method == "prograd":
+        G_d, G_g, _, logits = prograd.two_gradients(
+            model, f, teacher, labels, 1.0, params, precision
+        )
+        teacher_logits = model.logit_scale.exp() * f_teacher @ teacher.t()
+        grads = [prograd.project(d, g, 1.0) for d, g in zip(G_d, G_g)]
+        return torch.cat([logits.float().flatten(), teacher_logits.flatten()]), grads
     with coop.autocast(images.device, precision):
-        if method == "prograd":
-            G_d, G_g, _, logits = prograd.two_gradients(model, f, teacher, labels, 1.0, params)
-            teacher_logits = model.logit_scale.exp() * f_teacher @ teacher.t()
-            grads = [prograd.project(d, g, 1.0) for d, g in zip(G_d, G_g)]
-            return torch.cat([logits.float().flatten(), teacher_logits.flatten()]), grads
         logits = model(f).float()
-        grads = torch.autograd.grad(F.cross_entropy(logits, labels), params)
+    grads = torch.autograd.grad(F.cross_entropy(logits, labels), params)
     return logits.flatten(), grads
 
 
 def max_difference(a, b):
     """Largest |difference| in logits and gradients, and whether it is within float tolerance."""
     (la, ga), (lb, gb) = a, b
-    diff = max([(la - lb).abs().max().item()] + [(x.float() - y.float()).abs().max().item() for x, y in zip(ga, gb)])
+    diff = max(
+        [(la - lb).abs().max().item()]
+        + [(x.float() - y.float()).abs().max().item() for x, y in zip(ga, gb)]
+    )
     scale = max([la.abs().max().item()] + [x.float().abs().max().item() for x in ga])
-    tolerance = (1e-4 if la.dtype == torch.float32 and all(g.dtype == torch.float32 for g in ga) else 1e-2) * scale
+    tolerance = (
+        1e-4 if la.dtype == torch.float32 and all(g.dtype == torch.float32 for g in ga) else 1e-2
+    ) * scale
     if not math.isfinite(diff):
         return diff, False
     return diff, diff <= max(tolerance, 1e-6)
@@ -200,83 +278,151 @@ def time_steps(fn, steps, warmup, device, count=False):
 def matmul_rate(device, precision):
     """TFLOP/s of one large matrix product in the precision the steps use, measured on this device."""
     n = 8192 if device.type == "cuda" else 1024
-    dtype = torch.float16 if precision in ("amp", "fp16") and device.type == "cuda" else torch.float32
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    dtype = (
+        torch.float16 if precision in ("amp", "fp16") and device.type == "cuda" else torch.float32
+    )
+    a, b = (
+        torch.randn(n, n, device=device, dtype=dtype),
+        torch.randn(n, n, device=device, dtype=dtype),
+    )
     ms = statistics.median(time_steps(lambda: a @ b, 10, 3, device)[0])
     return 2 * n**3 / (ms / 1000) / 1e12
 
 
+def cpu_memory(field):
+    """This process's resident memory (VmRSS) or its peak since the last reset (VmHWM), in MiB."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field)) / 1024
+
+
+def reset_cpu_peak():
+    """Return freed memory to the system and restart the peak count (Linux; elsewhere a no-op)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current resident size
+        return cpu_memory("VmRSS")
+    except OSError:
+        return None
+
+
 def row(name, variant, fn, batch, classes, device, steps, warmup, peak_rate, difference=None):
+    """Time fn; peak memory: CUDA's allocator peak, or on the CPU the resident-memory peak above
+    what the process held before (weights, data), both for the whole row."""
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(device)
+    else:
+        base = reset_cpu_peak()
     times, flops = time_steps(fn, steps, warmup, device, count=True)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        peak = None if base is None else cpu_memory("VmHWM") - base
     median = statistics.median(times)
     q = statistics.quantiles(times, n=10, method="inclusive") if len(times) >= 2 else [median] * 9
     achieved = flops / (median / 1000) / 1e12
-    return {"method": name, "variant": variant, "batch": batch, "classes": classes, "median_ms": round(median, 3),
-            "p10_ms": round(q[0], 3), "p90_ms": round(q[-1], 3),
-            "peak_mib": round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else None,
-            "gflop": round(flops / 1e9, 3), "tflops": round(achieved, 4),
-            "fraction_of_matmul": round(achieved / peak_rate, 4),
-            "max_abs_diff": None if difference is None else difference[0],
-            "exact": None if difference is None else difference[1]}
+    return {
+        "method": name,
+        "variant": variant,
+        "batch": batch,
+        "classes": classes,
+        "median_ms": round(median, 3),
+        "p10_ms": round(q[0], 3),
+        "p90_ms": round(q[-1], 3),
+        "peak_mib": None if peak is None else round(peak, 1),
+        "gflop": round(flops / 1e9, 3),
+        "tflops": round(achieved, 4),
+        "fraction_of_matmul": round(achieved / peak_rate, 4),
+        "max_abs_diff": None if difference is None else difference[0],
+        "exact": None if difference is None else difference[1],
+    }
 
 
 def run(args):
     device = torch.device(args.device)
     precision = args.precision or ("amp" if device.type == "cuda" else "fp32")
-    available = ["coop", "cocoop"] + (["prograd"] if prograd else [])
+    available = ["coop-text", "coop", "cocoop"] + (["prograd"] if prograd else [])
     methods = available if args.methods == "all" else args.methods.split(",")
     unknown = [m for m in methods if m not in available]
     if unknown:
         sys.exit(f"error: unknown or missing methods {unknown}; available: {available}")
     plain = set() if args.plain == "none" else set(args.plain.split(","))
-    if plain - {"text", "teacher", "eval"}:
-        sys.exit(f"error: --plain takes text, teacher, eval or none, not {args.plain}")
+    if plain - {"cut", "full", "teacher", "eval"}:
+        sys.exit(f"error: --plain takes cut, full, teacher, eval or none, not {args.plain}")
     clip_model = build_clip(args.arch, device, precision)
-    n_px = clip_model.visual.input_resolution
+    n_px, dim = clip_model.visual.input_resolution, clip_model.visual.output_dim
     classnames = [f"class {i}" for i in range(args.classes)]
     peak = matmul_rate(device, precision)
     rows = []
+
+    def add(r):
+        rows.append(r)
+        print(format_row(r), flush=True)
+
     for method in methods:
         batch = args.batch_size or PAPER_BATCH[method]
         torch.manual_seed(1)
-        images = torch.randn(batch, 3, n_px, n_px, device=device)
+        if method == "coop-text":  # the text step alone: normalised image features as the input
+            images = F.normalize(torch.randn(batch, dim, device=device), dim=-1)
+        else:
+            images = torch.randn(batch, 3, n_px, n_px, device=device)
         labels = torch.randint(args.classes, (batch,), device=device)
-        built = make_method(method, clip_model, classnames, device, precision)
         common = (batch, args.classes, device, args.steps, args.warmup, peak)
-        rows.append(row(method, "as written", step_fn(method, clip_model, *built, images, labels, precision),
-                        *common))
-        print(format_row(rows[-1]), flush=True)
-        if plain & {"text", "teacher"}:
-            fast = logits_and_grads(method, clip_model, *make_method(method, clip_model, classnames, device,
-                                                                     precision)[:2], images, labels, precision)
-        if "text" in plain:
-            full = make_method(method, clip_model, classnames, device, precision, full_text=True)
-            difference = max_difference(fast, logits_and_grads(method, clip_model, *full[:2], images, labels,
-                                                               precision))
-            rows.append(row(method, "text encoder over all 77 positions",
-                            step_fn(method, clip_model, *full, images, labels, precision), *common, difference))
-            print(format_row(rows[-1]), flush=True)
+        built = make_method(method, clip_model, classnames, device, precision)
+        add(
+            row(
+                method,
+                TEXT_VARIANTS["shared"],
+                step_fn(method, clip_model, *built, images, labels, precision),
+                *common,
+            )
+        )
+        check = lambda *m, **k: logits_and_grads(
+            method, clip_model, *m, images, labels, precision, **k
+        )
+        fast = check(*make_method(method, clip_model, classnames, device, precision)[:2])
+        for text in [t for t in ("cut", "full") if t in plain]:
+            other = make_method(method, clip_model, classnames, device, precision, text)
+            difference = max_difference(fast, check(*other[:2]))
+            add(
+                row(
+                    method,
+                    TEXT_VARIANTS[text],
+                    step_fn(method, clip_model, *other, images, labels, precision),
+                    *common,
+                    difference,
+                )
+            )
         if method == "prograd" and "teacher" in plain:
             own = make_method(method, clip_model, classnames, device, precision)
-            difference = max_difference(fast, logits_and_grads(method, clip_model, *own[:2], images, labels,
-                                                               precision, teacher_forward=True))
-            rows.append(row(method, "teacher with its own image forward",
-                            step_fn(method, clip_model, *own, images, labels, precision, teacher_forward=True),
-                            *common, difference))
-            print(format_row(rows[-1]), flush=True)
+            difference = max_difference(fast, check(*own[:2], teacher_forward=True))
+            fn = step_fn(method, clip_model, *own, images, labels, precision, teacher_forward=True)
+            add(row(method, "teacher with its own image forward", fn, *common, difference))
     if "eval" in plain:
         rows += eval_rows(clip_model, classnames, args, device, precision, peak)
-    result = {"arch": args.arch, "device": coop.device_name(device), "precision": precision, "classes": args.classes,
-              "matmul_tflops": round(peak, 4), "torch": torch.__version__, "rows": rows,
-              "note": "CPU run: wall-clock times" if device.type == "cpu" else "CUDA events"}
-    print(f"\n{result['device']}, {args.arch}, {precision}, {args.classes} classes; matrix-product rate measured "
-          f"here: {peak:.3f} TFLOP/s" + (" (a CPU run: wall-clock times)" if device.type == "cpu" else ""))
+    result = {
+        "arch": args.arch,
+        "device": coop.run_info(device)["device"],
+        "precision": precision,
+        "classes": args.classes,
+        "matmul_tflops": round(peak, 4),
+        "torch": torch.__version__,
+        "rows": rows,
+        "note": "CPU run: wall-clock times" if device.type == "cpu" else "CUDA events",
+    }
+    print(
+        f"\n{result['device']}, {args.arch}, {precision}, {args.classes} classes; matrix-product "
+        f"rate measured here: {peak:.3f} TFLOP/s"
+        + (" (a CPU run: wall-clock times)" if device.type == "cpu" else "")
+    )
     print(markdown_table(rows))
     if args.out:
-        coop.save_json(args.out, result)
+        coop.save(args.out, result)
     return result
 
 
@@ -284,8 +430,13 @@ def eval_rows(clip_model, classnames, args, device, precision, peak):
     """Evaluating zero-shot and a learned prompt on one test batch: features encoded once vs twice."""
     batch = args.batch_size or 100  # the papers' test batch
     torch.manual_seed(2)
-    images = torch.randn(batch, 3, clip_model.visual.input_resolution, clip_model.visual.input_resolution,
-                         device=device)
+    images = torch.randn(
+        batch,
+        3,
+        clip_model.visual.input_resolution,
+        clip_model.visual.input_resolution,
+        device=device,
+    )
     model = make_method("coop", clip_model, classnames, device, precision)[0]
     weights = coop.zeroshot_classifier(clip_model, classnames, ["a photo of a {}."])
 
@@ -300,8 +451,10 @@ def eval_rows(clip_model, classnames, args, device, precision, peak):
 
     difference = max_difference(evaluate(False), evaluate(True))
     common = (batch, args.classes, device, args.steps, args.warmup, peak)
-    rows = [row("eval", "image features encoded once", lambda: evaluate(False), *common),
-            row("eval", "re-encoded for each classifier", lambda: evaluate(True), *common, difference)]
+    rows = [
+        row("eval", "image features encoded once", lambda: evaluate(False), *common),
+        row("eval", "re-encoded for each classifier", lambda: evaluate(True), *common, difference),
+    ]
     for r in rows:
         print(format_row(r), flush=True)
     return rows
@@ -314,8 +467,10 @@ def format_row(r):
 
 
 def markdown_table(rows):
-    head = ("| method | variant | batch | classes | median ms | p10–p90 ms | peak MiB | GFLOP | TFLOP/s | "
-            "of matmul | speed-up | max abs diff |")
+    head = (
+        "| method | variant | batch | classes | median ms | p10–p90 ms | peak MiB | GFLOP | TFLOP/s | "
+        "of matmul | speed-up | max abs diff |"
+    )
     lines = [head, "|" + "---|" * 12]
     base = {}
     for r in rows:
@@ -323,10 +478,16 @@ def markdown_table(rows):
         if r["exact"] is None:
             base[key] = r["median_ms"]
         speedup = "" if r["exact"] is None else f"{r['median_ms'] / base[key]:.2f}×"
-        diff = "" if r["exact"] is None else f"{r['max_abs_diff']:.1e} ({'exact' if r['exact'] else 'DIFFERENT'})"
-        lines.append(f"| {r['method']} | {r['variant']} | {r['batch']} | {r['classes']} | {r['median_ms']:.1f} | "
-                     f"{r['p10_ms']:.1f}–{r['p90_ms']:.1f} | {r['peak_mib'] or '–'} | {r['gflop']:.1f} | "
-                     f"{r['tflops']:.3f} | {100 * r['fraction_of_matmul']:.0f}% | {speedup} | {diff} |")
+        diff = (
+            ""
+            if r["exact"] is None
+            else f"{r['max_abs_diff']:.1e} ({'exact' if r['exact'] else 'DIFFERENT'})"
+        )
+        lines.append(
+            f"| {r['method']} | {r['variant']} | {r['batch']} | {r['classes']} | {r['median_ms']:.1f} | "
+            f"{r['p10_ms']:.1f}–{r['p90_ms']:.1f} | {r['peak_mib'] or '–'} | {r['gflop']:.1f} | "
+            f"{r['tflops']:.3f} | {100 * r['fraction_of_matmul']:.0f}% | {speedup} | {diff} |"
+        )
     return "\n".join(lines)
 
 

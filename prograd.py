@@ -2,31 +2,30 @@
 
 Paper: Zhu et al., "Prompt-aligned Gradient for Prompt Tuning", arXiv 2205.14865.
 
-The idea. CoOp's learned context fits the few training images and can forget what CLIP knew: with
-few shots it may end below zero-shot CLIP. ProGrad trains the same context (CoOp's prompt learner)
-but looks at two gradients every step: G_d, of the cross-entropy with the labels (domain-specific),
-and G_g, of the KL divergence from zero-shot CLIP's prediction to the prompt's (general). When they
-conflict (an angle above 90 degrees), the part of G_d that opposes G_g is removed before the step.
-lambda = 1 removes it fully; lambda = 0 is plain CoOp.
+The idea. CoOp's learned context fits the few training images and can forget what CLIP knew.
+ProGrad trains the same context (CoOp's prompt learner) but looks at two gradients every step: G_d,
+of the cross-entropy with the labels (domain-specific), and G_g, of the KL divergence from
+zero-shot CLIP's prediction to the prompt's (general). When they conflict (an angle above 90
+degrees), the part of G_d that opposes G_g is removed before the step (lambda = 0 is CoOp).
 
-Equations (s the student's logits with the learned prompt, t the zero-shot teacher's logits from the
-hand-crafted template, T the temperature, both logits include CLIP's scale of about 100)
-  [ProGrad]  L_ce = CE(s, y)                     G_d = dL_ce/dctx   (domain-specific direction)
-  [ProGrad]  L_kl = T^2 KL(softmax(t/T) || softmax(s/T))            G_g = dL_kl/dctx   (general direction)
-  [ProGrad]  G = G_d - lambda (G_d.G_g / |G_g|^2) G_g   if G_d.G_g < 0,   else G = G_d
-             then SGD with momentum and weight decay takes the step with G.
+Equations (s the student's logits with the learned prompt, t the zero-shot teacher's logits from
+the hand-crafted template, both cos / tau with CLIP's 1/tau of about 100; T the KL temperature)
+  [ProGrad]        L_ce = CE(s, y)                              G_d = dL_ce/dctx  (domain-specific)
+  [ProGrad]        L_kl = T^2 KL(softmax(t/T) || softmax(s/T))  G_g = dL_kl/dctx  (general)
+  [ProGrad Eq. 5]  G = G_d - lambda (G_d.G_g / |G_g|^2) G_g  if G_d.G_g < 0,  else G = G_d
+                   then SGD (momentum, weight decay) takes the step with G.
+Learned: ctx, 16 context vectors (16, d), initialised from the dataset's template words.
+Frozen:  all of CLIP; the teacher is the same frozen CLIP with the template (no second copy).
+Differs from coop.py: the template initialisation, the teacher, and train_step (two gradients and
+the projection); no CSC, no class positions, no CoCoOp (ProGrad uses none of them).
 
-Learned:  ctx, 16 context vectors (16, d), initialised from the dataset's template words.
-Frozen:   all of CLIP; the teacher is the same frozen CLIP with the template (no second copy).
-Differs from coop.py: the template initialisation, the teacher, and train_step (two gradients and the
-projection); no CSC, no class positions, no CoCoOp (ProGrad uses none of them).
+The paper's settings (authors' configs): RN50, M = 16 from the template, lambda 1 (0.8 for 8 and
+16 shots on Flowers102, DTD, EuroSAT), T 1, and CoOp's SGD recipe and epochs (see coop.py).
 
 Run
-  quick CPU run on the toy world:  python prograd.py --backbone toy/clip_rn.pt --data toy/sketch --shots 4 \
-        --crop-scale 0.5
-  paper setting (16 shots, RN50): python prograd.py --backbone RN50 --data DATA/oxford_pets/images \
-        --split-file DATA/oxford_pets/split_zhou_OxfordPets.json --template OxfordPets --shots 16
-  base-to-new, as the authors' scripts (4 shots): add --shots 4 --subsample base
+  python prograd.py --backbone toy/clip_rn.pt --data toy/sketch --shots 4 --crop-scale 0.5
+  python prograd.py --backbone RN50 --data DATA/oxford_pets/images --template OxfordPets \
+      --split-file DATA/oxford_pets/split_zhou_OxfordPets.json --shots 16
 """
 
 import argparse
@@ -49,8 +48,8 @@ with warnings.catch_warnings():  # openai-clip 1.0.1 imports the deprecated pkg_
     warnings.simplefilter("ignore")
     import clip
 
-# [ProGrad] the hand-crafted templates, reordered so that the class name comes last: the template text
-# before " {}." initialises the context, and the whole template makes the zero-shot teacher.
+# [ProGrad] the hand-crafted templates, reordered so that the class name comes last: the words
+# before " {}." initialise the context, and the whole template makes the zero-shot teacher.
 PROGRAD_TEMPLATES = {
     "OxfordPets": "a type of pet, a photo of a {}.",
     "OxfordFlowers": "a type of flower, a photo of a {}.",
@@ -66,63 +65,471 @@ PROGRAD_TEMPLATES = {
 }
 
 
+# --- shared: text encoder (canonical copy in coop.py; re-sync with tools/sync_shared.py) ---
+class TextEncoder(nn.Module):
+    """CLIP's text transformer on prompt embeddings, in two exact shortcuts of its 77 positions.
+
+    The transformer is causal: position i attends to positions <= i only. So (1) the end-of-text
+    (EOT) feature depends only on the positions up to it, and running the prompts cut after the
+    longest EOT gives exactly the 77-position result (`forward`); and (2) positions before the
+    class name never see it: when every class's prompt starts with the same prefix ([SOS] and a
+    generic context), the prefix's hidden states are the same for every class. `shared_prefix`
+    computes them once (once per image for CoCoOp) and runs only each class's remaining tokens
+    (name, ".", EOT), which attend to the prefix's keys and values and, causally, to their own.
+    """
+
+    def __init__(self, clip_model):
+        super().__init__()
+        self.transformer, self.ln_final = clip_model.transformer, clip_model.ln_final
+        self.positional_embedding = clip_model.positional_embedding
+        self.text_projection, self.dtype = clip_model.text_projection, clip_model.dtype
+
+    def forward(self, prompts, tokenized):
+        # prompts: (N, L, d) token embeddings; tokenized: (N, L) ids, used to find EOT (largest id)
+        eot = tokenized.argmax(dim=-1)  # (N,)
+        n = int(eot.max()) + 1
+        x = prompts[:, :n].type(self.dtype) + self.positional_embedding[:n].type(self.dtype)
+        mask = torch.full((n, n), float("-inf"), device=x.device, dtype=x.dtype).triu_(1)
+        x = x.permute(1, 0, 2)  # NLD -> LND: (n, N, d)
+        for block in self.transformer.resblocks:  # = block(x) with the causal mask cut to n
+            h = block.ln_1(x)
+            x = x + block.attn(h, h, h, need_weights=False, attn_mask=mask)[0]
+            x = x + block.mlp(block.ln_2(x))
+        x = x.permute(1, 0, 2)[torch.arange(x.shape[1]), eot]  # LND -> NLD, the EOT rows: (N, d)
+        return self.ln_final(x).type(self.dtype) @ self.text_projection  # (N, D)
+
+    def shared_prefix(self, prefix, suffix, tokenized, deep=()):
+        """Exactly forward(cat([prefix[b], suffix[c]]), tokenized[c]) for every pair (b, c).
+
+        prefix: (B, P, d), the first P positions, the same for every class (B = 1, or one per
+        image); suffix: (C, L - P, d), the rest of each class's prompt; tokenized: (C, L) ids;
+        deep: tensors (n, d) that replace prefix positions 1..n before blocks 1, 2, ... (MaPLe's
+        deeper text prompts). Returns (B, C, D).
+        """
+        (B, P, d), C = prefix.shape, suffix.shape[0]
+        eot = tokenized.argmax(dim=-1) - P  # EOT's index within the suffix: (C,)
+        S = int(eot.max()) + 1
+        pos = self.positional_embedding.type(self.dtype)
+        xp = prefix.type(self.dtype) + pos[:P]  # (B, P, d)
+        xs = (suffix[:, :S].type(self.dtype) + pos[P : P + S]).expand(B, -1, -1, -1)
+        xs = xs.reshape(B * C, S, d)  # every (image, class) pair's own tokens: (B*C, S, d)
+        see = torch.ones(S, P + S, dtype=torch.bool, device=xp.device).tril_(P)  # (S, P + S)
+        for i, block in enumerate(self.transformer.resblocks):
+            if 0 < i <= len(deep):  # MaPLe: the previous block's outputs there are replaced
+                n = deep[i - 1].shape[0]
+                new = deep[i - 1].type(xp.dtype).expand(B, -1, -1)  # (B, n, d)
+                xp = torch.cat([xp[:, :1], new, xp[:, 1 + n :]], dim=1)  # (B, P, d)
+            heads = block.attn.num_heads
+            split = lambda t: t.unflatten(-1, (heads, -1)).transpose(-3, -2)  # (.., heads, L, d_h)
+            qkv_p = F.linear(block.ln_1(xp), block.attn.in_proj_weight, block.attn.in_proj_bias)
+            qkv_s = F.linear(block.ln_1(xs), block.attn.in_proj_weight, block.attn.in_proj_bias)
+            qp, kp, vp = map(split, qkv_p.chunk(3, dim=-1))  # (B, heads, P, d_h) each
+            qs, ks, vs = map(split, qkv_s.chunk(3, dim=-1))  # (B*C, heads, S, d_h) each
+            # The prefix attends causally to itself only: it never sees a class name.
+            ap = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True)  # (B, heads, P, d_h)
+            # Each class's tokens attend to [prefix keys/values ; their own, causally]:
+            #   softmax(q_s [K_p ; K_s]^T / sqrt(d_h) + mask) [V_p ; V_s]
+            rep = lambda t: t.unsqueeze(1).expand(-1, C, -1, -1, -1).flatten(0, 1)  # B -> B*C
+            k, v = torch.cat([rep(kp), ks], dim=-2), torch.cat([rep(vp), vs], dim=-2)
+            a_s = F.scaled_dot_product_attention(qs, k, v, attn_mask=see)  # (B*C, heads, S, d_h)
+            merge = lambda t: block.attn.out_proj(t.transpose(-3, -2).flatten(-2))  # (.., L, d)
+            xp, xs = xp + merge(ap), xs + merge(a_s)
+            xp, xs = xp + block.mlp(block.ln_2(xp)), xs + block.mlp(block.ln_2(xs))
+        x = xs[torch.arange(B * C), eot.repeat(B)]  # the EOT rows: (B*C, d)
+        return (self.ln_final(x).type(self.dtype) @ self.text_projection).view(B, C, -1)
+
+
+# --- end shared: text encoder ---
+
+
+# ------------------------------------------------------------------------------------------------
+# The method: the student (CoOp's prompt learner), the zero-shot teacher, the projection
+# ------------------------------------------------------------------------------------------------
+class PromptLearner(nn.Module):
+    """ProGrad's student: CoOp's prompt learner, generic context, class token at the end.
+
+    The template init of the authors' code: ctx = zeros(M, d) whose last k rows are the embeddings
+    of the k template words, right-aligned; M=16 and "a photo of a" give 12 zero rows, then the
+    four words.
+    """
+
+    def __init__(self, clip_model, classnames, n_ctx=16, init_text=None):
+        super().__init__()
+        d = clip_model.ln_final.weight.shape[0]  # token width (512 for RN50 and ViT-B)
+        ctx, k = torch.zeros(n_ctx, d), 0
+        if init_text is None:  # CoOp's random init N(0, 0.02^2)
+            nn.init.normal_(ctx, std=0.02)
+        else:
+            # Tokenisation quirk, kept from the authors' code: k counts the template's WORDS. With a
+            # comma ("a type of pet, a photo of a": 8 words, 9 BPE tokens, "pet," -> "pet" ",") the
+            # last template token falls into the frozen suffix. The encoder still sees exactly the
+            # template; one of its tokens is frozen instead of learned.
+            k = len(init_text.split())
+            if k > n_ctx:
+                raise ValueError(f"the template {init_text!r} has {k} words, more than M = {n_ctx}")
+            tokens = tokenize(clip_model, [init_text]).to(clip_model.token_embedding.weight.device)
+            with torch.no_grad():
+                ctx[n_ctx - k :] = clip_model.token_embedding(tokens)[0, 1 : 1 + k].float()
+        self.ctx = nn.Parameter(ctx)  # (M, d)
+        self.n_ctx = n_ctx
+        self.prefix_text = " ".join(["X"] * (n_ctx - k) + ([init_text] if k else []))
+        self.set_classnames(clip_model, classnames)
+
+    def set_classnames(self, clip_model, classnames):
+        texts = [f"{self.prefix_text} {c}." for c in classnames]  # [CoOp] the trailing period
+        try:
+            tokenized = tokenize(clip_model, texts)  # (n_cls, L)
+        except RuntimeError:
+            raise ValueError(
+                f"a prompt is longer than the model's context length "
+                f"{clip_model.context_length}: use a smaller --n-ctx or shorter class "
+                f"names (longest: {max(classnames, key=len)!r})"
+            ) from None
+        device = clip_model.token_embedding.weight.device
+        with torch.no_grad():
+            embedding = clip_model.token_embedding(tokenized.to(device)).float()  # (n_cls, L, d)
+        self.register_buffer("token_prefix", embedding[:, :1], persistent=False)  # SOS
+        self.register_buffer("token_suffix", embedding[:, 1 + self.n_ctx :], persistent=False)
+        self.register_buffer("tokenized", tokenized.to(device), persistent=False)  # to find EOT
+
+    def forward(self):
+        """The full prompts [SOS] [V]_1..[V]_M [CLASS] . [EOS]: (n_cls, L, d)."""
+        ctx = self.ctx.expand(self.token_prefix.shape[0], -1, -1)  # (n_cls, M, d)
+        return torch.cat([self.token_prefix, ctx, self.token_suffix], dim=1)
+
+    def prefix(self):
+        """[SOS] [V]_1..[V]_M, the part of the prompt every class shares: (1, 1 + M, d)."""
+        return torch.cat([self.token_prefix[:1], self.ctx.unsqueeze(0)], dim=1)
+
+
+class CustomCLIP(nn.Module):
+    """The student: logits of normalised image features against the learned prompts."""
+
+    def __init__(self, clip_model, classnames, n_ctx=16, init_text=None):
+        super().__init__()
+        self.prompt_learner = PromptLearner(clip_model, classnames, n_ctx, init_text)
+        self.text_encoder = TextEncoder(clip_model)
+        self.logit_scale = clip_model.logit_scale  # CLIP's own, frozen: ln(1/tau)
+        self.shared_prefix = True  # every class's prompt starts [SOS] [V]_1..[V]_M: run it once
+
+    def forward(self, image_features):
+        # image_features: (B, D), L2-normalised, from the frozen image encoder
+        pl, encoder = self.prompt_learner, self.text_encoder
+        if self.shared_prefix:
+            text = encoder.shared_prefix(pl.prefix(), pl.token_suffix, pl.tokenized)[0]
+        else:  # the plain formulation (bench.py compares the two)
+            text = encoder(pl(), pl.tokenized)
+        text = F.normalize(text.float(), dim=-1)  # (n_cls, D)
+        return self.logit_scale.exp() * image_features @ text.t()  # (B, n_cls)
+
+
+def resolve_template(template):
+    """A dataset name gives ProGrad's template for it; otherwise the template must end with
+    ' {}.': the words before it initialise the context, and the class name comes last."""
+    template = PROGRAD_TEMPLATES.get(template, template)
+    if not template.endswith(" {}."):
+        fail(
+            f"--template {template!r} must end with ' {{}}.' (the class name last, after a "
+            f"space) or be one of {', '.join(PROGRAD_TEMPLATES)}"
+        )
+    return template
+
+
+def prograd_losses(student_logits, teacher_logits, labels, temperature):
+    """L_ce with the labels, and L_kl from the zero-shot distribution to the student's."""
+    loss_ce = F.cross_entropy(student_logits, labels)
+    # As the authors' code: the soft-target cross-entropy T^2 mean_b sum_c -p_zs log p_student. It
+    # differs from KL(p_zs || p_student) by p_zs's entropy, a constant: the gradient is the KL's.
+    p_zs = F.softmax(teacher_logits / temperature, dim=-1)
+    log_p = F.log_softmax(student_logits / temperature, dim=-1)
+    loss_kl = temperature**2 * -(p_zs * log_p).sum(-1).mean()
+    return loss_ce, loss_kl
+
+
+def project(G_d, G_g, lam):
+    """[ProGrad Eq. 5] G = G_d - lambda (G_d.G_g / |G_g|^2) G_g if G_d.G_g < 0, else G_d (fp32)."""
+    g_d, g_g = G_d.float(), G_g.float()
+    dot, norm2 = (g_d * g_g).sum(), (g_g * g_g).sum()
+    if norm2 == 0 or not torch.isfinite(norm2):
+        # |G_g| = 0: the authors' code divides 0 by 0, and "NaN < 0" is False, so it keeps G_d.
+        # We keep that behaviour, explicitly.
+        return G_d
+    if dot < 0:  # the update would undo part of the general knowledge: remove that part
+        return (g_d - lam * dot / norm2 * g_g).to(G_d.dtype)
+    return G_d  # no conflict: the domain-specific gradient as it is
+
+
+def epochs_for_shots(shots):
+    """CoOp's configs, which ProGrad uses: 50 epochs for 1 shot, 100 for 2-4, 200 for 8-16."""
+    return 50 if shots <= 1 else 100 if shots <= 4 else 200
+
+
+def lr_at_epoch(epoch, base_lr, epochs, warmup_lr=1e-5):
+    """Dassl's warm-up then cosine, stepped once per epoch: the first epoch runs at warmup_lr,
+    then the cosine starts afresh over `epochs`, so it never reaches 0 (the last of 200: 4.9e-7)."""
+    if epoch == 0:
+        return warmup_lr
+    return 0.5 * base_lr * (1 + math.cos(math.pi * (epoch - 1) / epochs))
+
+
+# ------------------------------------------------------------------------------------------------
+# One optimisation step (the unit the training loop, the tests and bench.py call)
+# ------------------------------------------------------------------------------------------------
+def two_gradients(model, image_features, teacher, labels, T, params, precision="fp32", scale=None):
+    """G_d and G_g from ONE forward of the student; the teacher shares its image features. The
+    logits are computed under autocast; the losses and both backward passes outside it, in fp32,
+    as PyTorch's autocast notes advise."""
+    with autocast(image_features.device, precision):
+        logits = model(image_features)  # (B, n_cls)
+    logits = logits.float()
+    with torch.no_grad():  # zero-shot CLIP on the same images: (B, n_cls)
+        teacher_logits = model.logit_scale.exp() * image_features @ teacher.t()
+    loss_ce, loss_kl = prograd_losses(logits, teacher_logits, labels, T)
+    if not (torch.isfinite(loss_ce) and torch.isfinite(loss_kl)):
+        raise FloatingPointError(
+            f"the losses are {loss_ce.item()} and {loss_kl.item()}; try --precision fp32"
+        )
+    scale = scale or (lambda loss: loss)  # the amp loss scale on CUDA, the same for both
+    G_g = torch.autograd.grad(scale(loss_kl), params, retain_graph=True)  # general direction
+    G_d = torch.autograd.grad(scale(loss_ce), params)  # domain-specific direction
+    return G_d, G_g, loss_ce, logits
+
+
+def train_step(model, encode_image, teacher, optimizer, scaler, images, labels, precision, lam, T):
+    with torch.no_grad(), autocast(images.device, precision):  # CLIP's image side is frozen
+        image_features = F.normalize(encode_image(images).float(), dim=-1)  # (B, D), one forward
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    G_d, G_g, loss_ce, logits = two_gradients(
+        model, image_features, teacher, labels, T, params, precision, scaler.scale
+    )
+    # Per tensor, as the authors' code: with ctx the only learned tensor, this is the paper's one
+    # projection of the whole gradient G. A researcher who learns more tensors (a meta-network, a
+    # second context) and wants the paper's single G must flatten them into one vector first.
+    for p, g_d, g_g in zip(params, G_d, G_g):
+        p.grad = project(g_d, g_g, lam)  # linear in G_d: the amp loss scale passes through
+    scaler.step(optimizer)  # SGD: momentum and weight decay act after the projection (original)
+    scaler.update()
+    dot = sum((d.float() * g.float()).sum() for d, g in zip(G_d, G_g))
+    norm_d = math.sqrt(sum(d.float().pow(2).sum() for d in G_d))
+    norm_g = math.sqrt(sum(g.float().pow(2).sum() for g in G_g))
+    cosine = float(dot) / (norm_d * norm_g) if norm_d * norm_g > 0 else 0.0
+    return loss_ce.item(), accuracy(logits, labels), cosine
+
+
+# ------------------------------------------------------------------------------------------------
+# main: data, model, the visible training loop, evaluation, results
+# ------------------------------------------------------------------------------------------------
+def main(args):
+    device = torch.device(args.device)
+    precision = args.precision or ("amp" if device.type == "cuda" else "fp32")
+    template = resolve_template(args.template)
+    epochs = args.epochs or epochs_for_shots(args.shots)
+    if args.eval_only and not args.load:
+        fail("--eval-only needs --load <checkpoint.pt>")
+    if args.shots < 1:
+        fail("--shots must be at least 1")
+    dataset, train, test_sets = load_task(args, args.shots)
+    if not train["train"] and not args.eval_only:
+        fail(f"{args.data}: no training images (a train/ folder or the split file's train list)")
+    run_dir = args.out or os.path.join(
+        "runs", "prograd", dataset, f"{args.shots}shot_seed{args.seed}"
+    )
+    if args.resume and not os.path.isfile(os.path.join(run_dir, "checkpoint.pt")):
+        fail(f"--resume: {run_dir}/checkpoint.pt not found; start the run without --resume")
+    seed_everything(args.seed)
+
+    # Frozen CLIP, the learned prompt, and the zero-shot teacher (its class features computed once)
+    clip_model = load_clip(args.backbone, device, precision)
+    n_px = clip_model.visual.input_resolution
+    init_text = template[: -len(" {}.")] if args.ctx_init == "template" else None
+    try:
+        model = CustomCLIP(clip_model, train["classnames"], args.n_ctx, init_text).to(device)
+        for _, classnames in test_sets.values():  # every test set's prompts fit, before training
+            model.prompt_learner.set_classnames(clip_model, classnames)
+        model.prompt_learner.set_classnames(clip_model, train["classnames"])
+    except ValueError as e:
+        fail(str(e))
+    teacher_weights = zeroshot_classifier(clip_model, train["classnames"], [template])  # (C, D)
+    pl, learned = model.prompt_learner, [p for p in model.parameters() if p.requires_grad]
+    assert not any(p.requires_grad for p in clip_model.parameters()) and learned == [pl.ctx]
+    n_frozen = sum(p.numel() for p in clip_model.parameters())
+    print(
+        f"prograd: {pl.n_ctx} context vectors from {init_text or 'N(0, 0.02^2)'!r}, learned "
+        f"{list(learned_state(model))} = {pl.ctx.numel():,} parameters; CLIP's {n_frozen:,} "
+        f"frozen; teacher {template!r}, lambda {args.lam}, T {args.temperature}"
+    )
+    config = dict(method="prograd", backbone=args.backbone, n_ctx=pl.n_ctx)
+    if args.load:
+        load_learned(model, load_checkpoint(args.load), args.load, config)
+
+    # Training: SGD on the context with the projected gradient, one learning rate per epoch
+    os.makedirs(run_dir, exist_ok=True)
+    save(os.path.join(run_dir, "args.json"), vars(args))
+    sgd = dict(lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    optimizer = torch.optim.SGD(learned, **sgd)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "amp" and device.type == "cuda")
+    generator = torch.Generator().manual_seed(args.seed)  # the shuffling order, kept for --resume
+    # The original loader silently drops the last partial batch when N >= batch size (up to 31
+    # images per epoch); we keep every image unless --drop-last asks for the original behaviour.
+    drop_last = args.drop_last and len(train["train"]) >= args.batch_size
+    transform, batch = train_transform(n_px, args.crop_scale), args.batch_size
+    loader = make_loader(train["train"], transform, batch, args.workers, True, drop_last, generator)
+    start, train_seconds, n_seen = 0, 0.0, 0
+    if args.resume:
+        start, train_seconds = resume(run_dir, model, optimizer, generator, config)
+    elif os.path.exists(os.path.join(run_dir, "log.jsonl")) and not args.eval_only:
+        os.remove(os.path.join(run_dir, "log.jsonl"))  # a fresh run starts a fresh log
+    for epoch in range(start, 0 if args.eval_only else epochs):
+        lr = lr_at_epoch(epoch, args.lr, epochs, args.warmup_lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        t0, losses, accs, cosines, n = time.time(), [], [], [], 0
+        peak_mib(device, reset=True)
+        for images, labels in loader:
+            images, labels = images.to(device, non_blocking=True), labels.to(device)
+            loss, acc, cosine = train_step(
+                model,
+                clip_model.encode_image,
+                teacher_weights,
+                optimizer,
+                scaler,
+                images,
+                labels,
+                precision,
+                args.lam,
+                args.temperature,
+            )
+            losses, accs, cosines = losses + [loss], accs + [acc], cosines + [cosine]
+            n += len(labels)
+        seconds = time.time() - t0
+        train_seconds, n_seen = train_seconds + seconds, n_seen + n
+        # the quantity the paper is about: how often, and how much, the two directions disagree
+        conflicts = [c < 0 for c in cosines]
+        log_epoch(
+            run_dir,
+            device,
+            epoch + 1,
+            epochs,
+            seconds,
+            n,
+            lr=lr,
+            loss=losses,
+            train_acc=accs,
+            conflict_fraction=conflicts,
+            mean_cosine=cosines,
+        )
+        save_progress(run_dir, config, model, optimizer, epoch + 1, train_seconds, generator)
+
+    # Evaluation of the last epoch on every test set (image features encoded once per set)
+    zero_shot, acc = {}, {}
+    for name, (items, classnames) in test_sets.items():
+        loader = make_loader(items, test_transform(n_px), 100, args.workers)
+        features, labels = encode_images(clip_model.encode_image, loader, device, precision)
+        weights = zeroshot_classifier(clip_model, classnames, [template])  # the teacher's
+        zero_shot[name] = accuracy(clip_model.logit_scale.exp() * features @ weights.t(), labels)
+        pl.set_classnames(clip_model, classnames)  # the context does not depend on the names
+        with torch.no_grad(), autocast(device, precision):
+            acc[name] = accuracy(model(features), labels)
+    speed = round(n_seen / train_seconds, 1) if n_seen else None
+    epochs = 0 if args.eval_only else epochs
+    return finish_run(
+        run_dir,
+        args,
+        "prograd",
+        dataset,
+        zero_shot,
+        acc,
+        epochs=epochs,
+        precision=precision,
+        train_seconds=round(train_seconds, 2),
+        images_per_s=speed,
+    )
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
-        description="ProGrad prompt tuning for CLIP (defaults: the paper's and the authors' code's settings).",
+        description="ProGrad (defaults: the paper's and the authors' code)",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    add = p.add_argument
     # data and protocol
-    p.add_argument("--backbone", default="RN50", help="CLIP name (RN50, ViT-B/16, ...) or checkpoint path")
-    p.add_argument("--data", required=True,
-                   help="ImageFolder root with train/ [val/] test/, or the image root of --split-file")
-    p.add_argument("--split-file", default=None, help="CoOp split_zhou_<Name>.json (then --data is its image root)")
-    p.add_argument("--classnames", default=None, help="classnames.txt: 'folder<TAB>readable name' per line")
-    p.add_argument("--shots", type=int, default=16, help="training images per class (seeded sample)")
-    p.add_argument("--subsample", choices=["all", "base", "new"], default="all",
-                   help="base-to-new protocol: 'base' trains on the first half of the classes and also reports 'new'")
-    p.add_argument("--eval-data", nargs="*", default=[],
-                   help="extra test sets (ImageFolder roots) for the learned context")
-    p.add_argument("--template", default="a photo of a {}.",
-                   help=f"the teacher's template (class name last), or a dataset name: {', '.join(PROGRAD_TEMPLATES)}")
+    add("--backbone", default="RN50", help="CLIP name (RN50, ViT-B/16, ...) or checkpoint path")
+    add("--data", required=True, help="root with train/ [val/] test/, or --split-file's images")
+    add("--split-file", help="CoOp's split_zhou_<Name>.json (then --data is its image root)")
+    add("--classnames", help="classnames.txt: 'folder<TAB>readable name' per line")
+    add("--shots", type=int, default=16, help="training images per class (seeded sample)")
+    add(
+        "--subsample",
+        choices=["all", "base", "new"],
+        default="all",
+        help="base-to-new: 'base' trains on the first half of the classes, also tests 'new'",
+    )
+    add("--eval-data", nargs="*", default=[], help="extra test sets (ImageFolder roots)")
+    add(
+        "--template",
+        default="a photo of a {}.",
+        help="the teacher's template, ending ' {}.', "
+        f"or a dataset name: {', '.join(PROGRAD_TEMPLATES)}",
+    )
     # the method
-    p.add_argument("--n-ctx", type=int, default=16, help="context vectors M")
-    p.add_argument("--ctx-init", choices=["template", "random"], default="template",
-                   help="context from the template words (right-aligned, zeros before), or CoOp's N(0, 0.02^2)")
-    p.add_argument("--lam", type=float, default=1.0,
-                   help="lambda, strength of the projection (1: fully orthogonal, 0: CoOp); the authors use "
-                        "0.8 for 8 and 16 shots on Flowers102, DTD and EuroSAT")
-    p.add_argument("--temperature", type=float, default=1.0, help="T of the KL to the zero-shot prediction")
-    # optimisation (as CoOp: SGD 0.002, batch 32, epochs by shots)
-    p.add_argument("--epochs", type=int, default=None, help="default: 50/100/200 for 1/2-4/8+ shots")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=0.002, help="SGD learning rate after the warm-up epoch")
-    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (applied after the projection)")
-    p.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay (applied after the projection)")
-    p.add_argument("--warmup-lr", type=float, default=1e-5, help="constant learning rate of the first epoch")
-    p.add_argument("--crop-scale", type=float, default=0.08,
-                   help="smallest area of the random resized crop (the toy world's 32-pixel shapes need about 0.5)")
-    p.add_argument("--drop-last", action="store_true",
-                   help="drop the last partial batch when N >= batch size, as the original loader did")
-    # run
-    p.add_argument("--seed", type=int, default=1, help="the papers report seeds 1, 2, 3")
-    p.add_argument("--precision", choices=["fp32", "amp", "fp16"], default=None,
-                   help="default: amp on CUDA, fp32 on CPU")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--workers", type=int, default=4)
-    p.add_argument("--out", default=None, help="run folder (default runs/prograd/<dataset>/<shots>shot_seed<seed>)")
-    p.add_argument("--load", default=None, help="checkpoint.pt of learned parameters to start from")
-    p.add_argument("--eval-only", action="store_true", help="evaluate --load without training")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last finished epoch")
+    add("--n-ctx", type=int, default=16, help="context vectors M")
+    add(
+        "--ctx-init",
+        choices=["template", "random"],
+        default="template",
+        help="the template's words (right-aligned, zeros before), or CoOp's N(0, 0.02^2)",
+    )
+    add(
+        "--lam",
+        type=float,
+        default=1.0,
+        help="lambda, the projection's strength (1: orthogonal, "
+        "0: CoOp); the authors use 0.8 for 8 and 16 shots on Flowers102, DTD and EuroSAT",
+    )
+    add("--temperature", type=float, default=1.0, help="T of the KL to the zero-shot prediction")
+    # optimisation (as CoOp)
+    add("--epochs", type=int, help="default: 50/100/200 for 1/2-4/8+ shots")
+    add("--batch-size", type=int, default=32)
+    add("--lr", type=float, default=0.002, help="SGD learning rate after the warm-up epoch")
+    add("--momentum", type=float, default=0.9, help="SGD momentum (after the projection)")
+    add("--weight-decay", type=float, default=5e-4, help="SGD weight decay (after the projection)")
+    add("--warmup-lr", type=float, default=1e-5, help="learning rate of the first epoch")
+    add(
+        "--crop-scale",
+        type=float,
+        default=0.08,
+        help="smallest area of the random resized crop (the toy world's 32-px images: 0.5)",
+    )
+    add(
+        "--drop-last",
+        action="store_true",
+        help="drop the last partial batch when N >= batch size, as the original loader did",
+    )
+    add_run_args(add)
     return p.parse_args(argv)
+
+
+# --- shared: appendix (canonical copy in coop.py; re-sync with tools/sync_shared.py) ---
+# ================================================================================================
+# Appendix: the shared blocks, identical in every method file (tools/sync_shared.py keeps them so)
+#   data          dataset readers (ImageFolder, CoOp split files), few-shot sampling, base/new
+#                 split, load_task, transforms, loader, checks on bad input
+#   clip          load_clip (names, TorchScript archives and state dicts), autocast, tokenize
+#   evaluation    encode_images, accuracy, harmonic_mean, text_features, zeroshot_classifier
+#   run folder    atomic save, the log, seeds, peak memory, run_info, the summary line
+#   checkpoint    learned_state, load_learned, save_progress, resume
+# ================================================================================================
+# --- end shared: appendix ---
 
 
 # --- shared: data (canonical copy in coop.py; re-sync with tools/sync_shared.py) ---
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def fail(message):
-    """Stop before any long work with a message that says what is wrong and what to do."""
+    """Stop the command line before any long work, saying what is wrong and what to do."""
     raise SystemExit(f"error: {message}")
 
 
@@ -145,61 +552,63 @@ def read_image_folder(root, classnames=None):
     """ImageFolder layout root/<class folder>/<image> -> ([(path, label)], [class name])."""
     if not os.path.isdir(root):
         fail(f"{root}: folder not found; expected <root>/<class folder>/<image files>")
-    folders = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and d[0] != ".")
+    folders = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    folders = [d for d in folders if not d.startswith(".")]
     if not folders:
         fail(f"{root}: no class folders in it; expected <root>/<class folder>/<image files>")
     items = []
     for label, folder in enumerate(folders):
-        files = sorted(f for f in os.listdir(os.path.join(root, folder)) if f.lower().endswith(IMAGE_EXTENSIONS))
+        files = sorted(os.listdir(os.path.join(root, folder)))
+        files = [f for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
         if not files:
-            fail(f"{os.path.join(root, folder)}: class folder has no images ({' '.join(IMAGE_EXTENSIONS)}); "
-                 "add images or remove the folder")
+            fail(f"{os.path.join(root, folder)}: class folder has no images; add some or remove it")
         items += [(os.path.join(root, folder, f), label) for f in files]
     missing = [d for d in folders if classnames is not None and d not in classnames]
     if missing:
-        fail(f"--classnames has no line for the folders {missing[:5]} of {root}; add 'folder<TAB>name' lines")
+        fail(f"--classnames has no line for the folders {missing[:5]} of {root}")
     names = [classnames[d] if classnames else d.replace("_", " ") for d in folders]
     return items, names
 
 
 def read_split_file(split_file, image_root):
-    """CoOp's split_zhou_<Name>.json: {"train"|"val"|"test": [[relative path, label, class name], ...]}."""
+    """CoOp's split_zhou_<Name>.json: {"train"|"val"|"test": [[path, label, class name], ...]}."""
     if not os.path.isfile(split_file):
         fail(f"{split_file}: split file not found")
     try:
         with open(split_file, encoding="utf-8") as f:
             split = json.load(f)
-        data = {s: [(os.path.join(image_root, p), int(y)) for p, y, _ in split[s]] for s in ("train", "val", "test")}
+        data = {
+            s: [(os.path.join(image_root, p), int(y)) for p, y, _ in split[s]]
+            for s in ("train", "val", "test")
+        }
         names = {int(y): c for _, y, c in split["train"]}
     except (ValueError, KeyError, TypeError) as e:
-        fail(f"{split_file}: not a CoOp split file ({e!r}); expected train/val/test lists of [path, label, name]")
+        fail(f"{split_file}: not a CoOp split file ({e!r}); expected train/val/test lists")
     if sorted(names) != list(range(len(names))):
         fail(f"{split_file}: the training labels are not 0..n-1; every class needs training images")
     data["classnames"] = [names[y].replace("_", " ") for y in range(len(names))]
     if data["train"] and not os.path.isfile(data["train"][0][0]):
-        fail(f"{data['train'][0][0]}: image not found; is --data the image root that {split_file} is relative to?")
+        fail(f"{data['train'][0][0]}: image not found; is --data the image root of {split_file}?")
     return data
 
 
 def load_dataset(root, split_file=None, classnames_file=None):
-    """-> {"train", "val", "test": [(path, label)], "classnames": [name]}; a missing train/ or val/ is empty."""
+    """-> {"train", "val", "test": [(path, label)], "classnames": [name]}; missing splits: []."""
     if split_file:
         return read_split_file(split_file, root)
     if classnames_file is None and os.path.isfile(os.path.join(root, "classnames.txt")):
         classnames_file = os.path.join(root, "classnames.txt")
     names = read_classnames(classnames_file) if classnames_file else None
-    if not os.path.isdir(root):
-        fail(f"{root}: folder not found; expected {root}/train/<class>/<image> and {root}/test/<class>/<image>")
     if not os.path.isdir(os.path.join(root, "test")):
-        fail(f"{root}: no test/ folder; expected {root}/train/<class>/<image> and {root}/test/<class>/<image>")
-    data = {"val": []}
+        what = "no test/ folder" if os.path.isdir(root) else "folder not found"
+        fail(f"{root}: {what}; expected {root}/train/<class>/<image> and {root}/test/...")
+    data = {"train": [], "val": []}
     data["test"], data["classnames"] = read_image_folder(os.path.join(root, "test"), names)
     for split in ("train", "val"):
         if os.path.isdir(os.path.join(root, split)):
             data[split], split_names = read_image_folder(os.path.join(root, split), names)
             if split_names != data["classnames"]:
-                fail(f"{root}/{split} and {root}/test have different class folders; they must be the same")
-    data.setdefault("train", [])
+                fail(f"{root}/{split} and {root}/test have different class folders")
     return data
 
 
@@ -215,30 +624,32 @@ def load_eval_set(root):
 
 
 def sample_few_shot(items, shots, seed):
-    """Dassl's rule: per class, `shots` items drawn without replacement; a smaller class keeps all."""
-    rng = random.Random(seed)
-    by_class = {}
+    """Dassl's rule: per class, `shots` items without replacement; a smaller class keeps all."""
+    rng, by_class, sampled, short = random.Random(seed), {}, [], []
     for item in items:
         by_class.setdefault(item[1], []).append(item)
-    sampled, short = [], []
     for group in by_class.values():
         if len(group) < shots:
             short.append(f"{os.path.dirname(group[0][0])} ({len(group)})")
         sampled += rng.sample(group, min(shots, len(group)))
     if short:
-        print(f"warning: fewer than {shots} training images in {len(short)} classes, all of them are used: "
-              f"{', '.join(short[:5])}")
+        print(
+            f"warning: fewer than {shots} training images in {len(short)} classes, all of them "
+            f"are used: {', '.join(short[:5])}"
+        )
     return sampled
 
 
 def subsample_classes(data, which):
-    """Base-to-new split: sorted labels, first ceil(n/2) are base, the rest new; relabelled from 0."""
+    """Base-to-new split: sorted labels, the first ceil(n/2) are base, the rest new; relabelled."""
     if which == "all":
         return data
     labels = sorted({y for _, y in data["train"] or data["test"]})
     m = math.ceil(len(labels) / 2)
     relabel = {y: i for i, y in enumerate(labels[:m] if which == "base" else labels[m:])}
-    out = {s: [(p, relabel[y]) for p, y in data[s] if y in relabel] for s in ("train", "val", "test")}
+    out = {
+        s: [(p, relabel[y]) for p, y in data[s] if y in relabel] for s in ("train", "val", "test")
+    }
     out["classnames"] = [data["classnames"][y] for y in relabel]
     return out
 
@@ -255,11 +666,35 @@ def check_images(items, full=True):
         except (OSError, ValueError) as e:
             fail(f"{path}: cannot read this image ({e}); replace or delete the file")
     if not_rgb:
-        print(f"note: {not_rgb} images are grayscale, RGBA or palette images; they are converted to RGB")
+        print(f"note: {not_rgb} images are grayscale, RGBA or palette images; they become RGB")
+
+
+def load_task(args, shots=None):
+    """The run's data, checked before anything slow -> (dataset name, {"train", "val", "test",
+    "classnames"} of the trained classes, {test set name: (items, class names)}). Few-shot
+    sampling (train, seeded) happens before the base/new split, as in the papers."""
+    data = load_dataset(args.data, args.split_file, args.classnames)
+    if shots:
+        data["train"] = sample_few_shot(data["train"], shots, args.seed)
+    part = subsample_classes(data, args.subsample)
+    test_sets = {"test": (part["test"], part["classnames"])}
+    if args.subsample == "base":  # the same learned parameters, tested on the other half
+        new = subsample_classes(data, "new")
+        test_sets["new"] = (new["test"], new["classnames"])
+    for root in args.eval_data:
+        name, items, classnames = load_eval_set(root)
+        test_sets[name if name not in test_sets else root] = (items, classnames)
+    check_images(part["train"])
+    for items, _ in test_sets.values():
+        check_images(items, full=False)
+    name = os.path.basename(os.path.normpath(args.data))
+    if args.split_file:
+        name = os.path.basename(args.split_file)[: -len(".json")].replace("split_zhou_", "")
+    return name, part, test_sets
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """(path, label) items -> (transformed image, label). With cache_bytes, decoded images are kept in
+    """(path, label) items -> (transformed image, label). With cache_bytes, decoded images stay in
     memory up to that many bytes; the (random) transform still runs on every read."""
 
     def __init__(self, items, transform, cache_bytes=0):
@@ -273,68 +708,82 @@ class ImageDataset(torch.utils.data.Dataset):
         image = self.cache.get(i)
         if image is None:
             try:
-                image = Image.open(path).convert("RGB")  # grayscale, RGBA (alpha dropped) and palette -> RGB
+                image = Image.open(path).convert("RGB")  # grayscale, RGBA, palette -> RGB
             except (OSError, ValueError) as e:
-                raise OSError(f"{path}: cannot read this image ({e}); replace or delete the file") from e
+                raise OSError(f"{path}: cannot read this image ({e}); replace or delete it") from e
             if image.width * image.height * 3 <= self.room:
                 self.cache[i], self.room = image, self.room - image.width * image.height * 3
         return self.transform(image), label
 
 
 def train_transform(n_px, min_scale=0.08):
-    """CoOp/Dassl: random resized crop (area min_scale-1, 0.08 in the papers; bicubic), horizontal flip,
-    CLIP normalisation."""
+    """CoOp/Dassl: random resized crop (area min_scale-1, 0.08 in the papers; bicubic),
+    horizontal flip, CLIP normalisation."""
     import torchvision.transforms as T  # torchvision comes with the clip package
 
-    return T.Compose([T.RandomResizedCrop(n_px, scale=(min_scale, 1.0), interpolation=T.InterpolationMode.BICUBIC),
-                      T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
+    crop = T.RandomResizedCrop(n_px, (min_scale, 1.0), interpolation=T.InterpolationMode.BICUBIC)
+    return T.Compose(
+        [crop, T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)]
+    )
 
 
 def test_transform(n_px):
     """CLIP's own preprocess: shorter side to n_px (bicubic), centre crop, CLIP normalisation."""
     import torchvision.transforms as T
 
-    return T.Compose([T.Resize(n_px, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(n_px),
-                      T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
+    resize = T.Resize(n_px, interpolation=T.InterpolationMode.BICUBIC)
+    return T.Compose([resize, T.CenterCrop(n_px), T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
 
 
-def make_loader(items, transform, batch_size, workers, shuffle=False, drop_last=False, generator=None):
-    # A training set (shuffle) is read every epoch: without worker processes (which would each hold and then
-    # drop a copy), its decoded images stay in memory, up to 1 GiB. Same batches, less decoding.
-    dataset = ImageDataset(items, transform, cache_bytes=2**30 if shuffle and workers == 0 else 0)
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
-                                       drop_last=drop_last, generator=generator, persistent_workers=False,
-                                       pin_memory=torch.cuda.is_available())
+def make_loader(
+    items, transform, batch_size, workers, shuffle=False, drop_last=False, generator=None
+):
+    # A training set (shuffle) is read every epoch: without worker processes (which would each hold
+    # a copy), its decoded images stay in memory, up to 1 GiB. Same batches, less decoding.
+    cache = 2**30 if shuffle and workers == 0 else 0
+    return torch.utils.data.DataLoader(
+        ImageDataset(items, transform, cache),
+        batch_size,
+        shuffle,
+        num_workers=workers,
+        drop_last=drop_last,
+        generator=generator,
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
 # --- end shared: data ---
 
 
 # --- shared: clip (canonical copy in coop.py; re-sync with tools/sync_shared.py) ---
 def load_clip(backbone, device, precision):
-    """CLIP by name or checkpoint path, frozen and in eval mode; fp32 weights unless precision is fp16.
+    """CLIP by name or checkpoint path, frozen, in eval mode; fp32 weights unless precision fp16.
 
-    openai-clip 1.0.1 reads a plain state-dict file wrongly (after its TorchScript attempt it does not
-    rewind the file), so such files are read here with torch.load and built with clip's build_model.
+    openai-clip 1.0.1 reads a plain state-dict file wrongly (after its TorchScript attempt it does
+    not rewind the file), so such files are read here with torch.load and clip's build_model.
     """
     if backbone not in clip.available_models() and not os.path.isfile(backbone):
-        fail(f"unknown backbone {backbone!r}: use one of {', '.join(clip.available_models())}, "
-             "or the path of a CLIP checkpoint file")
+        names = ", ".join(clip.available_models())
+        fail(f"unknown backbone {backbone!r}: use one of {names}, or a CLIP checkpoint's path")
     try:
-        with warnings.catch_warnings():  # torch deprecates torch.jit.load, which clip.load tries first
+        with warnings.catch_warnings():  # torch deprecates torch.jit.load, tried by clip.load
             warnings.simplefilter("ignore")
             model, _ = clip.load(backbone, device="cpu", jit=False)
     except Exception as e:
         if not os.path.isfile(backbone):
-            fail(f"could not load {backbone} ({e}); without internet, put OpenAI's file in ~/.cache/clip "
-                 "or pass its path with --backbone")
+            fail(
+                f"could not load {backbone} ({e}); without internet, put OpenAI's file in "
+                "~/.cache/clip or pass its path with --backbone"
+            )
         try:
             state_dict = torch.load(backbone, map_location="cpu", weights_only=True)
             model = clip.model.build_model(dict(state_dict))
         except Exception as e2:
             fail(f"{backbone}: not a CLIP checkpoint (TorchScript archive or state dict): {e2}")
-        model.float().load_state_dict(state_dict)  # build_model rounds to fp16: put the file's values back
+        model.float().load_state_dict(state_dict)  # build_model rounds to fp16: undo that
     model = model.float()
-    if precision == "fp16":
-        clip.model.convert_weights(model)  # CLIP's own fp16 layout (LayerNorm and embeddings stay fp32)
+    if precision == "fp16":  # CLIP's own fp16 layout (LayerNorm and embeddings stay fp32)
+        clip.model.convert_weights(model)
     return model.requires_grad_(False).eval().to(device)
 
 
@@ -342,58 +791,16 @@ def autocast(device, precision):
     """Mixed precision for --precision amp (fp16 on CUDA, bf16 on the CPU); a no-op otherwise."""
     if precision != "amp":
         return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16)
-# --- end shared: clip ---
-
-
-# --- shared: text encoder (canonical copy in coop.py; re-sync with tools/sync_shared.py) ---
-class TextEncoder(nn.Module):
-    """CLIP's text transformer on prompt embeddings, cut at the last end-of-text (EOT) position.
-
-    The transformer is causal, so the EOT feature depends only on the positions up to it: running
-    it on prompts cut after the longest EOT gives exactly the 77-position result, much faster.
-    """
-
-    def __init__(self, clip_model):
-        super().__init__()
-        self.transformer, self.ln_final = clip_model.transformer, clip_model.ln_final
-        self.positional_embedding, self.text_projection = clip_model.positional_embedding, clip_model.text_projection
-        self.dtype = clip_model.dtype
-
-    def forward(self, prompts, tokenized):
-        # prompts: (N, L, d) token embeddings; tokenized: (N, L) ids, only used to find EOT (the largest id)
-        eot = tokenized.argmax(dim=-1)  # (N,)
-        n = int(eot.max()) + 1
-        x = prompts[:, :n].type(self.dtype) + self.positional_embedding[:n].type(self.dtype)  # (N, n, d)
-        mask = torch.full((n, n), float("-inf"), device=x.device, dtype=x.dtype).triu_(1)  # causal
-        x = x.permute(1, 0, 2)  # NLD -> LND
-        for block in self.transformer.resblocks:  # = block(x) with the mask cut to n positions
-            h = block.ln_1(x)
-            x = x + block.attn(h, h, h, need_weights=False, attn_mask=mask)[0]
-            x = x + block.mlp(block.ln_2(x))
-        x = x.permute(1, 0, 2)[torch.arange(x.shape[1]), eot]  # LND -> NLD, then the EOT row: (N, d)
-        return self.ln_final(x).type(self.dtype) @ self.text_projection  # (N, D)
+    return torch.autocast(
+        device_type=device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16
+    )
 
 
 def tokenize(clip_model, texts):
     return clip.tokenize(texts, context_length=clip_model.context_length)
 
 
-@torch.no_grad()
-def text_features(clip_model, texts, batch_size=1000):
-    """L2-normalised CLIP text features of plain texts, (N, D) in fp32."""
-    encoder, device, out = TextEncoder(clip_model), clip_model.positional_embedding.device, []
-    for i in range(0, len(texts), batch_size):
-        tokens = tokenize(clip_model, texts[i : i + batch_size]).to(device)
-        out.append(F.normalize(encoder(clip_model.token_embedding(tokens), tokens).float(), dim=-1))
-    return torch.cat(out)
-
-
-def zeroshot_classifier(clip_model, classnames, templates):
-    """[CLIP] one weight per class: the normalised mean of its normalised template features, (n_cls, D)."""
-    per_template = [text_features(clip_model, [t.format(c) for c in classnames]) for t in templates]
-    return F.normalize(torch.stack(per_template).mean(dim=0), dim=-1)
-# --- end shared: text encoder ---
+# --- end shared: clip ---
 
 
 # --- shared: evaluation (canonical copy in coop.py; re-sync with tools/sync_shared.py) ---
@@ -415,31 +822,42 @@ def accuracy(logits, labels):
 
 def harmonic_mean(base, new):
     return 2 * base * new / (base + new)
+
+
+@torch.no_grad()
+def text_features(clip_model, texts, batch_size=1000):
+    """L2-normalised CLIP text features of plain texts, (N, D) in fp32."""
+    encoder, device, out = TextEncoder(clip_model), clip_model.positional_embedding.device, []
+    for i in range(0, len(texts), batch_size):
+        tokens = tokenize(clip_model, texts[i : i + batch_size]).to(device)
+        out.append(F.normalize(encoder(clip_model.token_embedding(tokens), tokens).float(), dim=-1))
+    return torch.cat(out)
+
+
+def zeroshot_classifier(clip_model, classnames, templates):
+    """[CLIP] one weight per class: the normalised mean of its normalised template features."""
+    per_template = [text_features(clip_model, [t.format(c) for c in classnames]) for t in templates]
+    return F.normalize(torch.stack(per_template).mean(dim=0), dim=-1)  # (n_cls, D)
+
+
 # --- end shared: evaluation ---
 
 
 # --- shared: run folder (canonical copy in coop.py; re-sync with tools/sync_shared.py) ---
-def _write_atomic(path, write):
-    """Write to a temporary file in the same folder, then rename: a crash never leaves half a file."""
+def save(path, obj):
+    """Write atomically (a temporary file in the same folder, then a rename), so that a crash never
+    leaves half a file: text for a str, JSON for a .json path, torch.save otherwise."""
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
-        write(tmp)
+        if isinstance(obj, str) or path.endswith(".json"):
+            with open(tmp, "w") as f:
+                f.write(obj) if isinstance(obj, str) else json.dump(obj, f, indent=2)
+        else:
+            torch.save(obj, tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-
-
-def save_json(path, obj):
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
-
-    _write_atomic(path, write)
-
-
-def save_checkpoint(path, obj):
-    _write_atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
 def load_checkpoint(path):
@@ -451,330 +869,151 @@ def load_checkpoint(path):
         fail(f"{path}: not a checkpoint written by this project ({e})")
 
 
-def append_log(run_dir, record):
-    with open(os.path.join(run_dir, "log.jsonl"), "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def versions():
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        clip_version = "openai-clip " + version("openai-clip")
-    except PackageNotFoundError:  # clip installed from a git checkout
-        clip_version = "clip (not from PyPI)"
-    return {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-            "clip": clip_version}
-
-
-def device_name(device):
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
-
-
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
 
 
-def finish_run(run_dir, metrics):
-    """Write metrics.json and print its one-line summary (the last line of every run)."""
-    save_json(os.path.join(run_dir, "metrics.json"), metrics)
-    accs = " ".join(f"{k}={v:.2f}" for k, v in metrics["accuracy"].items())
-    zs = " ".join(f"{k}={v:.2f}" for k, v in metrics["zero_shot"].items())
-    hm = f" H={metrics['harmonic_mean']:.2f}" if "harmonic_mean" in metrics else ""
-    print(f"{metrics['method']} {metrics['dataset']} shots={metrics['shots']} seed={metrics['seed']}: "
-          f"accuracy {accs}{hm} | zero-shot {zs} | {os.path.join(run_dir, 'metrics.json')}")
+def peak_mib(device, reset=False):
+    """CUDA's peak memory since the last reset, in MiB (None on the CPU)."""
+    if device.type != "cuda":
+        return None
+    peak = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    if reset:
+        torch.cuda.reset_peak_memory_stats(device)
+    return peak
+
+
+def run_info(device):
+    """Where and with what a run ran, for metrics.json."""
+    from importlib import metadata
+
+    try:
+        clip_version = "openai-clip " + metadata.version("openai-clip")
+    except metadata.PackageNotFoundError:  # clip installed from a git checkout
+        clip_version = "clip (not from PyPI)"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return {
+        "device": f"{name} ({os.cpu_count()} cores)",
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "clip": clip_version,
+        },
+    }
+
+
+def add_run_args(add, learned=True):
+    """The options every method file shares: seed, precision, device, run folder, checkpoints."""
+    add("--seed", type=int, default=1, help="the papers report seeds 1, 2, 3")
+    add("--precision", choices=["fp32", "amp", "fp16"], help="default: amp on CUDA, else fp32")
+    add("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add("--workers", type=int, default=4, help="data-loading processes")
+    add("--out", help="run folder (default runs/<method>/<dataset>/...)")
+    if learned:
+        add("--load", help="checkpoint.pt of learned parameters to start from")
+        add("--eval-only", action="store_true", help="evaluate --load without training")
+        add("--resume", action="store_true", help="continue the run in --out after its last epoch")
+
+
+def log_epoch(run_dir, device, epoch, epochs, seconds, n_images, **values):
+    """One line of log.jsonl per epoch, and on the screen: the mean of each per-step value, the
+    speed (images per second) and, on CUDA, the peak memory of the epoch."""
+    record = {"epoch": epoch, **{k: float(np.mean(v)) for k, v in values.items()}}
+    record.update(seconds=round(seconds, 3), images_per_s=round(n_images / seconds, 1))
+    record["peak_mib"] = peak_mib(device)
+    with open(os.path.join(run_dir, "log.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
+    shown = "  ".join(f"{k} {record[k]:.4g}" for k in values)
+    print(f"epoch {epoch}/{epochs}  {shown}  {seconds:.1f}s  {record['images_per_s']} img/s")
+
+
+def finish_run(run_dir, args, method, dataset, zero_shot, accuracy, **extra):
+    """Write metrics.json (the zero-shot baseline and the method's accuracy on every test set,
+    base/new/H, how and where it ran) and print its one-line summary, the run's last line."""
+    device, hm = torch.device(args.device), ""
+    metrics = dict(method=method, backbone=args.backbone, dataset=dataset, seed=args.seed)
+    metrics.update(shots=getattr(args, "shots", 0), zero_shot=zero_shot, accuracy=accuracy)
+    if "new" in accuracy:
+        metrics["harmonic_mean"] = harmonic_mean(accuracy["test"], accuracy["new"])
+        hm = f" H={metrics['harmonic_mean']:.2f}"
+    metrics.update(extra, peak_mib=peak_mib(device), **run_info(device))
+    save(os.path.join(run_dir, "metrics.json"), metrics)
+    acc = " ".join(f"{k}={v:.2f}" for k, v in accuracy.items())
+    zs = " ".join(f"{k}={v:.2f}" for k, v in zero_shot.items())
+    speed = f" | {extra['images_per_s']:.1f} img/s" if extra.get("images_per_s") else ""
+    peak = f", peak {metrics['peak_mib']:.0f} MiB" if metrics["peak_mib"] else ""
+    print(
+        f"{method} {dataset} shots={metrics['shots']} seed={args.seed}: accuracy {acc}{hm} | "
+        f"zero-shot {zs}{speed}{peak} | {run_dir}/metrics.json"
+    )
+    return metrics
+
+
 # --- end shared: run folder ---
 
 
-
-# ------------------------------------------------------------------------------------------------
-# The method: the student (CoOp's prompt learner), the zero-shot teacher, the projection
-# ------------------------------------------------------------------------------------------------
-class PromptLearner(nn.Module):
-    """ProGrad's student: CoOp's prompt learner with a generic context and the class token at the end.
-
-    The template init of the authors' code: ctx = zeros(M, d) whose last k rows are the embeddings of
-    the k template words, right-aligned; e.g. M=16 and "a photo of a" give 12 zero rows, then a photo of a.
-    """
-
-    def __init__(self, clip_model, classnames, n_ctx=16, init_text=None):
-        super().__init__()
-        d = clip_model.ln_final.weight.shape[0]  # token width (512 for RN50 and ViT-B)
-        ctx = torch.zeros(n_ctx, d)
-        if init_text is None:  # CoOp's random init N(0, 0.02^2)
-            nn.init.normal_(ctx, std=0.02)
-            k = 0
-        else:
-            # Tokenisation quirk, kept from the authors' code: k counts the template's WORDS. With a comma
-            # ("a type of pet, a photo of a": 8 words, 9 BPE tokens, "pet," -> "pet" ",") the last template
-            # token falls into the frozen suffix. The encoder still sees exactly the template; one of its
-            # tokens is frozen instead of learned.
-            k = len(init_text.split())
-            if k > n_ctx:
-                fail(f"the template {init_text!r} has {k} words, more than --n-ctx {n_ctx}")
-            tokens = tokenize(clip_model, [init_text]).to(clip_model.token_embedding.weight.device)
-            with torch.no_grad():
-                ctx[n_ctx - k :] = clip_model.token_embedding(tokens)[0, 1 : 1 + k].float()  # (k, d)
-        self.ctx = nn.Parameter(ctx)  # (M, d)
-        self.n_ctx = n_ctx
-        self.prefix_text = " ".join(["X"] * (n_ctx - k) + ([init_text] if k else []))
-        self.set_classnames(clip_model, classnames)
-
-    def set_classnames(self, clip_model, classnames):
-        texts = [f"{self.prefix_text} {c}." for c in classnames]  # [CoOp] note the trailing period
-        try:
-            tokenized = tokenize(clip_model, texts)  # (n_cls, L)
-        except RuntimeError:
-            fail(f"a prompt is longer than the model's context length {clip_model.context_length}: "
-                 f"use a smaller --n-ctx or shorter class names (longest: {max(classnames, key=len)!r})")
-        device = clip_model.token_embedding.weight.device
-        with torch.no_grad():
-            embedding = clip_model.token_embedding(tokenized.to(device)).float()  # (n_cls, L, d)
-        self.register_buffer("token_prefix", embedding[:, :1], persistent=False)  # SOS: (n_cls, 1, d)
-        self.register_buffer("token_suffix", embedding[:, 1 + self.n_ctx :], persistent=False)  # class . EOT pad
-        self.register_buffer("tokenized", tokenized.to(device), persistent=False)  # only to find EOT
-
-    def forward(self):
-        ctx = self.ctx.unsqueeze(0).expand(self.token_prefix.shape[0], -1, -1)  # (n_cls, M, d)
-        return torch.cat([self.token_prefix, ctx, self.token_suffix], dim=1)  # [SOS] [V]_1..[V]_M [CLASS] . [EOS]
-
-
-class CustomCLIP(nn.Module):
-    """The student: logits of normalised image features against the learned prompts."""
-
-    def __init__(self, clip_model, classnames, n_ctx=16, init_text=None):
-        super().__init__()
-        self.prompt_learner = PromptLearner(clip_model, classnames, n_ctx, init_text)
-        self.text_encoder = TextEncoder(clip_model)
-        self.logit_scale = clip_model.logit_scale  # CLIP's own, frozen (about ln 100)
-
-    def forward(self, image_features):
-        # image_features: (B, D), L2-normalised, from the frozen image encoder
-        pl = self.prompt_learner
-        text = F.normalize(self.text_encoder(pl(), pl.tokenized).float(), dim=-1)  # (n_cls, D)
-        return self.logit_scale.exp() * image_features @ text.t()  # (B, n_cls)
-
-
-def resolve_template(template):
-    """A dataset name gives ProGrad's template for it; otherwise it must end with the class name."""
-    template = PROGRAD_TEMPLATES.get(template, template)
-    if not template.endswith("{}."):
-        fail(f"--template {template!r} must end with '{{}}.' (the class name last) or be one of "
-             f"{', '.join(PROGRAD_TEMPLATES)}")
-    return template
-
-
-def prograd_losses(student_logits, teacher_logits, labels, temperature):
-    """L_ce with the labels, and L_kl from the zero-shot distribution to the student's (both (B, n_cls) in)."""
-    loss_ce = F.cross_entropy(student_logits, labels)
-    # As the authors' code: the soft-target cross-entropy T^2 mean_b sum_c -p_zs log p_student. It
-    # differs from KL(p_zs || p_student) by p_zs's entropy, a constant: the gradient is the KL's.
-    p_zs = F.softmax(teacher_logits / temperature, dim=-1)
-    loss_kl = temperature**2 * -(p_zs * F.log_softmax(student_logits / temperature, dim=-1)).sum(-1).mean()
-    return loss_ce, loss_kl
-
-
-def project(G_d, G_g, lam):
-    """[ProGrad] G = G_d - lambda (G_d.G_g / |G_g|^2) G_g if G_d.G_g < 0, else G_d; per tensor, in fp32."""
-    g_d, g_g = G_d.float(), G_g.float()
-    dot, norm2 = (g_d * g_g).sum(), (g_g * g_g).sum()
-    if norm2 == 0 or not torch.isfinite(norm2):
-        # |G_g| = 0: the authors' code divides 0 by 0, and "NaN < 0" is False, so it keeps G_d. We keep
-        # that behaviour, explicitly.
-        return G_d
-    if dot < 0:  # the update would undo part of the general knowledge: remove that part
-        return (g_d - lam * dot / norm2 * g_g).to(G_d.dtype)
-    return G_d  # no conflict: the domain-specific gradient as it is
-
-
-def epochs_for_shots(shots):
-    """CoOp's configs, which ProGrad uses: 50 epochs for 1 shot, 100 for 2-4 shots, 200 for 8-16 shots."""
-    return 50 if shots <= 1 else 100 if shots <= 4 else 200
-
-
-def lr_at_epoch(epoch, base_lr, epochs, warmup_lr=1e-5):
-    """Dassl's schedule, stepped once per epoch: a constant warm-up epoch, then cosine over `epochs`.
-
-    With WARMUP_RECOUNT the cosine restarts after the warm-up, so it never reaches 0 (e.g. the last
-    of 200 epochs runs at 4.9e-7).
-    """
-    if epoch == 0:
-        return warmup_lr
-    return 0.5 * base_lr * (1 + math.cos(math.pi * (epoch - 1) / epochs))
-
-
+# --- shared: checkpoint (canonical copy in coop.py; re-sync with tools/sync_shared.py) ---
 def learned_state(model):
+    """The parameters a method learns (requires_grad): all that a checkpoint holds of the model."""
     return {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
 
 
-def load_learned(model, checkpoint, path):
-    """Copy ctx from a checkpoint, after checking that the shapes fit."""
-    state, mine = checkpoint["state"], learned_state(model)
-    mismatch = [k for k in set(state) | set(mine) if k not in state or k not in mine or state[k].shape != mine[k].shape]
-    if mismatch:
-        theirs = {k: tuple(v.shape) for k, v in state.items()}
-        ours = {k: tuple(v.shape) for k, v in mine.items()}
-        fail(f"{path} does not fit this run: it holds {theirs} (written with {checkpoint.get('config')}), "
-             f"this run learns {ours}; use the same --backbone and --n-ctx")
-    model.load_state_dict(state, strict=False)
+def load_learned(model, checkpoint, path, config):
+    """Copy the learned parameters of `checkpoint` into `model`, after checking that it was written
+    by the same method and that every tensor has the shape this run learns."""
+    theirs, mine = checkpoint["state"], learned_state(model)
+    fits = set(theirs) == set(mine) and all(theirs[k].shape == mine[k].shape for k in mine)
+    if checkpoint.get("config", {}).get("method") != config["method"] or not fits:
+        shapes = lambda state: {k: tuple(v.shape) for k, v in state.items()}
+        fail(
+            f"{path} does not fit this run: it was written with {checkpoint.get('config')} and "
+            f"holds {shapes(theirs)}; this run ({config}) learns {shapes(mine)}; use the options "
+            "it was written with"
+        )
+    model.load_state_dict(theirs, strict=False)
 
 
-# ------------------------------------------------------------------------------------------------
-# One optimisation step (the unit the training loop, the tests and bench.py call)
-# ------------------------------------------------------------------------------------------------
-def two_gradients(model, image_features, teacher_weights, labels, temperature, params, scale=lambda loss: loss):
-    """G_d and G_g from ONE forward of the student; the teacher shares the student's image features."""
-    logits = model(image_features).float()  # (B, n_cls)
-    with torch.no_grad():
-        teacher = model.logit_scale.exp() * image_features @ teacher_weights.t()  # zero-shot CLIP: (B, n_cls)
-    loss_ce, loss_kl = prograd_losses(logits, teacher, labels, temperature)
-    if not (torch.isfinite(loss_ce) and torch.isfinite(loss_kl)):
-        raise FloatingPointError(f"the losses are {loss_ce.item()} and {loss_kl.item()}; try --precision fp32")
-    G_g = torch.autograd.grad(scale(loss_kl), params, retain_graph=True)  # general direction
-    G_d = torch.autograd.grad(scale(loss_ce), params)  # domain-specific direction
-    return G_d, G_g, loss_ce, logits
+def save_progress(run_dir, config, model, optimizer, epoch, train_seconds, generator):
+    """checkpoint.pt after each epoch: what --resume needs to continue exactly where it stopped."""
+    save(
+        os.path.join(run_dir, "checkpoint.pt"),
+        {
+            "config": config,
+            "state": learned_state(model),
+            "optimizer": optimizer.state_dict(),
+            "epoch": epoch,
+            "train_seconds": train_seconds,
+            "rng": {"torch": torch.get_rng_state(), "loader": generator.get_state()},
+        },
+    )
 
 
-def train_step(model, encode_image, teacher_weights, optimizer, scaler, images, labels, precision, lam, temperature):
-    with torch.no_grad(), autocast(images.device, precision):  # CLIP's image side is frozen
-        image_features = F.normalize(encode_image(images).float(), dim=-1)  # (B, D), one image forward
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    with autocast(images.device, precision):
-        G_d, G_g, loss_ce, logits = two_gradients(model, image_features, teacher_weights, labels, temperature,
-                                                  params, scaler.scale)  # amp on CUDA: both scaled alike
-    for p, g_d, g_g in zip(params, G_d, G_g):
-        p.grad = project(g_d, g_g, lam)  # the projection is linear in G_d, so the loss scale passes through
-    scaler.step(optimizer)  # SGD: momentum and weight decay act after the projection, as in the original
-    scaler.update()
-    dot = sum((d.float() * g.float()).sum() for d, g in zip(G_d, G_g))
-    norms = math.sqrt(sum(d.float().pow(2).sum() for d in G_d) * sum(g.float().pow(2).sum() for g in G_g))
-    cosine = float(dot) / norms if norms > 0 else 0.0
-    return loss_ce.item(), accuracy(logits, labels), cosine
+def resume(run_dir, model, optimizer, generator, config):
+    """Restore the last finished epoch -> (epochs done, training seconds so far). log.jsonl keeps
+    exactly one line per epoch the checkpoint holds: a run killed between appending an epoch's
+    line and saving its checkpoint would otherwise log that epoch twice."""
+    path, log = os.path.join(run_dir, "checkpoint.pt"), os.path.join(run_dir, "log.jsonl")
+    ckpt = load_checkpoint(path)
+    load_learned(model, ckpt, path, config)
+    optimizer.load_state_dict(ckpt["optimizer"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    generator.set_state(ckpt["rng"]["loader"])
+    lines = {}
+    for line in open(log).read().splitlines() if os.path.isfile(log) else []:
+        try:
+            record = json.loads(line)
+        except ValueError:  # a line cut short by the kill
+            continue
+        if record["epoch"] <= ckpt["epoch"]:
+            lines[record["epoch"]] = line
+    save(log, "".join(lines[e] + "\n" for e in sorted(lines)))
+    print(f"resuming {run_dir} after epoch {ckpt['epoch']}")
+    return ckpt["epoch"], ckpt["train_seconds"]
 
 
-# ------------------------------------------------------------------------------------------------
-# main: data, model, the visible training loop, evaluation, results
-# ------------------------------------------------------------------------------------------------
-def main(args):
-    device = torch.device(args.device)
-    precision = args.precision or ("amp" if device.type == "cuda" else "fp32")
-    template = resolve_template(args.template)
-    epochs = args.epochs or epochs_for_shots(args.shots)
-    if args.eval_only and not args.load:
-        fail("--eval-only needs --load <checkpoint.pt>")
-    if args.shots < 1:
-        fail("--shots must be at least 1")
-    dataset = os.path.basename(os.path.normpath(args.data))
-    if args.split_file:
-        dataset = os.path.splitext(os.path.basename(args.split_file))[0].replace("split_zhou_", "")
-    run_dir = args.out or os.path.join("runs", "prograd", dataset, f"{args.shots}shot_seed{args.seed}")
-    ckpt_path = os.path.join(run_dir, "checkpoint.pt")
-    if args.resume and not os.path.isfile(ckpt_path):
-        fail(f"--resume: {ckpt_path} not found; start the run without --resume")
-    seed_everything(args.seed)
-
-    # 1. Data, checked before anything slow: few-shot sampling happens before the base/new split
-    data = load_dataset(args.data, args.split_file, args.classnames)
-    data["train"] = sample_few_shot(data["train"], args.shots, args.seed) if data["train"] else []
-    train = subsample_classes(data, args.subsample)
-    if not train["train"] and not args.eval_only:
-        fail(f"{args.data}: no training images (a train/ folder or the split file's train list)")
-    test_sets = {"test": (train["test"], train["classnames"])}
-    if args.subsample == "base":
-        new = subsample_classes(data, "new")
-        test_sets["new"] = (new["test"], new["classnames"])
-    for root in args.eval_data:
-        name, items, classnames = load_eval_set(root)
-        test_sets[name if name not in test_sets else root] = (items, classnames)
-    check_images(train["train"])
-    for items, _ in test_sets.values():
-        check_images(items, full=False)
-
-    # 2. Frozen CLIP, the learned prompt, and the zero-shot teacher (its class features computed once)
-    clip_model = load_clip(args.backbone, device, precision)
-    n_px = clip_model.visual.input_resolution
-    init_text = template[: -len(" {}.")].replace("_", " ") if args.ctx_init == "template" else None
-    model = CustomCLIP(clip_model, train["classnames"], args.n_ctx, init_text).to(device)
-    teacher_weights = zeroshot_classifier(clip_model, train["classnames"], [template])  # (n_cls, D)
-    learned = [p for p in model.parameters() if p.requires_grad]
-    pl = model.prompt_learner
-    n_learned, n_frozen = sum(p.numel() for p in learned), sum(p.numel() for p in clip_model.parameters())
-    assert n_learned == pl.ctx.numel() and all(not p.requires_grad for p in clip_model.parameters())
-    print(f"prograd: {pl.n_ctx} context vectors from {init_text or 'N(0, 0.02^2)'!r}, learned "
-          f"{list(learned_state(model))} = {n_learned:,} parameters; CLIP's {n_frozen:,} are frozen; "
-          f"teacher {template!r}, lambda {args.lam}, T {args.temperature}")
-    config = {"method": "prograd", "backbone": args.backbone, "n_ctx": pl.n_ctx, "ctx_dim": pl.ctx.shape[-1]}
-    if args.load:
-        load_learned(model, load_checkpoint(args.load), args.load)
-
-    # 3. Training: SGD on the context only, with the projected gradient, one learning rate per epoch
-    os.makedirs(run_dir, exist_ok=True)
-    save_json(os.path.join(run_dir, "args.json"), vars(args))
-    optimizer = torch.optim.SGD(learned, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "amp" and device.type == "cuda")
-    generator = torch.Generator().manual_seed(args.seed)  # the shuffling order, saved for --resume
-    # The original loader silently drops the last partial batch when N >= batch size (up to 31
-    # images per epoch); we keep every image unless --drop-last asks for the original behaviour.
-    drop_last = args.drop_last and len(train["train"]) >= args.batch_size
-    loader = make_loader(train["train"], train_transform(n_px, args.crop_scale), args.batch_size, args.workers, True,
-                         drop_last, generator)
-    start_epoch, train_seconds = 0, 0.0
-    if args.resume:
-        ckpt = load_checkpoint(ckpt_path)
-        load_learned(model, ckpt, ckpt_path)
-        optimizer.load_state_dict(ckpt["optimizer"])
-        start_epoch, train_seconds = ckpt["epoch"], ckpt["train_seconds"]
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        generator.set_state(ckpt["rng"]["loader"])
-        print(f"resuming {run_dir} after epoch {start_epoch}/{epochs}")
-    elif not args.eval_only and os.path.exists(os.path.join(run_dir, "log.jsonl")):
-        os.remove(os.path.join(run_dir, "log.jsonl"))  # a fresh run starts a fresh log
-    for epoch in range(start_epoch, 0 if args.eval_only else epochs):
-        lr = lr_at_epoch(epoch, args.lr, epochs, args.warmup_lr)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        t0, losses, accs, cosines = time.time(), [], [], []
-        for images, labels in loader:
-            loss, acc, cosine = train_step(model, clip_model.encode_image, teacher_weights, optimizer, scaler,
-                                           images.to(device, non_blocking=True), labels.to(device), precision,
-                                           args.lam, args.temperature)
-            losses.append(loss)
-            accs.append(acc)
-            cosines.append(cosine)
-        train_seconds += time.time() - t0
-        # the quantity the paper is about: how often, and how much, the two directions disagree
-        record = {"epoch": epoch + 1, "lr": lr, "loss": float(np.mean(losses)), "train_acc": float(np.mean(accs)),
-                  "conflict_fraction": float(np.mean([c < 0 for c in cosines])),
-                  "mean_cosine": float(np.mean(cosines)), "seconds": round(time.time() - t0, 3)}
-        append_log(run_dir, record)
-        print(f"epoch {epoch + 1}/{epochs}  lr {lr:.3e}  loss {record['loss']:.4f}  "
-              f"train acc {record['train_acc']:.1f}  conflicts {100 * record['conflict_fraction']:.0f}%  "
-              f"cos(G_d, G_g) {record['mean_cosine']:+.3f}  {record['seconds']:.1f}s")
-        save_checkpoint(ckpt_path, {"config": config, "state": learned_state(model),
-                                    "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
-                                    "train_seconds": train_seconds,
-                                    "rng": {"torch": torch.get_rng_state(), "loader": generator.get_state()}})
-
-    # 4. Evaluation of the last epoch on every test set (image features encoded once per set)
-    zero_shot, acc = {}, {}
-    for name, (items, classnames) in test_sets.items():
-        loader = make_loader(items, test_transform(n_px), 100, args.workers)
-        features, labels = encode_images(clip_model.encode_image, loader, device, precision)
-        weights = zeroshot_classifier(clip_model, classnames, [template])  # the teacher on these classes
-        zero_shot[name] = accuracy(clip_model.logit_scale.exp() * features @ weights.t(), labels)
-        pl.set_classnames(clip_model, classnames)  # the learned context does not depend on the names
-        with torch.no_grad(), autocast(device, precision):
-            acc[name] = accuracy(model(features), labels)
-    metrics = {"method": "prograd", "backbone": args.backbone, "dataset": dataset, "shots": args.shots,
-               "seed": args.seed, "zero_shot": zero_shot, "accuracy": acc}
-    if "new" in acc:
-        metrics["harmonic_mean"] = harmonic_mean(acc["test"], acc["new"])
-    metrics.update({"epochs": 0 if args.eval_only else epochs, "train_seconds": round(train_seconds, 2),
-                    "device": device_name(device), "precision": precision, "versions": versions()})
-    finish_run(run_dir, metrics)
-    return metrics
+# --- end shared: checkpoint ---
 
 
 if __name__ == "__main__":

@@ -45,24 +45,76 @@ with warnings.catch_warnings():  # openai-clip 1.0.1 imports the deprecated pkg_
     warnings.simplefilter("ignore")
     import clip
 
-SHAPES = ["circle", "square", "triangle", "diamond", "pentagon", "hexagon", "star", "cross", "ring", "crescent"]
-COLOURS = {"red": (220, 30, 30), "orange": (245, 135, 20), "yellow": (240, 220, 30), "green": (35, 160, 55),
-           "cyan": (40, 215, 225), "blue": (30, 60, 215), "purple": (135, 45, 185), "pink": (250, 140, 200),
-           "brown": (125, 75, 35), "gray": (128, 128, 128), "white": (250, 250, 250), "black": (12, 12, 12)}
-SIZES = {"small": 0.45, "medium": 0.62, "large": 0.8}  # the shape's extent as a fraction of the image
+SHAPES = [
+    "circle",
+    "square",
+    "triangle",
+    "diamond",
+    "pentagon",
+    "hexagon",
+    "star",
+    "cross",
+    "ring",
+    "crescent",
+]
+COLOURS = {
+    "red": (220, 30, 30),
+    "orange": (245, 135, 20),
+    "yellow": (240, 220, 30),
+    "green": (35, 160, 55),
+    "cyan": (40, 215, 225),
+    "blue": (30, 60, 215),
+    "purple": (135, 45, 185),
+    "pink": (250, 140, 200),
+    "brown": (125, 75, 35),
+    "gray": (128, 128, 128),
+    "white": (250, 250, 250),
+    "black": (12, 12, 12),
+}
+SIZES = {
+    "small": 0.45,
+    "medium": 0.62,
+    "large": 0.8,
+}  # the shape's extent as a fraction of the image
 BACKGROUNDS = ["plain", "dark", "noisy", "striped", "checkered"]
 PX, SUPER = 32, 4  # image side, supersampling factor
 
 # Pretraining captions: an opening, the noun phrase with some attributes left out, maybe the background
 # (the long openings reach the later positions, where learned prompts put the class name)
-OPENINGS = ["a photo of a", "an image of a", "a picture of a", "a", "a photo of one",
-            "in this picture from the toy world we see a", "here is a small picture, and it shows a"]
+OPENINGS = [
+    "a photo of a",
+    "an image of a",
+    "a picture of a",
+    "a",
+    "a photo of one",
+    "in this picture from the toy world we see a",
+    "here is a small picture, and it shows a",
+]
 # The toy models: text tower as in the reference prototype (3 layers, width 64 -> 1 head, context 24)
-TEXT = dict(context_length=24, vocab_size=49408, transformer_width=64, transformer_heads=1, transformer_layers=3)
+TEXT = dict(
+    context_length=24,
+    vocab_size=49408,
+    transformer_width=64,
+    transformer_heads=1,
+    transformer_layers=3,
+)
 TOWERS = {
-    "rn": dict(embed_dim=128, image_resolution=PX, vision_layers=(1, 1, 1, 1), vision_width=16,
-               vision_patch_size=None, **TEXT),
-    "vit": dict(embed_dim=128, image_resolution=PX, vision_layers=4, vision_width=128, vision_patch_size=16, **TEXT),
+    "rn": dict(
+        embed_dim=128,
+        image_resolution=PX,
+        vision_layers=(1, 1, 1, 1),
+        vision_width=16,
+        vision_patch_size=None,
+        **TEXT,
+    ),
+    "vit": dict(
+        embed_dim=128,
+        image_resolution=PX,
+        vision_layers=4,
+        vision_width=128,
+        vision_patch_size=16,
+        **TEXT,
+    ),
 }
 
 
@@ -85,8 +137,13 @@ def shape_mask(shape, size, rng):
     angle = rng.uniform(0, 2 * math.pi)
 
     def polygon(radii, k, turn=angle, squash=1.0):
-        pts = [(cx + radii[i % len(radii)] * squash * math.cos(turn + 2 * math.pi * i / k),
-                cy + radii[i % len(radii)] * math.sin(turn + 2 * math.pi * i / k)) for i in range(k)]
+        pts = [
+            (
+                cx + radii[i % len(radii)] * squash * math.cos(turn + 2 * math.pi * i / k),
+                cy + radii[i % len(radii)] * math.sin(turn + 2 * math.pi * i / k),
+            )
+            for i in range(k)
+        ]
         draw.polygon(pts, fill=255)
 
     if shape in ("circle", "ring", "crescent"):
@@ -95,9 +152,14 @@ def shape_mask(shape, size, rng):
             draw.ellipse([cx - 0.55 * r, cy - 0.55 * r, cx + 0.55 * r, cy + 0.55 * r], fill=0)
         if shape == "crescent":
             dx, dy = 0.45 * r * math.cos(angle), 0.45 * r * math.sin(angle)
-            draw.ellipse([cx + dx - 0.85 * r, cy + dy - 0.85 * r, cx + dx + 0.85 * r, cy + dy + 0.85 * r], fill=0)
+            draw.ellipse(
+                [cx + dx - 0.85 * r, cy + dy - 0.85 * r, cx + dx + 0.85 * r, cy + dy + 0.85 * r],
+                fill=0,
+            )
     elif shape == "square":
-        polygon([r * 0.85], 4, turn=angle % (math.pi / 8) + math.pi / 4 - math.pi / 16)  # roughly axis-aligned
+        polygon(
+            [r * 0.85], 4, turn=angle % (math.pi / 8) + math.pi / 4 - math.pi / 16
+        )  # roughly axis-aligned
     elif shape == "diamond":
         polygon([r], 4, turn=0.0, squash=0.6)  # a tall rhombus
     elif shape == "triangle":
@@ -128,7 +190,9 @@ def background(kind, rng):
     y, x = np.mgrid[0:PX, 0:PX]
     half = int(rng.integers(3, 6))  # half the period, in pixels
     if kind == "striped":
-        on = ((x, y, x + y)[rng.integers(0, 3)] // half) % 2 == 0  # vertical, horizontal or diagonal
+        on = (
+            (x, y, x + y)[rng.integers(0, 3)] // half
+        ) % 2 == 0  # vertical, horizontal or diagonal
     else:  # checkered
         on = (x // half + y // half) % 2 == 0
     return np.where(on[..., None], a, b)
@@ -142,7 +206,9 @@ def render(shape, colour, size, bg, rng, style="photo"):
         canvas = np.broadcast_to(np.array([210, 205, 190]) + rng.integers(-10, 10, 3), (PX, PX, 3))
     else:
         canvas = background(bg, rng)
-    alpha = np.asarray(mask.resize((PX, PX), Image.BOX), dtype=np.float32)[..., None] / 255  # ... and averaged down
+    alpha = (
+        np.asarray(mask.resize((PX, PX), Image.BOX), dtype=np.float32)[..., None] / 255
+    )  # ... and averaged down
     ink = np.clip(np.array(COLOURS[colour]) + rng.integers(-12, 13, 3), 0, 255)
     return Image.fromarray((canvas * (1 - alpha) + ink * alpha).round().astype(np.uint8))
 
@@ -156,8 +222,12 @@ def random_attributes(rng, n, exclude=()):
     """n random (shape, colour, size, background) index tuples, avoiding the excluded combinations."""
     colours, out = list(COLOURS), []
     while len(out) < n:
-        a = (rng.integers(len(SHAPES)), rng.integers(len(COLOURS)), rng.integers(len(SIZES)),
-             rng.integers(len(BACKGROUNDS)))
+        a = (
+            rng.integers(len(SHAPES)),
+            rng.integers(len(COLOURS)),
+            rng.integers(len(SIZES)),
+            rng.integers(len(BACKGROUNDS)),
+        )
         if (colours[a[1]], SHAPES[a[0]]) not in exclude:
             out.append(tuple(int(v) for v in a))
     return np.array(out)
@@ -165,7 +235,9 @@ def random_attributes(rng, n, exclude=()):
 
 def draw_pool(attrs, seed):
     """Images (N, 3, 32, 32) uint8 for attribute rows (shape, colour, size, background)."""
-    return torch.from_numpy(draw_numpy(attrs, seed)).permute(0, 3, 1, 2).contiguous()  # NHWC -> NCHW
+    return (
+        torch.from_numpy(draw_numpy(attrs, seed)).permute(0, 3, 1, 2).contiguous()
+    )  # NHWC -> NCHW
 
 
 def draw_numpy(attrs, seed):
@@ -179,7 +251,12 @@ def draw_numpy(attrs, seed):
 
 def caption(attrs, rng):
     """A fresh English caption for one image, e.g. 'a photo of a small red circle on a striped background.'"""
-    shape, colour, size, bg = SHAPES[attrs[0]], list(COLOURS)[attrs[1]], list(SIZES)[attrs[2]], BACKGROUNDS[attrs[3]]
+    shape, colour, size, bg = (
+        SHAPES[attrs[0]],
+        list(COLOURS)[attrs[1]],
+        list(SIZES)[attrs[2]],
+        BACKGROUNDS[attrs[3]],
+    )
     size = size + " " if rng.random() < 0.5 else ""  # attributes are sometimes left out
     if rng.random() < 0.15:
         phrase = f"{size}{shape}"
@@ -223,7 +300,10 @@ def param_groups(model, weight_decay):
     for name, p in model.named_parameters():
         is_matrix = p.dim() >= 2 and "embedding" not in name
         (decay if is_matrix else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
 
 
 class CachedTokenizer:
@@ -235,7 +315,9 @@ class CachedTokenizer:
     def __call__(self, texts):
         missing = [t for t in set(texts) if t not in self.cache]
         if missing:
-            self.cache.update(zip(missing, clip.tokenize(missing, context_length=self.context_length)))
+            self.cache.update(
+                zip(missing, clip.tokenize(missing, context_length=self.context_length))
+            )
         return torch.stack([self.cache[t] for t in texts])
 
 
@@ -246,11 +328,17 @@ def pretrain(model, images, attrs, steps, batch_size, lr, seed, label=""):
     warmup = min(50, steps // 10)
 
     def schedule(s):  # linear warm-up, then cosine to 0
-        return (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / (steps - warmup)))
+        return (
+            (s + 1) / warmup
+            if s < warmup
+            else 0.5 * (1 + math.cos(math.pi * (s - warmup) / (steps - warmup)))
+        )
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     tokenize = CachedTokenizer(model.context_length)
-    channels_last = model.visual.__class__.__name__ == "ModifiedResNet"  # faster convolutions on the CPU
+    channels_last = (
+        model.visual.__class__.__name__ == "ModifiedResNet"
+    )  # faster convolutions on the CPU
     model.train()
     if channels_last:
         model.visual.to(memory_format=torch.channels_last)
@@ -265,7 +353,9 @@ def pretrain(model, images, attrs, steps, batch_size, lr, seed, label=""):
         text_features = F.normalize(model.encode_text(tokens), dim=-1)  # (B, D)
         logits = model.logit_scale.exp() * image_features @ text_features.t()  # [CLIP] (B, B)
         target = torch.arange(batch_size)
-        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2  # symmetric InfoNCE
+        loss = (
+            F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)
+        ) / 2  # symmetric InfoNCE
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -274,8 +364,14 @@ def pretrain(model, images, attrs, steps, batch_size, lr, seed, label=""):
             model.logit_scale.clamp_(0, math.log(100))  # [CLIP] the temperature is clipped at 100
         losses.append(loss.item())
         if step % 10 == 0 or step == steps - 1:
-            progress(f"pretraining {label}", step + 1, steps, t0, f"loss {np.mean(losses[-20:]):.3f}",
-                     newline_every=steps // 10 if torch.get_num_threads() == 1 else 0)
+            progress(
+                f"pretraining {label}",
+                step + 1,
+                steps,
+                t0,
+                f"loss {np.mean(losses[-20:]):.3f}",
+                newline_every=steps // 10 if torch.get_num_threads() == 1 else 0,
+            )
     model.to(memory_format=torch.contiguous_format).eval()
     return losses
 
@@ -288,7 +384,9 @@ def progress(what, done, total, t0, extra="", newline_every=0):
     bar = "#" * int(30 * done / total)
     eta = elapsed / done * (total - done) if done else float("nan")
     end = "\n" if newline_every or done == total else ""
-    sys.stderr.write(f"\r{what} [{bar:<30}] {done}/{total} {elapsed:.0f}s, {eta:.0f}s left {extra}  {end}")
+    sys.stderr.write(
+        f"\r{what} [{bar:<30}] {done}/{total} {elapsed:.0f}s, {eta:.0f}s left {extra}  {end}"
+    )
     sys.stderr.flush()
 
 
@@ -299,18 +397,26 @@ def zero_shot_report(model, seed=123, n=2000):
     heldout = heldout_combinations()
     attrs = random_attributes(rng, n)
     x = to_input(draw_pool(attrs, seed))
-    f = torch.cat([F.normalize(model.encode_image(x[i : i + 500]), dim=-1) for i in range(0, n, 500)])
+    f = torch.cat(
+        [F.normalize(model.encode_image(x[i : i + 500]), dim=-1) for i in range(0, n, 500)]
+    )
 
     def logits(texts):
-        t = F.normalize(model.encode_text(clip.tokenize(texts, context_length=model.context_length)), dim=-1)
+        t = F.normalize(
+            model.encode_text(clip.tokenize(texts, context_length=model.context_length)), dim=-1
+        )
         return model.logit_scale.exp() * f @ t.t()  # (n, len(texts))
 
     shapes, colours = torch.tensor(attrs[:, 0]), torch.tensor(attrs[:, 1])
-    combo = logits([f"a photo of a {c} {s}." for c in COLOURS for s in SHAPES]).view(n, len(COLOURS), len(SHAPES))
+    combo = logits([f"a photo of a {c} {s}." for c in COLOURS for s in SHAPES]).view(
+        n, len(COLOURS), len(SHAPES)
+    )
     pred_combo, true_combo = combo.flatten(1).argmax(-1), colours * len(SHAPES) + shapes
     unseen = torch.tensor([(list(COLOURS)[c], SHAPES[s]) in heldout for s, c, _, _ in attrs])
     report = {
-        "shape": (logits([f"a photo of a {s}." for s in SHAPES]).argmax(-1) == shapes).float().mean(),
+        "shape": (logits([f"a photo of a {s}." for s in SHAPES]).argmax(-1) == shapes)
+        .float()
+        .mean(),
         # No caption names a colour without a shape, so colour is read from the 120 colour+shape prompts:
         # p(colour) = sum over the shapes of p(colour, shape), a logsumexp over each colour's 10 logits.
         "colour": (combo.logsumexp(-1).argmax(-1) == colours).float().mean(),
@@ -337,12 +443,20 @@ def write_dataset(root, classes, splits, seed, style="photo", sigma=0.0):
         for folder, shape, colour in classes:
             os.makedirs(os.path.join(root, split, folder), exist_ok=True)
             for i in range(per_class):
-                image = render(shape or SHAPES[rng.integers(len(SHAPES))], colour or list(COLOURS)[rng.integers(12)],
-                               list(SIZES)[rng.integers(3)], BACKGROUNDS[rng.integers(5)], rng, style)
+                image = render(
+                    shape or SHAPES[rng.integers(len(SHAPES))],
+                    colour or list(COLOURS)[rng.integers(12)],
+                    list(SIZES)[rng.integers(3)],
+                    BACKGROUNDS[rng.integers(5)],
+                    rng,
+                    style,
+                )
                 if sigma:
                     image = add_noise(image, sigma, rng)
                 image.save(os.path.join(root, split, folder, f"{i:03d}.png"))
-    with open(os.path.join(root, "classnames.txt"), "w") as f:  # folder -> the words used in prompts
+    with open(
+        os.path.join(root, "classnames.txt"), "w"
+    ) as f:  # folder -> the words used in prompts
         f.writelines(f"{folder}\t{folder.replace('_', ' ')}\n" for folder, _, _ in classes)
 
 
@@ -354,11 +468,18 @@ def write_text(path, text):
 
 
 def write_datasets(root, seed):
-    combos = [(f"{c}_{s}", s, c) for c in TASK_COLOURS for s in SHAPES]  # 60 classes, sorted by colour
+    combos = [
+        (f"{c}_{s}", s, c) for c in TASK_COLOURS for s in SHAPES
+    ]  # 60 classes, sorted by colour
     write_dataset(os.path.join(root, "shapes"), combos, SPLITS, seed + 1)
     write_dataset(os.path.join(root, "sketch"), combos, SPLITS, seed + 2, style="sketch")
     write_dataset(os.path.join(root, "noise"), combos, SPLITS, seed + 3, sigma=NOISE_SIGMA)
-    write_dataset(os.path.join(root, "proxy"), [(s, s, None) for s in SHAPES], {"train": 50, "test": 20}, seed + 4)
+    write_dataset(
+        os.path.join(root, "proxy"),
+        [(s, s, None) for s in SHAPES],
+        {"train": 50, "test": 20},
+        seed + 4,
+    )
 
 
 def build_model(tower, images, attrs, steps, lr, batch_size, seed, threads=None):
@@ -377,29 +498,56 @@ def build_model(tower, images, attrs, steps, lr, batch_size, seed, threads=None)
 def build_models(jobs, images, attrs, batch_size, seed, workers):
     """Pretrain the towers, side by side in `workers` processes of one thread each (faster on a CPU)."""
     if workers <= 1 or len(jobs) == 1:
-        return [build_model(tower, images, attrs, steps, lr, batch_size, seed) for tower, steps, lr in jobs]
+        return [
+            build_model(tower, images, attrs, steps, lr, batch_size, seed)
+            for tower, steps, lr in jobs
+        ]
     import multiprocessing as mp
 
     # "spawn", not "fork": a process forked after torch has used its thread pool can hang in it
     with mp.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
-        return pool.starmap(build_model, [(tower, images.numpy(), attrs, steps, lr, batch_size, seed, 1)
-                                          for tower, steps, lr in jobs])
+        return pool.starmap(
+            build_model,
+            [
+                (tower, images.numpy(), attrs, steps, lr, batch_size, seed, 1)
+                for tower, steps, lr in jobs
+            ],
+        )
 
 
-def build_world(root="toy", seed=0, force=False, rn_steps=900, vit_steps=1000, lr=3e-3, batch_size=256, workers=2):
+def build_world(
+    root="toy",
+    seed=0,
+    force=False,
+    rn_steps=900,
+    vit_steps=1000,
+    lr=3e-3,
+    batch_size=256,
+    workers=2,
+):
     """Build whatever of toy/ is missing (or everything with force). Returns the world's record."""
     os.makedirs(root, exist_ok=True)
     record_path = os.path.join(root, "world.json")
-    record = json.load(open(record_path)) if os.path.isfile(record_path) and not force else {"seed": seed}
-    jobs = [(tower, steps, lr) for tower, steps in (("rn", rn_steps), ("vit", vit_steps))
-            if force or not os.path.isfile(os.path.join(root, f"clip_{tower}.pt"))]
+    record = (
+        json.load(open(record_path))
+        if os.path.isfile(record_path) and not force
+        else {"seed": seed}
+    )
+    jobs = [
+        (tower, steps, lr)
+        for tower, steps in (("rn", rn_steps), ("vit", vit_steps))
+        if force or not os.path.isfile(os.path.join(root, f"clip_{tower}.pt"))
+    ]
     if jobs:
         t0 = time.time()
-        attrs = random_attributes(np.random.default_rng(seed), 100_000, exclude=heldout_combinations(seed))
+        attrs = random_attributes(
+            np.random.default_rng(seed), 100_000, exclude=heldout_combinations(seed)
+        )
         images = draw_pool_parallel(attrs, seed + 1, workers)
         print(f"drew 100,000 pretraining images in {time.time() - t0:.0f}s")
-        for (tower, steps, lr), (state, seconds) in zip(jobs, build_models(jobs, images, attrs, batch_size, seed,
-                                                                             workers)):
+        for (tower, steps, lr), (state, seconds) in zip(
+            jobs, build_models(jobs, images, attrs, batch_size, seed, workers)
+        ):
             model = clip.model.CLIP(**TOWERS[tower])
             model.load_state_dict(state)
             path = os.path.join(root, f"clip_{tower}.pt")
@@ -408,9 +556,17 @@ def build_world(root="toy", seed=0, force=False, rn_steps=900, vit_steps=1000, l
             torch.save(model.state_dict(), path + ".tmp")
             os.replace(path + ".tmp", path)
             report = zero_shot_report(model.eval())
-            record[tower] = {"config": dict(TOWERS[tower]), "steps": steps, "lr": lr, "batch_size": batch_size,
-                             "pretrain_seconds": round(seconds, 1), "zero_shot": report}
-            print(f"{tower}: {seconds:.0f}s of pretraining; zero-shot on 2,000 fresh images: {report}")
+            record[tower] = {
+                "config": dict(TOWERS[tower]),
+                "steps": steps,
+                "lr": lr,
+                "batch_size": batch_size,
+                "pretrain_seconds": round(seconds, 1),
+                "zero_shot": report,
+            }
+            print(
+                f"{tower}: {seconds:.0f}s of pretraining; zero-shot on 2,000 fresh images: {report}"
+            )
         write_text(record_path, json.dumps(record, indent=2))
     if force or not os.path.isfile(os.path.join(root, "proxy", "classnames.txt")):
         t0 = time.time()
@@ -452,7 +608,9 @@ def run_one(file, argv, log):
 
     module = importlib.import_module(os.path.splitext(os.path.basename(file))[0])
     with open(log, "w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
-        print("python " + shlex.join([os.path.basename(file), *argv]), flush=True)  # the same run's command
+        print(
+            "python " + shlex.join([os.path.basename(file), *argv]), flush=True
+        )  # the same run's command
         try:
             module.main(module.parse_args(argv))
         except (Exception, SystemExit):
@@ -480,76 +638,164 @@ def _run_star(run):
 
 def summarise(values):
     """mean ± population std (np.std, ddof 0) over seeds, as the papers report."""
-    return f"{np.mean(values):.1f} ± {np.std(values):.1f}" if len(values) > 1 else f"{values[0]:.1f}"
+    return (
+        f"{np.mean(values):.1f} ± {np.std(values):.1f}" if len(values) > 1 else f"{values[0]:.1f}"
+    )
 
 
 def demo(root="toy", out="runs/demo", shots=(1, 4), seeds=(1, 2, 3), parallel=2):
     t0 = time.time()
     here = os.path.dirname(os.path.abspath(__file__))
-    data = ["--data", os.path.join(root, TRAIN_DOMAIN), "--subsample", "base",
-            "--eval-data"] + [os.path.join(root, d) for d in DOMAINS]
+    data = ["--data", os.path.join(root, TRAIN_DOMAIN), "--subsample", "base", "--eval-data"] + [
+        os.path.join(root, d) for d in DOMAINS
+    ]
     os.makedirs(out, exist_ok=True)
-    methods = [m for m in DEMO_METHODS if os.path.isfile(os.path.join(here, m[1]))]  # the files present
-    runs = {(label, k): {seed: os.path.join(out, label, f"{k}shot_seed{seed}") for seed in seeds}
-            for label, *_ in methods for k in sorted(shots)}  # in the table's order
+    methods = [
+        m for m in DEMO_METHODS if os.path.isfile(os.path.join(here, m[1]))
+    ]  # the files present
+    runs = {
+        (label, k): {seed: os.path.join(out, label, f"{k}shot_seed{seed}") for seed in seeds}
+        for label, *_ in methods
+        for k in sorted(shots)
+    }  # in the table's order
     todo = []
-    for k in sorted(shots, reverse=True):  # the longest runs first, so the two workers finish together
+    for k in sorted(
+        shots, reverse=True
+    ):  # the longest runs first, so the two workers finish together
         for label, file, tower, extra in methods:
             for seed, run_dir in runs[(label, k)].items():
                 os.makedirs(os.path.dirname(run_dir), exist_ok=True)
-                todo.append((os.path.join(here, file), ["--backbone", os.path.join(root, f"clip_{tower}.pt"), *data,
-                                                        "--shots", str(k), "--seed", str(seed), *extra, "--workers",
-                                                        "0", "--out", run_dir], run_dir + ".log"))
+                todo.append(
+                    (
+                        os.path.join(here, file),
+                        [
+                            "--backbone",
+                            os.path.join(root, f"clip_{tower}.pt"),
+                            *data,
+                            "--shots",
+                            str(k),
+                            "--seed",
+                            str(seed),
+                            *extra,
+                            "--workers",
+                            "0",
+                            "--out",
+                            run_dir,
+                        ],
+                        run_dir + ".log",
+                    )
+                )
     zs_dir = os.path.join(out, "zeroshot")
-    todo.append((os.path.join(here, "zeroshot.py"), ["--backbone", os.path.join(root, "clip_rn.pt"), *data,
-                                                      "--workers", "0", "--out", zs_dir], zs_dir + ".log"))
+    todo.append(
+        (
+            os.path.join(here, "zeroshot.py"),
+            [
+                "--backbone",
+                os.path.join(root, "clip_rn.pt"),
+                *data,
+                "--workers",
+                "0",
+                "--out",
+                zs_dir,
+            ],
+            zs_dir + ".log",
+        )
+    )
     run_all(todo, parallel)
 
     columns = ["base", "new", "H"] + DOMAINS
     zs = json.load(open(os.path.join(zs_dir, "metrics.json")))
-    rows = [("Zero-shot CLIP", "0", {"base": [zs["accuracy"]["test"]], "new": [zs["accuracy"]["new"]],
-                                     "H": [zs["harmonic_mean"]], **{d: [zs["accuracy"][d]] for d in DOMAINS}})]
+    rows = [
+        (
+            "Zero-shot CLIP",
+            "0",
+            {
+                "base": [zs["accuracy"]["test"]],
+                "new": [zs["accuracy"]["new"]],
+                "H": [zs["harmonic_mean"]],
+                **{d: [zs["accuracy"][d]] for d in DOMAINS},
+            },
+        )
+    ]
     for (label, k), dirs in runs.items():
         ms = [json.load(open(os.path.join(d, "metrics.json"))) for d in dirs.values()]
-        rows.append((label, str(k), {"base": [m["accuracy"]["test"] for m in ms],
-                                     "new": [m["accuracy"]["new"] for m in ms],
-                                     "H": [m["harmonic_mean"] for m in ms],
-                                     **{d: [m["accuracy"][d] for m in ms] for d in DOMAINS}}))
+        rows.append(
+            (
+                label,
+                str(k),
+                {
+                    "base": [m["accuracy"]["test"] for m in ms],
+                    "new": [m["accuracy"]["new"] for m in ms],
+                    "H": [m["harmonic_mean"] for m in ms],
+                    **{d: [m["accuracy"][d] for m in ms] for d in DOMAINS},
+                },
+            )
+        )
     seconds = time.time() - t0
-    table = ["| method | shots | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
-    table += [f"| {label} | {k} | " + " | ".join(summarise(v[c]) for c in columns) + " |" for label, k, v in rows]
-    note = (f"Toy world `{root}`, ResNet tower. Trained on {TRAIN_DOMAIN} drawings of the 30 base colour+shape "
-            f"classes; base and new: {TRAIN_DOMAIN} test images, 30-way; H: their harmonic mean; "
-            f"{' and '.join(DOMAINS)}: the same prompt on other domains, all 60 classes. Seeds {list(seeds)}, "
-            f"mean ± std; {seconds:.0f}s for the method runs on {os.cpu_count()} cores.")
+    table = [
+        "| method | shots | " + " | ".join(columns) + " |",
+        "|---|---|" + "---|" * len(columns),
+    ]
+    table += [
+        f"| {label} | {k} | " + " | ".join(summarise(v[c]) for c in columns) + " |"
+        for label, k, v in rows
+    ]
+    note = (
+        f"Toy world `{root}`, ResNet tower. Trained on {TRAIN_DOMAIN} drawings of the 30 base colour+shape "
+        f"classes; base and new: {TRAIN_DOMAIN} test images, 30-way; H: their harmonic mean; "
+        f"{' and '.join(DOMAINS)}: the same prompt on other domains, all 60 classes. Seeds {list(seeds)}, "
+        f"mean ± std; {seconds:.0f}s for the method runs on {os.cpu_count()} cores."
+    )
     text = "\n".join(table) + "\n\n" + note + "\n"
     write_text(os.path.join(out, "results.md"), text)
-    results = {"rows": [{"method": label, "shots": int(k), **v} for label, k, v in rows],
-               "seconds": round(seconds, 1), "seeds": list(seeds)}
+    results = {
+        "rows": [{"method": label, "shots": int(k), **v} for label, k, v in rows],
+        "seconds": round(seconds, 1),
+        "seeds": list(seeds),
+    }
     write_text(os.path.join(out, "results.json"), json.dumps(results, indent=2))
     print("\n" + text)
     return rows
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Build the toy world (and run the demo on it).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description="Build the toy world (and run the demo on it).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--root", default="toy", help="folder of the world (models and datasets)")
     p.add_argument("--seed", type=int, default=0, help="the world's seed: same seed, same world")
     p.add_argument("--force", action="store_true", help="rebuild everything even if it exists")
-    p.add_argument("--rn-steps", type=int, default=900, help="pretraining steps of the ResNet tower")
+    p.add_argument(
+        "--rn-steps", type=int, default=900, help="pretraining steps of the ResNet tower"
+    )
     p.add_argument("--vit-steps", type=int, default=1000, help="pretraining steps of the ViT tower")
     p.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate of the pretraining")
     p.add_argument("--batch-size", type=int, default=256, help="pretraining batch (pairs per step)")
-    p.add_argument("--demo", action="store_true", help="then run every method file on it and write the table")
-    p.add_argument("--demo-out", default="runs/demo", help="folder of the demo runs and its results table")
-    p.add_argument("--workers", type=int, default=2, help="processes for drawing and for the demo runs")
+    p.add_argument(
+        "--demo", action="store_true", help="then run every method file on it and write the table"
+    )
+    p.add_argument(
+        "--demo-out", default="runs/demo", help="folder of the demo runs and its results table"
+    )
+    p.add_argument(
+        "--workers", type=int, default=2, help="processes for drawing and for the demo runs"
+    )
     return p.parse_args(argv)
 
 
 def main(args):
     t0 = time.time()
-    build_world(args.root, args.seed, args.force, args.rn_steps, args.vit_steps, args.lr, args.batch_size, args.workers)
+    build_world(
+        args.root,
+        args.seed,
+        args.force,
+        args.rn_steps,
+        args.vit_steps,
+        args.lr,
+        args.batch_size,
+        args.workers,
+    )
     print(f"the toy world is in {args.root}/ ({time.time() - t0:.0f}s)")
     if args.demo:
         demo(args.root, args.demo_out, parallel=args.workers)

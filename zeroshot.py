@@ -8,18 +8,18 @@ write one text per class from a template ("a photo of a {}."), encode the texts,
 class whose text feature is most similar to the image feature. Prompt ensembling averages the
 text features of several templates per class, which is usually a few points better.
 
-Equations (f(x) the L2-normalised image feature, g(t) the normalised text feature, tau = CLIP's
-logit scale, about 100)
-  [CLIP]      logits_c = tau * f(x) . w_c,   w_c = g(template(c))          (one template)
+Equations (f(x) the L2-normalised image feature, g(t) the normalised text feature, tau the
+temperature: CLIP's frozen logit_scale = ln(1/tau), so 1/tau is about 100)
+  [CLIP]      logits_c = f(x) . w_c / tau,   w_c = g(template(c))          (one template)
   [Ensemble]  w_c = normalise( mean_k g(template_k(c)) )                   (K templates)
 
 Learned: nothing. Frozen: all of CLIP. Every other method file reports this baseline next to itself.
 
 Run
-  quick CPU run on the toy world:  python zeroshot.py --backbone toy/clip_rn.pt --data toy/shapes
-  paper setting (RN50, Oxford Pets): python zeroshot.py --backbone RN50 --data DATA/oxford_pets/images \
-        --split-file DATA/oxford_pets/split_zhou_OxfordPets.json --template OxfordPets
-  7-template ensemble on ImageNet:  python zeroshot.py --backbone RN50 --data DATA/imagenet --ensemble select
+  python zeroshot.py --backbone toy/clip_rn.pt --data toy/shapes
+  python zeroshot.py --backbone RN50 --data DATA/oxford_pets/images --template OxfordPets \
+      --split-file DATA/oxford_pets/split_zhou_OxfordPets.json
+  python zeroshot.py --backbone RN50 --data DATA/imagenet --ensemble select    # 7 templates
 """
 
 import argparse
@@ -40,6 +40,84 @@ from PIL import Image
 with warnings.catch_warnings():  # openai-clip 1.0.1 imports the deprecated pkg_resources
     warnings.simplefilter("ignore")
     import clip
+
+
+# --- shared: text encoder (canonical copy in coop.py; re-sync with tools/sync_shared.py) ---
+class TextEncoder(nn.Module):
+    """CLIP's text transformer on prompt embeddings, in two exact shortcuts of its 77 positions.
+
+    The transformer is causal: position i attends to positions <= i only. So (1) the end-of-text
+    (EOT) feature depends only on the positions up to it, and running the prompts cut after the
+    longest EOT gives exactly the 77-position result (`forward`); and (2) positions before the
+    class name never see it: when every class's prompt starts with the same prefix ([SOS] and a
+    generic context), the prefix's hidden states are the same for every class. `shared_prefix`
+    computes them once (once per image for CoCoOp) and runs only each class's remaining tokens
+    (name, ".", EOT), which attend to the prefix's keys and values and, causally, to their own.
+    """
+
+    def __init__(self, clip_model):
+        super().__init__()
+        self.transformer, self.ln_final = clip_model.transformer, clip_model.ln_final
+        self.positional_embedding = clip_model.positional_embedding
+        self.text_projection, self.dtype = clip_model.text_projection, clip_model.dtype
+
+    def forward(self, prompts, tokenized):
+        # prompts: (N, L, d) token embeddings; tokenized: (N, L) ids, used to find EOT (largest id)
+        eot = tokenized.argmax(dim=-1)  # (N,)
+        n = int(eot.max()) + 1
+        x = prompts[:, :n].type(self.dtype) + self.positional_embedding[:n].type(self.dtype)
+        mask = torch.full((n, n), float("-inf"), device=x.device, dtype=x.dtype).triu_(1)
+        x = x.permute(1, 0, 2)  # NLD -> LND: (n, N, d)
+        for block in self.transformer.resblocks:  # = block(x) with the causal mask cut to n
+            h = block.ln_1(x)
+            x = x + block.attn(h, h, h, need_weights=False, attn_mask=mask)[0]
+            x = x + block.mlp(block.ln_2(x))
+        x = x.permute(1, 0, 2)[torch.arange(x.shape[1]), eot]  # LND -> NLD, the EOT rows: (N, d)
+        return self.ln_final(x).type(self.dtype) @ self.text_projection  # (N, D)
+
+    def shared_prefix(self, prefix, suffix, tokenized, deep=()):
+        """Exactly forward(cat([prefix[b], suffix[c]]), tokenized[c]) for every pair (b, c).
+
+        prefix: (B, P, d), the first P positions, the same for every class (B = 1, or one per
+        image); suffix: (C, L - P, d), the rest of each class's prompt; tokenized: (C, L) ids;
+        deep: tensors (n, d) that replace prefix positions 1..n before blocks 1, 2, ... (MaPLe's
+        deeper text prompts). Returns (B, C, D).
+        """
+        (B, P, d), C = prefix.shape, suffix.shape[0]
+        eot = tokenized.argmax(dim=-1) - P  # EOT's index within the suffix: (C,)
+        S = int(eot.max()) + 1
+        pos = self.positional_embedding.type(self.dtype)
+        xp = prefix.type(self.dtype) + pos[:P]  # (B, P, d)
+        xs = (suffix[:, :S].type(self.dtype) + pos[P : P + S]).expand(B, -1, -1, -1)
+        xs = xs.reshape(B * C, S, d)  # every (image, class) pair's own tokens: (B*C, S, d)
+        see = torch.ones(S, P + S, dtype=torch.bool, device=xp.device).tril_(P)  # (S, P + S)
+        for i, block in enumerate(self.transformer.resblocks):
+            if 0 < i <= len(deep):  # MaPLe: the previous block's outputs there are replaced
+                n = deep[i - 1].shape[0]
+                new = deep[i - 1].type(xp.dtype).expand(B, -1, -1)  # (B, n, d)
+                xp = torch.cat([xp[:, :1], new, xp[:, 1 + n :]], dim=1)  # (B, P, d)
+            heads = block.attn.num_heads
+            split = lambda t: t.unflatten(-1, (heads, -1)).transpose(-3, -2)  # (.., heads, L, d_h)
+            qkv_p = F.linear(block.ln_1(xp), block.attn.in_proj_weight, block.attn.in_proj_bias)
+            qkv_s = F.linear(block.ln_1(xs), block.attn.in_proj_weight, block.attn.in_proj_bias)
+            qp, kp, vp = map(split, qkv_p.chunk(3, dim=-1))  # (B, heads, P, d_h) each
+            qs, ks, vs = map(split, qkv_s.chunk(3, dim=-1))  # (B*C, heads, S, d_h) each
+            # The prefix attends causally to itself only: it never sees a class name.
+            ap = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True)  # (B, heads, P, d_h)
+            # Each class's tokens attend to [prefix keys/values ; their own, causally]:
+            #   softmax(q_s [K_p ; K_s]^T / sqrt(d_h) + mask) [V_p ; V_s]
+            rep = lambda t: t.unsqueeze(1).expand(-1, C, -1, -1, -1).flatten(0, 1)  # B -> B*C
+            k, v = torch.cat([rep(kp), ks], dim=-2), torch.cat([rep(vp), vs], dim=-2)
+            a_s = F.scaled_dot_product_attention(qs, k, v, attn_mask=see)  # (B*C, heads, S, d_h)
+            merge = lambda t: block.attn.out_proj(t.transpose(-3, -2).flatten(-2))  # (.., L, d)
+            xp, xs = xp + merge(ap), xs + merge(a_s)
+            xp, xs = xp + block.mlp(block.ln_2(xp)), xs + block.mlp(block.ln_2(xs))
+        x = xs[torch.arange(B * C), eot.repeat(B)]  # the EOT rows: (B*C, d)
+        return (self.ln_final(x).type(self.dtype) @ self.text_projection).view(B, C, -1)
+
+
+# --- end shared: text encoder ---
+
 
 # [CoOp trainers/zsclip.py] the single hand-crafted template of each dataset
 CUSTOM_TEMPLATES = {
@@ -70,71 +148,215 @@ TEMPLATES_SELECT = [
 # OpenAI's 80 ImageNet templates (CLIP's prompt-engineering notebook)
 80
 TEMPLATES_80 = [
-    "a bad photo of a {}.", "a photo of many {}.", "a sculpture of a {}.",
-    "a photo of the hard to see {}.", "a low resolution photo of the {}.", "a rendering of a {}.",
-    "graffiti of a {}.", "a bad photo of the {}.", "a cropped photo of the {}.",
-    "a tattoo of a {}.", "the embroidered {}.", "a photo of a hard to see {}.",
-    "a bright photo of a {}.", "a photo of a clean {}.", "a photo of a dirty {}.",
-    "a dark photo of the {}.", "a drawing of a {}.", "a photo of my {}.", "the plastic {}.",
-    "a photo of the cool {}.", "a close-up photo of a {}.", "a black and white photo of the {}.",
-    "a painting of the {}.", "a painting of a {}.", "a pixelated photo of the {}.",
-    "a sculpture of the {}.", "a bright photo of the {}.", "a cropped photo of a {}.",
-    "a plastic {}.", "a photo of the dirty {}.", "a jpeg corrupted photo of a {}.",
-    "a blurry photo of the {}.", "a photo of the {}.", "a good photo of the {}.",
-    "a rendering of the {}.", "a {} in a video game.", "a photo of one {}.", "a doodle of a {}.",
-    "a close-up photo of the {}.", "a photo of a {}.", "the origami {}.", "the {} in a video game.",
-    "a sketch of a {}.", "a doodle of the {}.", "a origami {}.", "a low resolution photo of a {}.",
-    "the toy {}.", "a rendition of the {}.", "a photo of the clean {}.", "a photo of a large {}.",
-    "a rendition of a {}.", "a photo of a nice {}.", "a photo of a weird {}.",
-    "a blurry photo of a {}.", "a cartoon {}.", "art of a {}.", "a sketch of the {}.",
-    "a embroidered {}.", "a pixelated photo of a {}.", "itap of the {}.",
-    "a jpeg corrupted photo of the {}.", "a good photo of a {}.", "a plushie {}.",
-    "a photo of the nice {}.", "a photo of the small {}.", "a photo of the weird {}.",
-    "the cartoon {}.", "art of the {}.", "a drawing of the {}.", "a photo of the large {}.",
-    "a black and white photo of a {}.", "the plushie {}.", "a dark photo of a {}.", "itap of a {}.",
-    "graffiti of the {}.", "a toy {}.", "itap of my {}.", "a photo of a cool {}.",
-    "a photo of a small {}.", "a tattoo of the {}.",
+    "a bad photo of a {}.",
+    "a photo of many {}.",
+    "a sculpture of a {}.",
+    "a photo of the hard to see {}.",
+    "a low resolution photo of the {}.",
+    "a rendering of a {}.",
+    "graffiti of a {}.",
+    "a bad photo of the {}.",
+    "a cropped photo of the {}.",
+    "a tattoo of a {}.",
+    "the embroidered {}.",
+    "a photo of a hard to see {}.",
+    "a bright photo of a {}.",
+    "a photo of a clean {}.",
+    "a photo of a dirty {}.",
+    "a dark photo of the {}.",
+    "a drawing of a {}.",
+    "a photo of my {}.",
+    "the plastic {}.",
+    "a photo of the cool {}.",
+    "a close-up photo of a {}.",
+    "a black and white photo of the {}.",
+    "a painting of the {}.",
+    "a painting of a {}.",
+    "a pixelated photo of the {}.",
+    "a sculpture of the {}.",
+    "a bright photo of the {}.",
+    "a cropped photo of a {}.",
+    "a plastic {}.",
+    "a photo of the dirty {}.",
+    "a jpeg corrupted photo of a {}.",
+    "a blurry photo of the {}.",
+    "a photo of the {}.",
+    "a good photo of the {}.",
+    "a rendering of the {}.",
+    "a {} in a video game.",
+    "a photo of one {}.",
+    "a doodle of a {}.",
+    "a close-up photo of the {}.",
+    "a photo of a {}.",
+    "the origami {}.",
+    "the {} in a video game.",
+    "a sketch of a {}.",
+    "a doodle of the {}.",
+    "a origami {}.",
+    "a low resolution photo of a {}.",
+    "the toy {}.",
+    "a rendition of the {}.",
+    "a photo of the clean {}.",
+    "a photo of a large {}.",
+    "a rendition of a {}.",
+    "a photo of a nice {}.",
+    "a photo of a weird {}.",
+    "a blurry photo of a {}.",
+    "a cartoon {}.",
+    "art of a {}.",
+    "a sketch of the {}.",
+    "a embroidered {}.",
+    "a pixelated photo of a {}.",
+    "itap of the {}.",
+    "a jpeg corrupted photo of the {}.",
+    "a good photo of a {}.",
+    "a plushie {}.",
+    "a photo of the nice {}.",
+    "a photo of the small {}.",
+    "a photo of the weird {}.",
+    "the cartoon {}.",
+    "art of the {}.",
+    "a drawing of the {}.",
+    "a photo of the large {}.",
+    "a black and white photo of a {}.",
+    "the plushie {}.",
+    "a dark photo of a {}.",
+    "itap of a {}.",
+    "graffiti of the {}.",
+    "a toy {}.",
+    "itap of my {}.",
+    "a photo of a cool {}.",
+    "a photo of a small {}.",
+    "a tattoo of the {}.",
 ]
 
+
+# ------------------------------------------------------------------------------------------------
+# The method: templates -> one weight vector per class
+# ------------------------------------------------------------------------------------------------
+def resolve_template(template):
+    """A dataset name gives that dataset's hand-crafted template; otherwise it must contain {}."""
+    template = CUSTOM_TEMPLATES.get(template, template)
+    if "{}" not in template:
+        names = ", ".join(CUSTOM_TEMPLATES)
+        fail(f"--template {template!r} has no {{}} for the class name and is not one of {names}")
+    return template
+
+
+def ensemble_templates(ensemble, template, add_template):
+    """The templates whose features are averaged: one, the 7 selected, or all 80 (+ --template)."""
+    templates = {"none": [template], "select": list(TEMPLATES_SELECT), "all": list(TEMPLATES_80)}[
+        ensemble
+    ]
+    if add_template and template not in templates:
+        templates.append(template)
+    return templates
+
+
+# ------------------------------------------------------------------------------------------------
+# main: data, CLIP, classifier, evaluation, results
+# ------------------------------------------------------------------------------------------------
+def main(args):
+    device = torch.device(args.device)
+    precision = args.precision or ("amp" if device.type == "cuda" else "fp32")
+    template = resolve_template(args.template)
+    templates = ensemble_templates(args.ensemble, template, args.add_template)
+    dataset, _, test_sets = load_task(args)
+    run_dir = args.out or os.path.join("runs", "zeroshot", dataset, args.ensemble)
+    seed_everything(args.seed)
+
+    # Frozen CLIP; one classifier per test set (its class names), images encoded once
+    clip_model = load_clip(args.backbone, device, precision)
+    inv_tau, n_px = clip_model.logit_scale.exp(), clip_model.visual.input_resolution
+    os.makedirs(run_dir, exist_ok=True)
+    save(os.path.join(run_dir, "args.json"), vars(args))
+    print(
+        f"zero-shot CLIP: {len(templates)} template(s), e.g. {templates[0]!r}; nothing is learned"
+    )
+    single, ensembled = {}, {}
+    for name, (items, classnames) in test_sets.items():
+        loader = make_loader(items, test_transform(n_px), args.batch_size, args.workers)
+        features, labels = encode_images(clip_model.encode_image, loader, device, precision)
+        weights = zeroshot_classifier(clip_model, classnames, [template])  # (n_cls, D)
+        single[name] = accuracy(inv_tau * features @ weights.t(), labels)  # [CLIP]
+        weights = zeroshot_classifier(clip_model, classnames, templates)  # [Ensemble] (n_cls, D)
+        ensembled[name] = accuracy(inv_tau * features @ weights.t(), labels)
+        print(f"{name}: {len(items)} images, {len(classnames)} classes: {ensembled[name]:.2f}%")
+    method = "zeroshot" if args.ensemble == "none" else f"zeroshot-ensemble-{args.ensemble}"
+    return finish_run(
+        run_dir,
+        args,
+        method,
+        dataset,
+        single,
+        ensembled,
+        epochs=0,
+        precision=precision,
+        templates=templates,
+    )
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
-        description="Zero-shot CLIP with one hand-crafted template or an ensemble of templates.",
+        description="Zero-shot CLIP: one template or an ensemble",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--backbone", default="RN50", help="CLIP name (RN50, ViT-B/16, ...) or checkpoint path")
-    p.add_argument("--data", required=True,
-                   help="ImageFolder root with [train/] test/, or the image root of --split-file")
-    p.add_argument("--split-file", default=None, help="CoOp split_zhou_<Name>.json (then --data is its image root)")
-    p.add_argument("--classnames", default=None, help="classnames.txt: 'folder<TAB>readable name' per line")
-    p.add_argument("--subsample", choices=["all", "base", "new"], default="all",
-                   help="base-to-new protocol: 'base' reports the base classes and 'new' the other half")
-    p.add_argument("--eval-data", nargs="*", default=[], help="extra test sets (ImageFolder roots)")
-    p.add_argument("--template", default="a photo of a {}.",
-                   help=f"a template with {{}} for the class name, or a dataset name: {', '.join(CUSTOM_TEMPLATES)}")
-    p.add_argument("--ensemble", choices=["none", "select", "all"], default="none",
-                   help="average the text features of the 7 selected ImageNet templates, or of all 80")
-    p.add_argument("--add-template", action="store_true",
-                   help="also put --template in the ensemble (CoOp's ZeroshotCLIP2 does so for every dataset but "
-                        "ImageNet)")
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--precision", choices=["fp32", "amp", "fp16"], default=None,
-                   help="default: amp on CUDA, fp32 on CPU")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--workers", type=int, default=4)
-    p.add_argument("--batch-size", type=int, default=100, help="test batch size (does not change results)")
-    p.add_argument("--out", default=None, help="run folder (default runs/zeroshot/<dataset>/<ensemble>)")
+    add = p.add_argument
+    add("--backbone", default="RN50", help="CLIP name (RN50, ViT-B/16, ...) or checkpoint path")
+    add("--data", required=True, help="root with [train/] test/, or --split-file's images")
+    add("--split-file", help="CoOp's split_zhou_<Name>.json (then --data is its image root)")
+    add("--classnames", help="classnames.txt: 'folder<TAB>readable name' per line")
+    add(
+        "--subsample",
+        choices=["all", "base", "new"],
+        default="all",
+        help="base-to-new: 'base' reports the base classes and 'new' the other half",
+    )
+    add("--eval-data", nargs="*", default=[], help="extra test sets (ImageFolder roots)")
+    add(
+        "--template",
+        default="a photo of a {}.",
+        help="a template with {} for the class name, "
+        f"or a dataset name: {', '.join(CUSTOM_TEMPLATES)}",
+    )
+    add(
+        "--ensemble",
+        choices=["none", "select", "all"],
+        default="none",
+        help="average the text features of the 7 selected ImageNet templates, or of all 80",
+    )
+    add(
+        "--add-template",
+        action="store_true",
+        help="also put --template in the ensemble (CoOp's "
+        "ZeroshotCLIP2 does so for every dataset but ImageNet)",
+    )
+    add("--batch-size", type=int, default=100, help="test batch size (does not change results)")
+    add_run_args(add, learned=False)
     return p.parse_args(argv)
+
+
+# --- shared: appendix (canonical copy in coop.py; re-sync with tools/sync_shared.py) ---
+# ================================================================================================
+# Appendix: the shared blocks, identical in every method file (tools/sync_shared.py keeps them so)
+#   data          dataset readers (ImageFolder, CoOp split files), few-shot sampling, base/new
+#                 split, load_task, transforms, loader, checks on bad input
+#   clip          load_clip (names, TorchScript archives and state dicts), autocast, tokenize
+#   evaluation    encode_images, accuracy, harmonic_mean, text_features, zeroshot_classifier
+#   run folder    atomic save, the log, seeds, peak memory, run_info, the summary line
+#   checkpoint    learned_state, load_learned, save_progress, resume
+# ================================================================================================
+# --- end shared: appendix ---
 
 
 # --- shared: data (canonical copy in coop.py; re-sync with tools/sync_shared.py) ---
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def fail(message):
-    """Stop before any long work with a message that says what is wrong and what to do."""
+    """Stop the command line before any long work, saying what is wrong and what to do."""
     raise SystemExit(f"error: {message}")
 
 
@@ -157,61 +379,63 @@ def read_image_folder(root, classnames=None):
     """ImageFolder layout root/<class folder>/<image> -> ([(path, label)], [class name])."""
     if not os.path.isdir(root):
         fail(f"{root}: folder not found; expected <root>/<class folder>/<image files>")
-    folders = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and d[0] != ".")
+    folders = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    folders = [d for d in folders if not d.startswith(".")]
     if not folders:
         fail(f"{root}: no class folders in it; expected <root>/<class folder>/<image files>")
     items = []
     for label, folder in enumerate(folders):
-        files = sorted(f for f in os.listdir(os.path.join(root, folder)) if f.lower().endswith(IMAGE_EXTENSIONS))
+        files = sorted(os.listdir(os.path.join(root, folder)))
+        files = [f for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
         if not files:
-            fail(f"{os.path.join(root, folder)}: class folder has no images ({' '.join(IMAGE_EXTENSIONS)}); "
-                 "add images or remove the folder")
+            fail(f"{os.path.join(root, folder)}: class folder has no images; add some or remove it")
         items += [(os.path.join(root, folder, f), label) for f in files]
     missing = [d for d in folders if classnames is not None and d not in classnames]
     if missing:
-        fail(f"--classnames has no line for the folders {missing[:5]} of {root}; add 'folder<TAB>name' lines")
+        fail(f"--classnames has no line for the folders {missing[:5]} of {root}")
     names = [classnames[d] if classnames else d.replace("_", " ") for d in folders]
     return items, names
 
 
 def read_split_file(split_file, image_root):
-    """CoOp's split_zhou_<Name>.json: {"train"|"val"|"test": [[relative path, label, class name], ...]}."""
+    """CoOp's split_zhou_<Name>.json: {"train"|"val"|"test": [[path, label, class name], ...]}."""
     if not os.path.isfile(split_file):
         fail(f"{split_file}: split file not found")
     try:
         with open(split_file, encoding="utf-8") as f:
             split = json.load(f)
-        data = {s: [(os.path.join(image_root, p), int(y)) for p, y, _ in split[s]] for s in ("train", "val", "test")}
+        data = {
+            s: [(os.path.join(image_root, p), int(y)) for p, y, _ in split[s]]
+            for s in ("train", "val", "test")
+        }
         names = {int(y): c for _, y, c in split["train"]}
     except (ValueError, KeyError, TypeError) as e:
-        fail(f"{split_file}: not a CoOp split file ({e!r}); expected train/val/test lists of [path, label, name]")
+        fail(f"{split_file}: not a CoOp split file ({e!r}); expected train/val/test lists")
     if sorted(names) != list(range(len(names))):
         fail(f"{split_file}: the training labels are not 0..n-1; every class needs training images")
     data["classnames"] = [names[y].replace("_", " ") for y in range(len(names))]
     if data["train"] and not os.path.isfile(data["train"][0][0]):
-        fail(f"{data['train'][0][0]}: image not found; is --data the image root that {split_file} is relative to?")
+        fail(f"{data['train'][0][0]}: image not found; is --data the image root of {split_file}?")
     return data
 
 
 def load_dataset(root, split_file=None, classnames_file=None):
-    """-> {"train", "val", "test": [(path, label)], "classnames": [name]}; a missing train/ or val/ is empty."""
+    """-> {"train", "val", "test": [(path, label)], "classnames": [name]}; missing splits: []."""
     if split_file:
         return read_split_file(split_file, root)
     if classnames_file is None and os.path.isfile(os.path.join(root, "classnames.txt")):
         classnames_file = os.path.join(root, "classnames.txt")
     names = read_classnames(classnames_file) if classnames_file else None
-    if not os.path.isdir(root):
-        fail(f"{root}: folder not found; expected {root}/train/<class>/<image> and {root}/test/<class>/<image>")
     if not os.path.isdir(os.path.join(root, "test")):
-        fail(f"{root}: no test/ folder; expected {root}/train/<class>/<image> and {root}/test/<class>/<image>")
-    data = {"val": []}
+        what = "no test/ folder" if os.path.isdir(root) else "folder not found"
+        fail(f"{root}: {what}; expected {root}/train/<class>/<image> and {root}/test/...")
+    data = {"train": [], "val": []}
     data["test"], data["classnames"] = read_image_folder(os.path.join(root, "test"), names)
     for split in ("train", "val"):
         if os.path.isdir(os.path.join(root, split)):
             data[split], split_names = read_image_folder(os.path.join(root, split), names)
             if split_names != data["classnames"]:
-                fail(f"{root}/{split} and {root}/test have different class folders; they must be the same")
-    data.setdefault("train", [])
+                fail(f"{root}/{split} and {root}/test have different class folders")
     return data
 
 
@@ -227,30 +451,32 @@ def load_eval_set(root):
 
 
 def sample_few_shot(items, shots, seed):
-    """Dassl's rule: per class, `shots` items drawn without replacement; a smaller class keeps all."""
-    rng = random.Random(seed)
-    by_class = {}
+    """Dassl's rule: per class, `shots` items without replacement; a smaller class keeps all."""
+    rng, by_class, sampled, short = random.Random(seed), {}, [], []
     for item in items:
         by_class.setdefault(item[1], []).append(item)
-    sampled, short = [], []
     for group in by_class.values():
         if len(group) < shots:
             short.append(f"{os.path.dirname(group[0][0])} ({len(group)})")
         sampled += rng.sample(group, min(shots, len(group)))
     if short:
-        print(f"warning: fewer than {shots} training images in {len(short)} classes, all of them are used: "
-              f"{', '.join(short[:5])}")
+        print(
+            f"warning: fewer than {shots} training images in {len(short)} classes, all of them "
+            f"are used: {', '.join(short[:5])}"
+        )
     return sampled
 
 
 def subsample_classes(data, which):
-    """Base-to-new split: sorted labels, first ceil(n/2) are base, the rest new; relabelled from 0."""
+    """Base-to-new split: sorted labels, the first ceil(n/2) are base, the rest new; relabelled."""
     if which == "all":
         return data
     labels = sorted({y for _, y in data["train"] or data["test"]})
     m = math.ceil(len(labels) / 2)
     relabel = {y: i for i, y in enumerate(labels[:m] if which == "base" else labels[m:])}
-    out = {s: [(p, relabel[y]) for p, y in data[s] if y in relabel] for s in ("train", "val", "test")}
+    out = {
+        s: [(p, relabel[y]) for p, y in data[s] if y in relabel] for s in ("train", "val", "test")
+    }
     out["classnames"] = [data["classnames"][y] for y in relabel]
     return out
 
@@ -267,11 +493,35 @@ def check_images(items, full=True):
         except (OSError, ValueError) as e:
             fail(f"{path}: cannot read this image ({e}); replace or delete the file")
     if not_rgb:
-        print(f"note: {not_rgb} images are grayscale, RGBA or palette images; they are converted to RGB")
+        print(f"note: {not_rgb} images are grayscale, RGBA or palette images; they become RGB")
+
+
+def load_task(args, shots=None):
+    """The run's data, checked before anything slow -> (dataset name, {"train", "val", "test",
+    "classnames"} of the trained classes, {test set name: (items, class names)}). Few-shot
+    sampling (train, seeded) happens before the base/new split, as in the papers."""
+    data = load_dataset(args.data, args.split_file, args.classnames)
+    if shots:
+        data["train"] = sample_few_shot(data["train"], shots, args.seed)
+    part = subsample_classes(data, args.subsample)
+    test_sets = {"test": (part["test"], part["classnames"])}
+    if args.subsample == "base":  # the same learned parameters, tested on the other half
+        new = subsample_classes(data, "new")
+        test_sets["new"] = (new["test"], new["classnames"])
+    for root in args.eval_data:
+        name, items, classnames = load_eval_set(root)
+        test_sets[name if name not in test_sets else root] = (items, classnames)
+    check_images(part["train"])
+    for items, _ in test_sets.values():
+        check_images(items, full=False)
+    name = os.path.basename(os.path.normpath(args.data))
+    if args.split_file:
+        name = os.path.basename(args.split_file)[: -len(".json")].replace("split_zhou_", "")
+    return name, part, test_sets
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """(path, label) items -> (transformed image, label). With cache_bytes, decoded images are kept in
+    """(path, label) items -> (transformed image, label). With cache_bytes, decoded images stay in
     memory up to that many bytes; the (random) transform still runs on every read."""
 
     def __init__(self, items, transform, cache_bytes=0):
@@ -285,68 +535,82 @@ class ImageDataset(torch.utils.data.Dataset):
         image = self.cache.get(i)
         if image is None:
             try:
-                image = Image.open(path).convert("RGB")  # grayscale, RGBA (alpha dropped) and palette -> RGB
+                image = Image.open(path).convert("RGB")  # grayscale, RGBA, palette -> RGB
             except (OSError, ValueError) as e:
-                raise OSError(f"{path}: cannot read this image ({e}); replace or delete the file") from e
+                raise OSError(f"{path}: cannot read this image ({e}); replace or delete it") from e
             if image.width * image.height * 3 <= self.room:
                 self.cache[i], self.room = image, self.room - image.width * image.height * 3
         return self.transform(image), label
 
 
 def train_transform(n_px, min_scale=0.08):
-    """CoOp/Dassl: random resized crop (area min_scale-1, 0.08 in the papers; bicubic), horizontal flip,
-    CLIP normalisation."""
+    """CoOp/Dassl: random resized crop (area min_scale-1, 0.08 in the papers; bicubic),
+    horizontal flip, CLIP normalisation."""
     import torchvision.transforms as T  # torchvision comes with the clip package
 
-    return T.Compose([T.RandomResizedCrop(n_px, scale=(min_scale, 1.0), interpolation=T.InterpolationMode.BICUBIC),
-                      T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
+    crop = T.RandomResizedCrop(n_px, (min_scale, 1.0), interpolation=T.InterpolationMode.BICUBIC)
+    return T.Compose(
+        [crop, T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)]
+    )
 
 
 def test_transform(n_px):
     """CLIP's own preprocess: shorter side to n_px (bicubic), centre crop, CLIP normalisation."""
     import torchvision.transforms as T
 
-    return T.Compose([T.Resize(n_px, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(n_px),
-                      T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
+    resize = T.Resize(n_px, interpolation=T.InterpolationMode.BICUBIC)
+    return T.Compose([resize, T.CenterCrop(n_px), T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
 
 
-def make_loader(items, transform, batch_size, workers, shuffle=False, drop_last=False, generator=None):
-    # A training set (shuffle) is read every epoch: without worker processes (which would each hold and then
-    # drop a copy), its decoded images stay in memory, up to 1 GiB. Same batches, less decoding.
-    dataset = ImageDataset(items, transform, cache_bytes=2**30 if shuffle and workers == 0 else 0)
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
-                                       drop_last=drop_last, generator=generator, persistent_workers=False,
-                                       pin_memory=torch.cuda.is_available())
+def make_loader(
+    items, transform, batch_size, workers, shuffle=False, drop_last=False, generator=None
+):
+    # A training set (shuffle) is read every epoch: without worker processes (which would each hold
+    # a copy), its decoded images stay in memory, up to 1 GiB. Same batches, less decoding.
+    cache = 2**30 if shuffle and workers == 0 else 0
+    return torch.utils.data.DataLoader(
+        ImageDataset(items, transform, cache),
+        batch_size,
+        shuffle,
+        num_workers=workers,
+        drop_last=drop_last,
+        generator=generator,
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
 # --- end shared: data ---
 
 
 # --- shared: clip (canonical copy in coop.py; re-sync with tools/sync_shared.py) ---
 def load_clip(backbone, device, precision):
-    """CLIP by name or checkpoint path, frozen and in eval mode; fp32 weights unless precision is fp16.
+    """CLIP by name or checkpoint path, frozen, in eval mode; fp32 weights unless precision fp16.
 
-    openai-clip 1.0.1 reads a plain state-dict file wrongly (after its TorchScript attempt it does not
-    rewind the file), so such files are read here with torch.load and built with clip's build_model.
+    openai-clip 1.0.1 reads a plain state-dict file wrongly (after its TorchScript attempt it does
+    not rewind the file), so such files are read here with torch.load and clip's build_model.
     """
     if backbone not in clip.available_models() and not os.path.isfile(backbone):
-        fail(f"unknown backbone {backbone!r}: use one of {', '.join(clip.available_models())}, "
-             "or the path of a CLIP checkpoint file")
+        names = ", ".join(clip.available_models())
+        fail(f"unknown backbone {backbone!r}: use one of {names}, or a CLIP checkpoint's path")
     try:
-        with warnings.catch_warnings():  # torch deprecates torch.jit.load, which clip.load tries first
+        with warnings.catch_warnings():  # torch deprecates torch.jit.load, tried by clip.load
             warnings.simplefilter("ignore")
             model, _ = clip.load(backbone, device="cpu", jit=False)
     except Exception as e:
         if not os.path.isfile(backbone):
-            fail(f"could not load {backbone} ({e}); without internet, put OpenAI's file in ~/.cache/clip "
-                 "or pass its path with --backbone")
+            fail(
+                f"could not load {backbone} ({e}); without internet, put OpenAI's file in "
+                "~/.cache/clip or pass its path with --backbone"
+            )
         try:
             state_dict = torch.load(backbone, map_location="cpu", weights_only=True)
             model = clip.model.build_model(dict(state_dict))
         except Exception as e2:
             fail(f"{backbone}: not a CLIP checkpoint (TorchScript archive or state dict): {e2}")
-        model.float().load_state_dict(state_dict)  # build_model rounds to fp16: put the file's values back
+        model.float().load_state_dict(state_dict)  # build_model rounds to fp16: undo that
     model = model.float()
-    if precision == "fp16":
-        clip.model.convert_weights(model)  # CLIP's own fp16 layout (LayerNorm and embeddings stay fp32)
+    if precision == "fp16":  # CLIP's own fp16 layout (LayerNorm and embeddings stay fp32)
+        clip.model.convert_weights(model)
     return model.requires_grad_(False).eval().to(device)
 
 
@@ -354,58 +618,16 @@ def autocast(device, precision):
     """Mixed precision for --precision amp (fp16 on CUDA, bf16 on the CPU); a no-op otherwise."""
     if precision != "amp":
         return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16)
-# --- end shared: clip ---
-
-
-# --- shared: text encoder (canonical copy in coop.py; re-sync with tools/sync_shared.py) ---
-class TextEncoder(nn.Module):
-    """CLIP's text transformer on prompt embeddings, cut at the last end-of-text (EOT) position.
-
-    The transformer is causal, so the EOT feature depends only on the positions up to it: running
-    it on prompts cut after the longest EOT gives exactly the 77-position result, much faster.
-    """
-
-    def __init__(self, clip_model):
-        super().__init__()
-        self.transformer, self.ln_final = clip_model.transformer, clip_model.ln_final
-        self.positional_embedding, self.text_projection = clip_model.positional_embedding, clip_model.text_projection
-        self.dtype = clip_model.dtype
-
-    def forward(self, prompts, tokenized):
-        # prompts: (N, L, d) token embeddings; tokenized: (N, L) ids, only used to find EOT (the largest id)
-        eot = tokenized.argmax(dim=-1)  # (N,)
-        n = int(eot.max()) + 1
-        x = prompts[:, :n].type(self.dtype) + self.positional_embedding[:n].type(self.dtype)  # (N, n, d)
-        mask = torch.full((n, n), float("-inf"), device=x.device, dtype=x.dtype).triu_(1)  # causal
-        x = x.permute(1, 0, 2)  # NLD -> LND
-        for block in self.transformer.resblocks:  # = block(x) with the mask cut to n positions
-            h = block.ln_1(x)
-            x = x + block.attn(h, h, h, need_weights=False, attn_mask=mask)[0]
-            x = x + block.mlp(block.ln_2(x))
-        x = x.permute(1, 0, 2)[torch.arange(x.shape[1]), eot]  # LND -> NLD, then the EOT row: (N, d)
-        return self.ln_final(x).type(self.dtype) @ self.text_projection  # (N, D)
+    return torch.autocast(
+        device_type=device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16
+    )
 
 
 def tokenize(clip_model, texts):
     return clip.tokenize(texts, context_length=clip_model.context_length)
 
 
-@torch.no_grad()
-def text_features(clip_model, texts, batch_size=1000):
-    """L2-normalised CLIP text features of plain texts, (N, D) in fp32."""
-    encoder, device, out = TextEncoder(clip_model), clip_model.positional_embedding.device, []
-    for i in range(0, len(texts), batch_size):
-        tokens = tokenize(clip_model, texts[i : i + batch_size]).to(device)
-        out.append(F.normalize(encoder(clip_model.token_embedding(tokens), tokens).float(), dim=-1))
-    return torch.cat(out)
-
-
-def zeroshot_classifier(clip_model, classnames, templates):
-    """[CLIP] one weight per class: the normalised mean of its normalised template features, (n_cls, D)."""
-    per_template = [text_features(clip_model, [t.format(c) for c in classnames]) for t in templates]
-    return F.normalize(torch.stack(per_template).mean(dim=0), dim=-1)
-# --- end shared: text encoder ---
+# --- end shared: clip ---
 
 
 # --- shared: evaluation (canonical copy in coop.py; re-sync with tools/sync_shared.py) ---
@@ -427,31 +649,42 @@ def accuracy(logits, labels):
 
 def harmonic_mean(base, new):
     return 2 * base * new / (base + new)
+
+
+@torch.no_grad()
+def text_features(clip_model, texts, batch_size=1000):
+    """L2-normalised CLIP text features of plain texts, (N, D) in fp32."""
+    encoder, device, out = TextEncoder(clip_model), clip_model.positional_embedding.device, []
+    for i in range(0, len(texts), batch_size):
+        tokens = tokenize(clip_model, texts[i : i + batch_size]).to(device)
+        out.append(F.normalize(encoder(clip_model.token_embedding(tokens), tokens).float(), dim=-1))
+    return torch.cat(out)
+
+
+def zeroshot_classifier(clip_model, classnames, templates):
+    """[CLIP] one weight per class: the normalised mean of its normalised template features."""
+    per_template = [text_features(clip_model, [t.format(c) for c in classnames]) for t in templates]
+    return F.normalize(torch.stack(per_template).mean(dim=0), dim=-1)  # (n_cls, D)
+
+
 # --- end shared: evaluation ---
 
 
 # --- shared: run folder (canonical copy in coop.py; re-sync with tools/sync_shared.py) ---
-def _write_atomic(path, write):
-    """Write to a temporary file in the same folder, then rename: a crash never leaves half a file."""
+def save(path, obj):
+    """Write atomically (a temporary file in the same folder, then a rename), so that a crash never
+    leaves half a file: text for a str, JSON for a .json path, torch.save otherwise."""
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
-        write(tmp)
+        if isinstance(obj, str) or path.endswith(".json"):
+            with open(tmp, "w") as f:
+                f.write(obj) if isinstance(obj, str) else json.dump(obj, f, indent=2)
+        else:
+            torch.save(obj, tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-
-
-def save_json(path, obj):
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
-
-    _write_atomic(path, write)
-
-
-def save_checkpoint(path, obj):
-    _write_atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
 def load_checkpoint(path):
@@ -463,112 +696,151 @@ def load_checkpoint(path):
         fail(f"{path}: not a checkpoint written by this project ({e})")
 
 
-def append_log(run_dir, record):
-    with open(os.path.join(run_dir, "log.jsonl"), "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def versions():
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        clip_version = "openai-clip " + version("openai-clip")
-    except PackageNotFoundError:  # clip installed from a git checkout
-        clip_version = "clip (not from PyPI)"
-    return {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-            "clip": clip_version}
-
-
-def device_name(device):
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
-
-
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
 
 
-def finish_run(run_dir, metrics):
-    """Write metrics.json and print its one-line summary (the last line of every run)."""
-    save_json(os.path.join(run_dir, "metrics.json"), metrics)
-    accs = " ".join(f"{k}={v:.2f}" for k, v in metrics["accuracy"].items())
-    zs = " ".join(f"{k}={v:.2f}" for k, v in metrics["zero_shot"].items())
-    hm = f" H={metrics['harmonic_mean']:.2f}" if "harmonic_mean" in metrics else ""
-    print(f"{metrics['method']} {metrics['dataset']} shots={metrics['shots']} seed={metrics['seed']}: "
-          f"accuracy {accs}{hm} | zero-shot {zs} | {os.path.join(run_dir, 'metrics.json')}")
+def peak_mib(device, reset=False):
+    """CUDA's peak memory since the last reset, in MiB (None on the CPU)."""
+    if device.type != "cuda":
+        return None
+    peak = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    if reset:
+        torch.cuda.reset_peak_memory_stats(device)
+    return peak
+
+
+def run_info(device):
+    """Where and with what a run ran, for metrics.json."""
+    from importlib import metadata
+
+    try:
+        clip_version = "openai-clip " + metadata.version("openai-clip")
+    except metadata.PackageNotFoundError:  # clip installed from a git checkout
+        clip_version = "clip (not from PyPI)"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return {
+        "device": f"{name} ({os.cpu_count()} cores)",
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "clip": clip_version,
+        },
+    }
+
+
+def add_run_args(add, learned=True):
+    """The options every method file shares: seed, precision, device, run folder, checkpoints."""
+    add("--seed", type=int, default=1, help="the papers report seeds 1, 2, 3")
+    add("--precision", choices=["fp32", "amp", "fp16"], help="default: amp on CUDA, else fp32")
+    add("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add("--workers", type=int, default=4, help="data-loading processes")
+    add("--out", help="run folder (default runs/<method>/<dataset>/...)")
+    if learned:
+        add("--load", help="checkpoint.pt of learned parameters to start from")
+        add("--eval-only", action="store_true", help="evaluate --load without training")
+        add("--resume", action="store_true", help="continue the run in --out after its last epoch")
+
+
+def log_epoch(run_dir, device, epoch, epochs, seconds, n_images, **values):
+    """One line of log.jsonl per epoch, and on the screen: the mean of each per-step value, the
+    speed (images per second) and, on CUDA, the peak memory of the epoch."""
+    record = {"epoch": epoch, **{k: float(np.mean(v)) for k, v in values.items()}}
+    record.update(seconds=round(seconds, 3), images_per_s=round(n_images / seconds, 1))
+    record["peak_mib"] = peak_mib(device)
+    with open(os.path.join(run_dir, "log.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
+    shown = "  ".join(f"{k} {record[k]:.4g}" for k in values)
+    print(f"epoch {epoch}/{epochs}  {shown}  {seconds:.1f}s  {record['images_per_s']} img/s")
+
+
+def finish_run(run_dir, args, method, dataset, zero_shot, accuracy, **extra):
+    """Write metrics.json (the zero-shot baseline and the method's accuracy on every test set,
+    base/new/H, how and where it ran) and print its one-line summary, the run's last line."""
+    device, hm = torch.device(args.device), ""
+    metrics = dict(method=method, backbone=args.backbone, dataset=dataset, seed=args.seed)
+    metrics.update(shots=getattr(args, "shots", 0), zero_shot=zero_shot, accuracy=accuracy)
+    if "new" in accuracy:
+        metrics["harmonic_mean"] = harmonic_mean(accuracy["test"], accuracy["new"])
+        hm = f" H={metrics['harmonic_mean']:.2f}"
+    metrics.update(extra, peak_mib=peak_mib(device), **run_info(device))
+    save(os.path.join(run_dir, "metrics.json"), metrics)
+    acc = " ".join(f"{k}={v:.2f}" for k, v in accuracy.items())
+    zs = " ".join(f"{k}={v:.2f}" for k, v in zero_shot.items())
+    speed = f" | {extra['images_per_s']:.1f} img/s" if extra.get("images_per_s") else ""
+    peak = f", peak {metrics['peak_mib']:.0f} MiB" if metrics["peak_mib"] else ""
+    print(
+        f"{method} {dataset} shots={metrics['shots']} seed={args.seed}: accuracy {acc}{hm} | "
+        f"zero-shot {zs}{speed}{peak} | {run_dir}/metrics.json"
+    )
+    return metrics
+
+
 # --- end shared: run folder ---
 
 
-# ------------------------------------------------------------------------------------------------
-# The method: templates -> one weight vector per class
-# ------------------------------------------------------------------------------------------------
-def resolve_template(template):
-    """A dataset name gives that dataset's hand-crafted template; otherwise it must contain {}."""
-    template = CUSTOM_TEMPLATES.get(template, template)
-    if "{}" not in template:
-        fail(f"--template {template!r} has no {{}} for the class name and is not one of {', '.join(CUSTOM_TEMPLATES)}")
-    return template
+# --- shared: checkpoint (canonical copy in coop.py; re-sync with tools/sync_shared.py) ---
+def learned_state(model):
+    """The parameters a method learns (requires_grad): all that a checkpoint holds of the model."""
+    return {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
 
 
-def ensemble_templates(ensemble, template, add_template):
-    """The templates whose features are averaged: one, the 7 selected, or all 80 (+ --template)."""
-    templates = {"none": [template], "select": list(TEMPLATES_SELECT), "all": list(TEMPLATES_80)}[ensemble]
-    if add_template and template not in templates:
-        templates.append(template)
-    return templates
+def load_learned(model, checkpoint, path, config):
+    """Copy the learned parameters of `checkpoint` into `model`, after checking that it was written
+    by the same method and that every tensor has the shape this run learns."""
+    theirs, mine = checkpoint["state"], learned_state(model)
+    fits = set(theirs) == set(mine) and all(theirs[k].shape == mine[k].shape for k in mine)
+    if checkpoint.get("config", {}).get("method") != config["method"] or not fits:
+        shapes = lambda state: {k: tuple(v.shape) for k, v in state.items()}
+        fail(
+            f"{path} does not fit this run: it was written with {checkpoint.get('config')} and "
+            f"holds {shapes(theirs)}; this run ({config}) learns {shapes(mine)}; use the options "
+            "it was written with"
+        )
+    model.load_state_dict(theirs, strict=False)
 
 
-# ------------------------------------------------------------------------------------------------
-# main: data, CLIP, classifier, evaluation, results
-# ------------------------------------------------------------------------------------------------
-def main(args):
-    device = torch.device(args.device)
-    precision = args.precision or ("amp" if device.type == "cuda" else "fp32")
-    template = resolve_template(args.template)
-    templates = ensemble_templates(args.ensemble, template, args.add_template)
-    dataset = os.path.basename(os.path.normpath(args.data))
-    if args.split_file:
-        dataset = os.path.splitext(os.path.basename(args.split_file))[0].replace("split_zhou_", "")
-    run_dir = args.out or os.path.join("runs", "zeroshot", dataset, args.ensemble)
-    seed_everything(args.seed)
+def save_progress(run_dir, config, model, optimizer, epoch, train_seconds, generator):
+    """checkpoint.pt after each epoch: what --resume needs to continue exactly where it stopped."""
+    save(
+        os.path.join(run_dir, "checkpoint.pt"),
+        {
+            "config": config,
+            "state": learned_state(model),
+            "optimizer": optimizer.state_dict(),
+            "epoch": epoch,
+            "train_seconds": train_seconds,
+            "rng": {"torch": torch.get_rng_state(), "loader": generator.get_state()},
+        },
+    )
 
-    # 1. Data, checked before anything slow
-    data = load_dataset(args.data, args.split_file, args.classnames)
-    part = subsample_classes(data, args.subsample)
-    test_sets = {"test": (part["test"], part["classnames"])}
-    if args.subsample == "base":
-        new = subsample_classes(data, "new")
-        test_sets["new"] = (new["test"], new["classnames"])
-    for root in args.eval_data:
-        name, items, classnames = load_eval_set(root)
-        test_sets[name if name not in test_sets else root] = (items, classnames)
-    for items, _ in test_sets.values():
-        check_images(items, full=False)
 
-    # 2. Frozen CLIP; 3. one classifier per test set (its class names), images encoded once
-    clip_model = load_clip(args.backbone, device, precision)
-    scale = clip_model.logit_scale.exp()
-    os.makedirs(run_dir, exist_ok=True)
-    save_json(os.path.join(run_dir, "args.json"), vars(args))
-    print(f"zero-shot CLIP: {len(templates)} template(s), e.g. {templates[0]!r}; nothing is learned")
-    single, ensembled = {}, {}
-    for name, (items, classnames) in test_sets.items():
-        loader = make_loader(items, test_transform(clip_model.visual.input_resolution), args.batch_size, args.workers)
-        features, labels = encode_images(clip_model.encode_image, loader, device, precision)  # (N, D), (N,)
-        single[name] = accuracy(scale * features @ zeroshot_classifier(clip_model, classnames, [template]).t(), labels)
-        weights = zeroshot_classifier(clip_model, classnames, templates)  # (n_cls, D)
-        ensembled[name] = accuracy(scale * features @ weights.t(), labels)
-        print(f"{name}: {len(items)} images, {len(classnames)} classes, accuracy {ensembled[name]:.2f}")
-    metrics = {"method": "zeroshot" if args.ensemble == "none" else f"zeroshot-ensemble-{args.ensemble}",
-               "backbone": args.backbone, "dataset": dataset, "shots": 0, "seed": args.seed,
-               "zero_shot": single, "accuracy": ensembled}
-    if "new" in ensembled:
-        metrics["harmonic_mean"] = harmonic_mean(ensembled["test"], ensembled["new"])
-    metrics.update({"epochs": 0, "train_seconds": 0.0, "device": device_name(device), "precision": precision,
-                    "templates": templates, "versions": versions()})
-    finish_run(run_dir, metrics)
-    return metrics
+def resume(run_dir, model, optimizer, generator, config):
+    """Restore the last finished epoch -> (epochs done, training seconds so far). log.jsonl keeps
+    exactly one line per epoch the checkpoint holds: a run killed between appending an epoch's
+    line and saving its checkpoint would otherwise log that epoch twice."""
+    path, log = os.path.join(run_dir, "checkpoint.pt"), os.path.join(run_dir, "log.jsonl")
+    ckpt = load_checkpoint(path)
+    load_learned(model, ckpt, path, config)
+    optimizer.load_state_dict(ckpt["optimizer"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    generator.set_state(ckpt["rng"]["loader"])
+    lines = {}
+    for line in open(log).read().splitlines() if os.path.isfile(log) else []:
+        try:
+            record = json.loads(line)
+        except ValueError:  # a line cut short by the kill
+            continue
+        if record["epoch"] <= ckpt["epoch"]:
+            lines[record["epoch"]] = line
+    save(log, "".join(lines[e] + "\n" for e in sorted(lines)))
+    print(f"resuming {run_dir} after epoch {ckpt['epoch']}")
+    return ckpt["epoch"], ckpt["train_seconds"]
+
+
+# --- end shared: checkpoint ---
 
 
 if __name__ == "__main__":

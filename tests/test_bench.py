@@ -17,11 +17,13 @@ def test_bench_runs_every_method_on_the_cpu(tiny_ckpt, tmp_path):
                                 "--warmup", "1", "--device", "cpu", "--out", str(out)]))
     result = json.loads(out.read_text())
     rows = result["rows"]
-    assert {r["method"] for r in rows if r["variant"] == "as written"} == {"coop", "cocoop", "prograd"}
+    written = bench.TEXT_VARIANTS["shared"]
+    assert {r["method"] for r in rows if r["variant"] == written} == {"coop-text", "coop", "cocoop", "prograd"}
     assert all(r["median_ms"] > 0 and math.isfinite(r["gflop"]) and r["gflop"] > 0 for r in rows)
     plain = [r for r in rows if r["exact"] is not None]
-    assert {r["variant"] for r in plain} == {"text encoder over all 77 positions", "teacher with its own image forward",
-                                             "re-encoded for each classifier"}
+    assert {r["variant"] for r in plain} == {bench.TEXT_VARIANTS["cut"], bench.TEXT_VARIANTS["full"],
+                                             "teacher with its own image forward", "re-encoded for each classifier"}
+    assert all(r["peak_mib"] is not None for r in rows)  # the CPU's resident-memory peak
     assert all(r["exact"] for r in plain)  # every speed-up keeps the results
     assert result["note"].startswith("CPU run")
 
@@ -39,9 +41,10 @@ def test_the_exactness_check_reports_a_wrong_formulation():
     images, labels = torch.randn(2, 3, 32, 32), torch.tensor([0, 2])
     fast = bench.logits_and_grads("coop", model, *bench.make_method("coop", model, names, CPU, "fp32")[:2],
                                   images, labels, "fp32")
-    right = bench.make_method("coop", model, names, CPU, "fp32", full_text=True)
-    assert bench.max_difference(fast, bench.logits_and_grads("coop", model, *right[:2], images, labels, "fp32"))[1]
-    wrong = bench.make_method("coop", model, names, CPU, "fp32", full_text=True)
+    for text in ("cut", "full"):
+        right = bench.make_method("coop", model, names, CPU, "fp32", text)
+        assert bench.max_difference(fast, bench.logits_and_grads("coop", model, *right[:2], images, labels, "fp32"))[1]
+    wrong = bench.make_method("coop", model, names, CPU, "fp32", "full")
     wrong[0].text_encoder = EncoderOffByOne(model)
     diff, exact = bench.max_difference(fast, bench.logits_and_grads("coop", model, *wrong[:2], images, labels, "fp32"))
     assert not exact and diff > 0
@@ -51,4 +54,4 @@ def test_bench_times_only_the_plain_rows_asked_for(tiny_ckpt):
     result = bench.run(bench.parse_args(["--arch", tiny_ckpt, "--methods", "prograd", "--plain", "teacher",
                                          "--classes", "3", "--batch-size", "2", "--steps", "1", "--warmup", "1",
                                          "--device", "cpu"]))
-    assert [r["variant"] for r in result["rows"]] == ["as written", "teacher with its own image forward"]
+    assert [r["variant"] for r in result["rows"]] == [bench.TEXT_VARIANTS["shared"], "teacher with its own image forward"]

@@ -37,7 +37,10 @@ def test_word_init_gives_exactly_the_zero_shot_logits():
         zero_shot = model.logit_scale.exp() * image_features @ coop.text_features(model, texts).t()
         ensemble_of_one = coop.zeroshot_classifier(model, NAMES, ["a photo of a {}."])
         clip_own = F.normalize(model.encode_text(coop.tokenize(model, [f"a photo of a {c}." for c in NAMES])), dim=-1)
-    assert torch.equal(logits, zero_shot)
+    torch.testing.assert_close(logits, zero_shot, atol=1e-5, rtol=1e-5)  # the shared-prefix encoder
+    cc.shared_prefix = False  # the cut encoder is the very same computation as text_features
+    with torch.no_grad():
+        assert torch.equal(cc(image_features), zero_shot)
     torch.testing.assert_close(logits, model.logit_scale.exp() * image_features @ ensemble_of_one.t())
     torch.testing.assert_close(logits, model.logit_scale.exp() * image_features @ clip_own.t(), atol=1e-4, rtol=1e-5)
 
@@ -67,6 +70,29 @@ def test_cocoop_adds_the_same_shift_to_every_context_vector():
         for c in range(3):
             torch.testing.assert_close(prompts[b, c, 1:5], pl.ctx + bias[b])
             assert torch.equal(prompts[b, c, 5:], pl.token_suffix[c])
+
+
+def test_class_specific_context_from_words_gives_every_class_its_own_copy():
+    model = tiny_clip(seed=4)
+    cc = coop.CustomCLIP(model, NAMES, ctx_init="a photo of a", csc=True)
+    ctx = cc.prompt_learner.ctx
+    assert ctx.shape == (3, 4, 64) and all(torch.equal(ctx[c], ctx[0]) for c in range(3))
+    f = F.normalize(torch.randn(5, 32), dim=-1)
+    texts = [f"a photo of a {c}." for c in NAMES]
+    with torch.no_grad():  # it starts at the zero-shot prompt, and each class learns its own
+        expected = model.logit_scale.exp() * f @ coop.text_features(model, texts).t()
+        assert torch.equal(cc(f), expected)
+
+
+def test_model_code_raises_value_error_and_the_command_line_a_clear_exit(tiny_ckpt, tiny_data, tmp_path):
+    model = tiny_clip(seed=4)
+    pl = coop.PromptLearner(model, NAMES, n_ctx=2, csc=True)
+    with pytest.raises(ValueError, match="learned for 3 classes"):
+        pl.set_classnames(model, ["a", "b"])
+    with pytest.raises(ValueError, match="longer than the model's context length"):
+        coop.PromptLearner(model, ["word " * 80])
+    with pytest.raises(SystemExit, match="longer than the model's context length"):
+        run(["--backbone", tiny_ckpt, "--data", tiny_data, "--n-ctx", "75", "--out", str(tmp_path)])
 
 
 def test_cocoop_logits_are_per_image_text_features():
@@ -143,11 +169,16 @@ def test_command_line_base_to_new_with_eval_data(tiny_ckpt, tiny_data, shifted_d
     assert set(ckpt["state"]) == {"prompt_learner.ctx"}  # the learned context only, no class names
 
 
-def test_cocoop_command_line_defaults(tiny_ckpt, tiny_data, tmp_path):
+def test_cocoop_command_line_is_the_published_setting(tiny_ckpt, tiny_data, tmp_path, monkeypatch, capsys):
+    batches = []
+    step = coop.train_step
+    monkeypatch.setattr(coop, "train_step", lambda *a: batches.append(len(a[5])) or step(*a))
     metrics = run(["--cocoop", "--backbone", tiny_ckpt, "--data", tiny_data, "--shots", "1", "--out", str(tmp_path)])
     assert metrics["method"] == "cocoop" and metrics["epochs"] == 10  # CoCoOp: 10 epochs, batch 1
+    assert set(batches) == {1} and len(batches) == 10 * 4
+    assert "cocoop: 4 context vectors ('a photo of a')" in capsys.readouterr().out
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
-    assert len(log) == 10
+    assert len(log) == 10 and all(r["images_per_s"] > 0 for r in log) and log[0]["peak_mib"] is None
 
 
 def test_eval_only_with_other_class_names(tiny_ckpt, tiny_data, tmp_path):
@@ -164,24 +195,47 @@ def test_resume_continues_exactly(tiny_ckpt, tiny_data, tmp_path, monkeypatch):
     args = ["--backbone", tiny_ckpt, "--data", tiny_data, "--shots", "4", "--epochs", "4", "--batch-size", "4",
             "--lr", "0.5"]
     run(args + ["--out", str(tmp_path / "full")])
-    save = coop.save_checkpoint
+    save = coop.save_progress
     calls = []
 
-    def interrupted(path, obj):
-        save(path, obj)
+    def interrupted(*a):
         calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt  # the machine goes down after epoch 2
+        if len(calls) == 3:  # epoch 3 is in the log, but the machine goes down before its checkpoint
+            raise KeyboardInterrupt
+        save(*a)
 
-    monkeypatch.setattr(coop, "save_checkpoint", interrupted)
+    monkeypatch.setattr(coop, "save_progress", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run(args + ["--out", str(tmp_path / "cut")])
-    monkeypatch.setattr(coop, "save_checkpoint", save)
+    assert [json.loads(x)["epoch"] for x in (tmp_path / "cut" / "log.jsonl").read_text().splitlines()] == [1, 2, 3]
+    monkeypatch.setattr(coop, "save_progress", save)
     run(args + ["--out", str(tmp_path / "cut"), "--resume"])
     full = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)
     cut = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
     assert cut["epoch"] == 4 and torch.equal(full["state"]["prompt_learner.ctx"], cut["state"]["prompt_learner.ctx"])
-    assert len((tmp_path / "cut" / "log.jsonl").read_text().splitlines()) == 4
+    log = [json.loads(x) for x in (tmp_path / "cut" / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2, 3, 4]  # epoch 3 once, not twice
+
+
+def test_resume_after_sigkill_at_a_random_moment_logs_each_epoch_once(tiny_ckpt, tiny_data, tmp_path):
+    import random
+    import signal
+    import time
+
+    args = [sys.executable, "coop.py", "--backbone", tiny_ckpt, "--data", tiny_data, "--shots", "2", "--epochs",
+            "20", "--batch-size", "2", "--workers", "0", "--out", str(tmp_path)]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    for line in proc.stdout:  # wait for the first epoch, then kill at a random moment of the next ones
+        if line.startswith("epoch 1/20"):
+            break
+    time.sleep(random.uniform(0.0, 0.5))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["epoch"]
+    assert 1 <= done < 20, "the run ended before the kill; the test needs a longer run"
+    subprocess.run(args + ["--resume"], cwd=ROOT, check=True, capture_output=True)
+    log = [json.loads(x)["epoch"] for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert log == list(range(1, 21))
 
 
 @pytest.mark.parametrize("drop_last, steps", [(False, 2), (True, 1)])
@@ -198,7 +252,7 @@ def test_checkpoint_from_another_configuration(tiny_ckpt, tiny_data, tmp_path):
     run(["--backbone", tiny_ckpt, "--data", tiny_data, "--shots", "1", "--epochs", "1", "--n-ctx", "4",
          "--out", str(tmp_path / "a")])
     ckpt = str(tmp_path / "a" / "checkpoint.pt")
-    with pytest.raises(SystemExit, match="does not fit this run.*--n-ctx"):  # another context length
+    with pytest.raises(SystemExit, match="does not fit this run.*'n_ctx': 4"):  # another context length
         run(["--backbone", tiny_ckpt, "--data", tiny_data, "--eval-only", "--load", ckpt, "--out", str(tmp_path / "b")])
     wide = tmp_path / "wide.pt"
     state = clip_with_text_width(128)
@@ -218,7 +272,7 @@ def clip_with_text_width(width):
 def test_bad_options_are_refused(tiny_ckpt, tiny_data, tmp_path):
     with pytest.raises(SystemExit, match="--eval-only needs --load"):
         run(["--backbone", tiny_ckpt, "--data", tiny_data, "--eval-only", "--out", str(tmp_path)])
-    with pytest.raises(SystemExit, match="--csc cannot be tested on new classes"):
+    with pytest.raises(SystemExit, match="--csc learns one context per training class"):
         run(["--backbone", tiny_ckpt, "--data", tiny_data, "--csc", "--subsample", "base", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="--resume.*not found"):
         run(["--backbone", tiny_ckpt, "--data", tiny_data, "--resume", "--out", str(tmp_path / "none")])
@@ -235,7 +289,8 @@ def test_class_specific_context_has_one_context_per_class(tiny_ckpt, tiny_data, 
 
 def test_help_reads_like_the_paper():
     out = subprocess.run([sys.executable, "coop.py", "--help"], cwd=ROOT, capture_output=True, text=True).stdout
-    for fact in ("0.002", "0.9", "0.0005", "1e-05", "50/100/200", "(CoCoOp: 1)", "(CoCoOp: 10)", "a photo of a"):
+    for fact in ("0.002", "0.9", "0.0005", "1e-05", "50/100/200", "(CoCoOp: 1)", "(CoCoOp: 10)", "a photo of a",
+                 "ViT-B/16"):
         assert fact in out, fact
 
 

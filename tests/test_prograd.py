@@ -143,3 +143,19 @@ def test_command_line_base_to_new(tiny_ckpt, tiny_data, shifted_data, tmp_path):
 def test_bad_template_is_refused():
     with pytest.raises(SystemExit, match="must end with"):
         prograd.resolve_template("{} texture.")
+    with pytest.raises(SystemExit, match="must end with"):  # the init words would be cut wrongly
+        prograd.resolve_template("photo:{}.")
+    assert prograd.resolve_template("a photo of {}.") == "a photo of {}."
+
+
+def test_mixed_precision_logits_fp32_losses_and_gradients():
+    model = tiny_clip(seed=10)
+    student = prograd.CustomCLIP(model, NAMES, 16, "a photo of a")
+    teacher = zeroshot.zeroshot_classifier(model, NAMES, ["a photo of a {}."])
+    f, labels = F.normalize(torch.randn(4, 32), dim=-1), torch.tensor([0, 1, 2, 0])
+    params = [student.prompt_learner.ctx]
+    exact = prograd.two_gradients(student, f, teacher, labels, 1.0, params)
+    amp = prograd.two_gradients(student, f, teacher, labels, 1.0, params, precision="amp")
+    assert amp[3].dtype == torch.float32 and amp[0][0].dtype == amp[1][0].dtype == torch.float32
+    for a, b in ((amp[0][0], exact[0][0]), (amp[1][0], exact[1][0])):  # bf16 logits on the CPU
+        assert torch.isfinite(a).all() and F.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.99

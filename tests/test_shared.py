@@ -64,6 +64,77 @@ def test_cut_text_encoder_equals_the_full_77_positions(vit):
     torch.testing.assert_close(cut, full, atol=1e-5, rtol=1e-5)
 
 
+def prompts_for(model, names, n_ctx=4):
+    """Embeddings of 'X X X X <name>.' with a random context in place of the X's, and its pieces."""
+    tokens = coop.tokenize(model, [" ".join(["X"] * n_ctx) + f" {c}." for c in names])
+    with torch.no_grad():
+        embedding = model.token_embedding(tokens)
+    ctx = torch.randn(n_ctx, embedding.shape[-1], requires_grad=True)
+    return tokens, embedding, ctx
+
+
+@pytest.mark.parametrize("vit", [False, True])
+def test_shared_prefix_encoder_equals_the_cut_and_the_77_position_encoders(vit):
+    model = tiny_clip(vit=vit, seed=1)
+    names = ["red", "green circle", "a very long class name of many words", "x"]  # 1 to 8 tokens
+    tokens, embedding, ctx = prompts_for(model, names)
+    encoder = coop.TextEncoder(model)
+    full = torch.cat([embedding[:, :1], ctx.expand(len(names), -1, -1), embedding[:, 5:]], dim=1)
+    cut = encoder(full, tokens)  # (C, D)
+    shared = encoder.shared_prefix(torch.cat([embedding[:1, :1], ctx[None]], dim=1), embedding[:, 5:], tokens)
+    assert shared.shape == (1, len(names), cut.shape[-1])
+    torch.testing.assert_close(shared[0], cut, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # and CLIP's own encoder over all 77 positions, for the plain texts
+        plain = model.encode_text(tokens)
+        mine = encoder.shared_prefix(embedding[:1, :5], embedding[:, 5:], tokens)[0]
+    torch.testing.assert_close(mine, plain, atol=1e-5, rtol=1e-5)
+    weights = torch.randn_like(cut)  # the context's gradient, through a loss on every feature
+    g_cut = torch.autograd.grad((cut * weights).sum(), ctx)[0]
+    g_shared = torch.autograd.grad((shared[0] * weights).sum(), ctx)[0]
+    torch.testing.assert_close(g_shared, g_cut, atol=1e-5, rtol=1e-4)
+
+
+def test_shared_prefix_encoder_with_one_prefix_per_image_and_under_autocast():
+    model = tiny_clip(seed=2)
+    names = ["red", "green circle", "blue square thing"]
+    tokens, embedding, ctx = prompts_for(model, names)
+    encoder, pi = coop.TextEncoder(model), torch.randn(3, 64)  # CoCoOp: every image shifts the context
+    prefix = torch.cat([embedding[:1, :1].expand(3, -1, -1), ctx + pi[:, None]], dim=1)  # (B, 5, d)
+    shared = encoder.shared_prefix(prefix, embedding[:, 5:], tokens)  # (B, C, D)
+    for b in range(3):
+        full = torch.cat([embedding[:, :1], (ctx + pi[b]).expand(3, -1, -1), embedding[:, 5:]], dim=1)
+        torch.testing.assert_close(shared[b], encoder(full, tokens), atol=1e-5, rtol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # --precision amp on the CPU
+        amp_shared = encoder.shared_prefix(prefix, embedding[:, 5:], tokens)
+        amp_cut = encoder(torch.cat([embedding[:, :1], (ctx + pi[0]).expand(3, -1, -1), embedding[:, 5:]], 1),
+                          tokens)
+    cos = torch.nn.functional.cosine_similarity(amp_shared[0].float(), amp_cut.float(), dim=-1)
+    assert (cos > 0.999).all()  # bf16 rounds differently along the two paths, nothing more
+
+
+def test_shared_prefix_encoder_replaces_deep_prompts_before_the_later_blocks():
+    model = tiny_clip(seed=3)  # 2 text blocks: a deep prompt replaces positions 1..2 before block 1
+    names = ["red", "green circle"]
+    tokens, embedding, ctx = prompts_for(model, names, n_ctx=2)
+    encoder, deep = coop.TextEncoder(model), torch.randn(2, 64)
+    prefix = torch.cat([embedding[:1, :1], ctx[None]], dim=1)
+    out = encoder.shared_prefix(prefix, embedding[:, 3:], tokens, deep=[deep])[0]
+    # by hand: run block 0 on the full prompts, overwrite positions 1..2, run block 1
+    full = torch.cat([embedding[:, :1], ctx.expand(2, -1, -1), embedding[:, 3:]], dim=1)
+    n = int(tokens.argmax(-1).max()) + 1
+    x = (full[:, :n] + model.positional_embedding[:n]).permute(1, 0, 2)
+    mask = torch.full((n, n), float("-inf")).triu_(1)
+    blocks = model.transformer.resblocks
+    for i, block in enumerate(blocks):
+        if i == 1:
+            x = torch.cat([x[:1], deep[:, None].expand(-1, 2, -1), x[3:]])
+        h = block.ln_1(x)
+        x = x + block.attn(h, h, h, need_weights=False, attn_mask=mask)[0]
+        x = x + block.mlp(block.ln_2(x))
+    x = model.ln_final(x.permute(1, 0, 2)[torch.arange(2), tokens.argmax(-1)]) @ model.text_projection
+    torch.testing.assert_close(out, x, atol=1e-5, rtol=1e-5)
+
+
 def test_ensemble_is_the_normalised_mean_of_normalised_features():
     model = tiny_clip(seed=2)
     names = ["red", "blue"]
@@ -144,7 +215,7 @@ def test_bad_data_is_named_before_any_work(tmp_path, case, message):
 def test_grayscale_rgba_palette_are_converted(tiny_data, capsys):
     items = coop.load_dataset(tiny_data)["train"]
     coop.check_images(items)
-    assert "are grayscale, RGBA or palette images; they are converted to RGB" in capsys.readouterr().out
+    assert "are grayscale, RGBA or palette images; they become RGB" in capsys.readouterr().out
     dataset = coop.ImageDataset(items, coop.test_transform(32))
     assert all(dataset[i][0].shape == (3, 32, 32) for i in range(4))  # RGB, L, RGBA, P
 
@@ -178,12 +249,30 @@ def test_cached_training_images_give_the_same_batches(tiny_data):
 
 def test_atomic_writes_leave_no_partial_file(tmp_path):
     path = tmp_path / "m.json"
-    coop.save_json(str(path), {"a": 1})
+    coop.save(str(path), {"a": 1})
     with pytest.raises(TypeError):
-        coop.save_json(str(path), {"a": object()})  # fails half-way through writing
+        coop.save(str(path), {"a": object()})  # fails half-way through writing
     assert json.loads(path.read_text()) == {"a": 1} and os.listdir(tmp_path) == ["m.json"]
-    coop.save_checkpoint(str(tmp_path / "c.pt"), {"state": {"ctx": torch.ones(2)}, "epoch": 3})
+    coop.save(str(tmp_path / "c.pt"), {"state": {"ctx": torch.ones(2)}, "epoch": 3})
     assert coop.load_checkpoint(str(tmp_path / "c.pt"))["epoch"] == 3
+    coop.save(str(tmp_path / "log.jsonl"), "one\ntwo\n")
+    assert (tmp_path / "log.jsonl").read_text() == "one\ntwo\n"
+
+
+# --- the house layout ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["zeroshot.py", "coop.py", "prograd.py", "adapter.py", "vpt.py", "promptsync.py"])
+def test_the_method_comes_first_and_lines_fit_a_slide(name):
+    path = os.path.join(ROOT, name)
+    if not os.path.isfile(path):
+        pytest.skip(f"{name} is not there yet")
+    lines = open(path).read().splitlines()
+    end = lines.index("# --- end shared: text encoder ---")  # the text encoder stands before the method
+    first = next(i for i in range(end, len(lines)) if lines[i].startswith(("class ", "def ", "# [")))
+    assert first + 1 < 150, f"{name}: the method starts at line {first + 1}"
+    appendix = next(i for i, line in enumerate(lines) if line.startswith("# --- shared: appendix"))
+    assert all(not line.startswith(("def main", "def train_step")) for line in lines[appendix:])
+    wide = [i + 1 for i, line in enumerate(lines) if len(line) > 100]
+    assert not wide, f"{name}: lines wider than 100 columns: {wide[:10]}"
 
 
 # --- the shared blocks stay identical --------------------------------------------------------------

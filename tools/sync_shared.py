@@ -18,8 +18,10 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CANONICAL = "coop.py"
 FILES = ["zeroshot.py", "coop.py", "prograd.py", "adapter.py", "vpt.py", "promptsync.py"]
-BLOCK = re.compile(r"^# --- shared: (?P<name>[\w ]+?) \(.*?\) ---\n(?P<body>.*?)^# --- end shared: (?P=name) ---$",
-                   re.M | re.S)
+BLOCK = re.compile(
+    r"^# --- shared: (?P<name>[\w ]+?) \(.*?\) ---\n(?P<body>.*?)^# --- end shared: (?P=name) ---$",
+    re.M | re.S,
+)
 
 
 def blocks(text):
@@ -27,7 +29,9 @@ def blocks(text):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--check", action="store_true", help="report differing copies, exit 1 if any")
     p.add_argument("--write", action="store_true", help="rewrite the copies from coop.py")
     p.add_argument("--only", default=None, help="check or rewrite this one file (e.g. vpt.py)")
@@ -48,10 +52,18 @@ def main(argv=None):
         unknown = set(found) - set(canonical)
         if unknown:
             differ.append(f"{name}: blocks {sorted(unknown)} have no canonical copy in {CANONICAL}")
-        for block, m in sorted(found.items(), key=lambda kv: -kv[1].start()):  # from the end: offsets stay valid
+        for block, m in sorted(
+            found.items(), key=lambda kv: -kv[1].start()
+        ):  # from the end: offsets stay valid
             if block in canonical and m["body"] != canonical[block]:
-                diff = difflib.unified_diff(canonical[block].splitlines(), m["body"].splitlines(),
-                                            f"{CANONICAL} [{block}]", f"{name} [{block}]", lineterm="", n=1)
+                diff = difflib.unified_diff(
+                    canonical[block].splitlines(),
+                    m["body"].splitlines(),
+                    f"{CANONICAL} [{block}]",
+                    f"{name} [{block}]",
+                    lineterm="",
+                    n=1,
+                )
                 differ.append("\n".join(diff))
                 text = text[: m.start("body")] + canonical[block] + text[m.end("body") :]
         if args.write:
@@ -59,9 +71,15 @@ def main(argv=None):
                 f.write(text)
     if differ and not args.write:
         print("\n".join(differ))
-        print(f"{len(differ)} shared block(s) differ from {CANONICAL}; run python tools/sync_shared.py --write")
+        print(
+            f"{len(differ)} shared block(s) differ from {CANONICAL}; run python tools/sync_shared.py --write"
+        )
         return 1
-    print("shared blocks rewritten from coop.py" if args.write and differ else "shared blocks are identical")
+    print(
+        "shared blocks rewritten from coop.py"
+        if args.write and differ
+        else "shared blocks are identical"
+    )
     return 0
 
 
