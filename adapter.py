@@ -5,7 +5,7 @@ Papers
                 arXiv 2110.04544
   Tip-Adapter:  Zhang et al., "Tip-Adapter: Training-free Adaption of CLIP for Few-shot
                 Classification", arXiv 2111.03930 (Tip-Adapter-F is its fine-tuned variant)
-  Linear probe: Radford et al., arXiv 2103.00020, App. A.3, as CoOp runs it (arXiv 2109.01134, lpclip)
+  Linear probe: Radford et al., arXiv 2103.00020, App. A.3, as CoOp runs it (2109.01134, lpclip)
 
 The idea. All four keep CLIP frozen and put something small on top of the image feature, so the
 image encoder's output never changes: it runs once per (image, view) into a feature cache, and an
@@ -141,26 +141,6 @@ class TextEncoder(nn.Module):
         return (self.ln_final(x).type(self.dtype) @ self.text_projection).view(B, C, -1)
 
 
-def tokenize(clip_model, texts):
-    return clip.tokenize(texts, context_length=clip_model.context_length)
-
-
-@torch.no_grad()
-def text_features(clip_model, texts, batch_size=1000):
-    """L2-normalised CLIP text features of plain texts, (N, D) in fp32."""
-    encoder, device, out = TextEncoder(clip_model), clip_model.positional_embedding.device, []
-    for i in range(0, len(texts), batch_size):
-        tokens = tokenize(clip_model, texts[i : i + batch_size]).to(device)
-        out.append(F.normalize(encoder(clip_model.token_embedding(tokens), tokens).float(), dim=-1))
-    return torch.cat(out)
-
-
-def zeroshot_classifier(clip_model, classnames, templates):
-    """[CLIP] one weight per class: the normalised mean of its normalised template features."""
-    per_template = [text_features(clip_model, [t.format(c) for c in classnames]) for t in templates]
-    return F.normalize(torch.stack(per_template).mean(dim=0), dim=-1)  # (n_cls, D)
-
-
 # --- end shared: text encoder ---
 
 
@@ -187,12 +167,13 @@ class ClipAdapter(nn.Module):
 
 
 def blend(features, adapter, alpha):
-    """[CLIP-Adapter] f* = alpha A(f) + (1 - alpha) f, on the raw feature (unnormalised in and out)."""
+    """[CLIP-Adapter] f* = alpha A(f) + (1 - alpha) f on the raw feature (unnormalised in, out)."""
     return alpha * adapter(features) + (1 - alpha) * features
 
 
 def clip_adapter_logits(features, adapter, alpha, clip_weights, logit_scale):
-    # blend first, normalise second (normalising first would change the effective ratio)
+    # Blend, then normalise, as the code. (This bias-free ReLU adapter has A(c f) = c A(f) for
+    # c > 0, so blending the normalised feature would give the same logits; a test checks it.)
     f = F.normalize(blend(features, adapter, alpha), dim=-1)  # (B, D)
     return logit_scale * f @ clip_weights.t()  # [CLIP-Adapter] logits = s norm(f*) W^T: (B, C)
 
@@ -226,15 +207,8 @@ class TipAdapterF(nn.Module):
         self.register_buffer("cache_values", cache_values.clone())  # (N, C)
 
     def forward(self, image_features, clip_weights, alpha, beta, logit_scale):
-        return tip_adapter_logits(
-            image_features,
-            clip_weights,
-            self.cache_keys,
-            self.cache_values,
-            alpha,
-            beta,
-            logit_scale,
-        )
+        K, V = self.cache_keys, self.cache_values
+        return tip_adapter_logits(image_features, clip_weights, K, V, alpha, beta, logit_scale)
 
 
 @torch.no_grad()
@@ -269,14 +243,8 @@ def fit_linear_probe(features, labels, n_cls, C, max_iter=1000):
     P = torch.zeros(n_cls, d, device=features.device, requires_grad=True)
     b = torch.zeros(n_cls, device=features.device, requires_grad=True)
     # scipy's L-BFGS defaults as sklearn calls them: 10 pairs of history, gradient tolerance 1e-4
-    optimizer = torch.optim.LBFGS(
-        [P, b],
-        lr=1,
-        max_iter=max_iter,
-        history_size=10,
-        tolerance_grad=1e-4,
-        line_search_fn="strong_wolfe",
-    )
+    lbfgs = dict(history_size=10, tolerance_grad=1e-4, line_search_fn="strong_wolfe")
+    optimizer = torch.optim.LBFGS([P, b], lr=1, max_iter=max_iter, **lbfgs)
 
     def closure():
         optimizer.zero_grad()
@@ -313,20 +281,12 @@ def search_C(fit, val_accuracy, steps=8):
     return C, *scored(C)
 
 
-def probe_logits(features, probe):
-    P, b = probe
-    return features @ P.t() + b  # (B, C)
-
-
 def epoch_batches(view_features, labels, batch_size, generator):
     """One epoch on the cache: every training image once, as one of its views drawn at random,
     in a shuffled order. view_features (views, N, D) -> batches of (B, D) features and labels."""
     views, n, _ = view_features.shape
-    which, order = (
-        torch.randint(views, (n,), generator=generator),
-        torch.randperm(n, generator=generator),
-    )
-    which, order = which.to(view_features.device), order.to(view_features.device)
+    which = torch.randint(views, (n,), generator=generator).to(view_features.device)  # (N,)
+    order = torch.randperm(n, generator=generator).to(view_features.device)  # (N,)
     for i in range(0, n, batch_size):
         idx = order[i : i + batch_size]
         yield view_features[which[idx], idx], labels[idx]  # (B, D), (B,)
@@ -404,27 +364,30 @@ def label_tensor(items, device):
     return torch.tensor([y for _, y in items], device=device)
 
 
-def draw_validation(data, shots, k, seed):
-    """The few-shot validation set: k images per class from val/ if there is one, else from the
-    training images that are not among the shots (done before the base/new split, like the shots)."""
-    taken = set(shots)
-    pool = data["val"] or [item for item in data["train"] if item not in taken]
+def draw_validation(args, train, k):
+    """The few-shot validation set: k images per class (seeded) from the val split if there is one,
+    else from the training images that are not among the shots. Never from test."""
+    pool = train["val"]
+    if not pool:  # the other training images of the same classes
+        data, taken = load_dataset(args.data, args.split_file, args.classnames), set(train["train"])
+        pool = [x for x in subsample_classes(data, args.subsample)["train"] if x not in taken]
     by_class = {}
     for item in pool:
         by_class.setdefault(item[1], []).append(item)
-    empty = [data["classnames"][y] for y in range(len(data["classnames"])) if y not in by_class]
+    empty = [c for y, c in enumerate(train["classnames"]) if y not in by_class]
     if empty:
-        where = "val/ split" if data["val"] else "training images left after the shots"
+        where = "val split" if train["val"] else "training images left after the shots"
         fail(
-            f"no validation image for the classes {empty[:5]} in the {where}; add a val/ folder "
-            f"or use fewer --shots"
+            f"{args.data}: no validation image of the classes {empty[:5]} in the {where}; add a "
+            "val/ folder or use fewer --shots"
         )
-    rng = random.Random(seed + 1)
+    rng = random.Random(args.seed + 1)
     return [x for y in sorted(by_class) for x in rng.sample(by_class[y], min(k, len(by_class[y])))]
 
 
 def name_map(from_names, to_names, device):
-    """(len(from), len(to)) 0/1 matrix: 1 where the class names match (cache values -> a test set)."""
+    """(len(from), len(to)) 0/1 matrix, 1 where the class names match: the cache's values -> the
+    columns of a test set with other (or more) classes."""
     index = {n: j for j, n in enumerate(to_names)}
     M = torch.zeros(len(from_names), len(to_names), device=device)
     for i, n in enumerate(from_names):
@@ -433,7 +396,7 @@ def name_map(from_names, to_names, device):
     return M
 
 
-# [CoOp trainers/zsclip.py] the single template of each dataset, used by CLIP-Adapter and Tip-Adapter
+# [CoOp trainers/zsclip.py] each dataset's single template (CLIP-Adapter and Tip-Adapter use it)
 CUSTOM_TEMPLATES = {
     "OxfordPets": "a photo of a {}, a type of pet.",
     "OxfordFlowers": "a photo of a {}, a type of flower.",
@@ -457,7 +420,7 @@ TEMPLATES_SELECT = [
     "art of the {}.",
     "a photo of the small {}.",
 ]
-# [Tip-Adapter configs/*.yaml] init alpha, and the search scale (beta_max, alpha_max); init beta is 1
+# [Tip-Adapter configs/*.yaml] init alpha and the search scale (beta_max, alpha_max); init beta 1
 TIP_CONFIGS = {
     "ImageNet": (1.17, (7, 3)),
     "Caltech101": (3, (12, 5)),
@@ -473,462 +436,315 @@ TIP_CONFIGS = {
 }
 # Other datasets: alpha = beta = 1 (the authors' baseline, Tip-Adapter issue #13); the scale is ours
 OTHER_TIP_CONFIG = (1.0, (12, 10))
-DEFAULTS = {  # per method: epochs, batch size, lr, weight decay (None: not trained by gradient)
-    "clip-adapter": (None, 32, 0.002, 5e-4),  # CoOp's recipe (CLIP-Adapter's is not published)
-    "tip-f": (20, 256, 0.001, 0.01),  # the code's AdamW(lr=1e-3, eps=1e-4), torch's default decay
-    "tip": (None, None, None, None),
-    "linear-probe": (None, None, None, None),
-}
 
 
 def paper_dataset(args):
-    """The paper dataset this is (for its template and Tip-Adapter's settings), from the split
-    file's or the folder's name; None if unknown."""
+    """Which of the papers' datasets this is (its template, Tip-Adapter's settings), from the split
+    file's or the folder's name; None if none."""
     name = os.path.basename(args.split_file or "").replace("split_zhou_", "").split(".")[0]
-    name = name or os.path.basename(os.path.normpath(args.data))
-    if name.lower() in ("images", "jpg", "2750"):  # CoOp's image roots: take their dataset folder
-        name = os.path.basename(os.path.dirname(os.path.normpath(args.data)))
+    folder = os.path.normpath(args.data)
+    if not name:  # CoOp's image roots (images/, jpg/, 2750/) sit inside the dataset's folder
+        name = os.path.basename(
+            os.path.dirname(folder) if folder.endswith(("images", "jpg", "2750")) else folder
+        )
     key = name.lower().replace("_", "").replace("-", "")
-    aliases = {k.lower(): k for k in CUSTOM_TEMPLATES} | {"dtd": "DescribableTextures"}
-    return aliases.get(key)
+    return ({k.lower(): k for k in CUSTOM_TEMPLATES} | {"dtd": "DescribableTextures"}).get(key)
 
 
 # ------------------------------------------------------------------------------------------------
-# main: data, the feature cache, each method, evaluation, results
+# main: data, the feature cache, the method on it, evaluation, results
 # ------------------------------------------------------------------------------------------------
 def main(args):
     device = torch.device(args.device)
     precision = args.precision or ("amp" if device.type == "cuda" else "fp32")
-    method = args.method
-    paper = paper_dataset(args)
-    epochs, batch_size, lr, weight_decay = DEFAULTS[method]
-    epochs = args.epochs or epochs or epochs_for_shots(args.shots)
-    batch_size, lr = args.batch_size or batch_size, args.lr or lr
-    weight_decay = args.weight_decay if args.weight_decay is not None else weight_decay
-    init_alpha, scale = TIP_CONFIGS.get(paper, OTHER_TIP_CONFIG)
-    alpha = (
-        args.alpha if args.alpha is not None else 0.2 if method == "clip-adapter" else init_alpha
+    method, paper = args.method, paper_dataset(args)
+    # CLIP-Adapter: CoOp's recipe (its own is not published); Tip-Adapter-F: the code's AdamW(lr
+    # 1e-3, eps 1e-4), which keeps torch's weight decay 0.01
+    recipe = dict(epochs=20, batch_size=256, lr=0.001, weight_decay=0.01)
+    if method == "clip-adapter":
+        recipe = dict(
+            epochs=epochs_for_shots(args.shots), batch_size=32, lr=0.002, weight_decay=5e-4
+        )
+    epochs, batch_size, lr, weight_decay = (
+        recipe[k] if getattr(args, k) is None else getattr(args, k) for k in recipe
     )
-    beta = args.beta if args.beta is not None else 1.0
-    scale = tuple(args.search_scale or scale)
+    init_alpha, scale = TIP_CONFIGS.get(paper, OTHER_TIP_CONFIG)
+    alpha = {"clip-adapter": 0.2, "linear-probe": None}.get(method, init_alpha)
+    alpha = alpha if args.alpha is None else args.alpha
+    beta = (1.0 if args.beta is None else args.beta) if method.startswith("tip") else None
+    scale, C = tuple(args.search_scale or scale), args.C
     if args.template == "select" or (args.template is None and paper == "ImageNet"):
         templates = TEMPLATES_SELECT  # Tip-Adapter's ImageNet classifier
     else:
         template = args.template or CUSTOM_TEMPLATES.get(paper, "a photo of a {}.")
         templates = [CUSTOM_TEMPLATES.get(template, template)]
     # bad input, before any long work
-    if args.shots < 1 or args.aug_views < 1:
-        fail("--shots and --aug-views must be at least 1")
+    if min(args.shots, args.aug_views, epochs, batch_size, args.val_shots or 1) < 1:
+        fail("--shots, --val-shots, --aug-views, --epochs and --batch-size must be at least 1")
+    if not 0 < args.crop_scale <= 1:
+        fail(f"--crop-scale {args.crop_scale}: the smallest crop's area is a fraction in (0, 1]")
+    if method == "clip-adapter" and not 0 <= alpha <= 1:
+        fail(f"--alpha {alpha}: CLIP-Adapter's residual ratio lies in [0, 1] (its code: 0.2)")
+    if method.startswith("tip") and not (0 <= alpha <= 100 and 0 <= beta <= 100):
+        fail(f"--alpha {alpha}, --beta {beta}: the cache's weight and sharpness lie in [0, 100]")
+    if method.startswith("tip") and (min(scale) <= 0.1 or min(args.search_step) < 1):
+        fail(f"--search-scale {scale}: both maxima must exceed 0.1, where the grid starts")
+    if C is not None and not (C > 0 and math.isfinite(C)):
+        fail(f"--C {C}: the probe's inverse regularisation strength must be positive")
     if args.eval_only and not args.load:
         fail("--eval-only needs --load <checkpoint.pt>")
     if args.load and not args.eval_only and method in ("tip", "linear-probe"):
         fail(f"--load: {method} trains nothing; add --eval-only to evaluate the checkpoint")
-    if method == "clip-adapter" and not 0 <= alpha <= 1:
-        fail(f"--alpha {alpha}: CLIP-Adapter's residual ratio must lie in [0, 1] (paper: 0.2)")
-    if method in ("tip", "tip-f") and not (0 <= alpha <= 100 and 0 <= beta <= 100):
-        fail(f"--alpha {alpha} / --beta {beta}: Tip-Adapter's weight and sharpness lie in [0, 100]")
-    if min(scale) <= 0.1 or min(args.search_step) < 1:
-        fail(f"--search-scale {scale}: both maxima must exceed 0.1 (the grid starts there)")
-    if args.C is not None and not (args.C > 0 and math.isfinite(args.C)):
-        fail(f"--C {args.C}: the inverse regularisation strength must be a positive number")
-    if not 0 < args.crop_scale <= 1:
-        fail(f"--crop-scale {args.crop_scale}: the smallest crop area is a fraction in (0, 1]")
-    if min(batch_size or 1, epochs) < 1:
-        fail("--epochs and --batch-size must be at least 1")
-    dataset = paper or os.path.basename(os.path.normpath(args.data))
-    run_dir = args.out or os.path.join("runs", method, dataset, f"{args.shots}shot_seed{args.seed}")
     ckpt = load_checkpoint(args.load) if args.load else None
-    seed_everything(args.seed)
-
-    # 1. Data: shots and the validation set are drawn before the base/new split
-    data = load_dataset(args.data, args.split_file, args.classnames)
-    shots = sample_few_shot(data["train"], args.shots, args.seed) if data["train"] else []
-    needs_val = method != "clip-adapter" and not args.eval_only
-    val_shots = args.val_shots or min(args.shots, 4)
-    data["val"] = draw_validation(data, shots, val_shots, args.seed) if needs_val else []
-    data["train"] = shots
-    train = subsample_classes(data, args.subsample)
+    if ckpt is not None and ckpt.get("config", {}).get("method") != method:
+        fail(f"{args.load} is a checkpoint of {ckpt.get('config')}, not of --method {method}")
+    dataset, train, test_sets = load_task(args, args.shots)
     if not train["train"] and not args.eval_only:
         fail(f"{args.data}: no training images (a train/ folder or the split file's train list)")
-    test_sets = {"test": (train["test"], train["classnames"])}
-    if args.subsample == "base":
-        new = subsample_classes(data, "new")
-        test_sets["new"] = (new["test"], new["classnames"])
-    for root in args.eval_data:
-        name, items, classnames = load_eval_set(root)
-        test_sets[name if name not in test_sets else root] = (items, classnames)
-    check_images(train["train"] + train["val"])
-    for items, _ in test_sets.values():
-        check_images(items, full=False)
+    if method != "clip-adapter" and not args.eval_only:  # for the choices of alpha/beta, epoch, C
+        train["val"] = draw_validation(args, train, args.val_shots or min(args.shots, 4))
+        check_images(train["val"])
+    run_dir = args.out or os.path.join("runs", method, dataset, f"{args.shots}shot_seed{args.seed}")
+    seed_everything(args.seed)
 
-    # 2. Frozen CLIP, the text classifier of the training classes, a checkpoint's fit
+    # Frozen CLIP and the frozen text classifier W of the training classes
     clip_model = load_clip(args.backbone, device, precision)
-    n_px, dim = clip_model.visual.input_resolution, clip_model.visual.output_dim  # D from the model
-    s = clip_model.logit_scale.exp().item()
-    fingerprint = sum(p.double().sum().item() for p in clip_model.visual.parameters())
-    config = {"method": method, "backbone": args.backbone, "dim": dim, "visual_sum": fingerprint}
-    if ckpt is not None:
-        theirs = ckpt.get("config", {})
-        same = theirs.get("method") == method and theirs.get("dim") == dim
-        if not same or not math.isclose(theirs.get("visual_sum", 0), fingerprint, rel_tol=1e-3):
-            fail(
-                f"{args.load} was written by {theirs.get('method')} on {theirs.get('backbone')} "
-                f"(dim {theirs.get('dim')}); this run is {method} on {args.backbone} (dim {dim}): "
-                "use the same --method and --backbone"
-            )
+    n_px, dim = clip_model.visual.input_resolution, clip_model.visual.output_dim  # D, read
+    s, encode = clip_model.logit_scale.exp().item(), clip_model.encode_image
+    visual_sum = sum(p.double().sum().item() for p in clip_model.visual.parameters())
+    config = dict(method=method, backbone=args.backbone, dim=dim, visual_sum=visual_sum)
+    if ckpt is not None and not math.isclose(
+        ckpt["config"]["visual_sum"], visual_sum, rel_tol=1e-3
+    ):
+        was = ckpt["config"]["backbone"]
+        fail(
+            f"{args.load} was fitted on the image features of {was}, not of {args.backbone}: "
+            "use the same --backbone"
+        )
     classnames = ckpt["classnames"] if ckpt is not None else train["classnames"]
-    n_cls = len(classnames)
-    W = zeroshot_classifier(clip_model, classnames, templates)  # (C, D), frozen
+    W = zeroshot_classifier(clip_model, classnames, templates)  # (C, D)
+    more = f" and {len(templates) - 1} more" if len(templates) > 1 else ""
     print(
-        f"{method}: {dataset}, {n_cls} classes, templates {templates[:2]}{'...' * (len(templates) > 2)}"
-        f", D = {dim}, logit scale {s:.1f}"
+        f"{method}: {dataset}, {len(classnames)} classes, D {dim}, template {templates[0]!r}{more}"
     )
 
-    # 3. The feature cache: training views (test transform for the probe), validation once
-    t0, train_seconds, log, hp = time.time(), 0.0, [], {}
-    views, y_train, f_val, y_val = None, None, None, None
+    # The feature cache: every view of every training image, the validation images once
+    t0, views, y_train, f_val, y_val = time.time(), None, None, None, None
     if not args.eval_only:
-        probe_views = method == "linear-probe"  # CoOp's lpclip: train features without augmentation
-        transform = test_transform(n_px) if probe_views else train_transform(n_px, args.crop_scale)
+        probe = method == "linear-probe"  # CoOp's lpclip: test-transform features, no augmentation
+        transform = test_transform(n_px) if probe else train_transform(n_px, args.crop_scale)
+        n_views, val = 1 if probe else args.aug_views, train["val"]
         views = encode_views(
-            clip_model.encode_image,
-            train["train"],
-            transform,
-            device,
-            precision,
-            1 if probe_views else args.aug_views,
-            args.seed,
-            args.workers,
-        )
-        y_train = label_tensor(train["train"], device)
-        if train["val"]:
+            encode, train["train"], transform, device, precision, n_views, args.seed, args.workers
+        )  # (views, N, D)
+        if val:
             f_val = encode_views(
-                clip_model.encode_image,
-                train["val"],
-                test_transform(n_px),
-                device,
-                precision,
-                workers=args.workers,
-            )[0]
-            y_val = label_tensor(train["val"], device)
-        cache_seconds = time.time() - t0
+                encode, val, test_transform(n_px), device, precision, workers=args.workers
+            )[0]  # (N_val, D)
+        y_train, y_val = label_tensor(train["train"], device), label_tensor(val, device)
+        mib = (views.numel() + len(val) * dim) * 4 / 2**20
         print(
-            f"feature cache: {views.shape[0]} views x {views.shape[1]} training images, "
-            f"{0 if f_val is None else len(f_val)} validation images, {views.numel() * 4 / 2**20:.1f} "
-            f"MiB, {cache_seconds:.1f}s"
+            f"feature cache: {n_views} views of {views.shape[1]} training images, {len(val)} "
+            f"validation images: {mib:.1f} MiB in {time.time() - t0:.1f}s"
         )
-    os.makedirs(run_dir, exist_ok=True)
-    save_json(os.path.join(run_dir, "args.json"), vars(args))
+    cache_seconds, t0 = time.time() - t0, time.time()
 
-    # 4. The method, on cached features only
-    state = {}
-    generator = torch.Generator().manual_seed(args.seed)
+    # The method's model: its learned (or built) tensors are what the checkpoint holds
     if method == "clip-adapter":
-        adapter = ClipAdapter(dim, args.reduction).to(device)
-        if ckpt is not None:
-            adapter.load_state_dict(ckpt["state"])
-            alpha = ckpt["alpha"]
-        optimizer = torch.optim.SGD(
-            adapter.parameters(), lr=lr, momentum=args.momentum, weight_decay=weight_decay
-        )
-        forward = lambda f: clip_adapter_logits(f, adapter, alpha, W, s)
-        for epoch in range(0 if args.eval_only else epochs):
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at_epoch(epoch, lr, epochs, args.warmup_lr)
-            log.append(run_epoch(forward, optimizer, views, y_train, batch_size, generator, epoch))
-        state = adapter.state_dict()
-    elif method in ("tip", "tip-f"):
-        if ckpt is not None:
-            keys, values, alpha, beta = (
-                ckpt["state"]["cache_keys"],
-                ckpt["state"]["cache_values"],
-                ckpt["alpha"],
-                ckpt["beta"],
-            )
-        else:
-            keys, values = build_cache(views, y_train, n_cls)
-        tip = TipAdapterF(keys.to(device), values.to(device))
-        if method == "tip-f" and not args.eval_only:
+        model = ClipAdapter(dim, args.reduction)
+    elif method.startswith("tip") and ckpt is not None:
+        model = TipAdapterF(torch.zeros_like(ckpt["state"]["cache_keys"]), ckpt["values"])
+    elif method.startswith("tip"):
+        model = TipAdapterF(*build_cache(views, y_train, len(classnames)))  # [Tip-Adapter] K, V
+    else:
+        model = nn.Linear(dim, len(classnames))  # the probe: P (C, D), b (C,)
+    model.to(device)
+    if ckpt is not None:
+        load_learned(model, ckpt, args.load, config)
+        alpha, beta, C = (ckpt["chosen"][k] for k in ("alpha", "beta", "C"))
+    os.makedirs(run_dir, exist_ok=True)
+    save(os.path.join(run_dir, "args.json"), vars(args))
+    if os.path.exists(os.path.join(run_dir, "log.jsonl")) and not args.eval_only:
+        os.remove(os.path.join(run_dir, "log.jsonl"))  # a fresh run starts a fresh log
+
+    # Training on the cache (CLIP-Adapter, Tip-Adapter-F): an epoch takes milliseconds
+    generator = torch.Generator().manual_seed(args.seed)  # each epoch's views and order
+    chosen, n_seen, epoch_seconds = {}, 0, 0.0
+    if method in ("clip-adapter", "tip-f") and not args.eval_only:
+        if method == "clip-adapter":
+            sgd = dict(momentum=args.momentum, weight_decay=weight_decay)
+            optimizer, scheduler = torch.optim.SGD(model.parameters(), lr, **sgd), None
+            forward = lambda f: clip_adapter_logits(f, model, alpha, W, s)
+        else:  # alpha and beta stay at their initial values while the keys train
             optimizer = torch.optim.AdamW(
-                tip.parameters(), lr=lr, eps=1e-4, weight_decay=weight_decay
+                model.parameters(), lr, eps=1e-4, weight_decay=weight_decay
             )
-            n_iter = epochs * math.ceil(views.shape[1] / batch_size)
-            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, n_iter)
-            forward = lambda f: tip(F.normalize(f, dim=-1), W, alpha, beta, s)  # init alpha, beta
-            best = (-1.0, 0, None)
-            for epoch in range(epochs):
-                log.append(
-                    run_epoch(
-                        forward, optimizer, views, y_train, batch_size, generator, epoch, scheduler
-                    )
-                )
-                with torch.no_grad():  # the epoch is chosen on validation (the original: on test)
-                    log[-1]["val_acc"] = accuracy(forward(f_val), y_val)
-                if log[-1]["val_acc"] > best[0]:
-                    best = (log[-1]["val_acc"], epoch + 1, tip.state_dict())
-                print(f"  val acc {log[-1]['val_acc']:.1f}")
-            tip.load_state_dict(best[2])
-            hp["epoch"] = best[1]
-        if not args.eval_only and not args.no_search:  # alpha, beta on validation, never on test
-            val_acc, alpha, beta = search_alpha_beta(
-                F.normalize(f_val, dim=-1),
-                y_val,
-                W,
-                tip.cache_keys.detach(),
-                tip.cache_values,
-                s,
-                scale,
-                args.search_step,
-            )
-            hp["val_acc"] = val_acc
-            print(f"alpha {alpha:.3f}, beta {beta:.3f}: validation accuracy {val_acc:.2f}")
-        state = {k: v.detach() for k, v in tip.state_dict().items()}
-    else:  # linear probe
-        if ckpt is not None:
-            probe, C = (ckpt["state"]["P"].to(device), ckpt["state"]["b"].to(device)), ckpt["C"]
+            n_steps = epochs * math.ceil(len(y_train) / batch_size)
+            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, n_steps)
+            forward = lambda f: model(F.normalize(f, dim=-1), W, alpha, beta, s)
+        best = (-1.0, 0, None)
+        for epoch in range(epochs):
+            if scheduler is None:  # CoOp's schedule: one learning rate per epoch
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at_epoch(epoch, lr, epochs, args.warmup_lr)
+            values = dict(lr=optimizer.param_groups[0]["lr"], loss=[], train_acc=[])
+            t, _ = time.time(), peak_mib(device, reset=True)
+            for f, y in epoch_batches(views, y_train, batch_size, generator):
+                loss, acc = train_step(forward, optimizer, f, y, scheduler)
+                values["loss"].append(loss)
+                values["train_acc"].append(acc)
+            seconds = time.time() - t
+            n_seen, epoch_seconds = n_seen + len(y_train), epoch_seconds + seconds
+            if method == "tip-f":  # the epoch is chosen on validation (the original: on test)
+                with torch.no_grad():
+                    values["val_acc"] = accuracy(forward(f_val), y_val)
+                if values["val_acc"] > best[0]:
+                    best = (values["val_acc"], epoch + 1, learned_state(model))
+            log_epoch(run_dir, device, epoch + 1, epochs, seconds, len(y_train), **values)
+        if method == "tip-f":
+            model.load_state_dict(best[2], strict=False)
+            chosen["epoch"] = best[1]
+    # The choices on validation, never on test: Tip's alpha and beta, the probe's C
+    if method.startswith("tip") and not args.eval_only and not args.no_search:
+        keys, f_n = model.cache_keys.detach(), F.normalize(f_val, dim=-1)
+        grid = (scale, args.search_step)
+        chosen["val_acc"], alpha, beta = search_alpha_beta(
+            f_n, y_val, W, keys, model.cache_values, s, *grid
+        )
+        print(f"alpha {alpha:.3f}, beta {beta:.3f}: validation accuracy {chosen['val_acc']:.2f}")
+    if method == "linear-probe" and not args.eval_only:
+        fit = lambda C: fit_linear_probe(views[0], y_train, len(classnames), C, args.max_iter)
+        if C is None:
+            val_accuracy = lambda probe: accuracy(f_val @ probe[0].t() + probe[1], y_val)
+            C, (P, b), chosen["val_acc"] = search_C(fit, val_accuracy)
+            print(f"C = {C:.4g}: validation accuracy {chosen['val_acc']:.2f}")
         else:
-            fit = lambda C: fit_linear_probe(views[0], y_train, n_cls, C, args.max_iter)
-            if args.C is not None:
-                C, probe = args.C, fit(args.C)
-            else:
-                C, probe, hp["val_acc"] = search_C(
-                    fit, lambda p: accuracy(probe_logits(f_val, p), y_val)
-                )
-                print(f"C = {C:.4g}: validation accuracy {hp['val_acc']:.2f}")
-        state, hp["C"] = {"P": probe[0], "b": probe[1]}, C
-    train_seconds = 0 if args.eval_only else time.time() - t0 - cache_seconds
-    if method != "linear-probe":
-        hp.update(alpha=alpha, beta=beta if method != "clip-adapter" else None)
-    save_checkpoint(
+            P, b = fit(C)
+        with torch.no_grad():
+            model.weight.copy_(P)
+            model.bias.copy_(b)
+    chosen.update(alpha=alpha, beta=beta, C=C)
+    train_seconds, values = time.time() - t0, getattr(model, "cache_values", None)
+    state = dict(config=config, classnames=classnames, state=learned_state(model), values=values)
+    save(
         os.path.join(run_dir, "checkpoint.pt"),
-        {
-            "config": config,
-            "classnames": classnames,
-            "state": state,
-            "alpha": alpha,
-            "beta": beta,
-            "C": hp.get("C"),
-            **{k: hp[k] for k in ("epoch",) if k in hp},
-        },
+        dict(state, chosen=dict(alpha=alpha, beta=beta, C=C)),
     )
 
-    # 5. Evaluation on every test set; test features exist only from here on
+    # Evaluation of every test set: its features are computed only now, after every choice
     zero_shot, acc, not_scored = {}, {}, {}
     for name, (items, names) in test_sets.items():
         f = encode_views(
-            clip_model.encode_image,
-            items,
-            test_transform(n_px),
-            device,
-            precision,
-            workers=args.workers,
-        )[0]  # raw features: (N, D)
-        labels, f_n = label_tensor(items, device), F.normalize(f, dim=-1)
-        W_eval = zeroshot_classifier(clip_model, names, templates)
-        zero_shot[name] = accuracy(s * f_n @ W_eval.t(), labels)
+            encode, items, test_transform(n_px), device, precision, workers=args.workers
+        )[0]  # raw (N, D)
+        y, f_n = label_tensor(items, device), F.normalize(f, dim=-1)
+        W_test = zeroshot_classifier(clip_model, names, templates)
+        zero_shot[name] = accuracy(s * f_n @ W_test.t(), y)
         with torch.no_grad():
-            if method == "clip-adapter":  # the adapter is class-agnostic: any class names
-                acc[name] = accuracy(clip_adapter_logits(f, adapter, alpha, W_eval, s), labels)
-            elif method in ("tip", "tip-f"):  # the cache adds to the classes it holds, by name
-                V = tip.cache_values @ name_map(classnames, names, device)  # (N, C_eval)
-                acc[name] = accuracy(
-                    tip_adapter_logits(f_n, W_eval, tip.cache_keys, V, alpha, beta, s), labels
-                )
-            elif set(names) <= set(classnames):  # the probe knows only its training classes
-                columns = [classnames.index(n) for n in names]
-                acc[name] = accuracy(probe_logits(f, probe)[:, columns], labels)
+            if method == "clip-adapter":  # the adapter does not depend on the class names
+                logits = clip_adapter_logits(f, model, alpha, W_test, s)
+            elif method.startswith("tip"):  # the cache adds to the classes it holds, by name
+                V = model.cache_values @ name_map(classnames, names, device)  # (N, C_test)
+                logits = tip_adapter_logits(f_n, W_test, model.cache_keys, V, alpha, beta, s)
+            elif set(names) <= set(classnames):  # the probe scores its training classes only
+                logits = model(f)[:, [classnames.index(n) for n in names]]
             else:
                 not_scored[name] = "classes the linear probe was not trained on"
-    metrics = {
-        "method": method,
-        "backbone": args.backbone,
-        "dataset": dataset,
-        "shots": args.shots,
-        "seed": args.seed,
-        "zero_shot": zero_shot,
-        "accuracy": acc,
-    }
-    if "new" in acc:
-        metrics["harmonic_mean"] = harmonic_mean(acc["test"], acc["new"])
-    if not_scored:
-        metrics["not_scored"] = not_scored
-    metrics.update(
-        {
-            "chosen": hp,
-            "epochs": 0
-            if args.eval_only
-            else (epochs if method in ("clip-adapter", "tip-f") else 0),
-            "train_seconds": round(train_seconds, 2),
-            "cache_seconds": round(0 if args.eval_only else cache_seconds, 2),
-            "device": device_name(device),
-            "precision": precision,
-            "versions": versions(),
-        }
-    )
-    for record in log:
-        append_log(run_dir, record)
-    finish_run(run_dir, metrics)
-    return metrics
-
-
-def run_epoch(forward, optimizer, views, labels, batch_size, generator, epoch, scheduler=None):
-    t0, losses, accs = time.time(), [], []
-    lr = optimizer.param_groups[0]["lr"]
-    for f, y in epoch_batches(views, labels, batch_size, generator):
-        loss, acc = train_step(forward, optimizer, f, y, scheduler)
-        losses.append(loss)
-        accs.append(acc)
-    seconds = time.time() - t0
-    record = {
-        "epoch": epoch + 1,
-        "lr": lr,
-        "loss": float(np.mean(losses)),
-        "train_acc": float(np.mean(accs)),
-        "seconds": round(seconds, 4),
-        "images_per_s": round(views.shape[1] / max(seconds, 1e-9)),
-    }
-    print(
-        f"epoch {epoch + 1}  lr {lr:.3e}  loss {record['loss']:.4f}  train acc "
-        f"{record['train_acc']:.1f}  {record['images_per_s']} images/s"
-    )
-    return record
+                continue
+        acc[name] = accuracy(logits, y)
+    trained = method in ("clip-adapter", "tip-f") and not args.eval_only
+    return finish_run(
+        run_dir, args, method, dataset, zero_shot, acc, epochs=epochs if trained else 0,
+        precision=precision, train_seconds=round(train_seconds, 3),
+        images_per_s=round(n_seen / epoch_seconds, 1) if n_seen else None,
+        cache_seconds=round(cache_seconds, 2), chosen=chosen, not_scored=not_scored,
+    )  # fmt: skip
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
-        description="CLIP-Adapter, Tip-Adapter(-F) and the linear probe on cached CLIP features "
-        "(defaults: the papers' settings).",
+        description="CLIP-Adapter, Tip-Adapter(-F), linear probe on cached CLIP features "
+        "(defaults: the papers' settings)",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    add = p.add_argument
     # data and protocol
-    p.add_argument(
-        "--backbone", default="RN50", help="CLIP name (RN50, ViT-B/16, ...) or checkpoint path"
-    )
-    p.add_argument(
-        "--data",
-        required=True,
-        help="ImageFolder root with train/ [val/] test/, or the image root of --split-file",
-    )
-    p.add_argument(
-        "--split-file",
-        default=None,
-        help="CoOp split_zhou_<Name>.json (then --data is its image root)",
-    )
-    p.add_argument(
-        "--classnames", default=None, help="classnames.txt: 'folder<TAB>readable name' per line"
-    )
-    p.add_argument(
-        "--shots", type=int, default=16, help="training images per class (seeded sample)"
-    )
-    p.add_argument(
+    add("--backbone", default="RN50", help="CLIP name or checkpoint path")
+    add("--data", required=True, help="root with train/ [val/] test/, or --split-file's images")
+    add("--split-file", help="CoOp's split_zhou_<Name>.json (then --data is its image root)")
+    add("--classnames", help="classnames.txt: 'folder<TAB>readable name' per line")
+    add("--shots", type=int, default=16, help="training images per class (seeded sample)")
+    add(
         "--val-shots",
         type=int,
-        default=None,
-        help="validation images per class for the alpha/beta, epoch and C choices, drawn from val/ "
-        "or, without one, from the training images not among the shots (default: min(shots, 4))",
+        help="validation images per class for the choices of alpha/beta, "
+        "Tip-F's epoch and C (default min(shots, 4)), drawn from val/ or, without one, from the "
+        "training images that are not among the shots",
     )
-    p.add_argument(
+    add(
         "--subsample",
         choices=["all", "base", "new"],
         default="all",
-        help="base-to-new protocol: 'base' trains on the first half of the classes and also reports 'new'",
+        help="base-to-new: 'base' trains on the first half of the classes, also tests 'new'",
     )
-    p.add_argument("--eval-data", nargs="*", default=[], help="extra test sets (ImageFolder roots)")
-    p.add_argument(
+    add("--eval-data", nargs="*", default=[], help="extra test sets (ImageFolder roots)")
+    add(
         "--template",
-        default=None,
-        help="the classifier's template, a dataset name of CoOp's table, or 'select' (ImageNet's 7); "
-        "default: the dataset's (guessed from the split file or folder name), else 'a photo of a {}.'",
+        help="the text classifier's template, a dataset of CoOp's table, or 'select' "
+        "(ImageNet's 7); default: the dataset's if the split file or folder names one, else "
+        "'a photo of a {}.'",
     )
     # the methods
-    p.add_argument(
+    add(
         "--method", choices=["clip-adapter", "tip", "tip-f", "linear-probe"], default="clip-adapter"
     )
-    p.add_argument(
-        "--aug-views", type=int, default=10, help="cached augmented views of each training image"
-    )
-    p.add_argument(
-        "--crop-scale",
-        type=float,
-        default=0.5,
-        help="smallest area of the views' random resized crop (Tip-Adapter: 0.5)",
-    )
-    p.add_argument(
+    add("--aug-views", type=int, default=10, help="cached augmented views of each training image")
+    add("--crop-scale", type=float, default=0.5, help="smallest area of the views' random crop")
+    add(
         "--alpha",
         type=float,
-        default=None,
-        help="CLIP-Adapter: residual ratio (0.2); Tip: the cache's weight before the search "
-        "(the dataset's init_alpha, 1 if unknown)",
+        help="CLIP-Adapter: residual ratio (0.2); Tip: the cache's weight "
+        "before the search (the dataset's init_alpha, else 1)",
     )
-    p.add_argument(
-        "--beta", type=float, default=None, help="Tip: the sharpness before the search (1)"
-    )
-    p.add_argument(
-        "--reduction", type=int, default=4, help="CLIP-Adapter's bottleneck: dim / reduction"
-    )
-    p.add_argument(
+    add("--beta", type=float, help="Tip: the sharpness before the search (1)")
+    add("--reduction", type=int, default=4, help="CLIP-Adapter's bottleneck: D / reduction")
+    add(
         "--search-scale",
         type=float,
         nargs=2,
-        default=None,
         metavar=("BETA_MAX", "ALPHA_MAX"),
-        help="Tip: the grid's maxima (the dataset's config; (12, 10) if unknown)",
+        help="Tip: the grid's maxima (the dataset's config, else 12 10)",
     )
-    p.add_argument(
-        "--search-step", type=int, nargs=2, default=[200, 20], metavar=("N_BETA", "N_ALPHA")
-    )
-    p.add_argument(
-        "--no-search", action="store_true", help="Tip: keep --alpha/--beta, search nothing"
-    )
-    p.add_argument(
-        "--C", type=float, default=None, help="linear probe: this C instead of CoOp's search"
-    )
-    p.add_argument("--max-iter", type=int, default=1000, help="linear probe: L-BFGS iterations")
+    add("--search-step", type=int, nargs=2, default=[200, 20], metavar=("N_BETA", "N_ALPHA"))
+    add("--no-search", action="store_true", help="Tip: keep --alpha and --beta")
+    add("--C", type=float, help="linear probe: this C instead of CoOp's search on validation")
+    add("--max-iter", type=int, default=1000, help="linear probe: L-BFGS iterations")
     # optimisation
-    p.add_argument(
-        "--epochs",
-        type=int,
-        default=None,
-        help="CLIP-Adapter: 50/100/200 for 1/2-4/8+ shots; Tip-F: 20",
-    )
-    p.add_argument("--batch-size", type=int, default=None, help="CLIP-Adapter 32, Tip-F 256")
-    p.add_argument(
-        "--lr", type=float, default=None, help="CLIP-Adapter (SGD) 0.002, Tip-F (AdamW) 0.001"
-    )
-    p.add_argument("--momentum", type=float, default=0.9, help="CLIP-Adapter's SGD momentum")
-    p.add_argument("--weight-decay", type=float, default=None, help="CLIP-Adapter 5e-4, Tip-F 0.01")
-    p.add_argument(
-        "--warmup-lr", type=float, default=1e-5, help="CLIP-Adapter's constant first-epoch lr"
-    )
-    # run
-    p.add_argument("--seed", type=int, default=1, help="the papers report seeds 1, 2, 3")
-    p.add_argument(
-        "--precision",
-        choices=["fp32", "amp", "fp16"],
-        default=None,
-        help="of the image encoder while caching (default: amp on CUDA, fp32 on CPU); "
-        "cached features and learned tensors are fp32",
-    )
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--workers", type=int, default=4)
-    p.add_argument(
-        "--out",
-        default=None,
-        help="run folder (default runs/<method>/<dataset>/<shots>shot_seed<seed>)",
-    )
-    p.add_argument(
-        "--load", default=None, help="checkpoint.pt of this method to start from or to evaluate"
-    )
-    p.add_argument(
-        "--eval-only", action="store_true", help="evaluate --load: no training images are read"
-    )
+    add("--epochs", type=int, help="CLIP-Adapter: 50/100/200 for 1/2-4/8+ shots; Tip-F: 20")
+    add("--batch-size", type=int, help="CLIP-Adapter 32, Tip-F 256")
+    add("--lr", type=float, help="CLIP-Adapter (SGD) 0.002, Tip-F (AdamW) 0.001")
+    add("--momentum", type=float, default=0.9, help="CLIP-Adapter's SGD momentum")
+    add("--weight-decay", type=float, help="CLIP-Adapter 5e-4, Tip-F 0.01")
+    add("--warmup-lr", type=float, default=1e-5, help="CLIP-Adapter's first-epoch learning rate")
+    add_run_args(add, learned=False)
+    add("--load", help="checkpoint.pt of this method and backbone, to go on training or evaluate")
+    add("--eval-only", action="store_true", help="evaluate --load: no training image is read")
     return p.parse_args(argv)
 
 
+# --- shared: appendix (canonical copy in coop.py; re-sync with tools/sync_shared.py) ---
 # ================================================================================================
-# Appendix: the shared blocks. data (folders, split files, few-shot sampling, transforms), clip
-# (loading, autocast), evaluation (accuracy), run folder (atomic files, checkpoints, metrics.json)
+# Appendix: the shared blocks, identical in every method file (tools/sync_shared.py keeps them so)
+#   data          dataset readers (ImageFolder, CoOp split files), few-shot sampling, base/new
+#                 split, load_task, transforms, loader, checks on bad input
+#   clip          load_clip (names, TorchScript archives and state dicts), autocast, tokenize
+#   evaluation    encode_images, accuracy, harmonic_mean, text_features, zeroshot_classifier
+#   run folder    atomic save, the log, seeds, peak memory, run_info, the summary line
+#   checkpoint    learned_state, load_learned, save_progress, resume
 # ================================================================================================
+# --- end shared: appendix ---
+
+
 # --- shared: data (canonical copy in coop.py; re-sync with tools/sync_shared.py) ---
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -1007,7 +823,8 @@ def load_dataset(root, split_file=None, classnames_file=None):
         classnames_file = os.path.join(root, "classnames.txt")
     names = read_classnames(classnames_file) if classnames_file else None
     if not os.path.isdir(os.path.join(root, "test")):
-        fail(f"{root}: no test/ folder; expected {root}/train/<class>/<image> and {root}/test/...")
+        what = "no test/ folder" if os.path.isdir(root) else "folder not found"
+        fail(f"{root}: {what}; expected {root}/train/<class>/<image> and {root}/test/...")
     data = {"train": [], "val": []}
     data["test"], data["classnames"] = read_image_folder(os.path.join(root, "test"), names)
     for split in ("train", "val"):
@@ -1072,7 +889,7 @@ def check_images(items, full=True):
         except (OSError, ValueError) as e:
             fail(f"{path}: cannot read this image ({e}); replace or delete the file")
     if not_rgb:
-        print(f"note: {not_rgb} images are grayscale, RGBA or palette images; converted to RGB")
+        print(f"note: {not_rgb} images are grayscale, RGBA or palette images; they become RGB")
 
 
 def load_task(args, shots=None):
@@ -1202,6 +1019,10 @@ def autocast(device, precision):
     )
 
 
+def tokenize(clip_model, texts):
+    return clip.tokenize(texts, context_length=clip_model.context_length)
+
+
 # --- end shared: clip ---
 
 
@@ -1224,6 +1045,22 @@ def accuracy(logits, labels):
 
 def harmonic_mean(base, new):
     return 2 * base * new / (base + new)
+
+
+@torch.no_grad()
+def text_features(clip_model, texts, batch_size=1000):
+    """L2-normalised CLIP text features of plain texts, (N, D) in fp32."""
+    encoder, device, out = TextEncoder(clip_model), clip_model.positional_embedding.device, []
+    for i in range(0, len(texts), batch_size):
+        tokens = tokenize(clip_model, texts[i : i + batch_size]).to(device)
+        out.append(F.normalize(encoder(clip_model.token_embedding(tokens), tokens).float(), dim=-1))
+    return torch.cat(out)
+
+
+def zeroshot_classifier(clip_model, classnames, templates):
+    """[CLIP] one weight per class: the normalised mean of its normalised template features."""
+    per_template = [text_features(clip_model, [t.format(c) for c in classnames]) for t in templates]
+    return F.normalize(torch.stack(per_template).mean(dim=0), dim=-1)  # (n_cls, D)
 
 
 # --- end shared: evaluation ---
@@ -1338,6 +1175,68 @@ def finish_run(run_dir, args, method, dataset, zero_shot, accuracy, **extra):
 
 
 # --- end shared: run folder ---
+
+
+# --- shared: checkpoint (canonical copy in coop.py; re-sync with tools/sync_shared.py) ---
+def learned_state(model):
+    """The parameters a method learns (requires_grad): all that a checkpoint holds of the model."""
+    return {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+
+
+def load_learned(model, checkpoint, path, config):
+    """Copy the learned parameters of `checkpoint` into `model`, after checking that it was written
+    by the same method and that every tensor has the shape this run learns."""
+    theirs, mine = checkpoint["state"], learned_state(model)
+    fits = set(theirs) == set(mine) and all(theirs[k].shape == mine[k].shape for k in mine)
+    if checkpoint.get("config", {}).get("method") != config["method"] or not fits:
+        shapes = lambda state: {k: tuple(v.shape) for k, v in state.items()}
+        fail(
+            f"{path} does not fit this run: it was written with {checkpoint.get('config')} and "
+            f"holds {shapes(theirs)}; this run ({config}) learns {shapes(mine)}; use the options "
+            "it was written with"
+        )
+    model.load_state_dict(theirs, strict=False)
+
+
+def save_progress(run_dir, config, model, optimizer, epoch, train_seconds, generator):
+    """checkpoint.pt after each epoch: what --resume needs to continue exactly where it stopped."""
+    save(
+        os.path.join(run_dir, "checkpoint.pt"),
+        {
+            "config": config,
+            "state": learned_state(model),
+            "optimizer": optimizer.state_dict(),
+            "epoch": epoch,
+            "train_seconds": train_seconds,
+            "rng": {"torch": torch.get_rng_state(), "loader": generator.get_state()},
+        },
+    )
+
+
+def resume(run_dir, model, optimizer, generator, config):
+    """Restore the last finished epoch -> (epochs done, training seconds so far). log.jsonl keeps
+    exactly one line per epoch the checkpoint holds: a run killed between appending an epoch's
+    line and saving its checkpoint would otherwise log that epoch twice."""
+    path, log = os.path.join(run_dir, "checkpoint.pt"), os.path.join(run_dir, "log.jsonl")
+    ckpt = load_checkpoint(path)
+    load_learned(model, ckpt, path, config)
+    optimizer.load_state_dict(ckpt["optimizer"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    generator.set_state(ckpt["rng"]["loader"])
+    lines = {}
+    for line in open(log).read().splitlines() if os.path.isfile(log) else []:
+        try:
+            record = json.loads(line)
+        except ValueError:  # a line cut short by the kill
+            continue
+        if record["epoch"] <= ckpt["epoch"]:
+            lines[record["epoch"]] = line
+    save(log, "".join(lines[e] + "\n" for e in sorted(lines)))
+    print(f"resuming {run_dir} after epoch {ckpt['epoch']}")
+    return ckpt["epoch"], ckpt["train_seconds"]
+
+
+# --- end shared: checkpoint ---
 
 
 if __name__ == "__main__":

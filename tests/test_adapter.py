@@ -1,8 +1,7 @@
-"""CLIP-Adapter, Tip-Adapter(-F) and the linear probe: the properties the papers and the code give them."""
+"""CLIP-Adapter, Tip-Adapter(-F), the linear probe: the properties the papers and code give them."""
 
 import json
 import math
-import os
 import subprocess
 import sys
 
@@ -27,7 +26,7 @@ def raw_features(model, n=5, seed=0):
         return model.encode_image(torch.randn(n, 3, 32, 32)).float()  # (n, 32), unnormalised
 
 
-# --- the methods' equations -------------------------------------------------------------------------
+# --- the methods' equations -----------------------------------------------------------------------
 def test_clip_adapter_is_the_coded_bottleneck_and_alpha_zero_is_exactly_zero_shot():
     model = tiny_clip(seed=1)
     dim = model.visual.output_dim
@@ -59,7 +58,9 @@ def test_tip_adapter_alpha_zero_is_exactly_zero_shot():
 
 def test_tip_adapter_affinity_one_to_a_key_adds_alpha_times_its_value():
     torch.manual_seed(1)
-    K = torch.eye(6, 16)  # orthonormal keys: a query equal to key 2 has affinity 1 to it, 0 to the rest
+    K = torch.eye(
+        6, 16
+    )  # orthonormal keys: a query equal to key 2 has affinity 1 to it, 0 to the rest
     V = F.one_hot(torch.tensor([0, 1, 2, 0, 1, 2]), 3).float()
     W = F.normalize(torch.randn(3, 16), dim=-1)
     f = K[2:3]
@@ -106,7 +107,7 @@ def test_linear_probe_reaches_the_optimum_of_sklearns_objective():
         loss = F.cross_entropy(X @ P.t() + b, y) + (P**2).sum() / (2 * C * 30)
         grads = torch.autograd.grad(loss, [P, b])
         assert max(g.abs().max().item() for g in grads) < 1e-3  # stationary (convex: the optimum)
-    assert (ad.probe_logits(X, (P.detach(), b.detach())).argmax(-1) == y).all()  # weak regularisation fits
+    assert ((X @ P.t() + b).argmax(-1) == y).all()  # weak regularisation fits
     with pytest.raises(ValueError, match="must be positive"):
         ad.fit_linear_probe(X, y, 3, -1.0)
 
@@ -125,7 +126,7 @@ def test_C_search_follows_coops_coarse_list_then_log_bisection():
     assert len(fitted) == len(set(fitted))  # every C is fitted once
 
 
-# --- a step changes only the method's parameters ------------------------------------------------------
+# --- a step changes only the method's parameters --------------------------------------------------
 @pytest.mark.parametrize("method", ["clip-adapter", "tip-f"])
 def test_a_train_step_changes_only_the_methods_parameters(method):
     model = tiny_clip(seed=5)
@@ -145,11 +146,17 @@ def test_a_train_step_changes_only_the_methods_parameters(method):
     before = {k: v.clone() for k, v in net.state_dict().items()}
     ad.train_step(forward, optimizer, views[0], labels)
     learned = {n for n, p in net.named_parameters()}
-    assert learned == ({"fc.0.weight", "fc.2.weight"} if method == "clip-adapter" else {"cache_keys"})
+    assert learned == (
+        {"fc.0.weight", "fc.2.weight"} if method == "clip-adapter" else {"cache_keys"}
+    )
     for k, v in net.state_dict().items():
-        assert torch.equal(v, before[k]) != (k in learned), k  # learned ones moved, the values did not
+        assert torch.equal(v, before[k]) != (k in learned), (
+            k
+        )  # learned ones moved, the values did not
     assert torch.equal(W, W0) and torch.equal(views, cache0)
-    assert all(torch.equal(v, frozen[k]) for k, v in model.state_dict().items())  # CLIP bit-identical
+    assert all(
+        torch.equal(v, frozen[k]) for k, v in model.state_dict().items()
+    )  # CLIP bit-identical
 
 
 def test_tip_f_training_lowers_the_loss():
@@ -178,27 +185,188 @@ def test_schedule_is_coops():
     assert [ad.epochs_for_shots(k) for k in (1, 2, 4, 8, 16)] == [50, 100, 100, 200, 200]
 
 
-# --- the feature cache -----------------------------------------------------------------------------------
+# --- the feature cache ----------------------------------------------------------------------------
 def test_cached_features_equal_features_computed_in_the_loop(tiny_data):
     model = tiny_clip(seed=7)
     data = ad.load_dataset(tiny_data)
     items = data["train"][:5]
     transform = ad.train_transform(32, 0.5)
     cpu = torch.device("cpu")
-    cache = ad.encode_views(model.encode_image, items, transform, cpu, "fp32", 3, 11, 0, batch_size=4)
+    cache = ad.encode_views(
+        model.encode_image, items, transform, cpu, "fp32", 3, 11, 0, batch_size=4
+    )
     assert cache.shape == (3, 5, 32)
     for v in range(3):  # in the loop: view v of image i drawn again, and encoded on its own
         for i, (path, _) in enumerate(items):
             torch.random.default_generator.manual_seed(11 * 1_000_003 + v * 5 + i)
             x = transform(Image.open(path).convert("RGB")).unsqueeze(0)
             with torch.no_grad():
-                torch.testing.assert_close(cache[v, i], model.encode_image(x)[0], atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(
+                    cache[v, i], model.encode_image(x)[0], atol=1e-5, rtol=1e-5
+                )
     assert not torch.allclose(cache[0], cache[1])  # the views differ
-    again = ad.encode_views(model.encode_image, items, transform, cpu, "fp32", 3, 11, 0, batch_size=7)
+    again = ad.encode_views(
+        model.encode_image, items, transform, cpu, "fp32", 3, 11, 0, batch_size=7
+    )
     torch.testing.assert_close(again, cache)  # independent of batching
     # the test transform is CLIP's own preprocess
     test = ad.encode_views(model.encode_image, items, ad.test_transform(32), cpu, "fp32", workers=0)
     preprocess = ad.clip.clip._transform(32)
     with torch.no_grad():
-        loop = model.encode_image(torch.stack([preprocess(Image.open(p).convert("RGB")) for p, _ in items]))
+        loop = model.encode_image(
+            torch.stack([preprocess(Image.open(p).convert("RGB")) for p, _ in items])
+        )
     torch.testing.assert_close(test[0], loop, atol=1e-5, rtol=1e-5)
+
+
+# --- the choices never see the test set -----------------------------------------------------------
+@pytest.mark.parametrize("method", ["tip", "tip-f", "linear-probe"])
+def test_the_choices_on_validation_never_read_test_features(
+    method, tiny_ckpt, tiny_data, monkeypatch, tmp_path
+):
+    events, test_paths = [], {p for p, _ in ad.load_dataset(tiny_data)["test"]}
+    encode_views, search_ab, search_C = ad.encode_views, ad.search_alpha_beta, ad.search_C
+
+    def spy_encode(encode, items, *a, **k):
+        events.append(
+            ("encode test" if {p for p, _ in items} & test_paths else "encode", len(items))
+        )
+        return encode_views(encode, items, *a, **k)
+
+    def spy_search(search, name):
+        def spy(features, *a, **k):
+            events.append((name, len(features) if torch.is_tensor(features) else None))
+            return search(features, *a, **k)
+
+        return spy
+
+    monkeypatch.setattr(ad, "encode_views", spy_encode)
+    monkeypatch.setattr(ad, "search_alpha_beta", spy_search(search_ab, "search"))
+    monkeypatch.setattr(ad, "search_C", spy_search(search_C, "search"))
+    argv = ["--method", method, "--backbone", tiny_ckpt, "--data", tiny_data, "--shots", "2"]
+    argv += ["--epochs", "2", "--search-step", "5", "4", "--max-iter", "100"]
+    m = run(argv + ["--out", str(tmp_path)])
+    kinds = [e[0] for e in events]
+    assert kinds.count("search") == 1 and kinds.index("search") < kinds.index("encode test")
+    # no val/ folder: 2 validation images per class from the 4 training images left after the shots
+    assert (
+        events[1] == ("encode", 8) and ("search", 8 if method != "linear-probe" else None) in events
+    )
+    assert all(e == ("encode test", 12) for e in events[kinds.index("encode test") :])
+    assert set(m["chosen"]) >= ({"C"} if method == "linear-probe" else {"alpha", "beta"})
+
+
+# --- end to end through the command line ----------------------------------------------------------
+def test_tip_f_command_line_base_to_new_with_eval_data(
+    tiny_ckpt, tiny_data, shifted_data, tmp_path
+):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "adapter.py", "--method", "tip-f", "--backbone", tiny_ckpt, "--data",
+           tiny_data, "--shots", "2", "--aug-views", "3", "--epochs", "3", "--subsample", "base",
+           "--eval-data", shifted_data, "--search-step", "10", "5", "--workers", "0",
+           "--out", str(out)]  # fmt: skip
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "feature cache: 3 views of 4 training images, 4 validation images" in result.stdout
+    last = result.stdout.strip().splitlines()[-1]
+    assert last.startswith("tip-f colours shots=2 seed=1: accuracy test=")
+    m = json.loads((out / "metrics.json").read_text())
+    assert set(m["accuracy"]) == set(m["zero_shot"]) == {"test", "new", "colours_small"}
+    assert m["accuracy"]["new"] == m["zero_shot"]["new"]  # no cached key of a new class: zero-shot
+    assert 1 <= m["chosen"]["epoch"] <= 3 and m["epochs"] == 3 and "harmonic_mean" in m
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2, 3] and all("val_acc" in r for r in log)
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert set(ckpt["state"]) == {"cache_keys"} and ckpt["state"]["cache_keys"].shape == (4, 32)
+    assert ckpt["values"].shape == (4, 2) and ckpt["config"]["method"] == "tip-f"
+    assert ckpt["chosen"]["alpha"] == m["chosen"]["alpha"]
+
+
+def test_clip_adapter_trains_scores_new_classes_and_evaluates_its_checkpoint(
+    tiny_ckpt, tiny_data, tmp_path
+):
+    argv = ["--backbone", tiny_ckpt, "--data", tiny_data, "--shots", "2", "--aug-views", "2"]
+    m = run(argv + ["--epochs", "3", "--subsample", "base", "--out", str(tmp_path / "a")])
+    assert m["method"] == "clip-adapter" and m["epochs"] == 3 and m["chosen"]["alpha"] == 0.2
+    assert set(m["accuracy"]) == {"test", "new"}  # the adapter is class-agnostic
+    log = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    assert log[0]["lr"] == 1e-5 and log[1]["lr"] == 0.002  # CoOp's warm-up epoch, then cosine
+    ckpt = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
+    assert set(ckpt["state"]) == {"fc.0.weight", "fc.2.weight"}  # D = 32 read from the model
+    assert ckpt["state"]["fc.0.weight"].shape == (8, 32)
+    again = run(argv + ["--subsample", "base", "--load", str(tmp_path / "a" / "checkpoint.pt"),
+                        "--eval-only", "--out", str(tmp_path / "b")])  # fmt: skip
+    assert again["accuracy"] == m["accuracy"] and again["epochs"] == 0
+
+
+def test_tip_is_training_free_and_its_checkpoint_evaluates_alone(tiny_ckpt, tiny_data, tmp_path):
+    argv = ["--method", "tip", "--backbone", tiny_ckpt, "--data", tiny_data, "--shots", "2"]
+    m = run(argv + ["--aug-views", "2", "--out", str(tmp_path / "a")])
+    assert m["epochs"] == 0 and not (tmp_path / "a" / "log.jsonl").exists()
+    assert 0.1 <= m["chosen"]["alpha"] < 10 and 0.1 <= m["chosen"]["beta"] < 12  # the (12, 10) grid
+    load = ["--load", str(tmp_path / "a" / "checkpoint.pt"), "--eval-only"]
+    again = run(argv + load + ["--out", str(tmp_path / "b")])
+    assert again["accuracy"] == m["accuracy"]
+    fixed = run(
+        argv + ["--aug-views", "2", "--alpha", "0", "--no-search", "--out", str(tmp_path / "c")]
+    )
+    assert fixed["accuracy"] == fixed["zero_shot"]  # alpha 0: the cache adds nothing
+
+
+def test_linear_probe_scores_only_its_classes(tiny_ckpt, tiny_data, shifted_data, tmp_path):
+    argv = [
+        "--method",
+        "linear-probe",
+        "--backbone",
+        tiny_ckpt,
+        "--data",
+        tiny_data,
+        "--shots",
+        "2",
+    ]
+    m = run(argv + ["--subsample", "base", "--eval-data", shifted_data, "--out", str(tmp_path)])
+    assert set(m["accuracy"]) == {"test"} and set(m["not_scored"]) == {"new", "colours_small"}
+    assert 1e-7 < m["chosen"]["C"] < 1e7 and "harmonic_mean" not in m
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert set(ckpt["state"]) == {"weight", "bias"} and ckpt["state"]["weight"].shape == (2, 32)
+    m = run(argv + ["--eval-data", shifted_data, "--C", "0.5", "--out", str(tmp_path / "all")])
+    assert set(m["accuracy"]) == {"test", "colours_small"} and m["chosen"]["C"] == 0.5
+
+
+# --- bad input: a clear message before any long work ----------------------------------------------
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--alpha", "1.5"], "residual ratio lies in \\[0, 1\\]"),
+        (["--method", "tip", "--beta", "-1"], "weight and sharpness lie in"),
+        (["--method", "tip", "--search-scale", "0.05", "3"], "must exceed 0.1"),
+        (["--method", "linear-probe", "--C", "-2"], "must be positive"),
+        (["--aug-views", "0"], "must be at least 1"),
+        (["--method", "tip", "--shots", "6"], "no validation image of the classes"),
+        (["--method", "tip", "--eval-only"], "--eval-only needs --load"),
+    ],
+)
+def test_bad_input_stops_with_a_clear_message(extra, message, tiny_ckpt, tiny_data, tmp_path):
+    with pytest.raises(SystemExit, match=message):
+        run(
+            ["--backbone", tiny_ckpt, "--data", tiny_data, "--shots", "2", "--out", str(tmp_path)]
+            + extra
+        )
+
+
+def test_a_checkpoint_of_another_method_or_backbone_is_refused(
+    tiny_ckpt, tiny_vit_ckpt, tiny_data, tmp_path
+):
+    argv = ["--data", tiny_data, "--shots", "1", "--aug-views", "1", "--epochs", "1"]
+    run(argv + ["--backbone", tiny_ckpt, "--out", str(tmp_path / "a")])
+    load = [
+        "--load",
+        str(tmp_path / "a" / "checkpoint.pt"),
+        "--eval-only",
+        "--out",
+        str(tmp_path / "b"),
+    ]
+    with pytest.raises(SystemExit, match="not of --method tip-f"):
+        run(argv + ["--backbone", tiny_ckpt, "--method", "tip-f"] + load)
+    with pytest.raises(SystemExit, match="use the same --backbone"):
+        run(argv + ["--backbone", tiny_vit_ckpt] + load)
