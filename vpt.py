@@ -113,17 +113,14 @@ class TextEncoder(nn.Module):
         for i, block in enumerate(self.transformer.resblocks):
             if 0 < i <= len(deep):  # MaPLe: the previous block's outputs there are replaced
                 n = deep[i - 1].shape[0]
-                xp = torch.cat(
-                    [xp[:, :1], deep[i - 1].type(xp.dtype).expand(B, -1, -1), xp[:, 1 + n :]], dim=1
-                )  # (B, P, d)
+                new = deep[i - 1].type(xp.dtype).expand(B, -1, -1)  # (B, n, d)
+                xp = torch.cat([xp[:, :1], new, xp[:, 1 + n :]], dim=1)  # (B, P, d)
             heads = block.attn.num_heads
             split = lambda t: t.unflatten(-1, (heads, -1)).transpose(-3, -2)  # (.., heads, L, d_h)
             qkv_p = F.linear(block.ln_1(xp), block.attn.in_proj_weight, block.attn.in_proj_bias)
             qkv_s = F.linear(block.ln_1(xs), block.attn.in_proj_weight, block.attn.in_proj_bias)
-            (qp, kp, vp), (qs, ks, vs) = (
-                map(split, qkv_p.chunk(3, -1)),
-                map(split, qkv_s.chunk(3, -1)),
-            )
+            qp, kp, vp = map(split, qkv_p.chunk(3, dim=-1))  # (B, heads, P, d_h) each
+            qs, ks, vs = map(split, qkv_s.chunk(3, dim=-1))  # (B*C, heads, S, d_h) each
             # The prefix attends causally to itself only: it never sees a class name.
             ap = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True)  # (B, heads, P, d_h)
             # Each class's tokens attend to [prefix keys/values ; their own, causally]:
@@ -136,26 +133,6 @@ class TextEncoder(nn.Module):
             xp, xs = xp + block.mlp(block.ln_2(xp)), xs + block.mlp(block.ln_2(xs))
         x = xs[torch.arange(B * C), eot.repeat(B)]  # the EOT rows: (B*C, d)
         return (self.ln_final(x).type(self.dtype) @ self.text_projection).view(B, C, -1)
-
-
-def tokenize(clip_model, texts):
-    return clip.tokenize(texts, context_length=clip_model.context_length)
-
-
-@torch.no_grad()
-def text_features(clip_model, texts, batch_size=1000):
-    """L2-normalised CLIP text features of plain texts, (N, D) in fp32."""
-    encoder, device, out = TextEncoder(clip_model), clip_model.positional_embedding.device, []
-    for i in range(0, len(texts), batch_size):
-        tokens = tokenize(clip_model, texts[i : i + batch_size]).to(device)
-        out.append(F.normalize(encoder(clip_model.token_embedding(tokens), tokens).float(), dim=-1))
-    return torch.cat(out)
-
-
-def zeroshot_classifier(clip_model, classnames, templates):
-    """[CLIP] one weight per class: the normalised mean of its normalised template features."""
-    per_template = [text_features(clip_model, [t.format(c) for c in classnames]) for t in templates]
-    return F.normalize(torch.stack(per_template).mean(dim=0), dim=-1)  # (n_cls, D)
 
 
 # --- end shared: text encoder ---
@@ -396,10 +373,11 @@ def train_step(model, optimizer, scaler, images, labels, precision):
 def main(args):
     device = torch.device(args.device)
     precision = args.precision or ("amp" if device.type == "cuda" else "fp32")
-    pad = args.method == "pad"  # the defaults: Bahng et al.'s recipe, or MaPLe's VPT recipe
+    method, pad = f"vpt-{args.method}", args.method == "pad"
+    # The defaults: Bahng et al.'s recipe for the border, MaPLe's VPT recipe for prompt tokens
     epochs = args.epochs or (1000 if pad else 5)
     batch_size = args.batch_size or (256 if pad else 4)
-    lr = args.lr or (40.0 if pad else 0.0025)
+    base_lr = args.lr or (40.0 if pad else 0.0025)
     weight_decay = args.weight_decay if args.weight_decay is not None else (0.0 if pad else 5e-4)
     template = args.template or ("This is a photo of a {}" if pad else "a photo of a {}.")
     if args.eval_only and not args.load:
@@ -414,17 +392,15 @@ def main(args):
     for name, (_, classnames) in test_sets.items():
         if args.head == "linear" and classnames != train["classnames"]:
             fail(
-                f"--head linear: the test set {name} has other classes than the training set; "
-                "a linear head can only score its own classes (use --head text)"
+                f"--head linear scores its training classes only, and the test set {name} has "
+                "other classes: use --head text"
             )
-    run_dir = args.out or os.path.join(
-        "runs", f"vpt-{args.method}", dataset, f"{args.shots}shot_seed{args.seed}"
-    )
+    run_dir = args.out or os.path.join("runs", method, dataset, f"{args.shots}shot_seed{args.seed}")
     if args.resume and not os.path.isfile(os.path.join(run_dir, "checkpoint.pt")):
         fail(f"--resume: {run_dir}/checkpoint.pt not found; start the run without --resume")
     seed_everything(args.seed)
 
-    # Frozen CLIP, the prompted image encoder and the head
+    # Frozen CLIP, the prompted image encoder, the head
     clip_model = load_clip(args.backbone, device, precision)
     visual, n_px = clip_model.visual, clip_model.visual.input_resolution
     border = args.pad or pad_width(n_px)
@@ -432,55 +408,39 @@ def main(args):
         if pad:
             encoder = PaddedEncoder(visual, border)
         else:
-            encoder = PromptedViT(
-                visual, args.n_prompts, args.method == "deep", args.dropout, args.placement
-            )
+            deep = args.method == "deep"
+            encoder = PromptedViT(visual, args.n_prompts, deep, args.dropout, args.placement)
     except ValueError as e:
         fail(f"--method {args.method} with --backbone {args.backbone}: {e}")
-    text_head = lambda names: TextHead(
-        zeroshot_classifier(clip_model, names, [template]), clip_model.logit_scale
-    )  # encoded once per set of classes
-    if args.head == "text":
-        head = text_head(train["classnames"])
+    if args.head == "text":  # encoded once; re-encoded for each test set's classes
+        weights = zeroshot_classifier(clip_model, train["classnames"], [template])
+        head = TextHead(weights, clip_model.logit_scale)
     else:
         head = linear_head(visual.output_dim, len(train["classnames"]))
     model = PromptedCLIP(encoder, head).to(device)
     learned = [p for p in model.parameters() if p.requires_grad]
     assert not any(p.requires_grad for p in clip_model.parameters())
-    what = (
-        f"a {border}-px border"
-        if pad
-        else (
-            f"{args.n_prompts} prompts x {encoder.prompts.shape[0]} layers, placement {args.placement}"
-        )
-    )
+    n_learned, n_frozen = (sum(p.numel() for p in ps) for ps in (learned, clip_model.parameters()))
+    what = f"a {border}-px border" if pad else f"{args.n_prompts} prompts, {args.placement}"
     print(
-        f"vpt-{args.method}: {what}, {args.head} head; learned {list(learned_state(model))} = "
-        f"{sum(p.numel() for p in learned):,} parameters; CLIP's "
-        f"{sum(p.numel() for p in clip_model.parameters()):,} are frozen"
+        f"{method}: {what}, {args.head} head; learned {list(learned_state(model))} = "
+        f"{n_learned:,} parameters; CLIP's {n_frozen:,} frozen"
     )
-    config = {
-        "method": f"vpt-{args.method}",
-        "backbone": args.backbone,
-        "head": args.head,
-        "n_prompts": 0 if pad else args.n_prompts,
-        "placement": args.placement,
-        "pad": border if pad else 0,
-    }
+    config = dict(method=method, backbone=args.backbone, head=args.head, placement=args.placement)
     if args.load:
-        load_learned(model, load_checkpoint(args.load), args.load, config)
+        checkpoint = load_checkpoint(args.load)
+        load_learned(model, checkpoint, args.load, config)
+        if not pad and checkpoint["config"].get("placement") != args.placement:
+            fail(f"{args.load} holds prompts for --placement {checkpoint['config']['placement']}")
 
-    # Training: SGD on the prompts (and the head); the head's bias gets no weight decay (KMnP)
+    # Training: SGD on the prompts (and the head, whose bias gets no weight decay, as KMnP's)
     os.makedirs(run_dir, exist_ok=True)
     save(os.path.join(run_dir, "args.json"), vars(args))
-    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and n == "head.bias"]
-    decay = [p for p in learned if all(p is not q for q in no_decay)]
-    optimizer = torch.optim.SGD(
-        [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=lr,
-        momentum=args.momentum,
-        weight_decay=weight_decay,
-    )
+    bias = [p for n, p in model.named_parameters() if n == "head.bias"]
+    groups = [{"params": [p for p in learned if all(p is not b for b in bias)]}]
+    groups += [{"params": bias, "weight_decay": 0.0}] if bias else []
+    sgd = dict(lr=base_lr, momentum=args.momentum, weight_decay=weight_decay)
+    optimizer = torch.optim.SGD(groups, **sgd)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "amp" and device.type == "cuda")
     generator = torch.Generator().manual_seed(args.seed)  # the shuffling order, kept for --resume
     # Bahng et al. train on CLIP's preprocess (no augmentation); MaPLe's VPT on random crops + flip
@@ -494,128 +454,77 @@ def main(args):
     elif os.path.exists(os.path.join(run_dir, "log.jsonl")) and not args.eval_only:
         os.remove(os.path.join(run_dir, "log.jsonl"))  # a fresh run starts a fresh log
     for epoch in range(start, 0 if args.eval_only else epochs):
-        model.train()  # the prompt dropout only; CLIP stays in eval mode
+        model.train()  # the prompt dropout only: CLIP stays in eval mode
         t0, losses, accs, n = time.time(), [], [], 0
         peak_mib(device, reset=True)
         for i, (images, labels) in enumerate(loader):
             if pad:  # per step: 1000 linear warm-up steps, then cosine
-                step_lr = lr_at_step(
-                    epoch * len(loader) + i, lr, epochs * len(loader), args.warmup_steps
-                )
+                step = epoch * len(loader) + i
+                lr = lr_at_step(step, base_lr, epochs * len(loader), args.warmup_steps)
             else:  # per epoch: a constant warm-up epoch, then cosine
-                step_lr = lr_at_epoch(epoch, lr, epochs, args.warmup_lr)
+                lr = lr_at_epoch(epoch, base_lr, epochs, args.warmup_lr)
             for group in optimizer.param_groups:
-                group["lr"] = step_lr
-            loss, acc = train_step(
-                model,
-                optimizer,
-                scaler,
-                images.to(device, non_blocking=True),
-                labels.to(device),
-                precision,
-            )
-            losses.append(loss)
-            accs.append(acc)
-            n += len(labels)
+                group["lr"] = lr
+            images, labels = images.to(device, non_blocking=True), labels.to(device)
+            loss, acc = train_step(model, optimizer, scaler, images, labels, precision)
+            losses, accs, n = losses + [loss], accs + [acc], n + len(labels)
         seconds = time.time() - t0
         train_seconds, n_seen = train_seconds + seconds, n_seen + n
-        record = {
-            "epoch": epoch + 1,
-            "lr": step_lr,
-            "loss": float(np.mean(losses)),
-            "train_acc": float(np.mean(accs)),
-            "seconds": round(seconds, 3),
-            "images_per_s": round(n / seconds, 1),
-            "peak_mib": peak_mib(device),
-        }
-        append_log(run_dir, record)
-        print(
-            f"epoch {epoch + 1}/{epochs}  lr {step_lr:.3e}  loss {record['loss']:.4f}  "
-            f"train acc {record['train_acc']:.1f}  {seconds:.1f}s  {n / seconds:.1f} img/s"
+        log_epoch(
+            run_dir, device, epoch + 1, epochs, seconds, n, lr=lr, loss=losses, train_acc=accs
         )
         save_progress(run_dir, config, model, optimizer, epoch + 1, train_seconds, generator)
-    if pad:  # what the border looks like, for a student to see
-        image, path = border_image(model.encoder.prompter), os.path.join(run_dir, "border.png")
-        tmp = f"{path}.{os.getpid()}.tmp"
-        image.save(tmp, format="PNG")
-        os.replace(tmp, path)  # atomic, as every file of the run folder
+    if pad:  # the learned border as a picture, written atomically like every file of the run
+        path = os.path.join(run_dir, "border.png")
+        border_image(model.encoder.prompter).save(f"{path}.tmp", format="PNG")
+        os.replace(f"{path}.tmp", path)
 
-    # Evaluation of the last epoch on every test set (the text head re-encoded for its classes)
+    # Evaluation of the last epoch on every test set, against zero-shot CLIP on the same images
     model.eval()
     zero_shot, acc = {}, {}
     for name, (items, classnames) in test_sets.items():
+        weights = zeroshot_classifier(clip_model, classnames, [template])  # (n_cls, D)
+        if args.head == "text":  # the same frozen classifier, for this set's classes
+            model.head = TextHead(weights, clip_model.logit_scale).to(device)
         loader = make_loader(items, test_transform(n_px), 100, args.workers)
-        if args.head == "text":
-            model.head = text_head(classnames).to(device)
-        zero_shot[name], acc[name] = evaluate(
-            model,
-            clip_model,
-            model.head.weights if args.head == "text" else text_head(classnames).weights,
-            loader,
-            device,
-            precision,
-        )
-    metrics = {
-        "method": f"vpt-{args.method}",
-        "backbone": args.backbone,
-        "dataset": dataset,
-        "shots": args.shots,
-        "seed": args.seed,
-        "zero_shot": zero_shot,
-        "accuracy": acc,
-    }
-    if "new" in acc:
-        metrics["harmonic_mean"] = harmonic_mean(acc["test"], acc["new"])
-    metrics.update(
-        {
-            "epochs": 0 if args.eval_only else epochs,
-            "precision": precision,
-            "train_seconds": round(train_seconds, 2),
-            "peak_mib": peak_mib(device),
-            "images_per_s": round(n_seen / train_seconds, 1) if n_seen else None,
-            **run_info(device),
-        }
-    )
-    finish_run(run_dir, metrics)
-    return metrics
+        zero_shot[name], acc[name] = evaluate(model, clip_model, weights, loader, device, precision)
+    speed = round(n_seen / train_seconds, 1) if n_seen else None
+    run = dict(epochs=0 if args.eval_only else epochs, precision=precision, images_per_s=speed)
+    run["train_seconds"] = round(train_seconds, 2)
+    return finish_run(run_dir, args, method, dataset, zero_shot, acc, **run)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
-        description="VPT (shallow/deep) in CLIP's ViT, and the padding prompt (defaults: the "
-        "papers' settings, see the module docstring).",
+        description="VPT (shallow, deep) in CLIP's ViT and the padding prompt (defaults: the "
+        "papers' settings, see the module docstring)",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add = p.add_argument
     # data and protocol
-    add("--backbone", default="ViT-B/16", help="CLIP name or checkpoint path (pad: any backbone)")
-    add(
-        "--data",
-        required=True,
-        help="ImageFolder root with train/ [val/] test/, or the image root of --split-file",
-    )
-    add("--split-file", default=None, help="CoOp's split_zhou_<Name>.json (--data: its image root)")
-    add("--classnames", default=None, help="classnames.txt: 'folder<TAB>readable name' per line")
+    add("--backbone", default="ViT-B/16", help="CLIP name or checkpoint (pad: any backbone)")
+    add("--data", required=True, help="root with train/ [val/] test/, or --split-file's images")
+    add("--split-file", help="CoOp's split_zhou_<Name>.json (then --data is its image root)")
+    add("--classnames", help="classnames.txt: 'folder<TAB>readable name' per line")
     add("--shots", type=int, default=16, help="training images per class (seeded sample)")
     add(
         "--subsample",
         choices=["all", "base", "new"],
         default="all",
-        help="base-to-new: 'base' trains on the first half of the classes and also tests 'new'",
+        help="base-to-new: 'base' trains on the first half of the classes, also tests 'new'",
     )
     add("--eval-data", nargs="*", default=[], help="extra test sets (ImageFolder roots)")
     add(
         "--template",
-        default=None,
-        help="the text head's and the zero-shot baseline's template "
-        "(default 'a photo of a {}.'; pad: 'This is a photo of a {}', no period, as Bahng et al.)",
+        help="the text head's and zero-shot baseline's template; default 'a photo "
+        "of a {}.' (pad: 'This is a photo of a {}', no period, as Bahng et al.)",
     )
     # the method
     add(
         "--method",
         choices=["shallow", "deep", "pad"],
         default="deep",
-        help="VPT-shallow, VPT-deep (prompt tokens, a ViT only) or the pixel-space padding prompt",
+        help="VPT-shallow or VPT-deep (prompt tokens, a ViT) or the pixel-space padding prompt",
     )
     add("--n-prompts", type=int, default=8, help="prompt tokens p per layer (MaPLe's VPT: 8)")
     add(
@@ -623,10 +532,10 @@ def parse_args(argv=None):
         choices=["vpt", "maple"],
         default="vpt",
         help="vpt: after the class token, after ln_pre, uniform init (the VPT paper); maple: "
-        "after the patches, through ln_pre, N(0, 0.02) init (MaPLe's Deep Vision Prompting)",
+        "after the patches, through ln_pre, N(0, 0.02^2) init (MaPLe's Deep Vision Prompting)",
     )
     add("--dropout", type=float, default=0.0, help="prompt dropout (VPT's demo: 0.1 for deep)")
-    add("--pad", type=int, default=None, help="border width in pixels (default 30 at 224 px)")
+    add("--pad", type=int, help="border width in pixels (default: 30 at 224 px, scaled)")
     add(
         "--head",
         choices=["text", "linear"],
@@ -634,11 +543,11 @@ def parse_args(argv=None):
         help="text: CLIP's frozen text classifier; linear: the VPT paper's trained linear head",
     )
     # optimisation
-    add("--epochs", type=int, default=None, help="default: 5 (pad: 1000)")
-    add("--batch-size", type=int, default=None, help="default: 4 (pad: 256)")
-    add("--lr", type=float, default=None, help="SGD learning rate, default 0.0025 (pad: 40)")
+    add("--epochs", type=int, help="default: 5 (pad: 1000)")
+    add("--batch-size", type=int, help="default: 4 (pad: 256)")
+    add("--lr", type=float, help="SGD learning rate; default 0.0025 (pad: 40)")
     add("--momentum", type=float, default=0.9, help="SGD momentum")
-    add("--weight-decay", type=float, default=None, help="default 5e-4 (pad: 0)")
+    add("--weight-decay", type=float, help="SGD weight decay; default 5e-4 (pad: 0)")
     add("--warmup-lr", type=float, default=1e-5, help="prompt tokens: the first epoch's lr")
     add("--warmup-steps", type=int, default=1000, help="pad: linear warm-up steps")
     add(
@@ -647,36 +556,21 @@ def parse_args(argv=None):
         default=0.08,
         help="prompt tokens: smallest area of the random resized crop (toy world: 0.5)",
     )
-    # run
-    add("--seed", type=int, default=1, help="the papers report seeds 1, 2, 3")
-    add(
-        "--precision",
-        choices=["fp32", "amp", "fp16"],
-        default=None,
-        help="default: amp on CUDA, fp32 on the CPU",
-    )
-    add("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    add("--workers", type=int, default=4, help="data-loading processes")
-    add(
-        "--out",
-        default=None,
-        help="run folder (default runs/vpt-<method>/<dataset>/<k>shot_seed<s>)",
-    )
-    add("--load", default=None, help="checkpoint.pt of learned parameters to start from")
-    add("--eval-only", action="store_true", help="evaluate --load without training")
-    add("--resume", action="store_true", help="continue the run in --out after its last epoch")
+    add_run_args(add)
     return p.parse_args(argv)
 
 
+# --- shared: appendix (canonical copy in coop.py; re-sync with tools/sync_shared.py) ---
 # ================================================================================================
 # Appendix: the shared blocks, identical in every method file (tools/sync_shared.py keeps them so)
 #   data          dataset readers (ImageFolder, CoOp split files), few-shot sampling, base/new
 #                 split, load_task, transforms, loader, checks on bad input
-#   clip          load_clip (names, TorchScript archives and state dicts), autocast
-#   evaluation    encode_images, accuracy, harmonic_mean
+#   clip          load_clip (names, TorchScript archives and state dicts), autocast, tokenize
+#   evaluation    encode_images, accuracy, harmonic_mean, text_features, zeroshot_classifier
 #   run folder    atomic save, the log, seeds, peak memory, run_info, the summary line
 #   checkpoint    learned_state, load_learned, save_progress, resume
 # ================================================================================================
+# --- end shared: appendix ---
 
 
 # --- shared: data (canonical copy in coop.py; re-sync with tools/sync_shared.py) ---
@@ -750,14 +644,15 @@ def read_split_file(split_file, image_root):
 
 
 def load_dataset(root, split_file=None, classnames_file=None):
-    """-> {"train", "val", "test": [(path, label)], "classnames": [name]}; missing splits are empty."""
+    """-> {"train", "val", "test": [(path, label)], "classnames": [name]}; missing splits: []."""
     if split_file:
         return read_split_file(split_file, root)
     if classnames_file is None and os.path.isfile(os.path.join(root, "classnames.txt")):
         classnames_file = os.path.join(root, "classnames.txt")
     names = read_classnames(classnames_file) if classnames_file else None
     if not os.path.isdir(os.path.join(root, "test")):
-        fail(f"{root}: no test/ folder; expected {root}/train/<class>/<image> and {root}/test/...")
+        what = "no test/ folder" if os.path.isdir(root) else "folder not found"
+        fail(f"{root}: {what}; expected {root}/train/<class>/<image> and {root}/test/...")
     data = {"train": [], "val": []}
     data["test"], data["classnames"] = read_image_folder(os.path.join(root, "test"), names)
     for split in ("train", "val"):
@@ -822,7 +717,7 @@ def check_images(items, full=True):
         except (OSError, ValueError) as e:
             fail(f"{path}: cannot read this image ({e}); replace or delete the file")
     if not_rgb:
-        print(f"note: {not_rgb} images are grayscale, RGBA or palette images; converted to RGB")
+        print(f"note: {not_rgb} images are grayscale, RGBA or palette images; they become RGB")
 
 
 def load_task(args, shots=None):
@@ -913,41 +808,33 @@ def make_loader(
 
 # --- shared: clip (canonical copy in coop.py; re-sync with tools/sync_shared.py) ---
 def load_clip(backbone, device, precision):
-    """CLIP by name or checkpoint path, frozen and in eval mode; fp32 weights unless precision is fp16.
+    """CLIP by name or checkpoint path, frozen, in eval mode; fp32 weights unless precision fp16.
 
-    openai-clip 1.0.1 reads a plain state-dict file wrongly (after its TorchScript attempt it does not
-    rewind the file), so such files are read here with torch.load and built with clip's build_model.
+    openai-clip 1.0.1 reads a plain state-dict file wrongly (after its TorchScript attempt it does
+    not rewind the file), so such files are read here with torch.load and clip's build_model.
     """
     if backbone not in clip.available_models() and not os.path.isfile(backbone):
-        fail(
-            f"unknown backbone {backbone!r}: use one of {', '.join(clip.available_models())}, "
-            "or the path of a CLIP checkpoint file"
-        )
+        names = ", ".join(clip.available_models())
+        fail(f"unknown backbone {backbone!r}: use one of {names}, or a CLIP checkpoint's path")
     try:
-        with (
-            warnings.catch_warnings()
-        ):  # torch deprecates torch.jit.load, which clip.load tries first
+        with warnings.catch_warnings():  # torch deprecates torch.jit.load, tried by clip.load
             warnings.simplefilter("ignore")
             model, _ = clip.load(backbone, device="cpu", jit=False)
     except Exception as e:
         if not os.path.isfile(backbone):
             fail(
-                f"could not load {backbone} ({e}); without internet, put OpenAI's file in ~/.cache/clip "
-                "or pass its path with --backbone"
+                f"could not load {backbone} ({e}); without internet, put OpenAI's file in "
+                "~/.cache/clip or pass its path with --backbone"
             )
         try:
             state_dict = torch.load(backbone, map_location="cpu", weights_only=True)
             model = clip.model.build_model(dict(state_dict))
         except Exception as e2:
             fail(f"{backbone}: not a CLIP checkpoint (TorchScript archive or state dict): {e2}")
-        model.float().load_state_dict(
-            state_dict
-        )  # build_model rounds to fp16: put the file's values back
+        model.float().load_state_dict(state_dict)  # build_model rounds to fp16: undo that
     model = model.float()
-    if precision == "fp16":
-        clip.model.convert_weights(
-            model
-        )  # CLIP's own fp16 layout (LayerNorm and embeddings stay fp32)
+    if precision == "fp16":  # CLIP's own fp16 layout (LayerNorm and embeddings stay fp32)
+        clip.model.convert_weights(model)
     return model.requires_grad_(False).eval().to(device)
 
 
@@ -958,6 +845,10 @@ def autocast(device, precision):
     return torch.autocast(
         device_type=device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16
     )
+
+
+def tokenize(clip_model, texts):
+    return clip.tokenize(texts, context_length=clip_model.context_length)
 
 
 # --- end shared: clip ---
@@ -982,6 +873,22 @@ def accuracy(logits, labels):
 
 def harmonic_mean(base, new):
     return 2 * base * new / (base + new)
+
+
+@torch.no_grad()
+def text_features(clip_model, texts, batch_size=1000):
+    """L2-normalised CLIP text features of plain texts, (N, D) in fp32."""
+    encoder, device, out = TextEncoder(clip_model), clip_model.positional_embedding.device, []
+    for i in range(0, len(texts), batch_size):
+        tokens = tokenize(clip_model, texts[i : i + batch_size]).to(device)
+        out.append(F.normalize(encoder(clip_model.token_embedding(tokens), tokens).float(), dim=-1))
+    return torch.cat(out)
+
+
+def zeroshot_classifier(clip_model, classnames, templates):
+    """[CLIP] one weight per class: the normalised mean of its normalised template features."""
+    per_template = [text_features(clip_model, [t.format(c) for c in classnames]) for t in templates]
+    return F.normalize(torch.stack(per_template).mean(dim=0), dim=-1)  # (n_cls, D)
 
 
 # --- end shared: evaluation ---
@@ -1011,11 +918,6 @@ def load_checkpoint(path):
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         fail(f"{path}: not a checkpoint written by this project ({e})")
-
-
-def append_log(run_dir, record):
-    with open(os.path.join(run_dir, "log.jsonl"), "a") as f:
-        f.write(json.dumps(record) + "\n")
 
 
 def seed_everything(seed):
@@ -1053,18 +955,51 @@ def run_info(device):
     }
 
 
-def finish_run(run_dir, metrics):
-    """Write metrics.json and print its one-line summary (the last line of every run)."""
+def add_run_args(add, learned=True):
+    """The options every method file shares: seed, precision, device, run folder, checkpoints."""
+    add("--seed", type=int, default=1, help="the papers report seeds 1, 2, 3")
+    add("--precision", choices=["fp32", "amp", "fp16"], help="default: amp on CUDA, else fp32")
+    add("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add("--workers", type=int, default=4, help="data-loading processes")
+    add("--out", help="run folder (default runs/<method>/<dataset>/...)")
+    if learned:
+        add("--load", help="checkpoint.pt of learned parameters to start from")
+        add("--eval-only", action="store_true", help="evaluate --load without training")
+        add("--resume", action="store_true", help="continue the run in --out after its last epoch")
+
+
+def log_epoch(run_dir, device, epoch, epochs, seconds, n_images, **values):
+    """One line of log.jsonl per epoch, and on the screen: the mean of each per-step value, the
+    speed (images per second) and, on CUDA, the peak memory of the epoch."""
+    record = {"epoch": epoch, **{k: float(np.mean(v)) for k, v in values.items()}}
+    record.update(seconds=round(seconds, 3), images_per_s=round(n_images / seconds, 1))
+    record["peak_mib"] = peak_mib(device)
+    with open(os.path.join(run_dir, "log.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
+    shown = "  ".join(f"{k} {record[k]:.4g}" for k in values)
+    print(f"epoch {epoch}/{epochs}  {shown}  {seconds:.1f}s  {record['images_per_s']} img/s")
+
+
+def finish_run(run_dir, args, method, dataset, zero_shot, accuracy, **extra):
+    """Write metrics.json (the zero-shot baseline and the method's accuracy on every test set,
+    base/new/H, how and where it ran) and print its one-line summary, the run's last line."""
+    device, hm = torch.device(args.device), ""
+    metrics = dict(method=method, backbone=args.backbone, dataset=dataset, seed=args.seed)
+    metrics.update(shots=getattr(args, "shots", 0), zero_shot=zero_shot, accuracy=accuracy)
+    if "new" in accuracy:
+        metrics["harmonic_mean"] = harmonic_mean(accuracy["test"], accuracy["new"])
+        hm = f" H={metrics['harmonic_mean']:.2f}"
+    metrics.update(extra, peak_mib=peak_mib(device), **run_info(device))
     save(os.path.join(run_dir, "metrics.json"), metrics)
-    acc = " ".join(f"{k}={v:.2f}" for k, v in metrics["accuracy"].items())
-    zs = " ".join(f"{k}={v:.2f}" for k, v in metrics["zero_shot"].items())
-    hm = f" H={metrics['harmonic_mean']:.2f}" if "harmonic_mean" in metrics else ""
-    speed = f" | {metrics['images_per_s']:.1f} img/s" if metrics.get("images_per_s") else ""
-    peak = f", peak {metrics['peak_mib']:.0f} MiB" if metrics.get("peak_mib") else ""
+    acc = " ".join(f"{k}={v:.2f}" for k, v in accuracy.items())
+    zs = " ".join(f"{k}={v:.2f}" for k, v in zero_shot.items())
+    speed = f" | {extra['images_per_s']:.1f} img/s" if extra.get("images_per_s") else ""
+    peak = f", peak {metrics['peak_mib']:.0f} MiB" if metrics["peak_mib"] else ""
     print(
-        f"{metrics['method']} {metrics['dataset']} shots={metrics['shots']} seed={metrics['seed']}: "
-        f"accuracy {acc}{hm} | zero-shot {zs}{speed}{peak} | {run_dir}/metrics.json"
+        f"{method} {dataset} shots={metrics['shots']} seed={args.seed}: accuracy {acc}{hm} | "
+        f"zero-shot {zs}{speed}{peak} | {run_dir}/metrics.json"
     )
+    return metrics
 
 
 # --- end shared: run folder ---
@@ -1082,10 +1017,11 @@ def load_learned(model, checkpoint, path, config):
     theirs, mine = checkpoint["state"], learned_state(model)
     fits = set(theirs) == set(mine) and all(theirs[k].shape == mine[k].shape for k in mine)
     if checkpoint.get("config", {}).get("method") != config["method"] or not fits:
+        shapes = lambda state: {k: tuple(v.shape) for k, v in state.items()}
         fail(
             f"{path} does not fit this run: it was written with {checkpoint.get('config')} and "
-            f"holds { ({k: tuple(v.shape) for k, v in theirs.items()}) }; this run ({config}) learns "
-            f"{ ({k: tuple(v.shape) for k, v in mine.items()}) }; use the options it was written with"
+            f"holds {shapes(theirs)}; this run ({config}) learns {shapes(mine)}; use the options "
+            "it was written with"
         )
     model.load_state_dict(theirs, strict=False)
 
