@@ -1,11 +1,10 @@
 """CLIP-Adapter, Tip-Adapter, Tip-Adapter-F and the linear probe: few-shot CLIP on cached features.
 
-Papers
-  CLIP-Adapter: Gao et al., "CLIP-Adapter: Better Vision-Language Models with Feature Adapters",
-                arXiv 2110.04544
-  Tip-Adapter:  Zhang et al., "Tip-Adapter: Training-free Adaption of CLIP for Few-shot
-                Classification", arXiv 2111.03930 (Tip-Adapter-F is its fine-tuned variant)
-  Linear probe: Radford et al., arXiv 2103.00020, App. A.3, as CoOp runs it (2109.01134, lpclip)
+Papers  CLIP-Adapter: Gao et al., "CLIP-Adapter: Better Vision-Language Models with Feature
+          Adapters", arXiv 2110.04544
+        Tip-Adapter(-F): Zhang et al., "Tip-Adapter: Training-free Adaption of CLIP for Few-shot
+          Classification", arXiv 2111.03930
+        Linear probe: Radford et al., arXiv 2103.00020, App. A.3, as CoOp runs it (lpclip/)
 
 The idea. All four keep CLIP frozen and put something small on top of the image feature, so the
 image encoder's output never changes: it runs once per (image, view) into a feature cache, and an
@@ -18,32 +17,31 @@ Equations (f the raw image feature, f^ = f/|f|, W (C, D) the normalised text fea
 dataset's template, s CLIP's logit scale (about 100), K (N, D) the keys, V (N, C) one-hot values)
   [CLIP-Adapter]  A(f) = ReLU(ReLU(f W1^T) W2^T),  W1 (D/4, D), W2 (D, D/4), no biases
   [CLIP-Adapter]  f* = alpha A(f) + (1 - alpha) f,  logits = s norm(f*) W^T         (alpha = 0.2)
-  [Tip-Adapter]   logits = s f^ W^T + alpha exp(-beta (1 - f^ K^T)) V    (beta: sharpness,
-                  alpha: the cache's weight, as in the current code; the first code swapped names)
+  [Tip-Adapter]   logits = s f^ W^T + alpha exp(-beta (1 - f^ K^T)) V    (beta: sharpness, alpha:
+                  the cache's weight, as in the current code; its first version swapped the names)
   [Linear probe]  min_{P,b} mean_i CE(f_i P^T + b, y_i) + |P|^2 / (2 C N)      (sklearn's objective)
 Learned: CLIP-Adapter W1, W2; Tip-Adapter nothing (K, V are built); Tip-Adapter-F K (init: the
-built K); the probe P, b. Frozen: all of CLIP and the text classifier W. Unlike coop.py, nothing
-passes through the text encoder while training.
+built K); the probe P, b. Frozen: all of CLIP and W. Unlike coop.py, no text encoder in training.
 
-Settings. The cache: --aug-views 10 views of every training image (random resized crop of area
-0.5-1, bicubic, flip, as Tip-Adapter), keys = the normalised mean of the raw view features.
+Settings. The cache: --aug-views 10 views of each training image (random resized crop of area
+0.5-1, bicubic, flip: Tip-Adapter's), keys = the normalised mean of the raw view features.
 CLIP-Adapter's training recipe is not published: we use CoOp's (SGD lr 0.002, momentum 0.9, weight
 decay 5e-4, batch 32, one warm-up epoch at 1e-5, cosine per epoch, 50/100/200 epochs for
-1/2-4/8-16 shots), each epoch showing every image once as one of its cached views, drawn at
+1/2-4/8-16 shots), each epoch showing every image once as one of its cached views drawn at
 random; alpha 0.2 as in its code; the last epoch is kept. Tip-Adapter-F: AdamW lr 1e-3, eps 1e-4,
-cosine per iteration, batch 256, 20 epochs; the original keeps the epoch best on *test* and
-searched ImageNet's alpha/beta on *test*: here both are chosen on a validation set. Validation
-set: min(shots, 4) images per class (Dassl's rule; CoOp's lpclip uses {1:1, 2:2, 4:4, 8:4, 16:4},
-the same), drawn from val/ or, without one, from the training images that are not among the shots.
-The linear probe fits raw test-transform features by L-BFGS with CoOp's search for C.
+cosine per iteration, batch 256, 20 epochs. The original keeps the epoch best on *test* and
+searched ImageNet's alpha/beta on *test*; here both are chosen on a validation set of min(shots,
+4) images per class (Dassl's rule; CoOp's lpclip draws {1:1, 2:2, 4:4, 8:4, 16:4}, the same), from
+val/ or, without one, from the training images that are not among the shots. The linear probe
+fits raw test-transform features by L-BFGS, with CoOp's search for C on that validation set.
 New classes: CLIP-Adapter scores any class names (the adapter does not depend on them); Tip's
 cache adds only to the classes it holds (matched by name), so on new classes it is exactly
-zero-shot; the probe scores only its training classes (other test sets are listed as not scored).
+zero-shot; the probe scores only its training classes (other test sets: "not_scored").
 
 Run
-  toy world:  python adapter.py --method tip-f --backbone toy/clip_rn.pt --data toy/sketch --shots 4
-  paper (RN50, 16 shots): python adapter.py --method tip-f --backbone RN50 \\
-        --data DATA/oxford_pets/images --split-file DATA/oxford_pets/split_zhou_OxfordPets.json
+  python adapter.py --method tip-f --backbone toy/clip_rn.pt --data toy/sketch --shots 4
+  python adapter.py --method tip-f --backbone RN50 --data DATA/oxford_pets/images \\
+      --split-file DATA/oxford_pets/split_zhou_OxfordPets.json
 """
 
 import argparse
@@ -305,24 +303,7 @@ def lr_at_epoch(epoch, base_lr, epochs, warmup_lr=1e-5):
 
 
 # ------------------------------------------------------------------------------------------------
-# One optimisation step on cached features (the unit the loops, the tests and bench.py call)
-# ------------------------------------------------------------------------------------------------
-def train_step(logits_fn, optimizer, features, labels, scheduler=None):
-    """logits_fn(features) -> (B, C) logits; CLIP does not run here at all."""
-    logits = logits_fn(features)
-    loss = F.cross_entropy(logits, labels)
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"the loss is {loss.item()}; lower --lr or the alpha/beta values")
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    if scheduler is not None:  # Tip-Adapter-F: cosine per iteration
-        scheduler.step()
-    return loss.item(), accuracy(logits, labels)
-
-
-# ------------------------------------------------------------------------------------------------
-# The feature cache: the frozen image encoder runs once per (image, view)
+# The feature cache (the frozen image encoder runs once per image and view); main's helpers
 # ------------------------------------------------------------------------------------------------
 class SeededViews(torch.utils.data.Dataset):
     """`views` passes over the items. View v of image i is drawn with its own seed, so the cache
@@ -449,6 +430,23 @@ def paper_dataset(args):
         )
     key = name.lower().replace("_", "").replace("-", "")
     return ({k.lower(): k for k in CUSTOM_TEMPLATES} | {"dtd": "DescribableTextures"}).get(key)
+
+
+# ------------------------------------------------------------------------------------------------
+# One optimisation step on cached features (the unit the loops, the tests and bench.py call)
+# ------------------------------------------------------------------------------------------------
+def train_step(logits_fn, optimizer, features, labels, scheduler=None):
+    """logits_fn(features) -> (B, C) logits; CLIP does not run here at all."""
+    logits = logits_fn(features)
+    loss = F.cross_entropy(logits, labels)
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"the loss is {loss.item()}; lower --lr or the alpha/beta values")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    if scheduler is not None:  # Tip-Adapter-F: cosine per iteration
+        scheduler.step()
+    return loss.item(), accuracy(logits, labels)
 
 
 # ------------------------------------------------------------------------------------------------

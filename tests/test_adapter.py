@@ -219,6 +219,38 @@ def test_cached_features_equal_features_computed_in_the_loop(tiny_data):
     torch.testing.assert_close(test[0], loop, atol=1e-5, rtol=1e-5)
 
 
+def test_the_validation_set_comes_from_val_when_there_is_one(
+    tiny_ckpt, split_data, tmp_path, capsys
+):
+    images, split_file = split_data  # 3 train, 1 val, 1 test image per class; 6 classes
+    argv = [
+        "--method",
+        "tip",
+        "--backbone",
+        tiny_ckpt,
+        "--data",
+        images,
+        "--split-file",
+        split_file,
+    ]
+    m = run(argv + ["--shots", "2", "--aug-views", "1", "--out", str(tmp_path)])
+    assert "1 views of 12 training images, 6 validation images" in capsys.readouterr().out
+    assert m["dataset"] == "Colours" and set(m["chosen"]) >= {"alpha", "beta", "val_acc"}
+
+
+def test_the_papers_datasets_are_recognised_by_their_folders_and_split_files():
+    name = lambda data, split=None: ad.paper_dataset(ad.parse_args(["--data", data] + (
+        ["--split-file", split] if split else [])))  # fmt: skip
+    assert (
+        name("DATA/oxford_pets/images", "DATA/oxford_pets/split_zhou_OxfordPets.json")
+        == "OxfordPets"
+    )
+    assert (
+        name("DATA/dtd/images") == "DescribableTextures" and name("DATA/eurosat/2750") == "EuroSAT"
+    )
+    assert name("DATA/imagenet") == "ImageNet" and name("toy/sketch") is None
+
+
 # --- the choices never see the test set -----------------------------------------------------------
 @pytest.mark.parametrize("method", ["tip", "tip-f", "linear-probe"])
 def test_the_choices_on_validation_never_read_test_features(
