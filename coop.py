@@ -183,27 +183,25 @@ class PromptLearner(nn.Module):
             order = class_token_order(tokenize(clip_model, classnames), self.n_ctx, self.position)
             self.register_buffer("order", order.to(device), persistent=False)  # (n_cls, L)
 
-    def forward(self, pi=None):
-        """The full prompts, (n_cls, L, d); with CoCoOp's shifts pi (B, d): (B, n_cls, L, d)."""
+    def forward(self):
+        """[CoOp Eq. 2] every class's whole prompt: (n_cls, L, d)."""
         n_cls = self.token_prefix.shape[0]
-        if pi is not None:  # [CoCoOp] every image gets its own shifted context, for every class
-            ctx = (self.ctx + pi.unsqueeze(1)).unsqueeze(1).expand(-1, n_cls, -1, -1)
-            sos, rest = (
-                t.expand(len(pi), -1, -1, -1) for t in (self.token_prefix, self.token_suffix)
-            )
-            return torch.cat([sos, ctx, rest], dim=2)  # (B, n_cls, L, d)
         ctx = self.ctx if self.csc else self.ctx.expand(n_cls, -1, -1)  # (n_cls, M, d)
-        prompts = torch.cat([self.token_prefix, ctx, self.token_suffix], dim=1)  # [CoOp Eq. 2]
-        if self.position == "end":
-            return prompts  # (n_cls, L, d)
-        index = self.order.unsqueeze(-1).expand(-1, -1, prompts.shape[-1])  # (n_cls, L, d)
-        return prompts.gather(1, index)  # the same rows, the class name moved
+        prompts = torch.cat([self.token_prefix, ctx, self.token_suffix], dim=1)  # (n_cls, L, d)
+        return prompts if self.position == "end" else move_class_name(prompts, self.order)
 
     def prefix(self, pi=None):
         """[SOS] [V]_1..[V]_M, the part of the prompt every class shares: (1, 1 + M, d), or
-        (B, 1 + M, d) with CoCoOp's shifts [V]_m + pi (B, d)."""
+        (B, 1 + M, d) with CoCoOp's shifts pi (B, d)."""
         ctx = self.ctx.unsqueeze(0) if pi is None else self.ctx + pi.unsqueeze(1)  # [CoCoOp 3.2]
         return torch.cat([self.token_prefix[:1].expand(len(ctx), -1, -1), ctx], dim=1)
+
+    def per_image(self, pi):
+        """[CoCoOp 3.2] [V]_m(x) = [V]_m + pi(x): every image's whole prompts, (B, n_cls, L, d)."""
+        n_cls = self.token_prefix.shape[0]
+        ctx = self.prefix(pi)[:, 1:].unsqueeze(1).expand(-1, n_cls, -1, -1)  # (B, n_cls, M, d)
+        fixed = [t.expand(len(pi), -1, -1, -1) for t in (self.token_prefix, self.token_suffix)]
+        return torch.cat([fixed[0], ctx, fixed[1]], dim=2)  # (B, n_cls, L, d)
 
 
 def word_embeddings(clip_model, words):
@@ -216,8 +214,8 @@ def word_embeddings(clip_model, words):
 
 
 def class_token_order(name_tokens, n_ctx, position):
-    """Which row of the 'end' layout goes where when the class name moves (CoOp's 'middle' and
-    'front'); the name keeps its tokens, and the prompt's length and EOT index do not change."""
+    """CoOp's 'middle' and 'front': which row of the 'end' layout goes where when the class name
+    moves; the name keeps its tokens, and the prompt's length and EOT index do not change."""
     order, L, M = [], name_tokens.shape[1], n_ctx
     for n in (name_tokens.argmax(dim=-1) - 1).tolist():  # BPE tokens of each class name
         sos, v, name = [0], list(range(1, 1 + M)), list(range(1 + M, 1 + M + n))
@@ -227,6 +225,11 @@ def class_token_order(name_tokens, n_ctx, position):
         else:  # front: [SOS] [CLASS] [V]_1..[V]_M [.] [EOS]
             order.append(sos + name + v + rest)
     return torch.tensor(order)
+
+
+def move_class_name(prompts, order):
+    """The 'end' prompts (n_cls, L, d) with each class's rows reordered by `order` (n_cls, L)."""
+    return prompts.gather(1, order.unsqueeze(-1).expand(-1, -1, prompts.shape[-1]))
 
 
 class CustomCLIP(nn.Module):
@@ -248,9 +251,8 @@ class CustomCLIP(nn.Module):
         self.meta_net = None
         if cocoop:  # [CoCoOp] h_theta: Linear(vis, vis/16) -> ReLU -> Linear(vis/16, d)
             hidden = vis // 16
-            self.meta_net = nn.Sequential(
-                nn.Linear(vis, hidden), nn.ReLU(True), nn.Linear(hidden, d)
-            )
+            layers = [nn.Linear(vis, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, d)]
+            self.meta_net = nn.Sequential(*layers)
 
     def forward(self, image_features):
         # image_features: (B, D), L2-normalised, from the frozen image encoder
@@ -263,7 +265,7 @@ class CustomCLIP(nn.Module):
             text = encoder(pl(), pl.tokenized).unsqueeze(0)  # (1, n_cls, D)
         else:  # the plain formulation: every (image, class) prompt through the cut encoder
             B, C = len(pi), len(pl.tokenized)
-            text = encoder(pl(pi).flatten(0, 1), pl.tokenized.repeat(B, 1)).view(B, C, -1)
+            text = encoder(pl.per_image(pi).flatten(0, 1), pl.tokenized.repeat(B, 1)).view(B, C, -1)
         text = F.normalize(text.float(), dim=-1)  # (1 or B, n_cls, D)
         if pi is None:
             return inv_tau * image_features @ text[0].t()  # [CoOp Eq. 3] (B, n_cls)

@@ -521,7 +521,8 @@ def build_world(
     force=False,
     rn_steps=900,
     vit_steps=1000,
-    lr=3e-3,
+    rn_lr=3e-3,
+    vit_lr=1e-3,
     batch_size=256,
     workers=2,
 ):
@@ -533,11 +534,8 @@ def build_world(
         if os.path.isfile(record_path) and not force
         else {"seed": seed}
     )
-    jobs = [
-        (tower, steps, lr)
-        for tower, steps in (("rn", rn_steps), ("vit", vit_steps))
-        if force or not os.path.isfile(os.path.join(root, f"clip_{tower}.pt"))
-    ]
+    towers = (("rn", rn_steps, rn_lr), ("vit", vit_steps, vit_lr))
+    jobs = [job for job in towers if force or not os.path.isfile(f"{root}/clip_{job[0]}.pt")]
     if jobs:
         t0 = time.time()
         attrs = random_attributes(
@@ -592,6 +590,29 @@ DEMO_METHODS = [
     ("CoCoOp", "coop.py", "rn", COMMON + ["--cocoop", "--ctx-init", "a photo of a"]),
     ("ProGrad", "prograd.py", "rn", COMMON),
 ]
+
+
+def draw_picture(root, path, per_domain=8, scale=3):
+    """One PNG of the world a student can look at: for each domain, a row of training images
+    (each `scale` times enlarged) with the class names under them, drawn with pillow."""
+    domains = [d for d in [TRAIN_DOMAIN] + DOMAINS + ["proxy"] if os.path.isdir(f"{root}/{d}")]
+    cell, label_h, left = PX * scale + 8, 24, 70
+    sheet = Image.new("RGB", (left + per_domain * cell, len(domains) * (cell + label_h)), "white")
+    pen = ImageDraw.Draw(sheet)
+    for row, domain in enumerate(domains):
+        folders = sorted(os.listdir(f"{root}/{domain}/train"))
+        picks = [folders[i * len(folders) // per_domain] for i in range(per_domain)]
+        y = row * (cell + label_h)
+        pen.text((4, y + cell // 2), domain, fill="black")
+        for col, folder in enumerate(picks):
+            first = sorted(os.listdir(f"{root}/{domain}/train/{folder}"))[0]
+            image = Image.open(f"{root}/{domain}/train/{folder}/{first}").convert("RGB")
+            sheet.paste(image.resize((PX * scale,) * 2, Image.NEAREST), (left + col * cell, y + 4))
+            for line, words in enumerate(folder.replace("_", " ").split(" ", 1)):
+                pen.text((left + col * cell, y + cell + line * 10 - 4), words, fill="black")
+    tmp = path + ".tmp.png"
+    sheet.save(tmp)
+    os.replace(tmp, path)
 
 
 def _start_worker(here):
@@ -770,7 +791,10 @@ def parse_args(argv=None):
         "--rn-steps", type=int, default=900, help="pretraining steps of the ResNet tower"
     )
     p.add_argument("--vit-steps", type=int, default=1000, help="pretraining steps of the ViT tower")
-    p.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate of the pretraining")
+    p.add_argument("--rn-lr", type=float, default=3e-3, help="AdamW learning rate, ResNet tower")
+    # The reference recipe's 1e-3 (toyworld.md): at 1,000 steps the ViT reads shape at 52.2 %
+    # zero-shot with it, against 43.9 % with 3e-3.
+    p.add_argument("--vit-lr", type=float, default=1e-3, help="AdamW learning rate, ViT tower")
     p.add_argument("--batch-size", type=int, default=256, help="pretraining batch (pairs per step)")
     p.add_argument(
         "--demo", action="store_true", help="then run every method file on it and write the table"
@@ -792,7 +816,8 @@ def main(args):
         args.force,
         args.rn_steps,
         args.vit_steps,
-        args.lr,
+        args.rn_lr,
+        args.vit_lr,
         args.batch_size,
         args.workers,
     )

@@ -64,7 +64,7 @@ def test_cocoop_adds_the_same_shift_to_every_context_vector():
     model = tiny_clip(seed=6)
     pl = coop.PromptLearner(model, NAMES, n_ctx=4)
     bias = torch.randn(2, 64)
-    prompts = pl(bias)  # (B, n_cls, L, d)
+    prompts = pl.per_image(bias)  # (B, n_cls, L, d)
     assert prompts.shape == (2, 3, 77, 64)
     for b in range(2):
         for c in range(3):
