@@ -133,26 +133,6 @@ class TextEncoder(nn.Module):
         return (self.ln_final(x).type(self.dtype) @ self.text_projection).view(B, C, -1)
 
 
-def tokenize(clip_model, texts):
-    return clip.tokenize(texts, context_length=clip_model.context_length)
-
-
-@torch.no_grad()
-def text_features(clip_model, texts, batch_size=1000):
-    """L2-normalised CLIP text features of plain texts, (N, D) in fp32."""
-    encoder, device, out = TextEncoder(clip_model), clip_model.positional_embedding.device, []
-    for i in range(0, len(texts), batch_size):
-        tokens = tokenize(clip_model, texts[i : i + batch_size]).to(device)
-        out.append(F.normalize(encoder(clip_model.token_embedding(tokens), tokens).float(), dim=-1))
-    return torch.cat(out)
-
-
-def zeroshot_classifier(clip_model, classnames, templates):
-    """[CLIP] one weight per class: the normalised mean of its normalised template features."""
-    per_template = [text_features(clip_model, [t.format(c) for c in classnames]) for t in templates]
-    return F.normalize(torch.stack(per_template).mean(dim=0), dim=-1)  # (n_cls, D)
-
-
 # --- end shared: text encoder ---
 
 
@@ -164,8 +144,9 @@ class MultimodalPrompts(nn.Module):
 
     The text prompt of class c is "a photo of a {c}." with its first M tokens learned (ctx): TPT
     learns all 4 words, MaPLe the first 2 ("a photo"; "of a" stays fixed). With depth J, the text
-    tokens at positions 1..M are replaced by deep_text[j-1] before text blocks j = 1..J-1, and the
-    vision tower gets the projections proj(ctx), deep_proj[j-1](deep_text[j-1]) [MaPLe].
+    tokens at positions 1..M are replaced by deep_text[j-1] before text blocks j = 1..J-1 (the
+    shared text encoder's `deep`), and the vision tower gets the projections proj(ctx),
+    deep_proj[j-1](deep_text[j-1]) [MaPLe].
     """
 
     def __init__(self, clip_model, classnames, n_ctx=2, depth=3, ctx_init="a photo of a"):
@@ -212,28 +193,6 @@ class MultimodalPrompts(nn.Module):
         return [self.proj(self.ctx)] + deep  # [MaPLe] P~_j = F_j(P_j): J tensors (M, width)
 
 
-def encode_text(encoder, prompts, tokenized, deep=(), cut=True):
-    """The text tower over prompt embeddings (C, L, d) with MaPLe's deeper prompts (M, d) each.
-
-    Before block j = 1..len(deep), positions 1..M are replaced by deep[j-1] (no position
-    embedding), for every class. cut: run only up to the last EOT (exact, the tower is causal).
-    """
-    eot = tokenized.argmax(dim=-1)  # (C,)
-    n = int(eot.max()) + 1 if cut else prompts.shape[1]
-    x = prompts[:, :n].type(encoder.dtype) + encoder.positional_embedding[:n].type(encoder.dtype)
-    mask = torch.full((n, n), float("-inf"), device=x.device, dtype=x.dtype).triu_(1)  # causal
-    x = x.permute(1, 0, 2)  # NLD -> LND: (n, C, d)
-    for j, block in enumerate(encoder.transformer.resblocks):
-        if 1 <= j <= len(deep):  # [MaPLe] replace the context tokens
-            p = deep[j - 1].type(x.dtype).unsqueeze(1).expand(-1, x.shape[1], -1)  # (M, C, d)
-            x = torch.cat([x[:1], p, x[1 + p.shape[0] :]])  # (n, C, d)
-        h = block.ln_1(x)
-        x = x + block.attn(h, h, h, need_weights=False, attn_mask=mask)[0]
-        x = x + block.mlp(block.ln_2(x))
-    x = x.permute(1, 0, 2)[torch.arange(x.shape[1]), eot]  # LND -> NLD, the EOT rows: (C, d)
-    return encoder.ln_final(x).type(encoder.dtype) @ encoder.text_projection  # (C, D)
-
-
 def encode_image(visual, images, prompts=(), tokens=None):
     """CLIP's ViT with MaPLe's vision prompts, an explicit forward over the blocks.
 
@@ -269,18 +228,16 @@ class PromptedCLIP(nn.Module):
     def __init__(self, clip_model, classnames, n_ctx=2, depth=3, ctx_init="a photo of a"):
         super().__init__()
         self.prompts = MultimodalPrompts(clip_model, classnames, n_ctx, depth, ctx_init)
-        self.text_encoder = TextEncoder(clip_model)
-        self.clip, self.cut_text = clip_model, True  # cut_text=False: all 77 positions (bench)
+        self.text_encoder, self.clip = TextEncoder(clip_model), clip_model
 
     def text_features(self):
         pl = self.prompts
-        if pl.depth == 0 and self.cut_text:  # TPT: the shared (cut) text encoder
+        if pl.depth == 0:  # TPT: the shared text encoder, cut after the last EOT (exact)
             text = self.text_encoder(pl.text_prompts(), pl.tokenized)
-        else:
+        else:  # [MaPLe] [SOS][ctx] is every class's: encoded once, the deep prompts replace ctx
+            prefix = torch.cat([pl.token_prefix[:1], pl.ctx[None]], dim=1)  # (1, 1 + M, d)
             deep = list(pl.deep_text)
-            text = encode_text(
-                self.text_encoder, pl.text_prompts(), pl.tokenized, deep, self.cut_text
-            )
+            text = self.text_encoder.shared_prefix(prefix, pl.token_suffix, pl.tokenized, deep)[0]
         return F.normalize(text.float(), dim=-1)  # (C, D)
 
     def image_features(self, images, tokens=None):
@@ -758,14 +715,17 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+# --- shared: appendix (canonical copy in coop.py; re-sync with tools/sync_shared.py) ---
 # ================================================================================================
 # Appendix: the shared blocks, identical in every method file (tools/sync_shared.py keeps them so)
-#   data          dataset readers, few-shot sampling, load_task, transforms, loader, input checks
-#   clip          load_clip (names, TorchScript archives and state dicts), autocast
-#   evaluation    encode_images, accuracy
+#   data          dataset readers (ImageFolder, CoOp split files), few-shot sampling, base/new
+#                 split, load_task, transforms, loader, checks on bad input
+#   clip          load_clip (names, TorchScript archives and state dicts), autocast, tokenize
+#   evaluation    encode_images, accuracy, harmonic_mean, text_features, zeroshot_classifier
 #   run folder    atomic save, the log, seeds, peak memory, run_info, the summary line
-#   checkpoint    learned_state, load_learned
+#   checkpoint    learned_state, load_learned, save_progress, resume
 # ================================================================================================
+# --- end shared: appendix ---
 
 
 # --- shared: data (canonical copy in coop.py; re-sync with tools/sync_shared.py) ---
@@ -846,7 +806,8 @@ def load_dataset(root, split_file=None, classnames_file=None):
         classnames_file = os.path.join(root, "classnames.txt")
     names = read_classnames(classnames_file) if classnames_file else None
     if not os.path.isdir(os.path.join(root, "test")):
-        fail(f"{root}: no test/ folder; expected {root}/train/<class>/<image> and {root}/test/...")
+        what = "no test/ folder" if os.path.isdir(root) else "folder not found"
+        fail(f"{root}: {what}; expected {root}/train/<class>/<image> and {root}/test/...")
     data = {"train": [], "val": []}
     data["test"], data["classnames"] = read_image_folder(os.path.join(root, "test"), names)
     for split in ("train", "val"):
@@ -911,7 +872,7 @@ def check_images(items, full=True):
         except (OSError, ValueError) as e:
             fail(f"{path}: cannot read this image ({e}); replace or delete the file")
     if not_rgb:
-        print(f"note: {not_rgb} images are grayscale, RGBA or palette images; converted to RGB")
+        print(f"note: {not_rgb} images are grayscale, RGBA or palette images; they become RGB")
 
 
 def load_task(args, shots=None):
@@ -1041,6 +1002,10 @@ def autocast(device, precision):
     )
 
 
+def tokenize(clip_model, texts):
+    return clip.tokenize(texts, context_length=clip_model.context_length)
+
+
 # --- end shared: clip ---
 
 
@@ -1063,6 +1028,22 @@ def accuracy(logits, labels):
 
 def harmonic_mean(base, new):
     return 2 * base * new / (base + new)
+
+
+@torch.no_grad()
+def text_features(clip_model, texts, batch_size=1000):
+    """L2-normalised CLIP text features of plain texts, (N, D) in fp32."""
+    encoder, device, out = TextEncoder(clip_model), clip_model.positional_embedding.device, []
+    for i in range(0, len(texts), batch_size):
+        tokens = tokenize(clip_model, texts[i : i + batch_size]).to(device)
+        out.append(F.normalize(encoder(clip_model.token_embedding(tokens), tokens).float(), dim=-1))
+    return torch.cat(out)
+
+
+def zeroshot_classifier(clip_model, classnames, templates):
+    """[CLIP] one weight per class: the normalised mean of its normalised template features."""
+    per_template = [text_features(clip_model, [t.format(c) for c in classnames]) for t in templates]
+    return F.normalize(torch.stack(per_template).mean(dim=0), dim=-1)  # (n_cls, D)
 
 
 # --- end shared: evaluation ---

@@ -127,22 +127,32 @@ def test_maple_prompts_start_from_a_photo_and_deep_copies_of_one_coupling():
     }
 
 
-def test_the_explicit_towers_are_clips_and_the_cut_text_tower_is_exact():
+def text_by_hand(clip_model, prompts, tokenized, deep):
+    """MaPLe's text tower the plain way: all 77 positions, positions 1..M overwritten before the
+    blocks 1..J-1."""
+    x = (prompts + clip_model.positional_embedding).permute(1, 0, 2)  # (77, C, d)
+    for j, block in enumerate(clip_model.transformer.resblocks):
+        if 1 <= j <= len(deep):
+            x = torch.cat([x[:1], deep[j - 1][:, None].expand(-1, x.shape[1], -1), x[3:]])
+        x = block(x)  # CLIP's own block and causal mask
+    x = clip_model.ln_final(x.permute(1, 0, 2))[torch.arange(x.shape[1]), tokenized.argmax(-1)]
+    return x @ clip_model.text_projection
+
+
+def test_the_towers_with_prompts_are_clips_own_with_the_prompts_in_place():
     clip_model = tiny_clip(vit=True, seed=5)
     images = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
-        torch.testing.assert_close(
-            ps.encode_image(clip_model.visual, images), clip_model.encode_image(images)
-        )
+        plain = ps.encode_image(clip_model.visual, images)  # the explicit forward, no prompt
+        torch.testing.assert_close(plain, clip_model.encode_image(images), rtol=0, atol=0)
         model = ps.PromptedCLIP(clip_model, NAMES, n_ctx=2, depth=2)
-        pl, enc = model.prompts, model.text_encoder
-        deep = [p + 0.3 for p in pl.deep_text]
-        cut = ps.encode_text(enc, pl.text_prompts(), pl.tokenized, deep)
-        full = ps.encode_text(enc, pl.text_prompts(), pl.tokenized, deep, cut=False)
-        torch.testing.assert_close(cut, full, rtol=1e-5, atol=1e-6)
-        plain = ps.encode_text(enc, pl.text_prompts(), pl.tokenized)
-        torch.testing.assert_close(plain, enc(pl.text_prompts(), pl.tokenized), rtol=0, atol=0)
-        assert (plain - cut).abs().max() > 1e-3  # the deep prompts do reach the text feature
+        pl = model.prompts
+        pl.deep_text[0].add_(0.3)
+        by_hand = text_by_hand(clip_model, pl.text_prompts(), pl.tokenized, list(pl.deep_text))
+        text = model.text_features()
+        torch.testing.assert_close(text, F.normalize(by_hand, dim=-1), rtol=1e-5, atol=1e-6)
+        no_deep = text_by_hand(clip_model, pl.text_prompts(), pl.tokenized, [])
+        assert (text - F.normalize(no_deep, dim=-1)).abs().max() > 1e-3  # deep prompts matter
         # the vision prompts: after ln_pre at block 0, then written straight into blocks 1..J-1
         tokens = []
         model.image_features(images, tokens)
