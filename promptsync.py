@@ -429,7 +429,7 @@ def lr_at_epoch(epoch, base_lr, epochs, warmup_lr=1e-5):
     return warmup_lr if epoch == 0 else base_lr * (1 + math.cos(math.pi * (epoch - 1) / epochs)) / 2
 
 
-def source_stage(args, model, data, test_sets, run_dir, device, precision, config):
+def source_stage(args, model, data, test_sets, config, run_dir, device, precision):
     """[MaPLe] learn the prompts on the labelled source shots (both towers in the graph), then
     record the token statistics PromptAlign aligns to. -> (zero-shot, prompts' accuracy)."""
     learned = [p for p in model.parameters() if p.requires_grad]
@@ -563,7 +563,7 @@ def main(args):
     precision = args.precision or ("amp" if device.type == "cuda" else "fp32")
     source, align = args.stage == "source", args.stage == "test" and args.loss == "align"
     ckpt = load_checkpoint(args.load) if args.load else {}
-    saved = ckpt.get("config", {})
+    saved = ckpt.get("config", {})  # the prompts' shape comes from --load unless options say
     kind = args.prompts or saved.get("method") or ("maple" if source or align else "tpt")
     n_ctx = 4 if kind == "tpt" else args.n_ctx or saved.get("n_ctx", 2)
     depth = 0 if kind == "tpt" else saved.get("depth", 3) if args.depth is None else args.depth
@@ -575,8 +575,8 @@ def main(args):
         fail("--data is required (or --merge DIR... to merge the shards of a test stage)")
     if align and (depth == 0 or "means" not in ckpt):
         fail(
-            "--loss align aligns the vision tokens to source statistics: --load the checkpoint.pt "
-            "of a --stage source run (MaPLe prompts)"
+            "--loss align aligns the vision tokens to source statistics: --load the "
+            "checkpoint.pt of a --stage source run (MaPLe prompts)"
         )
     if not source and not args.eval_only and int(args.views * args.rho) < 1:
         fail(f"--views {args.views} with --rho {args.rho} keeps no view; raise one of them")
@@ -588,13 +588,14 @@ def main(args):
             fail(f"{args.data}: the source stage needs a labelled train/ split")
     else:  # only the test images are read and checked (not a large train/ folder next to them)
         data = load_dataset(args.data, args.split_file, args.classnames)
-        dataset, test_sets = os.path.basename(os.path.normpath(args.data)), {}
-        test_sets["test"] = (data["test"], data["classnames"])
+        test_sets = {"test": (data["test"], data["classnames"])}
         for root in args.eval_data:
             name, items, classnames = load_eval_set(root)
             test_sets[name if name not in test_sets else root] = (items, classnames)
         for items, _ in test_sets.values():
             check_images(items, full=False)
+        dataset = os.path.basename(args.split_file or os.path.normpath(args.data))
+        dataset = dataset.replace("split_zhou_", "").replace(".json", "")
     method = "maple" if source else "promptalign" if align else "tpt" if depth == 0 else "tpt_maple"
     folder = f"{args.shots}shot_seed{args.seed}" if source else f"seed{args.seed}"
     folder += f"_shard{K}of{N}" if int(N) > 1 else ""
@@ -604,51 +605,44 @@ def main(args):
     # Frozen CLIP and the prompts
     clip_model = load_clip(args.backbone, device, precision)
     try:
-        model = PromptedCLIP(clip_model, data["classnames"], n_ctx, depth)
+        model = PromptedCLIP(clip_model, data["classnames"], n_ctx, depth).to(device)
         for _, classnames in test_sets.values():  # every test set's prompts fit, before any work
             model.prompts.set_classnames(clip_model, classnames)
         model.prompts.set_classnames(clip_model, data["classnames"])
     except ValueError as e:
         fail(str(e))
-    model, n_learned = model.to(device), sum(p.numel() for p in learned_state(model).values())
+    learned = learned_state(model)
     assert not any(p.requires_grad for p in clip_model.parameters())
     print(
-        f"{method}: {kind} prompts (n_ctx {n_ctx}, depth {depth}): {n_learned:,} parameters "
-        f"{list(learned_state(model))}; CLIP's are frozen"
+        f"{method}: {kind} prompts (n_ctx {n_ctx}, depth {depth}), learned {list(learned)} = "
+        f"{sum(p.numel() for p in learned.values()):,} parameters; CLIP is frozen"
     )
     config = dict(method=kind, backbone=args.backbone, n_ctx=n_ctx, depth=depth)
     if args.load:
         load_learned(model, ckpt, args.load, config)
-    if align:  # the source statistics, (L, T, W) each; T: class token, patches, prompts
-        means, variances, v = ckpt["means"], ckpt["variances"], clip_model.visual
-        T, L = v.positional_embedding.shape[0] + n_ctx, len(means)
-        spec = args.align_layers
+    if align:  # the source statistics of the aligned blocks; T: class token, patches, prompts
+        means, v, spec = ckpt["means"], clip_model.visual, args.align_layers  # (L, T, W)
+        shape, L = (v.positional_embedding.shape[0] + n_ctx, v.conv1.out_channels), len(means)
         layers = (
             list(range(L)) if spec == "all" else [int(i) for i in spec.split(",") if i.isdigit()]
         )
-        if means.shape[1:] != (T, v.conv1.out_channels) or not layers or max(layers) >= L:
+        if means.shape[1:] != shape or not layers or max(layers) >= L:
             fail(
-                f"{args.load}: statistics {tuple(means.shape)} and --align-layers {spec} do not "
-                f"fit this backbone (L, {T}, {v.conv1.out_channels}); use 0,1 or all"
+                f"{args.load}: statistics {tuple(means.shape)} or --align-layers {spec} do not "
+                f"fit this backbone ({L} blocks, {shape}); use 0,1 or all"
             )
-        means, variances = (
-            [means[l].to(device) for l in layers],
-            [variances[l].to(device) for l in layers],
-        )
-        align = (layers, means, variances, args.align_weight)
+        stats = [[ckpt[k][l].to(device) for l in layers] for k in ("means", "variances")]
+        align = (layers, *stats, args.align_weight)
     os.makedirs(run_dir, exist_ok=True)
     args.shots = args.shots if source else 0  # test-time methods see no labelled image
     save(os.path.join(run_dir, "args.json"), dict(vars(args), method=method, dataset=dataset))
-    t0 = time.time()
+    t0, stage = time.time(), (run_dir, device, precision)
     if source:
-        zero_shot, acc = source_stage(
-            args, model, data, test_sets, run_dir, device, precision, config
-        )
+        zero_shot, acc = source_stage(args, model, data, test_sets, config, *stage)
     else:
-        zero_shot, acc = test_stage(args, model, align, test_sets, run_dir, device, precision)
-    return finish_run(
-        run_dir, args, method, dataset, zero_shot, acc, seconds=round(time.time() - t0, 1)
-    )
+        zero_shot, acc = test_stage(args, model, align, test_sets, *stage)
+    seconds = round(time.time() - t0, 1)
+    return finish_run(run_dir, args, method, dataset, zero_shot, acc, seconds=seconds)
 
 
 def parse_args(argv=None):
@@ -661,20 +655,15 @@ def parse_args(argv=None):
         "--stage",
         choices=["source", "test"],
         default="test",
-        help="source: learn MaPLe's prompts and the token statistics on a labelled set; "
-        "test: tune the prompts on every test image",
+        help="source: MaPLe's prompts "
+        "and the token statistics from a labelled set; test: tune on every test image",
     )
-    add(
-        "--loss",
-        choices=["tpt", "align"],
-        default="tpt",
-        help="test stage: TPT's marginal entropy, or PromptAlign's entropy + token alignment",
-    )
+    add("--loss", choices=["tpt", "align"], default="tpt", help="TPT, or PromptAlign")
     add(
         "--prompts",
         choices=["tpt", "maple"],
-        help="TPT's 4 text vectors or MaPLe's multimodal prompts (default: --load's; else maple "
-        "for --stage source and --loss align, tpt otherwise)",
+        help="TPT's 4 text vectors or MaPLe's; default: "
+        "--load's, else maple for --stage source and --loss align, else tpt",
     )
     add("--n-ctx", type=int, help="MaPLe's learned text tokens (default 2: 'a photo')")
     add("--depth", type=int, help="MaPLe's prompt depth J (default 3, the cross-dataset setting)")
@@ -683,7 +672,7 @@ def parse_args(argv=None):
     add("--split-file", help="CoOp's split_zhou_<Name>.json (then --data is its image root)")
     add("--classnames", help="classnames.txt ('folder<TAB>name'); default <data>/classnames.txt")
     add("--eval-data", nargs="*", default=[], help="more test sets (ImageFolder roots)")
-    # the source stage (MaPLe's cross-dataset recipe)
+    # the source stage: MaPLe's cross-dataset recipe
     add("--shots", type=int, default=16, help="source images per class (seeded sample)")
     add("--epochs", type=int, default=2, help="source epochs (the first is the warm-up)")
     add("--batch-size", type=int, default=4, help="source batch size")
@@ -691,25 +680,16 @@ def parse_args(argv=None):
     add("--momentum", type=float, default=0.9, help="source SGD momentum")
     add("--weight-decay", type=float, help="source: SGD 5e-4; test: AdamW 0.01")
     add("--warmup-lr", type=float, default=1e-5, help="learning rate of the first source epoch")
-    add(
-        "--crop-scale",
-        type=float,
-        default=0.08,
-        help="smallest crop area of the source images and the test views (toy world: 0.5)",
-    )
-    # the test stage
+    add("--crop-scale", type=float, default=0.08, help="smallest crop area (toy world: 0.5)")
+    # the test stage: TPT's and PromptAlign's per-image settings
     add("--views", type=int, default=64, help="views per test image, the original included")
     add("--rho", type=float, default=0.1, help="confidence selection: the share of views kept")
     add("--steps", type=int, default=1, help="test-time steps per image")
     add("--augmix", action="store_true", help="AugMix on the views (TPT on fine-grained sets)")
-    add(
-        "--align-layers",
-        default="0,1",
-        help="blocks aligned: the authors' code aligns 0,1; 'all' for the paper's form",
-    )
-    add("--align-weight", type=float, default=100 / 3, help="beta: the code's 100/3")
+    add("--align-layers", default="0,1", help="the blocks aligned (code: 0,1; paper: all)")
+    add("--align-weight", type=float, default=100 / 3, help="beta (the code: 100/3)")
     add("--shard", default="0/1", help="K/N: only every N-th test image, from the K-th")
-    add("--merge", nargs="+", help="print and write the accuracy of these shards' run folders")
+    add("--merge", nargs="+", help="the accuracy of these shards' run folders together")
     p.set_defaults(subsample="all")  # load_task's base/new split: not used here
     add_run_args(add)
     return p.parse_args(argv)
