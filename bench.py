@@ -310,37 +310,63 @@ def reset_cpu_peak():
         return None
 
 
-def row(name, variant, fn, batch, classes, device, steps, warmup, peak_rate, difference=None):
-    """Time fn; peak memory: CUDA's allocator peak, or on the CPU the resident-memory peak above
-    what the process held before (weights, data), both for the whole row."""
+def measure(fn, device):
+    """One call of fn and its peak memory in MiB: CUDA's allocator peak, or on the CPU the growth of
+    the process's resident memory above what it held before (weights, data)."""
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(device)
-    else:
-        base = reset_cpu_peak()
-    times, flops = time_steps(fn, steps, warmup, device, count=True)
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device) / 2**20
-    else:
-        peak = None if base is None else cpu_memory("VmHWM") - base
-    median = statistics.median(times)
-    q = statistics.quantiles(times, n=10, method="inclusive") if len(times) >= 2 else [median] * 9
-    achieved = flops / (median / 1000) / 1e12
-    return {
-        "method": name,
-        "variant": variant,
-        "batch": batch,
-        "classes": classes,
-        "median_ms": round(median, 3),
-        "p10_ms": round(q[0], 3),
-        "p90_ms": round(q[-1], 3),
-        "peak_mib": None if peak is None else round(peak, 1),
-        "gflop": round(flops / 1e9, 3),
-        "tflops": round(achieved, 4),
-        "fraction_of_matmul": round(achieved / peak_rate, 4),
-        "max_abs_diff": None if difference is None else difference[0],
-        "exact": None if difference is None else difference[1],
-    }
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    base = reset_cpu_peak()
+    fn()
+    return None if base is None else cpu_memory("VmHWM") - base
+
+
+def side_by_side(name, variants, batch, classes, device, steps, warmup, peak_rate):
+    """Rows for (variant, fn, difference) triples of one method. Each fn is warmed up (its FLOPs
+    counted in the first warm-up step) and its memory measured alone; then the timed steps run in
+    alternation, one step of each variant in turn, so that a change in the machine's load during
+    the measurement affects every variant alike."""
+    flops, peaks = [], []
+    for _, fn, _ in variants:
+        flops.append(time_steps(fn, 0, warmup, device, count=True)[1])
+        peaks.append(measure(fn, device))
+    times = [[] for _ in variants]
+    for _ in range(steps):
+        for i, (_, fn, _) in enumerate(variants):
+            times[i] += time_steps(fn, 1, 0, device)[0]
+    rows = []
+    for (variant, _, difference), t, f, peak in zip(variants, times, flops, peaks):
+        median = statistics.median(t)
+        q = statistics.quantiles(t, n=10, method="inclusive") if len(t) >= 2 else [median] * 9
+        achieved = f / (median / 1000) / 1e12
+        rows.append(
+            {
+                "method": name,
+                "variant": variant,
+                "batch": batch,
+                "classes": classes,
+                "median_ms": round(median, 3),
+                "p10_ms": round(q[0], 3),
+                "p90_ms": round(q[-1], 3),
+                "peak_mib": None if peak is None else round(peak, 1),
+                "gflop": round(f / 1e9, 3),
+                "tflops": round(achieved, 4),
+                "fraction_of_matmul": round(achieved / peak_rate, 4),
+                "max_abs_diff": None if difference is None else difference[0],
+                "exact": None if difference is None else difference[1],
+            }
+        )
+        print(format_row(rows[-1]), flush=True)
+    return rows
+
+
+def row(name, variant, fn, batch, classes, device, steps, warmup, peak_rate, difference=None):
+    """One row alone (see side_by_side)."""
+    common = (batch, classes, device, steps, warmup, peak_rate)
+    return side_by_side(name, [(variant, fn, difference)], *common)[0]
 
 
 def run(args):
@@ -359,11 +385,6 @@ def run(args):
     classnames = [f"class {i}" for i in range(args.classes)]
     peak = matmul_rate(device, precision)
     rows = []
-
-    def add(r):
-        rows.append(r)
-        print(format_row(r), flush=True)
-
     for method in methods:
         batch = args.batch_size or PAPER_BATCH[method]
         torch.manual_seed(1)
@@ -372,37 +393,40 @@ def run(args):
         else:
             images = torch.randn(batch, 3, n_px, n_px, device=device)
         labels = torch.randint(args.classes, (batch,), device=device)
-        common = (batch, args.classes, device, args.steps, args.warmup, peak)
         built = make_method(method, clip_model, classnames, device, precision)
-        add(
-            row(
-                method,
+        variants = [
+            (
                 TEXT_VARIANTS["shared"],
                 step_fn(method, clip_model, *built, images, labels, precision),
-                *common,
+                None,
             )
-        )
+        ]
         check = lambda *m, **k: logits_and_grads(
             method, clip_model, *m, images, labels, precision, **k
         )
         fast = check(*make_method(method, clip_model, classnames, device, precision)[:2])
         for text in [t for t in ("cut", "full") if t in plain]:
             other = make_method(method, clip_model, classnames, device, precision, text)
-            difference = max_difference(fast, check(*other[:2]))
-            add(
-                row(
-                    method,
+            variants.append(
+                (
                     TEXT_VARIANTS[text],
                     step_fn(method, clip_model, *other, images, labels, precision),
-                    *common,
-                    difference,
+                    max_difference(fast, check(*other[:2])),
                 )
             )
         if method == "prograd" and "teacher" in plain:
             own = make_method(method, clip_model, classnames, device, precision)
-            difference = max_difference(fast, check(*own[:2], teacher_forward=True))
             fn = step_fn(method, clip_model, *own, images, labels, precision, teacher_forward=True)
-            add(row(method, "teacher with its own image forward", fn, *common, difference))
+            variants.append(
+                (
+                    "teacher with its own image forward",
+                    fn,
+                    max_difference(fast, check(*own[:2], teacher_forward=True)),
+                )
+            )
+        rows += side_by_side(
+            method, variants, batch, args.classes, device, args.steps, args.warmup, peak
+        )
     if "eval" in plain:
         rows += eval_rows(clip_model, classnames, args, device, precision, peak)
     result = {
@@ -450,14 +474,13 @@ def eval_rows(clip_model, classnames, args, device, precision, peak):
             return torch.cat([zero_shot.flatten(), model(f).float().flatten()]), []
 
     difference = max_difference(evaluate(False), evaluate(True))
-    common = (batch, args.classes, device, args.steps, args.warmup, peak)
-    rows = [
-        row("eval", "image features encoded once", lambda: evaluate(False), *common),
-        row("eval", "re-encoded for each classifier", lambda: evaluate(True), *common, difference),
+    variants = [
+        ("image features encoded once", lambda: evaluate(False), None),
+        ("re-encoded for each classifier", lambda: evaluate(True), difference),
     ]
-    for r in rows:
-        print(format_row(r), flush=True)
-    return rows
+    return side_by_side(
+        "eval", variants, batch, args.classes, device, args.steps, args.warmup, peak
+    )
 
 
 def format_row(r):
