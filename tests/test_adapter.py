@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -335,7 +336,7 @@ def test_tip_is_training_free_and_its_checkpoint_evaluates_alone(tiny_ckpt, tiny
     argv = ["--method", "tip", "--backbone", tiny_ckpt, "--data", tiny_data, "--shots", "2"]
     m = run(argv + ["--aug-views", "2", "--out", str(tmp_path / "a")])
     assert m["epochs"] == 0 and not (tmp_path / "a" / "log.jsonl").exists()
-    assert 0.1 <= m["chosen"]["alpha"] < 10 and 0.1 <= m["chosen"]["beta"] < 12  # the (12, 10) grid
+    assert 0.1 <= m["chosen"]["alpha"] < 50 and 0.1 <= m["chosen"]["beta"] < 50  # (50, 50) grid
     load = ["--load", str(tmp_path / "a" / "checkpoint.pt"), "--eval-only"]
     again = run(argv + load + ["--out", str(tmp_path / "b")])
     assert again["accuracy"] == m["accuracy"]
@@ -402,3 +403,18 @@ def test_a_checkpoint_of_another_method_or_backbone_is_refused(
         run(argv + ["--backbone", tiny_ckpt, "--method", "tip-f"] + load)
     with pytest.raises(SystemExit, match="use the same --backbone"):
         run(argv + ["--backbone", tiny_vit_ckpt] + load)
+
+
+# --- slow: the toy world --------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["clip-adapter", "tip-f"])
+def test_adapters_beat_zero_shot_on_the_shifted_domain_they_were_trained_on(
+    method, world, tmp_path
+):
+    root, _ = world
+    argv = ["--method", method, "--backbone", os.path.join(root, "clip_rn.pt"), "--data",
+            os.path.join(root, "sketch"), "--shots", "4", "--subsample", "base",
+            "--out", str(tmp_path)]  # fmt: skip
+    m = run(argv)  # views: the cache's random crops keep half the 32-pixel image or more (0.5)
+    # measured on a built world: CLIP-Adapter 28.7, Tip-Adapter-F 34.0, zero-shot 14.7 (30-way)
+    assert m["accuracy"]["test"] > m["zero_shot"]["test"] + 5, json.dumps(m)
