@@ -14,9 +14,9 @@ the template, or (--head linear) from the VPT paper's linear head trained with t
 
 Equations (E_i the patch tokens after block i, x_i the class token, P_i the prompts of block i,
 L_i block i, W the frozen text classifier, 1/tau CLIP's logit scale, about 100)
-  [VPT Eq. 1-2]  shallow: [x_i, Z_i, E_i] = L_i([x_i-1, Z_i-1, E_i-1]),  Z_0 = P
-  [VPT Eq. 3-4]  deep:    [x_i, _, E_i]   = L_i([x_i-1, P_i-1, E_i-1])   (prompt outputs dropped)
-  [VPT]          f(x) = ln_post(x_L) @ proj;  logits = cos(f(x), W) / tau,  or  head(f(x))
+  [VPT-shallow]  [x_i, Z_i, E_i] = L_i([x_i-1, Z_i-1, E_i-1]),  Z_0 = P (carried through)
+  [VPT-deep]     [x_i, _, E_i]   = L_i([x_i-1, P_i-1, E_i-1])   (the prompt outputs are dropped)
+  [VPT head]     f(x) = ln_post(x_L) @ proj;  logits = cos(f(x), W) / tau,  or  head(f(x))
   [Pad]          x' = x + border (zero inside the centre), x the normalised image
 Learned: prompts (n_layers if deep else 1, p, width), or the border's four tensors (69,840
 numbers at 224 px); with --head linear also the head. Frozen: all of CLIP.
@@ -168,9 +168,7 @@ class PromptedViT(nn.Module):
         self.visual, self.n_prompts, self.deep, self.placement = visual, n_prompts, deep, placement
         width, patch = visual.conv1.out_channels, visual.conv1.kernel_size[0]
         prompts = torch.empty(len(visual.transformer.resblocks) if deep else 1, n_prompts, width)
-        if (
-            placement == "vpt"
-        ):  # [VPT] KMnP calls it "xavier_uniform": fan_in 3*patch^2, fan_out width
+        if placement == "vpt":  # KMnP's "xavier_uniform": fan_in 3 * patch^2, fan_out width
             v = math.sqrt(6.0 / (3 * patch * patch + width))
             nn.init.uniform_(prompts, -v, v)
         else:  # MaPLe's VPT
@@ -178,9 +176,7 @@ class PromptedViT(nn.Module):
         self.prompts = nn.Parameter(prompts)
         self.dropout = nn.Dropout(dropout)  # on the prompts only (VPT's demo: 0.1 for deep)
 
-    def train(
-        self, mode=True
-    ):  # CLIP stays frozen and in eval mode; only the prompt dropout trains
+    def train(self, mode=True):  # only the prompt dropout trains: CLIP stays in eval mode
         super().train(mode)
         self.visual.eval()
         return self
@@ -194,10 +190,8 @@ class PromptedViT(nn.Module):
         x = v.conv1(images.type(v.conv1.weight.dtype))  # (B, width, grid, grid)
         x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)  # (B, N, width), N = grid^2
         B, width = x.shape[0], x.shape[-1]
-        cls = v.class_embedding.to(x.dtype) + torch.zeros(
-            B, 1, width, dtype=x.dtype, device=x.device
-        )
-        x = torch.cat([cls, x], dim=1)  # (B, 1+N, width)
+        cls = torch.zeros(B, 1, width, dtype=x.dtype, device=x.device)
+        x = torch.cat([v.class_embedding.to(x.dtype) + cls, x], dim=1)  # (B, 1+N, width)
         x = x + v.positional_embedding.to(x.dtype)  # the prompts never get a position embedding
         if self.placement == "vpt":
             # Why after ln_pre: KMnP puts the prompts into the sequence that the first block reads
@@ -205,18 +199,18 @@ class PromptedViT(nn.Module):
             # the input set is written exactly where every deep set is written (straight into a
             # block's input), and its init scale matters: ln_pre would re-normalise each prompt.
             x = v.ln_pre(x)
-            x = torch.cat([x[:, :1], self.prompt(0, B, x.dtype), x[:, 1:]], dim=1)  # (B, 1+p+N, w)
-            rows = slice(1, 1 + p)
+            x = torch.cat([x[:, :1], self.prompt(0, B, x.dtype), x[:, 1:]], dim=1)  # [VPT-shallow]
+            rows = slice(1, 1 + p)  # the prompts' positions in [CLS, P, patches]: (B, 1+p+N, w)
         else:  # [MaPLe] appended after the patches, layer-normed with them
             x = v.ln_pre(torch.cat([x, self.prompt(0, B, x.dtype)], dim=1))  # (B, 1+N+p, width)
             rows = slice(x.shape[1] - p, x.shape[1])
         x = x.permute(1, 0, 2)  # NLD -> LND
         for i, block in enumerate(v.transformer.resblocks):
-            if i > 0 and self.deep and p > 0:  # [VPT Eq. 3] replace, not add: block i-1's outputs
+            if i > 0 and self.deep and p > 0:  # [VPT-deep] replace, not add: block i-1's outputs
                 x[rows] = self.prompt(i, B, x.dtype).permute(1, 0, 2)  # at the prompts: (p, B, w)
             x = block(x)  # CLIP's own block: attention over all 1+p+N tokens, then the MLP
         x = x.permute(1, 0, 2)  # LND -> NLD
-        return v.ln_post(x[:, 0, :]) @ v.proj  # [VPT] the class token, CLIP's pooling: (B, D)
+        return v.ln_post(x[:, 0, :]) @ v.proj  # [VPT head] the class token as CLIP pools: (B, D)
 
 
 class PadPrompter(nn.Module):
@@ -315,11 +309,8 @@ def lr_at_step(step, base_lr, total_steps, warmup_steps):
     """Bahng et al.'s schedule, stepped per batch: linear warm-up, then cosine to 0."""
     if step < warmup_steps:
         return base_lr * (step + 1) / warmup_steps
-    return (
-        0.5
-        * base_lr
-        * (1 + math.cos(math.pi * (step - warmup_steps) / (total_steps - warmup_steps)))
-    )
+    progress = (step - warmup_steps) / (total_steps - warmup_steps)
+    return 0.5 * base_lr * (1 + math.cos(math.pi * progress))
 
 
 @torch.no_grad()
@@ -340,9 +331,8 @@ def evaluate(model, clip_model, weights, loader, device, precision):
     for images, y in loader:
         images = images.to(device)
         with autocast(device, precision):
-            zero_shot.append(
-                F.normalize(clip_model.encode_image(images).float(), dim=-1) @ weights.t()
-            )
+            f = F.normalize(clip_model.encode_image(images).float(), dim=-1)  # (B, D)
+            zero_shot.append(f @ weights.t())
             ours.append(model(images).float())
         labels.append(y.to(device))
     labels = torch.cat(labels)
