@@ -207,20 +207,22 @@ def resolve_dataset(spec):
 
 def label(name):
     """A dataset's folder name in the run folders: its name, or an ImageFolder root's basename."""
-    return (
-        name if name in DATASETS or name in VARIANTS else os.path.basename(os.path.normpath(name))
-    )
+    known = name in DATASETS or name in VARIANTS
+    return name if known else os.path.basename(os.path.normpath(name))
 
 
 def run_tag(stem, extras):
     """The run folders' name for a method and its options (the same options, the same name):
-    coop, coop_cocoop_backbone_ViT-B-16, ...; --workers and --device do not change results."""
+    coop, coop_cocoop_backbone_ViT-B-16, coop_backbone_clip_rn (toy/clip_rn.pt), ...; --workers
+    and --device do not change results."""
     kept, skip = [], False
     for token in extras:
         if skip:
             skip = False
         elif token.split("=")[0] in ("--workers", "--device"):
             skip = "=" not in token
+        elif "/" in token and (token[0] in "/.~" or os.path.splitext(token)[1]):
+            kept.append(os.path.splitext(os.path.basename(token))[0])  # a file: its name
         else:
             kept.append(token.lstrip("-"))
     tag = re.sub(r"[^A-Za-z0-9_.=-]+", "-", "_".join([stem] + kept)).strip("-")
@@ -233,13 +235,10 @@ def paper_options(stem, extras, dataset, shots):
     """The papers' per-dataset settings that the method files leave to the caller (training)."""
     opts = []
     if stem in ("coop", "prograd") and dataset == "ImageNet" and "--cocoop" not in extras:
-        opts += [
-            "--epochs",
-            "50",
-        ]  # CoOp's ImageNet configs (*_ep50) at every shot count; ProGrad's
-    if stem == "prograd" and shots >= 8 and dataset in ("OxfordFlowers", "DescribableTextures"):
-        opts += ["--lam", "0.8"]  # ProGrad's scripts: lambda 0.8 at 8 and 16 shots on these three
-    if stem == "prograd" and shots >= 8 and dataset == "EuroSAT":
+        # CoOp's ImageNet configs (*_ep50) at every shot count; ProGrad follows CoOp's epochs
+        opts += ["--epochs", "50"]
+    hard = dataset in ("OxfordFlowers", "DescribableTextures", "EuroSAT") and shots >= 8
+    if stem == "prograd" and hard:  # ProGrad's scripts: lambda 0.8 at 8 and 16 shots on these
         opts += ["--lam", "0.8"]
     if stem == "adapter" and option(extras, "--method") == "tip-f" and dataset == "EuroSAT":
         opts += ["--epochs", "100"]  # Tip-Adapter-F's EuroSAT config (20 elsewhere)
@@ -434,7 +433,7 @@ class Job:
         self.out = os.path.normpath(self.out)
         self.log = os.path.join(self.out, "run.log")
         # a run that --loads (or --merges) another run's files starts after that run
-        needed = [option(self.tokens, "--load")] + (self.merged() or [])
+        needed = [option(self.tokens, "--load")] + self.merged()
         self.after = {
             os.path.normpath(os.path.dirname(p) if p.endswith(".pt") else p) for p in needed if p
         }
@@ -490,7 +489,7 @@ def run_plan(commands, workers=1, gpus=None, stream=None):
     if gpus and workers > len(gpus):
         print(f"note: {workers} workers share {len(gpus)} GPUs", file=stream)
     cond, running, stop = threading.Condition(), {}, threading.Event()
-    bar = tqdm(total=len(todo), unit="run", file=stream, smoothing=0, dynamic_ncols=True)
+    bar = tqdm(total=len(todo), unit="run", file=stream, smoothing=0, disable=not todo)
 
     def next_job():
         with cond:
@@ -1043,11 +1042,12 @@ def format_table(rows, fmt="markdown", paper=True):
                     cells.append("" if value is None else f"{value:.2f} [{notes[source]}]")
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
-    lines.append(
-        "Mean ± population std over seeds (np.std, ddof 0, as CoOp's parse_test_res.py); H: the "
-        "harmonic mean of the mean base and mean new accuracies, ± the std of the runs' H; "
-        "averages: the mean of the datasets' means."
-    )
+    lines.append("Mean ± population std over seeds (np.std, ddof 0, as CoOp's parse_test_res.py)")
+    if any("H" in r["stats"] for r in rows):
+        lines[-1] += "; H: the harmonic mean of the mean base and new accuracies, ± the runs' H std"
+    if any(not r["seeds"] for r in rows):
+        lines[-1] += "; averages: the mean of the datasets' means"
+    lines[-1] += "."
     lines += [f"[{n}] {SOURCES[s]}" for s, n in notes.items()]
     return "\n".join(lines) + "\n"
 
