@@ -656,7 +656,8 @@ def read_run(path):
         args = {}
     args = args if isinstance(args, dict) else {}
     run["args"] = args
-    run["setting"] = "base-to-new" if "new" in accuracy else ""
+    base_to_new = "new" in accuracy or args.get("subsample") == "base"
+    run["setting"] = "base-to-new" if base_to_new else ""
     if args.get("eval_only") and args.get("load"):
         run["setting"] = "cross-dataset"  # learned elsewhere, evaluated here
     K, _, N = str(args.get("shard") or "0/1").partition("/")
@@ -761,11 +762,14 @@ def collect_runs(folders):
     whole.sort(key=lambda r: r["merged"] is not None)  # promptsync --merge's folders come last
     unique = {}
     for r in whole:
-        key = (r["setting"], r["method"], r["backbone"], r["dataset"], r["shots"], r["seed"])
-        if key not in unique:
-            unique[key] = r
-        elif not r["merged"]:  # a --merge folder repeats its shards: expected, not a warning
-            warn(f"{r['path']}: the same run as {unique[key]['path']} {key[1:]}; counted once")
+        key = (r["setting"], r["method"], r["backbone"], paper_name(r["dataset"]), r["shots"])
+        key += (r["seed"],)
+        kept = unique.setdefault(key, r)
+        if kept is r or r["merged"]:  # a --merge folder repeats its shards: expected
+            continue
+        if len(r["accuracy"]) > len(kept["accuracy"]):  # keep the one with more test sets
+            unique[key], kept, r = r, r, kept
+        warn(f"{r['path']}: the same run as {kept['path']} {key[1:]}; counted once, as the latter")
     return list(unique.values())
 
 
@@ -1063,20 +1067,9 @@ def main(args):
     if args.verb == "plan":
         if not os.path.isfile(args.method):
             fail(f"--method {args.method}: file not found (a method file such as coop.py)")
-        commands, needs = plan_commands(
-            args.protocol,
-            args.method,
-            args.root,
-            args.datasets,
-            args.shots,
-            args.seeds,
-            args.extras,
-            args.out,
-            args.shards,
-            args.source,
-            args.tag,
-            args.python,
-        )
+        keys = ["datasets", "shots", "seeds", "extras", "out", "shards", "source", "tag", "python"]
+        options = {k: getattr(args, k) for k in keys}
+        commands, needs = plan_commands(args.protocol, args.method, args.root, **options)
         missing = {} if args.no_check else missing_paths(needs)
         if missing:  # before printing anything: a plan is all or nothing
             by_hint = {}
@@ -1090,9 +1083,7 @@ def main(args):
         lines = [shlex.join(c) for stage, c in commands if args.stage in (None, stage)]
         sys.stdout.write("".join(line + "\n" for line in lines))
         stages = sorted({stage for stage, _ in commands})
-        note = f" in stages {stages} (run: in order; elsewhere: --stage 1, then 2)" * (
-            len(stages) > 1
-        )
+        note = " (run orders them; elsewhere: --stage 1, then --stage 2)" * (len(stages) > 1)
         print(f"# {len(lines)} command{'s' * (len(lines) != 1)}{note}", file=sys.stderr)
         return 0
     if args.verb == "run":

@@ -268,6 +268,8 @@ def test_table_mean_and_population_std_over_seeds_each_run_once(tmp_path, capsys
     write_run(runs / "coop_eurosat", **dict(coop, dataset="EuroSAT"), seed=1,
               accuracy={"test": 50.0, "imagenet-sketch": 30.0})  # fmt: skip
     shutil.copytree(runs / "coop/seed1", runs / "copy/seed1")  # the same run twice: counted once
+    more = {"test": 77.0, "imagenet-sketch": 57.0, "imagenet-r": 60.0}  # ... as the one with
+    write_run(runs / "dg/seed3", **coop, seed=3, accuracy=more, zero_shot={"test": 62.0})  # more
     os.symlink(runs / "coop", runs / "link")  # the same files again: silently once
     (runs / "bad").mkdir()
     (runs / "bad/metrics.json").write_text('{"method": "coop", "accur')  # killed while writing
@@ -281,6 +283,9 @@ def test_table_mean_and_population_std_over_seeds_each_run_once(tmp_path, capsys
     warnings = capsys.readouterr().err
     assert f"{runs}/bad/metrics.json: skipped" in warnings
     assert f"{runs}/copy/seed1/metrics.json: the same run" in warnings and "link" not in warnings
+    assert (
+        f"{runs}/coop/seed3/metrics.json: the same run as {runs}/dg/seed3/metrics.json" in warnings
+    )
     row = rows[("coop", "OxfordPets")]
     assert row["seeds"] == [1, 2, 3] and row["stats"]["test"] == (73.0, np.std([70, 72, 77]))
     assert row["stats"]["test"][1] == pytest.approx((26 / 3) ** 0.5)  # population std (ddof 0)
