@@ -285,8 +285,9 @@ def plan_commands(
         fail(f"--shards {shards}: use 1 or more")
     transfer = protocol in ("cross-dataset", "domain-generalisation")
     source = resolve_dataset(source)
-    default = {"cross-dataset": [d for d in DATASETS if d != source], "few-shot": list(DATASETS)}
-    default["domain-generalisation"], default["base-to-new"] = list(VARIANTS), list(DATASETS)
+    default = dict.fromkeys(["few-shot", "base-to-new"], list(DATASETS))
+    default["cross-dataset"] = [d for d in DATASETS if d != source]  # the 10 others
+    default["domain-generalisation"] = list(VARIANTS)
     targets = [resolve_dataset(d) for d in datasets] if datasets else default[protocol]
     trains_on = targets if protocol in ("few-shot", "base-to-new") else [source] * learns
     if any(d in VARIANTS for d in trains_on):
