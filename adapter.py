@@ -640,20 +640,24 @@ def main(args):
         f = encode_views(
             encode, items, test_transform(n_px), device, precision, workers=args.workers
         )[0]  # raw (N, D)
-        y, f_n = label_tensor(items, device), F.normalize(f, dim=-1)
+        y = label_tensor(items, device)
         W_test = zeroshot_classifier(clip_model, names, templates)
-        zero_shot[name] = accuracy(s * f_n @ W_test.t(), y)
-        with torch.no_grad():
-            if method == "clip-adapter":  # the adapter does not depend on the class names
-                logits = clip_adapter_logits(f, model, alpha, W_test, s)
-            elif method.startswith("tip"):  # the cache adds to the classes it holds, by name
-                V = model.cache_values @ name_map(classnames, names, device)  # (N, C_test)
-                logits = tip_adapter_logits(f_n, W_test, model.cache_keys, V, alpha, beta, s)
-            elif set(names) <= set(classnames):  # the probe scores its training classes only
-                logits = model(f)[:, [classnames.index(n) for n in names]]
-            else:
-                not_scored[name] = "classes the linear probe was not trained on"
-                continue
+        zero_shot[name] = accuracy(s * F.normalize(f, dim=-1) @ W_test.t(), y)
+        if method == "clip-adapter":  # the adapter does not depend on the class names
+            score = lambda x: clip_adapter_logits(x, model, alpha, W_test, s)
+        elif method.startswith("tip"):  # the cache adds to the classes it holds, by name
+            V = model.cache_values @ name_map(classnames, names, device)  # (N, C_test)
+            K = model.cache_keys
+            score = lambda x: tip_adapter_logits(
+                F.normalize(x, dim=-1), W_test, K, V, alpha, beta, s
+            )
+        elif set(names) <= set(classnames):  # the probe scores its training classes only
+            score = lambda x: model(x)[:, [classnames.index(n) for n in names]]
+        else:
+            not_scored[name] = "classes the linear probe was not trained on"
+            continue
+        with torch.no_grad():  # 1024 images at a time: Tip's (B, N) affinities stay small
+            logits = torch.cat([score(x) for x in f.split(1024)])  # (N_test, C_test)
         acc[name] = accuracy(logits, y)
     trained = method in ("clip-adapter", "tip-f") and not args.eval_only
     return finish_run(
