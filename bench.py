@@ -47,6 +47,10 @@ try:
     import prograd  # noqa: E402
 except ImportError:  # the file is not there yet
     prograd = None
+try:
+    import adapter  # noqa: E402
+except ImportError:
+    adapter = None
 
 # OpenAI's architectures: embed_dim, image_resolution, vision_layers, vision_width, vision_patch_size,
 # context_length, vocab_size, transformer_width, transformer_heads, transformer_layers
@@ -57,7 +61,14 @@ OPENAI_CONFIGS = {
     "ViT-B/16": (512, 224, 12, 768, 16, 77, 49408, 512, 8, 12),
     "ViT-L/14": (768, 224, 24, 1024, 14, 77, 49408, 768, 12, 12),
 }
-PAPER_BATCH = {"coop-text": 32, "coop": 32, "cocoop": 1, "prograd": 32}
+PAPER_BATCH = {
+    "coop-text": 32,
+    "coop": 32,
+    "cocoop": 1,
+    "prograd": 32,
+    "clip-adapter": 32,
+    "tip-f": 256,
+}
 
 
 def parse_args(argv=None):
@@ -373,6 +384,7 @@ def run(args):
     device = torch.device(args.device)
     precision = args.precision or ("amp" if device.type == "cuda" else "fp32")
     available = ["coop-text", "coop", "cocoop"] + (["prograd"] if prograd else [])
+    available += ["adapter"] if adapter else []
     methods = available if args.methods == "all" else args.methods.split(",")
     unknown = [m for m in methods if m not in available]
     if unknown:
@@ -386,6 +398,9 @@ def run(args):
     peak = matmul_rate(device, precision)
     rows = []
     for method in methods:
+        if method == "adapter":
+            rows += adapter_rows(clip_model, classnames, args, device, precision, peak)
+            continue
         batch = args.batch_size or PAPER_BATCH[method]
         torch.manual_seed(1)
         if method == "coop-text":  # the text step alone: normalised image features as the input
@@ -481,6 +496,84 @@ def eval_rows(clip_model, classnames, args, device, precision, peak):
     return side_by_side(
         "eval", variants, batch, args.classes, device, args.steps, args.warmup, peak
     )
+
+
+def adapter_rows(clip_model, classnames, args, device, precision, peak, shots=16):
+    """adapter.py: each trained method's step on cached features, next to the same step recomputing
+    the image features from the pixels every epoch (what the original loops do), with the exactness
+    check on logits and gradients; and the training-free parts as rows of their own: Tip-Adapter's
+    alpha/beta search (200 x 20 grid on 4 validation images per class) and one L-BFGS fit of the
+    linear probe (16 shots per class). Keys: 16 shots per class, as at 16 shots."""
+    n_px, dim, n_cls = (
+        clip_model.visual.input_resolution,
+        clip_model.visual.output_dim,
+        len(classnames),
+    )
+    s = clip_model.logit_scale.exp().item()
+    W = coop.zeroshot_classifier(clip_model, classnames, ["a photo of a {}."])  # (C, D)
+    torch.manual_seed(3)
+    n_keys = shots * n_cls
+    keys = F.normalize(torch.randn(n_keys, dim, device=device), dim=-1)  # (N, D)
+    values = F.one_hot(torch.arange(n_keys, device=device) % n_cls, n_cls).float()  # (N, C)
+    rows = []
+    for method in ("clip-adapter", "tip-f"):
+        batch = args.batch_size or PAPER_BATCH[method]
+        images = torch.randn(batch, 3, n_px, n_px, device=device)
+        labels = torch.randint(n_cls, (batch,), device=device)
+
+        def encode():  # the frozen image encoder, as the cache (once) or the original loop (always)
+            with torch.no_grad(), coop.autocast(device, precision):
+                return clip_model.encode_image(images).float()  # (B, D), raw
+
+        def build():  # the model, optimizer, scheduler and logits as adapter.main builds them
+            torch.manual_seed(0)
+            if method == "clip-adapter":
+                model = adapter.ClipAdapter(dim).to(device)
+                opt = torch.optim.SGD(model.parameters(), 0.002, momentum=0.9, weight_decay=5e-4)
+                return model, opt, None, lambda f: adapter.clip_adapter_logits(f, model, 0.2, W, s)
+            model = adapter.TipAdapterF(keys, values).to(device)
+            opt = torch.optim.AdamW(model.parameters(), 1e-3, eps=1e-4, weight_decay=0.01)
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 10**6)
+            return model, opt, sched, lambda f: model(F.normalize(f, dim=-1), W, 1.0, 1.0, s)
+
+        def check(features):  # what the exactness check compares: logits and gradients
+            model, _, _, forward = build()
+            logits = forward(features)
+            grads = torch.autograd.grad(F.cross_entropy(logits, labels), list(model.parameters()))
+            return logits.detach().float().flatten(), grads
+
+        cached = encode()
+        difference = max_difference(check(cached), check(encode()))
+        common = (batch, n_cls, device, args.steps, args.warmup, peak)
+        _, opt, sched, forward = build()
+        _, opt2, sched2, forward2 = build()
+        variants = [
+            (
+                "on cached features",
+                lambda: adapter.train_step(forward, opt, cached, labels, sched),
+                None,
+            ),
+            (
+                "image features recomputed every epoch",
+                lambda: adapter.train_step(forward2, opt2, encode(), labels, sched2),
+                difference,
+            ),
+        ]
+        rows += side_by_side(method, variants, *common)
+    n_val = 4 * n_cls
+    f_val = F.normalize(torch.randn(n_val, dim, device=device), dim=-1)
+    y_val = torch.arange(n_val, device=device) % n_cls
+    search = lambda: adapter.search_alpha_beta(f_val, y_val, W, keys, values, s, (7.0, 3.0))
+    rows.append(
+        row("tip", "alpha/beta search, 200 x 20 grid", search, n_val, n_cls, device, 1, 0, peak)
+    )
+    probe_x, probe_y = (
+        torch.randn(n_keys, dim, device=device),
+        torch.arange(n_keys, device=device) % n_cls,
+    )
+    fit = lambda: adapter.fit_linear_probe(probe_x, probe_y, n_cls, 1.0)
+    rows.append(row("probe", "one L-BFGS fit (C = 1)", fit, n_keys, n_cls, device, 1, 0, peak))
+    return rows
 
 
 def format_row(r):

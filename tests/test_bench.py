@@ -19,10 +19,12 @@ def test_bench_runs_every_method_on_the_cpu(tiny_ckpt, tmp_path):
     rows = result["rows"]
     written = bench.TEXT_VARIANTS["shared"]
     assert {r["method"] for r in rows if r["variant"] == written} == {"coop-text", "coop", "cocoop", "prograd"}
-    assert all(r["median_ms"] > 0 and math.isfinite(r["gflop"]) and r["gflop"] > 0 for r in rows)
+    assert all(r["median_ms"] > 0 and math.isfinite(r["gflop"]) and r["gflop"] >= 0 for r in rows)
+    assert all(r["gflop"] > 0 for r in rows if r["variant"] == written)  # FLOPs are counted
     plain = [r for r in rows if r["exact"] is not None]
     assert {r["variant"] for r in plain} == {bench.TEXT_VARIANTS["cut"], bench.TEXT_VARIANTS["full"],
-                                             "teacher with its own image forward", "re-encoded for each classifier"}
+                                             "teacher with its own image forward", "re-encoded for each classifier",
+                                             "image features recomputed every epoch"}
     assert all(r["peak_mib"] is not None for r in rows)  # the CPU's resident-memory peak
     assert all(r["exact"] for r in plain)  # every speed-up keeps the results
     assert result["note"].startswith("CPU run")
