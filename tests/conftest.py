@@ -6,7 +6,12 @@ import sys
 import warnings
 
 import pytest
-import torch
+
+# One thread per process: the tests' tiny models gain nothing from more, and on a 2-core machine
+# shared with other work (or the demo's two workers) extra threads only wait for each other. Set
+# before torch is imported, so that the command-line runs the tests start inherit it too.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+import torch  # noqa: E402
 from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
