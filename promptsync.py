@@ -29,11 +29,14 @@ sets), rho 0.1, one AdamW step at lr 5e-3, prompts and optimizer reset per image
 prompts (cross-dataset recipe): ImageNet 16 shots, 2 tokens, depth 3, SGD lr 0.0026, batch 4, 2
 epochs. PromptAlign: those prompts, ViT-B/16, AdamW lr 4e-2, the same views without AugMix.
 
-Run
-  python promptsync.py --stage source --backbone toy/clip_vit.pt --data toy/proxy --crop-scale 0.5
+Run (the toy world, then the papers' setting; the source stage writes runs/maple/<set>/...)
+  python promptsync.py --backbone toy/clip_vit.pt --data toy/sketch --eval-data toy/noise   # TPT
+  python promptsync.py --stage source --backbone toy/clip_vit.pt --data toy/proxy --crop-scale 1
   python promptsync.py --loss align --backbone toy/clip_vit.pt --data toy/sketch \\
       --load runs/maple/proxy/16shot_seed1/checkpoint.pt
-  python promptsync.py --backbone ViT-B/16 --data DATA/imagenet-a --loss tpt      # TPT on CLIP
+  python promptsync.py --stage source --backbone ViT-B/16 --data DATA/imagenet
+  python promptsync.py --loss align --load runs/maple/imagenet/16shot_seed1/checkpoint.pt \\
+      --data DATA/imagenet-a                     # --loss tpt without --load: TPT on plain CLIP
 """
 
 import argparse
@@ -680,7 +683,7 @@ def parse_args(argv=None):
     add("--momentum", type=float, default=0.9, help="source SGD momentum")
     add("--weight-decay", type=float, help="source: SGD 5e-4; test: AdamW 0.01")
     add("--warmup-lr", type=float, default=1e-5, help="learning rate of the first source epoch")
-    add("--crop-scale", type=float, default=0.08, help="smallest crop area (toy world: 0.5)")
+    add("--crop-scale", type=float, default=0.08, help="smallest crop area (toy source: 1)")
     # the test stage: TPT's and PromptAlign's per-image settings
     add("--views", type=int, default=64, help="views per test image, the original included")
     add("--rho", type=float, default=0.1, help="confidence selection: the share of views kept")
