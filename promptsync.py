@@ -504,10 +504,8 @@ def test_stage(args, model, align, test_sets, run_dir, device, precision):
                 model.prompts.load_state_dict(initial[0])  # [TPT] episodic: reset the prompts
                 optimizer.load_state_dict(initial[1])  # ... and AdamW's state
                 scaler = torch.amp.GradScaler(device.type, init_scale=1000, enabled=amp)
-                x = images.to(device)
-                before, after = adapt(
-                    model, x, optimizer, scaler, steps, args.rho, precision, align
-                )
+                x, rho = images.to(device), args.rho
+                before, after = adapt(model, x, optimizer, scaler, steps, rho, precision, align)
                 r = dict(set=name, index=i, label=label, before=before, after=after, n=len(items))
                 f.write(json.dumps(r) + "\n")
                 f.flush()  # a killed run keeps every image it finished (--resume)
@@ -637,6 +635,8 @@ def main(args):
         stats = [[ckpt[k][l].to(device) for l in layers] for k in ("means", "variances")]
         align = (layers, *stats, args.align_weight)
     os.makedirs(run_dir, exist_ok=True)
+    if os.path.exists(os.path.join(run_dir, "log.jsonl")) and not args.resume:
+        os.remove(os.path.join(run_dir, "log.jsonl"))  # a fresh run starts a fresh log
     args.shots = args.shots if source else 0  # test-time methods see no labelled image
     save(os.path.join(run_dir, "args.json"), dict(vars(args), method=method, dataset=dataset))
     t0, stage = time.time(), (run_dir, device, precision)
