@@ -24,6 +24,7 @@ Run
 """
 
 import argparse
+import copy
 import math
 import os
 import statistics
@@ -51,6 +52,10 @@ try:
     import adapter  # noqa: E402
 except ImportError:
     adapter = None
+try:
+    import promptsync  # noqa: E402
+except ImportError:
+    promptsync = None
 
 # OpenAI's architectures: embed_dim, image_resolution, vision_layers, vision_width, vision_patch_size,
 # context_length, vocab_size, transformer_width, transformer_heads, transformer_layers
@@ -385,6 +390,7 @@ def run(args):
     precision = args.precision or ("amp" if device.type == "cuda" else "fp32")
     available = ["coop-text", "coop", "cocoop"] + (["prograd"] if prograd else [])
     available += ["adapter"] if adapter else []
+    available += ["tpt", "align"] if promptsync else []
     methods = available if args.methods == "all" else args.methods.split(",")
     unknown = [m for m in methods if m not in available]
     if unknown:
@@ -400,6 +406,9 @@ def run(args):
     for method in methods:
         if method == "adapter":
             rows += adapter_rows(clip_model, classnames, args, device, precision, peak)
+            continue
+        if method in ("tpt", "align"):  # test-time tuning: one test image per step
+            rows += promptsync_rows(clip_model, classnames, args, device, precision, peak, [method])
             continue
         batch = args.batch_size or PAPER_BATCH[method]
         torch.manual_seed(1)
@@ -573,6 +582,104 @@ def adapter_rows(clip_model, classnames, args, device, precision, peak, shots=16
     )
     fit = lambda: adapter.fit_linear_probe(probe_x, probe_y, n_cls, 1.0)
     rows.append(row("probe", "one L-BFGS fit (C = 1)", fit, n_keys, n_cls, device, 1, 0, peak))
+    return rows
+
+
+def full_text_features(model):
+    """The plain text tower, as TPT's and PromptAlign's code run it: CLIP's own blocks over all 77
+    positions (MaPLe's deep prompts written over positions 1..M before the blocks 1..J-1)."""
+    m, pl = model.clip, model.prompts
+    x = pl.text_prompts().type(m.dtype) + m.positional_embedding.type(m.dtype)  # (C, 77, d)
+    x = x.permute(1, 0, 2)  # NLD -> LND
+    for j, block in enumerate(m.transformer.resblocks):
+        if 1 <= j <= len(pl.deep_text):
+            deep = pl.deep_text[j - 1].type(x.dtype)[:, None].expand(-1, x.shape[1], -1)
+            x = torch.cat([x[:1], deep, x[1 + pl.n_ctx :]])  # (77, C, d)
+        x = block(x)  # with CLIP's 77 x 77 causal mask
+    x = m.ln_final(x.permute(1, 0, 2)).type(m.dtype)  # LND -> NLD: (C, 77, d)
+    x = x[torch.arange(x.shape[0]), pl.tokenized.argmax(dim=-1)]  # the EOT rows: (C, d)
+    return F.normalize((x @ m.text_projection).float(), dim=-1)  # (C, D)
+
+
+def promptsync_rows(clip_model, classnames, args, device, precision, peak, losses=("tpt", "align")):
+    """Test-time tuning, one test image per step: reset, 64 views (--batch-size), confidence
+    selection, one AdamW step, the prediction of the original view. TPT (text prompts, 4 tokens)
+    and PromptAlign (MaPLe prompts, 2 tokens, depth 3; a ViT only), as promptsync.py runs them, and
+    as the original code does: the text tower over all 77 positions, every view's image features
+    recomputed (TPT: the original view again for the prediction; PromptAlign: all 64 views through
+    the vision tower with gradients, then the original view again). The check compares the logits
+    of the views with the starting prompts and the gradients of the step."""
+    ps, n_views, rows = promptsync, args.batch_size or 64, []
+    rho = max(0.1, 1 / n_views)  # TPT's 10 %; at least one view in a small CPU run
+    n_px, amp = clip_model.visual.input_resolution, precision == "amp" and device.type == "cuda"
+    torch.manual_seed(3)
+    views = torch.randn(n_views, 3, n_px, n_px, device=device)
+    for loss in losses:
+        if loss == "align" and not hasattr(clip_model.visual, "transformer"):
+            continue  # MaPLe's vision prompts need a ViT
+        built = []
+        for plain in (False, True):  # two identical models: as written, and the plain one
+            torch.manual_seed(0)
+            model = ps.PromptedCLIP(clip_model, classnames, *((4, 0) if loss == "tpt" else (2, 3)))
+            model.to(device)
+            if plain:
+                model.text_features = lambda model=model: full_text_features(model)
+            learned = [p for p in model.parameters() if p.requires_grad]
+            optimizer = torch.optim.AdamW(
+                learned, 5e-3 if loss == "tpt" else 4e-2, weight_decay=0.01
+            )
+            initial = copy.deepcopy((model.prompts.state_dict(), optimizer.state_dict()))
+            built.append((model, learned, optimizer, initial))
+        align = None
+        if loss == "align":  # source statistics of the right shape (their values do not matter)
+            tokens = []
+            with torch.no_grad(), coop.autocast(device, precision):
+                built[0][0].image_features(views[:4], tokens)
+            x = torch.stack(tokens[:2]).float()  # (2, T, 4, W)
+            align = ([0, 1], list(x.mean(dim=2)), list(x.var(dim=2, unbiased=False)), 100 / 3)
+
+        def reset(model, optimizer, initial):  # promptsync.test_stage's reset, before every image
+            model.prompts.load_state_dict(initial[0])
+            optimizer.load_state_dict(initial[1])
+            return torch.amp.GradScaler(device.type, init_scale=1000, enabled=amp)
+
+        def as_written(model=built[0][0], optimizer=built[0][2], initial=built[0][3]):
+            scaler = reset(model, optimizer, initial)
+            return ps.adapt(model, views, optimizer, scaler, 1, rho, precision, align)
+
+        def plain(model=built[1][0], optimizer=built[1][2], initial=built[1][3]):
+            scaler, tokens = reset(model, optimizer, initial), [] if align else None
+            with coop.autocast(device, precision):
+                with torch.set_grad_enabled(align is not None):  # TPT: image side under no_grad
+                    features = model.image_features(views, tokens)  # all the views
+                logits = model.logits(features)  # (N, C), the 77-position text tower
+            kept = ps.select_confident(logits.detach(), rho)
+            total = ps.marginal_entropy(logits[kept])
+            if align:
+                x = [tokens[l][:, kept].float() for l in align[0]]  # (T, k, W)
+                means, variances = [t.mean(1) for t in x], [t.var(1, unbiased=False) for t in x]
+                total = total + align[3] * ps.token_alignment(means, variances, align[1], align[2])
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(total).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            with torch.no_grad(), coop.autocast(device, precision):  # the original view, again
+                return int(model.logits(model.image_features(views[:1]))[0].argmax())
+
+        def outcome(step, model, learned, *_):
+            with torch.no_grad(), coop.autocast(device, precision):
+                logits = model.logits(model.image_features(views)).float().flatten()
+            step()
+            return logits, [p.grad.detach().float().clone() for p in learned]
+
+        difference = max_difference(outcome(as_written, *built[0]), outcome(plain, *built[1]))
+        common = (n_views, len(classnames), device, args.steps, args.warmup, peak)
+        name = "tpt" if loss == "tpt" else "promptalign"
+        variants = [
+            ("as written (one test image)", as_written, None),
+            ("77 positions, features recomputed", plain, difference),
+        ]
+        rows += side_by_side(name, variants, *common)
     return rows
 
 
