@@ -1,10 +1,12 @@
-"""Test-time prompt tuning on multimodal prompts: TPT and PromptAlign (PromptSync comes next).
+"""Test-time prompt tuning on multimodal prompts: TPT, PromptAlign and PromptSync.
 
 Papers  TPT:         Shu et al., "Test-Time Prompt Tuning for Zero-Shot Generalization in
                      Vision-Language Models", arXiv 2209.07511 (NeurIPS 2022)
         MaPLe:       Khattak et al., "MaPLe: Multi-modal Prompt Learning", arXiv 2210.03117
         PromptAlign: Abdul Samadh et al., "Align Your Prompts: Test-Time Prompting with
                      Distribution Alignment for Zero-Shot Generalization", arXiv 2311.01459
+        PromptSync:  Khandelwal, CVPR 2024 Workshops, arXiv 2404.07520 (no public code; its 16
+                     open points are decided in the OPEN POINTS block before class_prototypes)
 
 The idea. TPT tunes CLIP's prompt on every single test image, without its label: it makes N
 augmented views of the image, keeps the views CLIP is most confident about and minimises the
@@ -21,6 +23,8 @@ Equations (p_i = softmax of view i's logits, H the entropy, tau CLIP's frozen te
   [MaPLe]       text prompts P_j (M, d) in blocks j < J; vision prompts P~_j = F_j(P_j), F_j linear
   [PromptAlign] L_align = sum_l 0.5 mean|mu_l - mu^_l| + 0.5 mean|var_l - var^_l|  (block inputs)
   [PromptAlign] L = L_ent + beta L_align,   beta = 100/3,  l = 0, 1   (the authors' code)
+  [PromptSync]  meta-train g_D = grad L_D, L_D = -log(L_pos / L_neg); meta-test at the moved
+                prompts: g_A = grad(L_ent + L_A), L_A = sum_c p^_c (log(1+mse) + log(2-cos)); avg
 Learned: TPT: ctx (4, d) from "a photo of a"; MaPLe: ctx (2, d), deep text prompts (J-1, 2, d),
 the couplings F_0..F_J-1 (d -> vision width). Frozen: all of CLIP.
 
@@ -32,8 +36,8 @@ epochs. PromptAlign: those prompts, ViT-B/16, AdamW lr 4e-2, the same views with
 Run (the toy world, then the papers' setting; the source stage writes runs/maple/<set>/...)
   python promptsync.py --backbone toy/clip_vit.pt --data toy/sketch --eval-data toy/noise   # TPT
   python promptsync.py --stage source --backbone toy/clip_vit.pt --data toy/proxy --crop-scale 1
-  python promptsync.py --loss align --backbone toy/clip_vit.pt --data toy/sketch \\
-      --load runs/maple/proxy/16shot_seed1/checkpoint.pt
+  python promptsync.py --loss sync --backbone toy/clip_vit.pt --data toy/sketch --lr 1e-3 \\
+      --load runs/maple/proxy/16shot_seed1/checkpoint.pt        # or --loss align: PromptAlign
   python promptsync.py --stage source --backbone ViT-B/16 --data DATA/imagenet
   python promptsync.py --loss align --load runs/maple/imagenet/16shot_seed1/checkpoint.pt \\
       --data DATA/imagenet-a                     # --loss tpt without --load: TPT on plain CLIP
@@ -196,7 +200,7 @@ class MultimodalPrompts(nn.Module):
         return [self.proj(self.ctx)] + deep  # [MaPLe] P~_j = F_j(P_j): J tensors (M, width)
 
 
-def encode_image(visual, images, prompts=(), tokens=None):
+def encode_image(visual, images, prompts=(), tokens=None, last=None):
     """CLIP's ViT with MaPLe's vision prompts, an explicit forward over the blocks.
 
     prompts[0] (M, width) is appended after the patches and layer-normed with them (ln_pre);
@@ -222,6 +226,8 @@ def encode_image(visual, images, prompts=(), tokens=None):
         if tokens is not None:
             tokens.append(x)
         x = block(x)
+    if last is not None:  # PromptSync's token prototypes: the last block's outputs (T, B, width)
+        last.append(x)
     return visual.ln_post(x[0]) @ visual.proj  # the class token: (B, D)
 
 
@@ -305,6 +311,144 @@ def token_statistics(model, loader, device, precision):
     return mean.cpu(), (m2 / n).cpu()
 
 
+# OPEN POINTS: what the PromptSync paper leaves open (reference sheet §4.11), decided here, and
+# again at each line that does it ("the paper leaves X open; we do Y because Z"):
+#  1 prototype vectors: h_CLS^v = the image feature (ln_post(CLS) @ proj); h^v = the mean over
+#    the P patch and prompt outputs of the last block through ln_post and proj; h^t = the class's
+#    EOT text feature; last block only; L_D uses h_CLS^v and h^t, L_A all three
+#  2 text samples: the class prompt only, one per class (no WordNet variants, see 13)
+#  3 offline prompts: the source stage's learned MaPLe prompts (as PromptAlign's statistics),
+#    never refreshed
+#  4 proxy sampling: the source shots (16 per class) with --proto-views views each (the original +
+#    3 crops/flips)
+#  5 views inside L_D at test time: the test image's kept views (current prompts) are the views of
+#    every class k, weighted by p^[k]; other classes' views = 8 stored source-view features per
+#    class (frozen); the gradient comes through the test views and the current text prototypes
+#  6 L_D: cosine / tau, tau = 1 / CLIP's logit scale; L_pos a plain mean over the views; L_neg
+#    without the positive; sum over classes weighted by p^ (detached); the text and vision parts
+#    summed
+#  7 L_A: amplitude = mean squared error, angular = 1 - cos, each through log(1 + d), weights 1:1;
+#    summed over h_CLS^v, h^v (test: the mean over the kept views) and h^t (test: the class's
+#    current text feature)
+#  8 p^: TPT's selection (rho = 10 % lowest-entropy views, the original if it is among them),
+#    recomputed at each point, detached, over all classes
+#  9 classes without a source prototype: the prototypes of the source class whose text prototype
+#    is nearest to the class's loaded text feature (text: its own); classes that share a source
+#    class are not each other's negatives in L_D
+# 10 entropy: TPT's marginal entropy, in the meta-test objective, weight 1 (--sync-weights)
+# 11 meta-update: inner step = Adam's first step (lr g / (|g| + eps)) at the outer lr; first-order
+#    (g_A at the moved prompts); average 1/2-1/2; AdamW (PromptAlign's lr 4e-2, wd 0.01), reset per
+#    image; n = --steps = 1; the moved prompts carry over between the n iterations
+# 12 views: 64 (63 + the original, as TPT/PromptAlign; --views 128 for the paper's count): crop and
+#    flip, colour jitter, grayscale and Gaussian blur, and random erasing with noise for the
+#    background substitution (--corrupt)
+# 13 WordNet text augmentation: not used
+# 14 prompts: MaPLe-coupled (vision = projections of text), ViT only; prediction on the original
+#    view with the updated prompts
+# 15 PromptSync*: not built (what it removes is unknown)
+# 16 latency: measured per image, in seconds (bench.py)
+def class_prototypes(features, labels, n_classes):
+    """[PromptSync] the mean of each class's feature vectors: features (N, D), labels (N,) ->
+    (n_classes, D). Raises ValueError if a class has no sample."""
+    counts = torch.bincount(labels, minlength=n_classes)  # (n_classes,)
+    if (counts == 0).any():
+        raise ValueError(f"classes {(counts == 0).nonzero().flatten().tolist()} have no sample")
+    sums = torch.zeros(n_classes, features.shape[1], device=features.device)
+    return sums.index_add_(0, labels, features.float()) / counts[:, None]
+
+
+def discrimination_loss(views, prototypes, class_views, weights, tau, groups=None):
+    """[PromptSync L_D] sum_k weights[k] (-log(L_pos(k) / L_neg(k))).
+
+    views (V, D): the views given to every class k (at test time, the image's kept views);
+    prototypes (C, D); class_views (C, S, D): S views of each class; weights (C,); tau: the
+    temperature; groups (C,): classes of one group are not each other's negatives (default: every
+    class its own). Cosine similarities; the sums of exponentials are taken as logsumexp.
+    """
+    v, p, u = (F.normalize(t.float(), dim=-1) for t in (views, prototypes, class_views))
+    C = p.shape[0]
+    groups = torch.arange(C, device=p.device) if groups is None else groups
+    neg = lambda s: s.masked_fill(groups[:, None] == groups[None, :], float("-inf"))  # j != k
+    vp = v @ p.t() / tau  # (V, C)
+    # the paper leaves L_pos's weights open; we take a plain mean over the views (uniform weights)
+    # because the confidence selection already chose them
+    log_views = vp.logsumexp(dim=0) - math.log(v.shape[0])  # log mean_i exp(s(v_i, p_j)): (C,)
+    log_pos = log_views  # [PromptSync L_pos(k)] the views vs their own prototype: (C,)
+    part1 = neg(p @ p.t() / tau)  # (1) prototype k vs the other prototypes j: (C, C)
+    part2 = neg(log_views[None].expand(C, -1))  # (2) the views vs the other prototypes: (C, C)
+    pu = torch.einsum("kd,jsd->kjs", p, u) / tau  # (C, C, S)
+    part3 = neg(pu.logsumexp(dim=-1) - math.log(u.shape[1]))  # (3) k vs the other classes' views
+    # the paper leaves open whether L_neg holds the positive; we leave it out, as the ratio reads
+    log_neg = torch.cat([part1, part2, part3], dim=1).logsumexp(dim=1)  # log L_neg(k): (C,)
+    terms = torch.where(weights > 0, log_neg - log_pos, torch.zeros_like(log_pos))  # no 0 * inf
+    return (weights * terms).sum()  # [PromptSync L_D] = -log(L_pos / L_neg), over the classes
+
+
+def prototype_alignment(test, prototypes, weights):
+    """[PromptSync L_A] sum_c weights[c] (log(1 + mean((x_c - p_c)^2)) + log(2 - cos(x_c, p_c))).
+
+    test: (D,) the test sample's prototype, or (C, D) one per class; prototypes (C, D); weights
+    (C,): p^. Zero when the test prototype equals every weighted class prototype.
+    """
+    x = test.float().expand_as(prototypes)  # (C, D)
+    # the paper leaves the distances and the log open; we take MSE (its own word) and 1 - cos, each
+    # through log(1 + d), because log d has no minimum (-inf at d = 0)
+    amplitude = (x - prototypes.float()).square().mean(dim=-1)  # (C,)
+    angular = 1 - F.cosine_similarity(x, prototypes.float(), dim=-1)  # (C,)
+    return (weights * (torch.log1p(amplitude) + torch.log1p(angular))).sum()
+
+
+def vision_vectors(model, images):
+    """-> h_CLS^v (B, D), the image feature before normalisation, and h^v (B, D)."""
+    last, v = [], model.clip.visual
+    cls = encode_image(v, images, model.prompts.vision_prompts(), last=last)  # (B, D)
+    # the paper leaves the combination of the P token outputs open; we take their mean after
+    # ln_post and proj (CLIP's own head for the class token), so h^v lives where h_CLS^v does
+    tokens = v.ln_post(last[0][1:].permute(1, 0, 2)) @ v.proj  # patches and prompts: (B, P, D)
+    return cls.float(), tokens.float().mean(dim=1)
+
+
+@torch.no_grad()
+def source_prototypes(model, items, classnames, views, seed, device, precision, n_views=8):
+    """[PromptSync] the class prototypes of the labelled source images (path, label) and their
+    views, with the learned prompts: h_CLS^v, h^v, h^t (C, D) each, and n_views stored view
+    features per class (C, S, D) for L_D's third negative part."""
+    cls, tokens, labels = [], [], []
+    for x, y, _ in ViewDataset([(i, *item) for i, item in enumerate(items)], views, seed):
+        with autocast(device, precision):
+            c, t = vision_vectors(model, x.to(device))  # (V, D) each
+        cls, tokens, labels = cls + [c], tokens + [t], labels + [y] * len(x)
+    cls, tokens, labels = torch.cat(cls), torch.cat(tokens), torch.tensor(labels, device=device)
+    C = len(classnames)
+    S = min(n_views, int(torch.bincount(labels, minlength=C).min()))
+    stored = torch.stack([F.normalize(cls[labels == c][:S], dim=-1) for c in range(C)])
+    model.prompts.set_classnames(model.clip, classnames)
+    # the paper leaves the text "samples" open; we take each class's prompt (one text, no WordNet)
+    return dict(
+        proto_classnames=list(classnames),
+        proto_cls=class_prototypes(cls, labels, C).cpu(),
+        proto_tokens=class_prototypes(tokens, labels, C).cpu(),
+        proto_text=model.text_features().float().cpu(),
+        proto_views=stored.cpu(),  # (C, S, D)
+    )
+
+
+def match_prototypes(model, ckpt, classnames, device):
+    """The source prototypes of a test set's classes: by name, else (the paper leaves classes
+    without a source prototype open) those of the source class whose text prototype is nearest
+    to the class's text feature with the loaded prompts, because that is what CLIP would confuse
+    it with; such a class keeps its own text feature as text prototype."""
+    with torch.no_grad():
+        text = model.text_features()  # (C, D) the loaded prompts
+    names, source = list(ckpt["proto_classnames"]), ckpt["proto_text"].to(device)
+    nearest = (text @ source.t()).argmax(dim=-1).tolist()
+    index = [names.index(c) if c in names else nearest[i] for i, c in enumerate(classnames)]
+    own = torch.tensor([c in names for c in classnames], device=device)[:, None]
+    index = torch.tensor(index, device=device)
+    protos = {k: ckpt["proto_" + k].to(device)[index] for k in ("cls", "tokens", "views")}
+    return dict(protos, text=torch.where(own, source[index], text), groups=index)
+
+
 # The test-time views: TPT's AugMixAugmenter (the original first, then random crops + flips, with
 # AugMix on top for the fine-grained sets); PromptAlign never uses AugMix.
 AUGMIX_OPS = (
@@ -336,10 +480,17 @@ def augmix_op(image, op):
 class Views:
     """image -> (N, 3, n_px, n_px): the original (CLIP's preprocess) and N-1 augmented views."""
 
-    def __init__(self, n_px, n_views=64, augmix=False, crop_scale=0.08):
+    def __init__(self, n_px, n_views=64, augmix=False, crop_scale=0.08, corrupt=False):
         import torchvision.transforms as T
 
         self.original, self.n_views, self.augmix = test_transform(n_px), n_views, augmix
+        # the paper leaves its "background substitution and corruptions" open; we use torchvision's
+        # colour jitter, grayscale and Gaussian blur on the crop, then random erasing with noise (a
+        # stand-in for background substitution, which needs a segmentation model we do not have)
+        jitter = T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.5)
+        blur = T.RandomApply([T.GaussianBlur(3, (0.1, 1.5))], p=0.3)
+        self.corrupt = T.Compose([jitter, T.RandomGrayscale(0.2), blur]) if corrupt else None
+        self.erase = T.RandomErasing(p=0.5, scale=(0.02, 0.25), value="random")
         # torchvision's defaults, as TPT: ratio 3/4-4/3, bilinear (not the training's bicubic)
         self.crop = T.Compose(
             [T.RandomResizedCrop(n_px, scale=(crop_scale, 1)), T.RandomHorizontalFlip()]
@@ -350,7 +501,9 @@ class Views:
         views = [self.original(image)]
         for _ in range(self.n_views - 1):
             crop = self.crop(image)
+            crop = self.corrupt(crop) if self.corrupt else crop  # [PromptSync] corruptions
             x = self.tensor(crop)
+            x = self.erase(x) if self.corrupt else x  # (3, n_px, n_px)
             if self.augmix:  # [AugMix] on normalised tensors: m x + (1-m) sum_i w_i chain_i(x)
                 w, m = np.random.dirichlet([1.0] * 3), np.random.beta(1.0, 1.0)
                 chains = []
@@ -424,6 +577,87 @@ def adapt(model, views, optimizer, scaler, steps=1, rho=0.1, precision="fp32", a
         return before, int(model.logits(original)[0].argmax())
 
 
+def sync_terms(model, views, sync, rho=0.1, precision="fp32"):
+    """[PromptSync] the losses at the prompts' current values, for views (N, 3, H, W): the
+    confident views F and p^ (detached), then F in the graph -> (L_ent, L_A, L_D)."""
+    with torch.no_grad(), autocast(views.device, precision):
+        logits = model(views)  # (N, C)
+    # the paper leaves the confidence threshold open; we keep TPT's rho lowest-entropy views, the
+    # original among them if it qualifies, recomputed at every point, because TPT found 10 % best
+    kept = select_confident(logits, rho)
+    p_hat = logits[kept].float().softmax(dim=-1).mean(dim=0)  # [PromptSync] p^ over F: (C,)
+    with autocast(views.device, precision):
+        cls, tokens = vision_vectors(model, views[kept])  # (k, D) each
+        text = model.text_features()  # (C, D)
+        entropy = marginal_entropy(model.logits(F.normalize(cls, dim=-1), text))  # [TPT Eq. 4-6]
+    pairs = [(cls.mean(dim=0), sync["cls"]), (tokens.mean(dim=0), sync["tokens"])]
+    align = sum(prototype_alignment(x, p, p_hat) for x, p in pairs + [(text, sync["text"])])
+    # the paper leaves the similarity and temperature open; we take cosine / CLIP's own 1/100
+    tau, groups, stored = 1 / model.clip.logit_scale.exp().item(), sync["groups"], sync["views"]
+    discrimination = discrimination_loss(cls, text, stored, p_hat, tau, groups)  # text part
+    discrimination = discrimination + discrimination_loss(
+        cls, sync["cls"], stored, p_hat, tau, groups
+    )
+    return entropy, align, discrimination
+
+
+def gradients(loss, params):
+    if not loss.requires_grad:  # a zero weight on a constant
+        return [torch.zeros_like(p) for p in params]
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g.float() for p, g in zip(params, grads)]
+
+
+def meta_train_step(params, grads, lr, eps=1e-8):
+    """[PromptSync meta-train] the temporary prompts, new tensors (the params are not touched).
+    The paper leaves the inner step open; we take Adam's first step, lr g / (|g| + eps), because
+    the outer AdamW's first step is the same and it is scale-free like it."""
+    return [p.detach() - lr * g / (g.abs() + eps) for p, g in zip(params, grads)]
+
+
+def meta_update(params, optimizer, train_loss, test_loss, lr, steps=1):
+    """[PromptSync] n iterations of meta-train (g_D = grad train_loss at the current point, a step
+    to temporary prompts) and meta-test (g_A = grad test_loss there); the averages (g_D + g_A) / 2
+    summed over the iterations and applied once by `optimizer` to the params as they were.
+    train_loss, test_loss: closures that compute the loss at the params' current values."""
+    start = [p.detach().clone() for p in params]
+    total = [torch.zeros_like(p) for p in params]
+    for _ in range(steps):
+        g_train = gradients(train_loss(), params)
+        temporary = meta_train_step(params, g_train, lr)
+        with torch.no_grad():  # the paper leaves the meta-gradient's order open; we take it first-
+            for p, t in zip(params, temporary):  # order (at the moved prompts, not through them):
+                p.copy_(t)  # second order would backpropagate twice through the vision tower
+        g_test = gradients(test_loss(), params)
+        # the paper leaves the average's weights open; we take 1/2 each; the moved prompts carry
+        # over to the next iteration (else the n iterations would compute the same gradients)
+        total = [s + (a + b) / 2 for s, a, b in zip(total, g_train, g_test)]
+    with torch.no_grad():
+        for p, s, g in zip(params, start, total):
+            p.copy_(s)
+            p.grad = g
+    optimizer.step()  # [PromptSync] one update with the accumulated gradients
+
+
+def adapt_sync(model, views, optimizer, sync, steps=1, rho=0.1, precision="fp32"):
+    """PromptSync's procedure for one image (views[0] the original), after the prompts and the
+    optimizer were reset. -> (prediction before tuning, after tuning)."""
+    with torch.no_grad(), autocast(views.device, precision):
+        before = int(model(views[:1])[0].argmax())
+    w_ent, w_align, w_disc = sync["weights"]  # the Table 5 ablation: a part off = weight 0
+    if not steps or not any(sync["weights"]):  # nothing to optimise: no step (no AdamW decay)
+        return before, before
+    params = [p for p in model.prompts.parameters() if p.requires_grad]
+    terms = lambda: sync_terms(model, views, sync, rho, precision)  # (L_ent, L_A, L_D)
+    train = lambda: w_disc * terms()[2]  # meta-train: L_D
+    # the paper leaves the entropy term's place open; we add it to the meta-test objective, where
+    # p^ is computed, weight 1 (TPT's loss as is)
+    test = lambda: (lambda t: w_ent * t[0] + w_align * t[1])(terms())  # meta-test
+    meta_update(params, optimizer, train, test, optimizer.param_groups[0]["lr"], steps)
+    with torch.no_grad(), autocast(views.device, precision):  # the original view, tuned prompts
+        return before, int(model(views[:1])[0].argmax())
+
+
 # ------------------------------------------------------------------------------------------------
 # main: the source stage (MaPLe's prompts and the token statistics), the test stage, --merge
 # ------------------------------------------------------------------------------------------------
@@ -465,6 +699,11 @@ def source_stage(args, model, data, test_sets, config, run_dir, device, precisio
         model, make_loader(every, test_transform(n_px), 100, args.workers), device, precision
     )
     ckpt = dict(config=config, state=learned_state(model), means=stats[0], variances=stats[1])
+    # [PromptSync] the class prototypes: the paper leaves the proxy sampling open; we take the
+    # source shots and --proto-views views of each (the original + crops/flips), as it trains on
+    views = Views(n_px, args.proto_views, crop_scale=args.crop_scale)
+    args_ = (data["train"], data["classnames"], views, args.seed, device, precision)
+    ckpt.update(source_prototypes(model, *args_))
     save(os.path.join(run_dir, "checkpoint.pt"), ckpt)
     zero_shot, acc = {}, {}
     for name, (items, classnames) in test_sets.items():  # zero-shot CLIP vs the learned prompts
@@ -479,7 +718,7 @@ def source_stage(args, model, data, test_sets, config, run_dir, device, precisio
     return zero_shot, acc
 
 
-def test_stage(args, model, align, test_sets, run_dir, device, precision):
+def test_stage(args, model, align, test_sets, run_dir, device, precision, sync=None):
     """[TPT] every test image on its own: reset, views, one step, predict; one line per image in
     predictions.jsonl. -> (accuracy before tuning, after) of the images this run's folder holds."""
     learned = [p for p in model.parameters() if p.requires_grad]
@@ -488,12 +727,15 @@ def test_stage(args, model, align, test_sets, run_dir, device, precision):
     optimizer = torch.optim.AdamW(learned, args.lr, weight_decay=wd)
     initial = copy.deepcopy((model.prompts.state_dict(), optimizer.state_dict()))
     steps, amp = 0 if args.eval_only else args.steps, precision == "amp" and device.type == "cuda"
-    views = Views(n_px, 1 if args.eval_only else args.views, args.augmix, args.crop_scale)
+    corrupt = args.loss == "sync" if args.corrupt is None else bool(args.corrupt)
+    views = Views(n_px, 1 if args.eval_only else args.views, args.augmix, args.crop_scale, corrupt)
     path, (K, N) = os.path.join(run_dir, "predictions.jsonl"), map(int, args.shard.split("/"))
     done = read_predictions([run_dir]) if args.resume else {}
     save(path, "".join(json.dumps(r) + "\n" for r in done.values()))  # drops a line cut short
     for name, (items, classnames) in test_sets.items():
         model.prompts.set_classnames(model.clip, classnames)
+        model.prompts.load_state_dict(initial[0])
+        per_set = sync and dict(match_prototypes(model, sync, classnames, device), **sync)
         todo = [(i, *item) for i, item in enumerate(items) if i % N == K and (name, i) not in done]
         dataset = ViewDataset(todo, views, args.seed)  # one image's views per item, from workers
         loader = torch.utils.data.DataLoader(dataset, None, num_workers=args.workers)
@@ -505,7 +747,10 @@ def test_stage(args, model, align, test_sets, run_dir, device, precision):
                 optimizer.load_state_dict(initial[1])  # ... and AdamW's state
                 scaler = torch.amp.GradScaler(device.type, init_scale=1000, enabled=amp)
                 x, rho = images.to(device), args.rho
-                before, after = adapt(model, x, optimizer, scaler, steps, rho, precision, align)
+                if sync:
+                    before, after = adapt_sync(model, x, optimizer, per_set, steps, rho, precision)
+                else:
+                    before, after = adapt(model, x, optimizer, scaler, steps, rho, precision, align)
                 r = dict(set=name, index=i, label=label, before=before, after=after, n=len(items))
                 f.write(json.dumps(r) + "\n")
                 f.flush()  # a killed run keeps every image it finished (--resume)
@@ -563,12 +808,13 @@ def main(args):
     device = torch.device(args.device)
     precision = args.precision or ("amp" if device.type == "cuda" else "fp32")
     source, align = args.stage == "source", args.stage == "test" and args.loss == "align"
+    sync = args.stage == "test" and args.loss == "sync"
     ckpt = load_checkpoint(args.load) if args.load else {}
     saved = ckpt.get("config", {})  # the prompts' shape comes from --load unless options say
-    kind = args.prompts or saved.get("method") or ("maple" if source or align else "tpt")
+    kind = args.prompts or saved.get("method") or ("maple" if source or align or sync else "tpt")
     n_ctx = 4 if kind == "tpt" else args.n_ctx or saved.get("n_ctx", 2)
     depth = 0 if kind == "tpt" else saved.get("depth", 3) if args.depth is None else args.depth
-    args.lr = args.lr or (0.0026 if source else 4e-2 if align else 5e-3)
+    args.lr = args.lr or (0.0026 if source else 4e-2 if align or sync else 5e-3)
     K, _, N = args.shard.partition("/")
     if not (K.isdigit() and N.isdigit() and int(K) < int(N)):
         fail(f"--shard {args.shard}: expected K/N with 0 <= K < N, e.g. 0/4")
@@ -578,6 +824,17 @@ def main(args):
         fail(
             "--loss align aligns the vision tokens to source statistics: --load the "
             "checkpoint.pt of a --stage source run (MaPLe prompts)"
+        )
+    if sync and (depth == 0 or "proto_cls" not in ckpt):
+        fail(
+            "--loss sync aligns to source class prototypes: --load the checkpoint.pt of a "
+            "--stage source run (MaPLe prompts; rerun it if it predates PromptSync)"
+        )
+    parts, weights = args.sync_parts.split(","), args.sync_weights.split(",")
+    if set(parts) - {"entropy", "align", "discrimination", ""} or len(weights) != 3:
+        fail(
+            f"--sync-parts {args.sync_parts} / --sync-weights {args.sync_weights}: expected "
+            "names from entropy,align,discrimination and three numbers E,A,D"
         )
     if not source and not args.eval_only and int(args.views * args.rho) < 1:
         fail(f"--views {args.views} with --rho {args.rho} keeps no view; raise one of them")
@@ -597,7 +854,8 @@ def main(args):
             check_images(items, full=False)
         dataset = os.path.basename(args.split_file or os.path.normpath(args.data))
         dataset = dataset.replace("split_zhou_", "").replace(".json", "")
-    method = "maple" if source else "promptalign" if align else "tpt" if depth == 0 else "tpt_maple"
+    method = "maple" if source else "promptalign" if align else "promptsync" if sync else "tpt"
+    method = "tpt_maple" if method == "tpt" and depth else method
     folder = f"{args.shots}shot_seed{args.seed}" if source else f"seed{args.seed}"
     folder += f"_shard{K}of{N}" if int(N) > 1 else ""
     run_dir = args.out or os.path.join("runs", method, dataset, folder)
@@ -634,6 +892,10 @@ def main(args):
             )
         stats = [[ckpt[k][l].to(device) for l in layers] for k in ("means", "variances")]
         align = (layers, *stats, args.align_weight)
+    if sync:  # the source prototypes; the Table 5 ablation: a part left out has weight 0
+        names = ("entropy", "align", "discrimination")
+        w = [float(x) if n in parts else 0.0 for n, x in zip(names, weights)]
+        sync = dict({k: v for k, v in ckpt.items() if k.startswith("proto_")}, weights=w)
     os.makedirs(run_dir, exist_ok=True)
     if os.path.exists(os.path.join(run_dir, "log.jsonl")) and not args.resume:
         os.remove(os.path.join(run_dir, "log.jsonl"))  # a fresh run starts a fresh log
@@ -643,7 +905,7 @@ def main(args):
     if source:
         zero_shot, acc = source_stage(args, model, data, test_sets, config, *stage)
     else:
-        zero_shot, acc = test_stage(args, model, align, test_sets, *stage)
+        zero_shot, acc = test_stage(args, model, align, test_sets, *stage, sync=sync)
     seconds = round(time.time() - t0, 1)
     return finish_run(run_dir, args, method, dataset, zero_shot, acc, seconds=seconds)
 
@@ -661,7 +923,12 @@ def parse_args(argv=None):
         help="source: MaPLe's prompts "
         "and the token statistics from a labelled set; test: tune on every test image",
     )
-    add("--loss", choices=["tpt", "align"], default="tpt", help="TPT, or PromptAlign")
+    add(
+        "--loss",
+        choices=["tpt", "align", "sync"],
+        default="tpt",
+        help="TPT, PromptAlign, PromptSync",
+    )
     add(
         "--prompts",
         choices=["tpt", "maple"],
@@ -691,6 +958,10 @@ def parse_args(argv=None):
     add("--augmix", action="store_true", help="AugMix on the views (TPT on fine-grained sets)")
     add("--align-layers", default="0,1", help="the blocks aligned (code: 0,1; paper: all)")
     add("--align-weight", type=float, default=100 / 3, help="beta (the code: 100/3)")
+    add("--proto-views", type=int, default=4, help="PromptSync: views per source image")
+    add("--sync-parts", default="entropy,align,discrimination", help="PromptSync's losses used")
+    add("--sync-weights", default="1,1,1", help="PromptSync: weights of entropy,align,discr.")
+    add("--corrupt", type=int, choices=[0, 1], help="corrupted views (default: 1 for sync)")
     add("--shard", default="0/1", help="K/N: only every N-th test image, from the K-th")
     add("--merge", nargs="+", help="the accuracy of these shards' run folders together")
     p.set_defaults(subsample="all")  # load_task's base/new split: not used here
