@@ -367,3 +367,205 @@ def test_tpt_on_sketches_and_promptalign_from_the_proxy_source(world, tmp_path):
     )
     print(f"PromptAlign on a quarter of sketch: {align['zero_shot']} -> {align['accuracy']}")
     assert align["method"] == "promptalign" and 0 <= align["accuracy"]["test"] <= 100
+
+
+# ------------------------------------------------------------------------------------------------
+# PromptSync
+# ------------------------------------------------------------------------------------------------
+def discrimination_by_hand(views, prototypes, class_views, weights, tau):
+    """L_D with explicit sums of exponentials (small tau-free numbers only)."""
+    cos = lambda a, b: F.cosine_similarity(a, b, dim=-1)
+    total = 0.0
+    for k in range(len(prototypes)):
+        e = lambda a, b: math.exp(cos(a, b).item() / tau)
+        pos = sum(e(v, prototypes[k]) for v in views) / len(views)
+        others = [j for j in range(len(prototypes)) if j != k]
+        neg = sum(e(prototypes[k], prototypes[j]) for j in others)
+        neg += sum(e(v, prototypes[j]) for v in views for j in others) / len(views)
+        neg += (
+            sum(e(prototypes[k], u) for j in others for u in class_views[j]) / class_views.shape[1]
+        )
+        total += weights[k].item() * -math.log(pos / neg)
+    return total
+
+
+def test_discrimination_loss_is_the_papers_ratio_and_falls_as_views_join_their_prototype():
+    torch.manual_seed(10)
+    prototypes, class_views = torch.randn(4, 8), torch.randn(4, 3, 8)
+    views, weights = torch.randn(5, 8), torch.tensor([0.1, 0.6, 0.3, 0.0])
+    loss = ps.discrimination_loss(views, prototypes, class_views, weights, tau=0.5)
+    expected = discrimination_by_hand(views, prototypes, class_views, weights, 0.5)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    one_hot = torch.tensor([0.0, 1.0, 0.0, 0.0])
+    losses = []
+    for a in (0.0, 0.25, 0.5, 0.75, 1.0):  # the views move to class 1's prototype
+        moved = (1 - a) * views + a * prototypes[1]
+        losses.append(ps.discrimination_loss(moved, prototypes, class_views, one_hot, 0.1).item())
+    assert all(x > y for x, y in zip(losses, losses[1:]))
+    q = torch.linalg.qr(torch.randn(8, 8))[0][:4]  # orthonormal prototypes
+    away = views - (views @ q[[0, 2, 3]].t()) @ q[[0, 2, 3]]  # no part along the other classes
+    d = lambda v: ps.discrimination_loss(v, q, class_views, one_hot, 0.1)
+    assert d(away) < d(views)
+    # tau = 0.01 (CLIP's) stays finite; classes of one group are not each other's negatives
+    assert torch.isfinite(ps.discrimination_loss(views, prototypes, class_views, weights, 0.01))
+    groups = torch.tensor([0, 0, 1, 2])
+    twin = torch.cat([prototypes[:1], prototypes[:1], prototypes[2:]])  # classes 0 and 1 alike
+    grouped = ps.discrimination_loss(views, twin, class_views, one_hot, 0.5, groups)
+    without_0 = discrimination_by_hand(views, twin[1:], class_views[1:], one_hot[1:], 0.5)
+    assert grouped.item() == pytest.approx(without_0, rel=1e-5)
+
+
+def test_prototype_alignment_is_zero_at_the_class_prototype_and_ignores_zero_weight_classes():
+    torch.manual_seed(11)
+    prototypes = torch.randn(5, 16)
+    one_hot = torch.tensor([0.0, 0.0, 1.0, 0.0, 0.0])
+    zero = pytest.approx(0, abs=1e-6)  # 1 - cos rounds to ~1e-7 in fp32
+    assert ps.prototype_alignment(prototypes[2], prototypes, one_hot).item() == zero
+    assert ps.prototype_alignment(prototypes, prototypes, torch.rand(5)).item() == zero  # per class
+    p_hat = torch.tensor([0.5, 0.0, 0.3, 0.2, 0.0])
+    x = torch.randn(16)
+    moved = prototypes.clone()
+    moved[[1, 4]] += 10 * torch.randn(2, 16)  # classes with p^ = 0 moved: no change
+    a, b = ps.prototype_alignment(x, prototypes, p_hat), ps.prototype_alignment(x, moved, p_hat)
+    assert a.item() == b.item() > 0
+    # each term grows with the distance: amplitude (same direction, longer) and angle (same norm)
+    d = [ps.prototype_alignment(s * prototypes[2], prototypes, one_hot) for s in (1, 1.5, 2, 3)]
+    assert all(u < v for u, v in zip(d, d[1:]))
+    q = prototypes[2]
+    r = torch.randn(16)
+    r = r - (r @ q) / (q @ q) * q
+    r = r / r.norm() * q.norm()  # orthogonal to q, same norm
+    turns = [math.cos(t) * q + math.sin(t) * r for t in (0.0, 0.3, 0.8, 1.5)]
+    d = [ps.prototype_alignment(t, prototypes, one_hot) for t in turns]
+    assert all(u < v for u, v in zip(d, d[1:]))
+    mse, cos = (q - turns[2]).square().mean(), math.cos(0.8)
+    assert d[2].item() == pytest.approx(math.log1p(mse.item()) + math.log(2 - cos), rel=1e-5)
+
+
+def test_class_prototypes_are_the_class_means():
+    features, labels = torch.randn(7, 3), torch.tensor([0, 2, 2, 0, 1, 2, 1])
+    protos = ps.class_prototypes(features, labels, 3)
+    assert protos.shape == (3, 3)
+    torch.testing.assert_close(protos[2], features[[1, 2, 5]].mean(dim=0))
+    with pytest.raises(ValueError, match=r"\[3\]"):
+        ps.class_prototypes(features, labels, 4)
+
+
+@pytest.mark.parametrize("steps, expected", [(1, 0.5 + 4.7), (2, 0.5 + 9.0)])
+def test_meta_update_averages_the_two_gradients_by_hand(steps, expected):
+    """w = 0.5, L_D = (w - 1)^2, L_A = 3 (w - 2)^2, inner lr 0.1 (Adam's first step: 0.1 sign g).
+    Iteration 1: g_D = -1, temporary w' = 0.6, g_A = 6 (0.6 - 2) = -8.4, average -4.7.
+    Iteration 2 (from w' = 0.6): g_D = -0.8, w'' = 0.7, g_A = -7.8, average -4.3; sum -9.0.
+    One SGD step (lr 1) from w = 0.5 with the sum."""
+    w = torch.nn.Parameter(torch.tensor(0.5, dtype=torch.float64))
+    optimizer, at = torch.optim.SGD([w], lr=1.0), {"train": [], "test": []}
+
+    def train():
+        at["train"].append(w.item())
+        return (w - 1) ** 2
+
+    def test():
+        at["test"].append(w.item())
+        return 3 * (w - 2) ** 2
+
+    temporary = ps.meta_train_step([w], [torch.tensor(-1.0, dtype=torch.float64)], 0.1)
+    assert w.item() == 0.5 and temporary[0].item() == pytest.approx(0.6)  # only the temporary
+    ps.meta_update([w], optimizer, train, test, lr=0.1, steps=steps)
+    assert at["train"] == pytest.approx([0.5, 0.6][:steps])  # meta-train from the current point
+    assert at["test"] == pytest.approx([0.6, 0.7][:steps])  # meta-test at the temporary prompts
+    assert w.item() == pytest.approx(expected)  # the update is applied to w = 0.5, not to w'
+
+
+def sync_run(source_ckpt, tiny_vit_ckpt, tiny_data, out, *extra):
+    common = ["--loss", "sync", "--backbone", tiny_vit_ckpt, "--data", tiny_data]
+    return run(
+        common + ["--load", source_ckpt, "--views", "8", "--rho", "0.25", "--out", str(out), *extra]
+    )
+
+
+def test_source_stage_saves_the_class_prototypes_of_both_branches(source_ckpt, tiny_vit_ckpt):
+    ckpt = torch.load(source_ckpt, weights_only=True)
+    assert ckpt["proto_classnames"] == ["blue", "green", "red", "yellow"]
+    assert ckpt["proto_cls"].shape == ckpt["proto_tokens"].shape == ckpt["proto_text"].shape
+    assert ckpt["proto_cls"].shape == (4, 32) and ckpt["proto_views"].shape == (4, 8, 32)
+    clip_model = ps.load_clip(tiny_vit_ckpt, torch.device("cpu"), "fp32")
+    model = ps.PromptedCLIP(clip_model, ckpt["proto_classnames"], n_ctx=2, depth=2)
+    model.load_state_dict(ckpt["state"], strict=False)
+    with torch.no_grad():  # the text prototypes: the learned prompts' class features
+        torch.testing.assert_close(ckpt["proto_text"], model.text_features())
+    assert torch.allclose(ckpt["proto_views"].norm(dim=-1), torch.ones(4, 8))
+    # a class the source lacks borrows the nearest source class's prototypes
+    names = ["red", "crimson"]
+    model.prompts.set_classnames(clip_model, names)
+    matched = ps.match_prototypes(model, ckpt, names, torch.device("cpu"))
+    assert matched["groups"][0] == 2 and torch.equal(matched["cls"][0], ckpt["proto_cls"][2])
+    with torch.no_grad():
+        text = model.text_features()
+        nearest = int((text[1] @ ckpt["proto_text"].t()).argmax())
+    assert matched["groups"][1] == nearest and torch.equal(matched["text"][1], text[1])
+
+
+def test_promptsync_resets_prompts_and_optimizer_for_every_image_end_to_end(
+    source_ckpt, tiny_vit_ckpt, tiny_data, tmp_path, monkeypatch
+):
+    seen, update = [], ps.meta_update
+
+    def recording_update(params, optimizer, *args, **kwargs):
+        seen.append(copy.deepcopy((optimizer.state_dict(), [p.detach().clone() for p in params])))
+        update(params, optimizer, *args, **kwargs)
+        assert any(not torch.equal(p, q) for p, q in zip(params, seen[-1][1]))  # it moved
+
+    monkeypatch.setattr(ps, "meta_update", recording_update)
+    metrics = sync_run(source_ckpt, tiny_vit_ckpt, tiny_data, tmp_path, "--lr", "0.05")
+    assert len(seen) == 12 and metrics["method"] == "promptsync"
+    loaded = torch.load(source_ckpt, weights_only=True)["state"]
+    clip_model = ps.load_clip(tiny_vit_ckpt, torch.device("cpu"), "fp32")
+    model = ps.PromptedCLIP(clip_model, NAMES, n_ctx=2, depth=2)
+    names = [k for k, p in model.named_parameters() if p.requires_grad]
+    for opt, params in seen:
+        assert all(torch.equal(p, loaded[k]) for k, p in zip(names, params))
+        assert opt["state"] == {}  # a fresh AdamW every image
+
+
+def test_zero_weights_predict_with_the_loaded_prompts(
+    source_ckpt, tiny_vit_ckpt, tiny_data, tmp_path
+):
+    off = sync_run(
+        source_ckpt, tiny_vit_ckpt, tiny_data, tmp_path / "w0", "--sync-weights", "0,0,0"
+    )
+    records = ps.read_predictions([str(tmp_path / "w0")]).values()
+    assert all(r["before"] == r["after"] for r in records) and off["accuracy"] == off["zero_shot"]
+    # the loaded prompts' own prediction on the original view (no tuning at all)
+    clip_model = ps.load_clip(tiny_vit_ckpt, torch.device("cpu"), "fp32")
+    model = ps.PromptedCLIP(clip_model, ["blue", "green", "red", "yellow"], n_ctx=2, depth=2)
+    model.load_state_dict(torch.load(source_ckpt, weights_only=True)["state"], strict=False)
+    items = ps.load_dataset(tiny_data, None, None)["test"]
+    with torch.no_grad():
+        for r in records:
+            image = ps.test_transform(32)(Image.open(items[r["index"]][0]).convert("RGB"))
+            assert r["after"] == int(model(image[None])[0].argmax())
+
+
+def test_promptsync_and_its_ablations_through_the_command_line(
+    source_ckpt, tiny_vit_ckpt, tiny_data, tmp_path
+):
+    cmd = [sys.executable, os.path.join(ROOT, "promptsync.py"), "--loss", "sync", "--backbone"]
+    cmd += [tiny_vit_ckpt, "--data", tiny_data, "--load", source_ckpt, "--views", "8"]
+    cmd += ["--rho", "0.25", "--lr", "0.5", "--workers", "0", "--steps", "2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = tmp_path / "all"
+    result = subprocess.run(
+        cmd + ["--out", str(out)], capture_output=True, text=True, cwd=ROOT, env=env
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1].startswith("promptsync colours shots=0")
+    assert len(ps.read_predictions([str(out)])) == 12
+    run_args = json.load(open(out / "args.json"))
+    assert run_args["sync_parts"] == "entropy,align,discrimination" and run_args["lr"] == 0.5
+    # Table 5's ablation rows: one part only (in-process: no second interpreter start)
+    ablation = run(cmd[2:-2] + ["--sync-parts", "discrimination", "--out", str(tmp_path / "d")])
+    assert (
+        ablation["method"] == "promptsync" and len(ps.read_predictions([str(tmp_path / "d")])) == 12
+    )
+    with pytest.raises(SystemExit, match="--sync-parts"):
+        run(cmd[2:-2] + ["--sync-parts", "entropy,colour", "--out", str(tmp_path / "bad")])
