@@ -689,10 +689,10 @@ TEST_TIME = [
 
 
 def claim_verdict(row, other, column):
-    """'yes' when the row beats the other on `column` by more than twice the larger seed std,
-    'no' when it is behind by as much, 'partly' in between (within the seeds' noise)."""
+    """'yes' when the row beats the other on `column` by more than twice the larger seed std (at
+    least one point), 'no' when it is behind by as much, 'within noise' in between."""
     (a, sa), (b, sb) = row[column], other[column]
-    noise = 2 * max(sa, sb)
+    noise = max(2 * max(sa, sb), 1.0)  # one seed has no spread: a point is then the least noise
     verdict = "yes" if a - b > noise else "no" if b - a > noise else "within noise"
     return f"{verdict} ({a - b:+.1f} on {column}, noise {noise:.1f})"
 
@@ -733,8 +733,11 @@ def demo(root="toy", out="runs/demo", shots=None, seeds=(1, 2, 3), parallel=2, o
     methods = [m for m in DEMO_METHODS if present(m[1]) and (only is None or m[0] in only)]
     lines, folders = [], {}
 
-    def command(file, folder, args):
-        folders.setdefault(folder.split("/")[0], []).append(os.path.join(out, folder))
+    def command(file, folder, args):  # folder: "<label>/<run>", the label's slug on disk
+        label, _, run = folder.partition("/")
+        slug = "".join(c for c in label.lower().replace(" ", "-") if c.isalnum() or c == "-")
+        folder = os.path.join(slug, run) if run else slug
+        folders.setdefault(label, []).append(os.path.join(out, folder))
         argv = [sys.executable, os.path.join(here, file), *args, "--workers", "0"]
         lines.append(shlex.join(argv + ["--out", os.path.join(out, folder)]))
 
@@ -783,10 +786,9 @@ def table_rows(stats, methods):
             rows.append({"label": name, "shots": r["shots"], "seeds": r["seeds"], **values})
     zero_shot = {}
     for r in rows:  # the test-time runs also report zero-shot CLIP (ViT) on their sets
-        if r["label"] in [t[0] for t in TEST_TIME]:
-            metrics = json.load(
-                open(os.path.join(stats[r["label"]][0]["paths"][0], "metrics.json"))
-            )
+        if r["label"] == TEST_TIME[0][0]:  # TPT starts from CLIP's own prompt: zero-shot CLIP
+            path = stats[r["label"]][0]["paths"][0]  # sweep.collect's metrics.json of the run
+            metrics = json.load(open(path))
             zero_shot = {
                 ("base" if k == "test" else k): [v, 0.0] for k, v in metrics["zero_shot"].items()
             }
@@ -858,7 +860,7 @@ def format_demo(rows, methods, root, seeds, seconds):
         f"{' and '.join(DOMAINS)}: what was learned, on other domains, all 60 classes. Test-time "
         f"methods: every test image of {TRAIN_DOMAIN}, shapes and noise, 60-way, seed 1. Seeds "
         f"{list(seeds)}, mean ± population std. 'yes'/'no': the difference is more than twice the "
-        f"larger std over seeds. {seconds:.0f}s for the runs on {os.cpu_count()} cores."
+        f"larger std over seeds and at least one point. {seconds:.0f}s for the runs on {os.cpu_count()} cores."
     )
     return "\n".join(out) + "\n" + note + "\n"
 

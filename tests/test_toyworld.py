@@ -84,13 +84,13 @@ def test_demo_runs_through_sweep_and_its_table_matches_the_runs(tmp_path, tiny_c
                                                         ("ProGrad", 1)]
     table = (out / "results.md").read_text()
     for r in rows[1:]:
-        runs = [json.load(open(out / r["label"] / f"1shot_seed{s}" / "metrics.json")) for s in (1, 2)]
+        runs = [json.load(open(out / r["label"].lower() / f"1shot_seed{s}" / "metrics.json")) for s in (1, 2)]
         new = [m["accuracy"]["new"] for m in runs]
         assert r["new"] == pytest.approx([float(np.mean(new)), float(np.std(new))])
         assert f"{np.mean(new):.1f}" in table
     assert "the paper's claim" in table and (out / "world.png").is_file()
     # every run is a command line that repeats it alone (sweep.py's runner starts each one so)
-    assert (out / "CoOp" / "1shot_seed2" / "run.log").is_file()
+    assert (out / "coop" / "1shot_seed2" / "run.log").is_file()
 
 
 def test_claims_compare_with_the_seeds_noise():
