@@ -36,7 +36,7 @@ epochs. PromptAlign: those prompts, ViT-B/16, AdamW lr 4e-2, the same views with
 Run (the toy world, then the papers' setting; the source stage writes runs/maple/<set>/...)
   python promptsync.py --backbone toy/clip_vit.pt --data toy/sketch --eval-data toy/noise   # TPT
   python promptsync.py --stage source --backbone toy/clip_vit.pt --data toy/proxy --crop-scale 1
-  python promptsync.py --loss sync --backbone toy/clip_vit.pt --data toy/sketch --lr 1e-3 \\
+  python promptsync.py --loss sync --backbone toy/clip_vit.pt --data toy/sketch --lr 5e-3 \\
       --load runs/maple/proxy/16shot_seed1/checkpoint.pt        # or --loss align: PromptAlign
   python promptsync.py --stage source --backbone ViT-B/16 --data DATA/imagenet
   python promptsync.py --loss align --load runs/maple/imagenet/16shot_seed1/checkpoint.pt \\

@@ -569,3 +569,27 @@ def test_promptsync_and_its_ablations_through_the_command_line(
     )
     with pytest.raises(SystemExit, match="--sync-parts"):
         run(cmd[2:-2] + ["--sync-parts", "entropy,colour", "--out", str(tmp_path / "bad")])
+
+
+@pytest.mark.slow
+def test_promptsync_next_to_tpt_and_promptalign_on_the_toy_world(world, tmp_path):
+    """The proxy source stage, then TPT+MaPLe, PromptAlign and PromptSync (lr 5e-3 each, the toy's
+    prompt coordinates are about 0.03) on a quarter of the sketches: printed side by side; only
+    what holds is asserted (finite, within 10 points of the loaded prompts)."""
+    root, _ = world
+    common = ["--backbone", os.path.join(root, "clip_vit.pt"), "--workers", "0"]
+    source = str(tmp_path / "maple")
+    run(
+        common
+        + ["--stage", "source", "--data", os.path.join(root, "proxy"), "--crop-scale", "1"]
+        + ["--out", source]
+    )
+    test = common + ["--data", os.path.join(root, "sketch"), "--shard", "0/4", "--lr", "5e-3"]
+    test += ["--load", source + "/checkpoint.pt"]
+    results = {}
+    for loss in ("tpt", "align", "sync"):
+        m = run(test + ["--loss", loss, "--out", str(tmp_path / loss)])
+        results[loss] = (m["zero_shot"]["test"], m["accuracy"]["test"])
+    print("sketch, a quarter (150 images): loaded prompts -> after, per loss:", results)
+    for before, after in results.values():
+        assert math.isfinite(after) and abs(after - before) <= 10
