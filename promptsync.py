@@ -604,8 +604,13 @@ def sync_terms(model, views, sync, rho=0.1, precision="fp32"):
 def gradients(loss, params):
     if not loss.requires_grad:  # a zero weight on a constant
         return [torch.zeros_like(p) for p in params]
-    grads = torch.autograd.grad(loss, params, allow_unused=True)
-    return [torch.zeros_like(p) if g is None else g.float() for p, g in zip(params, grads)]
+    for p in params:  # backward, not autograd.grad: bench.py's FLOP counter supports only it
+        p.grad = None
+    loss.backward()
+    grads = [torch.zeros_like(p) if p.grad is None else p.grad.float() for p in params]
+    for p in params:
+        p.grad = None
+    return grads
 
 
 def meta_train_step(params, grads, lr, eps=1e-8):
