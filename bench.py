@@ -390,7 +390,7 @@ def run(args):
     precision = args.precision or ("amp" if device.type == "cuda" else "fp32")
     available = ["coop-text", "coop", "cocoop"] + (["prograd"] if prograd else [])
     available += ["adapter"] if adapter else []
-    available += ["tpt", "align"] if promptsync else []
+    available += ["tpt", "align", "sync"] if promptsync else []
     methods = available if args.methods == "all" else args.methods.split(",")
     unknown = [m for m in methods if m not in available]
     if unknown:
@@ -406,6 +406,9 @@ def run(args):
     for method in methods:
         if method == "adapter":
             rows += adapter_rows(clip_model, classnames, args, device, precision, peak)
+            continue
+        if method == "sync":  # PromptSync: one test image per step
+            rows += promptsync_sync_rows(clip_model, classnames, args, device, precision, peak)
             continue
         if method in ("tpt", "align"):  # test-time tuning: one test image per step
             rows += promptsync_rows(clip_model, classnames, args, device, precision, peak, [method])
@@ -681,6 +684,46 @@ def promptsync_rows(clip_model, classnames, args, device, precision, peak, losse
         ]
         rows += side_by_side(name, variants, *common)
     return rows
+
+
+def promptsync_sync_rows(clip_model, classnames, args, device, precision, peak):
+    """PromptSync (promptsync.adapt_sync, as written) for one test image: reset, views
+    (--batch-size, default 64), meta-train (a no-grad pass over every view for the confidence
+    selection and p^, the kept views and the text tower with gradients for L_D, a step to temporary
+    prompts), meta-test at the temporary prompts (the same two passes for L_ent + L_A), one AdamW
+    step with the averaged gradients, the original view's prediction. MaPLe prompts (2 tokens,
+    depth 3; a ViT only); the class prototypes are random tensors of the saved shapes (their
+    values do not change the cost). No second variant: there is no other code to compare with."""
+    ps, n_views = promptsync, args.batch_size or 64
+    if not hasattr(clip_model.visual, "transformer"):
+        return []  # MaPLe's vision prompts need a ViT
+    rho = max(0.1, 1 / n_views)  # TPT's 10 %; at least one view in a small CPU run
+    n_px, C = clip_model.visual.input_resolution, len(classnames)
+    D = clip_model.visual.output_dim
+    torch.manual_seed(3)
+    views = torch.randn(n_views, 3, n_px, n_px, device=device)
+    torch.manual_seed(0)
+    model = ps.PromptedCLIP(clip_model, classnames, 2, 3).to(device)
+    learned = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(learned, 4e-2, weight_decay=0.01)
+    initial = copy.deepcopy((model.prompts.state_dict(), optimizer.state_dict()))
+    rand = lambda *shape: torch.randn(*shape, device=device)
+    sync = dict(
+        cls=rand(C, D),
+        tokens=rand(C, D),
+        text=F.normalize(rand(C, D), dim=-1),
+        views=F.normalize(rand(C, 8, D), dim=-1),  # 8 stored source views per class
+        groups=torch.arange(C, device=device),
+        weights=[1.0, 1.0, 1.0],  # entropy, alignment, discrimination
+    )
+
+    def as_written():
+        model.prompts.load_state_dict(initial[0])  # promptsync.test_stage's reset
+        optimizer.load_state_dict(initial[1])
+        return ps.adapt_sync(model, views, optimizer, sync, 1, rho, precision)
+
+    common = (n_views, C, device, args.steps, args.warmup, peak)
+    return [row("promptsync", "as written (one test image)", as_written, *common)]
 
 
 def format_row(r):

@@ -685,6 +685,7 @@ SOURCE = ["--stage", "source", "--crop-scale", "1"]  # MaPLe's prompts learned o
 TEST_TIME = [
     ("TPT", ["--loss", "tpt"], "tuning on one image's views beats zero-shot CLIP", None),
     ("PromptAlign", ["--loss", "align"], "aligning token statistics beats TPT", "TPT"),
+    ("PromptSync", ["--loss", "sync"], "class-aware prototypes beat PromptAlign", "PromptAlign"),
 ]
 
 
@@ -756,7 +757,7 @@ def demo(root="toy", out="runs/demo", shots=None, seeds=(1, 2, 3), parallel=2, o
         vit, rest = f"--backbone={root}/clip_vit.pt", [f"{root}/{d}" for d in DOMAINS]
         command("promptsync.py", "source", [vit, "--data", f"{root}/proxy", *SOURCE])
         for label, extra, _, _ in TEST_TIME:
-            load = ["--load", f"{out}/source/checkpoint.pt"] if "align" in extra else []
+            load = ["--load", f"{out}/source/checkpoint.pt"] if "tpt" not in extra else []
             args = [vit, "--data", f"{root}/{TRAIN_DOMAIN}", "--eval-data", *rest, *load, *extra]
             command("promptsync.py", f"{label}/seed1", args + ["--crop-scale", "0.5"])
     result = sweep.run_plan(lines, workers=parallel)
