@@ -34,7 +34,7 @@ batch 256, 1000 epochs, 1000 linear warm-up steps then cosine per step, "This is
 training images through CLIP's preprocess (no augmentation).
 
 Run
-  python vpt.py --backbone toy/clip_vit.pt --data toy/sketch --shots 4 --crop-scale 0.5
+  python vpt.py --backbone toy/clip_vit.pt --data toy/sketch --shots 4 --epochs 20 --crop-scale 1
   python vpt.py --backbone ViT-B/16 --data DATA/oxford_pets/images --shots 16 --subsample base \
       --split-file DATA/oxford_pets/split_zhou_OxfordPets.json
   python vpt.py --method pad --backbone ViT-B/32 --data ... --split-file ... --shots 16
@@ -544,7 +544,7 @@ def parse_args(argv=None):
         "--crop-scale",
         type=float,
         default=0.08,
-        help="prompt tokens: smallest area of the random resized crop (toy world: 0.5)",
+        help="prompt tokens: smallest area of the random resized crop (the toy ViT: 1, flips only)",
     )
     add_run_args(add)
     return p.parse_args(argv)
