@@ -28,10 +28,11 @@ a grid scaled by batch/256, tuned for a random head and not transferable to CLIP
 MaPLe's "Deep Vision Prompting" baseline (the base-to-new tables that quote VPT): ViT-B/16, 8
 prompts at all 12 layers appended after the patches through ln_pre, SGD lr 0.0025, batch 4, 5
 epochs, a warm-up epoch at 1e-5 then cosine, weight decay 5e-4; base 80.24, new 73.43, H 76.68.
-Defaults here: that recipe with the VPT paper's placement (after the class token, uniform init);
---placement maple gives MaPLe's model. Pad: ViT-B/32, SGD lr 40, momentum 0.9, no weight decay,
-batch 256, 1000 epochs, 1000 linear warm-up steps then cosine per step, "This is a photo of a {}",
-training images through CLIP's preprocess (no augmentation).
+Defaults here: that recipe, the only published one for VPT with CLIP's text classifier, with the
+VPT paper's placement (after the class token, uniform init); --placement maple gives MaPLe's model.
+Pad: ViT-B/32, SGD lr 40, momentum 0.9, no weight decay, batch 256, 1000 epochs, 1000 linear
+warm-up steps then cosine per step, "This is a photo of a {}", training images through CLIP's
+preprocess (no augmentation).
 
 Run
   python vpt.py --backbone toy/clip_vit.pt --data toy/sketch --shots 4 --epochs 20 --crop-scale 1
