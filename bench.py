@@ -56,6 +56,10 @@ try:
     import promptsync  # noqa: E402
 except ImportError:
     promptsync = None
+try:
+    import vpt  # noqa: E402
+except ImportError:
+    vpt = None
 
 # OpenAI's architectures: embed_dim, image_resolution, vision_layers, vision_width, vision_patch_size,
 # context_length, vocab_size, transformer_width, transformer_heads, transformer_layers
@@ -113,10 +117,11 @@ def parse_args(argv=None):
     )
     p.add_argument(
         "--plain",
-        default="cut,full,teacher,eval",
+        default="cut,full,teacher,eval,hooks",
         help="the plain formulations to time side by side: cut (every prompt whole, cut at "
         "end-of-text), full (all 77 positions), teacher (ProGrad's own image forward), "
-        "eval (features re-encoded per classifier), or none",
+        "eval (features re-encoded per classifier), hooks (VPT-deep through CLIP's own "
+        "transformer with forward hooks), or none",
     )
     p.add_argument("--out", default=None, help="write the results as JSON here")
     return p.parse_args(argv)
@@ -391,13 +396,14 @@ def run(args):
     available = ["coop-text", "coop", "cocoop"] + (["prograd"] if prograd else [])
     available += ["adapter"] if adapter else []
     available += ["tpt", "align", "sync"] if promptsync else []
+    available += ["vpt-shallow", "vpt-deep", "vpt-pad"] if vpt else []
     methods = available if args.methods == "all" else args.methods.split(",")
     unknown = [m for m in methods if m not in available]
     if unknown:
         sys.exit(f"error: unknown or missing methods {unknown}; available: {available}")
     plain = set() if args.plain == "none" else set(args.plain.split(","))
-    if plain - {"cut", "full", "teacher", "eval"}:
-        sys.exit(f"error: --plain takes cut, full, teacher, eval or none, not {args.plain}")
+    if plain - {"cut", "full", "teacher", "eval", "hooks"}:
+        sys.exit(f"error: --plain takes cut, full, teacher, eval, hooks or none, not {args.plain}")
     clip_model = build_clip(args.arch, device, precision)
     n_px, dim = clip_model.visual.input_resolution, clip_model.visual.output_dim
     classnames = [f"class {i}" for i in range(args.classes)]
@@ -406,6 +412,9 @@ def run(args):
     for method in methods:
         if method == "adapter":
             rows += adapter_rows(clip_model, classnames, args, device, precision, peak)
+            continue
+        if method.startswith("vpt-"):  # prompts in the image tower: the image side in the graph
+            rows += vpt_rows(method, clip_model, classnames, args, device, precision, peak, plain)
             continue
         if method == "sync":  # PromptSync: one test image per step
             rows += promptsync_sync_rows(clip_model, classnames, args, device, precision, peak)
@@ -724,6 +733,93 @@ def promptsync_sync_rows(clip_model, classnames, args, device, precision, peak):
 
     common = (n_views, C, device, args.steps, args.warmup, peak)
     return [row("promptsync", "as written (one test image)", as_written, *common)]
+
+
+class HookedDeepVPT(nn.Module):
+    """The plain formulation of VPT-deep: CLIP's own `visual.transformer` called whole on the
+    sequence [CLS, P_0, patches], and a forward hook on every block that re-concatenates its
+    output with the next block's prompts (what a port that does not write its own loop does)."""
+
+    def __init__(self, encoder):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, images):
+        e, v = self.encoder, self.encoder.visual
+        p, B = e.n_prompts, images.shape[0]
+        x = v.conv1(images.type(v.conv1.weight.dtype)).flatten(2).permute(0, 2, 1)  # (B, N, w)
+        x = torch.cat([v.class_embedding.to(x.dtype).expand(B, 1, -1), x], dim=1)  # (B, 1+N, w)
+        x = v.ln_pre(x + v.positional_embedding.to(x.dtype))
+        x = torch.cat([x[:, :1], e.prompts[0].to(x.dtype).expand(B, -1, -1), x[:, 1:]], dim=1)
+
+        def replace(i):  # block i-1's output (LND) -> [CLS, P_i, patches]
+            def hook(module, inputs, out):
+                prompts = e.prompts[i].to(out.dtype).unsqueeze(1).expand(-1, B, -1)  # (p, B, w)
+                return torch.cat([out[:1], prompts, out[1 + p :]])
+
+            return hook
+
+        blocks = v.transformer.resblocks
+        hooks = [blocks[i - 1].register_forward_hook(replace(i)) for i in range(1, len(blocks))]
+        try:
+            x = v.transformer(x.permute(1, 0, 2)).permute(1, 0, 2)  # LND in, NLD out
+        finally:
+            for h in hooks:
+                h.remove()
+        return v.ln_post(x[:, 0, :]) @ v.proj  # (B, D)
+
+
+def make_vpt(method, clip_model, classnames, device, hooked=False):
+    """The model and optimizer as vpt.py's main builds them: the text head, 8 prompt tokens per
+    layer (MaPLe's VPT), or the 30-px border at 224 px (scaled to the input size)."""
+    torch.manual_seed(0)
+    visual = clip_model.visual
+    if method == "vpt-pad":
+        encoder = vpt.PaddedEncoder(visual, vpt.pad_width(visual.input_resolution))
+        sgd = dict(lr=40.0, momentum=0.9, weight_decay=0.0)
+    else:
+        encoder = vpt.PromptedViT(visual, 8, deep=method == "vpt-deep")
+        sgd = dict(lr=0.0025, momentum=0.9, weight_decay=5e-4)
+    if hooked:
+        encoder = HookedDeepVPT(encoder)
+    weights = vpt.zeroshot_classifier(clip_model, classnames, ["a photo of a {}."])
+    model = vpt.PromptedCLIP(encoder, vpt.TextHead(weights, clip_model.logit_scale)).to(device)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], **sgd)
+    return model, optimizer
+
+
+def vpt_rows(method, clip_model, classnames, args, device, precision, peak, plain):
+    """The step vpt.py's loop calls: the whole image encoder forward and backward to the prompts
+    (the text classifier is encoded once, so the number of classes hardly matters). For VPT-deep,
+    side by side: CLIP's own transformer with forward hooks that re-concatenate the sequence before
+    every block, against vpt.py's explicit loop (which writes the prompt rows in place); the check
+    compares the logits and the prompts' gradients."""
+    if method != "vpt-pad" and not hasattr(clip_model.visual, "transformer"):
+        print(f"{method}: skipped ({args.arch} is not a ViT; only vpt-pad runs on a ResNet)")
+        return []
+    batch, n_px = args.batch_size or PAPER_BATCH[method], clip_model.visual.input_resolution
+    torch.manual_seed(1)
+    images = torch.randn(batch, 3, n_px, n_px, device=device)
+    labels = torch.randint(len(classnames), (batch,), device=device)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "amp" and device.type == "cuda")
+
+    def step(model, optimizer):
+        return lambda: vpt.train_step(model, optimizer, scaler, images, labels, precision)
+
+    def outcome(model):
+        params = [p for p in model.parameters() if p.requires_grad]
+        with coop.autocast(device, precision):
+            logits = model(images).float()
+        return logits.flatten(), torch.autograd.grad(F.cross_entropy(logits, labels), params)
+
+    variants = [("as written", step(*make_vpt(method, clip_model, classnames, device)), None)]
+    if method == "vpt-deep" and "hooks" in plain:
+        fast = outcome(make_vpt(method, clip_model, classnames, device)[0])
+        hooked = make_vpt(method, clip_model, classnames, device, hooked=True)
+        difference = max_difference(fast, outcome(hooked[0]))
+        variants.append(("CLIP's transformer + forward hooks", step(*hooked), difference))
+    common = (batch, len(classnames), device, args.steps, args.warmup, peak)
+    return side_by_side(method, variants, *common)
 
 
 def format_row(r):
