@@ -18,11 +18,13 @@ makes every method in the project runnable and checkable on a laptop CPU in minu
      classes, 6 of the colours x 10 shapes; base and new halves by the usual rule), the shifted
      domains `sketch` (outline drawings) and `noise` (Gaussian noise), and `proxy` (10 shape
      classes, a source set for methods that need source statistics or prototypes).
-  4. The demo: base-to-new on `sketch` for every method file present, against zero-shot CLIP.
+  4. The demo: base-to-new on `sketch` for every method file present (test-time methods on the
+     shifted domains), through sweep.py's runner, with each paper's claim checked against the noise.
 
 Run
   python toyworld.py                # build toy/ (about 8 minutes on 2 cores; reused afterwards)
-  python toyworld.py --demo         # build if needed, run every method file on it, write the table (+3 min)
+  python toyworld.py --demo         # build if needed, run every method file on it, write the table
+                                    # (about 23 min of runs on a busy 2-core machine)
   python coop.py --backbone toy/clip_rn.pt --data toy/shapes --shots 4 --subsample base \\
         --eval-data toy/sketch toy/noise
 """
