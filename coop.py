@@ -328,8 +328,6 @@ def main(args):
     batch_size = args.batch_size or (1 if args.cocoop else 32)
     if args.cocoop and (args.csc or args.class_token_position != "end"):
         fail("CoCoOp uses one generic context with the class token at the end")
-    if args.csc and (args.subsample == "base" or args.eval_data):
-        fail("--csc learns one context per training class: it cannot be tested on new classes")
     if args.eval_only and not args.load:
         fail("--eval-only needs --load <checkpoint.pt>")
     if args.shots < 1:
@@ -345,8 +343,12 @@ def main(args):
     # Frozen CLIP and the learned prompt
     clip_model = load_clip(args.backbone, device, precision)
     n_px, where = clip_model.visual.input_resolution, args.class_token_position
+    # --csc learns one context per training class: a test set of other classes is not scored
+    names = train["classnames"]
+    other = [k for k, (_, classnames) in test_sets.items() if args.csc and classnames != names]
+    not_scored = {k: "classes without a learned context (--csc)" for k in other}
+    test_sets = {k: v for k, v in test_sets.items() if k not in other}
     try:
-        names = train["classnames"]
         model = CustomCLIP(clip_model, names, n_ctx, ctx_init, args.csc, where, args.cocoop)
         model.to(device)
         for _, classnames in test_sets.values():  # every test set's prompts fit, before training
@@ -429,6 +431,7 @@ def main(args):
         precision=precision,
         train_seconds=round(train_seconds, 2),
         images_per_s=speed,
+        not_scored=not_scored,
     )
 
 

@@ -240,13 +240,13 @@ class PromptedCLIP(nn.Module):
         self.text_encoder, self.clip = TextEncoder(clip_model), clip_model
 
     def text_features(self):
+        # [SOS][ctx] is every class's (TPT's context and MaPLe's alike): encoded once, then each
+        # class's own tokens attend to it (exact, the text encoder's `shared_prefix`); MaPLe's
+        # deep prompts replace the ctx positions before the later blocks (none for TPT)
         pl = self.prompts
-        if pl.depth == 0:  # TPT: the shared text encoder, cut after the last EOT (exact)
-            text = self.text_encoder(pl.text_prompts(), pl.tokenized)
-        else:  # [MaPLe] [SOS][ctx] is every class's: encoded once, the deep prompts replace ctx
-            prefix = torch.cat([pl.token_prefix[:1], pl.ctx[None]], dim=1)  # (1, 1 + M, d)
-            deep = list(pl.deep_text)
-            text = self.text_encoder.shared_prefix(prefix, pl.token_suffix, pl.tokenized, deep)[0]
+        prefix = torch.cat([pl.token_prefix[:1], pl.ctx[None]], dim=1)  # (1, 1 + M, d)
+        deep = list(pl.deep_text)
+        text = self.text_encoder.shared_prefix(prefix, pl.token_suffix, pl.tokenized, deep)[0]
         return F.normalize(text.float(), dim=-1)  # (C, D)
 
     def image_features(self, images, tokens=None):

@@ -93,6 +93,25 @@ def test_demo_runs_through_sweep_and_its_table_matches_the_runs(tmp_path, tiny_c
     assert (out / "coop" / "1shot_seed2" / "run.log").is_file()
 
 
+def test_the_ceiling_is_adapter_pys_linear_probe_on_every_training_image(tmp_path, tiny_ckpt):
+    import adapter
+
+    root = tmp_path / "toy"
+    classes = [("red_circle", "circle", "red"), ("blue_star", "star", "blue"), ("green_ring", "ring", "green"),
+               ("gray_cross", "cross", "gray")]
+    for i, domain in enumerate([tw.TRAIN_DOMAIN] + tw.DOMAINS):
+        tw.write_dataset(str(root / domain), classes, {"train": 3, "val": 2, "test": 3}, seed=i)
+    shutil.copy(tiny_ckpt, root / "clip_rn.pt")
+    ceiling = tw.ceilings(str(root), "rn")
+    assert set(ceiling) == {"base", "new", *tw.DOMAINS}
+    for column, data, part in [("base", tw.TRAIN_DOMAIN, "base"), ("noise", "noise", "all")]:
+        m = adapter.main(adapter.parse_args(["--backbone", str(root / "clip_rn.pt"), "--data", str(root / data),
+                                             "--subsample", part, "--method", "linear-probe", "--shots", "3",
+                                             "--val-shots", "2", "--workers", "0", "--out", str(tmp_path / column)]))
+        n_test = 3 * (2 if part == "base" else 4)
+        assert abs(ceiling[column] - m["accuracy"]["test"]) <= 100 / n_test + 1e-6, column  # one image at most
+
+
 def test_claims_compare_with_the_seeds_noise():
     row, zero = {"base": (20.0, 1.0)}, {"base": (11.0, 0.0)}
     assert tw.claim_verdict(row, zero, "base").startswith("yes (+9.0")
