@@ -57,13 +57,11 @@ class TextEncoder(nn.Module):
     """CLIP's text transformer on prompt embeddings, in two exact shortcuts of its 77 positions.
 
     The transformer is causal: position i attends to positions <= i only. So (1) the end-of-text
-    (EOT) feature depends only on the positions up to it, and running the prompts cut after the
-    longest EOT gives exactly the 77-position result (`forward`); and (2) positions before the
-    class name never see it: when every class's prompt starts with the same prefix ([SOS] and a
-    generic context), the prefix's hidden states are the same for every class. `shared_prefix`
-    computes them once (once per image for CoCoOp) and runs only each class's remaining tokens
-    (name, ".", EOT), which attend to the prefix's keys and values and, causally, to their own.
-    """
+    (EOT) feature depends only on the positions up to it: prompts cut after the longest EOT give
+    the 77-position result exactly (`forward`); (2) positions before the class name never see it:
+    with a prefix common to every class ([SOS], a generic context), its hidden states are every
+    class's. `shared_prefix` computes them once (per image for CoCoOp) and runs only each class's
+    own tokens (name, ".", EOT), which attend to the prefix's keys and values and to their own."""
 
     def __init__(self, clip_model):
         super().__init__()
@@ -91,16 +89,16 @@ class TextEncoder(nn.Module):
         prefix: (B, P, d), the first P positions, the same for every class (B = 1, or one per
         image); suffix: (C, L - P, d), the rest of each class's prompt; tokenized: (C, L) ids;
         deep: tensors (n, d) that replace prefix positions 1..n before blocks 1, 2, ... (MaPLe's
-        deeper text prompts). Returns (B, C, D).
-        """
-        (B, P, d), C = prefix.shape, suffix.shape[0]
+        deeper text prompts). Returns (B, C, D)."""
+        (B, P, _), C = prefix.shape, suffix.shape[0]
         eot = tokenized.argmax(dim=-1) - P  # EOT's index within the suffix: (C,)
         S = int(eot.max()) + 1
         pos = self.positional_embedding.type(self.dtype)
         xp = prefix.type(self.dtype) + pos[:P]  # (B, P, d)
-        xs = (suffix[:, :S].type(self.dtype) + pos[P : P + S]).expand(B, -1, -1, -1)
-        xs = xs.reshape(B * C, S, d)  # every (image, class) pair's own tokens: (B*C, S, d)
-        see = torch.ones(S, P + S, dtype=torch.bool, device=xp.device).tril_(P)  # (S, P + S)
+        xs = (suffix[:, :S].type(self.dtype) + pos[P : P + S]).repeat(B, 1, 1)  # pairs: (B*C, S, d)
+        ahead = torch.ones(S, S, dtype=torch.bool, device=xp.device).triu_(1)  # (S, S)
+        rows = lambda t: t.unflatten(0, (B, C)).transpose(1, 2).flatten(2, 3)  # (B, h, C*S, .)
+        pairs = lambda t: t.unflatten(2, (C, S)).transpose(1, 2).flatten(0, 1)  # (B*C, h, S, .)
         for i, block in enumerate(self.transformer.resblocks):
             if 0 < i <= len(deep):  # MaPLe: the previous block's outputs there are replaced
                 n = deep[i - 1].shape[0]
@@ -115,10 +113,12 @@ class TextEncoder(nn.Module):
             # The prefix attends causally to itself only: it never sees a class name.
             ap = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True)  # (B, heads, P, d_h)
             # Each class's tokens attend to [prefix keys/values ; their own, causally]:
-            #   softmax(q_s [K_p ; K_s]^T / sqrt(d_h) + mask) [V_p ; V_s]
-            rep = lambda t: t.unsqueeze(1).expand(-1, C, -1, -1, -1).flatten(0, 1)  # B -> B*C
-            k, v = torch.cat([rep(kp), ks], dim=-2), torch.cat([rep(vp), vs], dim=-2)
-            a_s = F.scaled_dot_product_attention(qs, k, v, attn_mask=see)  # (B*C, heads, S, d_h)
+            #   softmax([q_s K_p^T , q_s K_s^T + mask] / sqrt(d_h)) [V_p ; V_s], the prefix's part
+            #   as one product per image and head (classes as rows): K_p, V_p never copied per class
+            to_prefix = pairs(rows(qs) @ kp.transpose(-2, -1))  # (B*C, heads, S, P)
+            to_own = (qs @ ks.transpose(-2, -1)).masked_fill(ahead, float("-inf"))  # (.., S, S)
+            w = (torch.cat([to_prefix, to_own], -1) / qs.shape[-1] ** 0.5).softmax(-1)  # (.., P+S)
+            a_s = pairs(rows(w[..., :P]) @ vp) + w[..., P:] @ vs  # (B*C, heads, S, d_h)
             merge = lambda t: block.attn.out_proj(t.transpose(-3, -2).flatten(-2))  # (.., L, d)
             xp, xs = xp + merge(ap), xs + merge(a_s)
             xp, xs = xp + block.mlp(block.ln_2(xp)), xs + block.mlp(block.ln_2(xs))
