@@ -15,6 +15,8 @@ On CUDA: warm-up, CUDA events, median and spread of many steps, peak memory, FLO
 (torch.utils.flop_counter), achieved TFLOP/s, and that as a fraction of the matrix-product rate
 measured once on the same card in the same run. On the CPU the same table with wall-clock times,
 and as peak memory the growth of the process's resident memory during the row (Linux VmHWM).
+Both: "saved MiB", the tensors autograd keeps for the backward pass (CLIP's weights not counted),
+the activation memory of the step, counted exactly with saved-tensor hooks.
 "coop-text" is CoOp's step without the image encoder (its input is image features): the text step.
 Weights are random (speed does not depend on their values), so nothing is downloaded.
 
@@ -345,21 +347,42 @@ def measure(fn, device):
     return None if base is None else cpu_memory("VmHWM") - base
 
 
+FROZEN = set()  # storages of CLIP's weights: held anyway, not counted as a step's activations
+
+
+def saved_mib(fn):
+    """MiB of the tensors autograd keeps for the backward pass during one call of fn (each storage
+    once, CLIP's frozen weights not counted): the step's activation memory, which, unlike the
+    process's peak, does not depend on the allocator or on what else the process holds."""
+    kept = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in FROZEN:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(kept.values()) / 2**20
+
+
 def side_by_side(name, variants, batch, classes, device, steps, warmup, peak_rate):
     """Rows for (variant, fn, difference) triples of one method. Each fn is warmed up (its FLOPs
     counted in the first warm-up step) and its memory measured alone; then the timed steps run in
     alternation, one step of each variant in turn, so that a change in the machine's load during
     the measurement affects every variant alike."""
-    flops, peaks = [], []
+    flops, peaks, saved = [], [], []
     for _, fn, _ in variants:
         flops.append(time_steps(fn, 0, warmup, device, count=True)[1])
         peaks.append(measure(fn, device))
+        saved.append(saved_mib(fn))
     times = [[] for _ in variants]
     for _ in range(steps):
         for i, (_, fn, _) in enumerate(variants):
             times[i] += time_steps(fn, 1, 0, device)[0]
     rows = []
-    for (variant, _, difference), t, f, peak in zip(variants, times, flops, peaks):
+    for (variant, _, difference), t, f, peak, kept in zip(variants, times, flops, peaks, saved):
         median = statistics.median(t)
         q = statistics.quantiles(t, n=10, method="inclusive") if len(t) >= 2 else [median] * 9
         achieved = f / (median / 1000) / 1e12
@@ -373,6 +396,7 @@ def side_by_side(name, variants, batch, classes, device, steps, warmup, peak_rat
                 "p10_ms": round(q[0], 3),
                 "p90_ms": round(q[-1], 3),
                 "peak_mib": None if peak is None else round(peak, 1),
+                "saved_mib": round(kept, 1),
                 "gflop": round(f / 1e9, 3),
                 "tflops": round(achieved, 4),
                 "fraction_of_matmul": round(achieved / peak_rate, 4),
@@ -405,6 +429,7 @@ def run(args):
     if plain - {"cut", "full", "teacher", "eval", "hooks"}:
         sys.exit(f"error: --plain takes cut, full, teacher, eval, hooks or none, not {args.plain}")
     clip_model = build_clip(args.arch, device, precision)
+    FROZEN.update(p.untyped_storage().data_ptr() for p in clip_model.parameters())
     n_px, dim = clip_model.visual.input_resolution, clip_model.visual.output_dim
     classnames = [f"class {i}" for i in range(args.classes)]
     peak = matmul_rate(device, precision)
@@ -830,10 +855,10 @@ def format_row(r):
 
 def markdown_table(rows):
     head = (
-        "| method | variant | batch | classes | median ms | p10–p90 ms | peak MiB | GFLOP | TFLOP/s | "
-        "of matmul | speed-up | max abs diff |"
+        "| method | variant | batch | classes | median ms | p10–p90 ms | peak MiB | saved MiB | GFLOP | "
+        "TFLOP/s | of matmul | speed-up | max abs diff |"
     )
-    lines = [head, "|" + "---|" * 12]
+    lines = [head, "|" + "---|" * 13]
     base = {}
     for r in rows:
         key = r["method"]
@@ -847,7 +872,8 @@ def markdown_table(rows):
         )
         lines.append(
             f"| {r['method']} | {r['variant']} | {r['batch']} | {r['classes']} | {r['median_ms']:.1f} | "
-            f"{r['p10_ms']:.1f}–{r['p90_ms']:.1f} | {r['peak_mib'] or '–'} | {r['gflop']:.1f} | "
+            f"{r['p10_ms']:.1f}–{r['p90_ms']:.1f} | {r['peak_mib'] or '–'} | {r['saved_mib']} | "
+            f"{r['gflop']:.1f} | "
             f"{r['tflops']:.3f} | {100 * r['fraction_of_matmul']:.0f}% | {speedup} | {diff} |"
         )
     return "\n".join(lines)

@@ -28,8 +28,20 @@ def test_bench_runs_every_method_on_the_cpu(tiny_ckpt, tmp_path):
                                              "77 positions, features recomputed",
                                              *[r["variant"] for r in plain if r["method"].startswith("vpt")]}
     assert all(r["peak_mib"] is not None for r in rows)  # the CPU's resident-memory peak
+    kept = {r["variant"]: r["saved_mib"] for r in rows if r["method"] == "coop-text"}
+    assert kept[written] < kept[bench.TEXT_VARIANTS["cut"]] < kept[bench.TEXT_VARIANTS["full"]]
     assert all(r["exact"] for r in plain)  # every speed-up keeps the results
     assert result["note"].startswith("CPU run")
+
+
+def test_saved_memory_counts_what_autograd_keeps_and_not_the_frozen_weights():
+    x, w = torch.randn(1000, requires_grad=True), torch.randn(1000)
+    assert bench.saved_mib(lambda: x.exp().sum().backward()) == 4000 / 2**20  # exp keeps its output
+    bench.FROZEN.add(w.untyped_storage().data_ptr())
+    try:
+        assert bench.saved_mib(lambda: (x * w).sum().backward()) == 0  # mul keeps only w for x's grad
+    finally:
+        bench.FROZEN.discard(w.untyped_storage().data_ptr())
 
 
 class EncoderOffByOne(bench.FullTextEncoder):
