@@ -112,6 +112,22 @@ def test_the_ceiling_is_adapter_pys_linear_probe_on_every_training_image(tmp_pat
         assert abs(ceiling[column] - m["accuracy"]["test"]) <= 100 / n_test + 1e-6, column  # one image at most
 
 
+def test_the_fast_table_shows_the_test_time_rows_of_its_one_shard(tmp_path):
+    stats = {}
+    for i, (label, _, _, _) in enumerate(tw.TEST_TIME):
+        folder = tmp_path / label
+        folder.mkdir()
+        accuracy = {"test": 10.0 + i, "shapes": 50.0 + i, "noise": 40.0 + i}
+        metrics = {"seed": 1, "accuracy": accuracy, "zero_shot": {"test": 9.0, "shapes": 49.0, "noise": 39.0}}
+        (folder / "metrics.json").write_text(json.dumps(metrics))
+        stats[label] = tw.one_shard(str(folder))
+    rows = tw.table_rows(stats, [])
+    assert [r["label"] for r in rows] == ["Zero-shot CLIP (vit, 60-way)"] + [t[0] for t in tw.TEST_TIME]
+    table = tw.format_demo(rows, [], "toy", (1,), 1.0, full=False)
+    assert "| TPT | 10.0 | 50.0 | 40.0 |" in table and "+1.0 on base" in table  # TPT vs zero-shot CLIP
+    assert "python toyworld.py --demo --full" in table
+
+
 def test_claims_compare_with_the_seeds_noise():
     row, zero = {"base": (20.0, 1.0)}, {"base": (11.0, 0.0)}
     assert tw.claim_verdict(row, zero, "base").startswith("yes (+9.0")
