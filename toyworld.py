@@ -743,11 +743,17 @@ def ceilings(root, tower):
     return out
 
 
-def claim_verdict(row, other, column):
+def claim_verdict(row, other, column, n_images=None):
     """'yes' when the row beats the other on `column` by more than twice the larger seed std (at
-    least one point), 'no' when it is behind by as much, 'within noise' in between."""
+    least one point), 'no' when it is behind by as much, 'within noise' in between. With n_images
+    (runs of one seed: the test-time methods) the least noise is instead twice the binomial
+    standard error of an accuracy on that many images."""
     (a, sa), (b, sb) = row[column], other[column]
-    noise = max(2 * max(sa, sb), 1.0)  # one seed has no spread: a point is then the least noise
+    floor = 1.0  # one seed has no spread: a point is then the least noise
+    if n_images:
+        p = (a + b) / 200
+        floor = max(floor, 2 * 100 * math.sqrt(p * (1 - p) / n_images))
+    noise = max(2 * max(sa, sb), floor)
     verdict = "yes" if a - b > noise else "no" if b - a > noise else "within noise"
     return f"{verdict} ({a - b:+.1f} on {column}, noise {noise:.1f})"
 
@@ -930,7 +936,13 @@ def format_demo(rows, methods, root, seeds, seconds, full=True):
             verdict = ""
             if check:
                 other = find(check[1], 0) if check[1] else find("Zero-shot CLIP (vit, 60-way)", 0)
-                verdict = f"{claim}: {claim_verdict(r, other, 'base')}" if other else ""
+                n = (
+                    len(TASK_COLOURS)
+                    * len(SHAPES)
+                    * SPLITS["test"]
+                    // (1 if full else int(FAST["shard"][2:]))
+                )
+                verdict = f"{claim}: {claim_verdict(r, other, 'base', n)}" if other else ""
             out.append(
                 f"| {r['label']} | "
                 + " | ".join(fmt(r.get(c)) for c in ["base"] + DOMAINS)
@@ -948,6 +960,8 @@ def format_demo(rows, methods, root, seeds, seconds, full=True):
         f"{list(seeds)}, mean ± population std. 'yes'/'no': the difference is more than twice the "
         f"larger std over seeds and at least one point"
         + ("" if len(seeds) > 1 else " (one seed here: no std, so only the one-point floor)")
+        + "; for the test-time methods (one seed) at least twice the binomial standard error of "
+        "an accuracy on that many images"
         + f". {seconds:.0f}s for the runs and the ceilings on {os.cpu_count()} cores."
     )
     if not full:

@@ -125,6 +125,7 @@ def test_the_fast_table_shows_the_test_time_rows_of_its_one_shard(tmp_path):
     assert [r["label"] for r in rows] == ["Zero-shot CLIP (vit, 60-way)"] + [t[0] for t in tw.TEST_TIME]
     table = tw.format_demo(rows, [], "toy", (1,), 1.0, full=False)
     assert "| TPT | 10.0 | 50.0 | 40.0 |" in table and "+1.0 on base" in table  # TPT vs zero-shot CLIP
+    assert "within noise (+1.0 on base, noise 5.9)" in table  # 100 images: twice the binomial error
     assert "python toyworld.py --demo --full" in table
 
 
@@ -133,6 +134,9 @@ def test_claims_compare_with_the_seeds_noise():
     assert tw.claim_verdict(row, zero, "base").startswith("yes (+9.0")
     assert tw.claim_verdict({"base": (12.0, 1.0)}, zero, "base").startswith("within noise")
     assert tw.claim_verdict({"base": (5.0, 1.0)}, zero, "base").startswith("no")
+    # one seed on 100 test images: a 4-point gain at ~12 % is within twice the binomial error (6.6)
+    assert tw.claim_verdict({"base": (14.0, 0.0)}, {"base": (10.0, 0.0)}, "base", 100).startswith("within")
+    assert tw.claim_verdict({"base": (14.0, 0.0)}, {"base": (10.0, 0.0)}, "base", 6000).startswith("yes")
 
 
 # --- slow: the pretrained toy world and what the methods do on it ----------------------------------
