@@ -22,7 +22,7 @@ makes every method in the project runnable and checkable on a laptop CPU in minu
      shifted domains), through sweep.py's runner, with each paper's claim checked against the noise.
 
 Run
-  python toyworld.py                # build toy/ (about 8 minutes on 2 cores; reused afterwards)
+  python toyworld.py                # build toy/ (about 5 minutes on 2 cores; reused afterwards)
   python toyworld.py --demo         # build if needed, run every method file on it: the fast table
                                     # (one seed, a sixth of the test-time images; runs/demo)
   python toyworld.py --demo --full  # the README's table: seeds 1, 2, 3, every test image
@@ -713,9 +713,10 @@ LONG_FIRST = ["Padding prompt", "source", "PromptSync", "PromptAlign", "TPT", "C
 
 
 def ceilings(root, tower):
-    """Know the ceiling first: what any method reading these frozen image features could reach.
-    adapter.py's linear probe (C searched on val/, as that file does) on every training image of
-    each column's classes (16 per class), scored on that column's test images. -> {column: %}"""
+    """Know the ceiling first: roughly what a method reading these frozen image features can reach
+    (a guide, not a bound). adapter.py's linear probe (C searched on val/, as that file does) on
+    every training image of each column's classes (16 per class), scored on that column's test
+    images. -> {column: accuracy %}"""
     import adapter
 
     device, out = torch.device("cpu"), {}
@@ -730,10 +731,10 @@ def ceilings(root, tower):
         _, data, _ = adapter.load_task(args)  # every training image: no few-shot sample
         f, y = {}, {}
         for split in ("train", "val", "test"):
-            encode = model.encode_image
-            f[split] = adapter.encode_views(
-                encode, data[split], transform, device, "fp32", workers=0
-            )[0]
+            views = adapter.encode_views(
+                model.encode_image, data[split], transform, device, "fp32", workers=0
+            )
+            f[split] = views[0]  # (N, D): one view, the test transform
             y[split] = adapter.label_tensor(data[split], device)
         n_cls = len(data["classnames"])
         fit = lambda C: adapter.fit_linear_probe(f["train"], y["train"], n_cls, C)  # noqa: E731
