@@ -102,12 +102,12 @@ class TextEncoder(nn.Module):
             qs, ks, vs = map(split, qkv_s.chunk(3, dim=-1))  # (B*C, heads, S, d_h) each
             # The prefix attends causally to itself only: it never sees a class name.
             ap = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True)  # (B, heads, P, d_h)
-            # Each class's tokens attend to [prefix keys/values ; their own, causally]:
-            #   softmax([q_s K_p^T , q_s K_s^T + mask] / sqrt(d_h)) [V_p ; V_s], the prefix's part
-            #   as one product per image and head (classes as rows): K_p, V_p never copied per class
-            to_prefix = pairs(rows(qs) @ kp.transpose(-2, -1))  # (B*C, heads, S, P)
-            to_own = (qs @ ks.transpose(-2, -1)).masked_fill(ahead, float("-inf"))  # (.., S, S)
-            w = (torch.cat([to_prefix, to_own], -1) / qs.shape[-1] ** 0.5).softmax(-1)  # (.., P+S)
+            # Each class's tokens see the prefix and, causally, themselves: softmax([q K_p^T,
+            # q K_s^T + mask] / sqrt(d_h)) [V_p ; V_s]; K_p, V_p never copied (classes as rows)
+            q = qs / qs.shape[-1] ** 0.5  # scaled before the products, as SDPA does (fp16 range)
+            to_prefix = pairs(rows(q) @ kp.transpose(-2, -1))  # (B*C, heads, S, P)
+            to_own = (q @ ks.transpose(-2, -1)).masked_fill(ahead, float("-inf"))  # (.., S, S)
+            w = torch.cat([to_prefix, to_own], dim=-1).softmax(dim=-1)  # (B*C, heads, S, P + S)
             a_s = pairs(rows(w[..., :P]) @ vp) + w[..., P:] @ vs  # (B*C, heads, S, d_h)
             merge = lambda t: block.attn.out_proj(t.transpose(-3, -2).flatten(-2))  # (.., L, d)
             xp, xs = xp + merge(ap), xs + merge(a_s)
