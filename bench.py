@@ -429,6 +429,7 @@ def run(args):
     if plain - {"cut", "full", "teacher", "eval", "hooks"}:
         sys.exit(f"error: --plain takes cut, full, teacher, eval, hooks or none, not {args.plain}")
     clip_model = build_clip(args.arch, device, precision)
+    FROZEN.clear()  # this run's weights only (a freed storage's address can be reused)
     FROZEN.update(p.untyped_storage().data_ptr() for p in clip_model.parameters())
     n_px, dim = clip_model.visual.input_resolution, clip_model.visual.output_dim
     classnames = [f"class {i}" for i in range(args.classes)]
@@ -508,6 +509,7 @@ def run(args):
     print(markdown_table(rows))
     if args.out:
         coop.save(args.out, result)
+    FROZEN.clear()
     return result
 
 

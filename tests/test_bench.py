@@ -36,6 +36,7 @@ def test_bench_runs_every_method_on_the_cpu(tiny_ckpt, tmp_path):
 
 def test_saved_memory_counts_what_autograd_keeps_and_not_the_frozen_weights():
     x, w = torch.randn(1000, requires_grad=True), torch.randn(1000)
+    bench.FROZEN.clear()  # no other run's weights
     assert bench.saved_mib(lambda: x.exp().sum().backward()) == 4000 / 2**20  # exp keeps its output
     bench.FROZEN.add(w.untyped_storage().data_ptr())
     try:
