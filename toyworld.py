@@ -272,8 +272,9 @@ def caption(attrs, rng):
 
 
 def draw_pool_parallel(attrs, seed, workers=2):
-    """draw_pool over `workers` processes; chunk i uses seed + i, so the pool is the same every run."""
-    chunks = np.array_split(attrs, max(1, workers) * 4)
+    """draw_pool over `workers` processes; chunk i of 8 uses seed + i, so the pool is the same every
+    run, whatever the number of workers."""
+    chunks = np.array_split(attrs, 8)
     if workers <= 1:
         parts = [draw_numpy(c, seed + i) for i, c in enumerate(chunks)]
     else:

@@ -129,6 +129,11 @@ def test_the_fast_table_shows_the_test_time_rows_of_its_one_shard(tmp_path):
     assert "python toyworld.py --demo --full" in table
 
 
+def test_the_pretraining_pool_does_not_depend_on_the_number_of_workers():
+    attrs = tw.random_attributes(np.random.default_rng(0), 16)
+    assert torch.equal(tw.draw_pool_parallel(attrs, 1, workers=1), tw.draw_pool_parallel(attrs, 1, workers=2))
+
+
 def test_claims_compare_with_the_seeds_noise():
     row, zero = {"base": (20.0, 1.0)}, {"base": (11.0, 0.0)}
     assert tw.claim_verdict(row, zero, "base").startswith("yes (+9.0")
