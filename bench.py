@@ -79,6 +79,9 @@ PAPER_BATCH = {
     "prograd": 32,
     "clip-adapter": 32,
     "tip-f": 256,
+    "vpt-shallow": 4,  # MaPLe's VPT-in-CLIP setting (vpt.py's default)
+    "vpt-deep": 4,
+    "vpt-pad": 256,  # Bahng et al.
 }
 
 
@@ -95,7 +98,8 @@ def parse_args(argv=None):
     p.add_argument(
         "--methods",
         default="all",
-        help="comma-separated: coop-text (the text step alone), coop, cocoop, prograd, or all",
+        help="comma-separated: coop-text (the text step alone), coop, cocoop, prograd, adapter, "
+        "tpt, align, sync, vpt-shallow, vpt-deep, vpt-pad (those whose files are present), or all",
     )
     p.add_argument(
         "--classes", type=int, default=1000, help="number of class names (ImageNet has 1000)"
@@ -353,7 +357,9 @@ FROZEN = set()  # storages of CLIP's weights: held anyway, not counted as a step
 def saved_mib(fn):
     """MiB of the tensors autograd keeps for the backward pass during one call of fn (each storage
     once, CLIP's frozen weights not counted): the step's activation memory, which, unlike the
-    process's peak, does not depend on the allocator or on what else the process holds."""
+    process's peak, does not depend on the allocator or on what else the process holds. Under
+    --precision amp, autocast's half-precision copies of the weights are new storages and are
+    counted (not checked on a GPU here: the fp32 CPU rows hold no such copies)."""
     kept = {}
 
     def pack(t):

@@ -2,10 +2,7 @@
 
 import json
 import os
-import shlex
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
