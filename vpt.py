@@ -35,7 +35,8 @@ warm-up steps then cosine per step, "This is a photo of a {}", training images t
 preprocess (no augmentation).
 
 Run
-  python vpt.py --backbone toy/clip_vit.pt --data toy/sketch --shots 4 --epochs 20 --crop-scale 1
+  python vpt.py --backbone toy/clip_vit.pt --data toy/sketch --subsample base --shots 4 \
+      --epochs 20 --crop-scale 1
   python vpt.py --backbone ViT-B/16 --data DATA/oxford_pets/images --shots 16 --subsample base \
       --split-file DATA/oxford_pets/split_zhou_OxfordPets.json
   python vpt.py --method pad --backbone ViT-B/32 --data ... --split-file ... --shots 16

@@ -327,9 +327,10 @@ def test_bad_input_stops_with_a_clear_message(tiny_vit_ckpt, tiny_ckpt, tiny_dat
 
 @pytest.mark.slow
 def test_tpt_on_sketches_and_promptalign_from_the_proxy_source(world, tmp_path):
-    """On the toy world (ViT tower, lr 1e-3) TPT's one step fixes 1 of the 600 sketches and breaks
-    none (12.50 -> 12.67 %); PromptAlign at its DG learning rate 4e-2 hurts there (the toy's prompt
-    coordinates are about 0.03, smaller than one AdamW step): see the demo notes."""
+    """On the toy world (ViT tower) TPT's one step changes a handful of the 600 sketches (the full
+    demo table, `python toyworld.py --demo --full`: 12.5 -> 12.7 % with --crop-scale 0.5);
+    PromptAlign at its DG learning rate 4e-2 hurts on shapes and noise there (the toy's prompt
+    coordinates are about 0.03, smaller than one AdamW step): README, "Results on the toy world"."""
     root, _ = world
     common = ["--backbone", os.path.join(root, "clip_vit.pt")]
     sketch = ["--data", os.path.join(root, "sketch")]

@@ -520,7 +520,7 @@ def test_mixed_precision_keeps_the_prompts_fp32(tiny_vit_ckpt, tiny_data, tmp_pa
 def test_vpt_deep_beats_zero_shot_on_sketches(world, tmp_path):
     # MaPLe's recipe for longer (20 epochs: 5 move the toy's prompts too little) and no crops, flips
     # only (through half-image crops the 2x2-patch toy ViT fits nothing). Measured on this
-    # machine: 19.0 vs 12.3 zero-shot at seed 1 (seeds 2, 3: 22.7, 15.7).
+    # machine: 19.0 vs 12.3 zero-shot at seed 1 (seeds 2, 3: 22.7, 15.7; toyworld.py --demo --full).
     root, _ = world
     backbone, data = os.path.join(root, "clip_vit.pt"), os.path.join(root, "sketch")
     argv = f"--shots 4 --subsample base --epochs 20 --crop-scale 1 --out {tmp_path}".split()
