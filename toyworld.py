@@ -896,6 +896,11 @@ def table_rows(stats, methods):
 
 def format_demo(rows, methods, root, seeds, seconds, full=True):
     """The README's table: mean ± std over seeds, and whether the toy shows each paper's claim."""
+    setting = FULL if full else FAST
+    every, n_test = (
+        int(setting["shard"].split("/")[1]),
+        len(TASK_COLOURS) * len(SHAPES) * SPLITS["test"],
+    )
     fmt = lambda v: "–" if v is None else f"{v[0]:.1f}" + (f" ± {v[1]:.1f}" if v[1] else "")  # noqa: E731
     find = lambda label, k: next((r for r in rows if r["label"] == label and r["shots"] == k), None)  # noqa: E731
     claims = {m[0]: (m[2], m[5], m[6]) for m in methods}
@@ -938,19 +943,16 @@ def format_demo(rows, methods, root, seeds, seconds, full=True):
             verdict = ""
             if check:
                 other = find(check[1], 0) if check[1] else find("Zero-shot CLIP (vit, 60-way)", 0)
-                n = (
-                    len(TASK_COLOURS)
-                    * len(SHAPES)
-                    * SPLITS["test"]
-                    // (1 if full else int(FAST["shard"][2:]))
-                )
+                n = n_test // every  # the images the test-time runs tuned on, per domain
                 verdict = f"{claim}: {claim_verdict(r, other, 'base', n)}" if other else ""
             out.append(
                 f"| {r['label']} | "
                 + " | ".join(fmt(r.get(c)) for c in ["base"] + DOMAINS)
                 + f" | {verdict} |"
             )
-    shown = "every test image" if full else "every 6th test image (100 per domain)"
+    shown = (
+        "every test image" if full else f"every {every}th test image ({n_test // every} per domain)"
+    )
     note = (
         f"\nToy world `{root}`. Trained on {TRAIN_DOMAIN} drawings of the 30 base colour+shape "
         f"classes; base and new: {TRAIN_DOMAIN} test images, 30-way; H: their harmonic mean; "
@@ -968,7 +970,7 @@ def format_demo(rows, methods, root, seeds, seconds, full=True):
     )
     if not full:
         note += (
-            "\nThis is the fast table (one seed, a sixth of the test-time images). The README's "
+            f"\nThis is the fast table (one seed, every {every}th test-time image). The README's "
             "table, seeds 1, 2, 3 and every test image: python toyworld.py --demo --full"
         )
     return "\n".join(out) + "\n" + note + "\n"
