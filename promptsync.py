@@ -602,8 +602,6 @@ def sync_terms(model, views, sync, rho=0.1, precision="fp32"):
 
 
 def gradients(loss, params):
-    if not loss.requires_grad:  # a zero weight on a constant
-        return [torch.zeros_like(p) for p in params]
     for p in params:  # backward, not autograd.grad: bench.py's FLOP counter supports only it
         p.grad = None
     loss.backward()
@@ -624,16 +622,18 @@ def meta_update(params, optimizer, train_loss, test_loss, lr, steps=1):
     """[PromptSync] n iterations of meta-train (g_D = grad train_loss at the current point, a step
     to temporary prompts) and meta-test (g_A = grad test_loss there); the averages (g_D + g_A) / 2
     summed over the iterations and applied once by `optimizer` to the params as they were.
-    train_loss, test_loss: closures that compute the loss at the params' current values."""
+    train_loss, test_loss: closures that compute the loss at the params' current values, or None
+    for a loss of weight 0 (its gradient is 0: no forward or backward pass is spent on it)."""
     start = [p.detach().clone() for p in params]
     total = [torch.zeros_like(p) for p in params]
     for _ in range(steps):
-        g_train = gradients(train_loss(), params)
+        zero = [torch.zeros_like(p) for p in params]
+        g_train = gradients(train_loss(), params) if train_loss else zero
         temporary = meta_train_step(params, g_train, lr)
         with torch.no_grad():  # the paper leaves the meta-gradient's order open; we take it first-
             for p, t in zip(params, temporary):  # order (at the moved prompts, not through them):
                 p.copy_(t)  # second order would backpropagate twice through the vision tower
-        g_test = gradients(test_loss(), params)
+        g_test = gradients(test_loss(), params) if test_loss else zero
         # the paper leaves the average's weights open; we take 1/2 each; the moved prompts carry
         # over to the next iteration (else the n iterations would compute the same gradients)
         total = [s + (a + b) / 2 for s, a, b in zip(total, g_train, g_test)]
@@ -654,10 +654,12 @@ def adapt_sync(model, views, optimizer, sync, steps=1, rho=0.1, precision="fp32"
         return before, before
     params = [p for p in model.prompts.parameters() if p.requires_grad]
     terms = lambda: sync_terms(model, views, sync, rho, precision)  # (L_ent, L_A, L_D)
-    train = lambda: w_disc * terms()[2]  # meta-train: L_D
+    train = (lambda: w_disc * terms()[2]) if w_disc else None  # meta-train: L_D
     # the paper leaves the entropy term's place open; we add it to the meta-test objective, where
     # p^ is computed, weight 1 (TPT's loss as is)
-    test = lambda: (lambda t: w_ent * t[0] + w_align * t[1])(terms())  # meta-test
+    test = (
+        (lambda: (lambda t: w_ent * t[0] + w_align * t[1])(terms())) if w_ent or w_align else None
+    )
     meta_update(params, optimizer, train, test, optimizer.param_groups[0]["lr"], steps)
     with torch.no_grad(), autocast(views.device, precision):  # the original view, tuned prompts
         return before, int(model(views[:1])[0].argmax())

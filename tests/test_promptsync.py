@@ -481,6 +481,15 @@ def test_meta_update_averages_the_two_gradients_by_hand(steps, expected):
     assert w.item() == pytest.approx(expected)  # the update is applied to w = 0.5, not to w'
 
 
+def test_a_loss_of_weight_zero_costs_no_pass_and_changes_nothing():
+    final = []
+    for train in (None, lambda: 0.0 * (w - 1) ** 2):  # skipped, or computed with weight 0
+        w = torch.nn.Parameter(torch.tensor(0.5, dtype=torch.float64))
+        ps.meta_update([w], torch.optim.SGD([w], lr=1.0), train, lambda: 3 * (w - 2) ** 2, lr=0.1)
+        final.append(w.item())
+    assert final[0] == final[1] == pytest.approx(5.0)  # 0.5 - (0 + 6 (0.5 - 2)) / 2, w unmoved
+
+
 def sync_run(source_ckpt, tiny_vit_ckpt, tiny_data, out, *extra):
     common = ["--loss", "sync", "--backbone", tiny_vit_ckpt, "--data", tiny_data]
     return run(
