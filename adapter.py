@@ -537,13 +537,15 @@ def main(args):
         probe = method == "linear-probe"  # CoOp's lpclip: test-transform features, no augmentation
         transform = test_transform(n_px) if probe else train_transform(n_px, args.crop_scale)
         n_views, val = 1 if probe else args.aug_views, train["val"]
+        # (views, N, D)
         views = encode_views(
             encode, train["train"], transform, device, precision, n_views, args.seed, args.workers
-        )  # (views, N, D)
+        )
         if val:
+            # (N_val, D)
             f_val = encode_views(
                 encode, val, test_transform(n_px), device, precision, workers=args.workers
-            )[0]  # (N_val, D)
+            )[0]
         y_train, y_val = label_tensor(train["train"], device), label_tensor(val, device)
         mib = (views.numel() + len(val) * dim) * 4 / 2**20
         print(
@@ -637,9 +639,10 @@ def main(args):
     # Evaluation of every test set: its features are computed only now, after every choice
     zero_shot, acc, not_scored = {}, {}, {}
     for name, (items, names) in test_sets.items():
+        # raw (N, D)
         f = encode_views(
             encode, items, test_transform(n_px), device, precision, workers=args.workers
-        )[0]  # raw (N, D)
+        )[0]
         y = label_tensor(items, device)
         W_test = zeroshot_classifier(clip_model, names, templates)
         zero_shot[name] = accuracy(s * F.normalize(f, dim=-1) @ W_test.t(), y)

@@ -63,8 +63,9 @@ try:
 except ImportError:
     vpt = None
 
-# OpenAI's architectures: embed_dim, image_resolution, vision_layers, vision_width, vision_patch_size,
-# context_length, vocab_size, transformer_width, transformer_heads, transformer_layers
+# OpenAI's architectures: embed_dim, image_resolution, vision_layers, vision_width,
+# vision_patch_size, context_length, vocab_size, transformer_width, transformer_heads,
+# transformer_layers
 OPENAI_CONFIGS = {
     "RN50": (1024, 224, (3, 4, 6, 3), 64, None, 77, 49408, 512, 8, 12),
     "RN101": (512, 224, (3, 4, 23, 3), 64, None, 77, 49408, 512, 8, 12),
@@ -145,7 +146,7 @@ def build_clip(arch, device, precision):
 
 
 class FullTextEncoder(nn.Module):
-    """The plain formulation: CLIP's text transformer over every position (as the original CoOp code)."""
+    """The plain formulation: CLIP's text transformer over all 77 positions (the original CoOp)."""
 
     def __init__(self, clip_model):
         super().__init__()
@@ -154,9 +155,8 @@ class FullTextEncoder(nn.Module):
     def forward(self, prompts, tokenized):
         m = self.clip_model
         x = prompts.type(m.dtype) + m.positional_embedding.type(m.dtype)  # (N, 77, d)
-        x = m.transformer(x.permute(1, 0, 2)).permute(
-            1, 0, 2
-        )  # the full causal mask, all 77 positions
+        # the full causal mask, all 77 positions
+        x = m.transformer(x.permute(1, 0, 2)).permute(1, 0, 2)
         x = m.ln_final(x).type(m.dtype)
         return x[torch.arange(x.shape[0]), tokenized.argmax(dim=-1)] @ m.text_projection
 
@@ -276,8 +276,8 @@ def max_difference(a, b):
 # Timing
 # ------------------------------------------------------------------------------------------------
 def time_steps(fn, steps, warmup, device, count=False):
-    """Per-step milliseconds (CUDA events on a GPU, wall clock on the CPU) and, with count, the FLOPs
-    of one step, counted during the first warm-up step so that no timed step pays for the counting."""
+    """Per-step milliseconds (CUDA events on a GPU, wall clock on the CPU) and, with count, the
+    FLOPs of one step, counted during the first warm-up step: no timed step pays for counting."""
     flops = None
     for i in range(max(warmup, 1 if count else 0)):
         if count and i == 0:
@@ -303,7 +303,7 @@ def time_steps(fn, steps, warmup, device, count=False):
 
 
 def matmul_rate(device, precision):
-    """TFLOP/s of one large matrix product in the precision the steps use, measured on this device."""
+    """TFLOP/s of one large matrix product in the steps' precision, measured on this device."""
     n = 8192 if device.type == "cuda" else 1024
     dtype = (
         torch.float16 if precision in ("amp", "fp16") and device.type == "cuda" else torch.float32
@@ -520,7 +520,7 @@ def run(args):
 
 
 def eval_rows(clip_model, classnames, args, device, precision, peak):
-    """Evaluating zero-shot and a learned prompt on one test batch: features encoded once vs twice."""
+    """Zero-shot and a learned prompt on one test batch: image features encoded once vs twice."""
     batch = args.batch_size or 100  # the papers' test batch
     torch.manual_seed(2)
     images = torch.randn(
@@ -858,13 +858,14 @@ def vpt_rows(method, clip_model, classnames, args, device, precision, peak, plai
 def format_row(r):
     verdict = "exact" if r["exact"] else "DIFFERENT"
     check = "" if r["exact"] is None else f"  max|diff| {r['max_abs_diff']:.2e} {verdict}"
-    return f"{r['method']:>8} | {r['variant']:<36} | {r['median_ms']:10.2f} ms | {r['gflop']:10.2f} GFLOP{check}"
+    name, ms, gflop = f"{r['method']:>8} | {r['variant']:<36}", r["median_ms"], r["gflop"]
+    return f"{name} | {ms:10.2f} ms | {gflop:10.2f} GFLOP{check}"
 
 
 def markdown_table(rows):
     head = (
-        "| method | variant | batch | classes | median ms | p10–p90 ms | peak MiB | saved MiB | GFLOP | "
-        "TFLOP/s | of matmul | speed-up | max abs diff |"
+        "| method | variant | batch | classes | median ms | p10–p90 ms | peak MiB | saved MiB "
+        "| GFLOP | TFLOP/s | of matmul | speed-up | max abs diff |"
     )
     lines = [head, "|" + "---|" * 13]
     base = {}
@@ -879,10 +880,10 @@ def markdown_table(rows):
             else f"{r['max_abs_diff']:.1e} ({'exact' if r['exact'] else 'DIFFERENT'})"
         )
         lines.append(
-            f"| {r['method']} | {r['variant']} | {r['batch']} | {r['classes']} | {r['median_ms']:.1f} | "
-            f"{r['p10_ms']:.1f}–{r['p90_ms']:.1f} | {r['peak_mib'] or '–'} | {r['saved_mib']} | "
-            f"{r['gflop']:.1f} | "
-            f"{r['tflops']:.3f} | {100 * r['fraction_of_matmul']:.0f}% | {speedup} | {diff} |"
+            f"| {r['method']} | {r['variant']} | {r['batch']} | {r['classes']} "
+            f"| {r['median_ms']:.1f} | {r['p10_ms']:.1f}–{r['p90_ms']:.1f} "
+            f"| {r['peak_mib'] or '–'} | {r['saved_mib']} | {r['gflop']:.1f} | {r['tflops']:.3f} "
+            f"| {100 * r['fraction_of_matmul']:.0f}% | {speedup} | {diff} |"
         )
     return "\n".join(lines)
 

@@ -8,12 +8,12 @@ makes every method in the project runnable and checkable on a laptop CPU in minu
      captions made from several templates ("a photo of a small red circle on a striped background"),
      attributes sometimes left out. 12 colour+shape combinations are never shown in pretraining.
   2. Contrastive pretraining, CLIP's recipe in miniature [CLIP, arXiv 2103.00020, Fig. 3]:
-        logits = exp(t) * normalise(image_features) @ normalise(text_features).T      (B, B)
-        loss   = ( CE(logits, arange(B)) + CE(logits.T, arange(B)) ) / 2              symmetric InfoNCE
+        logits = exp(t) * normalise(image_features) @ normalise(text_features).T   (B, B)
+        loss   = ( CE(logits, arange(B)) + CE(logits.T, arange(B)) ) / 2           symmetric InfoNCE
      with the learned temperature t, the real CLIP tokenizer and `clip.model.CLIP` itself, captions
      sampled afresh every step. Two image towers: a ResNet (learns shapes fast on a CPU) for the
-     text-side methods and a ViT for VPT and multimodal prompts. The ViT uses 16-pixel patches, so it
-     sees a 2x2 grid plus the class token: close to a small network over image quadrants.
+     text-side methods and a ViT for VPT and multimodal prompts. The ViT uses 16-pixel patches, so
+     it sees a 2x2 grid plus the class token: close to a small network over image quadrants.
   3. Downstream datasets in the ImageFolder layout (train/ val/ test/): `shapes` (60 colour+shape
      classes, 6 of the colours x 10 shapes; base and new halves by the usual rule), the shifted
      domains `sketch` (outline drawings) and `noise` (Gaussian noise), and `proxy` (10 shape
@@ -74,16 +74,13 @@ COLOURS = {
     "white": (250, 250, 250),
     "black": (12, 12, 12),
 }
-SIZES = {
-    "small": 0.45,
-    "medium": 0.62,
-    "large": 0.8,
-}  # the shape's extent as a fraction of the image
+# the shape's extent as a fraction of the image
+SIZES = {"small": 0.45, "medium": 0.62, "large": 0.8}
 BACKGROUNDS = ["plain", "dark", "noisy", "striped", "checkered"]
 PX, SUPER = 32, 4  # image side, supersampling factor
 
-# Pretraining captions: an opening, the noun phrase with some attributes left out, maybe the background
-# (the long openings reach the later positions, where learned prompts put the class name)
+# Pretraining captions: an opening, the noun phrase with some attributes left out, maybe the
+# background (the long openings reach the later positions, where learned prompts put the class name)
 OPENINGS = [
     "a photo of a",
     "an image of a",
@@ -93,7 +90,7 @@ OPENINGS = [
     "in this picture from the toy world we see a",
     "here is a small picture, and it shows a",
 ]
-# The toy models: text tower as in the reference prototype (3 layers, width 64 -> 1 head, context 24)
+# The toy models: the text tower of the reference prototype (3 layers, width 64: 1 head, context 24)
 TEXT = dict(
     context_length=24,
     vocab_size=49408,
@@ -160,9 +157,8 @@ def shape_mask(shape, size, rng):
                 fill=0,
             )
     elif shape == "square":
-        polygon(
-            [r * 0.85], 4, turn=angle % (math.pi / 8) + math.pi / 4 - math.pi / 16
-        )  # roughly axis-aligned
+        # roughly axis-aligned
+        polygon([r * 0.85], 4, turn=angle % (math.pi / 8) + math.pi / 4 - math.pi / 16)
     elif shape == "diamond":
         polygon([r], 4, turn=0.0, squash=0.6)  # a tall rhombus
     elif shape == "triangle":
@@ -193,9 +189,8 @@ def background(kind, rng):
     y, x = np.mgrid[0:PX, 0:PX]
     half = int(rng.integers(3, 6))  # half the period, in pixels
     if kind == "striped":
-        on = (
-            (x, y, x + y)[rng.integers(0, 3)] // half
-        ) % 2 == 0  # vertical, horizontal or diagonal
+        # vertical, horizontal or diagonal
+        on = ((x, y, x + y)[rng.integers(0, 3)] // half) % 2 == 0
     else:  # checkered
         on = (x // half + y // half) % 2 == 0
     return np.where(on[..., None], a, b)
@@ -209,9 +204,8 @@ def render(shape, colour, size, bg, rng, style="photo"):
         canvas = np.broadcast_to(np.array([210, 205, 190]) + rng.integers(-10, 10, 3), (PX, PX, 3))
     else:
         canvas = background(bg, rng)
-    alpha = (
-        np.asarray(mask.resize((PX, PX), Image.BOX), dtype=np.float32)[..., None] / 255
-    )  # ... and averaged down
+    # ... and averaged down
+    alpha = np.asarray(mask.resize((PX, PX), Image.BOX), dtype=np.float32)[..., None] / 255
     ink = np.clip(np.array(COLOURS[colour]) + rng.integers(-12, 13, 3), 0, 255)
     return Image.fromarray((canvas * (1 - alpha) + ink * alpha).round().astype(np.uint8))
 
@@ -222,7 +216,7 @@ def add_noise(image, sigma, rng):
 
 
 def random_attributes(rng, n, exclude=()):
-    """n random (shape, colour, size, background) index tuples, avoiding the excluded combinations."""
+    """n random (shape, colour, size, background) index tuples, never an excluded combination."""
     colours, out = list(COLOURS), []
     while len(out) < n:
         a = (
@@ -238,9 +232,8 @@ def random_attributes(rng, n, exclude=()):
 
 def draw_pool(attrs, seed):
     """Images (N, 3, 32, 32) uint8 for attribute rows (shape, colour, size, background)."""
-    return (
-        torch.from_numpy(draw_numpy(attrs, seed)).permute(0, 3, 1, 2).contiguous()
-    )  # NHWC -> NCHW
+    # NHWC -> NCHW
+    return torch.from_numpy(draw_numpy(attrs, seed)).permute(0, 3, 1, 2).contiguous()
 
 
 def draw_numpy(attrs, seed):
@@ -253,7 +246,8 @@ def draw_numpy(attrs, seed):
 
 
 def caption(attrs, rng):
-    """A fresh English caption for one image, e.g. 'a photo of a small red circle on a striped background.'"""
+    """A fresh English caption for one image, e.g. 'a photo of a small red circle on a striped
+    background.'"""
     shape, colour, size, bg = (
         SHAPES[attrs[0]],
         list(COLOURS)[attrs[1]],
@@ -294,7 +288,7 @@ STD = torch.tensor((0.26862954, 0.26130258, 0.27577711)).view(1, 3, 1, 1)
 
 
 def to_input(images_uint8):
-    """uint8 (B, 3, 32, 32) -> CLIP-normalised float, exactly what the methods' test transform gives."""
+    """uint8 (B, 3, 32, 32) -> CLIP-normalised float, exactly as the methods' test transform."""
     return (images_uint8.float() / 255 - MEAN) / STD
 
 
@@ -311,7 +305,7 @@ def param_groups(model, weight_decay):
 
 
 class CachedTokenizer:
-    """clip.tokenize with a cache: the world has a few thousand distinct captions, each tokenized once."""
+    """clip.tokenize with a cache: each of the world's few thousand captions is tokenized once."""
 
     def __init__(self, context_length):
         self.context_length, self.cache = context_length, {}
@@ -340,9 +334,8 @@ def pretrain(model, images, attrs, steps, batch_size, lr, seed, label=""):
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     tokenize = CachedTokenizer(model.context_length)
-    channels_last = (
-        model.visual.__class__.__name__ == "ModifiedResNet"
-    )  # faster convolutions on the CPU
+    # faster convolutions on the CPU
+    channels_last = model.visual.__class__.__name__ == "ModifiedResNet"
     model.train()
     if channels_last:
         model.visual.to(memory_format=torch.channels_last)
@@ -357,9 +350,8 @@ def pretrain(model, images, attrs, steps, batch_size, lr, seed, label=""):
         text_features = F.normalize(model.encode_text(tokens), dim=-1)  # (B, D)
         logits = model.logit_scale.exp() * image_features @ text_features.t()  # [CLIP] (B, B)
         target = torch.arange(batch_size)
-        loss = (
-            F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)
-        ) / 2  # symmetric InfoNCE
+        # symmetric InfoNCE
+        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -381,7 +373,8 @@ def pretrain(model, images, attrs, steps, batch_size, lr, seed, label=""):
 
 
 def progress(what, done, total, t0, extra="", newline_every=0):
-    """A one-line progress bar on stderr (a line every `newline_every` steps when processes share it)."""
+    """A one-line progress bar on stderr (a new line every `newline_every` steps when processes
+    share it)."""
     if newline_every and done % newline_every > 10 and done != total:
         return
     elapsed = time.time() - t0
@@ -396,7 +389,8 @@ def progress(what, done, total, t0, extra="", newline_every=0):
 
 @torch.no_grad()
 def zero_shot_report(model, seed=123, n=2000):
-    """Zero-shot accuracy (%) on fresh held-out images: shape, colour, colour+shape, unseen combinations."""
+    """Zero-shot accuracy (%) on fresh held-out images: shape, colour, colour+shape, unseen
+    combinations."""
     rng = np.random.default_rng(seed)
     heldout = heldout_combinations()
     attrs = random_attributes(rng, n)
@@ -421,8 +415,8 @@ def zero_shot_report(model, seed=123, n=2000):
         "shape": (logits([f"a photo of a {s}." for s in SHAPES]).argmax(-1) == shapes)
         .float()
         .mean(),
-        # No caption names a colour without a shape, so colour is read from the 120 colour+shape prompts:
-        # p(colour) = sum over the shapes of p(colour, shape), a logsumexp over each colour's 10 logits.
+        # No caption names a colour without a shape, so colour is read from the 120 colour+shape
+        # prompts: p(colour) = sum over shapes of p(colour, shape), a logsumexp over 10 logits.
         "colour": (combo.logsumexp(-1).argmax(-1) == colours).float().mean(),
         "colour+shape": (pred_combo == true_combo).float().mean(),
         "unseen combinations": (pred_combo == true_combo)[unseen].float().mean(),
@@ -433,15 +427,17 @@ def zero_shot_report(model, seed=123, n=2000):
 # ------------------------------------------------------------------------------------------------
 # 3. Downstream datasets (ImageFolder layout) and the saved models
 # ------------------------------------------------------------------------------------------------
-# The downstream task's colours: 60 classes keep the demo's runs short (CoCoOp's cost grows with the number
-# of classes times the number of test images). Sorted, base = blue, green, orange; new = purple, red, yellow.
+# The downstream task's colours: 60 classes keep the demo's runs short (CoCoOp's cost grows with the
+# number of classes times the number of test images). Sorted, base = blue, green, orange; new =
+# purple, red, yellow.
 TASK_COLOURS = ["red", "orange", "yellow", "green", "blue", "purple"]
 NOISE_SIGMA = 30  # strong enough that zero-shot drops, not so strong that it collapses
 SPLITS = {"train": 16, "val": 4, "test": 10}  # images per class
 
 
 def write_dataset(root, classes, splits, seed, style="photo", sigma=0.0):
-    """root/<split>/<class folder>/<i>.png for classes given as (folder, shape or None, colour or None)."""
+    """root/<split>/<class folder>/<i>.png for classes given as (folder, shape or None, colour or
+    None)."""
     rng = np.random.default_rng(seed)
     for split, per_class in splits.items():
         for folder, shape, colour in classes:
@@ -458,23 +454,21 @@ def write_dataset(root, classes, splits, seed, style="photo", sigma=0.0):
                 if sigma:
                     image = add_noise(image, sigma, rng)
                 image.save(os.path.join(root, split, folder, f"{i:03d}.png"))
-    with open(
-        os.path.join(root, "classnames.txt"), "w"
-    ) as f:  # folder -> the words used in prompts
+    # folder -> the words used in prompts
+    with open(os.path.join(root, "classnames.txt"), "w") as f:
         f.writelines(f"{folder}\t{folder.replace('_', ' ')}\n" for folder, _, _ in classes)
 
 
 def write_text(path, text):
-    """Atomically: a temporary file, then a rename, so an interrupted run never leaves half a file."""
+    """Atomically: a temporary file, then a rename: an interrupted run never leaves half a file."""
     with open(path + ".tmp", "w") as f:
         f.write(text)
     os.replace(path + ".tmp", path)
 
 
 def write_datasets(root, seed):
-    combos = [
-        (f"{c}_{s}", s, c) for c in TASK_COLOURS for s in SHAPES
-    ]  # 60 classes, sorted by colour
+    # 60 classes, sorted by colour
+    combos = [(f"{c}_{s}", s, c) for c in TASK_COLOURS for s in SHAPES]
     write_dataset(os.path.join(root, "shapes"), combos, SPLITS, seed + 1)
     write_dataset(os.path.join(root, "sketch"), combos, SPLITS, seed + 2, style="sketch")
     write_dataset(os.path.join(root, "noise"), combos, SPLITS, seed + 3, sigma=NOISE_SIGMA)
@@ -500,7 +494,8 @@ def build_model(tower, images, attrs, steps, lr, batch_size, seed, threads=None)
 
 
 def build_models(jobs, images, attrs, batch_size, seed, workers):
-    """Pretrain the towers, side by side in `workers` processes of one thread each (faster on a CPU)."""
+    """Pretrain the towers side by side, in `workers` processes of one thread each (faster on a
+    CPU)."""
     if workers <= 1 or len(jobs) == 1:
         return [
             build_model(tower, images, attrs, steps, lr, batch_size, seed)
@@ -553,8 +548,8 @@ def build_world(
             model = clip.model.CLIP(**TOWERS[tower])
             model.load_state_dict(state)
             path = os.path.join(root, f"clip_{tower}.pt")
-            # A plain state dict in fp32: every method file's load_clip reads it exactly (clip.load itself
-            # cannot read state-dict files in openai-clip 1.0.1; see load_clip in coop.py).
+            # A plain state dict in fp32: every method file's load_clip reads it exactly (clip.load
+            # itself cannot read state-dict files in openai-clip 1.0.1; see load_clip in coop.py).
             torch.save(model.state_dict(), path + ".tmp")
             os.replace(path + ".tmp", path)
             report = zero_shot_report(model.eval())
@@ -935,7 +930,8 @@ def format_demo(rows, methods, root, seeds, seconds, full=True):
     if test_time:
         out += [
             "",
-            "| test-time method | sketch | shapes | noise | the paper's claim: does the toy show it? |",
+            "| test-time method | sketch | shapes | noise "
+            "| the paper's claim: does the toy show it? |",
             "|---|---|---|---|---|",
         ]
         for r in test_time:

@@ -1,4 +1,4 @@
-"""Fixtures: tiny random CLIPs saved the way users' checkpoints are, tiny image folders made with PIL."""
+"""Fixtures: tiny random CLIPs saved as users' checkpoints are, tiny image folders made with PIL."""
 
 import json
 import os
@@ -20,17 +20,31 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     import clip  # noqa: E402
 
-COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 60, 220), "yellow": (230, 220, 40),
-           "purple": (150, 50, 200), "orange": (240, 140, 30)}
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 200, 60),
+    "blue": (40, 60, 220),
+    "yellow": (230, 220, 40),
+    "purple": (150, 50, 200),
+    "orange": (240, 140, 30),
+}
 
 
 def tiny_clip(vit=False, seed=0, context_length=77):
     """A random CLIP small enough for CPU tests; text width 64 so that build_model infers 1 head."""
     torch.manual_seed(seed)
-    model = clip.model.CLIP(embed_dim=32, image_resolution=32, vision_layers=2 if vit else (1, 1, 1, 1),
-                            vision_width=64 if vit else 8, vision_patch_size=16 if vit else None,
-                            context_length=context_length, vocab_size=49408, transformer_width=64,
-                            transformer_heads=1, transformer_layers=2)
+    model = clip.model.CLIP(
+        embed_dim=32,
+        image_resolution=32,
+        vision_layers=2 if vit else (1, 1, 1, 1),
+        vision_width=64 if vit else 8,
+        vision_patch_size=16 if vit else None,
+        context_length=context_length,
+        vocab_size=49408,
+        transformer_width=64,
+        transformer_heads=1,
+        transformer_layers=2,
+    )
     return model.requires_grad_(False).eval()  # frozen, as load_clip returns it
 
 

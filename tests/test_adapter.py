@@ -59,9 +59,8 @@ def test_tip_adapter_alpha_zero_is_exactly_zero_shot():
 
 def test_tip_adapter_affinity_one_to_a_key_adds_alpha_times_its_value():
     torch.manual_seed(1)
-    K = torch.eye(
-        6, 16
-    )  # orthonormal keys: a query equal to key 2 has affinity 1 to it, 0 to the rest
+    # orthonormal keys: a query equal to key 2 has affinity 1 to it, 0 to the rest
+    K = torch.eye(6, 16)
     V = F.one_hot(torch.tensor([0, 1, 2, 0, 1, 2]), 3).float()
     W = F.normalize(torch.randn(3, 16), dim=-1)
     f = K[2:3]
@@ -151,13 +150,11 @@ def test_a_train_step_changes_only_the_methods_parameters(method):
         {"fc.0.weight", "fc.2.weight"} if method == "clip-adapter" else {"cache_keys"}
     )
     for k, v in net.state_dict().items():
-        assert torch.equal(v, before[k]) != (k in learned), (
-            k
-        )  # learned ones moved, the values did not
+        # learned ones moved, the values did not
+        assert torch.equal(v, before[k]) != (k in learned), k
     assert torch.equal(W, W0) and torch.equal(views, cache0)
-    assert all(
-        torch.equal(v, frozen[k]) for k, v in model.state_dict().items()
-    )  # CLIP bit-identical
+    # CLIP bit-identical
+    assert all(torch.equal(v, frozen[k]) for k, v in model.state_dict().items())
 
 
 def test_tip_f_training_lowers_the_loss():
@@ -355,10 +352,11 @@ def test_linear_probe_scores_only_its_classes(tiny_ckpt, tiny_data, shifted_data
         "--shots",
         "2",
     ]
+    # C's search: test_the_choices_on_validation_never_read_test_...
     m = run(
         argv
         + ["--subsample", "base", "--eval-data", shifted_data, "--C", "0.5", "--out", str(tmp_path)]
-    )  # C's search: test_the_choices_on_validation_never_read_test_...
+    )
     assert set(m["accuracy"]) == {"test"} and set(m["not_scored"]) == {"new", "colours_small"}
     assert m["chosen"]["C"] == 0.5 and "harmonic_mean" not in m
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)

@@ -13,20 +13,47 @@ CPU = torch.device("cpu")
 
 def test_bench_runs_every_method_on_the_cpu(tiny_ckpt, tmp_path):
     out = tmp_path / "bench.json"
-    bench.run(bench.parse_args(["--arch", tiny_ckpt, "--classes", "5", "--batch-size", "2", "--steps", "2",
-                                "--warmup", "1", "--device", "cpu", "--out", str(out)]))
+    bench.run(
+        bench.parse_args(
+            [
+                "--arch",
+                tiny_ckpt,
+                "--classes",
+                "5",
+                "--batch-size",
+                "2",
+                "--steps",
+                "2",
+                "--warmup",
+                "1",
+                "--device",
+                "cpu",
+                "--out",
+                str(out),
+            ]
+        )
+    )
     result = json.loads(out.read_text())
     rows = result["rows"]
     written = bench.TEXT_VARIANTS["shared"]
-    assert {r["method"] for r in rows if r["variant"] == written} == {"coop-text", "coop", "cocoop", "prograd"}
+    assert {r["method"] for r in rows if r["variant"] == written} == {
+        "coop-text",
+        "coop",
+        "cocoop",
+        "prograd",
+    }
     assert all(r["median_ms"] > 0 and math.isfinite(r["gflop"]) and r["gflop"] >= 0 for r in rows)
     assert all(r["gflop"] > 0 for r in rows if r["variant"] == written)  # FLOPs are counted
     plain = [r for r in rows if r["exact"] is not None]
-    assert {r["variant"] for r in plain} == {bench.TEXT_VARIANTS["cut"], bench.TEXT_VARIANTS["full"],
-                                             "teacher with its own image forward", "re-encoded for each classifier",
-                                             "image features recomputed every epoch",
-                                             "77 positions, features recomputed",
-                                             *[r["variant"] for r in plain if r["method"].startswith("vpt")]}
+    assert {r["variant"] for r in plain} == {
+        bench.TEXT_VARIANTS["cut"],
+        bench.TEXT_VARIANTS["full"],
+        "teacher with its own image forward",
+        "re-encoded for each classifier",
+        "image features recomputed every epoch",
+        "77 positions, features recomputed",
+        *[r["variant"] for r in plain if r["method"].startswith("vpt")],
+    }
     assert all(r["peak_mib"] is not None for r in rows)  # the CPU's resident-memory peak
     kept = {r["variant"]: r["saved_mib"] for r in rows if r["method"] == "coop-text"}
     assert kept[written] < kept[bench.TEXT_VARIANTS["cut"]] < kept[bench.TEXT_VARIANTS["full"]]
@@ -40,7 +67,8 @@ def test_saved_memory_counts_what_autograd_keeps_and_not_the_frozen_weights():
     assert bench.saved_mib(lambda: x.exp().sum().backward()) == 4000 / 2**20  # exp keeps its output
     bench.FROZEN.add(w.untyped_storage().data_ptr())
     try:
-        assert bench.saved_mib(lambda: (x * w).sum().backward()) == 0  # mul keeps only w for x's grad
+        # mul keeps only w for x's grad
+        assert bench.saved_mib(lambda: (x * w).sum().backward()) == 0
     finally:
         bench.FROZEN.discard(w.untyped_storage().data_ptr())
 
@@ -49,26 +77,60 @@ class EncoderOffByOne(bench.FullTextEncoder):
     """A deliberately wrong formulation: the feature one position before the end-of-text token."""
 
     def forward(self, prompts, tokenized):
-        return super().forward(prompts, (tokenized.argmax(dim=-1, keepdim=True) - 1 == torch.arange(77)).int())
+        return super().forward(
+            prompts, (tokenized.argmax(dim=-1, keepdim=True) - 1 == torch.arange(77)).int()
+        )
 
 
 def test_the_exactness_check_reports_a_wrong_formulation():
     model = tiny_clip(seed=12)
     names = ["red", "green", "blue"]
     images, labels = torch.randn(2, 3, 32, 32), torch.tensor([0, 2])
-    fast = bench.logits_and_grads("coop", model, *bench.make_method("coop", model, names, CPU, "fp32")[:2],
-                                  images, labels, "fp32")
+    fast = bench.logits_and_grads(
+        "coop",
+        model,
+        *bench.make_method("coop", model, names, CPU, "fp32")[:2],
+        images,
+        labels,
+        "fp32",
+    )
     for text in ("cut", "full"):
         right = bench.make_method("coop", model, names, CPU, "fp32", text)
-        assert bench.max_difference(fast, bench.logits_and_grads("coop", model, *right[:2], images, labels, "fp32"))[1]
+        assert bench.max_difference(
+            fast, bench.logits_and_grads("coop", model, *right[:2], images, labels, "fp32")
+        )[1]
     wrong = bench.make_method("coop", model, names, CPU, "fp32", "full")
     wrong[0].text_encoder = EncoderOffByOne(model)
-    diff, exact = bench.max_difference(fast, bench.logits_and_grads("coop", model, *wrong[:2], images, labels, "fp32"))
+    diff, exact = bench.max_difference(
+        fast, bench.logits_and_grads("coop", model, *wrong[:2], images, labels, "fp32")
+    )
     assert not exact and diff > 0
 
 
 def test_bench_times_only_the_plain_rows_asked_for(tiny_ckpt):
-    result = bench.run(bench.parse_args(["--arch", tiny_ckpt, "--methods", "prograd", "--plain", "teacher",
-                                         "--classes", "3", "--batch-size", "2", "--steps", "1", "--warmup", "1",
-                                         "--device", "cpu"]))
-    assert [r["variant"] for r in result["rows"]] == [bench.TEXT_VARIANTS["shared"], "teacher with its own image forward"]
+    result = bench.run(
+        bench.parse_args(
+            [
+                "--arch",
+                tiny_ckpt,
+                "--methods",
+                "prograd",
+                "--plain",
+                "teacher",
+                "--classes",
+                "3",
+                "--batch-size",
+                "2",
+                "--steps",
+                "1",
+                "--warmup",
+                "1",
+                "--device",
+                "cpu",
+            ]
+        )
+    )
+    assert [r["variant"] for r in result["rows"]] == [
+        bench.TEXT_VARIANTS["shared"],
+        "teacher with its own image forward",
+    ]

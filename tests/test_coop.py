@@ -36,17 +36,25 @@ def test_word_init_gives_exactly_the_zero_shot_logits():
         texts = [f"a photo of a {c}." for c in NAMES]
         zero_shot = model.logit_scale.exp() * image_features @ coop.text_features(model, texts).t()
         ensemble_of_one = coop.zeroshot_classifier(model, NAMES, ["a photo of a {}."])
-        clip_own = F.normalize(model.encode_text(coop.tokenize(model, [f"a photo of a {c}." for c in NAMES])), dim=-1)
+        clip_own = F.normalize(
+            model.encode_text(coop.tokenize(model, [f"a photo of a {c}." for c in NAMES])), dim=-1
+        )
     torch.testing.assert_close(logits, zero_shot, atol=1e-5, rtol=1e-5)  # the shared-prefix encoder
     cc.shared_prefix = False  # the cut encoder is the very same computation as text_features
     with torch.no_grad():
         assert torch.equal(cc(image_features), zero_shot)
-    torch.testing.assert_close(logits, model.logit_scale.exp() * image_features @ ensemble_of_one.t())
-    torch.testing.assert_close(logits, model.logit_scale.exp() * image_features @ clip_own.t(), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(
+        logits, model.logit_scale.exp() * image_features @ ensemble_of_one.t()
+    )
+    torch.testing.assert_close(
+        logits, model.logit_scale.exp() * image_features @ clip_own.t(), atol=1e-4, rtol=1e-5
+    )
 
 
-@pytest.mark.parametrize("position, text", [("end", "a photo of a {}."), ("middle", "a photo {} of a."),
-                                            ("front", "{} a photo of a.")])
+@pytest.mark.parametrize(
+    "position, text",
+    [("end", "a photo of a {}."), ("middle", "a photo {} of a."), ("front", "{} a photo of a.")],
+)
 def test_class_token_positions(position, text):
     model = tiny_clip(seed=5)
     pl = coop.PromptLearner(model, NAMES, n_ctx=4, position=position)
@@ -84,7 +92,9 @@ def test_class_specific_context_from_words_gives_every_class_its_own_copy():
         assert torch.equal(cc(f), expected)
 
 
-def test_model_code_raises_value_error_and_the_command_line_a_clear_exit(tiny_ckpt, tiny_data, tmp_path):
+def test_model_code_raises_value_error_and_the_command_line_a_clear_exit(
+    tiny_ckpt, tiny_data, tmp_path
+):
     model = tiny_clip(seed=4)
     pl = coop.PromptLearner(model, NAMES, n_ctx=2, csc=True)
     with pytest.raises(ValueError, match="learned for 3 classes"):
@@ -104,7 +114,11 @@ def test_cocoop_logits_are_per_image_text_features():
         for i in range(3):  # image i alone, with its own shifted context
             one = cc(f[i : i + 1])
             torch.testing.assert_close(logits[i : i + 1], one, atol=1e-5, rtol=1e-5)
-    assert logits.shape == (3, 3) and cc.meta_net[0].in_features == 32 and cc.meta_net[0].out_features == 2
+    assert (
+        logits.shape == (3, 3)
+        and cc.meta_net[0].in_features == 32
+        and cc.meta_net[0].out_features == 2
+    )
 
 
 @pytest.mark.parametrize("cocoop", [False, True])
@@ -119,10 +133,17 @@ def test_a_train_step_changes_only_the_learned_parameters(cocoop):
     images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
     coop.train_step(cc, model.encode_image, optimizer, scaler, images, labels, "fp32")
     after = coop.learned_state(cc)
-    assert set(after) == ({"prompt_learner.ctx"} | ({"meta_net.0.weight", "meta_net.0.bias", "meta_net.2.weight",
-                                                       "meta_net.2.bias"} if cocoop else set()))
+    assert set(after) == (
+        {"prompt_learner.ctx"}
+        | (
+            {"meta_net.0.weight", "meta_net.0.bias", "meta_net.2.weight", "meta_net.2.bias"}
+            if cocoop
+            else set()
+        )
+    )
     assert all(not torch.equal(before[k], after[k]) for k in after)
-    assert all(torch.equal(v, frozen[k]) for k, v in model.state_dict().items())  # CLIP bit-identical
+    # CLIP bit-identical
+    assert all(torch.equal(v, frozen[k]) for k, v in model.state_dict().items())
 
 
 def test_training_fits_the_labels():
@@ -131,15 +152,30 @@ def test_training_fits_the_labels():
     cc = coop.CustomCLIP(model, NAMES, n_ctx=4)
     optimizer = torch.optim.SGD([cc.prompt_learner.ctx], lr=0.5, momentum=0.9)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    features = torch.randn(3, 32).repeat(2, 1) + 0.1 * torch.randn(6, 32)  # two noisy images of each class
+    # two noisy images of each class
+    features = torch.randn(3, 32).repeat(2, 1) + 0.1 * torch.randn(6, 32)
     labels = torch.tensor([0, 1, 2, 0, 1, 2])
-    losses = [coop.train_step(cc, lambda x: x, optimizer, scaler, features, labels, "fp32")[0] for _ in range(30)]
+    losses = [
+        coop.train_step(cc, lambda x: x, optimizer, scaler, features, labels, "fp32")[0]
+        for _ in range(30)
+    ]
     assert losses[-1] < 0.85 * losses[0]  # a random tiny CLIP; the toy world shows real learning
 
 
 def test_schedule_matches_the_reference_learning_rates():
     cocoop = [coop.lr_at_epoch(e, 0.002, 10) for e in range(10)]
-    expected = [1e-5, 2e-3, 1.951e-3, 1.809e-3, 1.588e-3, 1.309e-3, 1.0e-3, 6.91e-4, 4.12e-4, 1.91e-4]
+    expected = [
+        1e-5,
+        2e-3,
+        1.951e-3,
+        1.809e-3,
+        1.588e-3,
+        1.309e-3,
+        1.0e-3,
+        6.91e-4,
+        4.12e-4,
+        1.91e-4,
+    ]
     assert all(math.isclose(a, b, rel_tol=2e-3) for a, b in zip(cocoop, expected))
     assert math.isclose(coop.lr_at_epoch(199, 0.002, 200), 4.934e-7, rel_tol=1e-3)
     assert math.isclose(coop.lr_at_epoch(49, 0.002, 50), 7.885e-6, rel_tol=1e-3)
@@ -149,15 +185,49 @@ def test_schedule_matches_the_reference_learning_rates():
 # --- end to end through the command line ----------------------------------------------------------
 def test_command_line_base_to_new_with_eval_data(tiny_ckpt, tiny_data, shifted_data, tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, "coop.py", "--backbone", tiny_ckpt, "--data", tiny_data, "--shots", "2", "--epochs", "2",
-           "--subsample", "base", "--eval-data", shifted_data, "--workers", "0", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "coop.py",
+        "--backbone",
+        tiny_ckpt,
+        "--data",
+        tiny_data,
+        "--shots",
+        "2",
+        "--epochs",
+        "2",
+        "--subsample",
+        "base",
+        "--eval-data",
+        shifted_data,
+        "--workers",
+        "0",
+        "--out",
+        str(out),
+    ]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "= 1,024 parameters" in result.stdout  # 16 context vectors x 64 (the tiny text width)
     metrics = json.loads((out / "metrics.json").read_text())
-    assert result.stdout.strip().splitlines()[-1].startswith("coop colours shots=2 seed=1: accuracy test=")
-    assert set(metrics) >= {"method", "backbone", "dataset", "shots", "seed", "zero_shot", "accuracy",
-                            "harmonic_mean", "epochs", "train_seconds", "device", "versions"}
+    assert (
+        result.stdout.strip()
+        .splitlines()[-1]
+        .startswith("coop colours shots=2 seed=1: accuracy test=")
+    )
+    assert set(metrics) >= {
+        "method",
+        "backbone",
+        "dataset",
+        "shots",
+        "seed",
+        "zero_shot",
+        "accuracy",
+        "harmonic_mean",
+        "epochs",
+        "train_seconds",
+        "device",
+        "versions",
+    }
     assert set(metrics["accuracy"]) == set(metrics["zero_shot"]) == {"test", "new", "colours_small"}
     a = metrics["accuracy"]
     assert math.isclose(metrics["harmonic_mean"], 2 * a["test"] * a["new"] / (a["test"] + a["new"]))
@@ -169,11 +239,25 @@ def test_command_line_base_to_new_with_eval_data(tiny_ckpt, tiny_data, shifted_d
     assert set(ckpt["state"]) == {"prompt_learner.ctx"}  # the learned context only, no class names
 
 
-def test_cocoop_command_line_is_the_published_setting(tiny_ckpt, tiny_data, tmp_path, monkeypatch, capsys):
+def test_cocoop_command_line_is_the_published_setting(
+    tiny_ckpt, tiny_data, tmp_path, monkeypatch, capsys
+):
     batches = []
     step = coop.train_step
     monkeypatch.setattr(coop, "train_step", lambda *a: batches.append(len(a[5])) or step(*a))
-    metrics = run(["--cocoop", "--backbone", tiny_ckpt, "--data", tiny_data, "--shots", "1", "--out", str(tmp_path)])
+    metrics = run(
+        [
+            "--cocoop",
+            "--backbone",
+            tiny_ckpt,
+            "--data",
+            tiny_data,
+            "--shots",
+            "1",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert metrics["method"] == "cocoop" and metrics["epochs"] == 10  # CoCoOp: 10 epochs, batch 1
     assert set(batches) == {1} and len(batches) == 10 * 4
     assert "cocoop: 4 context vectors ('a photo of a')" in capsys.readouterr().out
@@ -182,50 +266,115 @@ def test_cocoop_command_line_is_the_published_setting(tiny_ckpt, tiny_data, tmp_
 
 
 def test_eval_only_with_other_class_names(tiny_ckpt, tiny_data, tmp_path):
-    run(["--backbone", tiny_ckpt, "--data", tiny_data, "--shots", "1", "--epochs", "1", "--out", str(tmp_path / "a"),
-         "--subsample", "base"])
+    run(
+        [
+            "--backbone",
+            tiny_ckpt,
+            "--data",
+            tiny_data,
+            "--shots",
+            "1",
+            "--epochs",
+            "1",
+            "--out",
+            str(tmp_path / "a"),
+            "--subsample",
+            "base",
+        ]
+    )
     ckpt = str(tmp_path / "a" / "checkpoint.pt")
-    m = run(["--backbone", tiny_ckpt, "--data", tiny_data, "--subsample", "new", "--eval-only", "--load", ckpt,
-             "--out", str(tmp_path / "b")])
+    m = run(
+        [
+            "--backbone",
+            tiny_ckpt,
+            "--data",
+            tiny_data,
+            "--subsample",
+            "new",
+            "--eval-only",
+            "--load",
+            ckpt,
+            "--out",
+            str(tmp_path / "b"),
+        ]
+    )
     trained = json.loads((tmp_path / "a" / "metrics.json").read_text())
     assert m["epochs"] == 0 and m["accuracy"]["test"] == trained["accuracy"]["new"]
 
 
 def test_resume_continues_exactly(tiny_ckpt, tiny_data, tmp_path, monkeypatch):
-    args = ["--backbone", tiny_ckpt, "--data", tiny_data, "--shots", "4", "--epochs", "4", "--batch-size", "4",
-            "--lr", "0.5"]
+    args = [
+        "--backbone",
+        tiny_ckpt,
+        "--data",
+        tiny_data,
+        "--shots",
+        "4",
+        "--epochs",
+        "4",
+        "--batch-size",
+        "4",
+        "--lr",
+        "0.5",
+    ]
     run(args + ["--out", str(tmp_path / "full")])
     save = coop.save_progress
     calls = []
 
     def interrupted(*a):
         calls.append(1)
-        if len(calls) == 3:  # epoch 3 is in the log, but the machine goes down before its checkpoint
+        # epoch 3 is in the log, but the machine goes down before its checkpoint
+        if len(calls) == 3:
             raise KeyboardInterrupt
         save(*a)
 
     monkeypatch.setattr(coop, "save_progress", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run(args + ["--out", str(tmp_path / "cut")])
-    assert [json.loads(x)["epoch"] for x in (tmp_path / "cut" / "log.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert [
+        json.loads(x)["epoch"] for x in (tmp_path / "cut" / "log.jsonl").read_text().splitlines()
+    ] == [1, 2, 3]
     monkeypatch.setattr(coop, "save_progress", save)
     run(args + ["--out", str(tmp_path / "cut"), "--resume"])
     full = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)
     cut = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
-    assert cut["epoch"] == 4 and torch.equal(full["state"]["prompt_learner.ctx"], cut["state"]["prompt_learner.ctx"])
+    assert cut["epoch"] == 4 and torch.equal(
+        full["state"]["prompt_learner.ctx"], cut["state"]["prompt_learner.ctx"]
+    )
     log = [json.loads(x) for x in (tmp_path / "cut" / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [1, 2, 3, 4]  # epoch 3 once, not twice
 
 
-def test_resume_after_sigkill_at_a_random_moment_logs_each_epoch_once(tiny_ckpt, tiny_data, tmp_path):
+def test_resume_after_sigkill_at_a_random_moment_logs_each_epoch_once(
+    tiny_ckpt, tiny_data, tmp_path
+):
     import random
     import signal
     import time
 
-    args = [sys.executable, "coop.py", "--backbone", tiny_ckpt, "--data", tiny_data, "--shots", "2", "--epochs",
-            "20", "--batch-size", "2", "--workers", "0", "--out", str(tmp_path)]
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    for line in proc.stdout:  # wait for the first epoch, then kill at a random moment of the next ones
+    args = [
+        sys.executable,
+        "coop.py",
+        "--backbone",
+        tiny_ckpt,
+        "--data",
+        tiny_data,
+        "--shots",
+        "2",
+        "--epochs",
+        "20",
+        "--batch-size",
+        "2",
+        "--workers",
+        "0",
+        "--out",
+        str(tmp_path),
+    ]
+    proc = subprocess.Popen(
+        args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
+    # wait for the first epoch, then kill at a random moment of the next ones
+    for line in proc.stdout:
         if line.startswith("epoch 1/20"):
             break
     time.sleep(random.uniform(0.0, 0.5))
@@ -239,70 +388,200 @@ def test_resume_after_sigkill_at_a_random_moment_logs_each_epoch_once(tiny_ckpt,
 
 
 @pytest.mark.parametrize("drop_last, steps", [(False, 2), (True, 1)])
-def test_the_last_partial_batch_is_kept_unless_asked(tiny_ckpt, tiny_data, tmp_path, monkeypatch, drop_last, steps):
+def test_the_last_partial_batch_is_kept_unless_asked(
+    tiny_ckpt, tiny_data, tmp_path, monkeypatch, drop_last, steps
+):
     calls = []
     step = coop.train_step
     monkeypatch.setattr(coop, "train_step", lambda *a: calls.append(len(a[5])) or step(*a))
-    run(["--backbone", tiny_ckpt, "--data", tiny_data, "--shots", "6", "--epochs", "1", "--batch-size", "16",
-         "--out", str(tmp_path)] + (["--drop-last"] if drop_last else []))
+    run(
+        [
+            "--backbone",
+            tiny_ckpt,
+            "--data",
+            tiny_data,
+            "--shots",
+            "6",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "16",
+            "--out",
+            str(tmp_path),
+        ]
+        + (["--drop-last"] if drop_last else [])
+    )
     assert len(calls) == steps and sum(calls) == (16 if drop_last else 24)
 
 
 def test_checkpoint_from_another_configuration(tiny_ckpt, tiny_data, tmp_path):
-    run(["--backbone", tiny_ckpt, "--data", tiny_data, "--shots", "1", "--epochs", "1", "--n-ctx", "4",
-         "--out", str(tmp_path / "a")])
+    run(
+        [
+            "--backbone",
+            tiny_ckpt,
+            "--data",
+            tiny_data,
+            "--shots",
+            "1",
+            "--epochs",
+            "1",
+            "--n-ctx",
+            "4",
+            "--out",
+            str(tmp_path / "a"),
+        ]
+    )
     ckpt = str(tmp_path / "a" / "checkpoint.pt")
-    with pytest.raises(SystemExit, match="does not fit this run.*'n_ctx': 4"):  # another context length
-        run(["--backbone", tiny_ckpt, "--data", tiny_data, "--eval-only", "--load", ckpt, "--out", str(tmp_path / "b")])
+    # another context length
+    with pytest.raises(SystemExit, match="does not fit this run.*'n_ctx': 4"):
+        run(
+            [
+                "--backbone",
+                tiny_ckpt,
+                "--data",
+                tiny_data,
+                "--eval-only",
+                "--load",
+                ckpt,
+                "--out",
+                str(tmp_path / "b"),
+            ]
+        )
     wide = tmp_path / "wide.pt"
     state = clip_with_text_width(128)
     torch.save(state, wide)
     with pytest.raises(SystemExit, match="does not fit this run"):  # another backbone width
-        run(["--backbone", str(wide), "--data", tiny_data, "--n-ctx", "4", "--eval-only", "--load", ckpt,
-             "--out", str(tmp_path / "c")])
+        run(
+            [
+                "--backbone",
+                str(wide),
+                "--data",
+                tiny_data,
+                "--n-ctx",
+                "4",
+                "--eval-only",
+                "--load",
+                ckpt,
+                "--out",
+                str(tmp_path / "c"),
+            ]
+        )
 
 
 def clip_with_text_width(width):
     import clip
 
     torch.manual_seed(0)
-    return clip.model.CLIP(32, 32, (1, 1, 1, 1), 8, None, 77, 49408, width, width // 64, 1).state_dict()
+    return clip.model.CLIP(
+        32, 32, (1, 1, 1, 1), 8, None, 77, 49408, width, width // 64, 1
+    ).state_dict()
 
 
 def test_bad_options_are_refused(tiny_ckpt, tiny_data, tmp_path):
     with pytest.raises(SystemExit, match="--eval-only needs --load"):
         run(["--backbone", tiny_ckpt, "--data", tiny_data, "--eval-only", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="--resume.*not found"):
-        run(["--backbone", tiny_ckpt, "--data", tiny_data, "--resume", "--out", str(tmp_path / "none")])
+        run(
+            [
+                "--backbone",
+                tiny_ckpt,
+                "--data",
+                tiny_data,
+                "--resume",
+                "--out",
+                str(tmp_path / "none"),
+            ]
+        )
     with pytest.raises(SystemExit, match="unknown backbone"):
         run(["--backbone", "RN51", "--data", tiny_data, "--out", str(tmp_path)])
 
 
 def test_class_specific_context_has_one_context_per_class(tiny_ckpt, tiny_data, tmp_path, capsys):
-    run(["--backbone", tiny_ckpt, "--data", tiny_data, "--shots", "1", "--epochs", "1", "--csc", "--n-ctx", "2",
-         "--out", str(tmp_path)])
+    run(
+        [
+            "--backbone",
+            tiny_ckpt,
+            "--data",
+            tiny_data,
+            "--shots",
+            "1",
+            "--epochs",
+            "1",
+            "--csc",
+            "--n-ctx",
+            "2",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert "= 512 parameters" in capsys.readouterr().out  # 4 classes x 2 vectors x 64
-    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["state"]["prompt_learner.ctx"].shape == (4, 2, 64)
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["state"][
+        "prompt_learner.ctx"
+    ].shape == (4, 2, 64)
 
 
 def test_class_specific_context_scores_only_its_own_classes(tiny_ckpt, tiny_data, tmp_path):
-    m = run(["--backbone", tiny_ckpt, "--data", tiny_data, "--shots", "1", "--epochs", "1", "--csc",
-             "--subsample", "base", "--ctx-init", "a photo of", "--out", str(tmp_path)])
+    m = run(
+        [
+            "--backbone",
+            tiny_ckpt,
+            "--data",
+            tiny_data,
+            "--shots",
+            "1",
+            "--epochs",
+            "1",
+            "--csc",
+            "--subsample",
+            "base",
+            "--ctx-init",
+            "a photo of",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert set(m["accuracy"]) == {"test"} and "new" in m["not_scored"] and "harmonic_mean" not in m
     assert set(m["zero_shot"]) == {"test"}
 
 
 def test_help_reads_like_the_paper():
-    out = subprocess.run([sys.executable, "coop.py", "--help"], cwd=ROOT, capture_output=True, text=True).stdout
-    for fact in ("0.002", "0.9", "0.0005", "1e-05", "50/100/200", "(CoCoOp: 1)", "(CoCoOp: 10)", "a photo of a",
-                 "ViT-B/16"):
+    out = subprocess.run(
+        [sys.executable, "coop.py", "--help"], cwd=ROOT, capture_output=True, text=True
+    ).stdout
+    for fact in (
+        "0.002",
+        "0.9",
+        "0.0005",
+        "1e-05",
+        "50/100/200",
+        "(CoCoOp: 1)",
+        "(CoCoOp: 10)",
+        "a photo of a",
+        "ViT-B/16",
+    ):
         assert fact in out, fact
 
 
 @pytest.mark.parametrize("precision", ["amp", "fp16"])
 def test_mixed_precision_keeps_the_learned_context_fp32(tiny_ckpt, tiny_data, tmp_path, precision):
-    m = run(["--backbone", tiny_ckpt, "--data", tiny_data, "--shots", "1", "--epochs", "2", "--precision", precision,
-             "--out", str(tmp_path)])
+    m = run(
+        [
+            "--backbone",
+            tiny_ckpt,
+            "--data",
+            tiny_data,
+            "--shots",
+            "1",
+            "--epochs",
+            "2",
+            "--precision",
+            precision,
+            "--out",
+            str(tmp_path),
+        ]
+    )
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
-    assert m["precision"] == precision and ckpt["state"]["prompt_learner.ctx"].dtype == torch.float32
+    assert (
+        m["precision"] == precision and ckpt["state"]["prompt_learner.ctx"].dtype == torch.float32
+    )
     assert torch.isfinite(ckpt["state"]["prompt_learner.ctx"]).all()

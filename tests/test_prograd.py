@@ -1,4 +1,4 @@
-"""ProGrad: the projection, its two gradients, its teacher, and its agreement with CoOp at lambda = 0."""
+"""ProGrad: the projection, its two gradients, its teacher, and CoOp's result at lambda = 0."""
 
 import json
 import math
@@ -30,11 +30,15 @@ def test_conflict_removes_lambda_of_the_opposing_component(lam):
     assert dot < 0
     G = prograd.project(G_d, G_g, lam)
     along = (G * G_g).sum() / G_g.norm()  # component of the result along G_g
-    assert math.isclose(along.item(), (1 - lam) * (dot / G_g.norm()).item(), rel_tol=1e-4, abs_tol=1e-4)
+    assert math.isclose(
+        along.item(), (1 - lam) * (dot / G_g.norm()).item(), rel_tol=1e-4, abs_tol=1e-4
+    )
     if lam == 1.0:
-        assert abs((G * G_g).sum().item()) < 1e-4 * G.norm().item() * G_g.norm().item()  # orthogonal to G_g
+        # orthogonal to G_g
+        assert abs((G * G_g).sum().item()) < 1e-4 * G.norm().item() * G_g.norm().item()
     orthogonal_part = G_d - dot / G_g.norm() ** 2 * G_g
-    torch.testing.assert_close(G - (1 - lam) * dot / G_g.norm() ** 2 * G_g, orthogonal_part)  # untouched
+    # untouched
+    torch.testing.assert_close(G - (1 - lam) * dot / G_g.norm() ** 2 * G_g, orthogonal_part)
 
 
 def test_formula_equals_the_reference_normalised_form():
@@ -59,7 +63,9 @@ def test_projection_runs_in_fp32_for_half_gradients():
     G_d = (-G_g.float() + torch.randn(16, 64)).half()
     G = prograd.project(G_d, G_g, 1.0)
     assert G.dtype == torch.float16
-    assert abs((G.float() * G_g.float()).sum().item()) < 1e-2 * G.float().norm() * G_g.float().norm()
+    assert (
+        abs((G.float() * G_g.float()).sum().item()) < 1e-2 * G.float().norm() * G_g.float().norm()
+    )
 
 
 def test_two_gradients_from_one_forward_equal_two_separate_forwards():
@@ -78,7 +84,9 @@ def test_two_gradients_from_one_forward_equal_two_separate_forwards():
     # and L_kl's gradient is that of the true KL(p_zs || p_student)
     s = student(f)
     true_kl = F.kl_div(F.log_softmax(s, -1), F.softmax(t, -1), reduction="batchmean")
-    torch.testing.assert_close(G_g[0], torch.autograd.grad(true_kl, params)[0], rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(
+        G_g[0], torch.autograd.grad(true_kl, params)[0], rtol=1e-4, atol=1e-7
+    )
 
 
 def test_template_init_is_right_aligned_with_zeros_before():
@@ -86,10 +94,13 @@ def test_template_init_is_right_aligned_with_zeros_before():
     pl = prograd.PromptLearner(model, NAMES, 16, "a photo of a")
     words = model.token_embedding(coop.tokenize(model, ["a photo of a"]))[0, 1:5]
     assert torch.equal(pl.ctx[:12], torch.zeros(12, 64)) and torch.equal(pl.ctx[12:], words)
-    quirk = prograd.PromptLearner(model, NAMES, 16, "a type of pet, a photo of a")  # 8 words, 9 BPE tokens
+    # 8 words, 9 BPE tokens
+    quirk = prograd.PromptLearner(model, NAMES, 16, "a type of pet, a photo of a")
     tokens = coop.tokenize(model, ["a type of pet, a photo of a"])[0]
-    assert torch.equal(quirk.ctx[8:], model.token_embedding(tokens[1:9]))  # a type of pet , a photo of
-    assert quirk.tokenized[0, 17].item() == tokens[9].item()  # the last "a" falls into the frozen suffix
+    # a type of pet , a photo of
+    assert torch.equal(quirk.ctx[8:], model.token_embedding(tokens[1:9]))
+    # the last "a" falls into the frozen suffix
+    assert quirk.tokenized[0, 17].item() == tokens[9].item()
 
 
 def test_teacher_logits_equal_zeroshot(tiny_ckpt, tiny_data):
@@ -101,20 +112,50 @@ def test_teacher_logits_equal_zeroshot(tiny_ckpt, tiny_data):
     assert template == "a type of pet, a photo of a {}."
     mine = prograd.zeroshot_classifier(model, data["classnames"], [template])
     theirs = zeroshot.zeroshot_classifier(model, data["classnames"], [template])
-    assert torch.equal(model.logit_scale.exp() * f @ mine.t(), model.logit_scale.exp() * f @ theirs.t())
+    assert torch.equal(
+        model.logit_scale.exp() * f @ mine.t(), model.logit_scale.exp() * f @ theirs.t()
+    )
 
 
 def test_lambda_zero_is_exactly_coop(tiny_ckpt, tiny_data, tmp_path):
-    common = ["--backbone", tiny_ckpt, "--data", tiny_data, "--shots", "4", "--epochs", "3", "--batch-size", "8",
-              "--lr", "0.5", "--workers", "0"]
-    prograd.main(prograd.parse_args(common + ["--ctx-init", "random", "--lam", "0", "--out", str(tmp_path / "pg")]))
+    common = [
+        "--backbone",
+        tiny_ckpt,
+        "--data",
+        tiny_data,
+        "--shots",
+        "4",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "8",
+        "--lr",
+        "0.5",
+        "--workers",
+        "0",
+    ]
+    prograd.main(
+        prograd.parse_args(
+            common + ["--ctx-init", "random", "--lam", "0", "--out", str(tmp_path / "pg")]
+        )
+    )
     coop.main(coop.parse_args(common + ["--out", str(tmp_path / "coop")]))
-    a = torch.load(tmp_path / "pg" / "checkpoint.pt", weights_only=True)["state"]["prompt_learner.ctx"]
-    b = torch.load(tmp_path / "coop" / "checkpoint.pt", weights_only=True)["state"]["prompt_learner.ctx"]
+    a = torch.load(tmp_path / "pg" / "checkpoint.pt", weights_only=True)["state"][
+        "prompt_learner.ctx"
+    ]
+    b = torch.load(tmp_path / "coop" / "checkpoint.pt", weights_only=True)["state"][
+        "prompt_learner.ctx"
+    ]
     assert torch.equal(a, b)
     c = torch.load(tmp_path / "pg" / "checkpoint.pt", weights_only=True)
-    prograd.main(prograd.parse_args(common + ["--ctx-init", "random", "--lam", "1", "--out", str(tmp_path / "pg1")]))
-    d = torch.load(tmp_path / "pg1" / "checkpoint.pt", weights_only=True)["state"]["prompt_learner.ctx"]
+    prograd.main(
+        prograd.parse_args(
+            common + ["--ctx-init", "random", "--lam", "1", "--out", str(tmp_path / "pg1")]
+        )
+    )
+    d = torch.load(tmp_path / "pg1" / "checkpoint.pt", weights_only=True)["state"][
+        "prompt_learner.ctx"
+    ]
     assert not torch.equal(c["state"]["prompt_learner.ctx"], d)  # and lambda = 1 is not
 
 
@@ -124,19 +165,56 @@ def test_command_line_base_to_new(tiny_ckpt, tiny_data, shifted_data, tmp_path):
 
     from conftest import ROOT
 
-    cmd = [sys.executable, "prograd.py", "--backbone", tiny_ckpt, "--data", tiny_data, "--shots", "2",
-           "--epochs", "2", "--subsample", "base", "--eval-data", shifted_data, "--workers", "0",
-           "--out", str(tmp_path)]
+    cmd = [
+        sys.executable,
+        "prograd.py",
+        "--backbone",
+        tiny_ckpt,
+        "--data",
+        tiny_data,
+        "--shots",
+        "2",
+        "--epochs",
+        "2",
+        "--subsample",
+        "base",
+        "--eval-data",
+        shifted_data,
+        "--workers",
+        "0",
+        "--out",
+        str(tmp_path),
+    ]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics["method"] == "prograd" and set(metrics["accuracy"]) == {"test", "new", "colours_small"}
+    assert metrics["method"] == "prograd" and set(metrics["accuracy"]) == {
+        "test",
+        "new",
+        "colours_small",
+    }
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert all(0 <= r["conflict_fraction"] <= 1 and -1 <= r["mean_cosine"] <= 1 for r in log)
     assert "= 1,024 parameters" in result.stdout
-    m = prograd.main(prograd.parse_args(["--backbone", tiny_ckpt, "--data", tiny_data, "--subsample", "new",
-                                         "--eval-only", "--load", str(tmp_path / "checkpoint.pt"), "--workers", "0",
-                                         "--out", str(tmp_path / "new")]))
+    m = prograd.main(
+        prograd.parse_args(
+            [
+                "--backbone",
+                tiny_ckpt,
+                "--data",
+                tiny_data,
+                "--subsample",
+                "new",
+                "--eval-only",
+                "--load",
+                str(tmp_path / "checkpoint.pt"),
+                "--workers",
+                "0",
+                "--out",
+                str(tmp_path / "new"),
+            ]
+        )
+    )
     assert m["accuracy"]["test"] == metrics["accuracy"]["new"]
 
 
@@ -158,4 +236,6 @@ def test_mixed_precision_logits_fp32_losses_and_gradients():
     amp = prograd.two_gradients(student, f, teacher, labels, 1.0, params, precision="amp")
     assert amp[3].dtype == torch.float32 and amp[0][0].dtype == amp[1][0].dtype == torch.float32
     for a, b in ((amp[0][0], exact[0][0]), (amp[1][0], exact[1][0])):  # bf16 logits on the CPU
-        assert torch.isfinite(a).all() and F.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.99
+        assert (
+            torch.isfinite(a).all() and F.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.99
+        )

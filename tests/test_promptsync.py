@@ -89,7 +89,9 @@ def test_zero_depth_and_no_step_give_exactly_zero_shot_clip(n_ctx):
         # TPT's context through the shared-prefix encoder: CLIP's own text features of the words
         text = model.text_features()
         torch.testing.assert_close(text, ps.text_features(clip_model, texts), rtol=1e-5, atol=1e-6)
-        by_hand = text_by_hand(clip_model, model.prompts.text_prompts(), model.prompts.tokenized, [])
+        by_hand = text_by_hand(
+            clip_model, model.prompts.text_prompts(), model.prompts.tokenized, []
+        )
         torch.testing.assert_close(text, F.normalize(by_hand, dim=-1), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(model.text_features(), weights)  # CLIP's own words
     views, optimizer = ps.Views(32, n_views=8), torch.optim.AdamW(model.parameters())

@@ -15,7 +15,7 @@ import coop
 CPU = torch.device("cpu")
 
 
-# --- CLIP loading ------------------------------------------------------------------------------
+# --- CLIP loading ---------------------------------------------------------------------------------
 def test_state_dict_file_loads_exactly(tiny_ckpt):
     model = coop.load_clip(tiny_ckpt, CPU, "fp32")
     reference = tiny_clip().state_dict()
@@ -29,10 +29,13 @@ def test_torchscript_archive_loads(tmp_path):
     model = tiny_clip(seed=3)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        traced = torch.jit.trace(model, (torch.randn(1, 3, 32, 32), torch.zeros(1, 77, dtype=torch.long)))
+        traced = torch.jit.trace(
+            model, (torch.randn(1, 3, 32, 32), torch.zeros(1, 77, dtype=torch.long))
+        )
         torch.jit.save(traced, tmp_path / "traced.pt")  # the kind of file OpenAI distributes
     loaded = coop.load_clip(str(tmp_path / "traced.pt"), CPU, "fp32")
-    for k, v in model.state_dict().items():  # clip.load's build_model rounds weights to fp16, as for OpenAI's files
+    # clip.load's build_model rounds weights to fp16, as for OpenAI's files
+    for k, v in model.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[k], v, atol=2e-3, rtol=1e-3)
 
 
@@ -52,11 +55,15 @@ def test_file_that_is_not_a_checkpoint(tmp_path):
         coop.load_clip(str(tmp_path / "junk.pt"), CPU, "fp32")
 
 
-# --- the cut text encoder ------------------------------------------------------------------------
+# --- the cut text encoder -------------------------------------------------------------------------
 @pytest.mark.parametrize("vit", [False, True])
 def test_cut_text_encoder_equals_the_full_77_positions(vit):
     model = tiny_clip(vit=vit, seed=1)
-    texts = ["a photo of a red circle.", "x", "a much longer sentence about a small green square on a striped mat."]
+    texts = [
+        "a photo of a red circle.",
+        "x",
+        "a much longer sentence about a small green square on a striped mat.",
+    ]
     tokens = coop.tokenize(model, texts)
     with torch.no_grad():
         full = model.encode_text(tokens)  # CLIP's own encoder over all 77 positions
@@ -81,7 +88,9 @@ def test_shared_prefix_encoder_equals_the_cut_and_the_77_position_encoders(vit):
     encoder = coop.TextEncoder(model)
     full = torch.cat([embedding[:, :1], ctx.expand(len(names), -1, -1), embedding[:, 5:]], dim=1)
     cut = encoder(full, tokens)  # (C, D)
-    shared = encoder.shared_prefix(torch.cat([embedding[:1, :1], ctx[None]], dim=1), embedding[:, 5:], tokens)
+    shared = encoder.shared_prefix(
+        torch.cat([embedding[:1, :1], ctx[None]], dim=1), embedding[:, 5:], tokens
+    )
     assert shared.shape == (1, len(names), cut.shape[-1])
     torch.testing.assert_close(shared[0], cut, atol=1e-5, rtol=1e-5)
     with torch.no_grad():  # and CLIP's own encoder over all 77 positions, for the plain texts
@@ -98,16 +107,21 @@ def test_shared_prefix_encoder_with_one_prefix_per_image_and_under_autocast():
     model = tiny_clip(seed=2)
     names = ["red", "green circle", "blue square thing"]
     tokens, embedding, ctx = prompts_for(model, names)
-    encoder, pi = coop.TextEncoder(model), torch.randn(3, 64)  # CoCoOp: every image shifts the context
+    # CoCoOp: every image shifts the context
+    encoder, pi = coop.TextEncoder(model), torch.randn(3, 64)
     prefix = torch.cat([embedding[:1, :1].expand(3, -1, -1), ctx + pi[:, None]], dim=1)  # (B, 5, d)
     shared = encoder.shared_prefix(prefix, embedding[:, 5:], tokens)  # (B, C, D)
     for b in range(3):
-        full = torch.cat([embedding[:, :1], (ctx + pi[b]).expand(3, -1, -1), embedding[:, 5:]], dim=1)
+        full = torch.cat(
+            [embedding[:, :1], (ctx + pi[b]).expand(3, -1, -1), embedding[:, 5:]], dim=1
+        )
         torch.testing.assert_close(shared[b], encoder(full, tokens), atol=1e-5, rtol=1e-5)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # --precision amp on the CPU
         amp_shared = encoder.shared_prefix(prefix, embedding[:, 5:], tokens)
-        amp_cut = encoder(torch.cat([embedding[:, :1], (ctx + pi[0]).expand(3, -1, -1), embedding[:, 5:]], 1),
-                          tokens)
+        amp_cut = encoder(
+            torch.cat([embedding[:, :1], (ctx + pi[0]).expand(3, -1, -1), embedding[:, 5:]], 1),
+            tokens,
+        )
     cos = torch.nn.functional.cosine_similarity(amp_shared[0].float(), amp_cut.float(), dim=-1)
     assert (cos > 0.999).all()  # bf16 rounds differently along the two paths, nothing more
 
@@ -131,7 +145,10 @@ def test_shared_prefix_encoder_replaces_deep_prompts_before_the_later_blocks():
         h = block.ln_1(x)
         x = x + block.attn(h, h, h, need_weights=False, attn_mask=mask)[0]
         x = x + block.mlp(block.ln_2(x))
-    x = model.ln_final(x.permute(1, 0, 2)[torch.arange(2), tokens.argmax(-1)]) @ model.text_projection
+    x = (
+        model.ln_final(x.permute(1, 0, 2)[torch.arange(2), tokens.argmax(-1)])
+        @ model.text_projection
+    )
     torch.testing.assert_close(out, x, atol=1e-5, rtol=1e-5)
 
 
@@ -140,13 +157,17 @@ def test_ensemble_is_the_normalised_mean_of_normalised_features():
     names = ["red", "blue"]
     w = coop.zeroshot_classifier(model, names, ["a photo of a {}.", "art of the {}."])
     with torch.no_grad():
-        f = [torch.nn.functional.normalize(model.encode_text(coop.tokenize(model, [t.format(c) for c in names])),
-                                           dim=-1) for t in ["a photo of a {}.", "art of the {}."]]
+        f = [
+            torch.nn.functional.normalize(
+                model.encode_text(coop.tokenize(model, [t.format(c) for c in names])), dim=-1
+            )
+            for t in ["a photo of a {}.", "art of the {}."]
+        ]
     expected = torch.nn.functional.normalize(f[0] + f[1], dim=-1)
     torch.testing.assert_close(w, expected, atol=1e-5, rtol=1e-5)
 
 
-# --- data ----------------------------------------------------------------------------------------
+# --- data -----------------------------------------------------------------------------------------
 def test_image_folder_and_classnames(tmp_path):
     make_image_folder(tmp_path / "d" / "test", ["golden_retriever", "cat"], 2)
     data = coop.load_dataset(str(tmp_path / "d"))
@@ -181,19 +202,24 @@ def test_more_shots_than_images_warns_and_keeps_all(tiny_data, capsys):
 def test_base_new_split_sorted_ceil_half_relabelled(split_data):
     data = coop.load_dataset(*split_data)  # 6 classes
     base, new = coop.subsample_classes(data, "base"), coop.subsample_classes(data, "new")
-    assert base["classnames"] == data["classnames"][:3] and new["classnames"] == data["classnames"][3:]
+    assert (
+        base["classnames"] == data["classnames"][:3] and new["classnames"] == data["classnames"][3:]
+    )
     assert {y for _, y in base["test"]} == {0, 1, 2} and {y for _, y in new["test"]} == {0, 1, 2}
     odd = {k: [(p, y) for p, y in v if y < 5] for k, v in data.items() if k != "classnames"}
     odd["classnames"] = data["classnames"][:5]
     assert len(coop.subsample_classes(odd, "base")["classnames"]) == 3  # ceil(5 / 2)
 
 
-@pytest.mark.parametrize("case, message", [
-    ("missing", "folder not found"),
-    ("no_test", "no test/ folder"),
-    ("empty_class", "class folder has no images"),
-    ("unreadable", "cannot read this image"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing", "folder not found"),
+        ("no_test", "no test/ folder"),
+        ("empty_class", "class folder has no images"),
+        ("unreadable", "cannot read this image"),
+    ],
+)
 def test_bad_data_is_named_before_any_work(tmp_path, case, message):
     root = tmp_path / "d"
     if case != "missing":
@@ -227,10 +253,12 @@ def test_train_and_test_transforms():
     assert coop.train_transform(32)(image).shape == (3, 32, 32)
     x = coop.test_transform(32)(image)
     assert x.shape == (3, 32, 32)
-    torch.testing.assert_close(x[0, 0, 0], torch.tensor((200 / 255 - coop.CLIP_MEAN[0]) / coop.CLIP_STD[0]))
+    torch.testing.assert_close(
+        x[0, 0, 0], torch.tensor((200 / 255 - coop.CLIP_MEAN[0]) / coop.CLIP_STD[0])
+    )
 
 
-# --- run folder ----------------------------------------------------------------------------------
+# --- run folder -----------------------------------------------------------------------------------
 def test_cached_training_images_give_the_same_batches(tiny_data):
     items = coop.load_dataset(tiny_data)["train"]
     transform = coop.train_transform(32, 0.5)
@@ -239,9 +267,15 @@ def test_cached_training_images_give_the_same_batches(tiny_data):
         torch.manual_seed(0)
         return [x for _ in range(2) for x, _ in loader]
 
-    cached = coop.make_loader(items, transform, 5, 0, True, generator=torch.Generator().manual_seed(1))
-    plain = torch.utils.data.DataLoader(coop.ImageDataset(items, transform), batch_size=5, shuffle=True,
-                                        generator=torch.Generator().manual_seed(1))
+    cached = coop.make_loader(
+        items, transform, 5, 0, True, generator=torch.Generator().manual_seed(1)
+    )
+    plain = torch.utils.data.DataLoader(
+        coop.ImageDataset(items, transform),
+        batch_size=5,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(1),
+    )
     a, b = two_epochs(cached), two_epochs(plain)
     assert len(cached.dataset.cache) == len(items) and not plain.dataset.cache
     assert len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
@@ -259,15 +293,20 @@ def test_atomic_writes_leave_no_partial_file(tmp_path):
     assert (tmp_path / "log.jsonl").read_text() == "one\ntwo\n"
 
 
-# --- the house layout ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["zeroshot.py", "coop.py", "prograd.py", "adapter.py", "vpt.py", "promptsync.py"])
+# --- the house layout -----------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "name", ["zeroshot.py", "coop.py", "prograd.py", "adapter.py", "vpt.py", "promptsync.py"]
+)
 def test_the_method_comes_first_and_lines_fit_a_slide(name):
     path = os.path.join(ROOT, name)
     if not os.path.isfile(path):
         pytest.skip(f"{name} is not there yet")
     lines = open(path).read().splitlines()
-    end = lines.index("# --- end shared: text encoder ---")  # the text encoder stands before the method
-    first = next(i for i in range(end, len(lines)) if lines[i].startswith(("class ", "def ", "# [")))
+    # the text encoder stands before the method
+    end = lines.index("# --- end shared: text encoder ---")
+    first = next(
+        i for i in range(end, len(lines)) if lines[i].startswith(("class ", "def ", "# ["))
+    )
     assert first + 1 < 150, f"{name}: the method starts at line {first + 1}"
     appendix = next(i for i, line in enumerate(lines) if line.startswith("# --- shared: appendix"))
     assert all(not line.startswith(("def main", "def train_step")) for line in lines[appendix:])
@@ -275,9 +314,14 @@ def test_the_method_comes_first_and_lines_fit_a_slide(name):
     assert not wide, f"{name}: lines wider than 100 columns: {wide[:10]}"
 
 
-# --- the shared blocks stay identical --------------------------------------------------------------
+# --- the shared blocks stay identical -------------------------------------------------------------
 def test_shared_blocks_identical_in_every_file():
-    out = subprocess.run([sys.executable, "tools/sync_shared.py", "--check"], cwd=ROOT, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "tools/sync_shared.py", "--check"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stdout
 
 
@@ -285,7 +329,9 @@ def test_sync_tool_detects_and_repairs_a_changed_copy(tmp_path):
     for name in ("coop.py", "zeroshot.py"):
         (tmp_path / name).write_text(open(os.path.join(ROOT, name)).read())
     text = (tmp_path / "zeroshot.py").read_text()
-    (tmp_path / "zeroshot.py").write_text(text.replace("def accuracy(logits, labels):", "def accuracy(logits, y):", 1))
+    (tmp_path / "zeroshot.py").write_text(
+        text.replace("def accuracy(logits, labels):", "def accuracy(logits, y):", 1)
+    )
     tool = [sys.executable, os.path.join(ROOT, "tools/sync_shared.py"), "--root", str(tmp_path)]
     check = subprocess.run(tool + ["--check"], capture_output=True, text=True)
     assert check.returncode == 1 and "evaluation" in check.stdout

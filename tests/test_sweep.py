@@ -115,9 +115,8 @@ def test_every_planned_command_parses_with_the_methods_own_parse_args(method, ex
             assert all(os.path.isdir(d) for d in args.eval_data)
             if getattr(args, "split_file", None):
                 assert os.path.isfile(args.split_file)
-            if getattr(
-                args, "load", None
-            ):  # a stage-2 run tests what a stage-1 run of this plan learned
+            # a stage-2 run tests what a stage-1 run of this plan learned
+            if getattr(args, "load", None):
                 assert stage == 2 and outs[os.path.dirname(args.load)] == 1
             if test_time and getattr(args, "stage", "test") == "test":
                 K, N = args.shard.split("/")

@@ -1,4 +1,4 @@
-"""The toy world: deterministic drawing, captions, held-out combinations; slow: its CLIPs and CoOp on it."""
+"""The toy world: deterministic drawing, captions, held-out pairs; slow: its CLIPs, CoOp on it."""
 
 import json
 import os
@@ -16,7 +16,9 @@ def test_drawing_is_deterministic_and_rgb_32px():
     a = tw.render("star", "red", "large", "striped", np.random.default_rng(3))
     b = tw.render("star", "red", "large", "striped", np.random.default_rng(3))
     assert a.size == (32, 32) and a.mode == "RGB" and np.array_equal(np.asarray(a), np.asarray(b))
-    sketch = np.asarray(tw.render("circle", "red", "large", "plain", np.random.default_rng(3), style="sketch"))
+    sketch = np.asarray(
+        tw.render("circle", "red", "large", "plain", np.random.default_rng(3), style="sketch")
+    )
     filled = np.asarray(tw.render("circle", "red", "large", "plain", np.random.default_rng(3)))
     red = lambda x: ((x[..., 0] > 150) & (x[..., 1] < 90)).sum()  # noqa: E731
     assert 0 < red(sketch) < red(filled)  # an outline has less ink than the filled shape
@@ -37,14 +39,23 @@ def test_captions_are_english_with_the_attributes():
     captions = {tw.caption(attrs, rng) for _ in range(200)}
     assert all("ring" in c and c.endswith(".") for c in captions)
     assert any("blue ring" in c for c in captions) and any("large" in c for c in captions)
-    assert any("striped background" in c for c in captions) and any("blue" not in c for c in captions)
+    assert any("striped background" in c for c in captions) and any(
+        "blue" not in c for c in captions
+    )
 
 
 def test_the_longest_captions_fit_the_context():
-    longest = [f"{o} {z} {s} in {c} on a {b} background." for o in tw.OPENINGS for z in tw.SIZES for s in tw.SHAPES
-               for c in tw.COLOURS for b in tw.BACKGROUNDS]
+    longest = [
+        f"{o} {z} {s} in {c} on a {b} background."
+        for o in tw.OPENINGS
+        for z in tw.SIZES
+        for s in tw.SHAPES
+        for c in tw.COLOURS
+        for b in tw.BACKGROUNDS
+    ]
     eot = tw.clip.tokenize(longest, context_length=77).argmax(dim=-1)
-    assert eot.max() < tw.TEXT["context_length"] and eot.max() >= 18  # and they reach the later positions
+    # and they reach the later positions
+    assert eot.max() < tw.TEXT["context_length"] and eot.max() >= 18
 
 
 def test_heldout_combinations_never_appear_in_pretraining():
@@ -70,18 +81,41 @@ def test_cached_tokenizer_equals_clip_tokenize():
 
 def test_demo_runs_through_sweep_and_its_table_matches_the_runs(tmp_path, tiny_ckpt):
     root, out = tmp_path / "toy", tmp_path / "demo"
-    classes = [("red_circle", "circle", "red"), ("blue_star", "star", "blue"), ("green_ring", "ring", "green"),
-               ("gray_cross", "cross", "gray")]
+    classes = [
+        ("red_circle", "circle", "red"),
+        ("blue_star", "star", "blue"),
+        ("green_ring", "ring", "green"),
+        ("gray_cross", "cross", "gray"),
+    ]
     for i, domain in enumerate([tw.TRAIN_DOMAIN] + tw.DOMAINS):
-        tw.write_dataset(str(root / domain), classes, {"train": 2, "test": 2}, seed=i,
-                         style="sketch" if i == 0 else "photo")
+        tw.write_dataset(
+            str(root / domain),
+            classes,
+            {"train": 2, "test": 2},
+            seed=i,
+            style="sketch" if i == 0 else "photo",
+        )
     shutil.copy(tiny_ckpt, root / "clip_rn.pt")
-    rows = tw.demo(str(root), str(out), shots=(1,), seeds=(1, 2), parallel=2, only=("CoOp", "CoCoOp", "ProGrad"))
-    assert [(r["label"], r["shots"]) for r in rows] == [("Zero-shot CLIP (rn)", 0), ("CoOp", 1), ("CoCoOp", 1),
-                                                        ("ProGrad", 1)]
+    rows = tw.demo(
+        str(root),
+        str(out),
+        shots=(1,),
+        seeds=(1, 2),
+        parallel=2,
+        only=("CoOp", "CoCoOp", "ProGrad"),
+    )
+    assert [(r["label"], r["shots"]) for r in rows] == [
+        ("Zero-shot CLIP (rn)", 0),
+        ("CoOp", 1),
+        ("CoCoOp", 1),
+        ("ProGrad", 1),
+    ]
     table = (out / "results.md").read_text()
     for r in rows[1:]:
-        runs = [json.load(open(out / r["label"].lower() / f"1shot_seed{s}" / "metrics.json")) for s in (1, 2)]
+        runs = [
+            json.load(open(out / r["label"].lower() / f"1shot_seed{s}" / "metrics.json"))
+            for s in (1, 2)
+        ]
         new = [m["accuracy"]["new"] for m in runs]
         assert r["new"] == pytest.approx([float(np.mean(new)), float(np.std(new))])
         assert f"{np.mean(new):.1f}" in table
@@ -94,19 +128,43 @@ def test_the_ceiling_is_adapter_pys_linear_probe_on_every_training_image(tmp_pat
     import adapter
 
     root = tmp_path / "toy"
-    classes = [("red_circle", "circle", "red"), ("blue_star", "star", "blue"), ("green_ring", "ring", "green"),
-               ("gray_cross", "cross", "gray")]
+    classes = [
+        ("red_circle", "circle", "red"),
+        ("blue_star", "star", "blue"),
+        ("green_ring", "ring", "green"),
+        ("gray_cross", "cross", "gray"),
+    ]
     for i, domain in enumerate([tw.TRAIN_DOMAIN] + tw.DOMAINS):
         tw.write_dataset(str(root / domain), classes, {"train": 3, "val": 2, "test": 3}, seed=i)
     shutil.copy(tiny_ckpt, root / "clip_rn.pt")
     ceiling = tw.ceilings(str(root), "rn")
     assert set(ceiling) == {"base", "new", *tw.DOMAINS}
     for column, data, part in [("base", tw.TRAIN_DOMAIN, "base"), ("noise", "noise", "all")]:
-        m = adapter.main(adapter.parse_args(["--backbone", str(root / "clip_rn.pt"), "--data", str(root / data),
-                                             "--subsample", part, "--method", "linear-probe", "--shots", "3",
-                                             "--val-shots", "2", "--workers", "0", "--out", str(tmp_path / column)]))
+        m = adapter.main(
+            adapter.parse_args(
+                [
+                    "--backbone",
+                    str(root / "clip_rn.pt"),
+                    "--data",
+                    str(root / data),
+                    "--subsample",
+                    part,
+                    "--method",
+                    "linear-probe",
+                    "--shots",
+                    "3",
+                    "--val-shots",
+                    "2",
+                    "--workers",
+                    "0",
+                    "--out",
+                    str(tmp_path / column),
+                ]
+            )
+        )
         n_test = 3 * (2 if part == "base" else 4)
-        assert abs(ceiling[column] - m["accuracy"]["test"]) <= 100 / n_test + 1e-6, column  # one image at most
+        # one image at most
+        assert abs(ceiling[column] - m["accuracy"]["test"]) <= 100 / n_test + 1e-6, column
 
 
 def test_the_fast_table_shows_the_test_time_rows_of_its_one_shard(tmp_path):
@@ -115,20 +173,29 @@ def test_the_fast_table_shows_the_test_time_rows_of_its_one_shard(tmp_path):
         folder = tmp_path / label
         folder.mkdir()
         accuracy = {"test": 10.0 + i, "shapes": 50.0 + i, "noise": 40.0 + i}
-        metrics = {"seed": 1, "accuracy": accuracy, "zero_shot": {"test": 9.0, "shapes": 49.0, "noise": 39.0}}
+        metrics = {
+            "seed": 1,
+            "accuracy": accuracy,
+            "zero_shot": {"test": 9.0, "shapes": 49.0, "noise": 39.0},
+        }
         (folder / "metrics.json").write_text(json.dumps(metrics))
         stats[label] = tw.one_shard(str(folder))
     rows = tw.table_rows(stats, [])
-    assert [r["label"] for r in rows] == ["Zero-shot CLIP (vit, 60-way)"] + [t[0] for t in tw.TEST_TIME]
+    assert [r["label"] for r in rows] == ["Zero-shot CLIP (vit, 60-way)"] + [
+        t[0] for t in tw.TEST_TIME
+    ]
     table = tw.format_demo(rows, [], "toy", (1,), 1.0, full=False)
-    assert "| TPT | 10.0 | 50.0 | 40.0 |" in table and "+1.0 on base" in table  # TPT vs zero-shot CLIP
+    # TPT vs zero-shot CLIP
+    assert "| TPT | 10.0 | 50.0 | 40.0 |" in table and "+1.0 on base" in table
     assert "within noise (+1.0 on base, noise 5.9)" in table  # 100 images: twice the binomial error
     assert "python toyworld.py --demo --full" in table
 
 
 def test_the_pretraining_pool_does_not_depend_on_the_number_of_workers():
     attrs = tw.random_attributes(np.random.default_rng(0), 16)
-    assert torch.equal(tw.draw_pool_parallel(attrs, 1, workers=1), tw.draw_pool_parallel(attrs, 1, workers=2))
+    assert torch.equal(
+        tw.draw_pool_parallel(attrs, 1, workers=1), tw.draw_pool_parallel(attrs, 1, workers=2)
+    )
 
 
 def test_claims_compare_with_the_seeds_noise():
@@ -137,25 +204,45 @@ def test_claims_compare_with_the_seeds_noise():
     assert tw.claim_verdict({"base": (12.0, 1.0)}, zero, "base").startswith("within noise")
     assert tw.claim_verdict({"base": (5.0, 1.0)}, zero, "base").startswith("no")
     # one seed on 100 test images: a 4-point gain at ~12 % is within twice the binomial error (6.6)
-    assert tw.claim_verdict({"base": (14.0, 0.0)}, {"base": (10.0, 0.0)}, "base", 100).startswith("within")
-    assert tw.claim_verdict({"base": (14.0, 0.0)}, {"base": (10.0, 0.0)}, "base", 6000).startswith("yes")
+    assert tw.claim_verdict({"base": (14.0, 0.0)}, {"base": (10.0, 0.0)}, "base", 100).startswith(
+        "within"
+    )
+    assert tw.claim_verdict({"base": (14.0, 0.0)}, {"base": (10.0, 0.0)}, "base", 6000).startswith(
+        "yes"
+    )
 
 
-# --- slow: the pretrained toy world and what the methods do on it ----------------------------------
+# --- slow: the pretrained toy world and what the methods do on it ---------------------------------
 @pytest.mark.slow
 def test_the_toy_clips_classify_far_above_chance(world):
     _, record = world
     for tower in ("rn", "vit"):
         zs = record[tower]["zero_shot"]
-        assert zs["shape"] > 30 and zs["colour"] > 80 and zs["colour+shape"] > 20, (tower, zs)  # chance: 10/8/0.8
+        # chance: 10/8/0.8
+        assert zs["shape"] > 30 and zs["colour"] > 80 and zs["colour+shape"] > 20, (tower, zs)
 
 
 @pytest.mark.slow
 def test_coop_beats_zero_shot_on_the_shifted_domain_it_was_trained_on(world, tmp_path):
     root, _ = world
-    argv = ["--backbone", os.path.join(root, "clip_rn.pt"), "--data", os.path.join(root, "sketch"), "--shots", "8",
-            "--subsample", "base", "--ctx-init", "a photo of a", "--workers", "0", "--crop-scale", "0.5",
-            "--out", str(tmp_path)]
+    argv = [
+        "--backbone",
+        os.path.join(root, "clip_rn.pt"),
+        "--data",
+        os.path.join(root, "sketch"),
+        "--shots",
+        "8",
+        "--subsample",
+        "base",
+        "--ctx-init",
+        "a photo of a",
+        "--workers",
+        "0",
+        "--crop-scale",
+        "0.5",
+        "--out",
+        str(tmp_path),
+    ]
     m = coop.main(coop.parse_args(argv))
     # measured 20.0 vs 11.3 on the default world (about a minute); 30-way, chance is 3.3
     assert m["accuracy"]["test"] > m["zero_shot"]["test"] + 5, json.dumps(m)

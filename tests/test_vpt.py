@@ -101,9 +101,8 @@ def test_prompts_enter_after_the_class_token_after_ln_pre_without_position():
         bound = math.sqrt(6 / (3 * 16 * 16 + 64))  # [VPT] uniform(-v, v)
         assert encoder.prompts.abs().max() <= bound and encoder.prompts.abs().max() > 0.8 * bound
         assert torch.equal(seen[0][1 : 1 + P], encoder.prompts[0].unsqueeze(1).expand(-1, 2, -1))
-        assert torch.equal(
-            seen[0][[0, 4, 5, 6, 7]], clip_seen[0]
-        )  # CLS and patches as CLIP has them
+        # CLS and patches as CLIP has them
+        assert torch.equal(seen[0][[0, 4, 5, 6, 7]], clip_seen[0])
         maple = vpt.PromptedViT(v, P, deep=True, placement="maple")
         _, seen = block_inputs_and_outputs(maple, images)
         expected = v.ln_pre(maple.prompts[0] + 0 * v.positional_embedding[:1])  # layer-normed only
@@ -158,16 +157,14 @@ def test_pad_prompt_is_a_border_with_a_zero_centre():
     prompter = vpt.PadPrompter(32, 4)
     x = torch.randn(2, 3, 32, 32)
     added = prompter(x) - x
-    torch.testing.assert_close(
-        added, prompter.border().expand(2, -1, -1, -1)
-    )  # same for each image
+    # same for each image
+    torch.testing.assert_close(added, prompter.border().expand(2, -1, -1, -1))
     assert torch.equal(prompter.border()[..., 4:28, 4:28], torch.zeros(1, 3, 24, 24))
     ring = torch.ones(32, 32, dtype=torch.bool)
     ring[4:28, 4:28] = False
     assert (prompter.border()[..., ring] != 0).all()
-    assert (
-        sum(p.numel() for p in vpt.PadPrompter(224, 30).parameters()) == 69_840
-    )  # as Bahng et al.
+    # as Bahng et al.
+    assert sum(p.numel() for p in vpt.PadPrompter(224, 30).parameters()) == 69_840
     assert [vpt.pad_width(n) for n in (224, 32, 336, 5)] == [30, 4, 45, 1]
     with pytest.raises(ValueError, match="border width"):
         vpt.PadPrompter(32, 16)
@@ -178,9 +175,8 @@ def test_border_png_shows_the_prompt_on_clips_mean_colour():
     image = vpt.border_image(prompter)
     assert image.size == (224, 224)  # enlarged 7x, nearest neighbour
     centre = image.getpixel((112, 112))
-    assert centre == tuple(
-        round(255 * m) for m in vpt.CLIP_MEAN
-    )  # the zero centre: the mean colour
+    # the zero centre: the mean colour
+    assert centre == tuple(round(255 * m) for m in vpt.CLIP_MEAN)
     with torch.no_grad():
         prompter.pad_up.fill_(100.0)  # far outside the image range: clipped to white
     assert vpt.border_image(prompter).getpixel((112, 3)) == (255, 255, 255)
@@ -343,19 +339,16 @@ def test_command_line_shallow_and_pad(method, ckpt, tiny_data, tmp_path, monkeyp
     )
     assert m["method"] == f"vpt-{method}" and set(m["accuracy"]) == {"test"}
     reference = torch.load(backbone, weights_only=True)
-    assert all(
-        torch.equal(v, reference[k]) for k, v in loaded[0].state_dict().items()
-    )  # CLIP as loaded
+    # CLIP as loaded
+    assert all(torch.equal(v, reference[k]) for k, v in loaded[0].state_dict().items())
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["state"]
     if method == "pad":
         assert state["encoder.prompter.pad_up"].shape == (1, 3, 4, 32)  # 30 px at 224 -> 4 at 32
         with Image.open(tmp_path / "border.png") as image:
             assert image.format == "PNG" and image.size == (224, 224)
         log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
-        assert [r["lr"] for r in log] == [
-            0.08,
-            0.16,
-        ]  # per step: 2 steps/epoch of the 1000-step warm-up
+        # per step: 2 steps/epoch of the 1000-step warm-up
+        assert [r["lr"] for r in log] == [0.08, 0.16]
     else:
         assert state["encoder.prompts"].shape == (1, 8, 64)
 

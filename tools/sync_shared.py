@@ -72,7 +72,8 @@ def main(argv=None):
     if differ and not args.write:
         print("\n".join(differ))
         print(
-            f"{len(differ)} shared block(s) differ from {CANONICAL}; run python tools/sync_shared.py --write"
+            f"{len(differ)} shared block(s) differ from {CANONICAL}; "
+            "run python tools/sync_shared.py --write"
         )
         return 1
     print(
