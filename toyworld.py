@@ -178,7 +178,7 @@ def shape_mask(shape, size, rng):
 
 def background(kind, rng):
     """A 32x32 background as an RGB array (32, 32, 3) in float."""
-    tone = lambda lo, hi: rng.integers(lo, hi, 3).astype(np.float32)  # noqa: E731
+    tone = lambda lo, hi: rng.integers(lo, hi, 3).astype(np.float32)
     if kind == "plain":
         return np.broadcast_to(tone(165, 215), (PX, PX, 3))
     if kind == "dark":
@@ -733,8 +733,8 @@ def ceilings(root, tower):
             f[split] = views[0]  # (N, D): one view, the test transform
             y[split] = adapter.label_tensor(data[split], device)
         n_cls = len(data["classnames"])
-        fit = lambda C: adapter.fit_linear_probe(f["train"], y["train"], n_cls, C)  # noqa: E731
-        score = lambda probe, s: adapter.accuracy(f[s] @ probe[0].t() + probe[1], y[s])  # noqa: E731
+        fit = lambda C: adapter.fit_linear_probe(f["train"], y["train"], n_cls, C)
+        score = lambda probe, s: adapter.accuracy(f[s] @ probe[0].t() + probe[1], y[s])
         _, probe, _ = adapter.search_C(fit, lambda probe: score(probe, "val"))
         out[column] = round(score(probe, "test"), 2)
     return out
@@ -789,7 +789,7 @@ def demo(root="toy", out=None, shots=None, seeds=None, full=False, parallel=2, o
     seeds, out = seeds or setting["seeds"], out or ("runs/demo-full" if full else "runs/demo")
     data = ["--data", f"{root}/{TRAIN_DOMAIN}", "--subsample", "base", "--eval-data"]
     data += [f"{root}/{d}" for d in DOMAINS]
-    present = lambda file: os.path.isfile(os.path.join(here, file))  # noqa: E731
+    present = lambda file: os.path.isfile(os.path.join(here, file))
     methods = [m for m in DEMO_METHODS if present(m[1]) and (only is None or m[0] in only)]
     lines, folders = [], {}
 
@@ -896,8 +896,8 @@ def format_demo(rows, methods, root, seeds, seconds, full=True):
         int(setting["shard"].split("/")[1]),
         len(TASK_COLOURS) * len(SHAPES) * SPLITS["test"],
     )
-    fmt = lambda v: "–" if v is None else f"{v[0]:.1f}" + (f" ± {v[1]:.1f}" if v[1] else "")  # noqa: E731
-    find = lambda label, k: next((r for r in rows if r["label"] == label and r["shots"] == k), None)  # noqa: E731
+    fmt = lambda v: "–" if v is None else f"{v[0]:.1f}" + (f" ± {v[1]:.1f}" if v[1] else "")
+    find = lambda label, k: next((r for r in rows if r["label"] == label and r["shots"] == k), None)
     claims = {m[0]: (m[2], m[5], m[6]) for m in methods}
     claims.update({t[0]: ("vit", t[2], ("base", t[3])) for t in TEST_TIME})
     cols = ["base", "new", "H"] + DOMAINS

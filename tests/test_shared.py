@@ -314,6 +314,24 @@ def test_the_method_comes_first_and_lines_fit_a_slide(name):
     assert not wide, f"{name}: lines wider than 100 columns: {wide[:10]}"
 
 
+def test_every_python_file_fits_a_slide():
+    """Not only the method files: tests, tools, toyworld.py and bench.py are read side by side."""
+    files = [
+        os.path.join(folder, name)
+        for folder in (ROOT, os.path.join(ROOT, "tests"), os.path.join(ROOT, "tools"))
+        for name in sorted(os.listdir(folder))
+        if name.endswith(".py")
+    ]
+    assert len(files) > 15
+    wide = [
+        f"{os.path.relpath(path, ROOT)}:{i}"
+        for path in files
+        for i, line in enumerate(open(path).read().splitlines(), 1)
+        if len(line) > 100
+    ]
+    assert not wide, f"lines wider than 100 columns: {wide[:10]}"
+
+
 # --- the shared blocks stay identical -------------------------------------------------------------
 def test_shared_blocks_identical_in_every_file():
     out = subprocess.run(
