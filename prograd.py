@@ -511,13 +511,14 @@ def parse_args(argv=None):
 
 # --- shared: appendix (canonical copy in coop.py; re-sync with tools/sync_shared.py) ---
 # ================================================================================================
-# Appendix: the shared blocks, identical in every method file (tools/sync_shared.py keeps them so)
-#   data          dataset readers (ImageFolder, CoOp split files), few-shot sampling, base/new
-#                 split, load_task, transforms, loader, checks on bad input
-#   clip          load_clip (names, TorchScript archives and state dicts), autocast, tokenize
-#   evaluation    encode_images, accuracy, harmonic_mean, text_features, zeroshot_classifier
-#   run folder    atomic save, the log, seeds, peak memory, run_info, the summary line
-#   checkpoint    learned_state, load_learned, save_progress, resume
+# Appendix: the shared blocks, the same in every method file (tools/sync_shared.py keeps them so)
+#   data        dataset readers (ImageFolder, CoOp split files), few-shot sampling, base/new split,
+#               load_task (every check on bad input), transforms, loader
+#   clip        load_clip (names, TorchScript archives, state dicts), autocast, tokenize
+#   evaluation  encode_images, accuracy, text_features, zeroshot_classifier
+#   run folder  atomic save, seeds, peak memory, the log, metrics.json and the summary line
+#   checkpoint  learned_state, load_learned (in the files that learn parameters)
+#   resume      save_progress, resume: --resume after the last finished epoch (epoch loops)
 # ================================================================================================
 # --- end shared: appendix ---
 
@@ -539,24 +540,24 @@ def read_classnames(path):
         fail(f"{path}: class-name file not found")
     names = {}
     with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            folder, _, name = line.strip().replace("\t", " ").partition(" ")
-            if folder and not name.strip():
-                fail(f"{path}:{number}: expected 'folder<TAB>readable name', got {line.strip()!r}")
-            if folder:
-                names[folder] = name.strip()
+        lines = f.read().splitlines()
+    for number, line in enumerate(lines, 1):
+        folder, _, name = line.strip().replace("\t", " ").partition(" ")
+        if folder and not name.strip():
+            fail(f"{path}:{number}: expected 'folder<TAB>readable name', got {line.strip()!r}")
+        names.update({folder: name.strip()} if folder else {})
     return names
 
 
 def read_image_folder(root, classnames=None):
     """ImageFolder layout root/<class folder>/<image> -> ([(path, label)], [class name])."""
+    layout = "expected <root>/<class folder>/<image files>"
     if not os.path.isdir(root):
-        fail(f"{root}: folder not found; expected <root>/<class folder>/<image files>")
-    folders = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-    folders = [d for d in folders if not d.startswith(".")]
+        fail(f"{root}: folder not found; {layout}")
+    folders = [d for d in sorted(os.listdir(root)) if os.path.isdir(os.path.join(root, d))]
+    folders, items = [d for d in folders if not d.startswith(".")], []
     if not folders:
-        fail(f"{root}: no class folders in it; expected <root>/<class folder>/<image files>")
-    items = []
+        fail(f"{root}: no class folders in it; {layout}")
     for label, folder in enumerate(folders):
         files = sorted(os.listdir(os.path.join(root, folder)))
         files = [f for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
@@ -566,8 +567,7 @@ def read_image_folder(root, classnames=None):
     missing = [d for d in folders if classnames is not None and d not in classnames]
     if missing:
         fail(f"--classnames has no line for the folders {missing[:5]} of {root}")
-    names = [classnames[d] if classnames else d.replace("_", " ") for d in folders]
-    return items, names
+    return items, [classnames[d] if classnames else d.replace("_", " ") for d in folders]
 
 
 def read_split_file(split_file, image_root):
@@ -576,11 +576,8 @@ def read_split_file(split_file, image_root):
         fail(f"{split_file}: split file not found")
     try:
         with open(split_file, encoding="utf-8") as f:
-            split = json.load(f)
-        data = {
-            s: [(os.path.join(image_root, p), int(y)) for p, y, _ in split[s]]
-            for s in ("train", "val", "test")
-        }
+            split, splits = json.load(f), ("train", "val", "test")
+        data = {s: [(os.path.join(image_root, p), int(y)) for p, y, _ in split[s]] for s in splits}
         names = {int(y): c for _, y, c in split["train"]}
     except (ValueError, KeyError, TypeError) as e:
         fail(f"{split_file}: not a CoOp split file ({e!r}); expected train/val/test lists")
@@ -604,11 +601,10 @@ def load_dataset(root, split_file=None, classnames_file=None):
         fail(f"{root}: {what}; expected {root}/train/<class>/<image> and {root}/test/...")
     data = {"train": [], "val": []}
     data["test"], data["classnames"] = read_image_folder(os.path.join(root, "test"), names)
-    for split in ("train", "val"):
-        if os.path.isdir(os.path.join(root, split)):
-            data[split], split_names = read_image_folder(os.path.join(root, split), names)
-            if split_names != data["classnames"]:
-                fail(f"{root}/{split} and {root}/test have different class folders")
+    for split in [s for s in ("train", "val") if os.path.isdir(os.path.join(root, s))]:
+        data[split], split_names = read_image_folder(os.path.join(root, split), names)
+        if split_names != data["classnames"]:
+            fail(f"{root}/{split} and {root}/test have different class folders")
     return data
 
 
@@ -625,13 +621,12 @@ def load_eval_set(root):
 
 def sample_few_shot(items, shots, seed):
     """Dassl's rule: per class, `shots` items without replacement; a smaller class keeps all."""
-    rng, by_class, sampled, short = random.Random(seed), {}, [], []
+    rng, by_class, sampled = random.Random(seed), {}, []
     for item in items:
         by_class.setdefault(item[1], []).append(item)
     for group in by_class.values():
-        if len(group) < shots:
-            short.append(f"{os.path.dirname(group[0][0])} ({len(group)})")
         sampled += rng.sample(group, min(shots, len(group)))
+    short = [f"{os.path.dirname(g[0][0])} ({len(g)})" for g in by_class.values() if len(g) < shots]
     if short:
         print(
             f"warning: fewer than {shots} training images in {len(short)} classes, all of them "
@@ -650,8 +645,7 @@ def subsample_classes(data, which):
     out = {
         s: [(p, relabel[y]) for p, y in data[s] if y in relabel] for s in ("train", "val", "test")
     }
-    out["classnames"] = [data["classnames"][y] for y in relabel]
-    return out
+    return dict(out, classnames=[data["classnames"][y] for y in relabel])
 
 
 def check_images(items, full=True):
@@ -740,15 +734,10 @@ def make_loader(
 ):
     # A training set (shuffle) is read every epoch: without worker processes (which would each hold
     # a copy), its decoded images stay in memory, up to 1 GiB. Same batches, less decoding.
-    cache = 2**30 if shuffle and workers == 0 else 0
+    dataset = ImageDataset(items, transform, 2**30 if shuffle and workers == 0 else 0)
+    options = dict(num_workers=workers, drop_last=drop_last, generator=generator)
     return torch.utils.data.DataLoader(
-        ImageDataset(items, transform, cache),
-        batch_size,
-        shuffle,
-        num_workers=workers,
-        drop_last=drop_last,
-        generator=generator,
-        pin_memory=torch.cuda.is_available(),
+        dataset, batch_size, shuffle, pin_memory=torch.cuda.is_available(), **options
     )
 
 
@@ -768,7 +757,7 @@ def load_clip(backbone, device, precision):
     try:
         with warnings.catch_warnings():  # torch deprecates torch.jit.load, tried by clip.load
             warnings.simplefilter("ignore")
-            model, _ = clip.load(backbone, device="cpu", jit=False)
+            model = clip.load(backbone, device="cpu", jit=False)[0].float()
     except Exception as e:
         if not os.path.isfile(backbone):
             fail(
@@ -777,11 +766,10 @@ def load_clip(backbone, device, precision):
             )
         try:
             state_dict = torch.load(backbone, map_location="cpu", weights_only=True)
-            model = clip.model.build_model(dict(state_dict))
+            model = clip.model.build_model(dict(state_dict)).float()
         except Exception as e2:
             fail(f"{backbone}: not a CLIP checkpoint (TorchScript archive or state dict): {e2}")
-        model.float().load_state_dict(state_dict)  # build_model rounds to fp16: undo that
-    model = model.float()
+        model.load_state_dict(state_dict)  # build_model rounds to fp16: undo that
     if precision == "fp16":  # CLIP's own fp16 layout (LayerNorm and embeddings stay fp32)
         clip.model.convert_weights(model)
     return model.requires_grad_(False).eval().to(device)
@@ -789,11 +777,8 @@ def load_clip(backbone, device, precision):
 
 def autocast(device, precision):
     """Mixed precision for --precision amp (fp16 on CUDA, bf16 on the CPU); a no-op otherwise."""
-    if precision != "amp":
-        return nullcontext()
-    return torch.autocast(
-        device_type=device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16
-    )
+    half = torch.float16 if device.type == "cuda" else torch.bfloat16
+    return torch.autocast(device.type, half) if precision == "amp" else nullcontext()
 
 
 def tokenize(clip_model, texts):
@@ -818,10 +803,6 @@ def encode_images(encode, loader, device, precision):
 def accuracy(logits, labels):
     """Top-1 accuracy in percent over the whole set (micro average, as in the papers)."""
     return 100.0 * (logits.argmax(dim=-1) == labels).float().mean().item()
-
-
-def harmonic_mean(base, new):
-    return 2 * base * new / (base + new)
 
 
 @torch.no_grad()
@@ -894,14 +875,8 @@ def run_info(device):
     except metadata.PackageNotFoundError:  # clip installed from a git checkout
         clip_version = "clip (not from PyPI)"
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return {
-        "device": f"{name} ({os.cpu_count()} cores)",
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "clip": clip_version,
-        },
-    }
+    versions = dict(python=platform.python_version(), torch=torch.__version__, clip=clip_version)
+    return {"device": f"{name} ({os.cpu_count()} cores)", "versions": versions}
 
 
 def add_run_args(add, learned=True):
@@ -935,13 +910,13 @@ def finish_run(run_dir, args, method, dataset, zero_shot, accuracy, **extra):
     device, hm = torch.device(args.device), ""
     metrics = dict(method=method, backbone=args.backbone, dataset=dataset, seed=args.seed)
     metrics.update(shots=getattr(args, "shots", 0), zero_shot=zero_shot, accuracy=accuracy)
-    if "new" in accuracy:
-        metrics["harmonic_mean"] = harmonic_mean(accuracy["test"], accuracy["new"])
+    if "new" in accuracy:  # [CoCoOp] H = 2 * base * new / (base + new)
+        base, new = accuracy["test"], accuracy["new"]
+        metrics["harmonic_mean"] = 2 * base * new / (base + new)
         hm = f" H={metrics['harmonic_mean']:.2f}"
     metrics.update(extra, peak_mib=peak_mib(device), **run_info(device))
     save(os.path.join(run_dir, "metrics.json"), metrics)
-    acc = " ".join(f"{k}={v:.2f}" for k, v in accuracy.items())
-    zs = " ".join(f"{k}={v:.2f}" for k, v in zero_shot.items())
+    acc, zs = [" ".join(f"{k}={v:.2f}" for k, v in d.items()) for d in (accuracy, zero_shot)]
     speed = f" | {extra['images_per_s']:.1f} img/s" if extra.get("images_per_s") else ""
     peak = f", peak {metrics['peak_mib']:.0f} MiB" if metrics["peak_mib"] else ""
     print(
@@ -975,18 +950,17 @@ def load_learned(model, checkpoint, path, config):
     model.load_state_dict(theirs, strict=False)
 
 
+# --- end shared: checkpoint ---
+
+
+# --- shared: resume (canonical copy in coop.py; re-sync with tools/sync_shared.py) ---
 def save_progress(run_dir, config, model, optimizer, epoch, train_seconds, generator):
     """checkpoint.pt after each epoch: what --resume needs to continue exactly where it stopped."""
+    rng = {"torch": torch.get_rng_state(), "loader": generator.get_state()}
+    state = dict(config=config, state=learned_state(model), optimizer=optimizer.state_dict())
     save(
         os.path.join(run_dir, "checkpoint.pt"),
-        {
-            "config": config,
-            "state": learned_state(model),
-            "optimizer": optimizer.state_dict(),
-            "epoch": epoch,
-            "train_seconds": train_seconds,
-            "rng": {"torch": torch.get_rng_state(), "loader": generator.get_state()},
-        },
+        dict(state, epoch=epoch, train_seconds=train_seconds, rng=rng),
     )
 
 
@@ -1013,7 +987,7 @@ def resume(run_dir, model, optimizer, generator, config):
     return ckpt["epoch"], ckpt["train_seconds"]
 
 
-# --- end shared: checkpoint ---
+# --- end shared: resume ---
 
 
 if __name__ == "__main__":
