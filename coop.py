@@ -343,6 +343,7 @@ def main(args):
     # Frozen CLIP and the learned prompt
     clip_model = load_clip(args.backbone, device, precision)
     n_px, where = clip_model.visual.input_resolution, args.class_token_position
+    encode = clip_model.encode_image
     # --csc learns one context per training class: a test set of other classes is not scored
     names = train["classnames"]
     other = [k for k, (_, classnames) in test_sets.items() if args.csc and classnames != names]
@@ -358,10 +359,7 @@ def main(args):
         fail(str(e))
     pl, learned = model.prompt_learner, [p for p in model.parameters() if p.requires_grad]
     assert not any(p.requires_grad for p in clip_model.parameters())
-    n_learned, n_frozen = (
-        sum(p.numel() for p in learned),
-        sum(p.numel() for p in clip_model.parameters()),
-    )
+    n_learned, n_frozen = [sum(p.numel() for p in ps) for ps in (learned, clip_model.parameters())]
     print(
         f"{method}: {pl.n_ctx} context vectors ({ctx_init or 'random'!r}); learned "
         f"{list(learned_state(model))} = {n_learned:,} parameters; CLIP's {n_frozen:,} frozen"
@@ -397,9 +395,7 @@ def main(args):
         peak_mib(device, reset=True)
         for images, labels in loader:
             images, labels = images.to(device, non_blocking=True), labels.to(device)
-            step = train_step(
-                model, clip_model.encode_image, optimizer, scaler, images, labels, precision
-            )
+            step = train_step(model, encode, optimizer, scaler, images, labels, precision)
             losses, accs, n = losses + [step[0]], accs + [step[1]], n + len(labels)
         seconds = time.time() - t0
         train_seconds, n_seen = train_seconds + seconds, n_seen + n
@@ -412,27 +408,16 @@ def main(args):
     zero_shot, acc = {}, {}
     for name, (items, classnames) in test_sets.items():
         loader = make_loader(items, test_transform(n_px), 100, args.workers)
-        features, labels = encode_images(clip_model.encode_image, loader, device, precision)
+        features, labels = encode_images(encode, loader, device, precision)
         weights = zeroshot_classifier(clip_model, classnames, [args.template])
         zero_shot[name] = accuracy(clip_model.logit_scale.exp() * features @ weights.t(), labels)
         pl.set_classnames(clip_model, classnames)  # the context does not depend on the names
         with autocast(device, precision):
             acc[name] = accuracy(predict(model, features), labels)
     speed = round(n_seen / train_seconds, 1) if n_seen else None
-    epochs = 0 if args.eval_only else epochs
-    return finish_run(
-        run_dir,
-        args,
-        method,
-        dataset,
-        zero_shot,
-        acc,
-        epochs=epochs,
-        precision=precision,
-        train_seconds=round(train_seconds, 2),
-        images_per_s=speed,
-        not_scored=not_scored,
-    )
+    extra = dict(epochs=0 if args.eval_only else epochs, precision=precision, images_per_s=speed)
+    extra.update(train_seconds=round(train_seconds, 2), not_scored=not_scored)
+    return finish_run(run_dir, args, method, dataset, zero_shot, acc, **extra)
 
 
 def parse_args(argv=None):
@@ -447,12 +432,8 @@ def parse_args(argv=None):
     add("--split-file", help="CoOp's split_zhou_<Name>.json (then --data is its image root)")
     add("--classnames", help="classnames.txt: 'folder<TAB>readable name' per line")
     add("--shots", type=int, default=16, help="training images per class (seeded sample)")
-    add(
-        "--subsample",
-        choices=["all", "base", "new"],
-        default="all",
-        help="base-to-new: 'base' trains on the first half of the classes, also tests 'new'",
-    )
+    base_new = "base-to-new: 'base' trains on the first half of the classes, also tests 'new'"
+    add("--subsample", choices=["all", "base", "new"], default="all", help=base_new)
     add("--eval-data", nargs="*", default=[], help="extra test sets (ImageFolder roots)")
     add("--template", default="a photo of a {}.", help="the zero-shot baseline's template")
     # the method
@@ -477,17 +458,10 @@ def parse_args(argv=None):
     add("--momentum", type=float, default=0.9, help="SGD momentum")
     add("--weight-decay", type=float, default=5e-4, help="SGD weight decay (on ctx too)")
     add("--warmup-lr", type=float, default=1e-5, help="learning rate of the first epoch")
-    add(
-        "--crop-scale",
-        type=float,
-        default=0.08,
-        help="smallest area of the random resized crop (the toy world's 32-px images: 0.5)",
-    )
-    add(
-        "--drop-last",
-        action="store_true",
-        help="drop the last partial batch when N >= batch size, as the original loader did",
-    )
+    crop = "smallest area of the random resized crop (the toy world's 32-px images: 0.5)"
+    add("--crop-scale", type=float, default=0.08, help=crop)
+    drop = "drop the last partial batch when N >= batch size, as the original loader did"
+    add("--drop-last", action="store_true", help=drop)
     add_run_args(add)
     return p.parse_args(argv)
 

@@ -431,19 +431,9 @@ def main(args):
         with torch.no_grad(), autocast(device, precision):
             acc[name] = accuracy(model(features), labels)
     speed = round(n_seen / train_seconds, 1) if n_seen else None
-    epochs = 0 if args.eval_only else epochs
-    return finish_run(
-        run_dir,
-        args,
-        "prograd",
-        dataset,
-        zero_shot,
-        acc,
-        epochs=epochs,
-        precision=precision,
-        train_seconds=round(train_seconds, 2),
-        images_per_s=speed,
-    )
+    extra = dict(epochs=0 if args.eval_only else epochs, precision=precision, images_per_s=speed)
+    extra.update(train_seconds=round(train_seconds, 2))
+    return finish_run(run_dir, args, "prograd", dataset, zero_shot, acc, **extra)
 
 
 def parse_args(argv=None):
@@ -458,12 +448,8 @@ def parse_args(argv=None):
     add("--split-file", help="CoOp's split_zhou_<Name>.json (then --data is its image root)")
     add("--classnames", help="classnames.txt: 'folder<TAB>readable name' per line")
     add("--shots", type=int, default=16, help="training images per class (seeded sample)")
-    add(
-        "--subsample",
-        choices=["all", "base", "new"],
-        default="all",
-        help="base-to-new: 'base' trains on the first half of the classes, also tests 'new'",
-    )
+    base_new = "base-to-new: 'base' trains on the first half of the classes, also tests 'new'"
+    add("--subsample", choices=["all", "base", "new"], default="all", help=base_new)
     add("--eval-data", nargs="*", default=[], help="extra test sets (ImageFolder roots)")
     add(
         "--template",
@@ -494,17 +480,10 @@ def parse_args(argv=None):
     add("--momentum", type=float, default=0.9, help="SGD momentum (after the projection)")
     add("--weight-decay", type=float, default=5e-4, help="SGD weight decay (after the projection)")
     add("--warmup-lr", type=float, default=1e-5, help="learning rate of the first epoch")
-    add(
-        "--crop-scale",
-        type=float,
-        default=0.08,
-        help="smallest area of the random resized crop (the toy world's 32-px images: 0.5)",
-    )
-    add(
-        "--drop-last",
-        action="store_true",
-        help="drop the last partial batch when N >= batch size, as the original loader did",
-    )
+    crop = "smallest area of the random resized crop (the toy world's 32-px images: 0.5)"
+    add("--crop-scale", type=float, default=0.08, help=crop)
+    drop = "drop the last partial batch when N >= batch size, as the original loader did"
+    add("--drop-last", action="store_true", help=drop)
     add_run_args(add)
     return p.parse_args(argv)
 

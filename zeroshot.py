@@ -283,17 +283,8 @@ def main(args):
         ensembled[name] = accuracy(inv_tau * features @ weights.t(), labels)
         print(f"{name}: {len(items)} images, {len(classnames)} classes: {ensembled[name]:.2f}%")
     method = "zeroshot" if args.ensemble == "none" else f"zeroshot-ensemble-{args.ensemble}"
-    return finish_run(
-        run_dir,
-        args,
-        method,
-        dataset,
-        single,
-        ensembled,
-        epochs=0,
-        precision=precision,
-        templates=templates,
-    )
+    extra = dict(epochs=0, precision=precision, templates=templates)
+    return finish_run(run_dir, args, method, dataset, single, ensembled, **extra)
 
 
 def parse_args(argv=None):
@@ -306,12 +297,8 @@ def parse_args(argv=None):
     add("--data", required=True, help="root with [train/] test/, or --split-file's images")
     add("--split-file", help="CoOp's split_zhou_<Name>.json (then --data is its image root)")
     add("--classnames", help="classnames.txt: 'folder<TAB>readable name' per line")
-    add(
-        "--subsample",
-        choices=["all", "base", "new"],
-        default="all",
-        help="base-to-new: 'base' reports the base classes and 'new' the other half",
-    )
+    base_new = "base-to-new: 'base' reports the base classes and 'new' the other half"
+    add("--subsample", choices=["all", "base", "new"], default="all", help=base_new)
     add("--eval-data", nargs="*", default=[], help="extra test sets (ImageFolder roots)")
     add(
         "--template",
