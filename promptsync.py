@@ -323,7 +323,8 @@ def token_statistics(model, loader, device, precision):
 #    3 crops/flips)
 #  5 views inside L_D at test time: the test image's kept views (current prompts) are the views of
 #    every class k, weighted by p^[k]; other classes' views = 8 stored source-view features per
-#    class (frozen); the gradient comes through the test views and the current text prototypes
+#    class (frozen; a crop of each of 8 images); the gradient comes through the test views and the
+#    current text prototypes
 #  6 L_D: cosine / tau, tau = 1 / CLIP's logit scale; L_pos a plain mean over the views; L_neg
 #    without the positive; sum over classes weighted by p^ (detached); the text and vision parts
 #    summed
@@ -413,15 +414,20 @@ def source_prototypes(model, items, classnames, views, seed, device, precision, 
     """[PromptSync] the class prototypes of the labelled source images (path, label) and their
     views, with the learned prompts: h_CLS^v, h^v, h^t (C, D) each, and n_views stored view
     features per class (C, S, D) for L_D's third negative part."""
-    cls, tokens, labels = [], [], []
+    cls, tokens, labels, view = [], [], [], []  # view: each feature's view index (0: original)
     for x, y, _ in ViewDataset([(i, *item) for i, item in enumerate(items)], views, seed):
         with autocast(device, precision):
             c, t = vision_vectors(model, x.to(device))  # (V, D) each
         cls, tokens, labels = cls + [c], tokens + [t], labels + [y] * len(x)
+        view += range(len(x))
     cls, tokens, labels = torch.cat(cls), torch.cat(tokens), torch.tensor(labels, device=device)
     C = len(classnames)
     S = min(n_views, int(torch.bincount(labels, minlength=C).min()))
-    stored = torch.stack([F.normalize(cls[labels == c][:S], dim=-1) for c in range(C)])
+    # the S stored views of a class come from as many of its images as S allows: every image's
+    # first crop, then every image's second crop, ..., the originals (view 0) last
+    spread = torch.tensor([v or len(view) for v in view], device=device).argsort(stable=True)
+    cls_s, labels_s = cls[spread], labels[spread]
+    stored = torch.stack([F.normalize(cls_s[labels_s == c][:S], dim=-1) for c in range(C)])
     model.prompts.set_classnames(model.clip, classnames)
     # the paper leaves the text "samples" open; we take each class's prompt (one text, no WordNet)
     return dict(
@@ -437,16 +443,16 @@ def match_prototypes(model, ckpt, classnames, device):
     """The source prototypes of a test set's classes: by name, else (the paper leaves classes
     without a source prototype open) those of the source class whose text prototype is nearest
     to the class's text feature with the loaded prompts, because that is what CLIP would confuse
-    it with; such a class keeps its own text feature as text prototype."""
+    it with. A class's text prototype is its text feature with the loaded prompts: for a source
+    class, what the source stage stored (the same prompts and name)."""
     with torch.no_grad():
         text = model.text_features()  # (C, D) the loaded prompts
     names, source = list(ckpt["proto_classnames"]), ckpt["proto_text"].to(device)
     nearest = (text @ source.t()).argmax(dim=-1).tolist()
     index = [names.index(c) if c in names else nearest[i] for i, c in enumerate(classnames)]
-    own = torch.tensor([c in names for c in classnames], device=device)[:, None]
     index = torch.tensor(index, device=device)
     protos = {k: ckpt["proto_" + k].to(device)[index] for k in ("cls", "tokens", "views")}
-    return dict(protos, text=torch.where(own, source[index], text), groups=index)
+    return dict(protos, text=text, groups=index)
 
 
 # The test-time views: TPT's AugMixAugmenter (the original first, then random crops + flips, with
@@ -837,12 +843,12 @@ def main(args):
             "--loss sync aligns to source class prototypes: --load the checkpoint.pt of a "
             "--stage source run (MaPLe prompts; rerun it if it predates PromptSync)"
         )
-    parts, weights = args.sync_parts.split(","), args.sync_weights.split(",")
-    if set(parts) - {"entropy", "align", "discrimination", ""} or len(weights) != 3:
-        fail(
-            f"--sync-parts {args.sync_parts} / --sync-weights {args.sync_weights}: expected "
-            "names from entropy,align,discrimination and three numbers E,A,D"
-        )
+    try:
+        sync_weights = [float(w) for w in args.sync_weights.split(",")]
+    except ValueError:
+        sync_weights = []
+    if len(sync_weights) != 3 or not all(0 <= w < math.inf for w in sync_weights):
+        fail(f"--sync-weights {args.sync_weights}: expected three numbers >= 0, e.g. 0,1,1")
     if not source and not args.eval_only and int(args.views * args.rho) < 1:
         fail(f"--views {args.views} with --rho {args.rho} keeps no view; raise one of them")
     if (args.eval_only and not args.load) or (source and args.resume):
@@ -900,9 +906,8 @@ def main(args):
         stats = [[ckpt[k][l].to(device) for l in layers] for k in ("means", "variances")]
         align = (layers, *stats, args.align_weight)
     if sync:  # the source prototypes; the Table 5 ablation: a part left out has weight 0
-        names = ("entropy", "align", "discrimination")
-        w = [float(x) if n in parts else 0.0 for n, x in zip(names, weights)]
-        sync = dict({k: v for k, v in ckpt.items() if k.startswith("proto_")}, weights=w)
+        protos = {k: v for k, v in ckpt.items() if k.startswith("proto_")}
+        sync = dict(protos, weights=sync_weights)
     os.makedirs(run_dir, exist_ok=True)
     if os.path.exists(os.path.join(run_dir, "log.jsonl")) and not args.resume:
         os.remove(os.path.join(run_dir, "log.jsonl"))  # a fresh run starts a fresh log
@@ -966,8 +971,8 @@ def parse_args(argv=None):
     add("--align-layers", default="0,1", help="the blocks aligned (code: 0,1; paper: all)")
     add("--align-weight", type=float, default=100 / 3, help="beta (the code: 100/3)")
     add("--proto-views", type=int, default=4, help="PromptSync: views per source image")
-    add("--sync-parts", default="entropy,align,discrimination", help="PromptSync's losses used")
-    add("--sync-weights", default="1,1,1", help="PromptSync: weights of entropy,align,discr.")
+    weights = "PromptSync: the weights E,A,D of entropy, L_A, L_D (0: off, Table 5's ablation)"
+    add("--sync-weights", default="1,1,1", help=weights)
     add("--corrupt", type=int, choices=[0, 1], help="corrupted views (default: 1 for sync)")
     add("--shard", default="0/1", help="K/N: only every N-th test image, from the K-th")
     add("--merge", nargs="+", help="the accuracy of these shards' run folders together")

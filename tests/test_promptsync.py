@@ -521,6 +521,23 @@ def test_source_stage_saves_the_class_prototypes_of_both_branches(source_ckpt, t
     assert matched["groups"][1] == nearest and torch.equal(matched["text"][1], text[1])
 
 
+def test_stored_class_views_are_crops_of_as_many_images_as_they_can_be(tiny_vit_ckpt, tiny_data):
+    cpu, names = torch.device("cpu"), ["red", "green", "blue", "yellow"]
+    model = ps.PromptedCLIP(ps.load_clip(tiny_vit_ckpt, cpu, "fp32"), names, n_ctx=2, depth=2)
+    items = ps.load_dataset(tiny_data)["train"]  # 6 images per class
+    views = ps.Views(32, 4, crop_scale=0.5)  # the original and 3 crops of each
+    out = ps.source_prototypes(model, items, names, views, 1, cpu, "fp32", n_views=3)
+    assert out["proto_views"].shape == (4, 3, 32)
+    indexed = [(i, *item) for i, item in enumerate(items)]
+    with torch.no_grad():  # the same views (seeded by image index), each image's own features
+        per_image = [
+            (y, ps.vision_vectors(model, x)[0]) for x, y, _ in ps.ViewDataset(indexed, views, 1)
+        ]
+    for c in range(4):  # the first crop of each of the class's first 3 images, not 3 views of one
+        first_crops = torch.stack([f[1] for y, f in per_image if y == c][:3])
+        torch.testing.assert_close(out["proto_views"][c], F.normalize(first_crops, dim=-1))
+
+
 def test_promptsync_resets_prompts_and_optimizer_for_every_image_end_to_end(
     source_ckpt, tiny_vit_ckpt, tiny_data, tmp_path, monkeypatch
 ):
@@ -563,7 +580,7 @@ def test_zero_weights_predict_with_the_loaded_prompts(
 
 
 def test_promptsync_and_its_ablations_through_the_command_line(
-    source_ckpt, tiny_vit_ckpt, tiny_data, tmp_path
+    source_ckpt, tiny_vit_ckpt, tiny_data, tmp_path, monkeypatch
 ):
     cmd = [sys.executable, os.path.join(ROOT, "promptsync.py"), "--loss", "sync", "--backbone"]
     cmd += [tiny_vit_ckpt, "--data", tiny_data, "--load", source_ckpt, "--views", "8"]
@@ -577,14 +594,16 @@ def test_promptsync_and_its_ablations_through_the_command_line(
     assert result.stdout.strip().splitlines()[-1].startswith("promptsync colours shots=0")
     assert len(ps.read_predictions([str(out)])) == 12
     run_args = json.load(open(out / "args.json"))
-    assert run_args["sync_parts"] == "entropy,align,discrimination" and run_args["lr"] == 0.5
-    # Table 5's ablation rows: one part only (in-process: no second interpreter start)
-    ablation = run(cmd[2:-2] + ["--sync-parts", "discrimination", "--out", str(tmp_path / "d")])
-    assert (
-        ablation["method"] == "promptsync" and len(ps.read_predictions([str(tmp_path / "d")])) == 12
-    )
-    with pytest.raises(SystemExit, match="--sync-parts"):
-        run(cmd[2:-2] + ["--sync-parts", "entropy,colour", "--out", str(tmp_path / "bad")])
+    assert run_args["sync_weights"] == "1,1,1" and run_args["lr"] == 0.5
+    # Table 5's ablation rows: a part off is a weight 0, and the weights reach every image's update
+    # (in-process: no second interpreter start)
+    seen, adapt_sync = [], ps.adapt_sync
+    monkeypatch.setattr(ps, "adapt_sync", lambda *a: seen.append(a[3]["weights"]) or adapt_sync(*a))
+    ablation = run(cmd[2:-2] + ["--sync-weights", "0,0,1", "--out", str(tmp_path / "d")])
+    assert ablation["method"] == "promptsync" and seen == [[0.0, 0.0, 1.0]] * 12
+    for bad in ("1,colour,1", "1,1", "1,-1,1", "1,nan,1"):
+        with pytest.raises(SystemExit, match="--sync-weights"):
+            run(cmd[2:-2] + ["--sync-weights", bad, "--out", str(tmp_path / "bad")])
 
 
 @pytest.mark.slow
