@@ -452,7 +452,7 @@ def run(args):
             rows += promptsync_sync_rows(clip_model, classnames, args, device, precision, peak)
             continue
         if method in ("tpt", "align"):  # test-time tuning: one test image per step
-            rows += promptsync_rows(clip_model, classnames, args, device, precision, peak, [method])
+            rows += promptsync_rows(clip_model, classnames, args, device, precision, peak, method)
             continue
         batch = args.batch_size or PAPER_BATCH[method]
         torch.manual_seed(1)
@@ -552,7 +552,7 @@ def eval_rows(clip_model, classnames, args, device, precision, peak):
     )
 
 
-def adapter_rows(clip_model, classnames, args, device, precision, peak, shots=16):
+def adapter_rows(clip_model, classnames, args, device, precision, peak):
     """adapter.py: each trained method's step on cached features, next to the same step recomputing
     the image features from the pixels every epoch (what the original loops do), with the exactness
     check on logits and gradients; and the training-free parts as rows of their own: Tip-Adapter's
@@ -566,7 +566,7 @@ def adapter_rows(clip_model, classnames, args, device, precision, peak, shots=16
     s = clip_model.logit_scale.exp().item()
     W = coop.zeroshot_classifier(clip_model, classnames, ["a photo of a {}."])  # (C, D)
     torch.manual_seed(3)
-    n_keys = shots * n_cls
+    n_keys = 16 * n_cls  # 16 shots per class
     keys = F.normalize(torch.randn(n_keys, dim, device=device), dim=-1)  # (N, D)
     values = F.one_hot(torch.arange(n_keys, device=device) % n_cls, n_cls).float()  # (N, C)
     rows = []
@@ -646,7 +646,13 @@ def full_text_features(model):
     return F.normalize((x @ m.text_projection).float(), dim=-1)  # (C, D)
 
 
-def promptsync_rows(clip_model, classnames, args, device, precision, peak, losses=("tpt", "align")):
+def maple_depth(clip_model):
+    """MaPLe's depth 3, or fewer on a CLIP whose towers have fewer blocks (the tests' tiny one)."""
+    towers = (clip_model.transformer, clip_model.visual.transformer)
+    return min(3, *(len(t.resblocks) for t in towers))
+
+
+def promptsync_rows(clip_model, classnames, args, device, precision, peak, loss):
     """Test-time tuning, one test image per step: reset, 64 views (--batch-size), confidence
     selection, one AdamW step, the prediction of the original view. TPT (text prompts, 4 tokens)
     and PromptAlign (MaPLe prompts, 2 tokens, depth 3; a ViT only), as promptsync.py runs them, and
@@ -654,78 +660,75 @@ def promptsync_rows(clip_model, classnames, args, device, precision, peak, losse
     recomputed (TPT: the original view again for the prediction; PromptAlign: all 64 views through
     the vision tower with gradients, then the original view again). The check compares the logits
     of the views with the starting prompts and the gradients of the step."""
-    ps, n_views, rows = promptsync, args.batch_size or 64, []
+    ps, n_views = promptsync, args.batch_size or 64
     rho = max(0.1, 1 / n_views)  # TPT's 10 %; at least one view in a small CPU run
     n_px, amp = clip_model.visual.input_resolution, precision == "amp" and device.type == "cuda"
     torch.manual_seed(3)
     views = torch.randn(n_views, 3, n_px, n_px, device=device)
-    for loss in losses:
-        if loss == "align" and not hasattr(clip_model.visual, "transformer"):
-            continue  # MaPLe's vision prompts need a ViT
-        built = []
-        for plain in (False, True):  # two identical models: as written, and the plain one
-            torch.manual_seed(0)
-            model = ps.PromptedCLIP(clip_model, classnames, *((4, 0) if loss == "tpt" else (2, 3)))
-            model.to(device)
-            if plain:
-                model.text_features = lambda model=model: full_text_features(model)
-            learned = [p for p in model.parameters() if p.requires_grad]
-            optimizer = torch.optim.AdamW(
-                learned, 5e-3 if loss == "tpt" else 4e-2, weight_decay=0.01
-            )
-            initial = copy.deepcopy((model.prompts.state_dict(), optimizer.state_dict()))
-            built.append((model, learned, optimizer, initial))
-        align = None
-        if loss == "align":  # source statistics of the right shape (their values do not matter)
-            tokens = []
-            with torch.no_grad(), coop.autocast(device, precision):
-                built[0][0].image_features(views[:4], tokens)
-            x = torch.stack(tokens[:2]).float()  # (2, T, 4, W)
-            align = ([0, 1], list(x.mean(dim=2)), list(x.var(dim=2, unbiased=False)), 100 / 3)
+    if loss == "align" and not hasattr(clip_model.visual, "transformer"):
+        return []  # MaPLe's vision prompts need a ViT
+    built = []
+    for plain in (False, True):  # two identical models: as written, and the plain one
+        torch.manual_seed(0)
+        shape = (4, 0) if loss == "tpt" else (2, maple_depth(clip_model))
+        model = ps.PromptedCLIP(clip_model, classnames, *shape)
+        model.to(device)
+        if plain:
+            model.text_features = lambda model=model: full_text_features(model)
+        learned = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(learned, 5e-3 if loss == "tpt" else 4e-2, weight_decay=0.01)
+        initial = copy.deepcopy((model.prompts.state_dict(), optimizer.state_dict()))
+        built.append((model, learned, optimizer, initial))
+    align = None
+    if loss == "align":  # source statistics of the right shape (their values do not matter)
+        tokens = []
+        with torch.no_grad(), coop.autocast(device, precision):
+            built[0][0].image_features(views[:4], tokens)
+        x = torch.stack(tokens[:2]).float()  # (2, T, 4, W)
+        align = ([0, 1], list(x.mean(dim=2)), list(x.var(dim=2, unbiased=False)), 100 / 3)
 
-        def reset(model, optimizer, initial):  # promptsync.test_stage's reset, before every image
-            model.prompts.load_state_dict(initial[0])
-            optimizer.load_state_dict(initial[1])
-            return torch.amp.GradScaler(device.type, init_scale=1000, enabled=amp)
+    def reset(model, optimizer, initial):  # promptsync.test_stage's reset, before every image
+        model.prompts.load_state_dict(initial[0])
+        optimizer.load_state_dict(initial[1])
+        return torch.amp.GradScaler(device.type, init_scale=1000, enabled=amp)
 
-        def as_written(model=built[0][0], optimizer=built[0][2], initial=built[0][3]):
-            scaler = reset(model, optimizer, initial)
-            return ps.adapt(model, views, optimizer, scaler, 1, rho, precision, align)
+    def as_written(model=built[0][0], optimizer=built[0][2], initial=built[0][3]):
+        scaler = reset(model, optimizer, initial)
+        return ps.adapt(model, views, optimizer, scaler, 1, rho, precision, align)
 
-        def plain(model=built[1][0], optimizer=built[1][2], initial=built[1][3]):
-            scaler, tokens = reset(model, optimizer, initial), [] if align else None
-            with coop.autocast(device, precision):
-                with torch.set_grad_enabled(align is not None):  # TPT: image side under no_grad
-                    features = model.image_features(views, tokens)  # all the views
-                logits = model.logits(features)  # (N, C), the 77-position text tower
-            kept = ps.select_confident(logits.detach(), rho)
-            total = ps.marginal_entropy(logits[kept])
-            if align:
-                x = [tokens[l][:, kept].float() for l in align[0]]  # (T, k, W)
-                means, variances = [t.mean(1) for t in x], [t.var(1, unbiased=False) for t in x]
-                total = total + align[3] * ps.token_alignment(means, variances, align[1], align[2])
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(total).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            with torch.no_grad(), coop.autocast(device, precision):  # the original view, again
-                return int(model.logits(model.image_features(views[:1]))[0].argmax())
+    def plain(model=built[1][0], optimizer=built[1][2], initial=built[1][3]):
+        scaler, tokens = reset(model, optimizer, initial), [] if align else None
+        with coop.autocast(device, precision):
+            with torch.set_grad_enabled(align is not None):  # TPT: image side under no_grad
+                features = model.image_features(views, tokens)  # all the views
+            logits = model.logits(features)  # (N, C), the 77-position text tower
+        kept = ps.select_confident(logits.detach(), rho)
+        total = ps.marginal_entropy(logits[kept])
+        if align:
+            x = [tokens[l][:, kept].float() for l in align[0]]  # (T, k, W)
+            means, variances = [t.mean(1) for t in x], [t.var(1, unbiased=False) for t in x]
+            total = total + align[3] * ps.token_alignment(means, variances, align[1], align[2])
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(total).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        with torch.no_grad(), coop.autocast(device, precision):  # the original view, again
+            return int(model.logits(model.image_features(views[:1]))[0].argmax())
 
-        def outcome(step, model, learned, *_):
-            with torch.no_grad(), coop.autocast(device, precision):
-                logits = model.logits(model.image_features(views)).float().flatten()
-            step()
-            return logits, [p.grad.detach().float().clone() for p in learned]
+    def outcome(step, model, learned, *_):
+        with torch.no_grad(), coop.autocast(device, precision):
+            logits = model.logits(model.image_features(views)).float().flatten()
+        step()
+        return logits, [p.grad.detach().float().clone() for p in learned]
 
-        difference = max_difference(outcome(as_written, *built[0]), outcome(plain, *built[1]))
-        common = (n_views, len(classnames), device, args.steps, args.warmup, peak)
-        name = "tpt" if loss == "tpt" else "promptalign"
-        variants = [
-            ("as written (one test image)", as_written, None),
-            ("77 positions, features recomputed", plain, difference),
-        ]
-        rows += side_by_side(name, variants, *common)
-    return rows
+    difference = max_difference(outcome(as_written, *built[0]), outcome(plain, *built[1]))
+    common = (n_views, len(classnames), device, args.steps, args.warmup, peak)
+    name = "tpt" if loss == "tpt" else "promptalign"
+    variants = [
+        ("as written (one test image)", as_written, None),
+        ("77 positions, features recomputed", plain, difference),
+    ]
+    return side_by_side(name, variants, *common)
 
 
 def promptsync_sync_rows(clip_model, classnames, args, device, precision, peak):
@@ -745,7 +748,7 @@ def promptsync_sync_rows(clip_model, classnames, args, device, precision, peak):
     torch.manual_seed(3)
     views = torch.randn(n_views, 3, n_px, n_px, device=device)
     torch.manual_seed(0)
-    model = ps.PromptedCLIP(clip_model, classnames, 2, 3).to(device)
+    model = ps.PromptedCLIP(clip_model, classnames, 2, maple_depth(clip_model)).to(device)
     learned = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(learned, 4e-2, weight_decay=0.01)
     initial = copy.deepcopy((model.prompts.state_dict(), optimizer.state_dict()))
