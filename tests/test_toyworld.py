@@ -2,7 +2,9 @@
 
 import json
 import os
+import shlex
 import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -120,8 +122,17 @@ def test_demo_runs_through_sweep_and_its_table_matches_the_runs(tmp_path, tiny_c
         assert r["new"] == pytest.approx([float(np.mean(new)), float(np.std(new))])
         assert f"{np.mean(new):.1f}" in table
     assert "the paper's claim" in table and (out / "world.png").is_file()
-    # every run is a command line that repeats it alone (sweep.py's runner starts each one so)
-    assert (out / "coop" / "1shot_seed2" / "run.log").is_file()
+    # every run is a command line that repeats it alone: run.log's first line, run again elsewhere
+    # with the runner's thread count (2 runs side by side on 2 cores: one thread each)
+    run = out / "coop" / "1shot_seed2"
+    first_line = (run / "run.log").read_text().splitlines()[0]  # "# <date> <time> <command>"
+    command = shlex.split(first_line.split(" ", 3)[3])
+    command[command.index("--out") + 1] = str(tmp_path / "again")
+    threads = str(max(1, (os.cpu_count() or 1) // 2))
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", threads))
+    subprocess.run(command, check=True, capture_output=True, env=env)
+    again, first = [json.load(open(d / "metrics.json")) for d in (tmp_path / "again", run)]
+    assert again["accuracy"] == first["accuracy"] and again["zero_shot"] == first["zero_shot"]
 
 
 def test_the_ceiling_is_adapter_pys_linear_probe_on_every_training_image(tmp_path, tiny_ckpt):
