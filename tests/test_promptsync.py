@@ -373,7 +373,10 @@ def test_tpt_on_sketches_and_promptalign_from_the_proxy_source(world, tmp_path):
         ]
     )
     print(f"PromptAlign on a quarter of sketch: {align['zero_shot']} -> {align['accuracy']}")
-    assert align["method"] == "promptalign" and 0 <= align["accuracy"]["test"] <= 100
+    records = ps.read_predictions([str(tmp_path / "align")]).values()
+    assert align["method"] == "promptalign" and len(records) == 150  # every 4th of 600 sketches
+    # its step acts: one AdamW step at 4e-2 from the source prompts changes some predictions
+    assert sum(r["after"] != r["before"] for r in records) > 0
 
 
 # ------------------------------------------------------------------------------------------------
