@@ -869,15 +869,10 @@ def table_rows(stats, methods):
                 continue
             values = {rename.get(k, k): list(v) for k, v in r["stats"].items() if k != "zero-shot"}
             rows.append({"label": name, "shots": r["shots"], "seeds": r["seeds"], **values})
-    zero_shot = {}
-    for r in rows:  # the test-time runs also report zero-shot CLIP (ViT) on their sets
-        if r["label"] == TEST_TIME[0][0]:  # TPT starts from CLIP's own prompt: zero-shot CLIP
-            path = stats[r["label"]][0]["paths"][0]  # sweep.collect's metrics.json of the run
-            metrics = json.load(open(path))
-            zero_shot = {
-                ("base" if k == "test" else k): [v, 0.0] for k, v in metrics["zero_shot"].items()
-            }
-    if zero_shot:
+    tpt = stats.get(TEST_TIME[0][0])  # TPT starts from CLIP's own prompt: its "before" is
+    if tpt and tpt[0]["paths"]:  # zero-shot CLIP (ViT) on the test-time sets, in its metrics.json
+        before = json.load(open(tpt[0]["paths"][0]))["zero_shot"]
+        zero_shot = {rename.get(k, k): [v, 0.0] for k, v in before.items()}
         rows.append(
             {"label": "Zero-shot CLIP (vit, 60-way)", "shots": 0, "seeds": [1], **zero_shot}
         )
