@@ -585,16 +585,19 @@ def adapt(model, views, optimizer, scaler, steps=1, rho=0.1, precision="fp32", a
 
 def sync_terms(model, views, sync, rho=0.1, precision="fp32"):
     """[PromptSync] the losses at the prompts' current values, for views (N, 3, H, W): the
-    confident views F and p^ (detached), then F in the graph -> (L_ent, L_A, L_D)."""
+    confident views F and p^ (detached), then F in the graph -> (L_ent, L_A, L_D, the views'
+    logits). The text tower runs once, in the graph; the selection pass takes its features detached
+    (the same values as a pass of its own: exact, tested)."""
+    with autocast(views.device, precision):
+        text = model.text_features()  # (C, D)
     with torch.no_grad(), autocast(views.device, precision):
-        logits = model(views)  # (N, C)
+        logits = model.logits(model.image_features(views), text.detach())  # (N, C)
     # the paper leaves the confidence threshold open; we keep TPT's rho lowest-entropy views, the
     # original among them if it qualifies, recomputed at every point, because TPT found 10 % best
     kept = select_confident(logits, rho)
     p_hat = logits[kept].float().softmax(dim=-1).mean(dim=0)  # [PromptSync] p^ over F: (C,)
     with autocast(views.device, precision):
         cls, tokens = vision_vectors(model, views[kept])  # (k, D) each
-        text = model.text_features()  # (C, D)
         entropy = marginal_entropy(model.logits(F.normalize(cls, dim=-1), text))  # [TPT Eq. 4-6]
     pairs = [(cls.mean(dim=0), sync["cls"]), (tokens.mean(dim=0), sync["tokens"])]
     align = sum(prototype_alignment(x, p, p_hat) for x, p in pairs + [(text, sync["text"])])
@@ -604,7 +607,7 @@ def sync_terms(model, views, sync, rho=0.1, precision="fp32"):
     discrimination = discrimination + discrimination_loss(
         cls, sync["cls"], stored, p_hat, tau, groups
     )
-    return entropy, align, discrimination
+    return entropy, align, discrimination, logits
 
 
 def gradients(loss, params):
@@ -653,22 +656,31 @@ def meta_update(params, optimizer, train_loss, test_loss, lr, steps=1):
 def adapt_sync(model, views, optimizer, sync, steps=1, rho=0.1, precision="fp32"):
     """PromptSync's procedure for one image (views[0] the original), after the prompts and the
     optimizer were reset. -> (prediction before tuning, after tuning)."""
-    with torch.no_grad(), autocast(views.device, precision):
-        before = int(model(views[:1])[0].argmax())
     w_ent, w_align, w_disc = sync["weights"]  # the Table 5 ablation: a part off = weight 0
     if not steps or not any(sync["weights"]):  # nothing to optimise: no step (no AdamW decay)
+        with torch.no_grad(), autocast(views.device, precision):
+            before = int(model(views[:1])[0].argmax())
         return before, before
     params = [p for p in model.prompts.parameters() if p.requires_grad]
-    terms = lambda: sync_terms(model, views, sync, rho, precision)  # (L_ent, L_A, L_D)
-    train = (lambda: w_disc * terms()[2]) if w_disc else None  # meta-train: L_D
-    # the paper leaves the entropy term's place open; we add it to the meta-test objective, where
-    # p^ is computed, weight 1 (TPT's loss as is)
-    test = (
-        (lambda: (lambda t: w_ent * t[0] + w_align * t[1])(terms())) if w_ent or w_align else None
-    )
-    meta_update(params, optimizer, train, test, optimizer.param_groups[0]["lr"], steps)
+    start = {}  # the first call is at the loaded prompts (meta-train's point, or meta-test's when
+    # g_D is 0): its original view gives the prediction before tuning, without a pass of its own
+
+    def terms():  # -> (L_ent, L_A, L_D)
+        *losses, logits = sync_terms(model, views, sync, rho, precision)
+        start.setdefault("before", int(logits[0].argmax()))
+        return losses
+
+    def train():  # meta-train: L_D
+        return w_disc * terms()[2]
+
+    def test():  # meta-test: L_A and TPT's entropy (the paper leaves the entropy term's place
+        entropy, align, _ = terms()  # open; we put it here, where p^ is computed, weight 1)
+        return w_ent * entropy + w_align * align
+
+    lr, train, test = optimizer.param_groups[0]["lr"], w_disc and train, (w_ent or w_align) and test
+    meta_update(params, optimizer, train or None, test or None, lr, steps)  # None: weight 0
     with torch.no_grad(), autocast(views.device, precision):  # the original view, tuned prompts
-        return before, int(model(views[:1])[0].argmax())
+        return start["before"], int(model(views[:1])[0].argmax())
 
 
 # ------------------------------------------------------------------------------------------------

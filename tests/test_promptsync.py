@@ -541,6 +541,26 @@ def test_stored_class_views_are_crops_of_as_many_images_as_they_can_be(tiny_vit_
         torch.testing.assert_close(out["proto_views"][c], F.normalize(first_crops, dim=-1))
 
 
+def test_one_text_pass_serves_the_selection_and_the_losses_exactly(source_ckpt, tiny_vit_ckpt):
+    """The speed-up in sync_terms: the confidence selection takes the text features of the graph
+    pass, detached, instead of running the text tower again; adapt_sync's prediction before
+    tuning comes from that first selection pass. Both equal the plain passes."""
+    cpu, ckpt = torch.device("cpu"), torch.load(source_ckpt, weights_only=True)
+    names = ckpt["proto_classnames"]
+    model = ps.PromptedCLIP(ps.load_clip(tiny_vit_ckpt, cpu, "fp32"), names, n_ctx=2, depth=2)
+    model.load_state_dict(ckpt["state"], strict=False)
+    sync = dict(ps.match_prototypes(model, ckpt, names, cpu), weights=[1.0, 1.0, 1.0])
+    torch.manual_seed(0)
+    views = torch.randn(8, 3, 32, 32)
+    with torch.no_grad():
+        plain = model(views)  # (8, 4): a selection pass of its own, the text tower again
+    *losses, logits = ps.sync_terms(model, views, sync, rho=0.25)
+    assert torch.equal(logits, plain) and all(loss.requires_grad for loss in losses)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], 5e-3)
+    before, _ = ps.adapt_sync(model, views, optimizer, sync, 1, 0.25)
+    assert before == int(plain[0].argmax())
+
+
 def test_promptsync_resets_prompts_and_optimizer_for_every_image_end_to_end(
     source_ckpt, tiny_vit_ckpt, tiny_data, tmp_path, monkeypatch
 ):
