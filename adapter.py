@@ -748,14 +748,16 @@ def parse_args(argv=None):
 
 # --- shared: appendix (canonical copy in coop.py; re-sync with tools/sync_shared.py) ---
 # ================================================================================================
-# Appendix: the shared blocks, the same in every method file (tools/sync_shared.py keeps them so)
+# Appendix: the shared blocks, the same in every method file that has them (tools/sync_shared.py
+# keeps them so)
 #   data        dataset readers (ImageFolder, CoOp split files), few-shot sampling, base/new split,
 #               load_task (every check on bad input), transforms, loader
 #   clip        load_clip (names, TorchScript archives, state dicts), autocast, tokenize
 #   evaluation  encode_images, accuracy, text_features, zeroshot_classifier
-#   run folder  atomic save, seeds, peak memory, the log, metrics.json and the summary line
-#   checkpoint  learned_state, load_learned (in the files that learn parameters)
-#   resume      save_progress, resume: --resume after the last finished epoch (epoch loops)
+#   run folder  atomic save, load_checkpoint, seeds, peak memory, run_info, the shared options,
+#               the log, metrics.json and the summary line
+#   checkpoint  learned_state, load_learned (the files that learn parameters)
+#   resume      save_progress, resume (coop, prograd, vpt: --resume after the last finished epoch)
 # ================================================================================================
 # --- end shared: appendix ---
 
@@ -777,12 +779,12 @@ def read_classnames(path):
         fail(f"{path}: class-name file not found")
     names = {}
     with open(path, encoding="utf-8") as f:
-        lines = f.read().splitlines()
-    for number, line in enumerate(lines, 1):
-        folder, _, name = line.strip().replace("\t", " ").partition(" ")
-        if folder and not name.strip():
-            fail(f"{path}:{number}: expected 'folder<TAB>readable name', got {line.strip()!r}")
-        names.update({folder: name.strip()} if folder else {})
+        for number, line in enumerate(f, 1):
+            folder, _, name = line.strip().replace("\t", " ").partition(" ")
+            if folder and not name.strip():
+                fail(f"{path}:{number}: expected 'folder<TAB>readable name', got {line.strip()!r}")
+            if folder:
+                names[folder] = name.strip()
     return names
 
 

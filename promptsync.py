@@ -425,7 +425,8 @@ def source_prototypes(model, items, classnames, views, seed, device, precision, 
     S = min(n_views, int(torch.bincount(labels, minlength=C).min()))
     # the S stored views of a class come from as many of its images as S allows: every image's
     # first crop, then every image's second crop, ..., the originals (view 0) last
-    spread = torch.tensor([v or len(view) for v in view], device=device).argsort(stable=True)
+    key = [(v == 0, v) for v in view]
+    spread = torch.tensor(sorted(range(len(view)), key=key.__getitem__), device=device)
     cls_s, labels_s = cls[spread], labels[spread]
     stored = torch.stack([F.normalize(cls_s[labels_s == c][:S], dim=-1) for c in range(C)])
     model.prompts.set_classnames(model.clip, classnames)
@@ -444,7 +445,7 @@ def match_prototypes(model, ckpt, classnames, device):
     without a source prototype open) those of the source class whose text prototype is nearest
     to the class's text feature with the loaded prompts, because that is what CLIP would confuse
     it with. A class's text prototype is its text feature with the loaded prompts: for a source
-    class, what the source stage stored (the same prompts and name)."""
+    class, what the source stage stored (the same prompts and name; equal up to rounding)."""
     with torch.no_grad():
         text = model.text_features()  # (C, D) the loaded prompts
     names, source = list(ckpt["proto_classnames"]), ckpt["proto_text"].to(device)
@@ -655,15 +656,17 @@ def meta_update(params, optimizer, train_loss, test_loss, lr, steps=1):
 
 def adapt_sync(model, views, optimizer, sync, steps=1, rho=0.1, precision="fp32"):
     """PromptSync's procedure for one image (views[0] the original), after the prompts and the
-    optimizer were reset. -> (prediction before tuning, after tuning)."""
+    optimizer were reset. -> (prediction before tuning, after tuning). The prediction before
+    tuning is the original view's row of a pass over all the views, as in TPT's `adapt`."""
     w_ent, w_align, w_disc = sync["weights"]  # the Table 5 ablation: a part off = weight 0
     if not steps or not any(sync["weights"]):  # nothing to optimise: no step (no AdamW decay)
         with torch.no_grad(), autocast(views.device, precision):
-            before = int(model(views[:1])[0].argmax())
+            before = int(model(views)[0].argmax())
         return before, before
     params = [p for p in model.prompts.parameters() if p.requires_grad]
-    start = {}  # the first call is at the loaded prompts (meta-train's point, or meta-test's when
-    # g_D is 0): its original view gives the prediction before tuning, without a pass of its own
+    # The first call of `terms` is at the loaded prompts (meta-train's point, or meta-test's when
+    # g_D is 0): its selection pass gives the prediction before tuning, without a pass of its own.
+    start = {}
 
     def terms():  # -> (L_ent, L_A, L_D)
         *losses, logits = sync_terms(model, views, sync, rho, precision)
@@ -673,12 +676,14 @@ def adapt_sync(model, views, optimizer, sync, steps=1, rho=0.1, precision="fp32"
     def train():  # meta-train: L_D
         return w_disc * terms()[2]
 
-    def test():  # meta-test: L_A and TPT's entropy (the paper leaves the entropy term's place
-        entropy, align, _ = terms()  # open; we put it here, where p^ is computed, weight 1)
+    # the paper leaves the entropy term's place open; we put it in the meta-test objective, where
+    # p^ is computed, weight 1 (TPT's loss as is)
+    def test():  # meta-test: TPT's entropy and L_A
+        entropy, align, _ = terms()
         return w_ent * entropy + w_align * align
 
-    lr, train, test = optimizer.param_groups[0]["lr"], w_disc and train, (w_ent or w_align) and test
-    meta_update(params, optimizer, train or None, test or None, lr, steps)  # None: weight 0
+    train, test = train if w_disc else None, test if w_ent or w_align else None  # None: weight 0
+    meta_update(params, optimizer, train, test, optimizer.param_groups[0]["lr"], steps)
     with torch.no_grad(), autocast(views.device, precision):  # the original view, tuned prompts
         return start["before"], int(model(views[:1])[0].argmax())
 
@@ -995,14 +1000,16 @@ def parse_args(argv=None):
 
 # --- shared: appendix (canonical copy in coop.py; re-sync with tools/sync_shared.py) ---
 # ================================================================================================
-# Appendix: the shared blocks, the same in every method file (tools/sync_shared.py keeps them so)
+# Appendix: the shared blocks, the same in every method file that has them (tools/sync_shared.py
+# keeps them so)
 #   data        dataset readers (ImageFolder, CoOp split files), few-shot sampling, base/new split,
 #               load_task (every check on bad input), transforms, loader
 #   clip        load_clip (names, TorchScript archives, state dicts), autocast, tokenize
 #   evaluation  encode_images, accuracy, text_features, zeroshot_classifier
-#   run folder  atomic save, seeds, peak memory, the log, metrics.json and the summary line
-#   checkpoint  learned_state, load_learned (in the files that learn parameters)
-#   resume      save_progress, resume: --resume after the last finished epoch (epoch loops)
+#   run folder  atomic save, load_checkpoint, seeds, peak memory, run_info, the shared options,
+#               the log, metrics.json and the summary line
+#   checkpoint  learned_state, load_learned (the files that learn parameters)
+#   resume      save_progress, resume (coop, prograd, vpt: --resume after the last finished epoch)
 # ================================================================================================
 # --- end shared: appendix ---
 
@@ -1024,12 +1031,12 @@ def read_classnames(path):
         fail(f"{path}: class-name file not found")
     names = {}
     with open(path, encoding="utf-8") as f:
-        lines = f.read().splitlines()
-    for number, line in enumerate(lines, 1):
-        folder, _, name = line.strip().replace("\t", " ").partition(" ")
-        if folder and not name.strip():
-            fail(f"{path}:{number}: expected 'folder<TAB>readable name', got {line.strip()!r}")
-        names.update({folder: name.strip()} if folder else {})
+        for number, line in enumerate(f, 1):
+            folder, _, name = line.strip().replace("\t", " ").partition(" ")
+            if folder and not name.strip():
+                fail(f"{path}:{number}: expected 'folder<TAB>readable name', got {line.strip()!r}")
+            if folder:
+                names[folder] = name.strip()
     return names
 
 

@@ -869,8 +869,10 @@ def table_rows(stats, methods):
                 continue
             values = {rename.get(k, k): list(v) for k, v in r["stats"].items() if k != "zero-shot"}
             rows.append({"label": name, "shots": r["shots"], "seeds": r["seeds"], **values})
-    tpt = stats.get(TEST_TIME[0][0])  # TPT starts from CLIP's own prompt: its "before" is
-    if tpt and tpt[0]["paths"]:  # zero-shot CLIP (ViT) on the test-time sets, in its metrics.json
+    # TPT starts from CLIP's own prompt: its "before" (its metrics.json's zero_shot) is zero-shot
+    # CLIP (ViT) on the test-time sets
+    tpt = stats.get(TEST_TIME[0][0])
+    if tpt and tpt[0]["paths"]:
         before = json.load(open(tpt[0]["paths"][0]))["zero_shot"]
         zero_shot = {rename.get(k, k): [v, 0.0] for k, v in before.items()}
         rows.append(

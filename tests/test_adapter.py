@@ -219,16 +219,8 @@ def test_the_validation_set_comes_from_val_when_there_is_one(
     tiny_ckpt, split_data, tmp_path, capsys
 ):
     images, split_file = split_data  # 3 train, 1 val, 1 test image per class; 6 classes
-    argv = [
-        "--method",
-        "tip",
-        "--backbone",
-        tiny_ckpt,
-        "--data",
-        images,
-        "--split-file",
-        split_file,
-    ]
+    argv = ["--method", "tip", "--backbone", tiny_ckpt, "--data", images, "--split-file",
+        split_file]  # fmt: skip
     m = run(argv + ["--shots", "2", "--aug-views", "1", "--out", str(tmp_path)])
     assert "1 views of 12 training images, 6 validation images" in capsys.readouterr().out
     assert m["dataset"] == "Colours" and set(m["chosen"]) >= {"alpha", "beta", "val_acc"}
@@ -342,16 +334,8 @@ def test_tip_is_training_free_and_its_checkpoint_evaluates_alone(tiny_ckpt, tiny
 
 
 def test_linear_probe_scores_only_its_classes(tiny_ckpt, tiny_data, shifted_data, tmp_path):
-    argv = [
-        "--method",
-        "linear-probe",
-        "--backbone",
-        tiny_ckpt,
-        "--data",
-        tiny_data,
-        "--shots",
-        "2",
-    ]
+    argv = ["--method", "linear-probe", "--backbone", tiny_ckpt, "--data", tiny_data, "--shots",
+        "2"]  # fmt: skip
     # C's search: test_the_choices_on_validation_never_read_test_...
     m = run(
         argv

@@ -12,26 +12,8 @@ CPU = torch.device("cpu")
 
 def test_bench_runs_every_method_on_the_cpu(tiny_ckpt, tmp_path):
     out = tmp_path / "bench.json"
-    bench.run(
-        bench.parse_args(
-            [
-                "--arch",
-                tiny_ckpt,
-                "--classes",
-                "5",
-                "--batch-size",
-                "2",
-                "--steps",
-                "2",
-                "--warmup",
-                "1",
-                "--device",
-                "cpu",
-                "--out",
-                str(out),
-            ]
-        )
-    )
+    bench.run(bench.parse_args(["--arch", tiny_ckpt, "--classes", "5", "--batch-size", "2",
+        "--steps", "2", "--warmup", "1", "--device", "cpu", "--out", str(out)]))  # fmt: skip
     result = json.loads(out.read_text())
     rows = result["rows"]
     written = bench.TEXT_VARIANTS["shared"]
@@ -43,7 +25,8 @@ def test_bench_runs_every_method_on_the_cpu(tiny_ckpt, tmp_path):
     }
     assert all(r["median_ms"] > 0 for r in rows)
     # FLOPs are counted (an adapter step on the tiny CLIP's cached features rounds to 0 GFLOP)
-    assert all(r["gflop"] > 0 for r in rows if r["variant"] != "on cached features")
+    assert all(r["gflop"] > 0 or r["variant"] == "on cached features" for r in rows)
+    assert all(r["gflop"] >= 0 for r in rows)
     plain = [r for r in rows if r["exact"] is not None]
     # a ResNet: every method but the ViT-only ones (PromptAlign, PromptSync, VPT's prompt tokens)
     assert {r["method"] for r in rows} == {
@@ -112,28 +95,9 @@ def test_the_exactness_check_reports_a_wrong_formulation():
 
 
 def test_bench_times_only_the_plain_rows_asked_for(tiny_ckpt):
-    result = bench.run(
-        bench.parse_args(
-            [
-                "--arch",
-                tiny_ckpt,
-                "--methods",
-                "prograd",
-                "--plain",
-                "teacher",
-                "--classes",
-                "3",
-                "--batch-size",
-                "2",
-                "--steps",
-                "1",
-                "--warmup",
-                "1",
-                "--device",
-                "cpu",
-            ]
-        )
-    )
+    result = bench.run(bench.parse_args(["--arch", tiny_ckpt, "--methods", "prograd", "--plain",
+        "teacher", "--classes", "3", "--batch-size", "2", "--steps", "1", "--warmup", "1",
+        "--device", "cpu"]))  # fmt: skip
     assert [r["variant"] for r in result["rows"]] == [
         bench.TEXT_VARIANTS["shared"],
         "teacher with its own image forward",

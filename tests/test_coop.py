@@ -185,26 +185,9 @@ def test_schedule_matches_the_reference_learning_rates():
 # --- end to end through the command line ----------------------------------------------------------
 def test_command_line_base_to_new_with_eval_data(tiny_ckpt, tiny_data, shifted_data, tmp_path):
     out = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "coop.py",
-        "--backbone",
-        tiny_ckpt,
-        "--data",
-        tiny_data,
-        "--shots",
-        "2",
-        "--epochs",
-        "2",
-        "--subsample",
-        "base",
-        "--eval-data",
-        shifted_data,
-        "--workers",
-        "0",
-        "--out",
-        str(out),
-    ]
+    cmd = [sys.executable, "coop.py", "--backbone", tiny_ckpt, "--data", tiny_data, "--shots", "2",
+        "--epochs", "2", "--subsample", "base", "--eval-data", shifted_data, "--workers", "0",
+        "--out", str(out)]  # fmt: skip
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "= 1,024 parameters" in result.stdout  # 16 context vectors x 64 (the tiny text width)
@@ -214,20 +197,8 @@ def test_command_line_base_to_new_with_eval_data(tiny_ckpt, tiny_data, shifted_d
         .splitlines()[-1]
         .startswith("coop colours shots=2 seed=1: accuracy test=")
     )
-    assert set(metrics) >= {
-        "method",
-        "backbone",
-        "dataset",
-        "shots",
-        "seed",
-        "zero_shot",
-        "accuracy",
-        "harmonic_mean",
-        "epochs",
-        "train_seconds",
-        "device",
-        "versions",
-    }
+    assert set(metrics) >= {"method", "backbone", "dataset", "shots", "seed", "zero_shot",
+        "accuracy", "harmonic_mean", "epochs", "train_seconds", "device", "versions"}  # fmt: skip
     assert set(metrics["accuracy"]) == set(metrics["zero_shot"]) == {"test", "new", "colours_small"}
     a = metrics["accuracy"]
     assert math.isclose(metrics["harmonic_mean"], 2 * a["test"] * a["new"] / (a["test"] + a["new"]))
@@ -245,19 +216,8 @@ def test_cocoop_command_line_is_the_published_setting(
     batches = []
     step = coop.train_step
     monkeypatch.setattr(coop, "train_step", lambda *a: batches.append(len(a[5])) or step(*a))
-    metrics = run(
-        [
-            "--cocoop",
-            "--backbone",
-            tiny_ckpt,
-            "--data",
-            tiny_data,
-            "--shots",
-            "1",
-            "--out",
-            str(tmp_path),
-        ]
-    )
+    metrics = run(["--cocoop", "--backbone", tiny_ckpt, "--data", tiny_data, "--shots", "1",
+        "--out", str(tmp_path)])  # fmt: skip
     assert metrics["method"] == "cocoop" and metrics["epochs"] == 10  # CoCoOp: 10 epochs, batch 1
     assert set(batches) == {1} and len(batches) == 10 * 4
     assert "cocoop: 4 context vectors ('a photo of a')" in capsys.readouterr().out
@@ -266,57 +226,18 @@ def test_cocoop_command_line_is_the_published_setting(
 
 
 def test_eval_only_with_other_class_names(tiny_ckpt, tiny_data, tmp_path):
-    run(
-        [
-            "--backbone",
-            tiny_ckpt,
-            "--data",
-            tiny_data,
-            "--shots",
-            "1",
-            "--epochs",
-            "1",
-            "--out",
-            str(tmp_path / "a"),
-            "--subsample",
-            "base",
-        ]
-    )
+    run(["--backbone", tiny_ckpt, "--data", tiny_data, "--shots", "1", "--epochs", "1", "--out",
+        str(tmp_path / "a"), "--subsample", "base"])  # fmt: skip
     ckpt = str(tmp_path / "a" / "checkpoint.pt")
-    m = run(
-        [
-            "--backbone",
-            tiny_ckpt,
-            "--data",
-            tiny_data,
-            "--subsample",
-            "new",
-            "--eval-only",
-            "--load",
-            ckpt,
-            "--out",
-            str(tmp_path / "b"),
-        ]
-    )
+    m = run(["--backbone", tiny_ckpt, "--data", tiny_data, "--subsample", "new", "--eval-only",
+        "--load", ckpt, "--out", str(tmp_path / "b")])  # fmt: skip
     trained = json.loads((tmp_path / "a" / "metrics.json").read_text())
     assert m["epochs"] == 0 and m["accuracy"]["test"] == trained["accuracy"]["new"]
 
 
 def test_resume_continues_exactly(tiny_ckpt, tiny_data, tmp_path, monkeypatch):
-    args = [
-        "--backbone",
-        tiny_ckpt,
-        "--data",
-        tiny_data,
-        "--shots",
-        "4",
-        "--epochs",
-        "4",
-        "--batch-size",
-        "4",
-        "--lr",
-        "0.5",
-    ]
+    args = ["--backbone", tiny_ckpt, "--data", tiny_data, "--shots", "4", "--epochs", "4",
+        "--batch-size", "4", "--lr", "0.5"]  # fmt: skip
     run(args + ["--out", str(tmp_path / "full")])
     save = coop.save_progress
     calls = []
@@ -415,57 +336,19 @@ def test_the_last_partial_batch_is_kept_unless_asked(
 
 
 def test_checkpoint_from_another_configuration(tiny_ckpt, tiny_data, tmp_path):
-    run(
-        [
-            "--backbone",
-            tiny_ckpt,
-            "--data",
-            tiny_data,
-            "--shots",
-            "1",
-            "--epochs",
-            "1",
-            "--n-ctx",
-            "4",
-            "--out",
-            str(tmp_path / "a"),
-        ]
-    )
+    run(["--backbone", tiny_ckpt, "--data", tiny_data, "--shots", "1", "--epochs", "1", "--n-ctx",
+        "4", "--out", str(tmp_path / "a")])  # fmt: skip
     ckpt = str(tmp_path / "a" / "checkpoint.pt")
     # another context length
     with pytest.raises(SystemExit, match="does not fit this run.*'n_ctx': 4"):
-        run(
-            [
-                "--backbone",
-                tiny_ckpt,
-                "--data",
-                tiny_data,
-                "--eval-only",
-                "--load",
-                ckpt,
-                "--out",
-                str(tmp_path / "b"),
-            ]
-        )
+        run(["--backbone", tiny_ckpt, "--data", tiny_data, "--eval-only", "--load", ckpt, "--out",
+            str(tmp_path / "b")])  # fmt: skip
     wide = tmp_path / "wide.pt"
     state = clip_with_text_width(128)
     torch.save(state, wide)
     with pytest.raises(SystemExit, match="does not fit this run"):  # another backbone width
-        run(
-            [
-                "--backbone",
-                str(wide),
-                "--data",
-                tiny_data,
-                "--n-ctx",
-                "4",
-                "--eval-only",
-                "--load",
-                ckpt,
-                "--out",
-                str(tmp_path / "c"),
-            ]
-        )
+        run(["--backbone", str(wide), "--data", tiny_data, "--n-ctx", "4", "--eval-only", "--load",
+            ckpt, "--out", str(tmp_path / "c")])  # fmt: skip
 
 
 def clip_with_text_width(width):
@@ -481,39 +364,15 @@ def test_bad_options_are_refused(tiny_ckpt, tiny_data, tmp_path):
     with pytest.raises(SystemExit, match="--eval-only needs --load"):
         run(["--backbone", tiny_ckpt, "--data", tiny_data, "--eval-only", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="--resume.*not found"):
-        run(
-            [
-                "--backbone",
-                tiny_ckpt,
-                "--data",
-                tiny_data,
-                "--resume",
-                "--out",
-                str(tmp_path / "none"),
-            ]
-        )
+        run(["--backbone", tiny_ckpt, "--data", tiny_data, "--resume", "--out",
+            str(tmp_path / "none")])  # fmt: skip
     with pytest.raises(SystemExit, match="unknown backbone"):
         run(["--backbone", "RN51", "--data", tiny_data, "--out", str(tmp_path)])
 
 
 def test_class_specific_context_has_one_context_per_class(tiny_ckpt, tiny_data, tmp_path, capsys):
-    run(
-        [
-            "--backbone",
-            tiny_ckpt,
-            "--data",
-            tiny_data,
-            "--shots",
-            "1",
-            "--epochs",
-            "1",
-            "--csc",
-            "--n-ctx",
-            "2",
-            "--out",
-            str(tmp_path),
-        ]
-    )
+    run(["--backbone", tiny_ckpt, "--data", tiny_data, "--shots", "1", "--epochs", "1", "--csc",
+        "--n-ctx", "2", "--out", str(tmp_path)])  # fmt: skip
     assert "= 512 parameters" in capsys.readouterr().out  # 4 classes x 2 vectors x 64
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["state"][
         "prompt_learner.ctx"
@@ -521,25 +380,8 @@ def test_class_specific_context_has_one_context_per_class(tiny_ckpt, tiny_data, 
 
 
 def test_class_specific_context_scores_only_its_own_classes(tiny_ckpt, tiny_data, tmp_path):
-    m = run(
-        [
-            "--backbone",
-            tiny_ckpt,
-            "--data",
-            tiny_data,
-            "--shots",
-            "1",
-            "--epochs",
-            "1",
-            "--csc",
-            "--subsample",
-            "base",
-            "--ctx-init",
-            "a photo of",
-            "--out",
-            str(tmp_path),
-        ]
-    )
+    m = run(["--backbone", tiny_ckpt, "--data", tiny_data, "--shots", "1", "--epochs", "1", "--csc",
+        "--subsample", "base", "--ctx-init", "a photo of", "--out", str(tmp_path)])  # fmt: skip
     assert set(m["accuracy"]) == {"test"} and "new" in m["not_scored"] and "harmonic_mean" not in m
     assert set(m["zero_shot"]) == {"test"}
 
@@ -564,22 +406,8 @@ def test_help_reads_like_the_paper():
 
 @pytest.mark.parametrize("precision", ["amp", "fp16"])
 def test_mixed_precision_keeps_the_learned_context_fp32(tiny_ckpt, tiny_data, tmp_path, precision):
-    m = run(
-        [
-            "--backbone",
-            tiny_ckpt,
-            "--data",
-            tiny_data,
-            "--shots",
-            "1",
-            "--epochs",
-            "2",
-            "--precision",
-            precision,
-            "--out",
-            str(tmp_path),
-        ]
-    )
+    m = run(["--backbone", tiny_ckpt, "--data", tiny_data, "--shots", "1", "--epochs", "2",
+        "--precision", precision, "--out", str(tmp_path)])  # fmt: skip
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert (
         m["precision"] == precision and ckpt["state"]["prompt_learner.ctx"].dtype == torch.float32

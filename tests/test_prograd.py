@@ -118,22 +118,8 @@ def test_teacher_logits_equal_zeroshot(tiny_ckpt, tiny_data):
 
 
 def test_lambda_zero_is_exactly_coop(tiny_ckpt, tiny_data, tmp_path):
-    common = [
-        "--backbone",
-        tiny_ckpt,
-        "--data",
-        tiny_data,
-        "--shots",
-        "4",
-        "--epochs",
-        "3",
-        "--batch-size",
-        "8",
-        "--lr",
-        "0.5",
-        "--workers",
-        "0",
-    ]
+    common = ["--backbone", tiny_ckpt, "--data", tiny_data, "--shots", "4", "--epochs", "3",
+        "--batch-size", "8", "--lr", "0.5", "--workers", "0"]  # fmt: skip
     prograd.main(
         prograd.parse_args(
             common + ["--ctx-init", "random", "--lam", "0", "--out", str(tmp_path / "pg")]
@@ -165,26 +151,9 @@ def test_command_line_base_to_new(tiny_ckpt, tiny_data, shifted_data, tmp_path):
 
     from conftest import ROOT
 
-    cmd = [
-        sys.executable,
-        "prograd.py",
-        "--backbone",
-        tiny_ckpt,
-        "--data",
-        tiny_data,
-        "--shots",
-        "2",
-        "--epochs",
-        "2",
-        "--subsample",
-        "base",
-        "--eval-data",
-        shifted_data,
-        "--workers",
-        "0",
-        "--out",
-        str(tmp_path),
-    ]
+    cmd = [sys.executable, "prograd.py", "--backbone", tiny_ckpt, "--data", tiny_data, "--shots",
+        "2", "--epochs", "2", "--subsample", "base", "--eval-data", shifted_data, "--workers", "0",
+        "--out", str(tmp_path)]  # fmt: skip
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     metrics = json.loads((tmp_path / "metrics.json").read_text())
@@ -196,25 +165,9 @@ def test_command_line_base_to_new(tiny_ckpt, tiny_data, shifted_data, tmp_path):
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert all(0 <= r["conflict_fraction"] <= 1 and -1 <= r["mean_cosine"] <= 1 for r in log)
     assert "= 1,024 parameters" in result.stdout
-    m = prograd.main(
-        prograd.parse_args(
-            [
-                "--backbone",
-                tiny_ckpt,
-                "--data",
-                tiny_data,
-                "--subsample",
-                "new",
-                "--eval-only",
-                "--load",
-                str(tmp_path / "checkpoint.pt"),
-                "--workers",
-                "0",
-                "--out",
-                str(tmp_path / "new"),
-            ]
-        )
-    )
+    m = prograd.main(prograd.parse_args(["--backbone", tiny_ckpt, "--data", tiny_data,
+        "--subsample", "new", "--eval-only", "--load", str(tmp_path / "checkpoint.pt"), "--workers",
+        "0", "--out", str(tmp_path / "new")]))  # fmt: skip
     assert m["accuracy"]["test"] == metrics["accuracy"]["new"]
 
 

@@ -125,14 +125,8 @@ def test_maple_prompts_start_from_a_photo_and_deep_copies_of_one_coupling():
     with pytest.raises(ValueError, match="ViT"):
         ps.MultimodalPrompts(tiny_clip(), NAMES, depth=1)
     learned = {k for k, v in model.named_parameters() if v.requires_grad}
-    assert learned == {
-        "prompts.ctx",
-        "prompts.deep_text.0",
-        "prompts.proj.weight",
-        "prompts.proj.bias",
-        "prompts.deep_proj.0.weight",
-        "prompts.deep_proj.0.bias",
-    }
+    assert learned == {"prompts.ctx", "prompts.deep_text.0", "prompts.proj.weight",
+        "prompts.proj.bias", "prompts.deep_proj.0.weight", "prompts.deep_proj.0.bias"}  # fmt: skip
 
 
 def text_by_hand(clip_model, prompts, tokenized, deep):
@@ -201,28 +195,9 @@ def test_views_are_the_original_then_crops_and_the_same_for_the_same_image_index
 def source_ckpt(tiny_vit_ckpt, tiny_data, tmp_path_factory):
     """A source stage on the tiny ViT through the command line, in a subprocess."""
     out = tmp_path_factory.mktemp("source")
-    cmd = [
-        sys.executable,
-        os.path.join(ROOT, "promptsync.py"),
-        "--stage",
-        "source",
-        "--backbone",
-        tiny_vit_ckpt,
-        "--data",
-        tiny_data,
-        "--depth",
-        "2",
-        "--shots",
-        "2",
-        "--epochs",
-        "2",
-        "--lr",
-        "0.05",
-        "--workers",
-        "0",
-        "--out",
-        str(out),
-    ]
+    cmd = [sys.executable, os.path.join(ROOT, "promptsync.py"), "--stage", "source", "--backbone",
+        tiny_vit_ckpt, "--data", tiny_data, "--depth", "2", "--shots", "2", "--epochs", "2", "--lr",
+        "0.05", "--workers", "0", "--out", str(out)]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     assert result.returncode == 0, result.stderr
@@ -257,24 +232,8 @@ def test_every_test_image_starts_from_the_same_prompts_and_optimizer(
         return out
 
     monkeypatch.setattr(ps, "train_step", recording_step)
-    metrics = run(
-        [
-            "--loss",
-            "align",
-            "--backbone",
-            tiny_vit_ckpt,
-            "--data",
-            tiny_data,
-            "--load",
-            source_ckpt,
-            "--views",
-            "8",
-            "--rho",
-            "0.25",
-            "--out",
-            str(tmp_path),
-        ]
-    )
+    metrics = run(["--loss", "align", "--backbone", tiny_vit_ckpt, "--data", tiny_data, "--load",
+        source_ckpt, "--views", "8", "--rho", "0.25", "--out", str(tmp_path)])  # fmt: skip
     assert len(seen) == 12 and metrics["method"] == "promptalign"
     loaded = torch.load(source_ckpt, weights_only=True)["state"]
     for prompts, opt in seen:
@@ -283,18 +242,8 @@ def test_every_test_image_starts_from_the_same_prompts_and_optimizer(
 
 
 def test_shards_merged_equal_one_run_and_resume_continues(tiny_vit_ckpt, tiny_data, tmp_path):
-    common = [
-        "--backbone",
-        tiny_vit_ckpt,
-        "--data",
-        tiny_data,
-        "--views",
-        "8",
-        "--rho",
-        "0.25",
-        "--lr",
-        "0.5",
-    ]
+    common = ["--backbone", tiny_vit_ckpt, "--data", tiny_data, "--views", "8", "--rho", "0.25",
+        "--lr", "0.5"]  # fmt: skip
     whole = run(common + ["--out", str(tmp_path / "whole")])
     shards = [str(tmp_path / f"shard{k}") for k in range(3)]
     for k, out in enumerate(shards):
@@ -343,35 +292,12 @@ def test_tpt_on_sketches_and_promptalign_from_the_proxy_source(world, tmp_path):
     print(f"TPT on sketch: {tpt['zero_shot']} -> {tpt['accuracy']}, {fixed} fixed, {broken} broken")
     assert tpt["accuracy"]["test"] >= tpt["zero_shot"]["test"] and fixed >= broken
     source = str(tmp_path / "maple")  # the source stage on the proxy set (no crops: 32-px shapes)
-    run(
-        common
-        + [
-            "--stage",
-            "source",
-            "--data",
-            os.path.join(root, "proxy"),
-            "--crop-scale",
-            "1",
-            "--out",
-            source,
-        ]
-    )
+    run(common + ["--stage", "source", "--data", os.path.join(root, "proxy"), "--crop-scale", "1",
+        "--out", source])  # fmt: skip
     stats = torch.load(source + "/checkpoint.pt", weights_only=True)["means"]
     assert stats.shape == (4, 1 + 4 + 2, 128)  # 4 blocks; class token, 2x2 patches, 2 prompts
-    align = run(
-        common
-        + sketch
-        + [
-            "--loss",
-            "align",
-            "--load",
-            source + "/checkpoint.pt",
-            "--shard",
-            "0/4",
-            "--out",
-            str(tmp_path / "align"),
-        ]
-    )
+    align = run(common + sketch + ["--loss", "align", "--load", source + "/checkpoint.pt",
+        "--shard", "0/4", "--out", str(tmp_path / "align")])  # fmt: skip
     print(f"PromptAlign on a quarter of sketch: {align['zero_shot']} -> {align['accuracy']}")
     records = ps.read_predictions([str(tmp_path / "align")]).values()
     assert align["method"] == "promptalign" and len(records) == 150  # every 4th of 600 sketches
@@ -521,13 +447,13 @@ def test_source_stage_saves_the_class_prototypes_of_both_branches(source_ckpt, t
     with torch.no_grad():
         text = model.text_features()
         nearest = int((text[1] @ ckpt["proto_text"].t()).argmax())
-    assert matched["groups"][1] == nearest and torch.equal(matched["text"][1], text[1])
+    assert matched["groups"][1] == nearest and torch.equal(matched["text"], text)
 
 
 def test_stored_class_views_are_crops_of_as_many_images_as_they_can_be(tiny_vit_ckpt, tiny_data):
-    cpu, names = torch.device("cpu"), ["red", "green", "blue", "yellow"]
+    cpu, data = torch.device("cpu"), ps.load_dataset(tiny_data)
+    items, names = data["train"], data["classnames"]  # 6 images of each of 4 classes
     model = ps.PromptedCLIP(ps.load_clip(tiny_vit_ckpt, cpu, "fp32"), names, n_ctx=2, depth=2)
-    items = ps.load_dataset(tiny_data)["train"]  # 6 images per class
     views = ps.Views(32, 4, crop_scale=0.5)  # the original and 3 crops of each
     out = ps.source_prototypes(model, items, names, views, 1, cpu, "fp32", n_views=3)
     assert out["proto_views"].shape == (4, 3, 32)
@@ -559,6 +485,34 @@ def test_one_text_pass_serves_the_selection_and_the_losses_exactly(source_ckpt, 
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], 5e-3)
     before, _ = ps.adapt_sync(model, views, optimizer, sync, 1, 0.25)
     assert before == int(plain[0].argmax())
+
+
+@pytest.mark.parametrize("weights", [(0.0, 0.0, 1.0), (1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (2, 3, 5)])
+def test_the_sync_weights_weigh_entropy_alignment_and_discrimination_in_their_places(
+    source_ckpt, tiny_vit_ckpt, monkeypatch, weights
+):
+    """--sync-weights E,A,D: meta-train minimises D * L_D, meta-test E * L_ent + A * L_A; a loss of
+    weight 0 is left out (None), as in Table 5's ablation rows."""
+    cpu, ckpt = torch.device("cpu"), torch.load(source_ckpt, weights_only=True)
+    names = ckpt["proto_classnames"]
+    model = ps.PromptedCLIP(ps.load_clip(tiny_vit_ckpt, cpu, "fp32"), names, n_ctx=2, depth=2)
+    model.load_state_dict(ckpt["state"], strict=False)
+    sync = dict(ps.match_prototypes(model, ckpt, names, cpu), weights=list(weights))
+    torch.manual_seed(0)
+    views = torch.randn(8, 3, 32, 32)
+    entropy, align, discrimination, _ = ps.sync_terms(model, views, sync, rho=0.25)
+    seen = {}
+
+    def record(params, optimizer, train, test, lr, steps):
+        seen.update(train=train and train().item(), test=test and test().item())
+
+    monkeypatch.setattr(ps, "meta_update", record)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], 5e-3)
+    ps.adapt_sync(model, views, optimizer, sync, 1, 0.25)
+    E, A, D = weights
+    expected_test = E * entropy.item() + A * align.item() if E or A else None
+    assert seen["train"] == (pytest.approx(D * discrimination.item()) if D else None)
+    assert seen["test"] == (pytest.approx(expected_test) if expected_test is not None else None)
 
 
 def test_promptsync_resets_prompts_and_optimizer_for_every_image_end_to_end(

@@ -74,18 +74,6 @@ def test_one_step_on_a_real_architecture(name, tiny_data, tmp_path):
     vis_dim = CONFIGS[name][0]
     # 1024->64->512 for RN50, 512->32->512 for ViT-B/16
     assert meta.shape == (vis_dim // 16, vis_dim)
-    zeroshot.main(
-        zeroshot.parse_args(
-            [
-                "--backbone",
-                str(path),
-                "--data",
-                tiny_data,
-                "--workers",
-                "0",
-                "--out",
-                str(tmp_path / "zs"),
-            ]
-        )
-    )
+    zeroshot.main(zeroshot.parse_args(["--backbone", str(path), "--data", tiny_data, "--workers",
+        "0", "--out", str(tmp_path / "zs")]))  # fmt: skip
     assert json.loads((tmp_path / "zs" / "metrics.json").read_text())["backbone"] == str(path)

@@ -22,7 +22,7 @@ def test_drawing_is_deterministic_and_rgb_32px():
         tw.render("circle", "red", "large", "plain", np.random.default_rng(3), style="sketch")
     )
     filled = np.asarray(tw.render("circle", "red", "large", "plain", np.random.default_rng(3)))
-    red = lambda x: ((x[..., 0] > 150) & (x[..., 1] < 90)).sum()  # noqa: E731
+    red = lambda x: ((x[..., 0] > 150) & (x[..., 1] < 90)).sum()
     assert 0 < red(sketch) < red(filled)  # an outline has less ink than the filled shape
 
 
@@ -151,28 +151,9 @@ def test_the_ceiling_is_adapter_pys_linear_probe_on_every_training_image(tmp_pat
     ceiling = tw.ceilings(str(root), "rn")
     assert set(ceiling) == {"base", "new", *tw.DOMAINS}
     for column, data, part in [("base", tw.TRAIN_DOMAIN, "base"), ("noise", "noise", "all")]:
-        m = adapter.main(
-            adapter.parse_args(
-                [
-                    "--backbone",
-                    str(root / "clip_rn.pt"),
-                    "--data",
-                    str(root / data),
-                    "--subsample",
-                    part,
-                    "--method",
-                    "linear-probe",
-                    "--shots",
-                    "3",
-                    "--val-shots",
-                    "2",
-                    "--workers",
-                    "0",
-                    "--out",
-                    str(tmp_path / column),
-                ]
-            )
-        )
+        m = adapter.main(adapter.parse_args(["--backbone", str(root / "clip_rn.pt"), "--data",
+            str(root / data), "--subsample", part, "--method", "linear-probe", "--shots", "3",
+            "--val-shots", "2", "--workers", "0", "--out", str(tmp_path / column)]))  # fmt: skip
         n_test = 3 * (2 if part == "base" else 4)
         # one image at most
         assert abs(ceiling[column] - m["accuracy"]["test"]) <= 100 / n_test + 1e-6, column
@@ -236,24 +217,9 @@ def test_the_toy_clips_classify_far_above_chance(world):
 @pytest.mark.slow
 def test_coop_beats_zero_shot_on_the_shifted_domain_it_was_trained_on(world, tmp_path):
     root, _ = world
-    argv = [
-        "--backbone",
-        os.path.join(root, "clip_rn.pt"),
-        "--data",
-        os.path.join(root, "sketch"),
-        "--shots",
-        "8",
-        "--subsample",
-        "base",
-        "--ctx-init",
-        "a photo of a",
-        "--workers",
-        "0",
-        "--crop-scale",
-        "0.5",
-        "--out",
-        str(tmp_path),
-    ]
+    argv = ["--backbone", os.path.join(root, "clip_rn.pt"), "--data", os.path.join(root, "sketch"),
+        "--shots", "8", "--subsample", "base", "--ctx-init", "a photo of a", "--workers", "0",
+        "--crop-scale", "0.5", "--out", str(tmp_path)]  # fmt: skip
     m = coop.main(coop.parse_args(argv))
     # measured 20.0 vs 11.3 on the default world (about a minute); 30-way, chance is 3.3
     assert m["accuracy"]["test"] > m["zero_shot"]["test"] + 5, json.dumps(m)

@@ -256,26 +256,9 @@ def test_command_line_deep_base_to_new_with_eval_data(
     tiny_vit_ckpt, tiny_data, shifted_data, tmp_path
 ):
     out = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "vpt.py",
-        "--backbone",
-        tiny_vit_ckpt,
-        "--data",
-        tiny_data,
-        "--shots",
-        "2",
-        "--epochs",
-        "2",
-        "--subsample",
-        "base",
-        "--eval-data",
-        shifted_data,
-        "--workers",
-        "0",
-        "--out",
-        str(out),
-    ]
+    cmd = [sys.executable, "vpt.py", "--backbone", tiny_vit_ckpt, "--data", tiny_data, "--shots",
+        "2", "--epochs", "2", "--subsample", "base", "--eval-data", shifted_data, "--workers", "0",
+        "--out", str(out)]  # fmt: skip
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "= 1,024 parameters" in result.stdout  # 8 prompts x 2 blocks x 64 (the tiny width)
@@ -293,21 +276,8 @@ def test_command_line_deep_base_to_new_with_eval_data(
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert {k: tuple(v.shape) for k, v in ckpt["state"].items()} == {"encoder.prompts": (2, 8, 64)}
     # the same prompts, loaded and evaluated on the new classes alone, give the same accuracy
-    m = run(
-        [
-            "--backbone",
-            tiny_vit_ckpt,
-            "--data",
-            tiny_data,
-            "--subsample",
-            "new",
-            "--eval-only",
-            "--load",
-            str(out / "checkpoint.pt"),
-            "--out",
-            str(tmp_path / "eval"),
-        ]
-    )
+    m = run(["--backbone", tiny_vit_ckpt, "--data", tiny_data, "--subsample", "new", "--eval-only",
+        "--load", str(out / "checkpoint.pt"), "--out", str(tmp_path / "eval")])  # fmt: skip
     assert m["epochs"] == 0 and m["accuracy"]["test"] == a["new"]
 
 
@@ -319,24 +289,8 @@ def test_command_line_shallow_and_pad(method, ckpt, tiny_data, tmp_path, monkeyp
     loaded = []
     load = vpt.load_clip
     monkeypatch.setattr(vpt, "load_clip", lambda *a: loaded.append(load(*a)) or loaded[-1])
-    m = run(
-        [
-            "--method",
-            method,
-            "--backbone",
-            backbone,
-            "--data",
-            tiny_data,
-            "--shots",
-            "2",
-            "--epochs",
-            "2",
-            "--batch-size",
-            "4",
-            "--out",
-            str(tmp_path),
-        ]
-    )
+    m = run(["--method", method, "--backbone", backbone, "--data", tiny_data, "--shots", "2",
+        "--epochs", "2", "--batch-size", "4", "--out", str(tmp_path)])  # fmt: skip
     assert m["method"] == f"vpt-{method}" and set(m["accuracy"]) == {"test"}
     reference = torch.load(backbone, weights_only=True)
     # CLIP as loaded
@@ -354,22 +308,8 @@ def test_command_line_shallow_and_pad(method, ckpt, tiny_data, tmp_path, monkeyp
 
 
 def test_linear_head_end_to_end(tiny_vit_ckpt, tiny_data, tmp_path):
-    m = run(
-        [
-            "--head",
-            "linear",
-            "--backbone",
-            tiny_vit_ckpt,
-            "--data",
-            tiny_data,
-            "--shots",
-            "2",
-            "--epochs",
-            "1",
-            "--out",
-            str(tmp_path),
-        ]
-    )
+    m = run(["--head", "linear", "--backbone", tiny_vit_ckpt, "--data", tiny_data, "--shots", "2",
+        "--epochs", "1", "--out", str(tmp_path)])  # fmt: skip
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["state"]
     assert (
         set(state) == {"encoder.prompts", "head.weight", "head.bias"} and m["accuracy"]["test"] >= 0
@@ -378,22 +318,8 @@ def test_linear_head_end_to_end(tiny_vit_ckpt, tiny_data, tmp_path):
 
 
 def test_resume_continues_exactly(tiny_vit_ckpt, tiny_data, tmp_path, monkeypatch):
-    args = [
-        "--backbone",
-        tiny_vit_ckpt,
-        "--data",
-        tiny_data,
-        "--shots",
-        "4",
-        "--epochs",
-        "3",
-        "--batch-size",
-        "8",
-        "--lr",
-        "0.5",
-        "--dropout",
-        "0.1",
-    ]
+    args = ["--backbone", tiny_vit_ckpt, "--data", tiny_data, "--shots", "4", "--epochs", "3",
+        "--batch-size", "8", "--lr", "0.5", "--dropout", "0.1"]  # fmt: skip
     run(args + ["--out", str(tmp_path / "full")])
     save = vpt.save_progress
 
@@ -418,19 +344,8 @@ def test_bad_options_are_refused(tiny_ckpt, tiny_vit_ckpt, tiny_data, tmp_path):
     with pytest.raises(SystemExit, match="ModifiedResNet.*--method pad"):
         run(["--backbone", tiny_ckpt, "--method", "shallow", "--out", str(tmp_path / "a")] + common)
     with pytest.raises(SystemExit, match="use --head text for base-to-new"):
-        run(
-            [
-                "--backbone",
-                tiny_vit_ckpt,
-                "--head",
-                "linear",
-                "--subsample",
-                "base",
-                "--out",
-                str(tmp_path / "b"),
-            ]
-            + common
-        )
+        run(["--backbone", tiny_vit_ckpt, "--head", "linear", "--subsample", "base", "--out",
+            str(tmp_path / "b")] + common)  # fmt: skip
     run(["--backbone", tiny_vit_ckpt, "--method", "pad", "--out", str(tmp_path / "c")] + common)
     with pytest.raises(SystemExit, match="does not fit this run"):  # a border is not prompt tokens
         run(
@@ -485,24 +400,8 @@ def test_help_reads_like_the_papers(capsys):
 
 @pytest.mark.parametrize("precision", ["amp", "fp16"])
 def test_mixed_precision_keeps_the_prompts_fp32(tiny_vit_ckpt, tiny_data, tmp_path, precision):
-    m = run(
-        [
-            "--backbone",
-            tiny_vit_ckpt,
-            "--data",
-            tiny_data,
-            "--shots",
-            "1",
-            "--epochs",
-            "2",
-            "--precision",
-            precision,
-            "--lr",
-            "0.1",
-            "--out",
-            str(tmp_path),
-        ]
-    )
+    m = run(["--backbone", tiny_vit_ckpt, "--data", tiny_data, "--shots", "1", "--epochs", "2",
+        "--precision", precision, "--lr", "0.1", "--out", str(tmp_path)])  # fmt: skip
     prompts = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["state"]["encoder.prompts"]
     assert m["precision"] == precision and prompts.dtype == torch.float32
     assert torch.isfinite(prompts).all()

@@ -30,24 +30,9 @@ def test_ensembles():
 
 
 def test_command_line(tiny_ckpt, tiny_data, shifted_data, tmp_path):
-    cmd = [
-        sys.executable,
-        "zeroshot.py",
-        "--backbone",
-        tiny_ckpt,
-        "--data",
-        tiny_data,
-        "--ensemble",
-        "select",
-        "--subsample",
-        "base",
-        "--eval-data",
-        shifted_data,
-        "--workers",
-        "0",
-        "--out",
-        str(tmp_path),
-    ]
+    cmd = [sys.executable, "zeroshot.py", "--backbone", tiny_ckpt, "--data", tiny_data,
+        "--ensemble", "select", "--subsample", "base", "--eval-data", shifted_data, "--workers",
+        "0", "--out", str(tmp_path)]  # fmt: skip
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     metrics = json.loads((tmp_path / "metrics.json").read_text())
