@@ -273,24 +273,9 @@ def test_resume_after_sigkill_at_a_random_moment_logs_each_epoch_once(
     import signal
     import time
 
-    args = [
-        sys.executable,
-        "coop.py",
-        "--backbone",
-        tiny_ckpt,
-        "--data",
-        tiny_data,
-        "--shots",
-        "2",
-        "--epochs",
-        "20",
-        "--batch-size",
-        "2",
-        "--workers",
-        "0",
-        "--out",
-        str(tmp_path),
-    ]
+    args = [sys.executable, "coop.py", "--backbone", tiny_ckpt, "--data", tiny_data,
+        "--shots", "2", "--epochs", "20", "--batch-size", "2", "--workers", "0", "--out",
+        str(tmp_path)]  # fmt: skip
     proc = subprocess.Popen(
         args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
     )
@@ -315,23 +300,9 @@ def test_the_last_partial_batch_is_kept_unless_asked(
     calls = []
     step = coop.train_step
     monkeypatch.setattr(coop, "train_step", lambda *a: calls.append(len(a[5])) or step(*a))
-    run(
-        [
-            "--backbone",
-            tiny_ckpt,
-            "--data",
-            tiny_data,
-            "--shots",
-            "6",
-            "--epochs",
-            "1",
-            "--batch-size",
-            "16",
-            "--out",
-            str(tmp_path),
-        ]
-        + (["--drop-last"] if drop_last else [])
-    )
+    run(["--backbone", tiny_ckpt, "--data", tiny_data, "--shots", "6", "--epochs", "1",
+        "--batch-size", "16", "--out",
+        str(tmp_path)] + (["--drop-last"] if drop_last else []))  # fmt: skip
     assert len(calls) == steps and sum(calls) == (16 if drop_last else 24)
 
 

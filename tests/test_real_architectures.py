@@ -25,49 +25,16 @@ def test_one_step_on_a_real_architecture(name, tiny_data, tmp_path):
     path = tmp_path / "clip.pt"
     # as OpenAI's files: fp16 weights
     torch.save(clip.model.CLIP(*CONFIGS[name]).half().state_dict(), path)
-    m = coop.main(
-        coop.parse_args(
-            [
-                "--backbone",
-                str(path),
-                "--data",
-                tiny_data,
-                "--shots",
-                "1",
-                "--epochs",
-                "1",
-                "--batch-size",
-                "4",
-                "--workers",
-                "0",
-                "--out",
-                str(tmp_path / "coop"),
-            ]
-        )
-    )
+    m = coop.main(coop.parse_args(["--backbone", str(path), "--data", tiny_data, "--shots", "1",
+        "--epochs", "1", "--batch-size", "4", "--workers", "0", "--out",
+        str(tmp_path / "coop")]))  # fmt: skip
     assert m["epochs"] == 1 and 0 <= m["accuracy"]["test"] <= 100
     ckpt = torch.load(tmp_path / "coop" / "checkpoint.pt", weights_only=True)
     # 16 context vectors of CLIP's width 512
     assert ckpt["state"]["prompt_learner.ctx"].shape == (16, 512)
-    m = coop.main(
-        coop.parse_args(
-            [
-                "--cocoop",
-                "--backbone",
-                str(path),
-                "--data",
-                tiny_data,
-                "--shots",
-                "1",
-                "--epochs",
-                "1",
-                "--workers",
-                "0",
-                "--out",
-                str(tmp_path / "cocoop"),
-            ]
-        )
-    )
+    m = coop.main(coop.parse_args(["--cocoop", "--backbone", str(path), "--data", tiny_data,
+        "--shots", "1", "--epochs", "1", "--workers", "0", "--out",
+        str(tmp_path / "cocoop")]))  # fmt: skip
     meta = torch.load(tmp_path / "cocoop" / "checkpoint.pt", weights_only=True)["state"][
         "meta_net.0.weight"
     ]

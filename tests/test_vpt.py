@@ -362,20 +362,9 @@ def test_bad_options_are_refused(tiny_ckpt, tiny_vit_ckpt, tiny_data, tmp_path):
         )
     run(["--backbone", tiny_vit_ckpt, "--out", str(tmp_path / "f")] + common)
     with pytest.raises(SystemExit, match="holds prompts for --placement vpt"):  # same shapes
-        run(
-            [
-                "--backbone",
-                tiny_vit_ckpt,
-                "--placement",
-                "maple",
-                "--eval-only",
-                "--load",
-                str(tmp_path / "f" / "checkpoint.pt"),
-                "--out",
-                str(tmp_path / "g"),
-            ]
-            + common
-        )
+        run(["--backbone", tiny_vit_ckpt, "--placement", "maple", "--eval-only",
+            "--load", str(tmp_path / "f" / "checkpoint.pt"), "--out",
+            str(tmp_path / "g")] + common)  # fmt: skip
     with pytest.raises(SystemExit, match="--eval-only needs --load"):
         run(["--backbone", tiny_vit_ckpt, "--eval-only", "--out", str(tmp_path / "e")] + common)
 
