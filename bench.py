@@ -733,12 +733,13 @@ def promptsync_rows(clip_model, classnames, args, device, precision, peak, loss)
 
 def promptsync_sync_rows(clip_model, classnames, args, device, precision, peak):
     """PromptSync (promptsync.adapt_sync, as written) for one test image: reset, views
-    (--batch-size, default 64), meta-train (a no-grad pass over every view for the confidence
-    selection and p^, the kept views and the text tower with gradients for L_D, a step to temporary
-    prompts), meta-test at the temporary prompts (the same two passes for L_ent + L_A), one AdamW
-    step with the averaged gradients, the original view's prediction. MaPLe prompts (2 tokens,
-    depth 3; a ViT only); the class prototypes are random tensors of the saved shapes (their
-    values do not change the cost). No second variant: there is no other code to compare with."""
+    (--batch-size, default 64), meta-train (the text tower and the kept views with gradients for
+    L_D, a no-grad pass over every view for the confidence selection and p^ with those text
+    features, a step to temporary prompts), meta-test at the temporary prompts (the same passes
+    for L_ent + L_A), one AdamW step with the averaged gradients, the original view's prediction.
+    MaPLe prompts (2 tokens, depth 3; a ViT only); the class prototypes are random tensors of the
+    saved shapes (their values do not change the cost). No second variant: there is no other code
+    to compare with."""
     ps, n_views = promptsync, args.batch_size or 64
     if not hasattr(clip_model.visual, "transformer"):
         return []  # MaPLe's vision prompts need a ViT

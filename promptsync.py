@@ -611,10 +611,11 @@ def sync_terms(model, views, sync, rho=0.1, precision="fp32"):
     return entropy, align, discrimination, logits
 
 
-def gradients(loss, params):
+def gradients(loss, params, keep=False):
+    """d loss / d params (fp32); keep: keep the graph for a second backward pass through it."""
     for p in params:  # backward, not autograd.grad: bench.py's FLOP counter supports only it
         p.grad = None
-    loss.backward()
+    loss.backward(retain_graph=keep)
     grads = [torch.zeros_like(p) if p.grad is None else p.grad.float() for p in params]
     for p in params:
         p.grad = None
@@ -628,22 +629,30 @@ def meta_train_step(params, grads, lr, eps=1e-8):
     return [p.detach() - lr * g / (g.abs() + eps) for p, g in zip(params, grads)]
 
 
-def meta_update(params, optimizer, train_loss, test_loss, lr, steps=1):
-    """[PromptSync] n iterations of meta-train (g_D = grad train_loss at the current point, a step
-    to temporary prompts) and meta-test (g_A = grad test_loss there); the averages (g_D + g_A) / 2
-    summed over the iterations and applied once by `optimizer` to the params as they were.
-    train_loss, test_loss: closures that compute the loss at the params' current values, or None
-    for a loss of weight 0 (its gradient is 0: no forward or backward pass is spent on it)."""
+def meta_update(params, optimizer, losses, lr, steps=1):
+    """[PromptSync] n iterations of meta-train (g_D = grad of the train loss at the current point,
+    a step to temporary prompts) and meta-test (g_A = grad of the test loss there); the averages
+    (g_D + g_A) / 2 summed over the iterations and applied once by `optimizer` to the params as
+    they were. losses: a closure -> (train loss, test loss) at the params' current values, None for
+    a loss of weight 0 (its gradient is 0: no backward pass is spent on it). The meta-test point of
+    one iteration is the meta-train point of the next: each point's losses are computed once."""
     start = [p.detach().clone() for p in params]
-    total = [torch.zeros_like(p) for p in params]
-    for _ in range(steps):
-        zero = [torch.zeros_like(p) for p in params]
-        g_train = gradients(train_loss(), params) if train_loss else zero
-        temporary = meta_train_step(params, g_train, lr)
-        with torch.no_grad():  # the paper leaves the meta-gradient's order open; we take it first-
-            for p, t in zip(params, temporary):  # order (at the moved prompts, not through them):
-                p.copy_(t)  # second order would backpropagate twice through the vision tower
-        g_test = gradients(test_loss(), params) if test_loss else zero
+    total, zero = [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params]
+    train, test = losses()  # at the prompts as they are
+    tested = test is not None
+    for i in range(steps):
+        g_train = zero if train is None else gradients(train, params)
+        # A step to the temporary prompts, and their losses, unless nothing needs them: with
+        # g_D = 0 they are the prompts themselves; without a test loss the last step is not used.
+        # The paper leaves the meta-gradient's order open; we take it first-order (at the moved
+        # prompts, not through them): second order would backpropagate twice through the towers.
+        if train is not None and (tested or i + 1 < steps):
+            with torch.no_grad():
+                for p, t in zip(params, meta_train_step(params, g_train, lr)):
+                    p.copy_(t)
+            train, test = losses()
+        # the test loss's graph is kept while the next iteration still needs it (its train loss)
+        g_test = zero if test is None else gradients(test, params, keep=i + 1 < steps)
         # the paper leaves the average's weights open; we take 1/2 each; the moved prompts carry
         # over to the next iteration (else the n iterations would compute the same gradients)
         total = [s + (a + b) / 2 for s, a, b in zip(total, g_train, g_test)]
@@ -664,26 +673,18 @@ def adapt_sync(model, views, optimizer, sync, steps=1, rho=0.1, precision="fp32"
             before = int(model(views)[0].argmax())
         return before, before
     params = [p for p in model.prompts.parameters() if p.requires_grad]
-    # The first call of `terms` is at the loaded prompts (meta-train's point, or meta-test's when
-    # g_D is 0): its selection pass gives the prediction before tuning, without a pass of its own.
-    start = {}
+    start = {}  # the prediction before tuning: the first point's selection pass (loaded prompts)
 
-    def terms():  # -> (L_ent, L_A, L_D)
-        *losses, logits = sync_terms(model, views, sync, rho, precision)
+    def losses():  # at the prompts' current values -> (meta-train's, meta-test's), None: weight 0
+        entropy, align, discrimination, logits = sync_terms(model, views, sync, rho, precision)
         start.setdefault("before", int(logits[0].argmax()))
-        return losses
+        train = w_disc * discrimination if w_disc else None  # meta-train: L_D
+        # the paper leaves the entropy term's place open; we put it in the meta-test objective,
+        # where p^ is computed, weight 1 (TPT's loss as is)
+        test = w_ent * entropy + w_align * align if w_ent or w_align else None  # meta-test
+        return train, test
 
-    def train():  # meta-train: L_D
-        return w_disc * terms()[2]
-
-    # the paper leaves the entropy term's place open; we put it in the meta-test objective, where
-    # p^ is computed, weight 1 (TPT's loss as is)
-    def test():  # meta-test: TPT's entropy and L_A
-        entropy, align, _ = terms()
-        return w_ent * entropy + w_align * align
-
-    train, test = train if w_disc else None, test if w_ent or w_align else None  # None: weight 0
-    meta_update(params, optimizer, train, test, optimizer.param_groups[0]["lr"], steps)
+    meta_update(params, optimizer, losses, optimizer.param_groups[0]["lr"], steps)
     with torch.no_grad(), autocast(views.device, precision):  # the original view, tuned prompts
         return start["before"], int(model(views[:1])[0].argmax())
 

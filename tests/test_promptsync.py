@@ -394,31 +394,39 @@ def test_meta_update_averages_the_two_gradients_by_hand(steps, expected):
     Iteration 2 (from w' = 0.6): g_D = -0.8, w'' = 0.7, g_A = -7.8, average -4.3; sum -9.0.
     One SGD step (lr 1) from w = 0.5 with the sum."""
     w = torch.nn.Parameter(torch.tensor(0.5, dtype=torch.float64))
-    optimizer, at = torch.optim.SGD([w], lr=1.0), {"train": [], "test": []}
+    optimizer, at = torch.optim.SGD([w], lr=1.0), []
 
-    def train():
-        at["train"].append(w.item())
-        return (w - 1) ** 2
-
-    def test():
-        at["test"].append(w.item())
-        return 3 * (w - 2) ** 2
+    def losses():
+        at.append(w.item())
+        return (w - 1) ** 2, 3 * (w - 2) ** 2
 
     temporary = ps.meta_train_step([w], [torch.tensor(-1.0, dtype=torch.float64)], 0.1)
     assert w.item() == 0.5 and temporary[0].item() == pytest.approx(0.6)  # only the temporary
-    ps.meta_update([w], optimizer, train, test, lr=0.1, steps=steps)
-    assert at["train"] == pytest.approx([0.5, 0.6][:steps])  # meta-train from the current point
-    assert at["test"] == pytest.approx([0.6, 0.7][:steps])  # meta-test at the temporary prompts
+    ps.meta_update([w], optimizer, losses, lr=0.1, steps=steps)
+    # each point once: meta-train from 0.5, meta-test at 0.6, which is iteration 2's meta-train
+    # point (its graph kept for a second backward pass), meta-test at 0.7
+    assert at == pytest.approx([0.5, 0.6, 0.7][: steps + 1])
     assert w.item() == pytest.approx(expected)  # the update is applied to w = 0.5, not to w'
 
 
-def test_a_loss_of_weight_zero_costs_no_pass_and_changes_nothing():
-    final = []
-    for train in (None, lambda: 0.0 * (w - 1) ** 2):  # skipped, or computed with weight 0
+@pytest.mark.parametrize("steps", [1, 3])
+def test_a_loss_of_weight_zero_costs_no_pass_and_changes_nothing(steps):
+    final, calls = [], []
+    for weight in (None, 0.0):  # skipped, or computed with weight 0
         w = torch.nn.Parameter(torch.tensor(0.5, dtype=torch.float64))
-        ps.meta_update([w], torch.optim.SGD([w], lr=1.0), train, lambda: 3 * (w - 2) ** 2, lr=0.1)
+        train = lambda: None if weight is None else weight * (w - 1) ** 2
+        losses = lambda: calls.append(weight) or (train(), 3 * (w - 2) ** 2)
+        ps.meta_update([w], torch.optim.SGD([w], lr=1.0), losses, lr=0.1, steps=steps)
         final.append(w.item())
-    assert final[0] == final[1] == pytest.approx(5.0)  # 0.5 - (0 + 6 (0.5 - 2)) / 2, w unmoved
+    # 0.5 - steps * (0 + 6 (0.5 - 2)) / 2: w never moves, and the skipped loss visits one point
+    assert final[0] == final[1] == pytest.approx(0.5 + 4.5 * steps)
+    assert calls.count(None) == 1 and calls.count(0.0) == steps + 1
+    # no test loss: the last meta-train step is not taken, its point never computed
+    w = torch.nn.Parameter(torch.tensor(0.5, dtype=torch.float64))
+    at = []
+    losses = lambda: at.append(w.item()) or ((w - 1) ** 2, None)
+    ps.meta_update([w], torch.optim.SGD([w], lr=1.0), losses, lr=0.1, steps=steps)
+    assert at == pytest.approx([0.5, 0.6, 0.7][:steps])
 
 
 def sync_run(source_ckpt, tiny_vit_ckpt, tiny_data, out, *extra):
@@ -503,8 +511,9 @@ def test_the_sync_weights_weigh_entropy_alignment_and_discrimination_in_their_pl
     entropy, align, discrimination, _ = ps.sync_terms(model, views, sync, rho=0.25)
     seen = {}
 
-    def record(params, optimizer, train, test, lr, steps):
-        seen.update(train=train and train().item(), test=test and test().item())
+    def record(params, optimizer, losses, lr, steps):
+        train, test = losses()
+        seen.update(train=train and train.item(), test=test and test.item())
 
     monkeypatch.setattr(ps, "meta_update", record)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], 5e-3)
