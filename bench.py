@@ -733,10 +733,11 @@ def promptsync_rows(clip_model, classnames, args, device, precision, peak, loss)
 
 def promptsync_sync_rows(clip_model, classnames, args, device, precision, peak):
     """PromptSync (promptsync.adapt_sync, as written) for one test image: reset, views
-    (--batch-size, default 64), meta-train (the text tower and the kept views with gradients for
-    L_D, a no-grad pass over every view for the confidence selection and p^ with those text
-    features, a step to temporary prompts), meta-test at the temporary prompts (the same passes
-    for L_ent + L_A), one AdamW step with the averaged gradients, the original view's prediction.
+    (--batch-size, default 64), meta-train (the text tower and the kept views with gradients, a
+    no-grad pass over every view for the confidence selection and p^ with those text features;
+    all three losses, L_D's gradient; a step to temporary prompts), meta-test at the temporary
+    prompts (the same passes, L_ent + L_A's gradient), one AdamW step with the averaged gradients,
+    the original view's prediction.
     MaPLe prompts (2 tokens, depth 3; a ViT only); the class prototypes are random tensors of the
     saved shapes (their values do not change the cost). No second variant: there is no other code
     to compare with."""

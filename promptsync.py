@@ -651,8 +651,12 @@ def meta_update(params, optimizer, losses, lr, steps=1):
                 for p, t in zip(params, meta_train_step(params, g_train, lr)):
                     p.copy_(t)
             train, test = losses()
-        # the test loss's graph is kept while the next iteration still needs it (its train loss)
-        g_test = zero if test is None else gradients(test, params, keep=i + 1 < steps)
+        # the graph of the test loss is kept for the next iteration's train loss (the same point);
+        # with g_D = 0 the point never moves: every iteration has the first one's g_A
+        if test is None:
+            g_test = zero
+        elif train is not None or i == 0:
+            g_test = gradients(test, params, keep=train is not None and i + 1 < steps)
         # the paper leaves the average's weights open; we take 1/2 each; the moved prompts carry
         # over to the next iteration (else the n iterations would compute the same gradients)
         total = [s + (a + b) / 2 for s, a, b in zip(total, g_train, g_test)]
@@ -677,7 +681,8 @@ def adapt_sync(model, views, optimizer, sync, steps=1, rho=0.1, precision="fp32"
 
     def losses():  # at the prompts' current values -> (meta-train's, meta-test's), None: weight 0
         entropy, align, discrimination, logits = sync_terms(model, views, sync, rho, precision)
-        start.setdefault("before", int(logits[0].argmax()))
+        if "before" not in start:
+            start["before"] = int(logits[0].argmax())
         train = w_disc * discrimination if w_disc else None  # meta-train: L_D
         # the paper leaves the entropy term's place open; we put it in the meta-test objective,
         # where p^ is computed, weight 1 (TPT's loss as is)

@@ -396,9 +396,10 @@ def test_meta_update_averages_the_two_gradients_by_hand(steps, expected):
     w = torch.nn.Parameter(torch.tensor(0.5, dtype=torch.float64))
     optimizer, at = torch.optim.SGD([w], lr=1.0), []
 
-    def losses():
+    def losses():  # the two losses share a node, as L_D and L_A share the towers' graph
         at.append(w.item())
-        return (w - 1) ** 2, 3 * (w - 2) ** 2
+        d = (w - 1) ** 2
+        return d, 3 * (w - 2) ** 2 + 0 * d
 
     temporary = ps.meta_train_step([w], [torch.tensor(-1.0, dtype=torch.float64)], 0.1)
     assert w.item() == 0.5 and temporary[0].item() == pytest.approx(0.6)  # only the temporary
@@ -427,6 +428,8 @@ def test_a_loss_of_weight_zero_costs_no_pass_and_changes_nothing(steps):
     losses = lambda: at.append(w.item()) or ((w - 1) ** 2, None)
     ps.meta_update([w], torch.optim.SGD([w], lr=1.0), losses, lr=0.1, steps=steps)
     assert at == pytest.approx([0.5, 0.6, 0.7][:steps])
+    # g_D at 0.5, 0.6, 0.7 = -1, -0.8, -0.6; half of their sum applied from w = 0.5
+    assert w.item() == pytest.approx({1: 1.0, 3: 1.7}[steps])
 
 
 def sync_run(source_ckpt, tiny_vit_ckpt, tiny_data, out, *extra):
@@ -475,7 +478,9 @@ def test_stored_class_views_are_crops_of_as_many_images_as_they_can_be(tiny_vit_
         torch.testing.assert_close(out["proto_views"][c], F.normalize(first_crops, dim=-1))
 
 
-def test_one_text_pass_serves_the_selection_and_the_losses_exactly(source_ckpt, tiny_vit_ckpt):
+def test_one_text_pass_serves_the_selection_and_the_losses_exactly(
+    source_ckpt, tiny_vit_ckpt, monkeypatch
+):
     """The speed-up in sync_terms: the confidence selection takes the text features of the graph
     pass, detached, instead of running the text tower again; adapt_sync's prediction before
     tuning comes from that first selection pass. Both equal the plain passes."""
@@ -488,11 +493,18 @@ def test_one_text_pass_serves_the_selection_and_the_losses_exactly(source_ckpt, 
     views = torch.randn(8, 3, 32, 32)
     with torch.no_grad():
         plain = model(views)  # (8, 4): a selection pass of its own, the text tower again
+    text_features, calls = model.text_features, []
+    model.text_features = lambda: calls.append(1) or text_features()
     *losses, logits = ps.sync_terms(model, views, sync, rho=0.25)
     assert torch.equal(logits, plain) and all(loss.requires_grad for loss in losses)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], 5e-3)
-    before, _ = ps.adapt_sync(model, views, optimizer, sync, 1, 0.25)
-    assert before == int(plain[0].argmax())
+    assert len(calls) == 1  # one text-tower pass serves both
+    # adapt_sync's prediction before tuning: the first point's selection pass (the loaded prompts)
+    seen, sync_terms = [], ps.sync_terms
+    monkeypatch.setattr(ps, "sync_terms", lambda *a: seen.append(sync_terms(*a)) or seen[-1])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], 0.5)
+    before, _ = ps.adapt_sync(model, views, optimizer, sync, 2, 0.25)
+    assert len(seen) == 3 and not torch.equal(seen[2][3], seen[0][3])  # the prompts moved
+    assert before == int(plain[0].argmax()) == int(seen[0][3][0].argmax())
 
 
 @pytest.mark.parametrize("weights", [(0.0, 0.0, 1.0), (1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (2, 3, 5)])
@@ -513,7 +525,9 @@ def test_the_sync_weights_weigh_entropy_alignment_and_discrimination_in_their_pl
 
     def record(params, optimizer, losses, lr, steps):
         train, test = losses()
-        seen.update(train=train and train.item(), test=test and test.item())
+        seen.update(
+            {k: None if v is None else v.item() for k, v in zip(("train", "test"), (train, test))}
+        )
 
     monkeypatch.setattr(ps, "meta_update", record)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], 5e-3)
