@@ -81,23 +81,19 @@ def test_cached_tokenizer_equals_clip_tokenize():
     assert torch.equal(tokenize(texts), tw.clip.tokenize(texts, context_length=24))
 
 
+def small_world(root, tiny_ckpt, splits, sketch):
+    """A toy world of 4 classes with the tiny random CLIP as its ResNet tower."""
+    classes = [("red_circle", "circle", "red"), ("blue_star", "star", "blue")]
+    classes += [("green_ring", "ring", "green"), ("gray_cross", "cross", "gray")]
+    for i, domain in enumerate([tw.TRAIN_DOMAIN] + tw.DOMAINS):
+        style = "sketch" if sketch and i == 0 else "photo"
+        tw.write_dataset(str(root / domain), classes, splits, seed=i, style=style)
+    shutil.copy(tiny_ckpt, root / "clip_rn.pt")
+
+
 def test_demo_runs_through_sweep_and_its_table_matches_the_runs(tmp_path, tiny_ckpt):
     root, out = tmp_path / "toy", tmp_path / "demo"
-    classes = [
-        ("red_circle", "circle", "red"),
-        ("blue_star", "star", "blue"),
-        ("green_ring", "ring", "green"),
-        ("gray_cross", "cross", "gray"),
-    ]
-    for i, domain in enumerate([tw.TRAIN_DOMAIN] + tw.DOMAINS):
-        tw.write_dataset(
-            str(root / domain),
-            classes,
-            {"train": 2, "test": 2},
-            seed=i,
-            style="sketch" if i == 0 else "photo",
-        )
-    shutil.copy(tiny_ckpt, root / "clip_rn.pt")
+    small_world(root, tiny_ckpt, {"train": 2, "test": 2}, sketch=True)
     rows = tw.demo(
         str(root),
         str(out),
@@ -139,15 +135,7 @@ def test_the_ceiling_is_adapter_pys_linear_probe_on_every_training_image(tmp_pat
     import adapter
 
     root = tmp_path / "toy"
-    classes = [
-        ("red_circle", "circle", "red"),
-        ("blue_star", "star", "blue"),
-        ("green_ring", "ring", "green"),
-        ("gray_cross", "cross", "gray"),
-    ]
-    for i, domain in enumerate([tw.TRAIN_DOMAIN] + tw.DOMAINS):
-        tw.write_dataset(str(root / domain), classes, {"train": 3, "val": 2, "test": 3}, seed=i)
-    shutil.copy(tiny_ckpt, root / "clip_rn.pt")
+    small_world(root, tiny_ckpt, {"train": 3, "val": 2, "test": 3}, sketch=False)
     ceiling = tw.ceilings(str(root), "rn")
     assert set(ceiling) == {"base", "new", *tw.DOMAINS}
     for column, data, part in [("base", tw.TRAIN_DOMAIN, "base"), ("noise", "noise", "all")]:
