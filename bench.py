@@ -357,7 +357,10 @@ FROZEN = set()  # storages of CLIP's weights: held anyway, not counted as a step
 def saved_mib(fn):
     """MiB of the tensors autograd keeps for the backward pass during one call of fn (each storage
     once, CLIP's frozen weights not counted): the step's activation memory, which, unlike the
-    process's peak, does not depend on the allocator or on what else the process holds. Under
+    process's peak, does not depend on the allocator or on what else the process holds. The saved
+    storages are held until fn returns, so that a freed address reused by a later pass is not
+    mistaken for the same storage: for a step with several backward passes (PromptSync's two
+    points) it is the sum over its passes. Under
     --precision amp, autocast's half-precision copies of the weights are new storages and are
     counted (not checked on a GPU here: the fp32 CPU rows hold no such copies)."""
     kept = {}
@@ -365,12 +368,12 @@ def saved_mib(fn):
     def pack(t):
         storage = t.untyped_storage()
         if storage.data_ptr() not in FROZEN:
-            kept[storage.data_ptr()] = storage.nbytes()
+            kept[storage.data_ptr()] = storage  # held: its address cannot be reused meanwhile
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn()
-    return sum(kept.values()) / 2**20
+    return sum(s.nbytes() for s in kept.values()) / 2**20
 
 
 def side_by_side(name, variants, batch, classes, device, steps, warmup, peak_rate):
@@ -655,10 +658,11 @@ def maple_depth(clip_model):
 def promptsync_rows(clip_model, classnames, args, device, precision, peak, loss):
     """Test-time tuning, one test image per step: reset, 64 views (--batch-size), confidence
     selection, one AdamW step, the prediction of the original view. TPT (text prompts, 4 tokens)
-    and PromptAlign (MaPLe prompts, 2 tokens, depth 3; a ViT only), as promptsync.py runs them, and
-    as the original code does: the text tower over all 77 positions, every view's image features
-    recomputed (TPT: the original view again for the prediction; PromptAlign: all 64 views through
-    the vision tower with gradients, then the original view again). The check compares the logits
+    and PromptAlign (MaPLe prompts, 2 tokens, depth 3 or `maple_depth`; a ViT only), as
+    promptsync.py runs them, and as the original code does: the text tower over all 77
+    positions, every view's image features recomputed (TPT: the original view again for the
+    prediction; PromptAlign: all 64 views through the vision tower with gradients, then the
+    original view again). The check compares the logits
     of the views with the starting prompts and the gradients of the step."""
     ps, n_views = promptsync, args.batch_size or 64
     rho = max(0.1, 1 / n_views)  # TPT's 10 %; at least one view in a small CPU run
@@ -738,9 +742,9 @@ def promptsync_sync_rows(clip_model, classnames, args, device, precision, peak):
     all three losses, L_D's gradient; a step to temporary prompts), meta-test at the temporary
     prompts (the same passes, L_ent + L_A's gradient), one AdamW step with the averaged gradients,
     the original view's prediction.
-    MaPLe prompts (2 tokens, depth 3; a ViT only); the class prototypes are random tensors of the
-    saved shapes (their values do not change the cost). No second variant: there is no other code
-    to compare with."""
+    MaPLe prompts (2 tokens, depth 3 or `maple_depth`; a ViT only); the class prototypes are
+    random tensors of the saved shapes (their values do not change the cost). No second variant:
+    there is no other code to compare with."""
     ps, n_views = promptsync, args.batch_size or 64
     if not hasattr(clip_model.visual, "transformer"):
         return []  # MaPLe's vision prompts need a ViT

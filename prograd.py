@@ -127,7 +127,7 @@ class TextEncoder(nn.Module):
             ap = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True)  # (B, heads, P, d_h)
             # Each class's tokens see the prefix and, causally, themselves: softmax([q K_p^T,
             # q K_s^T + mask] / sqrt(d_h)) [V_p ; V_s]; K_p, V_p never copied (classes as rows)
-            q = qs / qs.shape[-1] ** 0.5  # scaled before the products, as SDPA does (fp16 range)
+            q = qs / qs.shape[-1] ** 0.5  # scaled first: q k^T stays within fp16's range
             to_prefix = pairs(rows(q) @ kp.transpose(-2, -1))  # (B*C, heads, S, P)
             to_own = (q @ ks.transpose(-2, -1)).masked_fill(ahead, float("-inf"))  # (.., S, S)
             w = torch.cat([to_prefix, to_own], dim=-1).softmax(dim=-1)  # (B*C, heads, S, P + S)

@@ -876,7 +876,12 @@ def table_rows(stats, methods):
         before = json.load(open(tpt[0]["paths"][0]))["zero_shot"]
         zero_shot = {rename.get(k, k): [v, 0.0] for k, v in before.items()}
         rows.append(
-            {"label": "Zero-shot CLIP (vit, 60-way)", "shots": 0, "seeds": [1], **zero_shot}
+            {
+                "label": "Zero-shot CLIP (vit, 60-way)",
+                "shots": 0,
+                "seeds": tpt[0]["seeds"],
+                **zero_shot,
+            }
         )
     order = ["Zero-shot CLIP (rn)"] + [m[0] for m in methods if m[2] == "rn"]
     order += ["Zero-shot CLIP (vit)"] + [m[0] for m in methods if m[2] == "vit"]
@@ -943,9 +948,9 @@ def format_demo(rows, methods, root, seeds, seconds, full=True):
                 + " | ".join(fmt(r.get(c)) for c in ["base"] + DOMAINS)
                 + f" | {verdict} |"
             )
-    shown = (
-        "every test image" if full else f"every {every}th test image ({n_test // every} per domain)"
-    )
+    per_domain = -(-n_test // every)  # shard K/N keeps every N-th image: ceil(n / N) for K = 0
+    shown = "every test image" if every == 1 else f"1 in {every} test images"
+    shown += f" ({per_domain} per domain)"
     note = (
         f"\nToy world `{root}`. Trained on {TRAIN_DOMAIN} drawings of the 30 base colour+shape "
         f"classes; base and new: {TRAIN_DOMAIN} test images, 30-way; H: their harmonic mean; "
