@@ -502,7 +502,7 @@ def run(args):
         rows += eval_rows(clip_model, classnames, args, device, precision, peak)
     result = {
         "arch": args.arch,
-        "device": coop.run_info(device)["device"],
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "precision": precision,
         "classes": args.classes,
         "matmul_tflops": round(peak, 4),

@@ -48,7 +48,6 @@ import copy
 import json
 import math
 import os
-import platform
 import random
 import time
 import warnings
@@ -58,6 +57,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision.transforms as T
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
@@ -68,14 +68,11 @@ with warnings.catch_warnings():  # openai-clip 1.0.1 imports the deprecated pkg_
 
 # --- shared: text encoder (canonical copy in coop.py; re-sync with tools/sync_shared.py) ---
 class TextEncoder(nn.Module):
-    """CLIP's text transformer on prompt embeddings, in two exact shortcuts of its 77 positions.
+    """CLIP's text tower (its encode_text) applied to prompt embeddings instead of token ids.
 
-    The transformer is causal: position i attends to positions <= i only. So (1) the end-of-text
+    The transformer is causal (position i attends to positions <= i only), so the end-of-text
     (EOT) feature depends only on the positions up to it: prompts cut after the longest EOT give
-    the 77-position result exactly (`forward`); (2) positions before the class name never see it:
-    with a prefix common to every class ([SOS], a generic context), its hidden states are every
-    class's. `shared_prefix` computes them once (per image for CoCoOp) and runs only each class's
-    own tokens (name, ".", EOT), which attend to the prefix's keys and values and to their own."""
+    CLIP's 77-position result exactly, with fewer positions to compute."""
 
     def __init__(self, clip_model):
         super().__init__()
@@ -96,48 +93,6 @@ class TextEncoder(nn.Module):
             x = x + block.mlp(block.ln_2(x))
         x = x.permute(1, 0, 2)[torch.arange(x.shape[1]), eot]  # LND -> NLD, the EOT rows: (N, d)
         return self.ln_final(x).type(self.dtype) @ self.text_projection  # (N, D)
-
-    def shared_prefix(self, prefix, suffix, tokenized, deep=()):
-        """Exactly forward(cat([prefix[b], suffix[c]]), tokenized[c]) for every pair (b, c).
-
-        prefix: (B, P, d), the first P positions, the same for every class (B = 1, or one per
-        image); suffix: (C, L - P, d), the rest of each class's prompt; tokenized: (C, L) ids;
-        deep: tensors (n, d) that replace prefix positions 1..n before blocks 1, 2, ... (MaPLe's
-        deeper text prompts). Returns (B, C, D)."""
-        (B, P, _), C = prefix.shape, suffix.shape[0]
-        eot = tokenized.argmax(dim=-1) - P  # EOT's index within the suffix: (C,)
-        S = int(eot.max()) + 1
-        pos = self.positional_embedding.type(self.dtype)
-        xp = prefix.type(self.dtype) + pos[:P]  # (B, P, d)
-        xs = (suffix[:, :S].type(self.dtype) + pos[P : P + S]).repeat(B, 1, 1)  # pairs: (B*C, S, d)
-        ahead = torch.ones(S, S, dtype=torch.bool, device=xp.device).triu_(1)  # (S, S)
-        rows = lambda t: t.unflatten(0, (B, C)).transpose(1, 2).flatten(2, 3)  # (B, h, C*S, .)
-        pairs = lambda t: t.unflatten(2, (C, S)).transpose(1, 2).flatten(0, 1)  # (B*C, h, S, .)
-        for i, block in enumerate(self.transformer.resblocks):
-            if 0 < i <= len(deep):  # MaPLe: the previous block's outputs there are replaced
-                n = deep[i - 1].shape[0]
-                new = deep[i - 1].type(xp.dtype).expand(B, -1, -1)  # (B, n, d)
-                xp = torch.cat([xp[:, :1], new, xp[:, 1 + n :]], dim=1)  # (B, P, d)
-            heads = block.attn.num_heads
-            split = lambda t: t.unflatten(-1, (heads, -1)).transpose(-3, -2)  # (.., heads, L, d_h)
-            qkv_p = F.linear(block.ln_1(xp), block.attn.in_proj_weight, block.attn.in_proj_bias)
-            qkv_s = F.linear(block.ln_1(xs), block.attn.in_proj_weight, block.attn.in_proj_bias)
-            qp, kp, vp = map(split, qkv_p.chunk(3, dim=-1))  # (B, heads, P, d_h) each
-            qs, ks, vs = map(split, qkv_s.chunk(3, dim=-1))  # (B*C, heads, S, d_h) each
-            # The prefix attends causally to itself only: it never sees a class name.
-            ap = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True)  # (B, heads, P, d_h)
-            # Each class's tokens see the prefix and, causally, themselves: softmax([q K_p^T,
-            # q K_s^T + mask] / sqrt(d_h)) [V_p ; V_s]; K_p, V_p never copied (classes as rows)
-            q = qs / qs.shape[-1] ** 0.5  # scaled first: q k^T stays within fp16's range
-            to_prefix = pairs(rows(q) @ kp.transpose(-2, -1))  # (B*C, heads, S, P)
-            to_own = (q @ ks.transpose(-2, -1)).masked_fill(ahead, float("-inf"))  # (.., S, S)
-            w = torch.cat([to_prefix, to_own], dim=-1).softmax(dim=-1)  # (B*C, heads, S, P + S)
-            a_s = pairs(rows(w[..., :P]) @ vp) + w[..., P:] @ vs  # (B*C, heads, S, d_h)
-            merge = lambda t: block.attn.out_proj(t.transpose(-3, -2).flatten(-2))  # (.., L, d)
-            xp, xs = xp + merge(ap), xs + merge(a_s)
-            xp, xs = xp + block.mlp(block.ln_2(xp)), xs + block.mlp(block.ln_2(xs))
-        x = xs[torch.arange(B * C), eot.repeat(B)]  # the EOT rows: (B*C, d)
-        return (self.ln_final(x).type(self.dtype) @ self.text_projection).view(B, C, -1)
 
 
 # --- end shared: text encoder ---
@@ -246,7 +201,7 @@ class PromptedCLIP(nn.Module):
         pl = self.prompts
         prefix = torch.cat([pl.token_prefix[:1], pl.ctx[None]], dim=1)  # (1, 1 + M, d)
         deep = list(pl.deep_text)
-        text = self.text_encoder.shared_prefix(prefix, pl.token_suffix, pl.tokenized, deep)[0]
+        text = shared_prefix(self.text_encoder, prefix, pl.token_suffix, pl.tokenized, deep)[0]
         return F.normalize(text.float(), dim=-1)  # (C, D)
 
     def image_features(self, images, tokens=None):
@@ -697,11 +652,6 @@ def adapt_sync(model, views, optimizer, sync, steps=1, rho=0.1, precision="fp32"
 # ------------------------------------------------------------------------------------------------
 # main: the source stage (MaPLe's prompts and the token statistics), the test stage, --merge
 # ------------------------------------------------------------------------------------------------
-def lr_at_epoch(epoch, base_lr, epochs, warmup_lr=1e-5):
-    """Dassl's schedule, per epoch: a constant warm-up epoch, then a cosine over `epochs`."""
-    return warmup_lr if epoch == 0 else base_lr * (1 + math.cos(math.pi * (epoch - 1) / epochs)) / 2
-
-
 def source_stage(args, model, data, test_sets, config, run_dir, device, precision):
     """[MaPLe] learn the prompts on the labelled source shots (both towers in the graph), then
     record the token statistics PromptAlign aligns to. -> (zero-shot, prompts' accuracy)."""
@@ -711,7 +661,7 @@ def source_stage(args, model, data, test_sets, config, run_dir, device, precisio
     optimizer = torch.optim.SGD(learned, args.lr, args.momentum, weight_decay=wd)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "amp" and device.type == "cuda")
     transform = train_transform(n_px, args.crop_scale)
-    loader = make_loader(data["train"], transform, args.batch_size, args.workers, True)
+    loader = make_loader(data["train"], transform, args.batch_size, args.workers, device, True)
     for epoch in range(0 if args.eval_only else args.epochs):
         lr = lr_at_epoch(epoch, args.lr, args.epochs, args.warmup_lr)
         for group in optimizer.param_groups:
@@ -732,7 +682,10 @@ def source_stage(args, model, data, test_sets, config, run_dir, device, precisio
     # the shots; CLIP's preprocess), saved with the prompts
     every = load_dataset(args.data, args.split_file, args.classnames)["train"]
     stats = token_statistics(
-        model, make_loader(every, test_transform(n_px), 100, args.workers), device, precision
+        model,
+        make_loader(every, test_transform(n_px), 100, args.workers, device),
+        device,
+        precision,
     )
     ckpt = dict(config=config, state=learned_state(model), means=stats[0], variances=stats[1])
     # [PromptSync] the class prototypes: the paper leaves the proxy sampling open; we take the
@@ -743,7 +696,7 @@ def source_stage(args, model, data, test_sets, config, run_dir, device, precisio
     save(os.path.join(run_dir, "checkpoint.pt"), ckpt)
     zero_shot, acc = {}, {}
     for name, (items, classnames) in test_sets.items():  # zero-shot CLIP vs the learned prompts
-        loader = make_loader(items, test_transform(n_px), 100, args.workers)
+        loader = make_loader(items, test_transform(n_px), 100, args.workers, device)
         features, labels = encode_images(model.clip.encode_image, loader, device, precision)
         weights = zeroshot_classifier(model.clip, classnames, ["a photo of a {}."])
         zero_shot[name] = accuracy(model.clip.logit_scale.exp() * features @ weights.t(), labels)
@@ -1004,26 +957,72 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+# --- shared: speed-ups (canonical copy in coop.py; re-sync with tools/sync_shared.py) ---
+# Exact speed-ups: the same numbers as the plain formulation (each is tested against it), in less
+# time and memory. A reader who stopped at main has already seen the whole method.
+def shared_prefix(encoder, prefix, suffix, tokenized, deep=()):
+    """Exactly encoder(cat([prefix[b], suffix[c]]), tokenized[c]) for every pair (b, c): (B, C, D).
+
+    Causal attention again: positions before the class name never see it, so with a prefix that
+    every class shares ([SOS] and a generic context) its hidden states are every class's. They are
+    computed once (per image for CoCoOp); only each class's own tokens (name, ".", EOT) run per
+    class, attending to the prefix's keys and values and, causally, to their own.
+    prefix: (B, P, d), B = 1 or one per image; suffix: (C, L - P, d), the rest of each class's
+    prompt; tokenized: (C, L) ids; deep: tensors (n, d) that replace prefix positions 1..n before
+    blocks 1, 2, ... (MaPLe's deeper text prompts)."""
+    (B, P, _), C = prefix.shape, suffix.shape[0]
+    eot = tokenized.argmax(dim=-1) - P  # EOT's index within the suffix: (C,)
+    S = int(eot.max()) + 1
+    pos = encoder.positional_embedding.type(encoder.dtype)
+    xp = prefix.type(encoder.dtype) + pos[:P]  # (B, P, d)
+    xs = (suffix[:, :S].type(encoder.dtype) + pos[P : P + S]).repeat(B, 1, 1)  # (B*C, S, d)
+    ahead = torch.ones(S, S, dtype=torch.bool, device=xp.device).triu_(1)  # (S, S)
+    rows = lambda t: t.unflatten(0, (B, C)).transpose(1, 2).flatten(2, 3)  # (B, h, C*S, .)
+    pairs = lambda t: t.unflatten(2, (C, S)).transpose(1, 2).flatten(0, 1)  # (B*C, h, S, .)
+    for i, block in enumerate(encoder.transformer.resblocks):
+        if 0 < i <= len(deep):  # MaPLe: the previous block's outputs there are replaced
+            n = deep[i - 1].shape[0]
+            new = deep[i - 1].type(xp.dtype).expand(B, -1, -1)  # (B, n, d)
+            xp = torch.cat([xp[:, :1], new, xp[:, 1 + n :]], dim=1)  # (B, P, d)
+        heads, w_in, b_in = block.attn.num_heads, block.attn.in_proj_weight, block.attn.in_proj_bias
+        split = lambda t: t.unflatten(-1, (heads, -1)).transpose(-3, -2)  # (.., heads, L, d_h)
+        qp, kp, vp = map(
+            split, F.linear(block.ln_1(xp), w_in, b_in).chunk(3, dim=-1)
+        )  # (B, h, P, .)
+        qs, ks, vs = map(
+            split, F.linear(block.ln_1(xs), w_in, b_in).chunk(3, dim=-1)
+        )  # (B*C, h, S, .)
+        # The prefix attends causally to itself only: it never sees a class name.
+        ap = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True)  # (B, heads, P, d_h)
+        # Each class's tokens see the prefix and, causally, themselves: softmax([q K_p^T,
+        # q K_s^T + mask] / sqrt(d_h)) [V_p ; V_s]; K_p, V_p never copied (classes as rows)
+        q = qs / qs.shape[-1] ** 0.5  # scaled first: q k^T stays within fp16's range
+        to_prefix = pairs(rows(q) @ kp.transpose(-2, -1))  # (B*C, heads, S, P)
+        to_own = (q @ ks.transpose(-2, -1)).masked_fill(ahead, float("-inf"))  # (.., S, S)
+        w = torch.cat([to_prefix, to_own], dim=-1).softmax(dim=-1)  # (B*C, heads, S, P + S)
+        a_s = pairs(rows(w[..., :P]) @ vp) + w[..., P:] @ vs  # (B*C, heads, S, d_h)
+        merge = lambda t: block.attn.out_proj(t.transpose(-3, -2).flatten(-2))  # (.., L, d)
+        xp, xs = xp + merge(ap), xs + merge(a_s)
+        xp, xs = xp + block.mlp(block.ln_2(xp)), xs + block.mlp(block.ln_2(xs))
+    x = xs[torch.arange(B * C), eot.repeat(B)]  # the EOT rows: (B*C, d)
+    return (encoder.ln_final(x).type(encoder.dtype) @ encoder.text_projection).view(B, C, -1)
+
+
+# --- end shared: speed-ups ---
+
+
 # --- shared: appendix (canonical copy in coop.py; re-sync with tools/sync_shared.py) ---
-# ================================================================================================
-# Appendix: the shared blocks, the same in every method file that has them (tools/sync_shared.py
-# keeps them so)
-#   data        dataset readers (ImageFolder, CoOp split files), few-shot sampling, base/new split,
-#               load_task (every check on bad input), transforms, loader
-#   clip        load_clip (names, TorchScript archives, state dicts), autocast, tokenize
-#   evaluation  encode_images, accuracy, text_features, zeroshot_classifier
-#   run folder  atomic save, load_checkpoint, seeds, peak memory, run_info, the shared options,
-#               the log, metrics.json and the summary line
-#   checkpoint  learned_state, load_learned (the files that learn parameters)
-#   resume      save_progress, resume (coop, prograd, vpt: --resume after the last finished epoch)
-# ================================================================================================
-# --- end shared: appendix ---
-
-
-# --- shared: data (canonical copy in coop.py; re-sync with tools/sync_shared.py) ---
+# Appendix: the plumbing, the same in every method file (tools/sync_shared.py keeps the copies
+# identical; a reader who knows it from one file can skip it in every other).
+#   data        ImageFolder roots and CoOp's split files, few-shot sampling, the base/new split,
+#               load_task (every check of bad input, before any long work), transforms, loader
+#   clip        load_clip (names, TorchScript archives, state dicts), autocast, tokenize, the
+#               frozen features, the zero-shot classifier, accuracy
+#   run folder  atomic save, seeds, the shared options and presets, metrics.json
+# Then, in the files that learn: training (schedule, log.jsonl, checkpoints); in those that train
+# for epochs: resume (--resume, SIGUSR1).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 
 def fail(message):
@@ -1035,64 +1034,51 @@ def read_classnames(path):
     """classnames.txt: one 'folder<TAB or space>readable name' per line -> {folder: name}."""
     if not os.path.isfile(path):
         fail(f"{path}: class-name file not found")
-    names = {}
     with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            folder, _, name = line.strip().replace("\t", " ").partition(" ")
-            if folder and not name.strip():
-                fail(f"{path}:{number}: expected 'folder<TAB>readable name', got {line.strip()!r}")
-            if folder:
-                names[folder] = name.strip()
-    return names
+        lines = [line.strip().replace("\t", " ").partition(" ") for line in f]
+    bad = [i for i, (folder, _, name) in enumerate(lines, 1) if folder and not name.strip()]
+    if bad:
+        fail(f"{path}:{bad[0]}: expected 'folder<TAB>readable name'")
+    return {folder: name.strip() for folder, _, name in lines if folder}
 
 
 def read_image_folder(root, classnames=None):
-    """ImageFolder layout root/<class folder>/<image> -> ([(path, label)], [class name])."""
-    layout = "expected <root>/<class folder>/<image files>"
+    """root/<class folder>/<image> (ImageFolder's layout) -> ([(path, label)], [class name])."""
     if not os.path.isdir(root):
-        fail(f"{root}: folder not found; {layout}")
+        fail(f"{root}: folder not found; expected <root>/<class folder>/<image files>")
     folders = [d for d in sorted(os.listdir(root)) if os.path.isdir(os.path.join(root, d))]
     folders, items = [d for d in folders if not d.startswith(".")], []
     if not folders:
-        fail(f"{root}: no class folders in it; {layout}")
+        fail(f"{root}: no class folders in it; expected <root>/<class folder>/<image files>")
     for label, folder in enumerate(folders):
         files = sorted(os.listdir(os.path.join(root, folder)))
         files = [f for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
         if not files:
             fail(f"{os.path.join(root, folder)}: class folder has no images; add some or remove it")
         items += [(os.path.join(root, folder, f), label) for f in files]
-    missing = [d for d in folders if classnames is not None and d not in classnames]
+    missing = sorted(set(folders) - set(classnames or folders))
     if missing:
         fail(f"--classnames has no line for the folders {missing[:5]} of {root}")
     return items, [classnames[d] if classnames else d.replace("_", " ") for d in folders]
 
 
-def read_split_file(split_file, image_root):
-    """CoOp's split_zhou_<Name>.json: {"train"|"val"|"test": [[path, label, class name], ...]}."""
-    if not os.path.isfile(split_file):
-        fail(f"{split_file}: split file not found")
-    try:
-        with open(split_file, encoding="utf-8") as f:
-            split, splits = json.load(f), ("train", "val", "test")
-        data = {s: [(os.path.join(image_root, p), int(y)) for p, y, _ in split[s]] for s in splits}
-        names = {int(y): c for _, y, c in split["train"]}
-    except (ValueError, KeyError, TypeError) as e:
-        fail(f"{split_file}: not a CoOp split file ({e!r}); expected train/val/test lists")
-    if sorted(names) != list(range(len(names))):
-        fail(f"{split_file}: the training labels are not 0..n-1; every class needs training images")
-    data["classnames"] = [names[y].replace("_", " ") for y in range(len(names))]
-    if data["train"] and not os.path.isfile(data["train"][0][0]):
-        fail(f"{data['train'][0][0]}: image not found; is --data the image root of {split_file}?")
-    return data
-
-
 def load_dataset(root, split_file=None, classnames_file=None):
-    """-> {"train", "val", "test": [(path, label)], "classnames": [name]}; missing splits: []."""
+    """ImageFolder roots root/{train,val,test}/<class>/<image>, or CoOp's split_zhou_<Name>.json
+    ({"train"|"val"|"test": [[path, label, class name]]}, paths relative to root) -> {"train",
+    "val", "test": [(path, label)], "classnames": [name]}; a missing split is []."""
     if split_file:
-        return read_split_file(split_file, root)
-    if classnames_file is None and os.path.isfile(os.path.join(root, "classnames.txt")):
-        classnames_file = os.path.join(root, "classnames.txt")
-    names = read_classnames(classnames_file) if classnames_file else None
+        try:
+            split = json.load(open(split_file, encoding="utf-8"))
+            data = {s: [(os.path.join(root, p), int(y)) for p, y, _ in split[s]] for s in split}
+            names = {int(y): c.replace("_", " ") for _, y, c in split["train"]}
+            data["classnames"] = [names[y] for y in range(len(names))]  # KeyError: labels 0..n-1
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            fail(f"{split_file}: not a CoOp split file with train labels 0..n-1 ({e!r})")
+        if data["train"] and not os.path.isfile(data["train"][0][0]):
+            fail(f"{data['train'][0][0]}: not found; is --data the image root of {split_file}?")
+        return data
+    names = os.path.join(root, "classnames.txt") if classnames_file is None else classnames_file
+    names = read_classnames(names) if classnames_file or os.path.isfile(names) else None
     if not os.path.isdir(os.path.join(root, "test")):
         what = "no test/ folder" if os.path.isdir(root) else "folder not found"
         fail(f"{root}: {what}; expected {root}/train/<class>/<image> and {root}/test/...")
@@ -1107,29 +1093,23 @@ def load_dataset(root, split_file=None, classnames_file=None):
 
 def load_eval_set(root):
     """An --eval-data set <root>/[test/]<class>/<image> -> (name, items, class names)."""
-    root = os.path.normpath(root)
-    if os.path.basename(root) == "test":  # name a test/ folder after its dataset
-        root = os.path.dirname(root)
-    names_file = os.path.join(root, "classnames.txt")
-    names = read_classnames(names_file) if os.path.isfile(names_file) else None
+    root = os.path.normpath(root).removesuffix(f"{os.sep}test")  # named after its dataset
+    names = os.path.join(root, "classnames.txt")
+    names = read_classnames(names) if os.path.isfile(names) else None
     folder = os.path.join(root, "test") if os.path.isdir(os.path.join(root, "test")) else root
     return (os.path.basename(root), *read_image_folder(folder, names))
 
 
 def sample_few_shot(items, shots, seed):
-    """Dassl's rule: per class, `shots` items without replacement; a smaller class keeps all."""
-    rng, by_class, sampled = random.Random(seed), {}, []
+    """Per class, `shots` items drawn without replacement (seeded); a smaller class keeps all."""
+    rng, by_class = random.Random(seed), {}
     for item in items:
         by_class.setdefault(item[1], []).append(item)
-    for group in by_class.values():
-        sampled += rng.sample(group, min(shots, len(group)))
     short = [f"{os.path.dirname(g[0][0])} ({len(g)})" for g in by_class.values() if len(g) < shots]
     if short:
-        print(
-            f"warning: fewer than {shots} training images in {len(short)} classes, all of them "
-            f"are used: {', '.join(short[:5])}"
-        )
-    return sampled
+        print(f"warning: fewer than {shots} training images in {len(short)} classes (all used):",
+              *short[:5])  # fmt: skip
+    return [x for group in by_class.values() for x in rng.sample(group, min(shots, len(group)))]
 
 
 def subsample_classes(data, which):
@@ -1140,13 +1120,13 @@ def subsample_classes(data, which):
     m = math.ceil(len(labels) / 2)
     relabel = {y: i for i, y in enumerate(labels[:m] if which == "base" else labels[m:])}
     out = {
-        s: [(p, relabel[y]) for p, y in data[s] if y in relabel] for s in ("train", "val", "test")
+        s: [(p, relabel[y]) for p, y in data[s] if y in relabel] for s in ["train", "val", "test"]
     }
     return dict(out, classnames=[data["classnames"][y] for y in relabel])
 
 
 def check_images(items, full=True):
-    """Open every image once now, so an unreadable file stops the run before any long work."""
+    """Open every image now (and decode it if full): a bad file stops the run before long work."""
     not_rgb = 0
     for path, _ in items:
         try:
@@ -1163,7 +1143,7 @@ def check_images(items, full=True):
 def load_task(args, shots=None):
     """The run's data, checked before anything slow -> (dataset name, {"train", "val", "test",
     "classnames"} of the trained classes, {test set name: (items, class names)}). Few-shot
-    sampling (train, seeded) happens before the base/new split, as in the papers."""
+    sampling (seeded) comes before the base/new split, as in the papers."""
     data = load_dataset(args.data, args.split_file, args.classnames)
     if shots:
         data["train"] = sample_few_shot(data["train"], shots, args.seed)
@@ -1180,74 +1160,54 @@ def load_task(args, shots=None):
         check_images(items, full=False)
     name = os.path.basename(os.path.normpath(args.data))
     if args.split_file:
-        name = os.path.basename(args.split_file)[: -len(".json")].replace("split_zhou_", "")
+        name = os.path.basename(args.split_file).removesuffix(".json").replace("split_zhou_", "")
     return name, part, test_sets
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """(path, label) items -> (transformed image, label). With cache_bytes, decoded images stay in
-    memory up to that many bytes; the (random) transform still runs on every read."""
+    """(path, label) items -> (transformed RGB image, label)."""
 
-    def __init__(self, items, transform, cache_bytes=0):
-        self.items, self.transform, self.cache, self.room = items, transform, {}, cache_bytes
+    def __init__(self, items, transform):
+        self.items, self.transform = items, transform
 
     def __len__(self):
         return len(self.items)
 
     def __getitem__(self, i):
         path, label = self.items[i]
-        image = self.cache.get(i)
-        if image is None:
-            try:
-                image = Image.open(path).convert("RGB")  # grayscale, RGBA, palette -> RGB
-            except (OSError, ValueError) as e:
-                raise OSError(f"{path}: cannot read this image ({e}); replace or delete it") from e
-            if image.width * image.height * 3 <= self.room:
-                self.cache[i], self.room = image, self.room - image.width * image.height * 3
+        try:
+            image = Image.open(path).convert("RGB")  # grayscale, RGBA, palette -> RGB
+        except (OSError, ValueError) as e:
+            raise OSError(f"{path}: cannot read this image ({e}); replace or delete it") from e
         return self.transform(image), label
 
 
 def train_transform(n_px, min_scale=0.08):
-    """CoOp/Dassl: random resized crop (area min_scale-1, 0.08 in the papers; bicubic),
-    horizontal flip, CLIP normalisation."""
-    import torchvision.transforms as T  # torchvision comes with the clip package
-
+    """CoOp's: random resized crop (area min_scale-1, bicubic), flip, CLIP's normalisation."""
     crop = T.RandomResizedCrop(n_px, (min_scale, 1.0), interpolation=T.InterpolationMode.BICUBIC)
-    return T.Compose(
-        [crop, T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)]
-    )
+    flip, normalize = T.RandomHorizontalFlip(), T.Normalize(CLIP_MEAN, CLIP_STD)
+    return T.Compose([crop, flip, T.ToTensor(), normalize])
 
 
 def test_transform(n_px):
-    """CLIP's own preprocess: shorter side to n_px (bicubic), centre crop, CLIP normalisation."""
-    import torchvision.transforms as T
-
+    """CLIP's own preprocess: shorter side to n_px (bicubic), centre crop, CLIP's normalisation."""
     resize = T.Resize(n_px, interpolation=T.InterpolationMode.BICUBIC)
     return T.Compose([resize, T.CenterCrop(n_px), T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
 
 
-def make_loader(
-    items, transform, batch_size, workers, shuffle=False, drop_last=False, generator=None
-):
-    # A training set (shuffle) is read every epoch: without worker processes (which would each hold
-    # a copy), its decoded images stay in memory, up to 1 GiB. Same batches, less decoding.
-    dataset = ImageDataset(items, transform, 2**30 if shuffle and workers == 0 else 0)
-    options = dict(num_workers=workers, drop_last=drop_last, generator=generator)
-    return torch.utils.data.DataLoader(
-        dataset, batch_size, shuffle, pin_memory=torch.cuda.is_available(), **options
-    )
+def make_loader(items, transform, batch_size, workers, device, shuffle=False, drop_last=False,
+                generator=None):  # fmt: skip
+    """Batches of `items` read by `workers` processes, pinned for a CUDA device."""
+    options = dict(num_workers=workers, pin_memory=torch.device(device).type == "cuda")
+    dataset = ImageDataset(items, transform)
+    return torch.utils.data.DataLoader(dataset, batch_size, shuffle, generator=generator,
+                                       drop_last=drop_last, **options)  # fmt: skip
 
 
-# --- end shared: data ---
-
-
-# --- shared: clip (canonical copy in coop.py; re-sync with tools/sync_shared.py) ---
 def load_clip(backbone, device, precision):
     """CLIP by name or checkpoint path, frozen, in eval mode; fp32 weights unless precision fp16.
-
     openai-clip 1.0.1 reads a plain state-dict file wrongly (after its TorchScript attempt it does
-    not rewind the file), so such files are read here with torch.load and clip's build_model.
-    """
+    not rewind the file), so such files are read here with torch.load and clip's build_model."""
     if backbone not in clip.available_models() and not os.path.isfile(backbone):
         names = ", ".join(clip.available_models())
         fail(f"unknown backbone {backbone!r}: use one of {names}, or a CLIP checkpoint's path")
@@ -1257,16 +1217,13 @@ def load_clip(backbone, device, precision):
             model = clip.load(backbone, device="cpu", jit=False)[0].float()
     except Exception as e:
         if not os.path.isfile(backbone):
-            fail(
-                f"could not load {backbone} ({e}); without internet, put OpenAI's file in "
-                "~/.cache/clip or pass its path with --backbone"
-            )
+            fail(f"could not load {backbone} ({e}); offline, pass the downloaded file's path")
         try:
             state_dict = torch.load(backbone, map_location="cpu", weights_only=True)
             model = clip.model.build_model(dict(state_dict)).float()
+            model.load_state_dict(state_dict)  # build_model rounds to fp16: undo that
         except Exception as e2:
             fail(f"{backbone}: not a CLIP checkpoint (TorchScript archive or state dict): {e2}")
-        model.load_state_dict(state_dict)  # build_model rounds to fp16: undo that
     if precision == "fp16":  # CLIP's own fp16 layout (LayerNorm and embeddings stay fp32)
         clip.model.convert_weights(model)
     return model.requires_grad_(False).eval().to(device)
@@ -1282,10 +1239,6 @@ def tokenize(clip_model, texts):
     return clip.tokenize(texts, context_length=clip_model.context_length)
 
 
-# --- end shared: clip ---
-
-
-# --- shared: evaluation (canonical copy in coop.py; re-sync with tools/sync_shared.py) ---
 @torch.no_grad()
 def encode_images(encode, loader, device, precision):
     """L2-normalised image features (N, D) in fp32 and labels (N,) of a whole test set."""
@@ -1297,19 +1250,11 @@ def encode_images(encode, loader, device, precision):
     return torch.cat(features), torch.cat(labels)
 
 
-def accuracy(logits, labels):
-    """Top-1 accuracy in percent over the whole set (micro average, as in the papers)."""
-    return 100.0 * (logits.argmax(dim=-1) == labels).float().mean().item()
-
-
 @torch.no_grad()
-def text_features(clip_model, texts, batch_size=1000):
-    """L2-normalised CLIP text features of plain texts, (N, D) in fp32."""
-    encoder, device, out = TextEncoder(clip_model), clip_model.positional_embedding.device, []
-    for i in range(0, len(texts), batch_size):
-        tokens = tokenize(clip_model, texts[i : i + batch_size]).to(device)
-        out.append(F.normalize(encoder(clip_model.token_embedding(tokens), tokens).float(), dim=-1))
-    return torch.cat(out)
+def text_features(clip_model, texts):
+    """L2-normalised text features (N, D) in fp32, by CLIP's own encode_text (77 positions)."""
+    tokens = tokenize(clip_model, texts).to(clip_model.positional_embedding.device)
+    return F.normalize(clip_model.encode_text(tokens).float(), dim=-1)
 
 
 def zeroshot_classifier(clip_model, classnames, templates):
@@ -1318,10 +1263,11 @@ def zeroshot_classifier(clip_model, classnames, templates):
     return F.normalize(torch.stack(per_template).mean(dim=0), dim=-1)  # (n_cls, D)
 
 
-# --- end shared: evaluation ---
+def accuracy(logits, labels):
+    """Top-1 accuracy in percent over the whole set (micro average, as in the papers)."""
+    return 100.0 * (logits.argmax(dim=-1) == labels).float().mean().item()
 
 
-# --- shared: run folder (canonical copy in coop.py; re-sync with tools/sync_shared.py) ---
 def save(path, obj):
     """Write atomically (a temporary file in the same folder, then a rename), so that a crash never
     leaves half a file: text for a str, JSON for a .json path, torch.save otherwise."""
@@ -1338,15 +1284,6 @@ def save(path, obj):
             os.remove(tmp)
 
 
-def load_checkpoint(path):
-    if not os.path.isfile(path):
-        fail(f"{path}: checkpoint not found")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        fail(f"{path}: not a checkpoint written by this project ({e})")
-
-
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
@@ -1358,22 +1295,8 @@ def peak_mib(device, reset=False):
     if device.type != "cuda":
         return None
     peak = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
-    if reset:
-        torch.cuda.reset_peak_memory_stats(device)
+    torch.cuda.reset_peak_memory_stats(device) if reset else None
     return peak
-
-
-def run_info(device):
-    """Where and with what a run ran, for metrics.json."""
-    from importlib import metadata
-
-    try:
-        clip_version = "openai-clip " + metadata.version("openai-clip")
-    except metadata.PackageNotFoundError:  # clip installed from a git checkout
-        clip_version = "clip (not from PyPI)"
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    versions = dict(python=platform.python_version(), torch=torch.__version__, clip=clip_version)
-    return {"device": f"{name} ({os.cpu_count()} cores)", "versions": versions}
 
 
 def add_run_args(add, learned=True):
@@ -1389,16 +1312,23 @@ def add_run_args(add, learned=True):
         add("--resume", action="store_true", help="continue the run in --out after its last epoch")
 
 
-def log_epoch(run_dir, device, epoch, epochs, seconds, n_images, **values):
-    """One line of log.jsonl per epoch, and on the screen: the mean of each per-step value, the
-    speed (images per second) and, on CUDA, the peak memory of the epoch."""
-    record = {"epoch": epoch, **{k: float(np.mean(v)) for k, v in values.items()}}
-    record.update(seconds=round(seconds, 3), images_per_s=round(n_images / seconds, 1))
-    record["peak_mib"] = peak_mib(device)
-    with open(os.path.join(run_dir, "log.jsonl"), "a") as f:
-        f.write(json.dumps(record) + "\n")
-    shown = "  ".join(f"{k} {record[k]:.4g}" for k in values)
-    print(f"epoch {epoch}/{epochs}  {shown}  {seconds:.1f}s  {record['images_per_s']} img/s")
+def parse(parser, argv, presets, method):
+    """Parse the command line; each option left out takes the preset of `method(args)` (the papers'
+    settings; --help lists them as the defaults); a CUDA device must exist."""
+    for action in parser._actions:
+        values = {m: p[action.dest] for m, p in presets.items() if action.dest in p}
+        if values:  # no single default: --help lists each method's, the namespace gets none
+            show = lambda v: v.__doc__ if callable(v) else repr(v)
+            action.help += " (" + "; ".join(f"{m}: {show(v)}" for m, v in values.items()) + ")"
+            action.default = argparse.SUPPRESS
+    args = parser.parse_args(argv)
+    for key, value in presets[method(args)].items():
+        if not hasattr(args, key):
+            setattr(args, key, value(args) if callable(value) else value)
+    args.precision = args.precision or ("amp" if args.device.startswith("cuda") else "fp32")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        fail(f"--device {args.device}: CUDA is not available here; use --device cpu")
+    return args
 
 
 def finish_run(run_dir, args, method, dataset, zero_shot, accuracy, **extra):
@@ -1411,43 +1341,70 @@ def finish_run(run_dir, args, method, dataset, zero_shot, accuracy, **extra):
         base, new = accuracy["test"], accuracy["new"]
         metrics["harmonic_mean"] = 2 * base * new / (base + new)
         hm = f" H={metrics['harmonic_mean']:.2f}"
-    metrics.update(extra, peak_mib=peak_mib(device), **run_info(device))
-    save(os.path.join(run_dir, "metrics.json"), metrics)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    metrics.update(extra, peak_mib=peak_mib(device), device=f"{name} ({os.cpu_count()} cores)")
+    save(os.path.join(run_dir, "metrics.json"), dict(metrics, torch=torch.__version__))
     acc, zs = [" ".join(f"{k}={v:.2f}" for k, v in d.items()) for d in (accuracy, zero_shot)]
-    speed = f" | {extra['images_per_s']:.1f} img/s" if extra.get("images_per_s") else ""
-    peak = f", peak {metrics['peak_mib']:.0f} MiB" if metrics["peak_mib"] else ""
-    print(
-        f"{method} {dataset} shots={metrics['shots']} seed={args.seed}: accuracy {acc}{hm} | "
-        f"zero-shot {zs}{speed}{peak} | {run_dir}/metrics.json"
-    )
+    print(f"{method} {dataset} shots={metrics['shots']} seed={args.seed}: accuracy {acc}{hm} | "
+          f"zero-shot {zs} | {run_dir}/metrics.json")  # fmt: skip
     return metrics
 
 
-# --- end shared: run folder ---
+# --- end shared: appendix ---
 
 
-# --- shared: checkpoint (canonical copy in coop.py; re-sync with tools/sync_shared.py) ---
+# --- shared: training (canonical copy in coop.py; re-sync with tools/sync_shared.py) ---
+def epochs_for_shots(args):
+    """50/100/200 for 1/2-4/8-16 shots (CoOp's configs)"""
+    return 50 if args.shots <= 1 else 100 if args.shots <= 4 else 200
+
+
+def lr_at_epoch(epoch, base_lr, epochs, warmup_lr=1e-5):
+    """The CoOp code's schedule (from its Dassl library), set once per epoch: the first epoch runs
+    at warmup_lr, then a cosine starts afresh over `epochs`, so it never quite reaches 0."""
+    if epoch == 0:
+        return warmup_lr
+    return 0.5 * base_lr * (1 + math.cos(math.pi * (epoch - 1) / epochs))
+
+
+def log_epoch(run_dir, device, epoch, epochs, seconds, n_images, **values):
+    """One line of log.jsonl per epoch, and on the screen: the mean of each per-step value, the
+    speed (images per second) and, on CUDA, the peak memory of the epoch."""
+    record = {"epoch": epoch, **{k: float(np.mean(v)) for k, v in values.items()}}
+    record.update(seconds=round(seconds, 3), images_per_s=round(n_images / seconds, 1))
+    with open(os.path.join(run_dir, "log.jsonl"), "a") as f:
+        f.write(json.dumps(dict(record, peak_mib=peak_mib(device))) + "\n")
+    shown = "  ".join(f"{k} {record[k]:.4g}" for k in values)
+    print(f"epoch {epoch}/{epochs}  {shown}  {seconds:.1f}s  {record['images_per_s']} img/s")
+
+
 def learned_state(model):
     """The parameters a method learns (requires_grad): all that a checkpoint holds of the model."""
     return {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
 
 
+def load_checkpoint(path):
+    if not os.path.isfile(path):
+        fail(f"{path}: checkpoint not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        fail(f"{path}: not a checkpoint written by this project ({e})")
+
+
 def load_learned(model, checkpoint, path, config):
     """Copy the learned parameters of `checkpoint` into `model`, after checking that it was written
-    by the same method and that every tensor has the shape this run learns."""
+    with the same options (the backbone's name aside) and holds every tensor this run learns."""
     theirs, mine = checkpoint["state"], learned_state(model)
-    fits = set(theirs) == set(mine) and all(theirs[k].shape == mine[k].shape for k in mine)
-    if checkpoint.get("config", {}).get("method") != config["method"] or not fits:
-        shapes = lambda state: {k: tuple(v.shape) for k, v in state.items()}
-        fail(
-            f"{path} does not fit this run: it was written with {checkpoint.get('config')} and "
-            f"holds {shapes(theirs)}; this run ({config}) learns {shapes(mine)}; use the options "
-            "it was written with"
-        )
+    shapes = lambda state: {k: tuple(v.shape) for k, v in state.items()}
+    options = lambda c: {k: v for k, v in (c or {}).items() if k != "backbone"}
+    if options(checkpoint.get("config")) != options(config) or shapes(theirs) != shapes(mine):
+        fail(f"{path} does not fit this run: it holds {shapes(theirs)}, written with "
+             f"{checkpoint.get('config')}; this run ({config}) learns {shapes(mine)}")  # fmt: skip
     model.load_state_dict(theirs, strict=False)
 
 
-# --- end shared: checkpoint ---
+# --- end shared: training ---
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """CLIP-Adapter, Tip-Adapter(-F), the linear probe: the properties the papers and code give them."""
 
+import argparse
 import json
 import math
 import os
@@ -180,7 +181,13 @@ def test_an_epoch_shows_every_image_once_as_one_of_its_views():
 def test_schedule_is_coops():
     assert ad.lr_at_epoch(0, 0.002, 50) == 1e-5 and ad.lr_at_epoch(1, 0.002, 50) == 0.002
     assert math.isclose(ad.lr_at_epoch(49, 0.002, 50), 7.885e-6, rel_tol=1e-3)
-    assert [ad.epochs_for_shots(k) for k in (1, 2, 4, 8, 16)] == [50, 100, 100, 200, 200]
+    assert [ad.epochs_for_shots(argparse.Namespace(shots=k)) for k in (1, 2, 4, 8, 16)] == [
+        50,
+        100,
+        100,
+        200,
+        200,
+    ]
 
 
 # --- the feature cache ----------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """CoOp and CoCoOp: the properties the papers and the reference code give them."""
 
+import argparse
 import json
 import math
 import subprocess
@@ -40,9 +41,9 @@ def test_word_init_gives_exactly_the_zero_shot_logits():
             model.encode_text(coop.tokenize(model, [f"a photo of a {c}." for c in NAMES])), dim=-1
         )
     torch.testing.assert_close(logits, zero_shot, atol=1e-5, rtol=1e-5)  # the shared-prefix encoder
-    cc.shared_prefix = False  # the cut encoder is the very same computation as text_features
+    cc.shared_prefix = False  # the cut encoder: CLIP's 77 positions cut after the last EOT
     with torch.no_grad():
-        assert torch.equal(cc(image_features), zero_shot)
+        torch.testing.assert_close(cc(image_features), zero_shot, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(
         logits, model.logit_scale.exp() * image_features @ ensemble_of_one.t()
     )
@@ -89,7 +90,7 @@ def test_class_specific_context_from_words_gives_every_class_its_own_copy():
     texts = [f"a photo of a {c}." for c in NAMES]
     with torch.no_grad():  # it starts at the zero-shot prompt, and each class learns its own
         expected = model.logit_scale.exp() * f @ coop.text_features(model, texts).t()
-        assert torch.equal(cc(f), expected)
+        torch.testing.assert_close(cc(f), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_model_code_raises_value_error_and_the_command_line_a_clear_exit(
@@ -179,7 +180,13 @@ def test_schedule_matches_the_reference_learning_rates():
     assert all(math.isclose(a, b, rel_tol=2e-3) for a, b in zip(cocoop, expected))
     assert math.isclose(coop.lr_at_epoch(199, 0.002, 200), 4.934e-7, rel_tol=1e-3)
     assert math.isclose(coop.lr_at_epoch(49, 0.002, 50), 7.885e-6, rel_tol=1e-3)
-    assert [coop.epochs_for_shots(k) for k in (1, 2, 4, 8, 16)] == [50, 100, 100, 200, 200]
+    assert [coop.epochs_for_shots(argparse.Namespace(shots=k)) for k in (1, 2, 4, 8, 16)] == [
+        50,
+        100,
+        100,
+        200,
+        200,
+    ]
 
 
 # --- end to end through the command line ----------------------------------------------------------
@@ -198,7 +205,7 @@ def test_command_line_base_to_new_with_eval_data(tiny_ckpt, tiny_data, shifted_d
         .startswith("coop colours shots=2 seed=1: accuracy test=")
     )
     assert set(metrics) >= {"method", "backbone", "dataset", "shots", "seed", "zero_shot",
-        "accuracy", "harmonic_mean", "epochs", "train_seconds", "device", "versions"}  # fmt: skip
+        "accuracy", "harmonic_mean", "epochs", "train_seconds", "device", "torch"}  # fmt: skip
     assert set(metrics["accuracy"]) == set(metrics["zero_shot"]) == {"test", "new", "colours_small"}
     a = metrics["accuracy"]
     assert math.isclose(metrics["harmonic_mean"], 2 * a["test"] * a["new"] / (a["test"] + a["new"]))
@@ -334,9 +341,6 @@ def clip_with_text_width(width):
 def test_bad_options_are_refused(tiny_ckpt, tiny_data, tmp_path):
     with pytest.raises(SystemExit, match="--eval-only needs --load"):
         run(["--backbone", tiny_ckpt, "--data", tiny_data, "--eval-only", "--out", str(tmp_path)])
-    with pytest.raises(SystemExit, match="--resume.*not found"):
-        run(["--backbone", tiny_ckpt, "--data", tiny_data, "--resume", "--out",
-            str(tmp_path / "none")])  # fmt: skip
     with pytest.raises(SystemExit, match="unknown backbone"):
         run(["--backbone", "RN51", "--data", tiny_data, "--out", str(tmp_path)])
 

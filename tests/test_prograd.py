@@ -106,7 +106,7 @@ def test_template_init_is_right_aligned_with_zeros_before():
 def test_teacher_logits_equal_zeroshot(tiny_ckpt, tiny_data):
     model = zeroshot.load_clip(tiny_ckpt, torch.device("cpu"), "fp32")
     data = zeroshot.load_dataset(tiny_data)
-    loader = zeroshot.make_loader(data["test"], zeroshot.test_transform(32), 4, 0)
+    loader = zeroshot.make_loader(data["test"], zeroshot.test_transform(32), 4, 0, "cpu")
     f, _ = zeroshot.encode_images(model.encode_image, loader, torch.device("cpu"), "fp32")
     template = prograd.resolve_template("OxfordPets")
     assert template == "a type of pet, a photo of a {}."

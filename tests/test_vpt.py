@@ -325,7 +325,7 @@ def test_resume_continues_exactly(tiny_vit_ckpt, tiny_data, tmp_path, monkeypatc
 
     def interrupted(*a):
         save(*a)
-        if a[4] == 2:
+        if a[5] == 2:
             raise KeyboardInterrupt  # the machine goes down after epoch 2
 
     monkeypatch.setattr(vpt, "save_progress", interrupted)
@@ -361,7 +361,7 @@ def test_bad_options_are_refused(tiny_ckpt, tiny_vit_ckpt, tiny_data, tmp_path):
             + common
         )
     run(["--backbone", tiny_vit_ckpt, "--out", str(tmp_path / "f")] + common)
-    with pytest.raises(SystemExit, match="holds prompts for --placement vpt"):  # same shapes
+    with pytest.raises(SystemExit, match="does not fit this run.*placement.: .vpt"):  # same shapes
         run(["--backbone", tiny_vit_ckpt, "--placement", "maple", "--eval-only",
             "--load", str(tmp_path / "f" / "checkpoint.pt"), "--out",
             str(tmp_path / "g")] + common)  # fmt: skip

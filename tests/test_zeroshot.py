@@ -50,7 +50,7 @@ def test_single_template_run_equals_the_classifier(tiny_ckpt, tiny_data, tmp_pat
     assert m["accuracy"] == m["zero_shot"]  # without an ensemble both are the one template
     model = zeroshot.load_clip(tiny_ckpt, torch.device("cpu"), "fp32")
     data = zeroshot.load_dataset(tiny_data)
-    loader = zeroshot.make_loader(data["test"], zeroshot.test_transform(32), 5, 0)
+    loader = zeroshot.make_loader(data["test"], zeroshot.test_transform(32), 5, 0, "cpu")
     features, labels = zeroshot.encode_images(
         model.encode_image, loader, torch.device("cpu"), "fp32"
     )
