@@ -831,6 +831,16 @@ def finish_run(run_dir, args, method, dataset, zero_shot, accuracy, **extra):
 
 
 # --- shared: training (canonical copy in coop.py; re-sync with tools/sync_shared.py) ---
+PREEMPTED = []  # SIGUSR1 lands here (see watch_preemption)
+
+
+def watch_preemption():
+    """From now on, SIGUSR1 (a cluster's warning before it stops the job, e.g. sbatch
+    --signal=USR1@120) is noted in PREEMPTED: the run stops at the next safe point (after saving
+    an epoch, or a test-time image's prediction), and the same command with --resume continues."""
+    signal.signal(signal.SIGUSR1, lambda signum, frame: PREEMPTED.append(signum))
+
+
 def epochs_for_shots(args):
     """50/100/200 for 1/2-4/8-16 shots (CoOp's configs)"""
     return 50 if args.shots <= 1 else 100 if args.shots <= 4 else 200
@@ -885,15 +895,6 @@ def load_learned(model, checkpoint, path, config):
 
 
 # --- shared: resume (canonical copy in coop.py; re-sync with tools/sync_shared.py) ---
-PREEMPTED = []  # SIGUSR1 lands here (see watch_preemption)
-
-
-def watch_preemption():
-    """SIGUSR1 (a cluster's warning before it stops the job, e.g. sbatch --signal=USR1@120) makes
-    save_progress exit after saving the epoch in progress; --resume continues from there."""
-    signal.signal(signal.SIGUSR1, lambda signum, frame: PREEMPTED.append(signum))
-
-
 def save_progress(run_dir, config, model, optimizer, scaler, epoch, train_seconds, generator):
     """checkpoint.pt after each epoch: what --resume needs to continue exactly where it stopped."""
     rng = {"torch": torch.get_rng_state(), "loader": generator.get_state()}

@@ -49,6 +49,7 @@ import json
 import math
 import os
 import random
+import signal
 import time
 import warnings
 from contextlib import nullcontext
@@ -1354,6 +1355,16 @@ def finish_run(run_dir, args, method, dataset, zero_shot, accuracy, **extra):
 
 
 # --- shared: training (canonical copy in coop.py; re-sync with tools/sync_shared.py) ---
+PREEMPTED = []  # SIGUSR1 lands here (see watch_preemption)
+
+
+def watch_preemption():
+    """From now on, SIGUSR1 (a cluster's warning before it stops the job, e.g. sbatch
+    --signal=USR1@120) is noted in PREEMPTED: the run stops at the next safe point (after saving
+    an epoch, or a test-time image's prediction), and the same command with --resume continues."""
+    signal.signal(signal.SIGUSR1, lambda signum, frame: PREEMPTED.append(signum))
+
+
 def epochs_for_shots(args):
     """50/100/200 for 1/2-4/8-16 shots (CoOp's configs)"""
     return 50 if args.shots <= 1 else 100 if args.shots <= 4 else 200
