@@ -45,6 +45,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision
 import torchvision.transforms as T
 from PIL import Image
 
@@ -466,15 +467,8 @@ def shared_prefix(encoder, prefix, suffix, tokenized, deep=()):
 
 # --- shared: appendix (canonical copy in coop.py; re-sync with tools/sync_shared.py) ---
 # Appendix: the plumbing, the same in every method file (tools/sync_shared.py keeps the copies
-# identical; a reader who knows it from one file can skip it in every other).
-#   data        ImageFolder roots and CoOp's split files, few-shot sampling, the base/new split,
-#               load_task (every check of bad input, before any long work), transforms, loader
-#   clip        load_clip (names, TorchScript archives, state dicts), autocast, tokenize, the
-#               frozen features, the zero-shot classifier, accuracy
-#   run folder  atomic save, seeds, the shared options and presets, metrics.json
-# Then, in the files that learn: training (schedule, log.jsonl, checkpoints); in those that train
-# for epochs: resume (--resume, SIGUSR1).
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+# identical): data and its checks, loading CLIP, frozen features, the run folder and options. The
+# files that learn add the training block (schedule, log, checkpoints), and resume.
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 
@@ -483,42 +477,28 @@ def fail(message):
     raise SystemExit(f"error: {message}")
 
 
-def read_classnames(path):
-    """classnames.txt: one 'folder<TAB or space>readable name' per line -> {folder: name}."""
-    if not os.path.isfile(path):
-        fail(f"{path}: class-name file not found")
-    with open(path, encoding="utf-8") as f:
-        lines = [line.strip().replace("\t", " ").partition(" ") for line in f]
-    bad = [i for i, (folder, _, name) in enumerate(lines, 1) if folder and not name.strip()]
-    if bad:
-        fail(f"{path}:{bad[0]}: expected 'folder<TAB>readable name'")
-    return {folder: name.strip() for folder, _, name in lines if folder}
-
-
-def read_image_folder(root, classnames=None):
-    """root/<class folder>/<image> (ImageFolder's layout) -> ([(path, label)], [class name])."""
-    if not os.path.isdir(root):
-        fail(f"{root}: folder not found; expected <root>/<class folder>/<image files>")
-    folders = [d for d in sorted(os.listdir(root)) if os.path.isdir(os.path.join(root, d))]
-    folders, items = [d for d in folders if not d.startswith(".")], []
-    if not folders:
-        fail(f"{root}: no class folders in it; expected <root>/<class folder>/<image files>")
-    for label, folder in enumerate(folders):
-        files = sorted(os.listdir(os.path.join(root, folder)))
-        files = [f for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
-        if not files:
-            fail(f"{os.path.join(root, folder)}: class folder has no images; add some or remove it")
-        items += [(os.path.join(root, folder, f), label) for f in files]
-    missing = sorted(set(folders) - set(classnames or folders))
-    if missing:
-        fail(f"--classnames has no line for the folders {missing[:5]} of {root}")
-    return items, [classnames[d] if classnames else d.replace("_", " ") for d in folders]
+def read_image_folder(root, names_file=None):
+    """root/<class folder>/<image> (torchvision's ImageFolder layout) -> ([(path, label)], [class
+    name]). The names are the folders' ('_' -> ' ') or names_file's: 'folder<TAB>name' per line."""
+    try:
+        found = torchvision.datasets.ImageFolder(root)  # sorted class folders, image files only
+    except (FileNotFoundError, OSError) as e:
+        fail(f"{root}: {e}; expected {root}/<class folder>/<image files>")
+    names = {d: d.replace("_", " ") for d in found.classes}
+    if names_file:
+        with open(names_file, encoding="utf-8") as f:
+            names = dict(line.strip().split(maxsplit=1) for line in f if len(line.split()) > 1)
+        if set(found.classes) - set(names):
+            missing = sorted(set(found.classes) - set(names))[:5]
+            fail(f"{names_file}: no 'folder<TAB>readable name' line for the folders {missing}")
+    return found.samples, [names[d] for d in found.classes]
 
 
 def load_dataset(root, split_file=None, classnames_file=None):
-    """ImageFolder roots root/{train,val,test}/<class>/<image>, or CoOp's split_zhou_<Name>.json
-    ({"train"|"val"|"test": [[path, label, class name]]}, paths relative to root) -> {"train",
-    "val", "test": [(path, label)], "classnames": [name]}; a missing split is []."""
+    """ImageFolder roots root/{train,val,test}/<class>/<image> (class names from classnames_file,
+    else root/classnames.txt if there is one), or CoOp's split_zhou_<Name>.json ({"train"|"val"|
+    "test": [[path under root, label, class name]]}) -> {"train", "val", "test": [(path, label)],
+    "classnames": [name]}; a missing split is []."""
     if split_file:
         try:
             split = json.load(open(split_file, encoding="utf-8"))
@@ -530,27 +510,28 @@ def load_dataset(root, split_file=None, classnames_file=None):
         if data["train"] and not os.path.isfile(data["train"][0][0]):
             fail(f"{data['train'][0][0]}: not found; is --data the image root of {split_file}?")
         return data
-    names = os.path.join(root, "classnames.txt") if classnames_file is None else classnames_file
-    names = read_classnames(names) if classnames_file or os.path.isfile(names) else None
     if not os.path.isdir(os.path.join(root, "test")):
         what = "no test/ folder" if os.path.isdir(root) else "folder not found"
         fail(f"{root}: {what}; expected {root}/train/<class>/<image> and {root}/test/...")
-    data = {"train": [], "val": []}
-    data["test"], data["classnames"] = read_image_folder(os.path.join(root, "test"), names)
-    for split in [s for s in ("train", "val") if os.path.isdir(os.path.join(root, s))]:
-        data[split], split_names = read_image_folder(os.path.join(root, split), names)
-        if split_names != data["classnames"]:
+    if classnames_file and not os.path.isfile(classnames_file):
+        fail(f"{classnames_file}: class-name file not found")
+    names = classnames_file or os.path.join(root, "classnames.txt")
+    names = names if os.path.isfile(names) else None
+    data = {"train": [], "val": [], "classnames": None}
+    for split in [s for s in ("test", "train", "val") if os.path.isdir(os.path.join(root, s))]:
+        data[split], classnames = read_image_folder(os.path.join(root, split), names)
+        if data["classnames"] not in (None, classnames):
             fail(f"{root}/{split} and {root}/test have different class folders")
+        data["classnames"] = classnames
     return data
 
 
 def load_eval_set(root):
     """An --eval-data set <root>/[test/]<class>/<image> -> (name, items, class names)."""
     root = os.path.normpath(root).removesuffix(f"{os.sep}test")  # named after its dataset
-    names = os.path.join(root, "classnames.txt")
-    names = read_classnames(names) if os.path.isfile(names) else None
     folder = os.path.join(root, "test") if os.path.isdir(os.path.join(root, "test")) else root
-    return (os.path.basename(root), *read_image_folder(folder, names))
+    names = os.path.join(root, "classnames.txt")
+    return (os.path.basename(root), *read_image_folder(folder, os.path.isfile(names) and names))
 
 
 def sample_few_shot(items, shots, seed):
@@ -573,24 +554,19 @@ def subsample_classes(data, which):
     m = math.ceil(len(labels) / 2)
     relabel = {y: i for i, y in enumerate(labels[:m] if which == "base" else labels[m:])}
     out = {
-        s: [(p, relabel[y]) for p, y in data[s] if y in relabel] for s in ["train", "val", "test"]
+        s: [(p, relabel[y]) for p, y in data[s] if y in relabel] for s in ("train", "val", "test")
     }
     return dict(out, classnames=[data["classnames"][y] for y in relabel])
 
 
 def check_images(items, full=True):
     """Open every image now (and decode it if full): a bad file stops the run before long work."""
-    not_rgb = 0
     for path, _ in items:
         try:
             with Image.open(path) as image:
-                not_rgb += image.mode != "RGB"
-                if full:  # decode the pixels too (done for the small few-shot training set)
-                    image.load()
+                image.load() if full else None  # the few-shot training images: decode them too
         except (OSError, ValueError) as e:
             fail(f"{path}: cannot read this image ({e}); replace or delete the file")
-    if not_rgb:
-        print(f"note: {not_rgb} images are grayscale, RGBA or palette images; they become RGB")
 
 
 def load_task(args, shots=None):
@@ -618,7 +594,7 @@ def load_task(args, shots=None):
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """(path, label) items -> (transformed RGB image, label)."""
+    """(path, label) items -> (transformed image, label); grayscale, RGBA and palette become RGB."""
 
     def __init__(self, items, transform):
         self.items, self.transform = items, transform
@@ -627,12 +603,7 @@ class ImageDataset(torch.utils.data.Dataset):
         return len(self.items)
 
     def __getitem__(self, i):
-        path, label = self.items[i]
-        try:
-            image = Image.open(path).convert("RGB")  # grayscale, RGBA, palette -> RGB
-        except (OSError, ValueError) as e:
-            raise OSError(f"{path}: cannot read this image ({e}); replace or delete it") from e
-        return self.transform(image), label
+        return self.transform(Image.open(self.items[i][0]).convert("RGB")), self.items[i][1]
 
 
 def train_transform(n_px, min_scale=0.08):
@@ -651,10 +622,9 @@ def test_transform(n_px):
 def make_loader(items, transform, batch_size, workers, device, shuffle=False, drop_last=False,
                 generator=None):  # fmt: skip
     """Batches of `items` read by `workers` processes, pinned for a CUDA device."""
-    options = dict(num_workers=workers, pin_memory=torch.device(device).type == "cuda")
-    dataset = ImageDataset(items, transform)
-    return torch.utils.data.DataLoader(dataset, batch_size, shuffle, generator=generator,
-                                       drop_last=drop_last, **options)  # fmt: skip
+    pin = torch.device(device).type == "cuda"
+    return torch.utils.data.DataLoader(ImageDataset(items, transform), batch_size, shuffle,
+        num_workers=workers, pin_memory=pin, drop_last=drop_last, generator=generator)  # fmt: skip
 
 
 def load_clip(backbone, device, precision):
@@ -787,19 +757,19 @@ def parse(parser, argv, presets, method):
 def finish_run(run_dir, args, method, dataset, zero_shot, accuracy, **extra):
     """Write metrics.json (the zero-shot baseline and the method's accuracy on every test set,
     base/new/H, how and where it ran) and print its one-line summary, the run's last line."""
-    device, hm = torch.device(args.device), ""
+    device = torch.device(args.device)
     metrics = dict(method=method, backbone=args.backbone, dataset=dataset, seed=args.seed)
     metrics.update(shots=getattr(args, "shots", 0), zero_shot=zero_shot, accuracy=accuracy)
     if "new" in accuracy:  # [CoCoOp] H = 2 * base * new / (base + new)
         base, new = accuracy["test"], accuracy["new"]
         metrics["harmonic_mean"] = 2 * base * new / (base + new)
-        hm = f" H={metrics['harmonic_mean']:.2f}"
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    metrics.update(extra, peak_mib=peak_mib(device), device=f"{name} ({os.cpu_count()} cores)")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    metrics.update(extra, peak_mib=peak_mib(device), device=f"{where} ({os.cpu_count()} cores)")
     save(os.path.join(run_dir, "metrics.json"), dict(metrics, torch=torch.__version__))
-    acc, zs = [" ".join(f"{k}={v:.2f}" for k, v in d.items()) for d in (accuracy, zero_shot)]
-    print(f"{method} {dataset} shots={metrics['shots']} seed={args.seed}: accuracy {acc}{hm} | "
-          f"zero-shot {zs} | {run_dir}/metrics.json")  # fmt: skip
+    shown = [" ".join(f"{k}={v:.2f}" for k, v in d.items()) for d in (accuracy, zero_shot)]
+    hm = f" H={metrics['harmonic_mean']:.2f}" if "new" in accuracy else ""
+    print(f"{method} {dataset} shots={metrics['shots']} seed={args.seed}: accuracy {shown[0]}{hm}"
+          f" | zero-shot {shown[1]} | {run_dir}/metrics.json")  # fmt: skip
     return metrics
 
 
@@ -807,13 +777,12 @@ def finish_run(run_dir, args, method, dataset, zero_shot, accuracy, **extra):
 
 
 # --- shared: training (canonical copy in coop.py; re-sync with tools/sync_shared.py) ---
-PREEMPTED = []  # SIGUSR1 lands here (see watch_preemption)
+PREEMPTED = []  # SIGUSR1 lands here: stop at the next safe point (after an epoch or an image)
 
 
 def watch_preemption():
-    """From now on, SIGUSR1 (a cluster's warning before it stops the job, e.g. sbatch
-    --signal=USR1@120) is noted in PREEMPTED: the run stops at the next safe point (after saving
-    an epoch, or a test-time image's prediction), and the same command with --resume continues."""
+    """SIGUSR1, a cluster's warning before it stops a job (sbatch --signal=USR1@120), is noted in
+    PREEMPTED; the run then stops after saving, and the same command with --resume continues."""
     signal.signal(signal.SIGUSR1, lambda signum, frame: PREEMPTED.append(signum))
 
 
@@ -872,38 +841,36 @@ def load_learned(model, checkpoint, path, config):
 
 # --- shared: resume (canonical copy in coop.py; re-sync with tools/sync_shared.py) ---
 def save_progress(run_dir, config, model, optimizer, scaler, epoch, train_seconds, generator):
-    """checkpoint.pt after each epoch: what --resume needs to continue exactly where it stopped."""
+    """checkpoint.pt after each epoch: what --resume needs to continue exactly where it stopped,
+    the log so far included (a run killed between an epoch's log line and its checkpoint resumes
+    with the log that matches the checkpoint)."""
     rng = {"torch": torch.get_rng_state(), "loader": generator.get_state()}
     if torch.cuda.is_initialized():  # dropout masks drawn on the GPU
         rng["cuda"] = torch.cuda.get_rng_state_all()
     state = dict(config=config, state=learned_state(model), optimizer=optimizer.state_dict())
     state.update(scaler=scaler.state_dict(), epoch=epoch, train_seconds=train_seconds, rng=rng)
+    state["log"] = open(os.path.join(run_dir, "log.jsonl")).read()
     save(os.path.join(run_dir, "checkpoint.pt"), state)
     if PREEMPTED:
         raise SystemExit(f"stopped by SIGUSR1 after epoch {epoch}; rerun with --resume")
 
 
 def resume(run_dir, model, optimizer, scaler, generator, config):
-    """Restore the last finished epoch -> (epochs done, training seconds so far), or (0, 0.0) for a
-    run without a checkpoint yet. log.jsonl keeps one line per epoch the checkpoint holds (a run
-    killed between writing an epoch's line and its checkpoint would log it twice)."""
-    path, log = os.path.join(run_dir, "checkpoint.pt"), os.path.join(run_dir, "log.jsonl")
-    done, seconds = 0, 0.0
-    if os.path.isfile(path):
-        ckpt = load_checkpoint(path)
+    """Restore the last finished epoch (learned tensors, optimizer, loss scale, random states, log)
+    -> (epochs done, training seconds so far); (0, 0.0) for a run without a checkpoint yet."""
+    path = os.path.join(run_dir, "checkpoint.pt")
+    ckpt = load_checkpoint(path) if os.path.isfile(path) else dict(epoch=0, train_seconds=0, log="")
+    if "state" in ckpt:
         load_learned(model, ckpt, path, config)
         optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"]) if ckpt["scaler"] else None
+        scaler.load_state_dict(ckpt["scaler"]) if ckpt["scaler"] else None  # {}: not scaling
         torch.set_rng_state(ckpt["rng"]["torch"])
         generator.set_state(ckpt["rng"]["loader"])
-        if "cuda" in ckpt["rng"] and torch.cuda.is_available():
+        if "cuda" in ckpt["rng"]:
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-        done, seconds = ckpt["epoch"], ckpt["train_seconds"]
-    lines = open(log).read().splitlines() if os.path.isfile(log) else []
-    lines = {json.loads(line)["epoch"]: line for line in lines if line.endswith("}")}  # not cut
-    save(log, "".join(lines[e] + "\n" for e in sorted(lines) if e <= done))
-    print(f"{run_dir}: resuming after epoch {done}")
-    return done, seconds
+    save(os.path.join(run_dir, "log.jsonl"), ckpt["log"])
+    print(f"{run_dir}: resuming after epoch {ckpt['epoch']}")
+    return ckpt["epoch"], ckpt["train_seconds"]
 
 
 # --- end shared: resume ---
