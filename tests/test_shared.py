@@ -1,5 +1,6 @@
 """The shared blocks: data reading and its checks, CLIP loading, the cut text encoder, run files."""
 
+import argparse
 import json
 import os
 import subprocess
@@ -334,3 +335,59 @@ def test_sync_tool_detects_and_repairs_a_changed_copy(tmp_path):
     assert check.returncode == 1 and "appendix" in check.stdout
     subprocess.run(tool + ["--write"], check=True, capture_output=True)
     assert (tmp_path / "zeroshot.py").read_text() == text
+
+
+# --- the command line, presets, resume ------------------------------------------------------------
+def test_make_loader_pins_memory_only_for_a_cuda_device(tiny_data):
+    items = coop.load_dataset(tiny_data)["train"]
+    transform = coop.test_transform(32)
+    assert not coop.make_loader(items, transform, 4, 0, "cpu").pin_memory
+    assert coop.make_loader(items, transform, 4, 0, torch.device("cuda")).pin_memory
+
+
+def toy_parser():
+    p = argparse.ArgumentParser()
+    p.add_argument("--fancy", action="store_true")
+    p.add_argument("--shots", type=int, default=4)
+    p.add_argument("--epochs", type=int, help="epochs")
+    p.add_argument("--lr", type=float, help="learning rate")
+    coop.add_run_args(p.add_argument, learned=False)
+    return p
+
+
+PRESETS = {"plain": dict(epochs=coop.epochs_for_shots, lr=0.002), "fancy": dict(epochs=10, lr=0.1)}
+
+
+def test_presets_fill_only_the_options_left_out_and_help_lists_them(capsys):
+    method = lambda a: "fancy" if a.fancy else "plain"
+    args = coop.parse(toy_parser(), ["--device", "cpu"], PRESETS, method)
+    assert (args.epochs, args.lr, args.precision) == (100, 0.002, "fp32")  # epochs by 4 shots
+    args = coop.parse(toy_parser(), ["--fancy", "--lr", "1", "--device", "cpu"], PRESETS, method)
+    assert (args.epochs, args.lr) == (10, 1.0)  # the given option wins over the preset
+    with pytest.raises(SystemExit):
+        coop.parse(toy_parser(), ["--help"], PRESETS, method)
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "plain: 50/100/200 for 1/2-4/8-16 shots (CoOp's configs); fancy: 10" in shown
+    assert "plain: 0.002; fancy: 0.1" in shown
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is there")
+def test_cuda_device_is_refused_without_cuda():
+    with pytest.raises(SystemExit, match="CUDA is not available here; use --device cpu"):
+        coop.parse(toy_parser(), ["--device", "cuda"], PRESETS, lambda a: "plain")
+
+
+def test_resume_restores_the_loss_scale_and_starts_fresh_without_a_checkpoint(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler, generator = torch.amp.GradScaler("cpu", init_scale=1024.0), torch.Generator()
+    config = dict(method="m")
+    assert coop.resume(str(tmp_path), model, optimizer, scaler, generator, config) == (0, 0)
+    assert (tmp_path / "log.jsonl").read_text() == ""  # a fresh log
+    (tmp_path / "log.jsonl").write_text('{"epoch": 1}\n')
+    scaler.scale(torch.ones(())), scaler.update(512.0)  # as after a step that lowered the scale
+    coop.save_progress(str(tmp_path), config, model, optimizer, scaler, 1, 2.5, generator)
+    (tmp_path / "log.jsonl").write_text('{"epoch": 1}\n{"epoch": 2}\n')  # killed before its save
+    fresh = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    assert coop.resume(str(tmp_path), model, optimizer, fresh, generator, config) == (1, 2.5)
+    assert fresh.get_scale() == 512.0 and (tmp_path / "log.jsonl").read_text() == '{"epoch": 1}\n'
