@@ -736,14 +736,13 @@ def run_plan(commands, workers=1, gpus=None, stream=None):
                 else:
                     record(job, r, result, state, bar)
                 continue
-            for slot, r in list(running.items()):
-                if r.process.poll() is not None:
-                    del running[slot]
-                    status = r.close(stop.requested)
-                    record(r.job, status, result, state, bar, started=r.started)
-            if not running:
+            ended = [s for s, r in running.items() if r.process.poll() is not None]
+            for slot in ended:
+                r = running.pop(slot)
+                record(r.job, r.close(stop.requested), result, state, bar, started=r.started)
+            if not running and not ended:  # nothing runs, nothing can start
                 break
-            time.sleep(0.05)
+            time.sleep(0.05 * (not ended))
     bar.close()
     stranded = [j for j in todo if state[j.out] == "todo"]  # waiting on a run never started
     for j in stranded:
@@ -1187,7 +1186,7 @@ def row_order(r):
 
 SETTINGS = ["", "base-to-new", "cross-dataset"]
 # the dataset sets the papers average over, by name
-AVG11, AVG10 = "Average (11 datasets)", "Average (10 datasets, not ImageNet)"
+AVG11, AVG10 = "Average (11 datasets)", "Average (10 datasets but ImageNet)"
 AVG_SHIFTS, AVG_IN5 = "Average (4 ImageNet shifts)", "Average (ImageNet and its 4 shifts)"
 AVERAGES = {
     AVG11: set(DATASETS),
@@ -1199,18 +1198,20 @@ AVERAGES = {
 
 def average_name(names):
     """The name of an average over these datasets: a papers' set, or what it covers of the
-    smallest papers' set holding it ("Average (9 of 11: no EuroSAT, UCF101)")."""
+    smallest papers' set holding it ("Average (10 of 11 datasets: no EuroSAT)")."""
     for name, covered in AVERAGES.items():
         if names == covered:
             return name
-    holding = [c for c in AVERAGES.values() if names < c]
+    holding = [name for name, covered in AVERAGES.items() if names < covered]
     if not holding:
         return f"Average ({', '.join(sorted(names, key=order))})"
-    whole = min(holding, key=len)
-    missing, have = sorted(whole - names, key=order), sorted(names, key=order)
+    whole = min(holding, key=lambda name: len(AVERAGES[name]))
+    missing = sorted(AVERAGES[whole] - names, key=order)
+    have = sorted(names, key=order)
+    what = whole[len("Average (") : -1]  # "11 datasets", "4 ImageNet shifts", ...
     if len(missing) <= len(have):
-        return f"Average ({len(names)} of {len(whole)}: no {', '.join(missing)})"
-    return f"Average ({len(names)} of {len(whole)}: {', '.join(have)})"
+        return f"Average ({len(names)} of {what}: no {', '.join(missing)})"
+    return f"Average ({len(names)} of {what}: {', '.join(have)})"
 
 
 def averages(rows):
@@ -1430,13 +1431,13 @@ AVERAGE_KEYS = {"AVG11": AVG11, "AVG10": AVG10, "SHIFTS": AVG_SHIFTS, "IN5": AVG
 
 def read_papers(text=PAPERS_CSV):
     """PAPERS_CSV -> {(setting, method, backbone, shots, dataset): {metric: (value, source)}}, a
-    source being "<key>: <table>, row <row>"; an entry twice is an error in the data."""
+    source being "<key>|<table>|<row>" (source_text); an entry twice is an error in the data."""
     papers = {}
     for e in csv.DictReader(io.StringIO(text)):
         setting = "" if e["setting"] == "-" else e["setting"]
         dataset = AVERAGE_KEYS.get(e["dataset"], e["dataset"])
         key = (setting, e["method"], e["backbone"], int(e["shots"]), dataset)
-        source = f"{e['source']}: {e['table']}, row {e['row']}"
+        source = f"{e['source']}|{e['table']}|{e['row']}"
         cell = papers.setdefault(key, {})
         for pair in e["values"].split(" "):
             metric, value = pair.rsplit("=", 1)
@@ -1448,6 +1449,12 @@ def read_papers(text=PAPERS_CSV):
 
 
 PUBLISHED = read_papers()
+
+
+def source_text(source):
+    """ "tpt|Table 1|CoOp" -> "CoOp, Table 1: TPT (Shu et al., ...) ..." (a footnote)."""
+    key, table, row = source.split("|")
+    return f"{row}, {table}: {PAPER_SOURCES[key]}"
 
 
 def published(row):
@@ -1485,7 +1492,7 @@ def format_csv(rows, paper=True):
             value = r["paper"].get(m, (None,))[0] if paper else None
             cells += [_num(mean, 4), _num(std, 4), _num(value, 2)]
         sources = sorted({s for _, s in r["paper"].values()}) if paper else []
-        writer.writerow(cells + ["; ".join(sources)])
+        writer.writerow(cells + ["; ".join(map(source_text, sources))])
     return out.getvalue()
 
 
@@ -1541,9 +1548,7 @@ def format_table(rows, fmt="markdown", paper=True, status=None):
     if any(not r["seeds"] for r in rows):
         lines[-1] += "; averages: the mean of the datasets' means, named by the datasets covered"
     lines[-1] += "."
-    for source, n in notes.items():
-        key, _, where = source.partition(": ")
-        lines.append(f"[{n}] {where}: {PAPER_SOURCES[key]}")
+    lines += [f"[{n}] {source_text(source)}" for source, n in notes.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -1683,14 +1688,15 @@ def fgvc_split(folder):
 def plan_main(args):
     if not os.path.isfile(args.method):
         fail(f"--method {args.method}: file not found (a method file such as coop.py)")
-    if not args.no_check and not os.path.isdir(args.root):
+    keys = ["datasets", "shots", "seeds", "extras", "out", "shards", "source", "tag", "python"]
+    options = {k: getattr(args, k) for k in keys}
+    commands, needs = plan_commands(args.protocol, args.method, args.root, **options)
+    under_root = any(path.startswith(os.path.join(args.root, "")) for path, _ in needs)
+    if not args.no_check and under_root and not os.path.isdir(args.root):  # one line, not 100
         fail(
             f"--root {args.root}: folder not found; give the folder holding CoOp's dataset "
             "folders (or --no-check to plan for another machine)"
         )
-    keys = ["datasets", "shots", "seeds", "extras", "out", "shards", "source", "tag", "python"]
-    options = {k: getattr(args, k) for k in keys}
-    commands, needs = plan_commands(args.protocol, args.method, args.root, **options)
     missing = {} if args.no_check else missing_paths(needs)
     if missing:  # before printing anything: a plan is all or nothing
         by_hint = {}

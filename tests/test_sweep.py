@@ -1,5 +1,7 @@
 """sweep.py: plans are the papers' protocols and parse with each method's own parse_args; the runner
-resumes a killed sweep; the table's statistics, deduplication and shard merging."""
+resumes a killed sweep; SLURM and GNU parallel tasks (one plan line each) skip, lock, log, check
+their own dependency and survive SIGUSR1; the table's statistics, variants, averages, shard merging
+and the papers' numbers; the plots; FGVCAircraft's split file."""
 
 import csv
 import importlib
@@ -68,13 +70,13 @@ def test_plan_prints_the_papers_commands_the_same_every_time(tmp_path, capsys):
     )
     out = "runs/sweep/few-shot/coop_backbone_ViT-B-16"
     assert lines == [
-        f"python coop.py {pets} --shots 1 --seed 1 --backbone ViT-B/16 --out {out}/OxfordPets/"
+        f"python coop.py {pets} --shots 1 --seed 1 --resume --backbone ViT-B/16 --out {out}/OxfordPets/"
         "1shot_seed1",
-        f"python coop.py {pets} --shots 2 --seed 1 --backbone ViT-B/16 --out {out}/OxfordPets/"
+        f"python coop.py {pets} --shots 2 --seed 1 --resume --backbone ViT-B/16 --out {out}/OxfordPets/"
         "2shot_seed1",
-        f"python coop.py {sat} --shots 1 --seed 1 --backbone ViT-B/16 --out {out}/EuroSAT/"
+        f"python coop.py {sat} --shots 1 --seed 1 --resume --backbone ViT-B/16 --out {out}/EuroSAT/"
         "1shot_seed1",
-        f"python coop.py {sat} --shots 2 --seed 1 --backbone ViT-B/16 --out {out}/EuroSAT/"
+        f"python coop.py {sat} --shots 2 --seed 1 --resume --backbone ViT-B/16 --out {out}/EuroSAT/"
         "2shot_seed1",
     ]
     assert plan_lines(argv, capsys) == lines  # re-planning gives the same folders: run resumes
@@ -83,7 +85,7 @@ def test_plan_prints_the_papers_commands_the_same_every_time(tmp_path, capsys):
 CASES = [  # (method file, its options): every variant whose options the plan reads
     ("zeroshot.py", []),
     ("coop.py", []),
-    ("coop.py", ["--cocoop", "--backbone", "ViT-B/16"]),
+    ("coop.py", ["--cocoop"]),
     ("prograd.py", []),
     ("adapter.py", ["--method", "tip-f"]),
     ("adapter.py", ["--method", "linear-probe"]),
@@ -118,6 +120,10 @@ def test_every_planned_command_parses_with_the_methods_own_parse_args(method, ex
             # a stage-2 run tests what a stage-1 run of this plan learned
             if getattr(args, "load", None):
                 assert stage == 2 and outs[os.path.dirname(args.load)] == 1
+            # a run that saves checkpoints resumes after a stop: every line but eval-only ones
+            resumes = sweep.METHODS[method[:-3]].get("resume") and not args.eval_only
+            resumes = resumes and getattr(args, "stage", "test") == "test"
+            assert bool(getattr(args, "resume", False)) == bool(resumes)
             if test_time and getattr(args, "stage", "test") == "test":
                 K, N = args.shard.split("/")
                 assert N == "4" and tokens[-1].endswith(f"shard{K}of4")
@@ -134,8 +140,8 @@ def test_every_planned_command_parses_with_the_methods_own_parse_args(method, ex
             assert all(len(module.parse_args(c[2:]).eval_data) == 4 for _, c in commands)
         elif protocol == "cross-dataset":  # 10 datasets x 4 shards (+ 1 source stage)
             assert runs == 40 + ("--loss" in extras)
-        else:
-            assert runs == 16 + ("--loss" in extras)  # 4 shifted sets x 4 shards
+        else:  # ImageNet and its 4 shifts x 4 shards (TPT's Table 1)
+            assert runs == 20 + ("--loss" in extras) and "ImageNet" in datasets
     if method == "prograd.py":  # the papers' per-dataset settings, which the file leaves to us
         commands, _ = sweep.plan_commands("few-shot", method, root, ["EuroSAT", "ImageNet"])
         parsed = [(c[-1].split("/")[-2], module.parse_args(c[2:])) for _, c in commands]
@@ -154,7 +160,7 @@ def test_a_missing_dataset_folder_or_split_file_stops_plan_before_it_prints(tmp_
     assert capsys.readouterr().out == ""  # not one command printed
     assert len(plan_lines(argv + ["EuroSAT", "--no-check"], capsys)) == 30
     with pytest.raises(SystemExit, match="test sets only"):
-        plan_lines(["few-shot", "--method", "coop.py", "--datasets", "imagenet-a"], capsys)
+        plan_lines(argv[:5] + ["--datasets", "imagenet-a"], capsys)
     with pytest.raises(SystemExit, match="--seed"):  # the plan sets it for every run
         plan_lines(argv + ["--no-check", "--", "--seed", "4"], capsys)
 
@@ -166,7 +172,8 @@ def test_a_killed_run_resumes_running_only_the_rest(tiny_ckpt, tiny_data, tmp_pa
     argv = ["few-shot", "--method", os.path.join(ROOT, "coop.py"), "--datasets", tiny_data]
     argv += ["--shots", "1", "--seeds", "1", "2", "3", "4", "--out", out, "--python"]
     argv += [sys.executable, "--", "--backbone", tiny_ckpt, "--epochs", "1", "--workers", "0"]
-    lines = plan_lines(argv, capsys)
+    # the runner's own skipping is tested here, not the method's --resume (the SIGUSR1 tests)
+    lines = [line.replace(" --resume ", " ") for line in plan_lines(argv, capsys)]
     plan = tmp_path / "plan.txt"
     plan.write_text("\n".join(lines) + "\n")
     folders = [shlex.split(line)[-1] for line in lines]
@@ -290,16 +297,22 @@ def test_table_mean_and_population_std_over_seeds_each_run_once(tmp_path, capsys
     assert row["stats"]["test"][1] == pytest.approx((26 / 3) ** 0.5)  # population std (ddof 0)
     assert row["stats"]["zero-shot"] == pytest.approx((61.0, (2 / 3) ** 0.5))
     assert row["stats"]["ImageNetSketch"][0] == 53.0  # a domain column, by the papers' name
-    assert rows[("coop", "Average of 2")]["stats"]["test"][0] == 61.5  # the mean of the means
+    average = rows[
+        ("coop", "Average (2 of 10 datasets but ImageNet: OxfordPets, EuroSAT)")
+    ]  # named by its datasets
+    assert average["stats"]["test"][0] == 61.5 and average["paper"] == {}  # the mean of the means
     b2n = rows[("cocoop", "EuroSAT")]["stats"]
     assert b2n["test"] == (81.0, 1.0) and b2n["new"] == (72.0, 2.0)
     assert b2n["H"][0] == pytest.approx(2 * 81 * 72 / (81 + 72))  # H of the mean base and new
     paper = rows[("tip-f", "OxfordPets")]["paper"]  # Tip-Adapter's exp.log, RN50, 16 shots
-    assert paper == {"test": (89.70, "tip"), "zero-shot": (85.83, "tip")}
+    source = "tip-log|16 shots|Tip-Adapter-F"
+    assert paper == {"test": (89.70, source), "zero-shot": (85.83, source)}
     text = sweep.format_table(list(rows.values()))
     assert "| coop | RN50 | OxfordPets | 16 | 3 | 61.00 ± 0.82 |  | 73.00 ± 2.94 |  |" in text
     assert "| tip-f | RN50 | OxfordPets | 16 | 1 | 85.00 | 85.83 [1] | 88.00 | 89.70 [1] |" in text
-    assert "\n[1] Tip-Adapter exp.log (arXiv 2111.03930): RN50" in text
+    assert (
+        "\n[1] Tip-Adapter-F, 16 shots: Tip-Adapter's repository (gaopengcuhk/Tip-Adapter)" in text
+    )
     assert "### Base-to-new" in text and "| base | new | H |" in text
     table = list(csv.DictReader(io.StringIO(sweep.format_table(list(rows.values()), "csv"))))
     pets = [r for r in table if r["method"] == "coop" and r["dataset"] == "OxfordPets"][0]
