@@ -721,6 +721,7 @@ def run_plan(commands, workers=1, gpus=None, stream=None):
     if gpus and workers > len(gpus):
         print(f"note: {workers} workers share {len(gpus)} GPUs", file=stream)
     bar = tqdm(total=len(todo), unit="run", file=stream, smoothing=0, disable=not todo)
+    bar.stream = stream  # where record writes (tqdm.write's default is stdout)
     running = {}
     with Stop(running) as stop:
         while True:
@@ -762,7 +763,8 @@ def record(job, status, result, state, bar, note=None, started=None):
         "stopped": f"stopped by SIGUSR1{took} (rerun to resume): {job.out}",
         "failed": f"FAILED{took}, see {job.log}:\n  {job.line}",
     }
-    bar.write(note + f": {job.out}" if note else messages.get(status, f"{status}: {job.out}"))
+    text = note + f": {job.out}" if note else messages.get(status, f"{status}: {job.out}")
+    bar.write(text, file=bar.stream)
     bar.update()
 
 

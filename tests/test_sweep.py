@@ -8,6 +8,7 @@ import importlib
 import io
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -69,15 +70,12 @@ def test_plan_prints_the_papers_commands_the_same_every_time(tmp_path, capsys):
         "--template 'a centered satellite photo of {}.'"
     )
     out = "runs/sweep/few-shot/coop_backbone_ViT-B-16"
+    opts = "--resume --backbone ViT-B/16"  # the method's checkpoints, then the user's options
     assert lines == [
-        f"python coop.py {pets} --shots 1 --seed 1 --resume --backbone ViT-B/16 --out {out}/OxfordPets/"
-        "1shot_seed1",
-        f"python coop.py {pets} --shots 2 --seed 1 --resume --backbone ViT-B/16 --out {out}/OxfordPets/"
-        "2shot_seed1",
-        f"python coop.py {sat} --shots 1 --seed 1 --resume --backbone ViT-B/16 --out {out}/EuroSAT/"
-        "1shot_seed1",
-        f"python coop.py {sat} --shots 2 --seed 1 --resume --backbone ViT-B/16 --out {out}/EuroSAT/"
-        "2shot_seed1",
+        f"python coop.py {pets} --shots 1 --seed 1 {opts} --out {out}/OxfordPets/1shot_seed1",
+        f"python coop.py {pets} --shots 2 --seed 1 {opts} --out {out}/OxfordPets/2shot_seed1",
+        f"python coop.py {sat} --shots 1 --seed 1 {opts} --out {out}/EuroSAT/1shot_seed1",
+        f"python coop.py {sat} --shots 2 --seed 1 {opts} --out {out}/EuroSAT/2shot_seed1",
     ]
     assert plan_lines(argv, capsys) == lines  # re-planning gives the same folders: run resumes
 
@@ -212,18 +210,41 @@ def test_a_killed_run_resumes_running_only_the_rest(tiny_ckpt, tiny_data, tmp_pa
     assert all(os.path.isfile(os.path.join(f, "run.log")) for f in folders)
 
 
-FAKE_METHOD = """import json, os, sys, time
-a = dict(zip(sys.argv[1::2], sys.argv[2::2]))
-os.makedirs(a["--out"], exist_ok=True)
+# A stand-in for a method file that keeps the method files' contract: it trains --epochs epochs
+# (--sleep seconds each), saves checkpoint.pt after each, and on SIGUSR1 ends its epoch, saves and
+# exits (status 1, "stopped by SIGUSR1 after epoch N; rerun with --resume"); --resume continues
+# from the checkpoint (a folder without one starts fresh). Its accuracy depends on every epoch.
+FAKE_METHOD = """import json, os, signal, sys, time
+argv, a = sys.argv[1:], {}
+while argv:
+    key = argv.pop(0)
+    a[key] = True if key == "--resume" else argv.pop(0)
+out, stop = a["--out"], []
+signal.signal(signal.SIGUSR1, lambda *_: stop.append(1))
+os.makedirs(out, exist_ok=True)
 print("gpu", os.environ.get("CUDA_VISIBLE_DEVICES"), "threads", os.environ.get("OMP_NUM_THREADS"))
 if "--load" in a and not os.path.isfile(a["--load"]):
     sys.exit("started before the run it loads: " + a["--load"])
-time.sleep(float(a.get("--sleep", 0)))
+checkpoint, seed = os.path.join(out, "checkpoint.pt"), int(a.get("--seed", 1))
+state = {"epoch": 0, "value": seed}
+if a.get("--resume") and os.path.isfile(checkpoint):
+    state = json.load(open(checkpoint))
+epochs = int(a.get("--epochs", 1))
+for epoch in range(state["epoch"], epochs):
+    time.sleep(float(a.get("--sleep", 0)))
+    state = {"epoch": epoch + 1, "value": (state["value"] * 31 + epoch) % 997}
+    json.dump(state, open(checkpoint + ".tmp", "w"))
+    os.replace(checkpoint + ".tmp", checkpoint)
+    print("epoch", epoch + 1, flush=True)
+    if stop and epoch + 1 < epochs:
+        sys.exit(f"stopped by SIGUSR1 after epoch {epoch + 1}; rerun with --resume")
 if "--fail" in a:
     sys.exit("failing on purpose")
-open(os.path.join(a["--out"], "checkpoint.pt"), "w").close()
-json.dump({"method": "fake", "dataset": "d", "seed": 1, "accuracy": {"test": 1.0}},
-          open(os.path.join(a["--out"], "metrics.json"), "w"))
+names = {"--method": "fake", "--dataset": "d"}
+m = {k[2:]: a.get(k, v) for k, v in names.items()}
+m.update(seed=seed, shots=int(a.get("--shots", 0)), accuracy={"test": state["value"] / 10})
+json.dump({k[2:]: v for k, v in a.items()}, open(os.path.join(out, "args.json"), "w"))
+json.dump(m, open(os.path.join(out, "metrics.json"), "w"))
 """
 
 
@@ -350,3 +371,295 @@ def test_shards_in_the_documented_per_image_format_merge(tmp_path):
         (folder / "predictions.jsonl").write_text("\n".join(lines) + "\n" + '{"index": 9, "la')
     [row] = sweep.collect(str(tmp_path))
     assert row["stats"]["test"][0] == pytest.approx(100 * 5 / 7)
+
+
+# ------------------------------------------------------------------------------------------------
+# plan: each protocol's paper settings
+# ------------------------------------------------------------------------------------------------
+def parsed_plan(tmp_path, protocol, method, extras=(), **options):
+    """-> [(dataset folder, the method's parsed args)] of a plan, stage by stage."""
+    module = importlib.import_module(method[:-3])
+    commands, _ = sweep.plan_commands(
+        protocol, method, fake_root(tmp_path), extras=extras, **options
+    )
+    return [(c[-1].split("/")[-2], module.parse_args(c[2:])) for _, c in commands]
+
+
+def test_each_protocol_plans_its_papers_backbone_context_shots_epochs_and_lambda(tmp_path):
+    # CoCoOp without flags: ViT-B/16 (its preset: 4 vectors from 'a photo of a', 10 epochs)
+    for _, args in parsed_plan(tmp_path, "base-to-new", "coop.py", ["--cocoop"]):
+        assert args.cocoop and args.backbone == "ViT-B/16" and args.epochs in (None, 10)
+    # CoOp in CoCoOp's Table 1: ViT-B/16, 4 vectors from "a photo of a", 200 epochs (ImageNet 50)
+    for dataset, args in parsed_plan(tmp_path, "base-to-new", "coop.py"):
+        assert (args.backbone, args.ctx_init, args.subsample) == (
+            "ViT-B/16",
+            "a photo of a",
+            "base",
+        )
+        assert args.epochs == (50 if dataset == "ImageNet" else None)  # None: 200 at 16 shots
+    # CoOp's few-shot figure: RN50 (the file's default), 16 random vectors
+    for _, args in parsed_plan(tmp_path, "few-shot", "coop.py", datasets=["EuroSAT"]):
+        assert args.backbone == "RN50" and args.ctx_init is None
+    # ProGrad's base2new scripts: 4 shots, rn50_ep100 (ImageNet rn50_ep50), lambda 1
+    for dataset, args in parsed_plan(tmp_path, "base-to-new", "prograd.py"):
+        assert (args.shots, args.backbone, args.lam) == (4, "RN50", 1.0)
+        assert args.epochs == (50 if dataset == "ImageNet" else 100)
+    # lambda 0.8 at 8 and 16 shots on Flowers, DTD, EuroSAT, in every protocol that trains there
+    hard = ["OxfordFlowers", "DescribableTextures", "EuroSAT", "OxfordPets"]
+    for dataset, args in parsed_plan(tmp_path, "few-shot", "prograd.py", datasets=hard):
+        assert args.lam == (0.8 if args.shots >= 8 and dataset != "OxfordPets" else 1.0)
+    for _, args in parsed_plan(tmp_path, "cross-dataset", "prograd.py"):
+        assert args.lam == 1.0 and args.shots == 16  # trained on ImageNet (50 epochs)
+        assert args.eval_only or args.epochs == 50
+    # zero-shot CLIP beside CoCoOp and TPT: ViT-B/16 there, RN50 (CoOp's figure) in few-shot
+    assert {a.backbone for _, a in parsed_plan(tmp_path, "base-to-new", "zeroshot.py")} == {
+        "ViT-B/16"
+    }
+    assert {a.backbone for _, a in parsed_plan(tmp_path, "few-shot", "zeroshot.py")} == {"RN50"}
+    # the user's options after -- still win (the papers' settings are left out, not repeated)
+    [(_, args)] = parsed_plan(
+        tmp_path,
+        "base-to-new",
+        "coop.py",
+        ["--cocoop", "--backbone", "RN50"],
+        datasets=["EuroSAT"],
+        seeds=[1],
+    )
+    assert args.backbone == "RN50"
+
+
+def test_test_time_plans_augmix_on_fine_grained_sets_and_promptaligns_learning_rates(tmp_path):
+    for dataset, args in parsed_plan(tmp_path, "cross-dataset", "promptsync.py"):
+        assert args.augmix and args.lr is None  # TPT: augmix = len(set_id) > 1
+    plan = parsed_plan(tmp_path, "domain-generalisation", "promptsync.py")
+    assert {d for d, _ in plan} == {"ImageNet", *sweep.VARIANTS}  # TPT's Table 1 has ImageNet
+    assert not any(args.augmix for _, args in plan)
+    for protocol, lr in [("cross-dataset", 5e-4), ("domain-generalisation", 4e-2)]:
+        plan = parsed_plan(tmp_path, protocol, "promptsync.py", ["--loss", "align"])
+        source = [args for _, args in plan if args.stage == "source"]
+        assert len(source) == 1 and source[0].lr is None  # MaPLe's own recipe
+        tests = [args for _, args in plan if args.stage == "test"]
+        assert tests and all(a.lr == lr and not a.augmix for a in tests)  # PromptAlign: no AugMix
+        if protocol == "domain-generalisation":  # MaPLe itself on the shifts, not on ImageNet
+            assert len(source[0].eval_data) == 4
+
+
+def test_plan_help_unknown_dataset_and_missing_root_say_what_to_do(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")  # argparse wraps the help at the terminal's width
+    with pytest.raises(SystemExit) as e:
+        sweep.parse_args(["--help"])
+    text = capsys.readouterr().out
+    assert e.value.code == 0 and "Protocols" in text and "base-to-new" in text
+    assert "python sweep.py slurm plan.txt" in text and "matplotlib" in text
+    with pytest.raises(SystemExit):
+        sweep.parse_args(["plan", "--help"])
+    text = capsys.readouterr().out
+    assert "Options after `--` go to every command" in text and "-- --cocoop" in text
+    assert "default: 1 2 4 8 16" in text and "default: DATA" in text and "None" not in text
+    root = fake_root(tmp_path, ["EuroSAT"])
+    argv = ["few-shot", "--method", "coop.py", "--root", root, "--datasets", "Cifar10"]
+    with pytest.raises(SystemExit, match="unknown dataset 'Cifar10': use one of ImageNet, "):
+        plan_lines(argv, capsys)
+    assert capsys.readouterr().out == ""
+    with pytest.raises(SystemExit) as e:
+        plan_lines(["few-shot", "--method", "coop.py", "--root", str(tmp_path / "nope")], capsys)
+    assert "--root" in str(e.value) and "\n" not in str(e.value)  # one line, not one per dataset
+
+
+# ------------------------------------------------------------------------------------------------
+# run --index, slurm, parallel: one plan line per task
+# ------------------------------------------------------------------------------------------------
+def fake_plan(tmp_path, n_datasets=2, seeds=(1, 2, 3), epochs=3, sleep=0.0, stage2=False):
+    """A plan of fake runs (FAKE_METHOD) written to plan.txt -> (its path, its run folders)."""
+    fake = tmp_path / "fake.py"
+    fake.write_text(FAKE_METHOD)
+    lines = []
+    for d, seed in [(d, s) for d in range(n_datasets) for s in seeds]:
+        out = str(tmp_path / "runs" / f"d{d}" / f"seed{seed}")
+        opts = ["--dataset", f"d{d}", "--seed", str(seed), "--shots", "16"]
+        opts += ["--epochs", str(epochs), "--sleep", str(sleep), "--resume"]
+        lines.append(shlex.join([sys.executable, str(fake), *opts, "--out", out]))
+    if stage2:  # a test of every stage-1 run (a cross-dataset stage 2)
+        for line in list(lines):
+            out = shlex.split(line)[-1]
+            load = ["--load", os.path.join(out, "checkpoint.pt"), "--out", out + "_test"]
+            lines.append(shlex.join([sys.executable, str(fake), "--dataset", "t", *load]))
+    plan = tmp_path / "plan.txt"
+    plan.write_text("# a comment line is no plan line\n" + "\n".join(lines) + "\n")
+    return str(plan), [shlex.split(line)[-1] for line in lines]
+
+
+def run_sweep(*argv, env=None, **kwargs):
+    command = [sys.executable, os.path.join(ROOT, "sweep.py"), *argv]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=120, **kwargs)
+
+
+def test_run_index_runs_one_line_checks_its_own_dependency_and_skips_it_when_done(tmp_path):
+    plan, outs = fake_plan(tmp_path, n_datasets=1, seeds=(1, 2), stage2=True)
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    early = run_sweep("run", "--index", "3", plan, env=env)  # stage 2 before its stage-1 run
+    assert early.returncode == 1 and not os.path.exists(outs[2])
+    assert f"plan line 3 loads runs that have not finished: {outs[0]} (plan line 1)" in early.stderr
+    assert run_sweep("run", "--index", "1", plan, env=env).returncode == 0
+    ok = run_sweep("run", "--index", "3", plan, env=env)  # its own dependency is enough:
+    assert ok.returncode == 0, ok.stderr  # seed 2's stage-1 run has not run
+    assert os.path.isfile(os.path.join(outs[2], "metrics.json"))
+    assert "epoch 3" in open(os.path.join(outs[0], "run.log")).read()  # logged in its folder
+    again = run_sweep("run", "--index", "1", plan, env=env)
+    assert again.returncode == 0 and "1 finished before, 0 to run" in again.stderr
+    assert run_sweep("run", "--index", "9", plan, env=env).returncode != 0
+    if fcntl is not None:  # the per-run lock: a task whose run is running elsewhere leaves it
+        os.makedirs(outs[1], exist_ok=True)
+        with open(os.path.join(outs[1], ".sweep.lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            busy = run_sweep("run", "--index", "2", plan, env=env)
+        assert "another runner is running it" in busy.stderr
+        assert not os.path.isfile(os.path.join(outs[1], "metrics.json"))
+
+
+def sbatch_options(script):
+    """The #SBATCH lines of a script -> {option: value}."""
+    options = {}
+    for line in script.splitlines():
+        if line.startswith("#SBATCH "):
+            name, _, value = line[len("#SBATCH ") :].partition("=")
+            options[name] = value
+    return options
+
+
+def fake_slurm(tmp_path):
+    """A PATH with an scontrol that notes its arguments (requeue) in scontrol.log."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "scontrol.log"}\n')
+    scontrol.chmod(0o755)
+    return f"{bin_dir}:{os.environ['PATH']}"
+
+
+def task(script, index, tmp_path, **popen):
+    """Start the generated script's task body for array task `index`, as sbatch would."""
+    env = dict(os.environ, SLURM_ARRAY_TASK_ID=str(index), SLURM_JOB_ID=f"100{index}")
+    env.update(PATH=fake_slurm(tmp_path), CUDA_VISIBLE_DEVICES="")
+    return subprocess.Popen(["bash", script], env=env, text=True, **popen)
+
+
+def test_slurm_script_is_an_array_of_plan_lines_with_requeue_and_stages(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    plan, outs = fake_plan(tmp_path, n_datasets=1, seeds=(1, 2), stage2=True)
+    argv = ["slurm", plan, "--partition", "gpu", "--throttle", "4", "--time", "2:00:00"]
+    argv += ["--setup", "export SWEEP_ENV=activated", "--python", sys.executable, "-o", "job.sh"]
+    assert sweep.main(sweep.parse_args(argv)) == 0
+    script = open("job.sh").read()
+    options = sbatch_options(script)
+    assert options["--array"] == "1-2%4"  # stage 1; stage 2 is submitted after it:
+    assert "#   sbatch --array=3-4%4 --dependency=afterany:$jid THIS_SCRIPT" in script
+    assert options["--partition"] == "gpu" and options["--time"] == "2:00:00"
+    assert options["--gres"] == "gpu:1" and options["--mem"] and options["--cpus-per-task"]
+    assert "--requeue" in options and options["--signal"] == "B:USR1@300"
+    assert os.path.isdir("slurm-logs") and options["--output"].startswith("slurm-logs/")
+    assert "export SWEEP_ENV=activated" in script and os.access("job.sh", os.X_OK)
+    body = [line for line in script.splitlines() if " run --index " in line]
+    assert body == [
+        f'{sys.executable} {os.path.join(ROOT, "sweep.py")} run --index "$SLURM_ARRAY_TASK_ID" '
+        f"{plan} &"
+    ]
+    # the task body, run here as SLURM would run tasks 3 (too early), 1, 3 (now), 1 (again)
+    runs = [(3, 1), (1, 0), (3, 0), (1, 0)]
+    for index, code in runs:
+        done = task("job.sh", index, tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        out, err = done.communicate(timeout=60)
+        assert done.returncode == code, err
+        if code:  # the task says which of its stage-1 runs is missing
+            assert f"loads runs that have not finished: {outs[0]} (plan line 1)" in err
+    assert all(os.path.isfile(os.path.join(o, "metrics.json")) for o in (outs[0], outs[2]))
+    assert not os.path.exists(tmp_path / "scontrol.log")  # nothing stopped, nothing requeued
+
+
+def stop_with_sigusr1(process, checkpoint):
+    """SIGUSR1 once the run has saved its first epoch (mid-run), as SLURM sends it to the batch
+    shell before the time limit."""
+    deadline = time.time() + 60
+    while not os.path.isfile(checkpoint):
+        assert process.poll() is None and time.time() < deadline, "the run never started"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGUSR1)
+    return process.wait(timeout=60)
+
+
+def test_a_task_stopped_by_sigusr1_requeues_and_the_plan_ends_as_if_uninterrupted(
+    tmp_path, monkeypatch
+):
+    """12 fake runs through the generated task body, one stopped mid-run with SIGUSR1 and run
+    again (requeued): the same table as the same plan run without a stop."""
+    monkeypatch.chdir(tmp_path)
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    plan, outs = fake_plan(plain, n_datasets=4, seeds=(1, 2, 3), epochs=4)
+    result = sweep.run_plan(sweep.read_plan(plan), workers=2, gpus=[], stream=io.StringIO())
+    assert len(result["ok"]) == 12
+    stopped = tmp_path / "stopped"
+    stopped.mkdir()
+    plan, outs = fake_plan(stopped, n_datasets=4, seeds=(1, 2, 3), epochs=4, sleep=0.1)
+    argv = ["slurm", plan, "--python", sys.executable, "-o", "job.sh"]
+    assert sweep.main(sweep.parse_args(argv)) == 0
+    assert sbatch_options(open("job.sh").read())["--array"] == "1-12%8"
+    process = task("job.sh", 5, tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert stop_with_sigusr1(process, os.path.join(outs[4], "checkpoint.pt")) == 1
+    assert "requeued" in process.stdout.read()
+    assert open(tmp_path / "scontrol.log").read().split() == ["requeue", "1005"]
+    log = open(os.path.join(outs[4], "run.log")).read()
+    assert "stopped by SIGUSR1 after epoch" in log and not os.path.exists(outs[4] + "/metrics.json")
+    for index in range(1, 13):  # the array (the requeued task 5 among them)
+        assert task("job.sh", index, tmp_path).wait(timeout=60) == 0
+    assert open(os.path.join(outs[4], "run.log")).read().count("epoch 4") == 1  # resumed
+    table = lambda folder: sweep.format_table(sweep.collect(str(folder / "runs")))
+    assert table(stopped) == table(plain)
+    assert "| fake | ? | Average (d0, d1, d2, d3) | 16 |" in table(plain)
+
+
+def test_run_passes_sigusr1_to_its_runs_and_a_rerun_continues_them(tmp_path):
+    plan, outs = fake_plan(tmp_path, n_datasets=1, seeds=(1, 2), epochs=3, sleep=0.4)
+    command = [sys.executable, os.path.join(ROOT, "sweep.py"), "run", plan, "--workers", "2"]
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    runner = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+    assert stop_with_sigusr1(runner, os.path.join(outs[0], "checkpoint.pt")) == 1
+    assert "2 stopped by SIGUSR1 (rerun to resume)" in runner.stderr.read()
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0 and "ran 2: 2 finished" in again.stderr
+    for out in outs:  # each continued from its checkpoint: 3 epochs in all
+        assert [f"epoch {e}" for e in (1, 2, 3)] == re.findall(
+            r"^epoch \d", open(out + "/run.log").read(), re.M
+        )
+
+
+def test_parallel_recipe_uses_a_joblog_resumes_failed_jobs_and_pins_a_gpu_per_slot(tmp_path):
+    plan, outs = fake_plan(tmp_path, n_datasets=1, seeds=(1, 2), stage2=True)
+    lines = sweep.parallel_commands(plan, sweep.read_plan(plan), 2, ["3", "5"], sys.executable)
+    assert len(lines) == 2  # stage 1, then stage 2
+    for line, indices in zip(lines, (["1", "2"], ["3", "4"])):
+        tokens = shlex.split(line)
+        assert tokens[:3] == ["parallel", "--jobs", "2"] and "--resume-failed" in tokens
+        assert tokens[tokens.index("--joblog") + 1].endswith(".joblog")
+        assert tokens[tokens.index(":::") + 1 :] == indices
+        template = tokens[tokens.index("--resume-failed") + 1]
+        for slot, index in enumerate(indices, 1):  # what parallel runs, job slot by job slot
+            command = template.replace("{%}", str(slot)).replace("{}", index)
+            assert subprocess.run(["sh", "-c", command], capture_output=True).returncode == 0
+    gpu = lambda out: open(out + "/run.log").read().split("gpu ")[1].split()[0]
+    assert [gpu(out) for out in outs] == ["3", "5", "3", "5"]
+
+
+def test_gpus_are_counted_by_index_not_by_nvidia_smi_lines_mig_included(tmp_path, monkeypatch):
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text(
+        '#!/bin/sh\nif [ "$1" = "-L" ]; then\n  echo "GPU 0: NVIDIA A100 (UUID: GPU-1)"\n'
+        '  echo "  MIG 3g.20gb Device 0: (UUID: MIG-a)"\n  echo "  MIG 3g.20gb Device 1: (UUID: '
+        'MIG-b)"\n  echo "GPU 1: NVIDIA A100 (UUID: GPU-2)"\nelse\n  printf "0\\n1\\n"\nfi\n'
+    )
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert sweep.visible_gpus() == ["0", "1"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "MIG-a,MIG-b")  # what the user set is kept
+    assert sweep.visible_gpus() == ["MIG-a", "MIG-b"]
