@@ -52,7 +52,7 @@ matplotlib (requirements.txt), imported by that command alone.
 Examples (docs/protocols.md has the whole walk-through, the cluster path included)
   python sweep.py plan few-shot --method coop.py --root DATA > plan.txt
   python sweep.py run plan.txt --workers 2           # one GPU per job slot
-  python sweep.py table --plan plan.txt > table.md   # runs/sweep by default: --format csv
+  python sweep.py table --plan plan.txt > table.md   # or: table runs/sweep --format csv
   python sweep.py plot runs/sweep                    # fewshot.png, base-to-new.png
   python sweep.py plan base-to-new --method coop.py --root DATA -- --cocoop
   python sweep.py slurm plan.txt --partition gpu --setup 'source .venv/bin/activate' > job.sh

@@ -19,7 +19,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, draw
 
 import sweep
 
@@ -663,3 +663,194 @@ def test_gpus_are_counted_by_index_not_by_nvidia_smi_lines_mig_included(tmp_path
     assert sweep.visible_gpus() == ["0", "1"]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "MIG-a,MIG-b")  # what the user set is kept
     assert sweep.visible_gpus() == ["MIG-a", "MIG-b"]
+
+
+# ------------------------------------------------------------------------------------------------
+# table: variants, averages, the plan's status, zero-shot on new classes, the papers' numbers
+# ------------------------------------------------------------------------------------------------
+def write_coop(folder, dataset, seed, acc, **options):
+    """A CoOp run as coop.py leaves it: metrics.json and args.json (its options)."""
+    args = dict(backbone="RN50", shots=16, seed=seed, n_ctx=None, csc=False, epochs=None)
+    args.update(lr=0.002, template=sweep.TEMPLATES[dataset], workers=4, out=str(folder))
+    args.update(options)
+    write_run(folder, method="coop", backbone="RN50", dataset=dataset, shots=16, seed=seed,
+              accuracy={"test": acc})  # fmt: skip
+    (folder / "args.json").write_text(json.dumps(args))
+
+
+def test_runs_with_other_options_are_other_rows_and_paper_settings_are_not(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    for seed in (1, 2, 3):
+        write_coop(runs / f"coop/pets/{seed}", "OxfordPets", seed, 80.0 + seed)
+        write_coop(runs / f"csc/pets/{seed}", "OxfordPets", seed, 70.0 + seed, csc=True)
+        write_coop(runs / f"ep1/pets/{seed}", "OxfordPets", seed, 60.0 + seed, epochs=1)
+        # ImageNet's 50 epochs are CoOp's ImageNet setting (the plan's), not a variant
+        write_coop(runs / f"coop/imagenet/{seed}", "ImageNet", seed, 60.0, epochs=50)
+        write_coop(runs / f"coop/dtd/{seed}", "DescribableTextures", seed, 65.0, workers=0)
+    rows = {(r["method"], r["variant"], r["dataset"]): r for r in sweep.collect(str(runs))}
+    assert "the same run" not in capsys.readouterr().err  # none dropped
+    assert rows[("coop", "", "OxfordPets")]["stats"]["test"][0] == 82.0
+    assert rows[("coop", "csc", "OxfordPets")]["stats"]["test"][0] == 72.0
+    assert rows[("coop", "epochs=1", "OxfordPets")]["stats"]["test"][0] == 62.0
+    assert rows[("coop", "", "ImageNet")]["seeds"] == [1, 2, 3]
+    assert rows[("coop", "", "DescribableTextures")]["seeds"] == [1, 2, 3]  # workers: no option
+    average = rows[
+        ("coop", "", "Average (3 of 11 datasets: ImageNet, OxfordPets, DescribableTextures)")
+    ]
+    assert average["stats"]["test"][0] == pytest.approx((60 + 82 + 65) / 3)  # the usual variant
+    text = sweep.format_table(list(rows.values()))
+    assert "| coop [csc] | RN50 | OxfordPets | 16 | 3 | 72.00 ± 0.82 |" in text
+    assert "| coop [epochs=1] | RN50 | OxfordPets | 16 | 3 | 62.00 ± 0.82 |" in text
+    table = list(csv.DictReader(io.StringIO(sweep.format_table(list(rows.values()), "csv"))))
+    assert {r["variant"] for r in table} == {"", "csc", "epochs=1"}
+
+
+def test_averages_are_named_by_their_datasets_and_quoted_only_over_the_same_set(tmp_path):
+    runs = tmp_path / "runs"
+    tip = dict(method="tip-f", backbone="RN50", shots=16, seed=1)
+    for name in sweep.DATASETS:
+        write_run(runs / "all" / name, **tip, dataset=name, accuracy={"test": 70.0})
+        if name != "EuroSAT":
+            write_run(runs / "ten" / name, **dict(tip, shots=8), dataset=name,
+                      accuracy={"test": 60.0})  # fmt: skip
+    rows = {(r["shots"], r["dataset"]): r for r in sweep.collect(str(runs))}
+    whole = rows[(16, "Average (11 datasets)")]
+    assert whole["stats"]["test"][0] == 70.0 and whole["paper"]["test"][0] == 75.83
+    part = rows[(8, "Average (10 of 11 datasets: no EuroSAT)")]
+    assert part["stats"]["test"][0] == 60.0 and part["paper"] == {}  # Tip-F's 8-shot: 11 sets
+    assert not any(d.startswith("Average (11") for s, d in rows if s == 8)
+
+
+def test_base_to_new_shows_zero_shot_clip_on_base_and_new_classes_and_its_h(tmp_path):
+    runs = tmp_path / "runs"
+    b2n = dict(method="cocoop", backbone="ViT-B/16", dataset="EuroSAT", shots=16)
+    for seed, (base, new, zs_base, zs_new) in enumerate([(90, 70, 56, 64), (92, 72, 56, 64)], 1):
+        write_run(runs / f"s{seed}", **b2n, seed=seed, accuracy={"test": base, "new": new},
+                  zero_shot={"test": zs_base, "new": zs_new})  # fmt: skip
+    [row] = [r for r in sweep.collect(str(runs)) if r["dataset"] == "EuroSAT"]
+    assert row["stats"]["zero-shot new"] == (64.0, 0.0)
+    assert row["stats"]["zero-shot H"][0] == pytest.approx(2 * 56 * 64 / (56 + 64))
+    text = sweep.format_table([row])
+    assert "| zero-shot base | zero-shot new | zero-shot H | base | new | H |" in text
+    assert "| cocoop | ViT-B/16 | EuroSAT | 16 | 2 | 56.00 ± 0.00 | 64.00 ± 0.00 | 59.73" in text
+
+
+def test_table_reads_the_plan_which_runs_are_missing_and_which_failed(tmp_path, capsys):
+    plan, outs = fake_plan(tmp_path, n_datasets=1, seeds=(1, 2, 3))
+    sweep.run_plan([sweep.read_plan(plan)[0]], gpus=[], stream=io.StringIO())
+    os.makedirs(outs[1])
+    open(os.path.join(outs[1], "run.log"), "w").write("Traceback ...\n")  # failed
+    assert sweep.main(sweep.parse_args(["table", "--plan", plan])) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first == (
+        f"1 of 3 runs found; missing (not run): {outs[2]}; failed or stopped: {outs[1]} "
+        "(see run.log in each)"
+    )
+
+
+def test_the_papers_numbers_are_data_with_a_source_per_entry_and_add_up():
+    entries = list(csv.DictReader(io.StringIO(sweep.PAPERS_CSV)))
+    assert len(entries) > 100
+    for e in entries:  # paper, table, row: every entry says where it is from
+        assert e["source"] in sweep.PAPER_SOURCES and e["table"] and e["row"], e
+        assert e["dataset"] in [*sweep.DATASETS, *sweep.VARIANTS, *sweep.AVERAGE_KEYS], e
+    papers = sweep.read_papers()
+    for (setting, method, backbone, shots, dataset), cell in papers.items():
+        if "H" in cell:  # H: the harmonic mean of the (averaged) base and new
+            assert sweep.harmonic(cell["test"][0], cell["new"][0]) == pytest.approx(
+                cell["H"][0], abs=0.011
+            )
+        covered = sweep.AVERAGES.get(dataset, ())
+        means = [papers.get((setting, method, backbone, shots, d), {}).get("test") for d in covered]
+        same = all(m and m[1].split("|")[0] == cell["test"][1].split("|")[0] for m in means)
+        if covered and same and "test" in cell:  # an average: the mean of its datasets (if the
+            # same paper quotes them: TPT's zero-shot CLIP is not Tip-Adapter's)
+            assert np.mean([m[0] for m in means]) == pytest.approx(cell["test"][0], abs=0.011)
+    # CoCoOp's cross-dataset average here is TPT's Table 2 row, and says so
+    [cocoop] = papers[("cross-dataset", "cocoop", "ViT-B/16", 16, sweep.AVG10)].values()
+    assert cocoop[0] == 64.63 and cocoop[1] == "tpt|Table 2 (Average)|CoCoOp (TPT's row)"
+    assert "not the CoCoOp paper's Table 2" in sweep.PAPER_SOURCES["tpt"]
+
+
+def test_plot_draws_few_shot_curves_with_the_papers_dashed_and_base_to_new_bars(tmp_path):
+    runs = tmp_path / "runs"
+    for shots, acc in [(1, 60.0), (2, 64.0), (16, 75.0)]:
+        for seed in (1, 2):
+            tip = dict(method="tip-f", backbone="RN50", dataset="EuroSAT", shots=shots)
+            write_run(runs / f"tip{shots}_{seed}", **tip, seed=seed, accuracy={"test": acc + seed})
+    write_run(runs / "zs", method="zeroshot", backbone="RN50", dataset="EuroSAT", seed=1,
+              accuracy={"test": 37.0})  # fmt: skip
+    write_run(runs / "b2n", method="cocoop", backbone="ViT-B/16", dataset="EuroSAT", shots=16,
+              seed=1, accuracy={"test": 90.0, "new": 60.0})  # fmt: skip
+    assert sweep.main(sweep.parse_args(["plot", str(runs), "--out", str(tmp_path / "png")])) == 0
+    drawn = sweep.plot(sweep.collect(str(runs)), str(tmp_path / "png"))
+    few, bars = str(tmp_path / "png/fewshot.png"), str(tmp_path / "png/base-to-new.png")
+    assert drawn[few] == [
+        "EuroSAT: zeroshot RN50 (marker)",
+        "EuroSAT: tip-f RN50",
+        "EuroSAT: tip-f RN50 (paper, dashed)",  # Tip-Adapter's 16-shot EuroSAT, quoted
+    ]
+    assert drawn[bars] == ["EuroSAT: cocoop ViT-B/16"]
+    for path in (few, bars):
+        assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_fgvc_split_writes_coops_split_file_from_its_variant_lists(tmp_path, capsys):
+    import coop
+
+    folder = tmp_path / "fgvc_aircraft"
+    (folder / "images").mkdir(parents=True)
+    variants = ["707-320", "A300B4", "F-16A/B"]  # CoOp: the label is the line in variants.txt
+    (folder / "variants.txt").write_text("\n".join(variants) + "\n")
+    images = {"train": [("0001", 0), ("0002", 1), ("0003", 2)], "val": [("0004", 2)]}
+    images["test"] = [("0005", 1), ("0006", 0)]
+    for part, items in images.items():
+        lines = [f"{image} {variants[label]}" for image, label in items]
+        (folder / f"images_variant_{part}.txt").write_text("\n".join(lines) + "\n")
+        for image, label in items:
+            draw(folder / "images" / f"{image}.jpg", "red")
+    assert sweep.main(sweep.parse_args(["fgvc-split", str(folder)])) == 0
+    split = json.load(open(folder / "split_zhou_FGVCAircraft.json"))
+    assert split["val"] == [["0004.jpg", 2, "F-16A/B"]]
+    data = coop.read_split_file(
+        str(folder / "split_zhou_FGVCAircraft.json"), str(folder / "images")
+    )
+    assert data["classnames"] == variants and [y for _, y in data["test"]] == [1, 0]
+    root = str(tmp_path)  # and the default plans find it
+    commands, needs = sweep.plan_commands("few-shot", "coop.py", root, ["FGVCAircraft"])
+    assert sweep.missing_paths(needs) == {} and len(commands) == 15
+
+
+def test_no_function_of_sweep_is_longer_than_60_lines():
+    import ast
+
+    tree = ast.parse(open(os.path.join(ROOT, "sweep.py")).read())
+    functions = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)]
+    long = {f.name: f.end_lineno - f.lineno + 1 for f in functions if f.name != "parse_args"}
+    assert max(long.values()) <= 60, {k: v for k, v in long.items() if v > 60}
+
+
+def test_coop_stopped_by_sigusr1_in_its_task_resumes_to_the_uninterrupted_result(
+    tiny_ckpt, tiny_data, tmp_path, capsys
+):
+    """The method files' side of the contract, with a real process: coop.py started by a task
+    (`run --index`), SIGUSR1 mid-run (it ends its epoch, saves checkpoint.pt, exits 1), the same
+    task again (--resume): the same metrics as the same command never stopped."""
+    argv = ["few-shot", "--method", os.path.join(ROOT, "coop.py"), "--datasets", tiny_data]
+    argv += ["--shots", "1", "--seeds", "1", "--out", str(tmp_path / "runs"), "--python"]
+    argv += [sys.executable, "--", "--backbone", tiny_ckpt, "--epochs", "60", "--workers", "0"]
+    [line] = plan_lines(argv, capsys)
+    (tmp_path / "plan.txt").write_text(line + "\n")
+    out, env = shlex.split(line)[-1], dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    whole = shlex.split(line)[:-1] + [str(tmp_path / "whole")]  # the same run, never stopped
+    assert subprocess.run(whole, env=env, capture_output=True, timeout=300).returncode == 0
+    command = [sys.executable, os.path.join(ROOT, "sweep.py"), "run", "--index", "1"]
+    command.append(str(tmp_path / "plan.txt"))
+    task = subprocess.Popen(command, env=env, stderr=subprocess.DEVNULL)
+    assert stop_with_sigusr1(task, os.path.join(out, "checkpoint.pt")) == 1
+    log = open(os.path.join(out, "run.log")).read()
+    assert "stopped by SIGUSR1 after epoch" in log and "rerun with --resume" in log
+    assert not os.path.isfile(os.path.join(out, "metrics.json"))
+    assert subprocess.run(command, env=env, capture_output=True, timeout=300).returncode == 0
+    resumed, plain = [json.load(open(f"{f}/metrics.json")) for f in (out, tmp_path / "whole")]
+    assert resumed["accuracy"] == plain["accuracy"] and resumed["zero_shot"] == plain["zero_shot"]
