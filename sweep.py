@@ -828,7 +828,7 @@ def ranges(numbers):
 # on to `sweep.py run`, which passes it to the method; the method ends its epoch (or image),
 # saves its checkpoint and exits; the task then requeues itself (--requeue) and its next start
 # runs the same plan line with --resume. `wait` returns early when the trap runs: wait again.
-TASK_BODY = """stopping=0
+TASK_BODY = """stopping=0 child=""
 trap 'stopping=1; kill -USR1 "$child" 2>/dev/null' USR1
 {python} {sweep} run --index "$SLURM_ARRAY_TASK_ID" {plan} &
 child=$!
@@ -851,10 +851,11 @@ def slurm_script(plan, commands, args):
     head = ["#!/bin/bash", f"# {len(commands)} runs of {plan}; written by sweep.py slurm"]
     if second:
         throttle = f"%{args.throttle}" if args.throttle else ""
+        me = args.output or "THIS_SCRIPT"
         head += [
             "# Two stages: submit stage 1 (this array), then stage 2 after it:",
-            "#   jid=$(sbatch --parsable THIS_SCRIPT)",
-            f"#   sbatch --array={ranges(second)}{throttle} --dependency=afterany:$jid THIS_SCRIPT",
+            f"#   jid=$(sbatch --parsable {me})",
+            f"#   sbatch --array={ranges(second)}{throttle} --dependency=afterany:$jid {me}",
         ]
     head.append("# Resubmitting skips the finished runs; a requeued task resumes its run.")
     options = [f"--job-name={args.job_name}", f"--array={ranges(first)}"]
@@ -1724,7 +1725,11 @@ def slurm_main(args):
     if args.output:
         write_atomic(args.output, script)
         os.chmod(args.output, 0o755)
-        print(f"wrote {args.output}: sbatch {args.output}", file=sys.stderr)
+        submit = [line[4:] for line in script.splitlines() if line.startswith("#   ")]
+        print(
+            f"wrote {args.output}; submit: {' && '.join(submit) or 'sbatch ' + args.output}",
+            file=sys.stderr,
+        )
     else:
         sys.stdout.write(script)
     return 0

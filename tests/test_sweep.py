@@ -553,7 +553,7 @@ def test_slurm_script_is_an_array_of_plan_lines_with_requeue_and_stages(tmp_path
     script = open("job.sh").read()
     options = sbatch_options(script)
     assert options["--array"] == "1-2%4"  # stage 1; stage 2 is submitted after it:
-    assert "#   sbatch --array=3-4%4 --dependency=afterany:$jid THIS_SCRIPT" in script
+    assert "#   sbatch --array=3-4%4 --dependency=afterany:$jid job.sh" in script
     assert options["--partition"] == "gpu" and options["--time"] == "2:00:00"
     assert options["--gres"] == "gpu:1" and options["--mem"] and options["--cpus-per-task"]
     assert "--requeue" in options and options["--signal"] == "B:USR1@300"
