@@ -70,6 +70,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -679,8 +680,6 @@ class Stop:
         self.running, self.requested, self.handlers = running, False, {}
 
     def __enter__(self):
-        import threading
-
         if threading.current_thread() is threading.main_thread():  # signals: main thread only
             for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
                 self.handlers[sig] = signal.signal(sig, self.handle)
@@ -1149,7 +1148,7 @@ def collect(folders):
     """The table's rows: one per (setting, method, backbone, variant, dataset, shots) with, for
     each metric of run_values, (mean, population std) over seeds (H: of the mean base and new,
     +- the std of the runs' H); plus average rows over datasets, and the papers' numbers where
-    PAPERS quotes them ("paper": {metric: (value, source)}; the usual variant only)."""
+    PAPERS_CSV quotes them ("paper": {metric: (value, source)}; the usual variant only)."""
     folders = [folders] if isinstance(folders, str) else folders
     runs, groups = collect_runs(folders), {}
     variant_labels(runs)
@@ -1511,9 +1510,10 @@ def format_section(setting, section, metrics, paper, notes):
     with_paper = {m for r in section for m in r["paper"] if paper and m in names}
     head = ["method", "backbone", "dataset", "shots", "runs"]
     for m in names:
-        name = m.replace("test", "base") if setting == "base-to-new" else m
-        name = {"test": "accuracy", "zero-shot": "zero-shot base"}.get(name, name)
-        name = "zero-shot" if name == "zero-shot base" and setting != "base-to-new" else name
+        if setting == "base-to-new":
+            name = {"test": "base", "zero-shot": "zero-shot base"}.get(m, m)
+        else:
+            name = {"test": "accuracy"}.get(m, m)
         head += [name] + [f"{name} (paper)"] * (m in with_paper)
     lines = [f"### {TITLES[setting]}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in section:
@@ -1777,7 +1777,10 @@ def main(args):
         rows = collect(args.dirs)
         folder = args.out or args.dirs[0]
         os.makedirs(folder, exist_ok=True)
-        for path, what in plot(rows, folder).items():
+        drawn = plot(rows, folder)
+        if not drawn:
+            fail(f"nothing to draw under {' '.join(args.dirs)}: no few-shot or base-to-new run")
+        for path, what in drawn.items():
             print(f"wrote {path}: {len(what)} curves or bar groups", file=sys.stderr)
         return 0
     if args.verb == "fgvc-split":
