@@ -1412,7 +1412,8 @@ cross-dataset,cocoop,ViT-B/16,16,AVG10,test=64.63,tpt,Table 2 (Average),CoCoOp (
 # Where each source key's numbers were read
 PAPER_SOURCES = {
     "cocoop": "CoCoOp (Zhou et al., CVPR 2022, arXiv 2203.05557), base-to-new, ViT-B/16, 16 "
-    "shots, average of the 11 datasets; CoOp there: 4 vectors from 'a photo of a'",
+    "shots, average of the 11 datasets; CoOp there: 4 vectors from 'a photo of a' (as quoted "
+    "identically in MaPLe's README; not yet checked against the paper itself)",
     "maple-zoo": "MaPLe's repository (muzairkhattak/multimodal-prompt-learning), README.md, "
     "'Deep Vision Prompting' (VPT-deep in CLIP): base-to-new, ViT-B/16, 16 shots, 3 seeds",
     "tip-log": "Tip-Adapter's repository (gaopengcuhk/Tip-Adapter), exp.log: RN50, CoOp's splits "
