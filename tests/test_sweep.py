@@ -812,9 +812,7 @@ def test_fgvc_split_writes_coops_split_file_from_its_variant_lists(tmp_path, cap
     assert sweep.main(sweep.parse_args(["fgvc-split", str(folder)])) == 0
     split = json.load(open(folder / "split_zhou_FGVCAircraft.json"))
     assert split["val"] == [["0004.jpg", 2, "F-16A/B"]]
-    data = coop.read_split_file(
-        str(folder / "split_zhou_FGVCAircraft.json"), str(folder / "images")
-    )
+    data = coop.load_dataset(str(folder / "images"), str(folder / "split_zhou_FGVCAircraft.json"))
     assert data["classnames"] == variants and [y for _, y in data["test"]] == [1, 0]
     root = str(tmp_path)  # and the default plans find it
     commands, needs = sweep.plan_commands("few-shot", "coop.py", root, ["FGVCAircraft"])
