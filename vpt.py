@@ -1,17 +1,16 @@
 """VPT inside CLIP's image encoder, and pixel-space visual prompting (the padding prompt).
 
-Papers  VPT: Jia et al., "Visual Prompt Tuning", arXiv 2203.12119 (ECCV 2022); the authors' code
-             is github.com/KMnP/vpt ("KMnP" below: the authors' GitHub organisation)
+Papers  VPT: Jia et al., "Visual Prompt Tuning", arXiv 2203.12119; code github.com/KMnP/vpt
+             ("KMnP" below: the VPT authors' GitHub organisation, whose repository is vpt)
         Pad: Bahng et al., "Exploring Visual Prompts for Adapting Large-Scale Models", 2203.17274;
              code github.com/hjbahng/visual_prompting
 
-The idea. CoOp learns words on CLIP's text side; these methods learn on the image side and keep
-the text classifier frozen. VPT adds p learned tokens to the sequence of CLIP's frozen vision
-transformer: shallow, one set at the input that every layer carries along; deep, a fresh set
-before every block that *replaces* the previous block's outputs at those positions (the length
-stays 1 + p + N). Bahng et al. learn one input-agnostic border in pixel space (30 px wide at 224
-px) added to every normalised image: it touches only the input, so any backbone works, ResNets
-too. Scores: CLIP's text classifier, encoded once, or (--head linear) VPT's trained linear head.
+The idea. CoOp learns words on CLIP's text side; these methods learn on the image side. VPT adds
+p learned tokens to the sequence of CLIP's frozen vision transformer: shallow, one set at the
+input that every layer carries along; deep, a fresh set before every block that *replaces* the
+previous block's outputs there (the length stays 1 + p + N). Bahng et al. learn one border in
+pixel space (30 px wide at 224 px) added to every normalised image: only the input changes, so
+any backbone works. Scores: CLIP's frozen text classifier, or (--head linear) VPT's linear head.
 
 Equations (E_i the patch tokens after block i, x_i the class token [CLS], P_i block i's prompts,
 L_i block i, W the frozen text classifier, 1/tau CLIP's logit scale, about 100)
@@ -19,9 +18,8 @@ L_i block i, W the frozen text classifier, 1/tau CLIP's logit scale, about 100)
   [VPT-deep]     [x_i, _, E_i]   = L_i([x_i-1, P_i-1, E_i-1])   (the prompt outputs are dropped)
   [VPT head]     f(x) = ln_post(x_L) @ proj;  logits = cos(f(x), W) / tau,  or  head(f(x))
   [Pad]          x' = x + border (zero inside the centre), x the normalised image
-Learned: prompts (n_layers if deep else 1, p, width), or the border's four tensors (69,840
-numbers at 224 px); with --head linear also the head. Frozen: all of CLIP. Unlike coop.py the
-image encoder is in the graph (forward and backward every step); the text side is encoded once.
+Learned: prompts (n_layers if deep else 1, p, width) or the border's four tensors (69,840 numbers
+at 224 px); the linear head. Frozen: all of CLIP; unlike coop.py its image encoder is in the graph.
 
 The papers' settings (PRESETS below; --help prints them). VPT with CLIP's text head: MaPLe's
 "Deep Vision Prompting" baseline (MaPLe: Khattak et al., arXiv 2210.03117, code
@@ -33,8 +31,7 @@ them. --head linear: VPT's recipe for a random head. Pad: Bahng et al.'s, ViT-B/
 batch 256, 1000 epochs, 1000 warm-up steps; training images through CLIP's preprocess.
 
 Run
-  python vpt.py --backbone toy/clip_vit.pt --data toy/sketch --subsample base --shots 4 \
-      --epochs 20 --crop-scale 1
+  python vpt.py --backbone toy/clip_vit.pt --data toy/sketch --shots 4 --epochs 20 --crop-scale 1
   python vpt.py --data DATA/oxford_pets/images --shots 16 --subsample base \
       --split-file DATA/oxford_pets/split_zhou_OxfordPets.json  # or --method pad, --head linear
 """
@@ -75,14 +72,13 @@ PRESETS = {
     "pad": dict(backbone="ViT-B/32", epochs=1000, batch_size=256, lr=40.0, weight_decay=0.0,
                 warmup=1000, template="This is a photo of a {}"),
     # KMnP's configs/base-prompt.yaml: a random head needs VPT's recipe, not MaPLe's (made for
-    # CLIP's text head). KMnP searches the base lr per task (0.05 to 50): --lr
+    # CLIP's text head); KMnP searches the base lr per task (0.05 to 50)
     "linear head": dict(backbone="ViT-B/16", epochs=100, batch_size=128, lr=kmnp_lr,
                         weight_decay=1e-4, warmup=10, template="a photo of a {}."),
 }  # fmt: skip
 
 
-def recipe(a):
-    """The preset a run takes: the linear head's whatever the prompts, else the method's."""
+def recipe(a):  # the preset a run takes: the linear head's whatever the prompts, else the method's
     return "linear head" if a.head == "linear" else "pad" if a.method == "pad" else "shallow/deep"
 
 
@@ -95,10 +91,9 @@ class PromptedViT(nn.Module):
         [CLS, patch_1..patch_N, P_1..P_p] before ln_pre, init N(0, 0.02^2) as MaPLe's code.
     No position embedding for either. forward(images) is a feature like visual(images), (B, D)."""
 
-    # Not promptsync.py's prompted forward: MaPLe's own vision prompts (VisionTransformer_MaPLe,
-    # clip/model.py) go after the patches before ln_pre, are projections of its text prompts and
-    # stop at a depth J; VPT's (KMnP/vpt src/models/vit_prompt/vit.py) go after [CLS], before the
-    # patches, and are tensors of their own.
+    # Not promptsync.py's forward: MaPLe's vision prompts (clip/model.py VisionTransformer_MaPLe)
+    # go after the patches, through ln_pre, are projections of its text prompts, stop at depth J;
+    # VPT's (KMnP/vpt src/models/vit_prompt/vit.py) go after [CLS], before the patches, own tensors
     def __init__(self, visual, n_prompts, deep, dropout=0.0, placement="vpt"):
         super().__init__()
         if not hasattr(visual, "transformer"):
@@ -146,9 +141,8 @@ class PromptedViT(nn.Module):
 
 
 class PadPrompter(nn.Module):
-    """[Pad] A learned border `pad` pixels wide, added to the normalised image (zero centre): at
-    224 px and pad 30, (1, 3, 30, 224) above and below, (1, 3, 164, 30) left and right, 69,840
-    numbers, standard-normal init as the original."""
+    """[Pad] A learned border `pad` pixels wide added to the normalised image (zero centre), N(0, 1)
+    init as the original: at 224 px, pad 30, 2 x (1, 3, 30, 224) + 2 x (1, 3, 164, 30) numbers."""
 
     def __init__(self, image_size, pad):
         super().__init__()
@@ -169,16 +163,12 @@ class PadPrompter(nn.Module):
         return x + self.border()  # [Pad] x' = x + border, the same for every image; no clamping
 
 
-def pad_width(n_px):
-    """Bahng et al.'s 30 pixels at 224, scaled to the model's input size (4 at 32 px)."""
-    return max(1, round(30 * n_px / 224))
-
-
 class PaddedEncoder(nn.Module):
     """CLIP's frozen image encoder (ViT or ResNet) on images with the learned border added."""
 
-    def __init__(self, visual, pad):
+    def __init__(self, visual, pad=None):  # Bahng et al.'s 30 px at 224, scaled (4 px at 32)
         super().__init__()
+        pad = pad or max(1, round(30 * visual.input_resolution / 224))
         self.prompter, self.visual = PadPrompter(visual.input_resolution, pad), visual
 
     def forward(self, images):
@@ -241,10 +231,9 @@ def load_data(args):
     dataset, train, test_sets = load_task(args, args.shots)
     if not train["train"] and not args.eval_only:
         fail(f"{args.data}: no training images (a train/ folder or the split file's train list)")
-    for name, (items, names) in (
-        test_sets.items() if args.method == "pad" else []
-    ):  # as Bahng et al.
-        test_sets[name] = (items, [c.lower().replace("-", " ") for c in names])
+    if args.method == "pad":  # class names as Bahng et al. write them: lower case, "-" as a space
+        for name, (items, names) in test_sets.items():
+            test_sets[name] = (items, [c.lower().replace("-", " ") for c in names])
     if args.head == "linear" and any(n != test_sets["test"][1] for _, n in test_sets.values()):
         fail("--head linear knows its training classes only: use --head text for base-to-new")
     return dataset, train["train"], test_sets
@@ -255,7 +244,7 @@ def build_model(args, clip_model, classnames):
     visual = clip_model.visual
     try:
         if args.method == "pad":
-            encoder = PaddedEncoder(visual, args.pad or pad_width(visual.input_resolution))
+            encoder = PaddedEncoder(visual, args.pad)
         else:
             deep = args.method == "deep"
             encoder = PromptedViT(visual, args.n_prompts, deep, args.dropout, args.placement)
@@ -269,8 +258,7 @@ def build_model(args, clip_model, classnames):
     model = VisualPromptedCLIP(encoder, head)
     assert not any(p.requires_grad for p in clip_model.parameters())
     learned = {k: tuple(v.shape) for k, v in learned_state(model).items()}
-    n = sum(map(math.prod, learned.values()))
-    print(f"vpt-{args.method}: learned {learned} = {n:,} parameters; all of CLIP frozen")
+    print(f"vpt-{args.method}: learned {learned} = {sum(map(math.prod, learned.values())):,}")
     return model
 
 
@@ -283,13 +271,13 @@ def sgd(model, lr, weight_decay):
 
 
 @torch.no_grad()
-def save_border(prompter, path, min_side=224):
+def save_border(prompter, path):
     """The border as a PNG (written atomically): the prompt on CLIP's mean colour (the gray centre),
     un-normalised (* std + mean), clipped, enlarged to be seen -> the PIL image."""
     mean, std = torch.tensor(CLIP_MEAN).view(3, 1, 1), torch.tensor(CLIP_STD).view(3, 1, 1)
     pixels = (prompter.border()[0].float().cpu() * std + mean).clamp(0, 1)  # (3, S, S)
     image = Image.fromarray((pixels.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
-    side = image.width * max(1, math.ceil(min_side / image.width))
+    side = image.width * math.ceil(224 / image.width)  # at least 224 px
     image = image.resize((side, side), Image.NEAREST)
     image.save(f"{path}.tmp", format="PNG")
     os.replace(f"{path}.tmp", path)
@@ -320,8 +308,7 @@ def evaluate(model, clip_model, test_sets, template, workers, device, precision)
 
 # One optimisation step (the unit the training loop, the tests and bench.py call) -----------------
 def train_step(model, optimizer, scaler, images, labels, precision):
-    # Unlike coop.py the backward pass runs through every block of the frozen image encoder to the
-    # prompts (activation gradients only; CLIP's weights get none)
+    # unlike coop.py, the backward pass runs through the whole frozen image encoder to the prompts
     with autocast(images.device, precision):
         logits = model(images)  # (B, n_cls)
     loss = F.cross_entropy(logits.float(), labels)
@@ -401,7 +388,6 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
     add = p.add_argument
-    # data and protocol
     add("--backbone", help="CLIP name or checkpoint (pad: any backbone, ResNets too)")
     add("--data", required=True, help="root with train/ [val/] test/, or --split-file's images")
     add("--split-file", help="CoOp's split_zhou_<Name>.json (then --data is its image root)")
@@ -410,7 +396,6 @@ def parse_args(argv=None):
     add("--subsample", choices=["all", "base", "new"], default="all", help="base-to-new split")
     add("--eval-data", nargs="*", default=[], help="extra test sets (ImageFolder roots)")
     add("--template", help="the text head's and the zero-shot baseline's template")
-    # the method
     add("--method", choices=["shallow", "deep", "pad"], default="deep", help="VPT or the border")
     add("--n-prompts", type=int, default=8, help="prompt tokens p per layer (MaPLe's VPT: 8)")
     add("--placement", choices=["vpt", "maple"], default="vpt", help="vpt: VPT's, after [CLS], "
@@ -418,7 +403,6 @@ def parse_args(argv=None):
     add("--dropout", type=float, default=0.0, help="prompt dropout (VPT's demo: 0.1 for deep)")
     add("--pad", type=int, help="border width in pixels (default: 30 at 224 px, scaled)")
     add("--head", choices=["text", "linear"], default="text", help="CLIP's, or VPT's learned one")
-    # optimisation
     add("--epochs", type=int, help="training epochs")
     add("--batch-size", type=int, help="images per step")
     add("--lr", type=float, help="SGD's base learning rate")
