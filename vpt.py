@@ -266,7 +266,7 @@ def sgd(model, lr, weight_decay):
     """SGD, momentum 0.9 (all three recipes); the head's bias gets no weight decay (as KMnP's)."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     groups = [{"params": [p for n, p in named if n != "head.bias"]}]
-    groups += [{"params": [p for n, p in named if n == "head.bias"], "weight_decay": 0.0}]
+    groups += [{"params": [p], "weight_decay": 0.0} for n, p in named if n == "head.bias"]
     return torch.optim.SGD(groups, lr, momentum=0.9, weight_decay=weight_decay)
 
 
@@ -342,7 +342,7 @@ def main(args):
     optimizer = sgd(model, args.lr, args.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=precision != "fp32")  # see train_step
     generator = torch.Generator().manual_seed(args.seed)  # the shuffling order, kept for --resume
-    # Bahng et al. train on CLIP's preprocess (no augmentation); MaPLe's VPT on random crops + flip
+    # Bahng et al.: CLIP's preprocess; MaPLe's VPT (here the linear head too): random crops, flip
     n_px = clip_model.visual.input_resolution
     transform = test_transform(n_px) if pad else train_transform(n_px, args.crop_scale)
     loader = make_loader(train, transform, args.batch_size, args.workers, device, True, False,
