@@ -1,45 +1,39 @@
 """VPT inside CLIP's image encoder, and pixel-space visual prompting (the padding prompt).
 
-Papers  VPT: Jia et al., "Visual Prompt Tuning", arXiv 2203.12119 (ECCV 2022)
-        Pad: Bahng et al., "Exploring Visual Prompts for Adapting Large-Scale Models", 2203.17274
+Papers  VPT: Jia et al., "Visual Prompt Tuning", arXiv 2203.12119; code github.com/KMnP/vpt
+             ("KMnP" below: the VPT authors' GitHub organisation, whose repository is vpt)
+        Pad: Bahng et al., "Exploring Visual Prompts for Adapting Large-Scale Models", 2203.17274;
+             code github.com/hjbahng/visual_prompting
 
-The idea. CoOp learns words on CLIP's text side; these methods learn on the image side and keep
-the text classifier frozen. VPT adds p learned tokens to the sequence of CLIP's frozen vision
-transformer: shallow, one set at the input that every layer carries along; deep, a fresh set
-before every block that *replaces* the previous block's outputs at those positions (the length
-stays 1 + p + N). Bahng et al. learn one input-agnostic perturbation in pixel space: a border
-(30 px wide at 224 px) added to every normalised image. It touches only the input, so it works
-on any backbone, ResNets included. Scores come from CLIP's text classifier, encoded once from
-the template, or (--head linear) from the VPT paper's linear head trained with the prompts.
+The idea. CoOp learns words on CLIP's text side; these methods learn on the image side. VPT adds
+p learned tokens to the sequence of CLIP's frozen vision transformer: shallow, one set at the
+input that every layer carries along; deep, a fresh set before every block that *replaces* the
+previous block's outputs there (the length stays 1 + p + N). Bahng et al. learn one border in
+pixel space (30 px wide at 224 px) added to every normalised image: only the input changes, so
+any backbone works. Scores: CLIP's frozen text classifier, or (--head linear) VPT's linear head.
 
-Equations (E_i the patch tokens after block i, x_i the class token, P_i the prompts of block i,
+Equations (E_i the patch tokens after block i, x_i the class token [CLS], P_i block i's prompts,
 L_i block i, W the frozen text classifier, 1/tau CLIP's logit scale, about 100)
   [VPT-shallow]  [x_i, Z_i, E_i] = L_i([x_i-1, Z_i-1, E_i-1]),  Z_0 = P (carried through)
   [VPT-deep]     [x_i, _, E_i]   = L_i([x_i-1, P_i-1, E_i-1])   (the prompt outputs are dropped)
   [VPT head]     f(x) = ln_post(x_L) @ proj;  logits = cos(f(x), W) / tau,  or  head(f(x))
   [Pad]          x' = x + border (zero inside the centre), x the normalised image
-Learned: prompts (n_layers if deep else 1, p, width), or the border's four tensors (69,840
-numbers at 224 px); with --head linear also the head. Frozen: all of CLIP.
-Unlike coop.py the image encoder is in the graph (forward and backward every step); the text
-classifier is encoded once.
+Learned: prompts (n_layers if deep else 1, p, width) or the border's four tensors (69,840 numbers
+at 224 px); the linear head. Frozen: all of CLIP; unlike coop.py its image encoder is in the graph.
 
-The papers' settings. VPT (supervised ViT-B/16, linear head): SGD, batch 128, 100 epochs, lr from
-a grid scaled by batch/256, tuned for a random head and not transferable to CLIP. VPT in CLIP, as
-MaPLe's "Deep Vision Prompting" baseline (the base-to-new tables that quote VPT): ViT-B/16, 8
-prompts at all 12 layers appended after the patches through ln_pre, SGD lr 0.0025, batch 4, 5
-epochs, a warm-up epoch at 1e-5 then cosine, weight decay 5e-4; base 80.24, new 73.43, H 76.68.
-Defaults here: that recipe, the only published one for VPT with CLIP's text classifier, with the
-VPT paper's placement (after the class token, uniform init); --placement maple gives MaPLe's model.
-Pad: ViT-B/32, SGD lr 40, momentum 0.9, no weight decay, batch 256, 1000 epochs, 1000 linear
-warm-up steps then cosine per step, "This is a photo of a {}", training images through CLIP's
-preprocess (no augmentation).
+The papers' settings (PRESETS below; --help prints them). VPT with CLIP's text head: MaPLe's
+"Deep Vision Prompting" baseline (MaPLe: Khattak et al., arXiv 2210.03117, code
+muzairkhattak/multimodal-prompt-learning), the only published recipe for it (base 80.24, new
+73.43, H 76.68 on ViT-B/16): 8 prompts at all 12 layers, SGD lr 0.0025, batch 4, 5 epochs, a
+warm-up epoch at 1e-5 then cosine (the schedule of Dassl, the library under CoOp's and MaPLe's
+code). Its prompts sit after the patches (--placement maple); ours by default where VPT puts
+them. --head linear: VPT's recipe for a random head. Pad: Bahng et al.'s, ViT-B/32, SGD lr 40,
+batch 256, 1000 epochs, 1000 warm-up steps; training images through CLIP's preprocess.
 
 Run
-  python vpt.py --backbone toy/clip_vit.pt --data toy/sketch --subsample base --shots 4 \
-      --epochs 20 --crop-scale 1
-  python vpt.py --backbone ViT-B/16 --data DATA/oxford_pets/images --shots 16 --subsample base \
-      --split-file DATA/oxford_pets/split_zhou_OxfordPets.json
-  python vpt.py --method pad --backbone ViT-B/32 --data ... --split-file ... --shots 16
+  python vpt.py --backbone toy/clip_vit.pt --data toy/sketch --shots 4 --epochs 20 --crop-scale 1
+  python vpt.py --data DATA/oxford_pets/images --shots 16 --subsample base \
+      --split-file DATA/oxford_pets/split_zhou_OxfordPets.json  # or --method pad, --head linear
 """
 
 import argparse
@@ -65,33 +59,47 @@ with warnings.catch_warnings():  # openai-clip 1.0.1 imports the deprecated pkg_
     import clip
 
 
-# ------------------------------------------------------------------------------------------------
-# The method: prompt tokens inside the ViT, the padding prompt, the two heads
-# ------------------------------------------------------------------------------------------------
+# Presets: each recipe's defaults (what the command line gives wins) ------------------------------
+def kmnp_lr(args):
+    """0.01 x batch / 256 (KMnP's default base lr, scaled by the batch as its tuning scripts do)"""
+    return 0.01 * args.batch_size / 256
+
+
+PRESETS = {
+    # MaPLe's VPT (configs/trainers/VPT/vit_b16_c2_ep5_batch4_4.yaml)
+    "shallow/deep": dict(backbone="ViT-B/16", epochs=5, batch_size=4, lr=0.0025,
+                         weight_decay=5e-4, warmup=1, template="a photo of a {}."),
+    # Bahng et al.'s main_clip.py (their ViT-B/32; ViT-B/16 does better, they add)
+    "pad": dict(backbone="ViT-B/32", epochs=1000, batch_size=256, lr=40.0, weight_decay=0.0,
+                warmup=1000, template="This is a photo of a {}"),
+    # KMnP's configs/base-prompt.yaml: a random head needs VPT's recipe, not MaPLe's (made for
+    # CLIP's text head); KMnP searches the base lr per task (0.05 to 50)
+    "linear head": dict(backbone="ViT-B/16", epochs=100, batch_size=128, lr=kmnp_lr,
+                        weight_decay=1e-4, warmup=10, template="a photo of a {}."),
+}  # fmt: skip
+
+
+def recipe(a):  # the preset a run takes: the linear head's whatever the prompts, else the method's
+    return "linear head" if a.head == "linear" else "pad" if a.method == "pad" else "shallow/deep"
+
+
+# The method: prompt tokens inside the ViT, the padding prompt, the two heads ---------------------
 class PromptedViT(nn.Module):
     """CLIP's frozen vision transformer with p learned prompt tokens (VPT), an explicit forward.
-
     placement "vpt" (the VPT paper, KMnP's code): [CLS, P_1..P_p, patch_1..patch_N] after ln_pre,
         init uniform(-v, v), v = sqrt(6 / (3 * patch^2 + width)) (0.0625 for ViT-B/16).
     placement "maple" (MaPLe's "Deep Vision Prompting", the CLIP base-to-new "VPT" numbers):
         [CLS, patch_1..patch_N, P_1..P_p] before ln_pre, init N(0, 0.02^2) as MaPLe's code.
-    Neither gets a position embedding. forward(images) is the same kind of feature as
-    visual(images): unnormalised, (B, output_dim); with p = 0 it is CLIP's encode_image.
-    """
+    No position embedding for either. forward(images) is a feature like visual(images), (B, D)."""
 
+    # Not promptsync.py's forward: MaPLe's vision prompts (clip/model.py VisionTransformer_MaPLe)
+    # go after the patches, through ln_pre, are projections of its text prompts, stop at depth J;
+    # VPT's (KMnP/vpt src/models/vit_prompt/vit.py) go after [CLS], before the patches, own tensors
     def __init__(self, visual, n_prompts, deep, dropout=0.0, placement="vpt"):
         super().__init__()
         if not hasattr(visual, "transformer"):
-            raise ValueError(
-                f"prompt tokens need a vision transformer, and this CLIP's image encoder is a "
-                f"{type(visual).__name__}: use a ViT backbone (e.g. ViT-B/16) or the pixel-space "
-                "padding prompt (--method pad), which works on any backbone"
-            )
-        if placement not in ("vpt", "maple") or n_prompts < 0:
-            raise ValueError(
-                f"placement must be 'vpt' or 'maple' and n_prompts >= 0, not "
-                f"{placement!r} and {n_prompts}"
-            )
+            name = type(visual).__name__
+            raise ValueError(f"prompt tokens need a ViT, not a {name}: try --method pad (any CLIP)")
         self.visual, self.n_prompts, self.deep, self.placement = visual, n_prompts, deep, placement
         width, patch = visual.conv1.out_channels, visual.conv1.kernel_size[0]
         prompts = torch.empty(len(visual.transformer.resblocks) if deep else 1, n_prompts, width)
@@ -102,11 +110,6 @@ class PromptedViT(nn.Module):
             nn.init.normal_(prompts, std=0.02)
         self.prompts = nn.Parameter(prompts)
         self.dropout = nn.Dropout(dropout)  # on the prompts only (VPT's demo: 0.1 for deep)
-
-    def train(self, mode=True):  # only the prompt dropout trains: CLIP stays in eval mode
-        super().train(mode)
-        self.visual.eval()
-        return self
 
     def prompt(self, i, batch, dtype):
         """Prompt set i for every image, (B, p, width); dropout draws one mask per image."""
@@ -121,10 +124,8 @@ class PromptedViT(nn.Module):
         x = torch.cat([v.class_embedding.to(x.dtype) + cls, x], dim=1)  # (B, 1+N, width)
         x = x + v.positional_embedding.to(x.dtype)  # the prompts never get a position embedding
         if self.placement == "vpt":
-            # Why after ln_pre: KMnP puts the prompts into the sequence that the first block reads
-            # (the embeddings, position included); in CLIP that sequence is ln_pre's output. There
-            # the input set is written exactly where every deep set is written (straight into a
-            # block's input), and its init scale matters: ln_pre would re-normalise each prompt.
+            # After ln_pre: KMnP puts the prompts into what the first block reads (in CLIP, ln_pre's
+            # output), as every deep set; ln_pre would re-normalise them and undo their init scale
             x = v.ln_pre(x)
             x = torch.cat([x[:, :1], self.prompt(0, B, x.dtype), x[:, 1:]], dim=1)  # [VPT-shallow]
             rows = slice(1, 1 + p)  # the prompts' positions in [CLS, P, patches]: (B, 1+p+N, w)
@@ -141,19 +142,13 @@ class PromptedViT(nn.Module):
 
 
 class PadPrompter(nn.Module):
-    """[Pad] A learned border `pad` pixels wide, added to the normalised image (zero centre).
-
-    At 224 px and pad 30: pad_up/pad_down (1, 3, 30, 224), pad_left/pad_right (1, 3, 164, 30),
-    69,840 numbers, standard-normal init as the original.
-    """
+    """[Pad] A learned border `pad` pixels wide added to the normalised image (zero centre), N(0, 1)
+    init as the original: at 224 px, pad 30, 2 x (1, 3, 30, 224) + 2 x (1, 3, 164, 30) numbers."""
 
     def __init__(self, image_size, pad):
         super().__init__()
         if not 0 < 2 * pad < image_size:
-            raise ValueError(
-                f"the border width must be in 1..{(image_size - 1) // 2} for "
-                f"{image_size}-pixel images, not {pad}"
-            )
+            raise ValueError(f"border width {pad}: 1..{(image_size - 1) // 2} at {image_size} px")
         inner = image_size - 2 * pad
         self.pad_up = nn.Parameter(torch.randn(1, 3, pad, image_size))
         self.pad_down = nn.Parameter(torch.randn(1, 3, pad, image_size))
@@ -169,22 +164,13 @@ class PadPrompter(nn.Module):
         return x + self.border()  # [Pad] x' = x + border, the same for every image; no clamping
 
 
-def pad_width(n_px):
-    """Bahng et al.'s 30 pixels at 224, scaled to the model's input size (4 at 32 px)."""
-    return max(1, round(30 * n_px / 224))
-
-
 class PaddedEncoder(nn.Module):
     """CLIP's frozen image encoder (ViT or ResNet) on images with the learned border added."""
 
-    def __init__(self, visual, pad):
+    def __init__(self, visual, pad=None):  # Bahng et al.'s 30 px at 224, scaled (4 px at 32)
         super().__init__()
+        pad = pad or max(1, round(30 * visual.input_resolution / 224))
         self.prompter, self.visual = PadPrompter(visual.input_resolution, pad), visual
-
-    def train(self, mode=True):  # a ResNet's BatchNorm statistics must not move
-        super().train(mode)
-        self.visual.eval()
-        return self
 
     def forward(self, images):
         return self.visual(self.prompter(images).type(self.visual.conv1.weight.dtype))  # (B, D)
@@ -203,272 +189,236 @@ class TextHead(nn.Module):
 
 
 def linear_head(dim, n_classes):
-    """The VPT paper's classifier: one Linear layer on the image feature, initialised as KMnP's.
-
-    KMnP's head reads the 768-d class token after the last LayerNorm; here it reads CLIP's image
-    feature, which is that token times CLIP's frozen projection (ViT) or the ResNet's pooling.
-    """
+    """The VPT paper's classifier, initialised as KMnP's, on CLIP's image feature (KMnP's reads the
+    class token after the last LayerNorm; CLIP's feature is that token times a projection)."""
     head = nn.Linear(dim, n_classes)
     nn.init.kaiming_normal_(head.weight, a=0, mode="fan_out")
     nn.init.constant_(head.bias, -math.log((1 - 0.01) / 0.01))  # about -4.595
     return head
 
 
-class PromptedCLIP(nn.Module):
+class VisualPromptedCLIP(nn.Module):
     """A prompted image encoder (PromptedViT or PaddedEncoder) followed by a head."""
 
     def __init__(self, encoder, head):
         super().__init__()
         self.encoder, self.head = encoder, head
 
+    def train(self, mode=True):  # only the prompt dropout trains: CLIP stays in eval mode
+        super().train(mode)  # (a ResNet's BatchNorm statistics must not move)
+        self.encoder.visual.eval()
+        return self
+
     def forward(self, images):
         return self.head(self.encoder(images).float())  # (B, n_cls)
 
 
-def lr_at_step(step, base_lr, total_steps, warmup_steps):
-    """Bahng et al.'s schedule, stepped per batch: linear warm-up, then cosine to 0."""
-    if step < warmup_steps:
-        return base_lr * (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / (total_steps - warmup_steps)
+def lr_at(recipe, epoch, i, n_batches, base_lr, epochs, warmup):
+    """The learning rate of batch i of `epoch` in each recipe's schedule."""
+    if recipe == "shallow/deep":  # MaPLe's (Dassl's): a warm-up epoch at 1e-5, then cosine
+        return lr_at_epoch(epoch, base_lr, epochs)
+    # linear warm-up, then cosine to 0: Bahng et al.'s per step, from base_lr / warmup; KMnP's per
+    # epoch, from 0 (its first epoch trains at lr 0: WarmupCosineSchedule, src/solver/)
+    pad = recipe == "pad"
+    t, total = (epoch * n_batches + i, epochs * n_batches) if pad else (epoch, epochs)
+    if t < warmup:
+        return base_lr * (t + 1 if pad else t) / warmup
+    progress = (t - warmup) / (total - warmup)
     return 0.5 * base_lr * (1 + math.cos(math.pi * progress))
 
 
+def load_data(args):
+    """load_task and this file's checks -> (dataset name, training items, test sets)."""
+    dataset, train, test_sets = load_task(args, args.shots)
+    if not train["train"] and not args.eval_only:
+        fail(f"{args.data}: no training images (a train/ folder or the split file's train list)")
+    if args.method == "pad":  # class names as Bahng et al. write them: lower case, "-" as a space
+        for name, (items, names) in test_sets.items():
+            test_sets[name] = (items, [c.lower().replace("-", " ") for c in names])
+    if args.head == "linear" and any(n != test_sets["test"][1] for _, n in test_sets.values()):
+        fail("--head linear knows its training classes only: use --head text for base-to-new")
+    return dataset, train["train"], test_sets
+
+
+def build_model(args, clip_model, classnames):
+    """The prompted image encoder and its head, as the command line asks (CLIP frozen inside)."""
+    visual = clip_model.visual
+    try:
+        if args.method == "pad":
+            encoder = PaddedEncoder(visual, args.pad)
+        else:
+            deep = args.method == "deep"
+            encoder = PromptedViT(visual, args.n_prompts, deep, args.dropout, args.placement)
+    except ValueError as e:
+        fail(f"--method {args.method} with --backbone {args.backbone}: {e}")
+    if args.head == "linear":
+        head = linear_head(visual.output_dim, len(classnames))
+    else:  # CLIP's own classifier, encoded once
+        weights = zeroshot_classifier(clip_model, classnames, [args.template])  # (n_cls, D)
+        head = TextHead(weights, clip_model.logit_scale)
+    model = VisualPromptedCLIP(encoder, head)
+    assert not any(p.requires_grad for p in clip_model.parameters())
+    learned = {k: tuple(v.shape) for k, v in learned_state(model).items()}
+    print(f"vpt-{args.method}: learned {learned} = {sum(map(math.prod, learned.values())):,}")
+    return model
+
+
+def sgd(model, lr, weight_decay):
+    """SGD, momentum 0.9 (all three recipes); the head's bias gets no weight decay (as KMnP's)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for n, p in named if n != "head.bias"]}]
+    groups += [{"params": [p], "weight_decay": 0.0} for n, p in named if n == "head.bias"]
+    return torch.optim.SGD(groups, lr, momentum=0.9, weight_decay=weight_decay)
+
+
 @torch.no_grad()
-def border_image(prompter, min_side=224):
-    """The learned border as pixels: the prompt added to an image of CLIP's mean colour (a mid
-    gray, which stays in the centre), un-normalised (* std + mean), clipped, enlarged to be seen."""
+def save_border(prompter, path):
+    """The border as a PNG (written atomically): the prompt on CLIP's mean colour (the gray centre),
+    un-normalised (* std + mean), clipped, enlarged to be seen -> the PIL image."""
     mean, std = torch.tensor(CLIP_MEAN).view(3, 1, 1), torch.tensor(CLIP_STD).view(3, 1, 1)
     pixels = (prompter.border()[0].float().cpu() * std + mean).clamp(0, 1)  # (3, S, S)
     image = Image.fromarray((pixels.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
-    side = image.width * max(1, math.ceil(min_side / image.width))
-    return image.resize((side, side), Image.NEAREST)
+    side = image.width * math.ceil(224 / image.width)  # at least 224 px
+    image = image.resize((side, side), Image.NEAREST)
+    image.save(f"{path}.tmp", format="PNG")
+    os.replace(f"{path}.tmp", path)
+    return image
 
 
 @torch.no_grad()
-def evaluate(model, clip_model, weights, loader, device, precision):
-    """Zero-shot CLIP and the prompted model on one test set, in one pass over its images."""
-    zero_shot, ours, labels = [], [], []
-    for images, y in loader:
-        images = images.to(device)
-        with autocast(device, precision):
-            f = F.normalize(clip_model.encode_image(images).float(), dim=-1)  # (B, D)
-            zero_shot.append(f @ weights.t())
-            ours.append(model(images).float())
-        labels.append(y.to(device))
-    labels = torch.cat(labels)
-    return accuracy(torch.cat(zero_shot), labels), accuracy(torch.cat(ours), labels)
+def evaluate(model, clip_model, test_sets, template, workers, device, precision):
+    """Zero-shot CLIP and the prompted model on every test set, one pass over each set's images ->
+    ({set: zero-shot accuracy}, {set: accuracy}); a text head is re-encoded for each set."""
+    zero_shot, ours, n_px = {}, {}, clip_model.visual.input_resolution
+    for name, (items, classnames) in test_sets.items():
+        weights = zeroshot_classifier(clip_model, classnames, [template])  # (n_cls, D)
+        if isinstance(model.head, TextHead):  # the same frozen classifier, for these classes
+            model.head = TextHead(weights, clip_model.logit_scale).to(device)
+        logits, labels = ([], []), []
+        for images, y in make_loader(items, test_transform(n_px), 100, workers, device):
+            images = images.to(device)
+            with autocast(device, precision):
+                f = F.normalize(clip_model.encode_image(images).float(), dim=-1)  # (B, D)
+                logits[0].append(f @ weights.t())
+                logits[1].append(model(images).float())
+            labels.append(y.to(device))
+        labels = torch.cat(labels)
+        zero_shot[name], ours[name] = (accuracy(torch.cat(z), labels) for z in logits)
+    return zero_shot, ours
 
 
-# ------------------------------------------------------------------------------------------------
-# One optimisation step (the unit the training loop, the tests and bench.py call)
-# ------------------------------------------------------------------------------------------------
+# One optimisation step (the unit the training loop, the tests and bench.py call) -----------------
 def train_step(model, optimizer, scaler, images, labels, precision):
-    # Unlike coop.py, the whole frozen image encoder is in the graph: the backward pass runs back
-    # through every block to the prompts (only activation gradients; CLIP's weights get none).
+    # unlike coop.py, the backward pass runs through the whole frozen image encoder to the prompts
     with autocast(images.device, precision):
         logits = model(images)  # (B, n_cls)
     loss = F.cross_entropy(logits.float(), labels)
     if not torch.isfinite(loss):
         raise FloatingPointError(f"the loss is {loss.item()}; try --precision fp32 or a lower --lr")
     optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()  # a no-op scale unless --precision amp on CUDA
-    scaler.step(optimizer)  # SGD on the fp32 prompts (and head)
+    scaler.scale(loss).backward()  # amp and fp16: small fp16 activation gradients would be 0
+    scaler.step(optimizer)  # SGD on the fp32 prompts (and head); skipped if a gradient overflowed
     scaler.update()
     return loss.item(), accuracy(logits, labels)
 
 
-# ------------------------------------------------------------------------------------------------
-# main: data, model, the visible training loop, evaluation, results
-# ------------------------------------------------------------------------------------------------
+# main: data, model, the visible training loop, evaluation, results -------------------------------
 def main(args):
-    device = torch.device(args.device)
-    precision = args.precision or ("amp" if device.type == "cuda" else "fp32")
-    method, pad = f"vpt-{args.method}", args.method == "pad"
-    # The defaults: Bahng et al.'s recipe for the border, MaPLe's VPT recipe for prompt tokens
-    epochs = args.epochs or (1000 if pad else 5)
-    batch_size = args.batch_size or (256 if pad else 4)
-    base_lr = args.lr or (40.0 if pad else 0.0025)
-    weight_decay = args.weight_decay if args.weight_decay is not None else (0.0 if pad else 5e-4)
-    template = args.template or ("This is a photo of a {}" if pad else "a photo of a {}.")
-    if args.eval_only and not args.load:
-        fail("--eval-only needs --load <checkpoint.pt>")
-    if args.shots < 1 or args.n_prompts < 0:
-        fail("--shots must be at least 1 and --n-prompts at least 0")
-    if args.head == "linear" and args.subsample == "base":
-        fail("a linear head knows only its training classes: use --head text for base-to-new")
-    dataset, train, test_sets = load_task(args, args.shots)
-    if not train["train"] and not args.eval_only:
-        fail(f"{args.data}: no training images (a train/ folder or the split file's train list)")
-    for name, (_, classnames) in test_sets.items():
-        if args.head == "linear" and classnames != train["classnames"]:
-            fail(
-                f"--head linear scores its training classes only, and the test set {name} has "
-                "other classes: use --head text"
-            )
+    device, precision, pad = torch.device(args.device), args.precision, args.method == "pad"
+    method, (dataset, train, test_sets) = f"vpt-{args.method}", load_data(args)
     run_dir = args.out or os.path.join("runs", method, dataset, f"{args.shots}shot_seed{args.seed}")
     seed_everything(args.seed)
 
     # Frozen CLIP, the prompted image encoder, the head
     clip_model = load_clip(args.backbone, device, precision)
-    visual, n_px = clip_model.visual, clip_model.visual.input_resolution
-    border = args.pad or pad_width(n_px)
-    try:
-        if pad:
-            encoder = PaddedEncoder(visual, border)
-        else:
-            deep = args.method == "deep"
-            encoder = PromptedViT(visual, args.n_prompts, deep, args.dropout, args.placement)
-    except ValueError as e:
-        fail(f"--method {args.method} with --backbone {args.backbone}: {e}")
-    if args.head == "text":  # encoded once; re-encoded for each test set's classes
-        weights = zeroshot_classifier(clip_model, train["classnames"], [template])
-        head = TextHead(weights, clip_model.logit_scale)
-    else:
-        head = linear_head(visual.output_dim, len(train["classnames"]))
-    model = PromptedCLIP(encoder, head).to(device)
-    learned = [p for p in model.parameters() if p.requires_grad]
-    assert not any(p.requires_grad for p in clip_model.parameters())
-    n_learned, n_frozen = (sum(p.numel() for p in ps) for ps in (learned, clip_model.parameters()))
-    what = f"a {border}-px border" if pad else f"{args.n_prompts} prompts, {args.placement}"
-    print(
-        f"{method}: {what}, {args.head} head; learned {list(learned_state(model))} = "
-        f"{n_learned:,} parameters; CLIP's {n_frozen:,} frozen"
-    )
-    config = dict(method=method, backbone=args.backbone, head=args.head, placement=args.placement)
+    model = build_model(args, clip_model, test_sets["test"][1]).to(device)
+    placement = None if pad else args.placement  # --load and --resume refuse another one
+    config = dict(method=method, backbone=args.backbone, head=args.head, placement=placement)
     if args.load:
-        checkpoint = load_checkpoint(args.load)
-        load_learned(model, checkpoint, args.load, config)
-        if not pad and checkpoint["config"].get("placement") != args.placement:
-            fail(f"{args.load} holds prompts for --placement {checkpoint['config']['placement']}")
+        load_learned(model, load_checkpoint(args.load), args.load, config)
 
-    # Training: SGD on the prompts (and the head, whose bias gets no weight decay, as KMnP's)
+    # Training: the visible loop; the learning rate as each recipe's schedule sets it
     os.makedirs(run_dir, exist_ok=True)
     save(os.path.join(run_dir, "args.json"), vars(args))
-    bias = [p for n, p in model.named_parameters() if n == "head.bias"]
-    groups = [{"params": [p for p in learned if all(p is not b for b in bias)]}]
-    groups += [{"params": bias, "weight_decay": 0.0}] if bias else []
-    sgd = dict(lr=base_lr, momentum=args.momentum, weight_decay=weight_decay)
-    optimizer = torch.optim.SGD(groups, **sgd)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "amp" and device.type == "cuda")
+    optimizer = sgd(model, args.lr, args.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision != "fp32")  # see train_step
     generator = torch.Generator().manual_seed(args.seed)  # the shuffling order, kept for --resume
-    # Bahng et al. train on CLIP's preprocess (no augmentation); MaPLe's VPT on random crops + flip
+    # Bahng et al.: CLIP's preprocess; MaPLe's VPT (here the linear head too): random crops, flip
+    n_px = clip_model.visual.input_resolution
     transform = test_transform(n_px) if pad else train_transform(n_px, args.crop_scale)
-    loader = make_loader(
-        train["train"], transform, batch_size, args.workers, device, True, False, generator
-    )
-    start, train_seconds, n_seen = 0, 0.0, 0
+    loader = make_loader(train, transform, args.batch_size, args.workers, device, True, False,
+                         generator)  # fmt: skip
+    start, train_seconds = 0, 0.0
     watch_preemption()  # SIGUSR1: stop after this epoch's checkpoint
     if args.resume:
         start, train_seconds = resume(run_dir, model, optimizer, scaler, generator, config)
     elif os.path.exists(os.path.join(run_dir, "log.jsonl")) and not args.eval_only:
         os.remove(os.path.join(run_dir, "log.jsonl"))  # a fresh run starts a fresh log
-    for epoch in range(start, 0 if args.eval_only else epochs):
+    for epoch in range(start, 0 if args.eval_only else args.epochs):
         model.train()  # the prompt dropout only: CLIP stays in eval mode
         t0, losses, accs, n = time.time(), [], [], 0
         peak_mib(device, reset=True)
         for i, (images, labels) in enumerate(loader):
-            if pad:  # per step: 1000 linear warm-up steps, then cosine
-                step = epoch * len(loader) + i
-                lr = lr_at_step(step, base_lr, epochs * len(loader), args.warmup_steps)
-            else:  # per epoch: a constant warm-up epoch, then cosine
-                lr = lr_at_epoch(epoch, base_lr, epochs, args.warmup_lr)
+            lr = lr_at(recipe(args), epoch, i, len(loader), args.lr, args.epochs, args.warmup)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             images, labels = images.to(device, non_blocking=True), labels.to(device)
             loss, acc = train_step(model, optimizer, scaler, images, labels, precision)
             losses, accs, n = losses + [loss], accs + [acc], n + len(labels)
         seconds = time.time() - t0
-        train_seconds, n_seen = train_seconds + seconds, n_seen + n
-        log_epoch(
-            run_dir, device, epoch + 1, epochs, seconds, n, lr=lr, loss=losses, train_acc=accs
-        )
-        save_progress(
-            run_dir, config, model, optimizer, scaler, epoch + 1, train_seconds, generator
-        )
-    if pad:  # the learned border as a picture, written atomically like every file of the run
-        path = os.path.join(run_dir, "border.png")
-        border_image(model.encoder.prompter).save(f"{path}.tmp", format="PNG")
-        os.replace(f"{path}.tmp", path)
+        train_seconds += seconds
+        log_epoch(run_dir, device, epoch + 1, args.epochs, seconds, n, lr=lr, loss=losses,
+                  train_acc=accs)  # fmt: skip
+        save_progress(run_dir, config, model, optimizer, scaler, epoch + 1, train_seconds,
+                      generator)  # fmt: skip
+    if pad:  # the learned border as a picture
+        save_border(model.encoder.prompter, os.path.join(run_dir, "border.png"))
 
-    # Evaluation of the last epoch on every test set, against zero-shot CLIP on the same images
+    # Evaluation of the last epoch against zero-shot CLIP. Bahng et al. keep the epoch with the best
+    # accuracy on the test split itself (main_clip.py); the last epoch selects nothing on the test.
     model.eval()
-    zero_shot, acc = {}, {}
-    for name, (items, classnames) in test_sets.items():
-        weights = zeroshot_classifier(clip_model, classnames, [template])  # (n_cls, D)
-        if args.head == "text":  # the same frozen classifier, for this set's classes
-            model.head = TextHead(weights, clip_model.logit_scale).to(device)
-        loader = make_loader(items, test_transform(n_px), 100, args.workers, device)
-        zero_shot[name], acc[name] = evaluate(model, clip_model, weights, loader, device, precision)
-    speed = round(n_seen / train_seconds, 1) if n_seen else None
-    run = dict(epochs=0 if args.eval_only else epochs, precision=precision, images_per_s=speed)
+    zero_shot, acc = evaluate(model, clip_model, test_sets, args.template, args.workers, device,
+                              precision)  # fmt: skip
+    speed = round(len(train) * args.epochs / train_seconds, 1) if train_seconds else None
+    run = dict(epochs=0 if args.eval_only else args.epochs, precision=precision, images_per_s=speed)
     run["train_seconds"] = round(train_seconds, 2)
     return finish_run(run_dir, args, method, dataset, zero_shot, acc, **run)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description="VPT (shallow, deep) in CLIP's ViT and the padding prompt (defaults: the "
-        "papers' settings, see the module docstring)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
     add = p.add_argument
-    # data and protocol
-    add("--backbone", default="ViT-B/16", help="CLIP name or checkpoint (pad: any backbone)")
+    add("--backbone", help="CLIP name or checkpoint (pad: any backbone, ResNets too)")
     add("--data", required=True, help="root with train/ [val/] test/, or --split-file's images")
     add("--split-file", help="CoOp's split_zhou_<Name>.json (then --data is its image root)")
     add("--classnames", help="classnames.txt: 'folder<TAB>readable name' per line")
     add("--shots", type=int, default=16, help="training images per class (seeded sample)")
-    add(
-        "--subsample",
-        choices=["all", "base", "new"],
-        default="all",
-        help="base-to-new: 'base' trains on the first half of the classes, also tests 'new'",
-    )
+    add("--subsample", choices=["all", "base", "new"], default="all", help="base-to-new split")
     add("--eval-data", nargs="*", default=[], help="extra test sets (ImageFolder roots)")
-    add(
-        "--template",
-        help="the text head's and zero-shot baseline's template; default 'a photo "
-        "of a {}.' (pad: 'This is a photo of a {}', no period, as Bahng et al.)",
-    )
-    # the method
-    add(
-        "--method",
-        choices=["shallow", "deep", "pad"],
-        default="deep",
-        help="VPT-shallow or VPT-deep (prompt tokens, a ViT) or the pixel-space padding prompt",
-    )
+    add("--template", help="the text head's and the zero-shot baseline's template")
+    add("--method", choices=["shallow", "deep", "pad"], default="deep", help="VPT or the border")
     add("--n-prompts", type=int, default=8, help="prompt tokens p per layer (MaPLe's VPT: 8)")
-    add(
-        "--placement",
-        choices=["vpt", "maple"],
-        default="vpt",
-        help="vpt: after the class token, after ln_pre, uniform init (the VPT paper); maple: "
-        "after the patches, through ln_pre, N(0, 0.02^2) init (MaPLe's Deep Vision Prompting)",
-    )
+    add("--placement", choices=["vpt", "maple"], default="vpt", help="vpt: VPT's, after [CLS], "
+        "after ln_pre; maple: MaPLe's VPT, after the patches, through ln_pre")  # fmt: skip
     add("--dropout", type=float, default=0.0, help="prompt dropout (VPT's demo: 0.1 for deep)")
     add("--pad", type=int, help="border width in pixels (default: 30 at 224 px, scaled)")
-    add(
-        "--head",
-        choices=["text", "linear"],
-        default="text",
-        help="text: CLIP's frozen text classifier; linear: the VPT paper's trained linear head",
-    )
-    # optimisation
-    add("--epochs", type=int, help="default: 5 (pad: 1000)")
-    add("--batch-size", type=int, help="default: 4 (pad: 256)")
-    add("--lr", type=float, help="SGD learning rate; default 0.0025 (pad: 40)")
-    add("--momentum", type=float, default=0.9, help="SGD momentum")
-    add("--weight-decay", type=float, help="SGD weight decay; default 5e-4 (pad: 0)")
-    add("--warmup-lr", type=float, default=1e-5, help="prompt tokens: the first epoch's lr")
-    add("--warmup-steps", type=int, default=1000, help="pad: linear warm-up steps")
-    add(
-        "--crop-scale",
-        type=float,
-        default=0.08,
-        help="prompt tokens: smallest area of the random resized crop (the toy ViT: 1, flips only)",
-    )
+    add("--head", choices=["text", "linear"], default="text", help="CLIP's, or VPT's learned one")
+    add("--epochs", type=int, help="training epochs")
+    add("--batch-size", type=int, help="images per step")
+    add("--lr", type=float, help="SGD's base learning rate")
+    add("--weight-decay", type=float, help="SGD's weight decay")
+    add("--warmup", type=int, help="warm-up steps (pad) or epochs (from 0; shallow/deep: at 1e-5)")
+    add("--crop-scale", type=float, default=0.08, help="prompt tokens: random crops' smallest area")
     add_run_args(add)
-    return p.parse_args(argv)
+    args = parse(p, argv, PRESETS, recipe)
+    if recipe(args) == "shallow/deep" and args.warmup != 1:
+        fail("--warmup: MaPLe's schedule for prompt tokens has one warm-up epoch (at 1e-5)")
+    if args.eval_only and not args.load:
+        fail("--eval-only needs --load <checkpoint.pt>")
+    if args.shots < 1 or args.n_prompts < 0:
+        fail("--shots must be at least 1 and --n-prompts at least 0")
+    return args
 
 
 # --- shared: appendix (canonical copy in coop.py; re-sync with tools/sync_shared.py) ---

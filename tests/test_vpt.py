@@ -5,14 +5,17 @@ import math
 import os
 import subprocess
 import sys
+from contextlib import nullcontext
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, tiny_clip
+from conftest import ROOT, make_image_folder, tiny_clip
 from PIL import Image
 
 import vpt
+from vpt import clip
 
 CPU = torch.device("cpu")
 P = 3  # prompt tokens in the unit tests; the tiny ViT: width 64, 2 blocks, 16-px patches, 2x2 grid
@@ -138,11 +141,14 @@ def test_deep_loop_equals_the_concatenation_in_values_and_gradients():
 def test_prompt_dropout_is_one_mask_per_image_and_off_in_eval():
     model = tiny_clip(vit=True, seed=6)
     encoder = vpt.PromptedViT(model.visual, P, deep=True, dropout=0.5)
+    classifier = vpt.VisualPromptedCLIP(encoder, torch.nn.Identity())
     images = torch.randn(1, 3, 32, 32).expand(4, -1, -1, -1)  # the same image four times
     with torch.no_grad():
-        train = encoder.train()(images)
-        assert not model.visual.training  # CLIP stays in eval mode
-        evaluated = encoder.eval()(images)
+        classifier.train()
+        train = encoder(images)
+        assert encoder.training and not model.visual.training  # CLIP stays in eval mode
+        classifier.eval()
+        evaluated = encoder(images)
     assert not torch.allclose(train[0], train[1])
     assert torch.equal(evaluated[0], evaluated[1]) and torch.equal(evaluated, encoder(images))
 
@@ -163,23 +169,27 @@ def test_pad_prompt_is_a_border_with_a_zero_centre():
     ring = torch.ones(32, 32, dtype=torch.bool)
     ring[4:28, 4:28] = False
     assert (prompter.border()[..., ring] != 0).all()
-    # as Bahng et al.
+    # as Bahng et al.: 30 px at 224, scaled to the model's input size
     assert sum(p.numel() for p in vpt.PadPrompter(224, 30).parameters()) == 69_840
-    assert [vpt.pad_width(n) for n in (224, 32, 336, 5)] == [30, 4, 45, 1]
+    widths = [vpt.PaddedEncoder(SimpleNamespace(input_resolution=n)).prompter.pad_up.shape[2]
+        for n in (224, 32, 336, 5)]  # fmt: skip
+    assert widths == [30, 4, 45, 1]
     with pytest.raises(ValueError, match="border width"):
         vpt.PadPrompter(32, 16)
 
 
-def test_border_png_shows_the_prompt_on_clips_mean_colour():
+def test_border_png_shows_the_prompt_on_clips_mean_colour(tmp_path):
     prompter = vpt.PadPrompter(32, 4)
-    image = vpt.border_image(prompter)
+    image = vpt.save_border(prompter, tmp_path / "border.png")
+    with Image.open(tmp_path / "border.png") as saved:
+        assert saved.format == "PNG" and saved.getpixel((0, 0)) == image.getpixel((0, 0))
     assert image.size == (224, 224)  # enlarged 7x, nearest neighbour
     centre = image.getpixel((112, 112))
     # the zero centre: the mean colour
     assert centre == tuple(round(255 * m) for m in vpt.CLIP_MEAN)
     with torch.no_grad():
         prompter.pad_up.fill_(100.0)  # far outside the image range: clipped to white
-    assert vpt.border_image(prompter).getpixel((112, 3)) == (255, 255, 255)
+    assert vpt.save_border(prompter, tmp_path / "b.png").getpixel((112, 3)) == (255, 255, 255)
 
 
 # --- a training step ------------------------------------------------------------------------------
@@ -190,9 +200,9 @@ def build(kind, head, model):
     else:
         encoder = vpt.PromptedViT(model.visual, P, deep=kind == "deep", dropout=0.1)
     if head == "linear":
-        return vpt.PromptedCLIP(encoder, vpt.linear_head(32, n_cls))
+        return vpt.VisualPromptedCLIP(encoder, vpt.linear_head(32, n_cls))
     weights = F.normalize(torch.randn(n_cls, 32), dim=-1)
-    return vpt.PromptedCLIP(encoder, vpt.TextHead(weights, model.logit_scale))
+    return vpt.VisualPromptedCLIP(encoder, vpt.TextHead(weights, model.logit_scale))
 
 
 @pytest.mark.parametrize(
@@ -237,10 +247,13 @@ def test_linear_head_starts_as_vpts():
 
 
 def test_schedules_match_the_reference_learning_rates():
-    assert vpt.lr_at_step(0, 40, 5000, 1000) == 0.04  # Bahng et al. print 0.04, 0.08, ...
-    assert vpt.lr_at_step(999, 40, 5000, 1000) == 40 and vpt.lr_at_step(3000, 40, 5000, 1000) == 20
-    assert vpt.lr_at_step(4999, 40, 5000, 1000) < 1e-4
-    dassl = [vpt.lr_at_epoch(e, 0.0025, 5, 1e-5) for e in range(5)]
+    bahng = lambda step: vpt.lr_at("pad", step // 50, step % 50, 50, 40, 100, 1000)  # 5000 steps
+    assert bahng(0) == 0.04  # Bahng et al. print 0.04, 0.08, ...
+    assert bahng(999) == 40 and bahng(3000) == 20 and bahng(4999) < 1e-4
+    # KMnP's WarmupCosineSchedule, stepped per epoch: the first epoch trains at lr 0
+    kmnp = [vpt.lr_at("linear head", e, 3, 7, 0.05, 100, 10) for e in (0, 1, 10, 55, 99)]
+    assert kmnp[:3] == [0.0, 0.005, 0.05] and math.isclose(kmnp[3], 0.025) and kmnp[4] < 1e-4
+    dassl = [vpt.lr_at("shallow/deep", e, 0, 9, 0.0025, 5, 1) for e in range(5)]
     expected = [
         1e-5,
         0.0025,
@@ -261,7 +274,7 @@ def test_command_line_deep_base_to_new_with_eval_data(
         "--out", str(out)]  # fmt: skip
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert "= 1,024 parameters" in result.stdout  # 8 prompts x 2 blocks x 64 (the tiny width)
+    assert "= 1,024" in result.stdout  # learned numbers: 8 prompts x 2 blocks x 64 (the tiny width)
     assert (
         result.stdout.strip()
         .splitlines()[-1]
@@ -369,31 +382,132 @@ def test_bad_options_are_refused(tiny_ckpt, tiny_vit_ckpt, tiny_data, tmp_path):
         run(["--backbone", tiny_vit_ckpt, "--eval-only", "--out", str(tmp_path / "e")] + common)
 
 
-def test_help_reads_like_the_papers(capsys):
+def test_help_shows_each_recipes_defaults(capsys):
     with pytest.raises(SystemExit):
         vpt.parse_args(["--help"])
     out = " ".join(capsys.readouterr().out.split())  # argparse wraps its lines
     for fact in (
-        "0.0025",
-        "(pad: 40)",
-        "(pad: 256)",
-        "(pad: 1000)",
-        "This is a photo of a {}",
-        "linear warm-up steps (default: 1000)",
-        "5e-4",
+        "shallow/deep: 'ViT-B/16'; pad: 'ViT-B/32'; linear head: 'ViT-B/16'",
+        "shallow/deep: 5; pad: 1000; linear head: 100",
+        "shallow/deep: 4; pad: 256; linear head: 128",
+        "shallow/deep: 0.0025; pad: 40.0; linear head: 0.01 x batch / 256",
+        "shallow/deep: 0.0005; pad: 0.0; linear head: 0.0001",
+        "shallow/deep: 1; pad: 1000; linear head: 10",
+        "pad: 'This is a photo of a {}'",
         "after ln_pre",
         "through ln_pre",
     ):
         assert fact in out, fact
 
 
+def test_presets_are_each_papers_recipe():
+    parsed = lambda *extra: vpt.parse_args(["--data", "d", *extra])
+    deep, pad, linear = parsed(), parsed("--method", "pad"), parsed("--head", "linear")
+    # MaPLe's VPT, Bahng et al.'s padding prompt, KMnP's recipe for a random linear head
+    assert (deep.backbone, deep.epochs, deep.batch_size, deep.lr, deep.warmup) == (
+        "ViT-B/16", 5, 4, 0.0025, 1)  # fmt: skip
+    assert (pad.backbone, pad.epochs, pad.batch_size, pad.lr, pad.weight_decay, pad.warmup) == (
+        "ViT-B/32", 1000, 256, 40.0, 0.0, 1000)  # fmt: skip
+    assert (linear.epochs, linear.batch_size, linear.weight_decay, linear.warmup) == (
+        100, 128, 1e-4, 10)  # fmt: skip
+    assert linear.lr == 0.01 * 128 / 256  # KMnP's rule: base lr x batch / 256
+    assert parsed("--head", "linear", "--batch-size", "64").lr == 0.01 * 64 / 256
+    assert parsed("--method", "pad", "--backbone", "RN50", "--epochs", "3").epochs == 3
+    with pytest.raises(SystemExit, match="--warmup"):  # MaPLe's warm-up is one epoch at 1e-5
+        parsed("--warmup", "3")
+
+
+def test_pad_writes_class_names_as_bahng_et_al(tmp_path):
+    for split in ("train", "test"):
+        make_image_folder(tmp_path / split, ["Black-Footed_Albatross", "red"], 1)
+    argv = ["--data", str(tmp_path), "--shots", "1"]
+    names = lambda *extra: vpt.load_data(vpt.parse_args(argv + list(extra)))[2]["test"][1]
+    assert names("--method", "pad") == ["black footed albatross", "red"]  # lower case, no "-"
+    assert names() == ["Black-Footed Albatross", "red"]
+
+
 @pytest.mark.parametrize("precision", ["amp", "fp16"])
 def test_mixed_precision_keeps_the_prompts_fp32(tiny_vit_ckpt, tiny_data, tmp_path, precision):
     m = run(["--backbone", tiny_vit_ckpt, "--data", tiny_data, "--shots", "1", "--epochs", "2",
         "--precision", precision, "--lr", "0.1", "--out", str(tmp_path)])  # fmt: skip
-    prompts = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["state"]["encoder.prompts"]
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    prompts = ckpt["state"]["encoder.prompts"]
     assert m["precision"] == precision and prompts.dtype == torch.float32
     assert torch.isfinite(prompts).all()
+    assert ckpt["scaler"]["scale"] > 1  # the loss is scaled for fp16 too, not only for amp
+
+
+def emulated_cuda_autocast(device, precision):
+    """CUDA's amp on the CPU: fp16 autocast (the CPU's own amp would use bf16)."""
+    return torch.autocast("cpu", dtype=torch.float16) if precision == "amp" else nullcontext()
+
+
+def build_at(kind, precision, seed=8):
+    """A tiny ViT CLIP as load_clip gives it for `precision` (fp16 weights for fp16), prompted."""
+    model = tiny_clip(vit=True, seed=seed)
+    if precision == "fp16":
+        clip.model.convert_weights(model)  # CLIP's own fp16 layout, as load_clip
+    torch.manual_seed(0)
+    if kind == "pad":
+        encoder = vpt.PaddedEncoder(model.visual)
+    else:
+        encoder = vpt.PromptedViT(model.visual, P, deep=kind == "deep")
+    weights = F.normalize(torch.randn(3, 32), dim=-1)
+    return vpt.VisualPromptedCLIP(encoder, vpt.TextHead(weights, model.logit_scale))
+
+
+@pytest.mark.parametrize("precision", ["amp", "fp16"])
+@pytest.mark.parametrize("kind", ["shallow", "deep", "pad"])
+def test_train_step_under_emulated_cuda_precision(kind, precision, monkeypatch):
+    monkeypatch.setattr(vpt, "autocast", emulated_cuda_autocast)
+    torch.manual_seed(1)
+    images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
+    deltas = []
+    for p in ("fp32", precision):  # the same model and batch, in fp32 and in emulated CUDA p
+        model = build_at(kind, p).train()
+        before = vpt.learned_state(model)
+        optimizer = torch.optim.SGD([t for t in model.parameters() if t.requires_grad], lr=0.1)
+        scaler = torch.amp.GradScaler("cpu", enabled=p != "fp32")  # as main: amp and fp16
+        vpt.train_step(model, optimizer, scaler, images, labels, p)
+        after = vpt.learned_state(model)
+        assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in after.values())
+        deltas.append(torch.cat([(after[k] - before[k]).flatten() for k in after]))
+    # the scaled half-precision step moves the learned tensors as the fp32 step does
+    assert F.cosine_similarity(deltas[0], deltas[1], dim=0) > 0.99, kind
+
+
+def test_loss_scaling_keeps_small_fp16_gradients_from_vanishing():
+    torch.manual_seed(1)
+    images, labels = torch.randn(4, 3, 32, 32), torch.arange(4)
+    grads = []
+    for scaled in (False, True):
+        model = build_at("deep", "fp16")
+        with torch.no_grad():  # each image its own class, sharply: a loss of about 6e-8
+            weights = F.normalize(model.encoder(images).float(), dim=-1)
+        model.head = vpt.TextHead(weights, torch.tensor(math.log(600.0)))
+        optimizer = torch.optim.SGD([model.encoder.prompts], lr=0.1)
+        scaler = torch.amp.GradScaler("cpu", enabled=scaled)
+        loss, _ = vpt.train_step(model, optimizer, scaler, images, labels, "fp16")
+        grads.append(model.encoder.prompts.grad)
+    assert 0 < loss < 1e-6
+    assert (grads[0] == 0).float().mean() > 0.9  # fp16 activation gradients underflow to 0
+    assert (grads[1] != 0).float().mean() > 0.9  # scaled by 2^16 first, they survive
+
+
+def test_resume_with_another_placement_is_refused(tiny_vit_ckpt, tiny_data, tmp_path):
+    argv = [
+        "--backbone",
+        tiny_vit_ckpt,
+        "--data",
+        tiny_data,
+        "--shots",
+        "1",
+        "--out",
+        str(tmp_path),
+    ]
+    run(argv + ["--epochs", "1"])
+    with pytest.raises(SystemExit, match="does not fit this run.*placement.: .vpt"):  # same shapes
+        run(argv + ["--epochs", "2", "--resume", "--placement", "maple"])
 
 
 # --- the toy world (slow) -------------------------------------------------------------------------
