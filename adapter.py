@@ -2,15 +2,14 @@
 
 Papers  CLIP-Adapter: Gao et al., arXiv 2110.04544 (code: gaopengcuhk/CLIP-Adapter, clip_adapter.py)
         Tip-Adapter(-F): Zhang et al., arXiv 2111.03930 (code: gaopengcuhk/Tip-Adapter, main.py)
-        Linear probe: Radford et al., arXiv 2103.00020, App. A.3, as the CoOp code runs it in its
+        Linear probe: Radford et al., arXiv 2103.00020, App. A.3, as CoOp's code runs it in its
           lpclip/ folder ("linear-probe CLIP"; KaiyangZhou/CoOp)
 
 The idea. All four keep CLIP frozen and put something small on top of the image feature, so the
-image encoder's output never changes: it runs once per (image, view) into a feature cache, and an
-epoch afterwards costs milliseconds. CLIP-Adapter learns a bottleneck MLP and blends its output
-with the feature. Tip-Adapter builds a key-value cache from the few-shot images (keys: their
-features, values: their one-hot labels) and adds the labels of similar keys to the zero-shot
-logits, without training; Tip-Adapter-F fine-tunes the keys. The linear probe ignores the text.
+image encoder runs once per (image, view) into a feature cache. CLIP-Adapter learns a bottleneck
+MLP and blends its output with the feature. Tip-Adapter builds a key-value cache of the few-shot
+images (keys: features, values: one-hot labels) and adds the labels of similar keys to the
+zero-shot logits, without training; Tip-Adapter-F fine-tunes the keys. The probe ignores the text.
 
 Equations (f the raw image feature, f^ = f/|f|, W (C, D) the normalised text features of the
 dataset's template, s CLIP's logit scale (about 100), K (N, D) the keys, V (N, C) one-hot values)
@@ -22,14 +21,10 @@ dataset's template, s CLIP's logit scale (about 100), K (N, D) the keys, V (N, C
 Learned: CLIP-Adapter W1, W2; Tip-Adapter nothing (K, V are built); Tip-Adapter-F K (init: the
 built K); the probe P, b. Frozen: all of CLIP and W. Unlike coop.py, no text encoder in training.
 
-Settings: PRESETS (--help prints them). The cache holds 10 views of each training image (random
-crop of area 0.5-1, flip: Tip-Adapter's). CLIP-Adapter publishes no training recipe: CoOp's, each
-epoch showing every image once as one of its views. Every choice is made on validation, never on
-test, so the published Tip-F numbers are not ours one to one: its code keeps the epoch best on
-test and prints the larger of that epoch's test accuracy and the one after the alpha/beta search
-(on ImageNet, a search on test too); we report the accuracy after the search, the epoch chosen on
-validation. On new classes Tip's cache adds nothing (it holds no key of theirs): exactly zero-shot;
-CLIP-Adapter scores any class; the probe only its training classes.
+Settings: PRESETS (--help prints them). Every choice is made on validation, never on test, so the
+published Tip-F numbers are not ours one to one: its code keeps the epoch best on test and prints
+the larger of that epoch's test accuracy and the one after the alpha/beta search (on ImageNet, a
+search on test too); we report the accuracy after the search, with the epoch chosen on validation.
 
 Run
   python adapter.py --method tip-f --backbone toy/clip_rn.pt --data toy/sketch --shots 4
@@ -78,8 +73,7 @@ TIP = dict(  # val_shots None: the whole val split, as Tip-Adapter's main.py (el
                       lambda a: TIP_CONFIGS.get(paper_dataset(a), OTHER_TIP_CONFIG)[1]),
     beta=1.0, val_shots=None)  # fmt: skip
 PRESETS = {
-    # CoOp's recipe (SGD, momentum 0.9, a warm-up epoch at 1e-5, cosine per epoch); one template
-    # on ImageNet too, as CLIP-Adapter's code
+    # CoOp's recipe (SGD, momentum 0.9, warm-up epoch, cosine); one template, as its code
     "clip-adapter": dict(template=TEMPLATE, alpha=0.2, batch_size=32, lr=0.002, weight_decay=5e-4,
         epochs=rule("50/100/200 for 1/2-4/8-16 shots, ImageNet 50 (CoOp's configs)",
                     lambda a: 50 if paper_dataset(a) == "ImageNet" else epochs_for_shots(a))),
@@ -100,8 +94,6 @@ class ClipAdapter(nn.Module):
 
     def __init__(self, dim, reduction=4):
         super().__init__()
-        if dim // reduction < 1:
-            raise ValueError(f"reduction {reduction} leaves no bottleneck of a {dim}-dim feature")
         hidden = dim // reduction
         self.fc = nn.Sequential(nn.Linear(dim, hidden, bias=False), nn.ReLU(),
                                 nn.Linear(hidden, dim, bias=False), nn.ReLU())  # fmt: skip
@@ -110,15 +102,11 @@ class ClipAdapter(nn.Module):
         return self.fc(features)  # [CLIP-Adapter] A(f) = ReLU(ReLU(f W1^T) W2^T): (B, D)
 
 
-def blend(features, adapter, alpha):
-    """[CLIP-Adapter] f* = alpha A(f) + (1 - alpha) f on the raw feature (unnormalised in, out)."""
-    return alpha * adapter(features) + (1 - alpha) * features
-
-
 def clip_adapter_logits(features, adapter, alpha, clip_weights, logit_scale):
-    # Blend, then normalise, as the code. (This bias-free ReLU adapter has A(c f) = c A(f) for
-    # c > 0, so blending the normalised feature would give the same logits; a test checks it.)
-    f = F.normalize(blend(features, adapter, alpha), dim=-1)  # (B, D)
+    # Blend the raw feature, then normalise, as the code. (This bias-free ReLU adapter has A(c f) =
+    # c A(f) for c > 0, so blending the normalised feature gives the same logits; a test checks it.)
+    f = alpha * adapter(features) + (1 - alpha) * features  # [CLIP-Adapter] f* (B, D)
+    f = F.normalize(f, dim=-1)
     return logit_scale * f @ clip_weights.t()  # [CLIP-Adapter] logits = s norm(f*) W^T: (B, C)
 
 
@@ -240,16 +228,13 @@ TIP_CONFIGS = {
     "OxfordFlowers": (10, (50, 50)), "OxfordPets": (1.17, (7, 3)), "StanfordCars": (3, (20, 10)),
     "SUN397": (1.17, (12, 10)), "UCF101": (3, (7, 3)),
 }  # fmt: skip
-# Other datasets: alpha = beta = 1 (the authors' baseline, Tip-Adapter issue #13) and their widest
-# scale (OxfordFlowers'): a wide grid costs only resolution (the toy sketches' best alpha is > 10)
-OTHER_TIP_CONFIG = (1.0, (50, 50))
+OTHER_TIP_CONFIG = (1.0, (50, 50))  # alpha = beta = 1 (the authors' baseline, their issue #13),
+# the widest scale (OxfordFlowers'): a wide grid costs only resolution (the toy's best alpha > 10)
 
 
 def paper_dataset(args):
-    """Which of the papers' datasets this is (its template, Tip-Adapter's settings), from the split
-    file's or the folder's name (CoOp's image roots images/, jpg/, 2750/ sit inside the dataset's
-    folder); None if none."""
-    folder = os.path.normpath(args.data)
+    """Which of the papers' datasets this is, by the split file's or the folder's name; or None."""
+    folder = os.path.normpath(args.data)  # CoOp's images/, jpg/, 2750/ sit in the dataset's folder
     folder = os.path.dirname(folder) if folder.endswith(("images", "jpg", "2750")) else folder
     name = os.path.basename(args.split_file or folder).replace("split_zhou_", "").split(".")[0]
     key = name.lower().replace("_", "").replace("-", "")
@@ -258,10 +243,9 @@ def paper_dataset(args):
 
 # ------------ The feature cache: the frozen image encoder runs once per image and view ------------
 class SeededViews(torch.utils.data.Dataset):
-    """`views` passes over the items. View v of image i is drawn with its own seed, so the cache
-    does not depend on the batch size, the number of workers or the order of reading.
-    (promptsync.py seeds random, numpy and torch per image, as its AugMix draws from numpy; these
-    crops draw from torch only, and fork_rng leaves the run's own generator as it was.)"""
+    """`views` passes over the items, view v of image i drawn with its own seed: the cache does not
+    depend on batches, workers or order. (promptsync.py seeds random, numpy and torch per image, as
+    its AugMix draws from numpy; these crops draw from torch only, and fork_rng restores it.)"""
 
     def __init__(self, items, transform, views=1, seed=0):
         self.images, self.seed = ImageDataset(items * views, transform), seed
@@ -282,15 +266,13 @@ def encode_views(
     """Raw (unnormalised) image features of every view of every item: (views, N, D) in fp32."""
     dataset, pin = SeededViews(items, transform, views, seed), device.type == "cuda"
     loader = torch.utils.data.DataLoader(dataset, batch_size, num_workers=workers, pin_memory=pin)
-    out = []
-    for images, _ in tqdm(loader, desc=f"encoding {views}x{len(items)} images", leave=False):
-        with autocast(device, precision):
-            out.append(encode_image(images.to(device, non_blocking=True)).float())
+    batches = tqdm(loader, desc=f"encoding {views}x{len(items)} images", leave=False)
+    with autocast(device, precision):
+        out = [encode_image(images.to(device, non_blocking=True)).float() for images, _ in batches]
     return torch.cat(out).view(views, len(items), -1)  # (views*N, D) -> (views, N, D)
 
 
-def label_tensor(items, device):
-    return torch.tensor([y for _, y in items], device=device)
+label_tensor = lambda items, device: torch.tensor([y for _, y in items], device=device)  # (N,)
 
 
 def feature_cache(args, clip_model, train, W):
@@ -313,9 +295,8 @@ def feature_cache(args, clip_model, train, W):
 
 
 def draw_validation(args, train, k):
-    """The validation set of the choices (alpha/beta, Tip-F's epoch, C), never from test: k images
-    per class (seeded) from the val split, all of it if k is None; without a val split, k (or
-    min(shots, 4)) per class from the training images that are not among the shots."""
+    """The validation set of the choices, never from test: k images per class (seeded) of the val
+    split (all if k is None), else k or min(shots, 4) of the training images not among the shots."""
     pool = train["val"]
     if not pool:  # the other training images of the same classes
         data, taken = load_dataset(args.data, args.split_file, args.classnames), set(train["train"])
@@ -362,12 +343,10 @@ def run_clip_adapter(args, c, run_dir):
     for epoch in range(args.epochs):
         for group in optimizer.param_groups:  # CoOp's: a warm-up epoch at 1e-5, cosine per epoch
             group["lr"] = lr_at_epoch(epoch, args.lr, args.epochs)
-        values = dict(lr=optimizer.param_groups[0]["lr"], loss=[], train_acc=[])
-        t, _ = time.time(), peak_mib(c.device, reset=True)
-        for f, y in epoch_batches(c.views, c.y, args.batch_size, generator):
-            loss, acc = train_step(forward, optimizer, f, y)
-            values["loss"].append(loss)
-            values["train_acc"].append(acc)
+        lr, t, _ = optimizer.param_groups[0]["lr"], time.time(), peak_mib(c.device, reset=True)
+        batches = epoch_batches(c.views, c.y, args.batch_size, generator)  # every image once
+        loss, acc = zip(*[train_step(forward, optimizer, f, y) for f, y in batches])  # per step
+        values = dict(lr=lr, loss=loss, train_acc=acc)
         if c.f_val is not None:  # shown only: nothing is chosen on it
             with torch.no_grad():
                 values["val_acc"] = accuracy(forward(c.f_val), c.y_val)
@@ -377,10 +356,8 @@ def run_clip_adapter(args, c, run_dir):
 
 def run_tip(args, c, run_dir, model=None):
     """[Tip-Adapter] training-free: the cache built from the views (or Tip-F's fine-tuned one);
-    alpha and beta by the authors' grid on the validation features (--no-search: as given)."""
+    alpha and beta by the authors' grid on the validation features."""
     model = model or TipAdapterF(*build_cache(c.views, c.y, c.n_cls)).to(c.device)  # K, V
-    if args.no_search:
-        return model, dict(alpha=args.alpha, beta=args.beta)
     K, V, f_val = model.cache_keys.detach(), model.cache_values, F.normalize(c.f_val, dim=-1)
     grid = (args.search_scale, args.search_step)
     val_acc, alpha, beta = search_alpha_beta(f_val, c.y_val, c.W, K, V, c.s, *grid)
@@ -389,9 +366,8 @@ def run_tip(args, c, run_dir, model=None):
 
 
 def run_tip_f(args, c, run_dir):
-    """[Tip-Adapter-F] the keys, initialised to the built ones, fine-tuned with alpha and beta at
-    their initial values; the epoch best on validation is kept (the code: the best on test), then
-    alpha and beta are searched as for Tip-Adapter."""
+    """[Tip-Adapter-F] the built keys fine-tuned (alpha, beta at their initial values); the epoch
+    best on validation is kept (the code: the best on test), then alpha and beta are searched."""
     model = TipAdapterF(*build_cache(c.views, c.y, c.n_cls)).to(c.device)
     adamw = dict(eps=1e-4, weight_decay=args.weight_decay)  # the code's eps, chosen for fp16
     optimizer = torch.optim.AdamW(model.parameters(), args.lr, **adamw)
@@ -400,13 +376,11 @@ def run_tip_f(args, c, run_dir):
     forward = lambda f: model(F.normalize(f, dim=-1), c.W, args.alpha, args.beta, c.s)
     generator, best = torch.Generator().manual_seed(args.seed), (-1.0, 0, None)
     for epoch in range(args.epochs):
-        values = dict(lr=optimizer.param_groups[0]["lr"], loss=[], train_acc=[])
-        t, _ = time.time(), peak_mib(c.device, reset=True)
+        lr, t, _ = optimizer.param_groups[0]["lr"], time.time(), peak_mib(c.device, reset=True)
         # the views whose mean gave the first keys (the code crops afresh, apart from the keys)
-        for f, y in epoch_batches(c.views, c.y, args.batch_size, generator):
-            loss, acc = train_step(forward, optimizer, f, y, scheduler)
-            values["loss"].append(loss)
-            values["train_acc"].append(acc)
+        batches = epoch_batches(c.views, c.y, args.batch_size, generator)  # every image once
+        loss, acc = zip(*[train_step(forward, optimizer, f, y, scheduler) for f, y in batches])
+        values = dict(lr=lr, loss=loss, train_acc=acc)
         with torch.no_grad():
             values["val_acc"] = accuracy(forward(c.f_val), c.y_val)
         if values["val_acc"] > best[0]:
@@ -417,28 +391,19 @@ def run_tip_f(args, c, run_dir):
 
 
 def run_linear_probe(args, c, run_dir):
-    """[Linear probe] logistic regression on the raw test-transform features, C chosen by lpclip's
-    search on the validation features (or --C)."""
+    """[Linear probe] logistic regression on the raw test-transform features, its C chosen by
+    lpclip's search on the validation features."""
     model = nn.Linear(c.dim, c.n_cls).to(c.device)  # P (C, D), b (C,)
-    fit = lambda C: fit_linear_probe(c.views[0], c.y, c.n_cls, C, args.max_iter)
-    chosen = dict(C=args.C)
-    if args.C is None:
-        val_accuracy = lambda probe: accuracy(c.f_val @ probe[0].t() + probe[1], c.y_val)
-        chosen["C"], (P, b), chosen["val_acc"] = search_C(fit, val_accuracy)
-        print(f"C = {chosen['C']:.4g}: validation accuracy {chosen['val_acc']:.2f}")
-    else:
-        P, b = fit(args.C)
+    fit = lambda C: fit_linear_probe(c.views[0], c.y, c.n_cls, C)  # 1000 iterations at most
+    val_accuracy = lambda probe: accuracy(c.f_val @ probe[0].t() + probe[1], c.y_val)
+    C, (P, b), val_acc = search_C(fit, val_accuracy)
+    print(f"C = {C:.4g}: validation accuracy {val_acc:.2f}")
     model.load_state_dict(dict(weight=P, bias=b))
-    return model, chosen
-
-
-METHODS = {"clip-adapter": run_clip_adapter, "tip": run_tip, "tip-f": run_tip_f,
-           "linear-probe": run_linear_probe}  # fmt: skip
+    return model, dict(C=C, val_acc=val_acc)
 
 
 def from_checkpoint(args, ckpt, dim, config):
-    """--eval-only: the method's model and choices as --load holds them (load_learned refuses them
-    if fitted on another backbone's features: config holds the sum of its visual weights)."""
+    """--eval-only: the model and choices in --load (fitted on another backbone's: refused)."""
     if args.method == "clip-adapter":
         model = ClipAdapter(dim)
     elif args.method == "linear-probe":
@@ -451,15 +416,13 @@ def from_checkpoint(args, ckpt, dim, config):
 
 @torch.no_grad()
 def evaluate(args, clip_model, model, chosen, classnames, templates, test_sets):
-    """Zero-shot CLIP and the method on every test set, encoded only now, after every choice.
-    -> ({set: zero-shot %}, {set: method %}, {set not scored: why})."""
+    """Zero-shot CLIP and the method on every test set, encoded only now, after every choice."""
     device, n_px = torch.device(args.device), clip_model.visual.input_resolution
     s, zero_shot, acc, not_scored = clip_model.logit_scale.exp().item(), {}, {}, {}
     for name, (items, names) in test_sets.items():
         f = encode_views(clip_model.encode_image, items, test_transform(n_px), device,
-                         args.precision, workers=args.workers)[0]  # fmt: skip
+                         args.precision, workers=args.workers)[0]  # (N, D) raw  # fmt: skip
         y, W = label_tensor(items, device), zeroshot_classifier(clip_model, names, templates)
-        # f: (N, D) raw features; W: (C_test, D)
         zero_shot[name] = accuracy(s * F.normalize(f, dim=-1) @ W.t(), y)
         if args.method == "clip-adapter":  # the adapter does not depend on the class names
             score = lambda x: clip_adapter_logits(x, model, chosen["alpha"], W, s)
@@ -473,8 +436,7 @@ def evaluate(args, clip_model, model, chosen, classnames, templates, test_sets):
         else:
             not_scored[name] = "classes the linear probe was not trained on"
             continue
-        logits = torch.cat([score(x) for x in f.split(1024)])  # (N_test, C_test), 1024 at a time
-        acc[name] = accuracy(logits, y)
+        acc[name] = accuracy(torch.cat([score(x) for x in f.split(1024)]), y)  # 1024 at a time
     return zero_shot, acc, not_scored
 
 
@@ -494,13 +456,12 @@ def main(args):
     # Frozen CLIP and the frozen text classifier W of the training classes
     clip_model = load_clip(args.backbone, device, args.precision)
     dim = clip_model.visual.output_dim  # D, read from the model (the code's 1024 fits RN50 only)
-    visual_sum = sum(p.double().sum().item() for p in clip_model.visual.parameters())  # backbone
-    config = dict(method=method, backbone=args.backbone, dim=dim, visual_sum=visual_sum)
+    config = dict(method=method, backbone=args.backbone, dim=dim)  # + the backbone's fingerprint:
+    config["visual_sum"] = sum(p.double().sum().item() for p in clip_model.visual.parameters())
     classnames = ckpt["classnames"] if ckpt else train["classnames"]
     t = args.template
     templates = TEMPLATES_SELECT if t == "select" else [CUSTOM_TEMPLATES.get(t, t)]
     W = zeroshot_classifier(clip_model, classnames, templates)  # (C, D)
-    print(f"{method}: {dataset}, {len(classnames)} classes, D {dim}, templates {templates}")
     os.makedirs(run_dir, exist_ok=True)
     save(os.path.join(run_dir, "args.json"), vars(args))
 
@@ -509,21 +470,20 @@ def main(args):
     if args.eval_only:
         model, chosen = from_checkpoint(args, ckpt, dim, config)
     else:
-        c = feature_cache(args, clip_model, train, W)
+        c, t0 = feature_cache(args, clip_model, train, W), time.time()
         if os.path.exists(os.path.join(run_dir, "log.jsonl")):
             os.remove(os.path.join(run_dir, "log.jsonl"))  # a fresh run starts a fresh log
-        model, chosen = METHODS[method](args, c, run_dir)
+        run = {"clip-adapter": run_clip_adapter, "tip": run_tip, "tip-f": run_tip_f}
+        model, chosen = run.get(method, run_linear_probe)(args, c, run_dir)
         state = dict(config=config, classnames=classnames, state=learned_state(model))
         values = getattr(model, "cache_values", None)  # Tip's fixed values, needed to evaluate
         save(os.path.join(run_dir, "checkpoint.pt"), dict(state, values=values, chosen=chosen))
-
-    zero_shot, acc, not_scored = evaluate(args, clip_model, model, chosen, classnames, templates,
-                                          test_sets)  # fmt: skip
-    trained = method in ("clip-adapter", "tip-f") and not args.eval_only
     extra = dict(precision=args.precision, train_seconds=round(time.time() - t0, 3), chosen=chosen)
-    epochs = args.epochs if trained else 0
-    return finish_run(run_dir, args, method, dataset, zero_shot, acc, epochs=epochs,
-                      not_scored=not_scored, **extra)  # fmt: skip
+
+    zero_shot, acc, extra["not_scored"] = evaluate(args, clip_model, model, chosen, classnames,
+                                                   templates, test_sets)  # fmt: skip
+    epochs = args.epochs if method in ("clip-adapter", "tip-f") and not args.eval_only else 0
+    return finish_run(run_dir, args, method, dataset, zero_shot, acc, epochs=epochs, **extra)
 
 
 def check_options(args):
@@ -533,15 +493,13 @@ def check_options(args):
         fail("--shots, --val-shots, --aug-views, --epochs and --batch-size must be at least 1")
     if not 0 < args.crop_scale <= 1:
         fail(f"--crop-scale {args.crop_scale}: the smallest crop's area is a fraction in (0, 1]")
-    tip = args.method in ("tip", "tip-f")
     if args.method == "clip-adapter" and not 0 <= args.alpha <= 1:
         fail(f"--alpha {args.alpha}: CLIP-Adapter's residual ratio lies in [0, 1] (its code: 0.2)")
+    tip = args.method in ("tip", "tip-f")
     if tip and not (0 <= args.alpha <= 100 and 0 <= args.beta <= 100):
         fail(f"--alpha {args.alpha}, --beta {args.beta}: weight and sharpness lie in [0, 100]")
     if tip and (min(args.search_scale) <= 0.1 or min(args.search_step) < 1):
         fail(f"--search-scale {args.search_scale}: both maxima must exceed 0.1 (the grid's start)")
-    if args.C is not None and not (args.C > 0 and math.isfinite(args.C)):
-        fail(f"--C {args.C}: the probe's inverse regularisation strength must be positive")
     if args.eval_only != bool(args.load):  # a method fits in seconds: no training goes on from one
         fail("--eval-only needs --load <checkpoint.pt>, and --load needs --eval-only")
     ckpt = load_checkpoint(args.load) if args.load else None
@@ -572,9 +530,6 @@ def parse_args(argv=None):
     add("--beta", type=float, help="Tip: the sharpness (both before the search)")
     add("--search-scale", type=float, nargs=2, metavar=("BETA_MAX", "ALPHA_MAX"), help="Tip: grid")
     add("--search-step", type=int, nargs=2, default=[200, 20], metavar=("N_BETA", "N_ALPHA"))
-    add("--no-search", action="store_true", help="Tip: keep --alpha and --beta")
-    add("--C", type=float, help="linear probe: this C instead of CoOp's search on validation")
-    add("--max-iter", type=int, default=1000, help="linear probe: L-BFGS iterations")
     add("--epochs", type=int, help="training epochs")
     add("--batch-size", type=int, help="training batch size")
     add("--lr", type=float, help="base learning rate (CLIP-Adapter: SGD; Tip-F: AdamW)")
