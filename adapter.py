@@ -55,13 +55,13 @@ with warnings.catch_warnings():  # openai-clip 1.0.1 imports the deprecated pkg_
     import clip
 
 
+# --------------------- Presets: each method's defaults, its paper's or code's ---------------------
 def rule(doc, value):
     """A preset that depends on other options (the dataset: paper_dataset); --help shows doc."""
     value.__doc__ = doc
     return value
 
 
-# --------------------- Presets: each method's defaults, its paper's or code's ---------------------
 TEMPLATE = rule("the dataset's CoOp template, else 'a photo of a {}.'",
                 lambda a: CUSTOM_TEMPLATES.get(paper_dataset(a), "a photo of a {}."))  # fmt: skip
 TIP = dict(  # val_shots None: the whole val split, as Tip-Adapter's main.py (else min(shots, 4))
@@ -228,8 +228,9 @@ TIP_CONFIGS = {
     "OxfordFlowers": (10, (50, 50)), "OxfordPets": (1.17, (7, 3)), "StanfordCars": (3, (20, 10)),
     "SUN397": (1.17, (12, 10)), "UCF101": (3, (7, 3)),
 }  # fmt: skip
-OTHER_TIP_CONFIG = (1.0, (50, 50))  # alpha = beta = 1 (the authors' baseline, their issue #13),
-# the widest scale (OxfordFlowers'): a wide grid costs only resolution (the toy's best alpha > 10)
+# Other datasets: alpha = beta = 1 (the authors' baseline, Tip-Adapter issue #13) and their widest
+# scale (OxfordFlowers'): a wide grid costs only resolution (the toy's best alpha lies above 10)
+OTHER_TIP_CONFIG = (1.0, (50, 50))
 
 
 def paper_dataset(args):
@@ -317,8 +318,8 @@ def draw_validation(args, train, k):
 
 # ----- One optimisation step on cached features (the unit the loops, tests and bench.py call) -----
 def train_step(logits_fn, optimizer, features, labels, scheduler=None):
-    """logits_fn(features) -> (B, C) logits; CLIP does not run here at all. The step is fp32 for
-    every --precision (the cache holds fp32 features), so it needs no loss scaling."""
+    """logits_fn(features) -> (B, C) logits. No CLIP here: fp32 cached features, fp32 parameters,
+    whatever --precision, so no loss scaling is needed."""
     logits = logits_fn(features)
     loss = F.cross_entropy(logits, labels)
     if not torch.isfinite(loss):
@@ -333,8 +334,8 @@ def train_step(logits_fn, optimizer, features, labels, scheduler=None):
 
 # ------- The four methods on the cache c (feature_cache), each -> (its model, its choices) --------
 def run_clip_adapter(args, c, run_dir):
-    """[CLIP-Adapter] the adapter trained by CoOp's recipe on the cached views; the last epoch is
-    kept (CLIP-Adapter's code, a trainer in CoOp's code base, selects nothing)."""
+    """[CLIP-Adapter] trained by CoOp's recipe on the cached views (its code crops afresh every
+    epoch); the last epoch is kept (its code, a trainer in CoOp's code base, selects nothing)."""
     model = ClipAdapter(c.dim).to(c.device)  # reduction 4, as the code
     sgd = dict(momentum=0.9, weight_decay=args.weight_decay)  # CoOp's SGD
     optimizer = torch.optim.SGD(model.parameters(), args.lr, **sgd)
@@ -402,12 +403,12 @@ def run_linear_probe(args, c, run_dir):
     return model, dict(C=C, val_acc=val_acc)
 
 
-def from_checkpoint(args, ckpt, dim, config):
-    """--eval-only: the model and choices in --load (fitted on another backbone's: refused)."""
+def from_checkpoint(args, ckpt, config):
+    """--eval-only: the model and choices in --load (config's visual_sum tells the backbone)."""
     if args.method == "clip-adapter":
-        model = ClipAdapter(dim)
+        model = ClipAdapter(config["dim"])
     elif args.method == "linear-probe":
-        model = nn.Linear(dim, len(ckpt["classnames"]))
+        model = nn.Linear(config["dim"], len(ckpt["classnames"]))
     else:
         model = TipAdapterF(torch.zeros_like(ckpt["state"]["cache_keys"]), ckpt["values"])
     load_learned(model.to(args.device), ckpt, args.load, config)
@@ -455,11 +456,10 @@ def main(args):
 
     # Frozen CLIP and the frozen text classifier W of the training classes
     clip_model = load_clip(args.backbone, device, args.precision)
-    dim = clip_model.visual.output_dim  # D, read from the model (the code's 1024 fits RN50 only)
-    config = dict(method=method, backbone=args.backbone, dim=dim)  # + the backbone's fingerprint:
+    config = dict(method=method, backbone=args.backbone, dim=clip_model.visual.output_dim)
     config["visual_sum"] = sum(p.double().sum().item() for p in clip_model.visual.parameters())
     classnames = ckpt["classnames"] if ckpt else train["classnames"]
-    t = args.template
+    t = args.template  # a template, a dataset's name, or "select"
     templates = TEMPLATES_SELECT if t == "select" else [CUSTOM_TEMPLATES.get(t, t)]
     W = zeroshot_classifier(clip_model, classnames, templates)  # (C, D)
     os.makedirs(run_dir, exist_ok=True)
@@ -468,7 +468,7 @@ def main(args):
     # The method on the feature cache (with --eval-only: as the checkpoint holds it)
     t0 = time.time()
     if args.eval_only:
-        model, chosen = from_checkpoint(args, ckpt, dim, config)
+        model, chosen = from_checkpoint(args, ckpt, config)
     else:
         c, t0 = feature_cache(args, clip_model, train, W), time.time()
         if os.path.exists(os.path.join(run_dir, "log.jsonl")):
@@ -479,7 +479,6 @@ def main(args):
         values = getattr(model, "cache_values", None)  # Tip's fixed values, needed to evaluate
         save(os.path.join(run_dir, "checkpoint.pt"), dict(state, values=values, chosen=chosen))
     extra = dict(precision=args.precision, train_seconds=round(time.time() - t0, 3), chosen=chosen)
-
     zero_shot, acc, extra["not_scored"] = evaluate(args, clip_model, model, chosen, classnames,
                                                    templates, test_sets)  # fmt: skip
     epochs = args.epochs if method in ("clip-adapter", "tip-f") and not args.eval_only else 0
@@ -512,7 +511,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
     add = p.add_argument
-    add("--method", choices=list(PRESETS), default="clip-adapter")
+    add("--method", choices=list(PRESETS), default="clip-adapter", help="the method")
     add("--backbone", default="RN50", help="CLIP name or checkpoint path")
     add("--data", required=True, help="root with train/ [val/] test/, or --split-file's images")
     add("--split-file", help="CoOp's split_zhou_<Name>.json (then --data is its image root)")
@@ -524,12 +523,13 @@ def parse_args(argv=None):
     add("--subsample", choices=["all", "base", "new"], default="all", help=base_new)
     add("--eval-data", nargs="*", default=[], help="extra test sets (ImageFolder roots)")
     add("--template", help="a template, a dataset of CoOp's table, or 'select' (ImageNet's 7)")
-    add("--aug-views", type=int, default=10, help="cached augmented views of each training image")
-    add("--crop-scale", type=float, default=0.5, help="smallest area of the views' random crop")
+    add("--aug-views", type=int, default=10, help="cached views per training image (Tip-Adapter's)")
+    add("--crop-scale", type=float, default=0.5, help="the views' least crop area (Tip's 0.5)")
     add("--alpha", type=float, help="CLIP-Adapter: residual ratio; Tip: the cache's weight")
     add("--beta", type=float, help="Tip: the sharpness (both before the search)")
-    add("--search-scale", type=float, nargs=2, metavar=("BETA_MAX", "ALPHA_MAX"), help="Tip: grid")
-    add("--search-step", type=int, nargs=2, default=[200, 20], metavar=("N_BETA", "N_ALPHA"))
+    grid = dict(nargs=2, metavar=("BETA", "ALPHA"))
+    add("--search-scale", type=float, **grid, help="Tip: the grid's maxima")
+    add("--search-step", type=int, default=[200, 20], **grid, help="Tip: the grid's steps")
     add("--epochs", type=int, help="training epochs")
     add("--batch-size", type=int, help="training batch size")
     add("--lr", type=float, help="base learning rate (CLIP-Adapter: SGD; Tip-F: AdamW)")
