@@ -545,16 +545,12 @@ def parse_args(argv=None):
 CUSTOM_TEMPLATES = {
     "OxfordPets": "a photo of a {}, a type of pet.",
     "OxfordFlowers": "a photo of a {}, a type of flower.",
-    "FGVCAircraft": "a photo of a {}, a type of aircraft.",
-    "DescribableTextures": "{} texture.",
-    "EuroSAT": "a centered satellite photo of {}.",
-    "StanfordCars": "a photo of a {}.",
-    "Food101": "a photo of {}, a type of food.",
-    "SUN397": "a photo of a {}.",
-    "Caltech101": "a photo of a {}.",
-    "UCF101": "a photo of a person doing {}.",
+    "FGVCAircraft": "a photo of a {}, a type of aircraft.", "DescribableTextures": "{} texture.",
+    "EuroSAT": "a centered satellite photo of {}.", "StanfordCars": "a photo of a {}.",
+    "Food101": "a photo of {}, a type of food.", "SUN397": "a photo of a {}.",
+    "Caltech101": "a photo of a {}.", "UCF101": "a photo of a person doing {}.",
     "ImageNet": "a photo of a {}.",
-}
+}  # fmt: skip
 # [CoOp trainers/imagenet_templates.py IMAGENET_TEMPLATES_SELECT] 7 of OpenAI's 80 ImageNet
 # templates, the ensemble CoOp's and Tip-Adapter's code use on ImageNet
 TEMPLATES_SELECT = [
