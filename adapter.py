@@ -1,17 +1,15 @@
 """CLIP-Adapter, Tip-Adapter, Tip-Adapter-F and the linear probe: few-shot CLIP on cached features.
 
-Papers  CLIP-Adapter: Gao et al., "CLIP-Adapter: Better Vision-Language Models with Feature
-          Adapters", arXiv 2110.04544
-        Tip-Adapter(-F): Zhang et al., "Tip-Adapter: Training-free Adaption of CLIP for Few-shot
-          Classification", arXiv 2111.03930
-        Linear probe: Radford et al., arXiv 2103.00020, App. A.3, as CoOp runs it (lpclip/)
+Papers  CLIP-Adapter: Gao et al., arXiv 2110.04544 (code: gaopengcuhk/CLIP-Adapter, clip_adapter.py)
+        Tip-Adapter(-F): Zhang et al., arXiv 2111.03930 (code: gaopengcuhk/Tip-Adapter, main.py)
+        Linear probe: Radford et al., arXiv 2103.00020, App. A.3, as CoOp's code runs it in its
+          lpclip/ folder ("linear-probe CLIP"; KaiyangZhou/CoOp)
 
 The idea. All four keep CLIP frozen and put something small on top of the image feature, so the
-image encoder's output never changes: it runs once per (image, view) into a feature cache, and an
-epoch afterwards costs milliseconds. CLIP-Adapter learns a bottleneck MLP and blends its output
-with the feature. Tip-Adapter builds a key-value cache from the few-shot images (keys: their
-features, values: their one-hot labels) and adds the labels of similar keys to the zero-shot
-logits, without training; Tip-Adapter-F fine-tunes the keys. The linear probe ignores the text.
+image encoder runs once per (image, view) into a feature cache. CLIP-Adapter learns a bottleneck
+MLP and blends its output with the feature. Tip-Adapter builds a key-value cache of the few-shot
+images (keys: features, values: one-hot labels) and adds the labels of similar keys to the
+zero-shot logits, without training; Tip-Adapter-F fine-tunes the keys. The probe ignores the text.
 
 Equations (f the raw image feature, f^ = f/|f|, W (C, D) the normalised text features of the
 dataset's template, s CLIP's logit scale (about 100), K (N, D) the keys, V (N, C) one-hot values)
@@ -23,21 +21,10 @@ dataset's template, s CLIP's logit scale (about 100), K (N, D) the keys, V (N, C
 Learned: CLIP-Adapter W1, W2; Tip-Adapter nothing (K, V are built); Tip-Adapter-F K (init: the
 built K); the probe P, b. Frozen: all of CLIP and W. Unlike coop.py, no text encoder in training.
 
-Settings. The cache: --aug-views 10 views of each training image (random resized crop of area
-0.5-1, bicubic, flip: Tip-Adapter's), keys = the normalised mean of the raw view features.
-CLIP-Adapter's training recipe is not published: we use CoOp's (SGD lr 0.002, momentum 0.9, weight
-decay 5e-4, batch 32, a warm-up epoch at 1e-5, cosine per epoch, 50/100/200 epochs for 1/2-4/8-16
-shots, ImageNet 50), each epoch showing every image once as one of its cached views drawn at
-random (CoOp's own crops keep 8% of the area or more: --crop-scale 0.08 for those); alpha 0.2 as
-in its code; the last epoch is kept. Tip-Adapter-F: AdamW lr 1e-3, eps
-1e-4, cosine per iteration, batch 256, 20 epochs (EuroSAT 100). The original keeps the best epoch
-on *test* and searched ImageNet's alpha/beta on *test*; here both are chosen on a validation set:
-min(shots, 4) images per class (Dassl's rule; CoOp's lpclip draws {1:1, 2:2, 4:4, 8:4, 16:4}, the
-same) from val/ or, without one, from the training images that are not among the shots. The
-probe fits raw test-transform features by L-BFGS, with CoOp's search for C on that set.
-New classes: CLIP-Adapter scores any class names (the adapter does not depend on them); Tip's
-cache adds only to the classes it holds (matched by name), so on new classes it is exactly
-zero-shot; the probe scores only its training classes (other test sets: "not_scored").
+Settings: PRESETS (--help prints them). Every choice is made on validation, never on test, so the
+published Tip-F numbers are not ours one to one: its code keeps the epoch best on test and prints
+the larger of that epoch's test accuracy and the one after the alpha/beta search (on ImageNet, a
+search on test too); we report the accuracy after the search, with the epoch chosen on validation.
 
 Run
   python adapter.py --method tip-f --backbone toy/clip_rn.pt --data toy/sketch --shots 4
@@ -62,53 +49,73 @@ import torch.nn.functional as F
 import torchvision
 import torchvision.transforms as T
 from PIL import Image
+from tqdm import tqdm  # comes with the clip package
 
 with warnings.catch_warnings():  # openai-clip 1.0.1 imports the deprecated pkg_resources
     warnings.simplefilter("ignore")
     import clip
 
 
-# ------------------------------------------------------------------------------------------------
-# The methods: CLIP-Adapter, Tip-Adapter(-F), the linear probe, all on cached image features
-# ------------------------------------------------------------------------------------------------
+# --------------------- Presets: each method's defaults, its paper's or code's ---------------------
+def rule(doc, value):
+    """A preset that depends on other options (the dataset: paper_dataset); --help shows doc."""
+    value.__doc__ = doc
+    return value
+
+
+TEMPLATE = rule("the dataset's CoOp template, else 'a photo of a {}.'",
+                lambda a: CUSTOM_TEMPLATES.get(paper_dataset(a), "a photo of a {}."))  # fmt: skip
+TIP = dict(  # val_shots None: the whole val split, as Tip-Adapter's main.py (else min(shots, 4))
+    template=rule("ImageNet: 'select', its 7 templates, as Tip-Adapter's code; else the dataset's",
+                  lambda a: "select" if paper_dataset(a) == "ImageNet" else TEMPLATE(a)),
+    alpha=rule("the dataset's init_alpha (Tip-Adapter's configs), else 1 (the authors' baseline)",
+               lambda a: TIP_CONFIGS.get(paper_dataset(a), OTHER_TIP_CONFIG)[0]),
+    search_scale=rule("the dataset's search_scale (Tip-Adapter's configs), else 50 50",
+                      lambda a: TIP_CONFIGS.get(paper_dataset(a), OTHER_TIP_CONFIG)[1]),
+    beta=1.0, val_shots=None)  # fmt: skip
+PRESETS = {
+    # CoOp's recipe (SGD, momentum 0.9, warm-up epoch, cosine); one template, as its code
+    "clip-adapter": dict(template=TEMPLATE, alpha=0.2, batch_size=32, lr=0.002, weight_decay=5e-4,
+        epochs=rule("50/100/200 for 1/2-4/8-16 shots, ImageNet 50 (CoOp's configs)",
+                    lambda a: 50 if paper_dataset(a) == "ImageNet" else epochs_for_shots(a))),
+    "tip": TIP,
+    # AdamW (eps 1e-4, the code's) with torch's default weight decay, as the code; cosine per step
+    "tip-f": dict(TIP, batch_size=256, lr=0.001, weight_decay=0.01,
+        epochs=rule("20, EuroSAT 100 (Tip-Adapter's configs)",
+                    lambda a: 100 if paper_dataset(a) == "EuroSAT" else 20)),
+    "linear-probe": dict(template=TEMPLATE, val_shots=rule("min(shots, 4) (CoOp's lpclip)",
+                                                           lambda a: min(a.shots, 4))),
+}  # fmt: skip
+
+
+# ------ The methods (CLIP-Adapter, Tip-Adapter(-F), linear probe), on cached image features -------
 class ClipAdapter(nn.Module):
     """[CLIP-Adapter] the visual adapter as its authors coded it: two bias-free linear layers, each
     followed by a ReLU (so A(f) >= 0). dim is the model's embedding width (1024 RN50, 512 ViT-B)."""
 
     def __init__(self, dim, reduction=4):
         super().__init__()
-        if dim // reduction < 1:
-            raise ValueError(f"reduction {reduction} leaves no bottleneck of a {dim}-dim feature")
-        self.fc = nn.Sequential(
-            nn.Linear(dim, dim // reduction, bias=False),
-            nn.ReLU(),
-            nn.Linear(dim // reduction, dim, bias=False),
-            nn.ReLU(),
-        )
+        hidden = dim // reduction
+        self.fc = nn.Sequential(nn.Linear(dim, hidden, bias=False), nn.ReLU(),
+                                nn.Linear(hidden, dim, bias=False), nn.ReLU())  # fmt: skip
 
     def forward(self, features):
         return self.fc(features)  # [CLIP-Adapter] A(f) = ReLU(ReLU(f W1^T) W2^T): (B, D)
 
 
-def blend(features, adapter, alpha):
-    """[CLIP-Adapter] f* = alpha A(f) + (1 - alpha) f on the raw feature (unnormalised in, out)."""
-    return alpha * adapter(features) + (1 - alpha) * features
-
-
 def clip_adapter_logits(features, adapter, alpha, clip_weights, logit_scale):
-    # Blend, then normalise, as the code. (This bias-free ReLU adapter has A(c f) = c A(f) for
-    # c > 0, so blending the normalised feature would give the same logits; a test checks it.)
-    f = F.normalize(blend(features, adapter, alpha), dim=-1)  # (B, D)
+    # Blend the raw feature, then normalise, as the code. (This bias-free ReLU adapter has A(c f) =
+    # c A(f) for c > 0, so blending the normalised feature gives the same logits; a test checks it.)
+    f = alpha * adapter(features) + (1 - alpha) * features  # [CLIP-Adapter] f* (B, D)
+    f = F.normalize(f, dim=-1)
     return logit_scale * f @ clip_weights.t()  # [CLIP-Adapter] logits = s norm(f*) W^T: (B, C)
 
 
-def tip_adapter_logits(
-    image_features, clip_weights, cache_keys, cache_values, alpha, beta, logit_scale
-):
+def tip_adapter_logits(features, clip_weights, cache_keys, cache_values, alpha, beta, logit_scale):
     """[Tip-Adapter] zero-shot logits plus the cache's: (B, D), (C, D), (N, D), (N, C) -> (B, C).
     Features, text weights and built keys are L2-normalised (fine-tuned keys drift from norm 1)."""
-    clip_logits = logit_scale * image_features @ clip_weights.t()  # (B, C); the code writes 100
-    affinity = image_features @ cache_keys.t()  # cosine similarity to every cached image: (B, N)
+    clip_logits = logit_scale * features @ clip_weights.t()  # (B, C); the code writes 100
+    affinity = features @ cache_keys.t()  # cosine similarity to every cached image: (B, N)
     cache_logits = torch.exp(-beta * (1 - affinity)) @ cache_values  # [Tip-Adapter] (B, C)
     return clip_logits + alpha * cache_logits  # [Tip-Adapter] s f^ W^T + alpha exp(..) V
 
@@ -195,8 +202,7 @@ def search_C(fit, val_accuracy, steps=8):
 
     coarse = [1e6, 1e4, 1e2, 1.0, 1e-2, 1e-4, 1e-6]
     peak = coarse[int(np.argmax([scored(C)[1] for C in coarse]))]
-    left, right = math.log10(peak) - 1, math.log10(peak) + 1
-    C = peak
+    C, left, right = peak, math.log10(peak) - 1, math.log10(peak) + 1
     for _ in range(steps):
         if scored(10**left)[1] < scored(10**right)[1]:  # the better end, the left one on ties
             C, left = 10**right, (left + right) / 2
@@ -216,12 +222,32 @@ def epoch_batches(view_features, labels, batch_size, generator):
         yield view_features[which[idx], idx], labels[idx]  # (B, D), (B,)
 
 
-# ------------------------------------------------------------------------------------------------
-# The feature cache (the frozen image encoder runs once per image and view); main's helpers
-# ------------------------------------------------------------------------------------------------
+# [Tip-Adapter configs/*.yaml] init alpha and the search scale (beta_max, alpha_max); init beta 1
+TIP_CONFIGS = {
+    "ImageNet": (1.17, (7, 3)), "Caltech101": (3, (12, 5)), "DescribableTextures": (2, (13, 13)),
+    "EuroSAT": (2, (12, 10)), "FGVCAircraft": (5, (30, 30)), "Food101": (1.17, (10, 10)),
+    "OxfordFlowers": (10, (50, 50)), "OxfordPets": (1.17, (7, 3)), "StanfordCars": (3, (20, 10)),
+    "SUN397": (1.17, (12, 10)), "UCF101": (3, (7, 3)),
+}  # fmt: skip
+# Other datasets: alpha = beta = 1 (the authors' baseline, Tip-Adapter issue #13) and their widest
+# scale (OxfordFlowers'): a wide grid costs only resolution (the toy's best alpha lies above 10)
+OTHER_TIP_CONFIG = (1.0, (50, 50))
+
+
+def paper_dataset(args):
+    """Which of the papers' datasets this is, by the split file's or the folder's name; or None."""
+    folder = os.path.normpath(args.data)  # CoOp's images/, jpg/, 2750/ sit in the dataset's folder
+    folder = os.path.dirname(folder) if folder.endswith(("images", "jpg", "2750")) else folder
+    name = os.path.basename(args.split_file or folder).replace("split_zhou_", "").split(".")[0]
+    key = name.lower().replace("_", "").replace("-", "")
+    return ({k.lower(): k for k in CUSTOM_TEMPLATES} | {"dtd": "DescribableTextures"}).get(key)
+
+
+# ------------ The feature cache: the frozen image encoder runs once per image and view ------------
 class SeededViews(torch.utils.data.Dataset):
-    """`views` passes over the items. View v of image i is drawn with its own seed, so the cache
-    does not depend on the batch size, the number of workers or the order of reading."""
+    """`views` passes over the items, view v of image i drawn with its own seed: the cache does not
+    depend on batches, workers or order. (promptsync.py seeds random, numpy and torch per image, as
+    its AugMix draws from numpy; these crops draw from torch only, and fork_rng restores it.)"""
 
     def __init__(self, items, transform, views=1, seed=0):
         self.images, self.seed = ImageDataset(items * views, transform), seed
@@ -240,119 +266,61 @@ def encode_views(
     encode_image, items, transform, device, precision, views=1, seed=0, workers=4, batch_size=256
 ):
     """Raw (unnormalised) image features of every view of every item: (views, N, D) in fp32."""
-    from tqdm import tqdm  # comes with the clip package
-
-    loader = torch.utils.data.DataLoader(
-        SeededViews(items, transform, views, seed),
-        batch_size=batch_size,
-        num_workers=workers,
-        pin_memory=device.type == "cuda",
-    )
-    out = []
-    for images, _ in tqdm(loader, desc=f"encoding {views}x{len(items)} images", leave=False):
-        with autocast(device, precision):
-            out.append(encode_image(images.to(device, non_blocking=True)).float())
+    dataset, pin = SeededViews(items, transform, views, seed), device.type == "cuda"
+    loader = torch.utils.data.DataLoader(dataset, batch_size, num_workers=workers, pin_memory=pin)
+    batches = tqdm(loader, desc=f"encoding {views}x{len(items)} images", leave=False)
+    with autocast(device, precision):
+        out = [encode_image(images.to(device, non_blocking=True)).float() for images, _ in batches]
     return torch.cat(out).view(views, len(items), -1)  # (views*N, D) -> (views, N, D)
 
 
-def label_tensor(items, device):
-    return torch.tensor([y for _, y in items], device=device)
+label_tensor = lambda items, device: torch.tensor([y for _, y in items], device=device)  # (N,)
+
+
+def feature_cache(args, clip_model, train, W):
+    """The training images' views (views, N, D) and the validation images (M, D), raw features,
+    with their labels, the text weights W (C, D) and CLIP's logit scale s."""
+    device, n_px, t = torch.device(args.device), clip_model.visual.input_resolution, time.time()
+    probe = args.method == "linear-probe"  # CoOp's lpclip: test-transform features, no augmentation
+    transform = test_transform(n_px) if probe else train_transform(n_px, args.crop_scale)
+    n_views, val = 1 if probe else args.aug_views, train["val"]
+    encode = lambda items, transform, views=1, seed=0: encode_views(
+        clip_model.encode_image, items, transform, device, args.precision, views, seed, args.workers
+    )
+    views = encode(train["train"], transform, n_views, args.seed)  # (views, N, D)
+    f_val = encode(val, test_transform(n_px))[0] if val else None  # (M, D)
+    print(f"feature cache: {n_views} views of {views.shape[1]} training images, {len(val)} "
+          f"validation images, in {time.time() - t:.1f}s")  # fmt: skip
+    return argparse.Namespace(views=views, y=label_tensor(train["train"], device), f_val=f_val,
+        y_val=label_tensor(val, device), W=W, s=clip_model.logit_scale.exp().item(),
+        n_cls=len(train["classnames"]), dim=views.shape[-1], device=device)  # fmt: skip
 
 
 def draw_validation(args, train, k):
-    """The few-shot validation set: k images per class (seeded) from the val split if there is one,
-    else from the training images that are not among the shots. Never from test."""
+    """The validation set of the choices, never from test: k images per class (seeded) of the val
+    split (all if k is None), else k or min(shots, 4) of the training images not among the shots."""
     pool = train["val"]
     if not pool:  # the other training images of the same classes
         data, taken = load_dataset(args.data, args.split_file, args.classnames), set(train["train"])
         pool = [x for x in subsample_classes(data, args.subsample)["train"] if x not in taken]
+        k = k or min(args.shots, 4)
     by_class = {}
     for item in pool:
         by_class.setdefault(item[1], []).append(item)
     empty = [c for y, c in enumerate(train["classnames"]) if y not in by_class]
     if empty:
         where = "val split" if train["val"] else "training images left after the shots"
-        fail(
-            f"{args.data}: no validation image of the classes {empty[:5]} in the {where}; add a "
-            "val/ folder or use fewer --shots"
-        )
-    rng = random.Random(args.seed + 1)
-    return [x for y in sorted(by_class) for x in rng.sample(by_class[y], min(k, len(by_class[y])))]
+        fail(f"{args.data}: no validation image of the classes {empty[:5]} in the {where}; add a "
+             "val/ folder or use fewer --shots")  # fmt: skip
+    rng = random.Random(args.seed + 1)  # a whole class (k None) is drawn too: the same order
+    take = lambda group: rng.sample(group, min(k or len(group), len(group)))
+    return [x for y in sorted(by_class) for x in take(by_class[y])]
 
 
-def name_map(from_names, to_names, device):
-    """(len(from), len(to)) 0/1 matrix, 1 where the class names match: the cache's values -> the
-    columns of a test set with other (or more) classes."""
-    index = {n: j for j, n in enumerate(to_names)}
-    M = torch.zeros(len(from_names), len(to_names), device=device)
-    for i, n in enumerate(from_names):
-        if n in index:
-            M[i, index[n]] = 1
-    return M
-
-
-# [CoOp trainers/zsclip.py] each dataset's single template (CLIP-Adapter and Tip-Adapter use it)
-CUSTOM_TEMPLATES = {
-    "OxfordPets": "a photo of a {}, a type of pet.",
-    "OxfordFlowers": "a photo of a {}, a type of flower.",
-    "FGVCAircraft": "a photo of a {}, a type of aircraft.",
-    "DescribableTextures": "{} texture.",
-    "EuroSAT": "a centered satellite photo of {}.",
-    "StanfordCars": "a photo of a {}.",
-    "Food101": "a photo of {}, a type of food.",
-    "SUN397": "a photo of a {}.",
-    "Caltech101": "a photo of a {}.",
-    "UCF101": "a photo of a person doing {}.",
-    "ImageNet": "a photo of a {}.",
-}
-# [CoOp imagenet_templates.py] the 7 templates Tip-Adapter ensembles on ImageNet (--template select)
-TEMPLATES_SELECT = [
-    "itap of a {}.",
-    "a bad photo of the {}.",
-    "a origami {}.",
-    "a photo of the large {}.",
-    "a {} in a video game.",
-    "art of the {}.",
-    "a photo of the small {}.",
-]
-# [Tip-Adapter configs/*.yaml] init alpha and the search scale (beta_max, alpha_max); init beta 1
-TIP_CONFIGS = {
-    "ImageNet": (1.17, (7, 3)),
-    "Caltech101": (3, (12, 5)),
-    "DescribableTextures": (2, (13, 13)),
-    "EuroSAT": (2, (12, 10)),
-    "FGVCAircraft": (5, (30, 30)),
-    "Food101": (1.17, (10, 10)),
-    "OxfordFlowers": (10, (50, 50)),
-    "OxfordPets": (1.17, (7, 3)),
-    "StanfordCars": (3, (20, 10)),
-    "SUN397": (1.17, (12, 10)),
-    "UCF101": (3, (7, 3)),
-}
-# Other datasets: alpha = beta = 1 (the authors' baseline, Tip-Adapter issue #13) and the widest
-# of their scales (OxfordFlowers'): the search runs on validation, so a wide grid costs nothing but
-# resolution (on the toy world's sketches the best alpha lies above 10)
-OTHER_TIP_CONFIG = (1.0, (50, 50))
-
-
-def paper_dataset(args):
-    """Which of the papers' datasets this is (its template, Tip-Adapter's settings), from the split
-    file's or the folder's name; None if none."""
-    name = os.path.basename(args.split_file or "").replace("split_zhou_", "").split(".")[0]
-    folder = os.path.normpath(args.data)
-    if not name:  # CoOp's image roots (images/, jpg/, 2750/) sit inside the dataset's folder
-        name = os.path.basename(
-            os.path.dirname(folder) if folder.endswith(("images", "jpg", "2750")) else folder
-        )
-    key = name.lower().replace("_", "").replace("-", "")
-    return ({k.lower(): k for k in CUSTOM_TEMPLATES} | {"dtd": "DescribableTextures"}).get(key)
-
-
-# ------------------------------------------------------------------------------------------------
-# One optimisation step on cached features (the unit the loops, the tests and bench.py call)
-# ------------------------------------------------------------------------------------------------
+# ----- One optimisation step on cached features (the unit the loops, tests and bench.py call) -----
 def train_step(logits_fn, optimizer, features, labels, scheduler=None):
-    """logits_fn(features) -> (B, C) logits; CLIP does not run here at all."""
+    """logits_fn(features) -> (B, C) logits. No CLIP here: fp32 cached features, fp32 parameters,
+    whatever --precision, so no loss scaling is needed."""
     logits = logits_fn(features)
     loss = F.cross_entropy(logits, labels)
     if not torch.isfinite(loss):
@@ -365,298 +333,232 @@ def train_step(logits_fn, optimizer, features, labels, scheduler=None):
     return loss.item(), accuracy(logits, labels)
 
 
-# ------------------------------------------------------------------------------------------------
-# main: data, the feature cache, the method on it, evaluation, results
-# ------------------------------------------------------------------------------------------------
-def main(args):
-    device = torch.device(args.device)
-    precision = args.precision or ("amp" if device.type == "cuda" else "fp32")
-    method, paper = args.method, paper_dataset(args)
-    # CLIP-Adapter: CoOp's recipe (its own is not published; CoOp runs ImageNet 50 epochs at any
-    # shots); Tip-Adapter-F: the code's AdamW(lr 1e-3, eps 1e-4) with torch's weight decay 0.01,
-    # 20 epochs (EuroSAT's config: 100)
-    recipe = dict(
-        epochs=100 if paper == "EuroSAT" else 20, batch_size=256, lr=0.001, weight_decay=0.01
-    )
-    if method == "clip-adapter":
-        epochs = 50 if paper == "ImageNet" else epochs_for_shots(args)
-        recipe = dict(epochs=epochs, batch_size=32, lr=0.002, weight_decay=5e-4)
-    epochs, batch_size, lr, weight_decay = (
-        recipe[k] if getattr(args, k) is None else getattr(args, k) for k in recipe
-    )
-    init_alpha, scale = TIP_CONFIGS.get(paper, OTHER_TIP_CONFIG)
-    alpha = {"clip-adapter": 0.2, "linear-probe": None}.get(method, init_alpha)
-    alpha = alpha if args.alpha is None else args.alpha
-    beta = (1.0 if args.beta is None else args.beta) if method.startswith("tip") else None
-    scale, C = tuple(args.search_scale or scale), args.C
-    if args.template == "select" or (args.template is None and paper == "ImageNet"):
-        templates = TEMPLATES_SELECT  # Tip-Adapter's ImageNet classifier
-    else:
-        template = args.template or CUSTOM_TEMPLATES.get(paper, "a photo of a {}.")
-        templates = [CUSTOM_TEMPLATES.get(template, template)]
-    # bad input, before any long work
-    if min(args.shots, args.aug_views, epochs, batch_size, args.val_shots or 1) < 1:
-        fail("--shots, --val-shots, --aug-views, --epochs and --batch-size must be at least 1")
-    if not 0 < args.crop_scale <= 1:
-        fail(f"--crop-scale {args.crop_scale}: the smallest crop's area is a fraction in (0, 1]")
-    if method == "clip-adapter" and not 0 <= alpha <= 1:
-        fail(f"--alpha {alpha}: CLIP-Adapter's residual ratio lies in [0, 1] (its code: 0.2)")
-    if method.startswith("tip") and not (0 <= alpha <= 100 and 0 <= beta <= 100):
-        fail(f"--alpha {alpha}, --beta {beta}: the cache's weight and sharpness lie in [0, 100]")
-    if method.startswith("tip") and (min(scale) <= 0.1 or min(args.search_step) < 1):
-        fail(f"--search-scale {scale}: both maxima must exceed 0.1, where the grid starts")
-    if C is not None and not (C > 0 and math.isfinite(C)):
-        fail(f"--C {C}: the probe's inverse regularisation strength must be positive")
-    if args.eval_only and not args.load:
-        fail("--eval-only needs --load <checkpoint.pt>")
-    if args.load and not args.eval_only and method in ("tip", "linear-probe"):
-        fail(f"--load: {method} trains nothing; add --eval-only to evaluate the checkpoint")
-    ckpt = load_checkpoint(args.load) if args.load else None
-    if ckpt is not None and ckpt.get("config", {}).get("method") != method:
-        fail(f"{args.load} is a checkpoint of {ckpt.get('config')}, not of --method {method}")
-    dataset, train, test_sets = load_task(args, args.shots)
-    if not train["train"] and not args.eval_only:
-        fail(f"{args.data}: no training images (a train/ folder or the split file's train list)")
-    if method != "clip-adapter" and not args.eval_only:  # for the choices of alpha/beta, epoch, C
-        train["val"] = draw_validation(args, train, args.val_shots or min(args.shots, 4))
-        check_images(train["val"])
-    run_dir = args.out or os.path.join("runs", method, dataset, f"{args.shots}shot_seed{args.seed}")
-    seed_everything(args.seed)
-
-    # Frozen CLIP and the frozen text classifier W of the training classes
-    clip_model = load_clip(args.backbone, device, precision)
-    n_px, dim = clip_model.visual.input_resolution, clip_model.visual.output_dim  # D, read
-    s, encode = clip_model.logit_scale.exp().item(), clip_model.encode_image
-    visual_sum = sum(p.double().sum().item() for p in clip_model.visual.parameters())
-    config = dict(method=method, backbone=args.backbone, dim=dim, visual_sum=visual_sum)
-    if ckpt is not None and not math.isclose(
-        ckpt["config"]["visual_sum"], visual_sum, rel_tol=1e-3
-    ):
-        was = ckpt["config"]["backbone"]
-        fail(
-            f"{args.load} was fitted on the image features of {was}, not of {args.backbone}: "
-            "use the same --backbone"
-        )
-    classnames = ckpt["classnames"] if ckpt is not None else train["classnames"]
-    W = zeroshot_classifier(clip_model, classnames, templates)  # (C, D)
-    more = f" and {len(templates) - 1} more" if len(templates) > 1 else ""
-    print(
-        f"{method}: {dataset}, {len(classnames)} classes, D {dim}, template {templates[0]!r}{more}"
-    )
-
-    # The feature cache: every view of every training image, the validation images once
-    t0, views, y_train, f_val, y_val = time.time(), None, None, None, None
-    if not args.eval_only:
-        probe = method == "linear-probe"  # CoOp's lpclip: test-transform features, no augmentation
-        transform = test_transform(n_px) if probe else train_transform(n_px, args.crop_scale)
-        n_views, val = 1 if probe else args.aug_views, train["val"]
-        # (views, N, D)
-        views = encode_views(
-            encode, train["train"], transform, device, precision, n_views, args.seed, args.workers
-        )
-        if val:
-            # (N_val, D)
-            f_val = encode_views(
-                encode, val, test_transform(n_px), device, precision, workers=args.workers
-            )[0]
-        y_train, y_val = label_tensor(train["train"], device), label_tensor(val, device)
-        mib = (views.numel() + len(val) * dim) * 4 / 2**20
-        print(
-            f"feature cache: {n_views} views of {views.shape[1]} training images, {len(val)} "
-            f"validation images: {mib:.1f} MiB in {time.time() - t0:.1f}s"
-        )
-    cache_seconds, t0 = time.time() - t0, time.time()
-
-    # The method's model: its learned (or built) tensors are what the checkpoint holds
-    if method == "clip-adapter":
-        model = ClipAdapter(dim, args.reduction)
-    elif method.startswith("tip") and ckpt is not None:
-        model = TipAdapterF(torch.zeros_like(ckpt["state"]["cache_keys"]), ckpt["values"])
-    elif method.startswith("tip"):
-        model = TipAdapterF(*build_cache(views, y_train, len(classnames)))  # [Tip-Adapter] K, V
-    else:
-        model = nn.Linear(dim, len(classnames))  # the probe: P (C, D), b (C,)
-    model.to(device)
-    if ckpt is not None:
-        load_learned(model, ckpt, args.load, config)
-        alpha, beta, C = (ckpt["chosen"][k] for k in ("alpha", "beta", "C"))
-    os.makedirs(run_dir, exist_ok=True)
-    save(os.path.join(run_dir, "args.json"), vars(args))
-    if os.path.exists(os.path.join(run_dir, "log.jsonl")) and not args.eval_only:
-        os.remove(os.path.join(run_dir, "log.jsonl"))  # a fresh run starts a fresh log
-
-    # Training on the cache (CLIP-Adapter, Tip-Adapter-F): an epoch takes milliseconds
+# ------- The four methods on the cache c (feature_cache), each -> (its model, its choices) --------
+def run_clip_adapter(args, c, run_dir):
+    """[CLIP-Adapter] trained by CoOp's recipe on the cached views (its code crops afresh every
+    epoch); the last epoch is kept (its code, a trainer in CoOp's code base, selects nothing)."""
+    model = ClipAdapter(c.dim).to(c.device)  # reduction 4, as the code
+    sgd = dict(momentum=0.9, weight_decay=args.weight_decay)  # CoOp's SGD
+    optimizer = torch.optim.SGD(model.parameters(), args.lr, **sgd)
+    forward = lambda f: clip_adapter_logits(f, model, args.alpha, c.W, c.s)
     generator = torch.Generator().manual_seed(args.seed)  # each epoch's views and order
-    chosen, n_seen, epoch_seconds = {}, 0, 0.0
-    if method in ("clip-adapter", "tip-f") and not args.eval_only:
-        if method == "clip-adapter":
-            sgd = dict(momentum=args.momentum, weight_decay=weight_decay)
-            optimizer, scheduler = torch.optim.SGD(model.parameters(), lr, **sgd), None
-            forward = lambda f: clip_adapter_logits(f, model, alpha, W, s)
-        else:  # alpha and beta stay at their initial values while the keys train
-            optimizer = torch.optim.AdamW(
-                model.parameters(), lr, eps=1e-4, weight_decay=weight_decay
-            )
-            n_steps = epochs * math.ceil(len(y_train) / batch_size)
-            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, n_steps)
-            forward = lambda f: model(F.normalize(f, dim=-1), W, alpha, beta, s)
-        best = (-1.0, 0, None)
-        for epoch in range(epochs):
-            if scheduler is None:  # CoOp's schedule: one learning rate per epoch
-                for group in optimizer.param_groups:
-                    group["lr"] = lr_at_epoch(epoch, lr, epochs, args.warmup_lr)
-            values = dict(lr=optimizer.param_groups[0]["lr"], loss=[], train_acc=[])
-            t, _ = time.time(), peak_mib(device, reset=True)
-            for f, y in epoch_batches(views, y_train, batch_size, generator):
-                loss, acc = train_step(forward, optimizer, f, y, scheduler)
-                values["loss"].append(loss)
-                values["train_acc"].append(acc)
-            seconds = time.time() - t
-            n_seen, epoch_seconds = n_seen + len(y_train), epoch_seconds + seconds
-            if method == "tip-f":  # the epoch is chosen on validation (the original: on test)
-                with torch.no_grad():
-                    values["val_acc"] = accuracy(forward(f_val), y_val)
-                if values["val_acc"] > best[0]:
-                    best = (values["val_acc"], epoch + 1, learned_state(model))
-            log_epoch(run_dir, device, epoch + 1, epochs, seconds, len(y_train), **values)
-        if method == "tip-f":
-            model.load_state_dict(best[2], strict=False)
-            chosen["epoch"] = best[1]
-    # The choices on validation, never on test: Tip's alpha and beta, the probe's C
-    if method.startswith("tip") and not args.eval_only and not args.no_search:
-        keys, f_n = model.cache_keys.detach(), F.normalize(f_val, dim=-1)
-        grid = (scale, args.search_step)
-        chosen["val_acc"], alpha, beta = search_alpha_beta(
-            f_n, y_val, W, keys, model.cache_values, s, *grid
-        )
-        print(f"alpha {alpha:.3f}, beta {beta:.3f}: validation accuracy {chosen['val_acc']:.2f}")
-    if method == "linear-probe" and not args.eval_only:
-        fit = lambda C: fit_linear_probe(views[0], y_train, len(classnames), C, args.max_iter)
-        if C is None:
-            val_accuracy = lambda probe: accuracy(f_val @ probe[0].t() + probe[1], y_val)
-            C, (P, b), chosen["val_acc"] = search_C(fit, val_accuracy)
-            print(f"C = {C:.4g}: validation accuracy {chosen['val_acc']:.2f}")
-        else:
-            P, b = fit(C)
-        with torch.no_grad():
-            model.weight.copy_(P)
-            model.bias.copy_(b)
-    chosen.update(alpha=alpha, beta=beta, C=C)
-    train_seconds, values = time.time() - t0, getattr(model, "cache_values", None)
-    state = dict(config=config, classnames=classnames, state=learned_state(model), values=values)
-    save(
-        os.path.join(run_dir, "checkpoint.pt"),
-        dict(state, chosen=dict(alpha=alpha, beta=beta, C=C)),
-    )
+    for epoch in range(args.epochs):
+        for group in optimizer.param_groups:  # CoOp's: a warm-up epoch at 1e-5, cosine per epoch
+            group["lr"] = lr_at_epoch(epoch, args.lr, args.epochs)
+        lr, t, _ = optimizer.param_groups[0]["lr"], time.time(), peak_mib(c.device, reset=True)
+        batches = epoch_batches(c.views, c.y, args.batch_size, generator)  # every image once
+        loss, acc = zip(*[train_step(forward, optimizer, f, y) for f, y in batches])  # per step
+        values = dict(lr=lr, loss=loss, train_acc=acc)
+        if c.f_val is not None:  # shown only: nothing is chosen on it
+            with torch.no_grad():
+                values["val_acc"] = accuracy(forward(c.f_val), c.y_val)
+        log_epoch(run_dir, c.device, epoch + 1, args.epochs, time.time() - t, len(c.y), **values)
+    return model, dict(alpha=args.alpha)
 
-    # Evaluation of every test set: its features are computed only now, after every choice
-    zero_shot, acc, not_scored = {}, {}, {}
+
+def run_tip(args, c, run_dir, model=None):
+    """[Tip-Adapter] training-free: the cache built from the views (or Tip-F's fine-tuned one);
+    alpha and beta by the authors' grid on the validation features."""
+    model = model or TipAdapterF(*build_cache(c.views, c.y, c.n_cls)).to(c.device)  # K, V
+    K, V, f_val = model.cache_keys.detach(), model.cache_values, F.normalize(c.f_val, dim=-1)
+    grid = (args.search_scale, args.search_step)
+    val_acc, alpha, beta = search_alpha_beta(f_val, c.y_val, c.W, K, V, c.s, *grid)
+    print(f"alpha {alpha:.3f}, beta {beta:.3f}: validation accuracy {val_acc:.2f}")
+    return model, dict(val_acc=val_acc, alpha=alpha, beta=beta)
+
+
+def run_tip_f(args, c, run_dir):
+    """[Tip-Adapter-F] the built keys fine-tuned (alpha, beta at their initial values); the epoch
+    best on validation is kept (the code: the best on test), then alpha and beta are searched."""
+    model = TipAdapterF(*build_cache(c.views, c.y, c.n_cls)).to(c.device)
+    adamw = dict(eps=1e-4, weight_decay=args.weight_decay)  # the code's eps, chosen for fp16
+    optimizer = torch.optim.AdamW(model.parameters(), args.lr, **adamw)
+    n_steps = args.epochs * math.ceil(len(c.y) / args.batch_size)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, n_steps)  # per iteration
+    forward = lambda f: model(F.normalize(f, dim=-1), c.W, args.alpha, args.beta, c.s)
+    generator, best = torch.Generator().manual_seed(args.seed), (-1.0, 0, None)
+    for epoch in range(args.epochs):
+        lr, t, _ = optimizer.param_groups[0]["lr"], time.time(), peak_mib(c.device, reset=True)
+        # the views whose mean gave the first keys (the code crops afresh, apart from the keys)
+        batches = epoch_batches(c.views, c.y, args.batch_size, generator)  # every image once
+        loss, acc = zip(*[train_step(forward, optimizer, f, y, scheduler) for f, y in batches])
+        values = dict(lr=lr, loss=loss, train_acc=acc)
+        with torch.no_grad():
+            values["val_acc"] = accuracy(forward(c.f_val), c.y_val)
+        if values["val_acc"] > best[0]:
+            best = (values["val_acc"], epoch + 1, learned_state(model))
+        log_epoch(run_dir, c.device, epoch + 1, args.epochs, time.time() - t, len(c.y), **values)
+    model.load_state_dict(best[2], strict=False)
+    return model, dict(epoch=best[1], **run_tip(args, c, run_dir, model)[1])
+
+
+def run_linear_probe(args, c, run_dir):
+    """[Linear probe] logistic regression on the raw test-transform features, its C chosen by
+    lpclip's search on the validation features."""
+    model = nn.Linear(c.dim, c.n_cls).to(c.device)  # P (C, D), b (C,)
+    fit = lambda C: fit_linear_probe(c.views[0], c.y, c.n_cls, C)  # 1000 iterations at most
+    val_accuracy = lambda probe: accuracy(c.f_val @ probe[0].t() + probe[1], c.y_val)
+    C, (P, b), val_acc = search_C(fit, val_accuracy)
+    print(f"C = {C:.4g}: validation accuracy {val_acc:.2f}")
+    model.load_state_dict(dict(weight=P, bias=b))
+    return model, dict(C=C, val_acc=val_acc)
+
+
+def from_checkpoint(args, ckpt, config):
+    """--eval-only: the model and choices in --load (config's visual_sum tells the backbone)."""
+    if args.method == "clip-adapter":
+        model = ClipAdapter(config["dim"])
+    elif args.method == "linear-probe":
+        model = nn.Linear(config["dim"], len(ckpt["classnames"]))
+    else:
+        model = TipAdapterF(torch.zeros_like(ckpt["state"]["cache_keys"]), ckpt["values"])
+    load_learned(model.to(args.device), ckpt, args.load, config)
+    return model, ckpt["chosen"]
+
+
+@torch.no_grad()
+def evaluate(args, clip_model, model, chosen, classnames, templates, test_sets):
+    """Zero-shot CLIP and the method on every test set, encoded only now, after every choice."""
+    device, n_px = torch.device(args.device), clip_model.visual.input_resolution
+    s, zero_shot, acc, not_scored = clip_model.logit_scale.exp().item(), {}, {}, {}
     for name, (items, names) in test_sets.items():
-        # raw (N, D)
-        f = encode_views(
-            encode, items, test_transform(n_px), device, precision, workers=args.workers
-        )[0]
-        y = label_tensor(items, device)
-        W_test = zeroshot_classifier(clip_model, names, templates)
-        zero_shot[name] = accuracy(s * F.normalize(f, dim=-1) @ W_test.t(), y)
-        if method == "clip-adapter":  # the adapter does not depend on the class names
-            score = lambda x: clip_adapter_logits(x, model, alpha, W_test, s)
-        elif method.startswith("tip"):  # the cache adds to the classes it holds, by name
-            V = model.cache_values @ name_map(classnames, names, device)  # (N, C_test)
-            K = model.cache_keys
-            score = lambda x: tip_adapter_logits(
-                F.normalize(x, dim=-1), W_test, K, V, alpha, beta, s
-            )
+        f = encode_views(clip_model.encode_image, items, test_transform(n_px), device,
+                         args.precision, workers=args.workers)[0]  # (N, D) raw  # fmt: skip
+        y, W = label_tensor(items, device), zeroshot_classifier(clip_model, names, templates)
+        zero_shot[name] = accuracy(s * F.normalize(f, dim=-1) @ W.t(), y)
+        if args.method == "clip-adapter":  # the adapter does not depend on the class names
+            score = lambda x: clip_adapter_logits(x, model, chosen["alpha"], W, s)
+        elif args.method.startswith("tip"):  # the cache adds to the classes it holds, by name
+            where = [classnames.index(n) if n in classnames else len(classnames) for n in names]
+            V = F.pad(model.cache_values, (0, 1))[:, where]  # (N, C_test); 0 for a class not held
+            K, alpha, beta = model.cache_keys, chosen["alpha"], chosen["beta"]
+            score = lambda x: tip_adapter_logits(F.normalize(x, dim=-1), W, K, V, alpha, beta, s)
         elif set(names) <= set(classnames):  # the probe scores its training classes only
             score = lambda x: model(x)[:, [classnames.index(n) for n in names]]
         else:
             not_scored[name] = "classes the linear probe was not trained on"
             continue
-        with torch.no_grad():  # 1024 images at a time: Tip's (B, N) affinities stay small
-            logits = torch.cat([score(x) for x in f.split(1024)])  # (N_test, C_test)
-        acc[name] = accuracy(logits, y)
-    trained = method in ("clip-adapter", "tip-f") and not args.eval_only
-    return finish_run(
-        run_dir, args, method, dataset, zero_shot, acc, epochs=epochs if trained else 0,
-        precision=precision, train_seconds=round(train_seconds, 3),
-        images_per_s=round(n_seen / epoch_seconds, 1) if n_seen else None,
-        cache_seconds=round(cache_seconds, 2), chosen=chosen, not_scored=not_scored,
-    )  # fmt: skip
+        acc[name] = accuracy(torch.cat([score(x) for x in f.split(1024)]), y)  # 1024 at a time
+    return zero_shot, acc, not_scored
+
+
+# -------- main: data, CLIP and the text classifier, the feature cache, the method, results --------
+def main(args):
+    device, method = torch.device(args.device), args.method
+    ckpt = check_options(args)  # bad input, before any long work
+    dataset, train, test_sets = load_task(args, args.shots)
+    if not train["train"] and not args.eval_only:
+        fail(f"{args.data}: no training images (a train/ folder or the split file's train list)")
+    if method != "clip-adapter" and not args.eval_only:  # for the choices of alpha/beta, epoch, C
+        train["val"] = draw_validation(args, train, args.val_shots)
+        check_images(train["val"])
+    run_dir = args.out or os.path.join("runs", method, dataset, f"{args.shots}shot_seed{args.seed}")
+    seed_everything(args.seed)
+
+    # Frozen CLIP and the frozen text classifier W of the training classes
+    clip_model = load_clip(args.backbone, device, args.precision)
+    config = dict(method=method, backbone=args.backbone, dim=clip_model.visual.output_dim)
+    config["visual_sum"] = sum(p.double().sum().item() for p in clip_model.visual.parameters())
+    classnames = ckpt["classnames"] if ckpt else train["classnames"]
+    t = args.template  # a template, a dataset's name, or "select"
+    templates = TEMPLATES_SELECT if t == "select" else [CUSTOM_TEMPLATES.get(t, t)]
+    W = zeroshot_classifier(clip_model, classnames, templates)  # (C, D)
+    os.makedirs(run_dir, exist_ok=True)
+    save(os.path.join(run_dir, "args.json"), vars(args))
+
+    # The method on the feature cache (with --eval-only: as the checkpoint holds it)
+    t0 = time.time()
+    if args.eval_only:
+        model, chosen = from_checkpoint(args, ckpt, config)
+    else:
+        c, t0 = feature_cache(args, clip_model, train, W), time.time()
+        if os.path.exists(os.path.join(run_dir, "log.jsonl")):
+            os.remove(os.path.join(run_dir, "log.jsonl"))  # a fresh run starts a fresh log
+        run = {"clip-adapter": run_clip_adapter, "tip": run_tip, "tip-f": run_tip_f}
+        model, chosen = run.get(method, run_linear_probe)(args, c, run_dir)
+        state = dict(config=config, classnames=classnames, state=learned_state(model))
+        values = getattr(model, "cache_values", None)  # Tip's fixed values, needed to evaluate
+        save(os.path.join(run_dir, "checkpoint.pt"), dict(state, values=values, chosen=chosen))
+    extra = dict(precision=args.precision, train_seconds=round(time.time() - t0, 3), chosen=chosen)
+    zero_shot, acc, extra["not_scored"] = evaluate(args, clip_model, model, chosen, classnames,
+                                                   templates, test_sets)  # fmt: skip
+    epochs = args.epochs if method in ("clip-adapter", "tip-f") and not args.eval_only else 0
+    return finish_run(run_dir, args, method, dataset, zero_shot, acc, epochs=epochs, **extra)
+
+
+def check_options(args):
+    """Every check of the options, before any long work. -> the --load checkpoint (or None)."""
+    counts = [getattr(args, k, 1) for k in ("shots", "aug_views", "epochs", "batch_size")]
+    if min(counts) < 1 or (getattr(args, "val_shots", None) or 1) < 1:
+        fail("--shots, --val-shots, --aug-views, --epochs and --batch-size must be at least 1")
+    if not 0 < args.crop_scale <= 1:
+        fail(f"--crop-scale {args.crop_scale}: the smallest crop's area is a fraction in (0, 1]")
+    if args.method == "clip-adapter" and not 0 <= args.alpha <= 1:
+        fail(f"--alpha {args.alpha}: CLIP-Adapter's residual ratio lies in [0, 1] (its code: 0.2)")
+    tip = args.method in ("tip", "tip-f")
+    if tip and not (0 <= args.alpha <= 100 and 0 <= args.beta <= 100):
+        fail(f"--alpha {args.alpha}, --beta {args.beta}: weight and sharpness lie in [0, 100]")
+    if tip and (min(args.search_scale) <= 0.1 or min(args.search_step) < 1):
+        fail(f"--search-scale {args.search_scale}: both maxima must exceed 0.1 (the grid's start)")
+    if args.eval_only != bool(args.load):  # a method fits in seconds: no training goes on from one
+        fail("--eval-only needs --load <checkpoint.pt>, and --load needs --eval-only")
+    ckpt = load_checkpoint(args.load) if args.load else None
+    if ckpt and ckpt.get("config", {}).get("method") != args.method:
+        fail(f"{args.load} is a checkpoint of {ckpt.get('config')}, not of --method {args.method}")
+    return ckpt
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description="CLIP-Adapter, Tip-Adapter(-F), linear probe on cached CLIP features "
-        "(defaults: the papers' settings)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
     add = p.add_argument
-    # data and protocol
+    add("--method", choices=list(PRESETS), default="clip-adapter", help="the method")
     add("--backbone", default="RN50", help="CLIP name or checkpoint path")
     add("--data", required=True, help="root with train/ [val/] test/, or --split-file's images")
     add("--split-file", help="CoOp's split_zhou_<Name>.json (then --data is its image root)")
     add("--classnames", help="classnames.txt: 'folder<TAB>readable name' per line")
     add("--shots", type=int, default=16, help="training images per class (seeded sample)")
-    add(
-        "--val-shots",
-        type=int,
-        help="validation images per class for the choices of alpha/beta, "
-        "Tip-F's epoch and C (default min(shots, 4)), drawn from val/ or, without one, from the "
-        "training images that are not among the shots",
-    )
-    add(
-        "--subsample",
-        choices=["all", "base", "new"],
-        default="all",
-        help="base-to-new: 'base' trains on the first half of the classes, also tests 'new'",
-    )
+    val = "validation images per class (None: all) for alpha/beta, Tip-F's epoch, C, from val/ "
+    add("--val-shots", type=int, help=val + "or from the training images not among the shots")
+    base_new = "base-to-new: 'base' trains on the first half of the classes, also tests 'new'"
+    add("--subsample", choices=["all", "base", "new"], default="all", help=base_new)
     add("--eval-data", nargs="*", default=[], help="extra test sets (ImageFolder roots)")
-    add(
-        "--template",
-        help="the text classifier's template, a dataset of CoOp's table, or 'select' "
-        "(ImageNet's 7); default: the dataset's if the split file or folder names one, else "
-        "'a photo of a {}.'",
-    )
-    # the methods
-    add(
-        "--method", choices=["clip-adapter", "tip", "tip-f", "linear-probe"], default="clip-adapter"
-    )
-    add("--aug-views", type=int, default=10, help="cached augmented views of each training image")
-    add("--crop-scale", type=float, default=0.5, help="smallest area of the views' random crop")
-    add(
-        "--alpha",
-        type=float,
-        help="CLIP-Adapter: residual ratio (0.2); Tip: the cache's weight "
-        "before the search (the dataset's init_alpha, else 1)",
-    )
-    add("--beta", type=float, help="Tip: the sharpness before the search (1)")
-    add("--reduction", type=int, default=4, help="CLIP-Adapter's bottleneck: D / reduction")
-    add(
-        "--search-scale",
-        type=float,
-        nargs=2,
-        metavar=("BETA_MAX", "ALPHA_MAX"),
-        help="Tip: the grid's maxima (the dataset's config, else 50 50)",
-    )
-    add("--search-step", type=int, nargs=2, default=[200, 20], metavar=("N_BETA", "N_ALPHA"))
-    add("--no-search", action="store_true", help="Tip: keep --alpha and --beta")
-    add("--C", type=float, help="linear probe: this C instead of CoOp's search on validation")
-    add("--max-iter", type=int, default=1000, help="linear probe: L-BFGS iterations")
-    # optimisation
-    add(
-        "--epochs",
-        type=int,
-        help="CLIP-Adapter: 50/100/200 for 1/2-4/8+ shots (ImageNet 50); Tip-F: 20 (EuroSAT 100)",
-    )
-    add("--batch-size", type=int, help="CLIP-Adapter 32, Tip-F 256")
-    add("--lr", type=float, help="CLIP-Adapter (SGD) 0.002, Tip-F (AdamW) 0.001")
-    add("--momentum", type=float, default=0.9, help="CLIP-Adapter's SGD momentum")
-    add("--weight-decay", type=float, help="CLIP-Adapter 5e-4, Tip-F 0.01")
-    add("--warmup-lr", type=float, default=1e-5, help="CLIP-Adapter's first-epoch learning rate")
+    add("--template", help="a template, a dataset of CoOp's table, or 'select' (ImageNet's 7)")
+    add("--aug-views", type=int, default=10, help="cached views per training image (Tip-Adapter's)")
+    add("--crop-scale", type=float, default=0.5, help="the views' least crop area (Tip's 0.5)")
+    add("--alpha", type=float, help="CLIP-Adapter: residual ratio; Tip: the cache's weight")
+    add("--beta", type=float, help="Tip: the sharpness (both before the search)")
+    grid = dict(nargs=2, metavar=("BETA", "ALPHA"))
+    add("--search-scale", type=float, **grid, help="Tip: the grid's maxima")
+    add("--search-step", type=int, default=[200, 20], **grid, help="Tip: the grid's steps")
+    add("--epochs", type=int, help="training epochs")
+    add("--batch-size", type=int, help="training batch size")
+    add("--lr", type=float, help="base learning rate (CLIP-Adapter: SGD; Tip-F: AdamW)")
+    add("--weight-decay", type=float, help="weight decay")
     add_run_args(add, learned=False)
-    add("--load", help="checkpoint.pt of this method and backbone, to go on training or evaluate")
+    add("--load", help="checkpoint.pt of this method and backbone, to evaluate (--eval-only)")
     add("--eval-only", action="store_true", help="evaluate --load: no training image is read")
-    return p.parse_args(argv)
+    return parse(p, argv, PRESETS, lambda a: a.method)
+
+
+# --- shared: templates (canonical copy in zeroshot.py; re-sync with tools/sync_shared.py) ---
+# [CoOp trainers/zsclip.py CUSTOM_TEMPLATES] one hand-written template per few-shot dataset
+CUSTOM_TEMPLATES = {
+    "OxfordPets": "a photo of a {}, a type of pet.",
+    "OxfordFlowers": "a photo of a {}, a type of flower.",
+    "FGVCAircraft": "a photo of a {}, a type of aircraft.", "DescribableTextures": "{} texture.",
+    "EuroSAT": "a centered satellite photo of {}.", "StanfordCars": "a photo of a {}.",
+    "Food101": "a photo of {}, a type of food.", "SUN397": "a photo of a {}.",
+    "Caltech101": "a photo of a {}.", "UCF101": "a photo of a person doing {}.",
+    "ImageNet": "a photo of a {}.",
+}  # fmt: skip
+# [CoOp trainers/imagenet_templates.py IMAGENET_TEMPLATES_SELECT] 7 of OpenAI's 80 ImageNet
+# templates, the ensemble CoOp's and Tip-Adapter's code use on ImageNet
+TEMPLATES_SELECT = [
+    "itap of a {}.", "a bad photo of the {}.", "a origami {}.", "a photo of the large {}.",
+    "a {} in a video game.", "art of the {}.", "a photo of the small {}.",
+]  # fmt: skip
+# --- end shared: templates ---
 
 
 # --- shared: appendix (canonical copy in coop.py; re-sync with tools/sync_shared.py) ---

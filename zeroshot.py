@@ -1,7 +1,8 @@
 """Zero-shot CLIP: classify images by comparing them with texts made from class names.
 
 Paper: Radford et al., "Learning Transferable Visual Models From Natural Language Supervision",
-arXiv 2103.00020. Templates and ensembling as in the CoOp code base (arXiv 2109.01134).
+arXiv 2103.00020 (Sec. 3.1.4, prompt engineering and ensembling). Templates and ensembling as in
+the CoOp code (github.com/KaiyangZhou/CoOp, trainers/zsclip.py and trainers/imagenet_templates.py).
 
 The idea. CLIP maps images and texts into one space. To classify without any training example,
 write one text per class from a template ("a photo of a {}."), encode the texts, and predict the
@@ -15,9 +16,16 @@ temperature: CLIP's frozen logit_scale = ln(1/tau), so 1/tau is about 100)
 
 Learned: nothing. Frozen: all of CLIP. Every other method file reports this baseline next to itself.
 
+Templates. Each of the 11 few-shot datasets of the CoOp paper has one hand-written template
+(CUSTOM_TEMPLATES, e.g. "a photo of a {}, a type of pet."); --template OxfordPets picks it. The
+ensembles: the 7 ImageNet templates that the CLIP authors selected (--ensemble select, what CoOp's
+and Tip-Adapter's code use on ImageNet) or all 80 of OpenAI's ImageNet templates (--ensemble all).
+CoOp's ZeroshotCLIP2 adds the dataset's own template to the 7 on the other datasets
+(--add-template).
+
 Run
   python zeroshot.py --backbone toy/clip_rn.pt --data toy/shapes
-  python zeroshot.py --backbone RN50 --data DATA/oxford_pets/images --template OxfordPets \
+  python zeroshot.py --backbone RN50 --data DATA/oxford_pets/images --template OxfordPets \\
       --split-file DATA/oxford_pets/split_zhou_OxfordPets.json
   python zeroshot.py --backbone RN50 --data DATA/imagenet --ensemble select    # 7 templates
 """
@@ -41,117 +49,57 @@ with warnings.catch_warnings():  # openai-clip 1.0.1 imports the deprecated pkg_
     warnings.simplefilter("ignore")
     import clip
 
+# The paper's setting (--help prints it): ResNet-50 and CLIP's default prompt
+PRESETS = {"zeroshot": dict(backbone="RN50", template="a photo of a {}.")}
 
-# [CoOp trainers/zsclip.py] the single hand-crafted template of each dataset
+
+# --- shared: templates (canonical copy in zeroshot.py; re-sync with tools/sync_shared.py) ---
+# [CoOp trainers/zsclip.py CUSTOM_TEMPLATES] one hand-written template per few-shot dataset
 CUSTOM_TEMPLATES = {
     "OxfordPets": "a photo of a {}, a type of pet.",
     "OxfordFlowers": "a photo of a {}, a type of flower.",
-    "FGVCAircraft": "a photo of a {}, a type of aircraft.",
-    "DescribableTextures": "{} texture.",
-    "EuroSAT": "a centered satellite photo of {}.",
-    "StanfordCars": "a photo of a {}.",
-    "Food101": "a photo of {}, a type of food.",
-    "SUN397": "a photo of a {}.",
-    "Caltech101": "a photo of a {}.",
-    "UCF101": "a photo of a person doing {}.",
+    "FGVCAircraft": "a photo of a {}, a type of aircraft.", "DescribableTextures": "{} texture.",
+    "EuroSAT": "a centered satellite photo of {}.", "StanfordCars": "a photo of a {}.",
+    "Food101": "a photo of {}, a type of food.", "SUN397": "a photo of a {}.",
+    "Caltech101": "a photo of a {}.", "UCF101": "a photo of a person doing {}.",
     "ImageNet": "a photo of a {}.",
-}
-
-# [CoOp trainers/imagenet_templates.py] the 7 templates selected for ImageNet
+}  # fmt: skip
+# [CoOp trainers/imagenet_templates.py IMAGENET_TEMPLATES_SELECT] 7 of OpenAI's 80 ImageNet
+# templates, the ensemble CoOp's and Tip-Adapter's code use on ImageNet
 TEMPLATES_SELECT = [
-    "itap of a {}.",
-    "a bad photo of the {}.",
-    "a origami {}.",
-    "a photo of the large {}.",
-    "a {} in a video game.",
-    "art of the {}.",
-    "a photo of the small {}.",
-]
+    "itap of a {}.", "a bad photo of the {}.", "a origami {}.", "a photo of the large {}.",
+    "a {} in a video game.", "art of the {}.", "a photo of the small {}.",
+]  # fmt: skip
+# --- end shared: templates ---
 
-# OpenAI's 80 ImageNet templates (CLIP's prompt-engineering notebook)
-80
+# OpenAI's 80 ImageNet templates (CLIP's prompt-engineering notebook; CoOp's IMAGENET_TEMPLATES),
+# in their order (the ensemble's mean adds them in this order)
 TEMPLATES_80 = [
-    "a bad photo of a {}.",
-    "a photo of many {}.",
-    "a sculpture of a {}.",
-    "a photo of the hard to see {}.",
-    "a low resolution photo of the {}.",
-    "a rendering of a {}.",
-    "graffiti of a {}.",
-    "a bad photo of the {}.",
-    "a cropped photo of the {}.",
-    "a tattoo of a {}.",
-    "the embroidered {}.",
-    "a photo of a hard to see {}.",
-    "a bright photo of a {}.",
-    "a photo of a clean {}.",
-    "a photo of a dirty {}.",
-    "a dark photo of the {}.",
-    "a drawing of a {}.",
-    "a photo of my {}.",
-    "the plastic {}.",
-    "a photo of the cool {}.",
-    "a close-up photo of a {}.",
-    "a black and white photo of the {}.",
-    "a painting of the {}.",
-    "a painting of a {}.",
-    "a pixelated photo of the {}.",
-    "a sculpture of the {}.",
-    "a bright photo of the {}.",
-    "a cropped photo of a {}.",
-    "a plastic {}.",
-    "a photo of the dirty {}.",
-    "a jpeg corrupted photo of a {}.",
-    "a blurry photo of the {}.",
-    "a photo of the {}.",
-    "a good photo of the {}.",
-    "a rendering of the {}.",
-    "a {} in a video game.",
-    "a photo of one {}.",
-    "a doodle of a {}.",
-    "a close-up photo of the {}.",
-    "a photo of a {}.",
-    "the origami {}.",
-    "the {} in a video game.",
-    "a sketch of a {}.",
-    "a doodle of the {}.",
-    "a origami {}.",
-    "a low resolution photo of a {}.",
-    "the toy {}.",
-    "a rendition of the {}.",
-    "a photo of the clean {}.",
-    "a photo of a large {}.",
-    "a rendition of a {}.",
-    "a photo of a nice {}.",
-    "a photo of a weird {}.",
-    "a blurry photo of a {}.",
-    "a cartoon {}.",
-    "art of a {}.",
-    "a sketch of the {}.",
-    "a embroidered {}.",
-    "a pixelated photo of a {}.",
-    "itap of the {}.",
-    "a jpeg corrupted photo of the {}.",
-    "a good photo of a {}.",
-    "a plushie {}.",
-    "a photo of the nice {}.",
-    "a photo of the small {}.",
-    "a photo of the weird {}.",
-    "the cartoon {}.",
-    "art of the {}.",
-    "a drawing of the {}.",
-    "a photo of the large {}.",
-    "a black and white photo of a {}.",
-    "the plushie {}.",
-    "a dark photo of a {}.",
-    "itap of a {}.",
-    "graffiti of the {}.",
-    "a toy {}.",
-    "itap of my {}.",
-    "a photo of a cool {}.",
-    "a photo of a small {}.",
-    "a tattoo of the {}.",
-]
+    "a bad photo of a {}.", "a photo of many {}.", "a sculpture of a {}.",
+    "a photo of the hard to see {}.", "a low resolution photo of the {}.", "a rendering of a {}.",
+    "graffiti of a {}.", "a bad photo of the {}.", "a cropped photo of the {}.",
+    "a tattoo of a {}.", "the embroidered {}.", "a photo of a hard to see {}.",
+    "a bright photo of a {}.", "a photo of a clean {}.", "a photo of a dirty {}.",
+    "a dark photo of the {}.", "a drawing of a {}.", "a photo of my {}.", "the plastic {}.",
+    "a photo of the cool {}.", "a close-up photo of a {}.", "a black and white photo of the {}.",
+    "a painting of the {}.", "a painting of a {}.", "a pixelated photo of the {}.",
+    "a sculpture of the {}.", "a bright photo of the {}.", "a cropped photo of a {}.",
+    "a plastic {}.", "a photo of the dirty {}.", "a jpeg corrupted photo of a {}.",
+    "a blurry photo of the {}.", "a photo of the {}.", "a good photo of the {}.",
+    "a rendering of the {}.", "a {} in a video game.", "a photo of one {}.", "a doodle of a {}.",
+    "a close-up photo of the {}.", "a photo of a {}.", "the origami {}.", "the {} in a video game.",
+    "a sketch of a {}.", "a doodle of the {}.", "a origami {}.", "a low resolution photo of a {}.",
+    "the toy {}.", "a rendition of the {}.", "a photo of the clean {}.", "a photo of a large {}.",
+    "a rendition of a {}.", "a photo of a nice {}.", "a photo of a weird {}.",
+    "a blurry photo of a {}.", "a cartoon {}.", "art of a {}.", "a sketch of the {}.",
+    "a embroidered {}.", "a pixelated photo of a {}.", "itap of the {}.",
+    "a jpeg corrupted photo of the {}.", "a good photo of a {}.", "a plushie {}.",
+    "a photo of the nice {}.", "a photo of the small {}.", "a photo of the weird {}.",
+    "the cartoon {}.", "art of the {}.", "a drawing of the {}.", "a photo of the large {}.",
+    "a black and white photo of a {}.", "the plushie {}.", "a dark photo of a {}.", "itap of a {}.",
+    "graffiti of the {}.", "a toy {}.", "itap of my {}.", "a photo of a cool {}.",
+    "a photo of a small {}.", "a tattoo of the {}.",
+]  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------
@@ -168,12 +116,10 @@ def resolve_template(template):
 
 def ensemble_templates(ensemble, template, add_template):
     """The templates whose features are averaged: one, the 7 selected, or all 80 (+ --template)."""
-    templates = {"none": [template], "select": list(TEMPLATES_SELECT), "all": list(TEMPLATES_80)}[
-        ensemble
-    ]
+    templates = {"none": [template], "select": TEMPLATES_SELECT, "all": TEMPLATES_80}[ensemble]
     if add_template and template not in templates:
-        templates.append(template)
-    return templates
+        return templates + [template]  # CoOp's ZeroshotCLIP2: the 7 and the dataset's own
+    return list(templates)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -181,7 +127,6 @@ def ensemble_templates(ensemble, template, add_template):
 # ------------------------------------------------------------------------------------------------
 def main(args):
     device = torch.device(args.device)
-    precision = args.precision or ("amp" if device.type == "cuda" else "fp32")
     template = resolve_template(args.template)
     templates = ensemble_templates(args.ensemble, template, args.add_template)
     dataset, _, test_sets = load_task(args)
@@ -189,7 +134,7 @@ def main(args):
     seed_everything(args.seed)
 
     # Frozen CLIP; one classifier per test set (its class names), images encoded once
-    clip_model = load_clip(args.backbone, device, precision)
+    clip_model = load_clip(args.backbone, device, args.precision)
     inv_tau, n_px = clip_model.logit_scale.exp(), clip_model.visual.input_resolution
     os.makedirs(run_dir, exist_ok=True)
     save(os.path.join(run_dir, "args.json"), vars(args))
@@ -199,14 +144,14 @@ def main(args):
     single, ensembled = {}, {}
     for name, (items, classnames) in test_sets.items():
         loader = make_loader(items, test_transform(n_px), args.batch_size, args.workers, device)
-        features, labels = encode_images(clip_model.encode_image, loader, device, precision)
+        features, labels = encode_images(clip_model.encode_image, loader, device, args.precision)
         weights = zeroshot_classifier(clip_model, classnames, [template])  # (n_cls, D)
         single[name] = accuracy(inv_tau * features @ weights.t(), labels)  # [CLIP]
         weights = zeroshot_classifier(clip_model, classnames, templates)  # [Ensemble] (n_cls, D)
         ensembled[name] = accuracy(inv_tau * features @ weights.t(), labels)
         print(f"{name}: {len(items)} images, {len(classnames)} classes: {ensembled[name]:.2f}%")
     method = "zeroshot" if args.ensemble == "none" else f"zeroshot-ensemble-{args.ensemble}"
-    extra = dict(epochs=0, precision=precision, templates=templates)
+    extra = dict(epochs=0, precision=args.precision, templates=templates)
     return finish_run(run_dir, args, method, dataset, single, ensembled, **extra)
 
 
@@ -216,34 +161,22 @@ def parse_args(argv=None):
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add = p.add_argument
-    add("--backbone", default="RN50", help="CLIP name (RN50, ViT-B/16, ...) or checkpoint path")
+    add("--backbone", help="CLIP name (RN50, ViT-B/16, ...) or checkpoint path")
     add("--data", required=True, help="root with [train/] test/, or --split-file's images")
     add("--split-file", help="CoOp's split_zhou_<Name>.json (then --data is its image root)")
     add("--classnames", help="classnames.txt: 'folder<TAB>readable name' per line")
     base_new = "base-to-new: 'base' reports the base classes and 'new' the other half"
     add("--subsample", choices=["all", "base", "new"], default="all", help=base_new)
     add("--eval-data", nargs="*", default=[], help="extra test sets (ImageFolder roots)")
-    add(
-        "--template",
-        default="a photo of a {}.",
-        help="a template with {} for the class name, "
-        f"or a dataset name: {', '.join(CUSTOM_TEMPLATES)}",
-    )
-    add(
-        "--ensemble",
-        choices=["none", "select", "all"],
-        default="none",
-        help="average the text features of the 7 selected ImageNet templates, or of all 80",
-    )
-    add(
-        "--add-template",
-        action="store_true",
-        help="also put --template in the ensemble (CoOp's "
-        "ZeroshotCLIP2 does so for every dataset but ImageNet)",
-    )
+    names = ", ".join(CUSTOM_TEMPLATES)
+    add("--template", help=f"a template with {{}} for the class name, or a dataset name: {names}")
+    ensemble = "average the text features of the 7 selected ImageNet templates, or of all 80"
+    add("--ensemble", choices=["none", "select", "all"], default="none", help=ensemble)
+    coop2 = "also put --template in the ensemble (CoOp's ZeroshotCLIP2, on all but ImageNet)"
+    add("--add-template", action="store_true", help=coop2)
     add("--batch-size", type=int, default=100, help="test batch size (does not change results)")
     add_run_args(add, learned=False)
-    return p.parse_args(argv)
+    return parse(p, argv, PRESETS, lambda a: "zeroshot")
 
 
 # --- shared: appendix (canonical copy in coop.py; re-sync with tools/sync_shared.py) ---
