@@ -461,22 +461,24 @@ AUGMIX_OPS = ("autocontrast", "equalize", "posterize", "rotate", "solarize", "sh
               "translate_x", "translate_y")  # fmt: skip
 
 
-def augmix_op(image):
-    """A random AugMix operation at severity 1 (magnitude level/10, level ~ U(0.1, 1)); shifts are
-    relative to the image side (AugMix's code: 224/3 pixels at full level)."""
-    op, v = np.random.choice(AUGMIX_OPS), np.random.uniform(0.1, 1.0) / 10
-    s = 1 if np.random.uniform() < 0.5 else -1
-    affine = lambda c: image.transform(image.size, Image.AFFINE, c, resample=Image.BILINEAR)
-    shear, t = s * v * 0.3, s * int(v * image.size[0] / 3)
-    return {"autocontrast": lambda: ImageOps.autocontrast(image),
-            "equalize": lambda: ImageOps.equalize(image),
-            "posterize": lambda: ImageOps.posterize(image, 4 - int(v * 4)),
-            "rotate": lambda: image.rotate(s * int(v * 30), resample=Image.BILINEAR),
-            "solarize": lambda: ImageOps.solarize(image, 256 - int(v * 256)),
-            "shear_x": lambda: affine((1, shear, 0, 0, 1, 0)),
-            "shear_y": lambda: affine((1, 0, 0, shear, 1, 0)),
-            "translate_x": lambda: affine((1, 0, t, 0, 1, 0)),
-            "translate_y": lambda: affine((1, 0, 0, 0, 1, t))}[op]()  # fmt: skip
+def augmix_chain(image):
+    """[AugMix] 1-3 random operations in a row, at severity 1 (magnitude level/10, level ~
+    U(0.1, 1)); shifts relative to the image side (AugMix's code: 224/3 pixels at full level)."""
+    for _ in range(np.random.randint(1, 4)):
+        op, v = np.random.choice(AUGMIX_OPS), np.random.uniform(0.1, 1.0) / 10
+        s = 1 if np.random.uniform() < 0.5 else -1
+        affine = lambda c: image.transform(image.size, Image.AFFINE, c, resample=Image.BILINEAR)
+        shear, t = s * v * 0.3, s * int(v * image.size[0] / 3)
+        image = {"autocontrast": lambda: ImageOps.autocontrast(image),
+                 "equalize": lambda: ImageOps.equalize(image),
+                 "posterize": lambda: ImageOps.posterize(image, 4 - int(v * 4)),
+                 "rotate": lambda: image.rotate(s * int(v * 30), resample=Image.BILINEAR),
+                 "solarize": lambda: ImageOps.solarize(image, 256 - int(v * 256)),
+                 "shear_x": lambda: affine((1, shear, 0, 0, 1, 0)),
+                 "shear_y": lambda: affine((1, 0, 0, shear, 1, 0)),
+                 "translate_x": lambda: affine((1, 0, t, 0, 1, 0)),
+                 "translate_y": lambda: affine((1, 0, 0, 0, 1, t))}[op]()  # fmt: skip
+    return image
 
 
 class Views:
@@ -484,32 +486,25 @@ class Views:
 
     def __init__(self, n_px, n_views=64, augmix=False, crop_scale=0.08, corrupt=False):
         self.original, self.n_views, self.augmix = test_transform(n_px), n_views, augmix
-        # open point 12: colour jitter, grayscale and blur on the crop, then random erasing with
-        # noise (a stand-in for background substitution, which needs a segmentation model)
+        # torchvision's defaults, as TPT: ratio 3/4-4/3, bilinear (not the training's bicubic);
+        # open point 12: then colour jitter, grayscale and blur, and random erasing with noise (a
+        # stand-in for background substitution, which needs a segmentation model)
         jitter = T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.5)
         blur = T.RandomApply([T.GaussianBlur(3, (0.1, 1.5))], p=0.3)
-        self.corrupt = T.Compose([jitter, T.RandomGrayscale(0.2), blur]) if corrupt else None
-        self.erase = T.RandomErasing(p=0.5, scale=(0.02, 0.25), value="random")
-        # torchvision's defaults, as TPT: ratio 3/4-4/3, bilinear (not the training's bicubic)
-        crop = T.RandomResizedCrop(n_px, scale=(crop_scale, 1))
-        self.crop = T.Compose([crop, T.RandomHorizontalFlip()])
+        crop = [T.RandomResizedCrop(n_px, scale=(crop_scale, 1)), T.RandomHorizontalFlip()]
+        self.crop = T.Compose(crop + ([jitter, T.RandomGrayscale(0.2), blur] if corrupt else []))
         self.tensor = T.Compose([T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
+        erase = T.RandomErasing(p=0.5, scale=(0.02, 0.25), value="random")
+        self.view = T.Compose([self.tensor] + ([erase] if corrupt else []))  # (3, n_px, n_px)
 
     def __call__(self, image):
         views = [self.original(image)]
         for _ in range(self.n_views - 1):
             crop = self.crop(image)
-            crop = self.corrupt(crop) if self.corrupt else crop  # [PromptSync] corruptions
-            x = self.tensor(crop)
-            x = self.erase(x) if self.corrupt else x  # (3, n_px, n_px)
+            x = self.view(crop)
             if self.augmix:  # [AugMix] on normalised tensors: m x + (1-m) sum_i w_i chain_i(x)
                 w, m = np.random.dirichlet([1.0] * 3), np.random.beta(1.0, 1.0)
-                chains = []
-                for _ in range(3):
-                    aug = crop
-                    for _ in range(np.random.randint(1, 4)):
-                        aug = augmix_op(aug)
-                    chains.append(self.tensor(aug))
+                chains = [self.tensor(augmix_chain(crop)) for _ in range(3)]
                 x = m * x + (1 - m) * sum(wi * c for wi, c in zip(w.tolist(), chains))
             views.append(x)
         return torch.stack(views)  # (N, 3, n_px, n_px)
@@ -849,11 +844,8 @@ def parse_args(argv=None):
     K, _, N = args.shard.partition("/")
     if not (K.isdigit() and N.isdigit() and int(K) < int(N)):
         fail(f"--shard {args.shard}: expected K/N with 0 <= K < N, e.g. 0/4")
-    try:
-        weights = [float(w) for w in args.sync_weights.split(",")]
-    except ValueError:
-        weights = []
-    if len(weights) != 3 or not all(0 <= w < math.inf for w in weights):
+    weights = args.sync_weights.split(",")
+    if len(weights) != 3 or not all(w.replace(".", "", 1).isdigit() for w in weights):
         fail(f"--sync-weights {args.sync_weights}: expected three numbers >= 0, e.g. 0,1,1")
     if args.stage == "test" and not args.eval_only and int(args.views * args.rho) < 1:
         fail(f"--views {args.views} with --rho {args.rho} keeps no view; raise one of them")
