@@ -89,7 +89,7 @@ PRESETS = {
     "source": dict(MAPLE, lr=0.0026, weight_decay=5e-4, shots=16),  # MaPLe's cross-dataset recipe
     "tpt": dict(TPT, **TEST, lr=5e-3, corrupt=0),  # AugMix on the fine-grained sets
     "align": dict(MAPLE, **TEST, lr=by_setting(4e-2, 5e-4)),  # PromptAlign's two configs
-    "sync": dict(MAPLE, **TEST, lr=by_setting(4e-2, 5e-4), corrupt=1),  # as PromptAlign (17)
+    "sync": dict(MAPLE, **TEST, lr=by_setting(4e-2, 5e-4), corrupt=1),  # open point 17
 }
 
 
@@ -655,7 +655,7 @@ def test_stage(args, model, ckpt, test_sets, run_dir, device):
     optimizer = torch.optim.AdamW(learned, args.lr, weight_decay=args.weight_decay)
     initial = copy.deepcopy((model.prompts.state_dict(), optimizer.state_dict()))
     align = alignment_targets(args, ckpt, model) if args.loss == "align" else None
-    steps = 0 if args.eval_only else args.steps
+    run = (0 if args.eval_only else args.steps, args.rho, args.precision)  # steps, rho, precision
     fp16 = args.precision != "fp32" and device.type == "cuda"
     n_px, n_views = model.clip.visual.input_resolution, 1 if args.eval_only else args.views
     views = Views(n_px, n_views, args.augmix, args.crop_scale, args.corrupt)
@@ -679,13 +679,11 @@ def test_stage(args, model, ckpt, test_sets, run_dir, device):
                 optimizer.load_state_dict(initial[1])  # ... and AdamW's state
                 # TPT's loss scaler, new per image: an fp16 overflow skips the image's step
                 scaler = torch.amp.GradScaler(device.type, init_scale=1000, enabled=fp16)
-                x, rho, p = images.to(device), args.rho, args.precision
+                x = images.to(device)
                 if sync:
-                    before, after, skip = adapt_sync(
-                        model, x, optimizer, sync, steps, rho, p, scaler
-                    )
+                    before, after, skip = adapt_sync(model, x, optimizer, sync, *run, scaler)
                 else:
-                    before, after, skip = adapt(model, x, optimizer, scaler, steps, rho, p, align)
+                    before, after, skip = adapt(model, x, optimizer, scaler, *run, align)
                 r = dict(set=name, index=i, label=label, before=before, after=after, n=len(items))
                 f.write(json.dumps(dict(r, skipped=skip)) + "\n")
                 f.flush()  # a killed run keeps every image it finished (--resume)
