@@ -1,46 +1,48 @@
-"""Test-time prompt tuning on multimodal prompts: TPT, PromptAlign and PromptSync.
+"""Test-time prompt tuning on TPT's or MaPLe's prompts: TPT, PromptAlign and PromptSync.
 
-Papers  TPT:         Shu et al., "Test-Time Prompt Tuning for Zero-Shot Generalization in
-                     Vision-Language Models", arXiv 2209.07511 (NeurIPS 2022)
-        MaPLe:       Khattak et al., "MaPLe: Multi-modal Prompt Learning", arXiv 2210.03117
-        PromptAlign: Abdul Samadh et al., "Align Your Prompts: Test-Time Prompting with
-                     Distribution Alignment for Zero-Shot Generalization", arXiv 2311.01459
-        PromptSync:  Khandelwal, CVPR 2024 Workshops, arXiv 2404.07520 (no public code; its 16
-                     open points are decided in the OPEN POINTS block before class_prototypes)
+Papers  TPT (test-time prompt tuning): Shu et al., arXiv 2209.07511 (NeurIPS 2022)
+        MaPLe (multi-modal prompt learning): Khattak et al., arXiv 2210.03117 (CVPR 2023)
+        PromptAlign: Abdul Samadh et al., "Align Your Prompts", arXiv 2311.01459 (NeurIPS 2023)
+        PromptSync: Khandelwal, arXiv 2404.07520 (CVPR 2024 Workshops); no public code: what its
+        paper leaves open is decided in OPEN POINTS below
 
-The idea. TPT tunes CLIP's prompt on every single test image, without its label: it makes N
-augmented views of the image, keeps the views CLIP is most confident about and minimises the
-entropy of their averaged prediction, then classifies the original image with the updated prompt,
-and resets the prompt for the next image. PromptAlign does the same on MaPLe's multimodal prompts
-(text prompts in the first J layers of the text tower and their linear projections in the vision
-tower, learned once on a labelled source set) and adds a loss that pulls the mean and variance of
-the test image's vision tokens towards statistics recorded on the source set.
+The idea. TPT tunes CLIP's prompt on every test image, without its label: it makes N augmented
+views of the image, keeps the views CLIP is most confident about, takes a step that lowers the
+entropy of their mean prediction, classifies the original image with the updated prompt, and
+resets the prompt for the next image. PromptAlign does the same on MaPLe's multimodal prompts
+(text prompts in the first J blocks of the text tower and linear projections of them in the
+vision tower, learned once on a labelled source set) and also pulls the mean and variance of the
+image's vision tokens towards statistics of the whole source set. PromptSync uses class
+prototypes instead (each source class's mean features, in both towers), each class weighted by
+the image's mean predicted probability p^ for it. Its step has two halves: meta-train moves the
+prompts so that the image's views stand apart from the other classes (a contrastive loss L_D);
+meta-test, at the moved prompts, pulls the image's features towards the prototypes of its likely
+classes (L_A) and lowers TPT's entropy. The mean of the two gradients updates the prompts.
 
-Equations (p_i = softmax of view i's logits, H the entropy, tau CLIP's frozen temperature)
-  [TPT Eq. 4-6] p~ = 1/(rho N) sum_i 1[H(p_i) <= tau] p_i, tau the rho-quantile of the H(p_i):
-                the mean prediction of the rho N most confident views (rho = 0.1: 6 of 64)
-                L_ent = H(p~) = -sum_c p~_c log p~_c
-  [MaPLe]       text prompts P_j (M, d) in blocks j < J; vision prompts P~_j = F_j(P_j), F_j linear
-  [PromptAlign] L_align = sum_l 0.5 mean|mu_l - mu^_l| + 0.5 mean|var_l - var^_l|  (block inputs)
-  [PromptAlign] L = L_ent + beta L_align,   beta = 100/3,  l = 0, 1   (the authors' code)
-  [PromptSync]  meta-train g_D = grad L_D, L_D = -log(L_pos / L_neg); meta-test at the moved
-                prompts: g_A = grad(L_ent + L_A), L_A = sum_c p^_c (log(1+mse) + log(2-cos)); avg
-Learned: TPT: ctx (4, d) from "a photo of a"; MaPLe: ctx (2, d), deep text prompts (J-1, 2, d),
-the couplings F_0..F_J-1 (d -> vision width). Frozen: all of CLIP.
+Equations (p_i = softmax of view i's logits, H the entropy, tau = 1/100 CLIP's temperature)
+  [TPT Eq. 4-6] p~ = the mean p_i of the rho N views of lowest H(p_i); L_ent = H(p~)
+  [MaPLe]       text prompts P_j (M, d) before text blocks j < J; vision prompts F_j(P_j), linear
+  [PromptAlign] L = L_ent + beta sum_l (0.5 mean|mu_l - mu^_l| + 0.5 mean|var_l - var^_l|) over
+                the block inputs' tokens, l = 0, 1, beta = 100/3 (the authors' code)
+  [PromptSync]  L_D = sum_k p^_k (-log(L_pos(k) / L_neg(k))), the views vs prototype k over the
+                rest; L_A = sum_c p^_c (log(1 + mse(h, h_c)) + log(2 - cos(h, h_c))); g_D = grad
+                L_D at P, P' = P - lr g_D / |g_D|, g_A = grad(L_ent + L_A) at P'; one AdamW step
+                from P with (g_D + g_A) / 2
+Learned, per test image and reset after it: TPT: ctx (4, d) from "a photo of a"; MaPLe: ctx (2, d),
+deep text prompts (J-1, 2, d), the couplings F_0..F_{J-1} (d -> vision width). Frozen: all of CLIP.
 
-The papers' settings: TPT: 63 random crops + flips and the original (AugMix on the fine-grained
-sets), rho 0.1, one AdamW step at lr 5e-3, prompts and optimizer reset per image. MaPLe source
-prompts (cross-dataset recipe): ImageNet 16 shots, 2 tokens, depth 3, SGD lr 0.0026, batch 4, 2
-epochs. PromptAlign: those prompts, ViT-B/16, AdamW lr 4e-2, the same views without AugMix.
+The papers' settings: TPT: the original and 63 random crops + flips (AugMix on the fine-grained
+sets), rho 0.1, one AdamW step at lr 5e-3. MaPLe's source prompts (its cross-dataset recipe):
+ImageNet, 16 shots, 2 tokens, depth 3, SGD lr 0.0026, batch 4, 2 epochs. PromptAlign: those
+prompts, ViT-B/16, AdamW at 4e-2 (domain generalisation) or 5e-4 (fine-grained sets), no AugMix.
 
-Run (the toy world, then the papers' setting; the source stage writes runs/maple/<set>/...)
+Run (the toy world; then the papers' setting, the source stage writing runs/maple/<set>/...)
   python promptsync.py --backbone toy/clip_vit.pt --data toy/sketch --eval-data toy/noise   # TPT
   python promptsync.py --stage source --backbone toy/clip_vit.pt --data toy/proxy --crop-scale 1
   python promptsync.py --loss sync --backbone toy/clip_vit.pt --data toy/sketch --lr 5e-3 \\
       --load runs/maple/proxy/16shot_seed1/checkpoint.pt        # or --loss align: PromptAlign
-  python promptsync.py --stage source --backbone ViT-B/16 --data DATA/imagenet
-  python promptsync.py --loss align --load runs/maple/imagenet/16shot_seed1/checkpoint.pt \\
-      --data DATA/imagenet-a                     # --loss tpt without --load: TPT on plain CLIP
+  python promptsync.py --stage source --data DATA/imagenet && python promptsync.py --loss align \\
+      --load runs/maple/imagenet/16shot_seed1/checkpoint.pt --data DATA/imagenet-a
 """
 
 import argparse
@@ -66,6 +68,30 @@ from tqdm import tqdm
 with warnings.catch_warnings():  # openai-clip 1.0.1 imports the deprecated pkg_resources
     warnings.simplefilter("ignore")
     import clip
+
+
+# The defaults that differ per stage and loss (--help lists them); the others are in parse_args
+def from_load(key, value):
+    get = lambda args: load_checkpoint(args.load)["config"][key] if args.load else value
+    get.__doc__ = f"--load's, else {value}"
+    return get
+
+
+def by_setting(dg, fine):
+    get = lambda args: dg if args.setting == "dg" else fine
+    get.__doc__ = f"{dg} (--setting dg), {fine} (--setting fine-grained)"
+    return get
+
+
+MAPLE = dict(n_ctx=from_load("n_ctx", 2), depth=from_load("depth", 3), augmix=0, corrupt=0)
+TPT = dict(n_ctx=from_load("n_ctx", 4), depth=from_load("depth", 0), augmix=by_setting(0, 1))
+TEST = dict(weight_decay=0.01, shots=0)  # AdamW, reset per image; no labelled image
+PRESETS = {
+    "source": dict(MAPLE, lr=0.0026, weight_decay=5e-4, shots=16),  # MaPLe's cross-dataset recipe
+    "tpt": dict(TPT, **TEST, lr=5e-3, corrupt=0),  # AugMix on the fine-grained sets
+    "align": dict(MAPLE, **TEST, lr=by_setting(4e-2, 5e-4)),  # PromptAlign's two configs
+    "sync": dict(MAPLE, **TEST, lr=by_setting(4e-2, 5e-4), corrupt=1),  # open point 17
+}
 
 
 # --- shared: text encoder (canonical copy in coop.py; re-sync with tools/sync_shared.py) ---
@@ -100,18 +126,13 @@ class TextEncoder(nn.Module):
 # --- end shared: text encoder ---
 
 
-# ------------------------------------------------------------------------------------------------
-# The method: the prompts, both towers with them, TPT's selection and loss, PromptAlign's loss
-# ------------------------------------------------------------------------------------------------
+# The method: the prompts, both towers with them, TPT's and PromptAlign's losses, PromptSync's
 class MultimodalPrompts(nn.Module):
-    """TPT's text context (depth 0) or MaPLe's multimodal prompts (depth J >= 1).
-
-    The text prompt of class c is "a photo of a {c}." with its first M tokens learned (ctx): TPT
-    learns all 4 words, MaPLe the first 2 ("a photo"; "of a" stays fixed). With depth J, the text
-    tokens at positions 1..M are replaced by deep_text[j-1] before text blocks j = 1..J-1 (the
-    shared text encoder's `deep`), and the vision tower gets the projections proj(ctx),
-    deep_proj[j-1](deep_text[j-1]) [MaPLe].
-    """
+    """TPT's text context (depth 0) or MaPLe's multimodal prompts (depth J >= 1). Class c's text
+    prompt is "[SOS] a photo of a {c}. [EOT]" (start- and end-of-text tokens), its first M words
+    learned (ctx): TPT learns all 4, MaPLe "a photo". With depth J, deep_text[j-1] replaces the
+    text tokens 1..M before text block j = 1..J-1, and the vision tower gets proj(ctx) and
+    deep_proj[j-1](deep_text[j-1]) [MaPLe]."""
 
     def __init__(self, clip_model, classnames, n_ctx=2, depth=3, ctx_init="a photo of a"):
         super().__init__()
@@ -121,9 +142,8 @@ class MultimodalPrompts(nn.Module):
             raise ValueError(f"n_ctx must be 1..{int(tokens.argmax()) - 1} ({ctx_init!r})")
         if depth and not hasattr(visual, "transformer"):
             raise ValueError("MaPLe's vision prompts need a ViT backbone (e.g. ViT-B/16)")
-        if depth and depth > min(
-            len(clip_model.transformer.resblocks), len(visual.transformer.resblocks)
-        ):
+        towers = (clip_model.transformer, visual.transformer) if depth else ()
+        if depth > min((len(t.resblocks) for t in towers), default=0):
             raise ValueError(f"depth {depth} is more than the layers of a tower of this CLIP")
         with torch.no_grad():
             self.ctx = nn.Parameter(clip_model.token_embedding(tokens)[0, 1 : 1 + n_ctx].float())
@@ -151,27 +171,21 @@ class MultimodalPrompts(nn.Module):
         return torch.cat([self.token_prefix, ctx, self.token_suffix], dim=1)  # (C, L, d)
 
     def vision_prompts(self):
-        if not self.depth:
-            return []
-        deep = [f(p) for f, p in zip(self.deep_proj, self.deep_text)]
-        return [self.proj(self.ctx)] + deep  # [MaPLe] P~_j = F_j(P_j): J tensors (M, width)
+        deep = [f(p) for f, p in zip(self.deep_proj, self.deep_text)] if self.depth else []
+        return [self.proj(self.ctx)] + deep if self.depth else []  # [MaPLe] F_j(P_j): (M, width)
 
 
 def encode_image(visual, images, prompts=(), tokens=None, last=None):
-    """CLIP's ViT with MaPLe's vision prompts, an explicit forward over the blocks.
-
-    prompts[0] (M, width) is appended after the patches and layer-normed with them (ln_pre);
-    before block j = 1..J-1 the last M tokens are replaced by prompts[j]. This is vpt.py's deep
-    replacement with MaPLe's placement, except that here the prompts are not parameters of their
-    own but projections of the text prompts. tokens: a list that receives every block's input
-    (after the replacement), (T, B, width) each, for PromptAlign's statistics.
-    """
+    """CLIP's ViT with MaPLe's vision prompts: prompts[0] (M, width) appended after the patches
+    (layer-normed with them by ln_pre), the last M tokens replaced by prompts[j] before block j.
+    Not vpt.py's forward: VPT's prompts are parameters of their own placed after the class token,
+    MaPLe's are projections of the text prompts. tokens, last: lists that receive every block's
+    input (for PromptAlign) and the last block's output (for PromptSync), (T, B, width)."""
     x = visual.conv1(images.type(visual.conv1.weight.dtype))  # (B, width, g, g)
     x = x.flatten(2).permute(0, 2, 1)  # (B, g*g, width)
     B, width = x.shape[0], x.shape[-1]
-    cls = visual.class_embedding.to(x.dtype) + torch.zeros(
-        B, 1, width, dtype=x.dtype, device=x.device
-    )
+    zeros = torch.zeros(B, 1, width, dtype=x.dtype, device=x.device)
+    cls = visual.class_embedding.to(x.dtype) + zeros  # (B, 1, width)
     x = torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)  # (B, 1+g*g, width)
     if prompts:  # [MaPLe] no position embedding for the prompts
         x = torch.cat([x, prompts[0].to(x.dtype).expand(B, -1, -1)], dim=1)  # (B, T, width)
@@ -183,13 +197,13 @@ def encode_image(visual, images, prompts=(), tokens=None, last=None):
         if tokens is not None:
             tokens.append(x)
         x = block(x)
-    if last is not None:  # PromptSync's token prototypes: the last block's outputs (T, B, width)
+    if last is not None:
         last.append(x)
     return visual.ln_post(x[0]) @ visual.proj  # the class token: (B, D)
 
 
-class PromptedCLIP(nn.Module):
-    """Frozen CLIP with learned prompts in one or both towers: logits (B, C)."""
+class MultimodalPromptedCLIP(nn.Module):
+    """Frozen CLIP with TPT's or MaPLe's learned prompts in one or both towers: logits (B, C)."""
 
     def __init__(self, clip_model, classnames, n_ctx=2, depth=3, ctx_init="a photo of a"):
         super().__init__()
@@ -197,9 +211,9 @@ class PromptedCLIP(nn.Module):
         self.text_encoder, self.clip = TextEncoder(clip_model), clip_model
 
     def text_features(self):
-        # [SOS][ctx] is every class's (TPT's context and MaPLe's alike): encoded once, then each
-        # class's own tokens attend to it (exact, the text encoder's `shared_prefix`); MaPLe's
-        # deep prompts replace the ctx positions before the later blocks (none for TPT)
+        # = the text encoder on text_prompts(), MaPLe's deep prompts written over positions 1..M
+        # before the later blocks; [SOS][ctx] is every class's, so it runs once (the same numbers,
+        # see shared_prefix in the speed-ups below)
         pl = self.prompts
         prefix = torch.cat([pl.token_prefix[:1], pl.ctx[None]], dim=1)  # (1, 1 + M, d)
         deep = list(pl.deep_text)
@@ -221,8 +235,7 @@ class PromptedCLIP(nn.Module):
 
 
 def select_confident(logits, rho):
-    """[TPT Eq. 4-6] indices of the int(N * rho) views (of N) whose predictions have the lowest
-    entropy: the views with H(p_i) <= tau."""
+    """[TPT Eq. 4-6] the int(N rho) views (of N) of lowest entropy: those with H(p_i) <= t."""
     logp = logits.float().log_softmax(dim=-1)  # (N, C)
     entropy = -(logp.exp() * logp).sum(dim=-1)  # (N,)
     return entropy.argsort()[: int(logits.shape[0] * rho)]
@@ -237,20 +250,17 @@ def marginal_entropy(logits):
 
 
 def token_alignment(means, variances, source_means, source_variances):
-    """[PromptAlign, as coded] sum over the given layers of the L1 (mean over elements) distances
-    of the token means and variances, 0.5 each."""
-    terms = [
-        0.5 * (m - sm).abs().mean() + 0.5 * (v - sv).abs().mean()
-        for m, v, sm, sv in zip(means, variances, source_means, source_variances)
-    ]
+    """[PromptAlign, as coded] the sum over layers of 0.5 L1 (mean over elements) of the token
+    means' and variances' distances."""
+    pairs = zip(means, variances, source_means, source_variances)
+    terms = [0.5 * (m - sm).abs().mean() + 0.5 * (v - sv).abs().mean() for m, v, sm, sv in pairs]
     return torch.stack(terms).sum()
 
 
 @torch.no_grad()
 def token_statistics(model, loader, device, precision):
-    """Mean and biased variance of every vision block's input tokens over a whole set, (L, T, W)
-    each. Batches are merged with Chan et al.'s exact formula: the same as two passes (the means,
-    then the variances around them) in one."""
+    """Mean and biased variance of every vision block's input tokens over a set, (L, T, W) each;
+    batches merged by the exact update of Chan, Golub and LeVeque (1979): two passes in one."""
     n, mean, m2 = 0, 0.0, 0.0
     for images, _ in loader:
         tokens = []
@@ -260,54 +270,46 @@ def token_statistics(model, loader, device, precision):
         b, batch_mean = x.shape[2], x.mean(dim=2)  # (L, T, W)
         batch_m2 = (x - batch_mean.unsqueeze(2)).square().sum(dim=2)
         delta, total = batch_mean - mean, n + b
-        mean, m2, n = (
-            mean + delta * b / total,
-            m2 + batch_m2 + delta.square() * n * b / total,
-            total,
-        )
+        mean, m2 = mean + delta * b / total, m2 + batch_m2 + delta.square() * n * b / total
+        n = total
     return mean.cpu(), (m2 / n).cpu()
 
 
-# OPEN POINTS: what the PromptSync paper leaves open (reference sheet §4.11), decided here, and
-# again at each line that does it ("the paper leaves X open; we do Y because Z"):
-#  1 prototype vectors: h_CLS^v = the image feature (ln_post(CLS) @ proj); h^v = the mean over
-#    the P patch and prompt outputs of the last block through ln_post and proj; h^t = the class's
-#    EOT text feature; last block only; L_D uses h_CLS^v and h^t, L_A all three
-#  2 text samples: the class prompt only, one per class (no WordNet variants, see 13)
-#  3 offline prompts: the source stage's learned MaPLe prompts (as PromptAlign's statistics),
-#    never refreshed
-#  4 proxy sampling: the source shots (16 per class) with --proto-views views each (the original +
-#    3 crops/flips)
-#  5 views inside L_D at test time: the test image's kept views (current prompts) are the views of
-#    every class k, weighted by p^[k]; other classes' views = 8 stored source-view features per
-#    class (frozen; a crop of each of 8 images); the gradient comes through the test views and the
-#    current text prototypes
-#  6 L_D: cosine / tau, tau = 1 / CLIP's logit scale; L_pos a plain mean over the views; L_neg
-#    without the positive; sum over classes weighted by p^ (detached); the text and vision parts
-#    summed
-#  7 L_A: amplitude = mean squared error, angular = 1 - cos, each through log(1 + d), weights 1:1;
-#    summed over h_CLS^v, h^v (test: the mean over the kept views) and h^t (test: the class's
-#    current text feature)
-#  8 p^: TPT's selection (rho = 10 % lowest-entropy views, the original if it is among them),
-#    recomputed at each point, detached, over all classes
-#  9 classes without a source prototype: the prototypes of the source class whose text prototype
-#    is nearest to the class's loaded text feature (text: its own); classes that share a source
-#    class are not each other's negatives in L_D
-# 10 entropy: TPT's marginal entropy, in the meta-test objective, weight 1 (--sync-weights)
-# 11 meta-update: inner step = Adam's first step (lr g / (|g| + eps)) at the outer lr; first-order
-#    (g_A at the moved prompts); average 1/2-1/2; AdamW (PromptAlign's lr 4e-2, wd 0.01), reset per
-#    image; n = --steps = 1; the moved prompts carry over between the n iterations
-# 12 views: 64 (63 + the original, as TPT/PromptAlign; --views 128 for the paper's count): crop and
-#    flip, colour jitter, grayscale and Gaussian blur, and random erasing with noise for the
-#    background substitution (--corrupt)
-# 13 WordNet text augmentation: not used
-# 14 prompts: MaPLe-coupled (vision = projections of text), ViT only; prediction on the original
-#    view with the updated prompts
-# 15 PromptSync*: not built (what it removes is unknown)
-# 16 latency: measured per image, in seconds (bench.py)
+# OPEN POINTS: what the PromptSync paper leaves open, decided here (the lines that do it say so)
+#  1 prototypes: h^v_CLS = the image feature; h^v = the mean of the last block's patch and prompt
+#    outputs through ln_post and proj; h^t: 10; L_D uses h^v_CLS and h^t, L_A all three
+#  2, 13 text: the class prompt only, one per class (no WordNet variants)
+#  3 offline prompts: the source stage's MaPLe prompts (as PromptAlign's statistics), not refreshed
+#  4 proxy sampling: the source shots (16 per class), 4 views each (the original + 3 crops)
+#  5 L_D's views at test time: the image's kept views (current prompts) are every class k's, with
+#    weight p^_k; the other classes' views: 8 stored source-view features per class. The paper's
+#    latency (hours per update) suggests the alternative, proxy views re-encoded with the current
+#    prompts at every step; stored ones keep an image's cost at its own views
+#  6 L_D: cosine / tau, tau = CLIP's 1/100; L_pos a plain mean over the views; L_neg without the
+#    positive; the text and vision parts summed
+#  7 L_A: amplitude = mean squared error, angular = 1 - cos, each through log(1 + d), weights 1:1
+#  8 p^: TPT's selection (the 10 % lowest-entropy views) at every point, detached, all classes
+#  9 a class without a source prototype takes those of the source class of nearest text prototype
+#    (classes that share one are not each other's negatives in L_D)
+# 10 h^t: the paper averages the token outputs "excluding SOS, EOS and CLS", but the text tower
+#    is causal: the outputs at the context tokens before the class name are every class's, so read
+#    literally all classes share one text prototype. Of the mean over the class-name and later
+#    tokens (class-dependent, but never compared with images by CLIP) and the EOT feature (CLIP's
+#    own class feature), we take EOT
+# 11 L_neg's text-text terms (prototype vs prototype) share one sum with image-text ones at 1/tau =
+#    100; with CLIP's modality gap they dominate (the toy world's ViT: 92 % of the text part's
+#    L_neg, 3.7 logits ahead on average; 61 % of the vision part's): the text part's L_neg is
+#    nearly image-independent and mostly spreads the class text features. We keep the paper's sum
+# 12 views: 64 (as TPT, PromptAlign): crop and flip, colour jitter, grayscale, blur, random erasing
+#    with noise for the background substitution (--corrupt)
+# 14 prompts: MaPLe's (vision = projections of text), ViT only; the prediction as TPT's
+# 15 PromptSync* (the paper's faster variant): not built (what it removes is not described)
+# 16 entropy: TPT's marginal entropy in the meta-test objective, weight 1 (--sync-weights)
+# 17 meta-update: the inner step is Adam's first step (lr g / (|g| + eps)) at the outer lr; first
+#    order (g_A at the moved prompts, not through them); weights 1/2, 1/2; AdamW with PromptAlign's
+#    lr and wd 0.01, reset per image; n = --steps = 1; the moved prompts carry over the iterations
 def class_prototypes(features, labels, n_classes):
-    """[PromptSync] the mean of each class's feature vectors: features (N, D), labels (N,) ->
-    (n_classes, D). Raises ValueError if a class has no sample."""
+    """[PromptSync] each class's mean feature: (N, D), (N,) -> (n_classes, D)."""
     counts = torch.bincount(labels, minlength=n_classes)  # (n_classes,)
     if (counts == 0).any():
         raise ValueError(f"classes {(counts == 0).nonzero().flatten().tolist()} have no sample")
@@ -316,61 +318,47 @@ def class_prototypes(features, labels, n_classes):
 
 
 def discrimination_loss(views, prototypes, class_views, weights, tau, groups=None):
-    """[PromptSync L_D] sum_k weights[k] (-log(L_pos(k) / L_neg(k))).
-
-    views (V, D): the views given to every class k (at test time, the image's kept views);
-    prototypes (C, D); class_views (C, S, D): S views of each class; weights (C,); tau: the
-    temperature; groups (C,): classes of one group are not each other's negatives (default: every
-    class its own). Cosine similarities; the sums of exponentials are taken as logsumexp.
-    """
+    """[PromptSync L_D] sum_k weights[k] (-log(L_pos(k) / L_neg(k))), cosine similarities / tau.
+    views (V, D): every class k's (the image's kept views); prototypes (C, D); class_views
+    (C, S, D); groups (C,): classes of one group are not each other's negatives."""
     v, p, u = (F.normalize(t.float(), dim=-1) for t in (views, prototypes, class_views))
     C = p.shape[0]
     groups = torch.arange(C, device=p.device) if groups is None else groups
     neg = lambda s: s.masked_fill(groups[:, None] == groups[None, :], float("-inf"))  # j != k
     vp = v @ p.t() / tau  # (V, C)
-    # the paper leaves L_pos's weights open; we take a plain mean over the views (uniform weights)
-    # because the confidence selection already chose them
     log_views = vp.logsumexp(dim=0) - math.log(v.shape[0])  # log mean_i exp(s(v_i, p_j)): (C,)
     log_pos = log_views  # [PromptSync L_pos(k)] the views vs their own prototype: (C,)
     part1 = neg(p @ p.t() / tau)  # (1) prototype k vs the other prototypes j: (C, C)
     part2 = neg(log_views[None].expand(C, -1))  # (2) the views vs the other prototypes: (C, C)
     pu = torch.einsum("kd,jsd->kjs", p, u) / tau  # (C, C, S)
     part3 = neg(pu.logsumexp(dim=-1) - math.log(u.shape[1]))  # (3) k vs the other classes' views
-    # the paper leaves open whether L_neg holds the positive; we leave it out, as the ratio reads
     log_neg = torch.cat([part1, part2, part3], dim=1).logsumexp(dim=1)  # log L_neg(k): (C,)
     terms = torch.where(weights > 0, log_neg - log_pos, torch.zeros_like(log_pos))  # no 0 * inf
-    return (weights * terms).sum()  # [PromptSync L_D] = -log(L_pos / L_neg), over the classes
+    return (weights * terms).sum()
 
 
 def prototype_alignment(test, prototypes, weights):
-    """[PromptSync L_A] sum_c weights[c] (log(1 + mean((x_c - p_c)^2)) + log(2 - cos(x_c, p_c))).
-
-    test: (D,) the test sample's prototype, or (C, D) one per class; prototypes (C, D); weights
-    (C,): p^. Zero when the test prototype equals every weighted class prototype.
-    """
+    """[PromptSync L_A] sum_c weights[c] (log(1 + mse(x, p_c)) + log(2 - cos(x, p_c))), x: (D,)
+    or one per class (C, D); log(1 + d), not log d, which has no minimum (open point 7)."""
     x = test.float().expand_as(prototypes)  # (C, D)
-    # the paper leaves the distances and the log open; we take MSE (its own word) and 1 - cos, each
-    # through log(1 + d), because log d has no minimum (-inf at d = 0)
     amplitude = (x - prototypes.float()).square().mean(dim=-1)  # (C,)
     angular = 1 - F.cosine_similarity(x, prototypes.float(), dim=-1)  # (C,)
     return (weights * (torch.log1p(amplitude) + torch.log1p(angular))).sum()
 
 
 def vision_vectors(model, images):
-    """-> h_CLS^v (B, D), the image feature before normalisation, and h^v (B, D)."""
+    """-> h^v_CLS (B, D), the image feature before normalisation, and h^v (B, D): the mean token
+    output through ln_post and proj (CLIP's head for the class token), where h^v_CLS lives."""
     last, v = [], model.clip.visual
     cls = encode_image(v, images, model.prompts.vision_prompts(), last=last)  # (B, D)
-    # the paper leaves the combination of the P token outputs open; we take their mean after
-    # ln_post and proj (CLIP's own head for the class token), so h^v lives where h_CLS^v does
     tokens = v.ln_post(last[0][1:].permute(1, 0, 2)) @ v.proj  # patches and prompts: (B, P, D)
     return cls.float(), tokens.float().mean(dim=1)
 
 
 @torch.no_grad()
 def source_prototypes(model, items, classnames, views, seed, device, precision, n_views=8):
-    """[PromptSync] the class prototypes of the labelled source images (path, label) and their
-    views, with the learned prompts: h_CLS^v, h^v, h^t (C, D) each, and n_views stored view
-    features per class (C, S, D) for L_D's third negative part."""
+    """[PromptSync] the labelled source images' class prototypes with the learned prompts:
+    h^v_CLS, h^v, h^t (C, D), and n_views stored view features per class (C, S, D)."""
     cls, tokens, labels, view = [], [], [], []  # view: each feature's view index (0: original)
     for x, y, _ in ViewDataset([(i, *item) for i, item in enumerate(items)], views, seed):
         with autocast(device, precision):
@@ -380,29 +368,23 @@ def source_prototypes(model, items, classnames, views, seed, device, precision, 
     cls, tokens, labels = torch.cat(cls), torch.cat(tokens), torch.tensor(labels, device=device)
     C = len(classnames)
     S = min(n_views, int(torch.bincount(labels, minlength=C).min()))
-    # the S stored views of a class come from as many of its images as S allows: every image's
-    # first crop, then every image's second crop, ..., the originals (view 0) last
+    # a class's S stored views come from as many of its images as S allows: every image's first
+    # crop, then every image's second crop, ..., the originals (view 0) last
     key = [(v == 0, v) for v in view]
     spread = torch.tensor(sorted(range(len(view)), key=key.__getitem__), device=device)
     cls_s, labels_s = cls[spread], labels[spread]
     stored = torch.stack([F.normalize(cls_s[labels_s == c][:S], dim=-1) for c in range(C)])
     model.prompts.set_classnames(model.clip, classnames)
-    # the paper leaves the text "samples" open; we take each class's prompt (one text, no WordNet)
-    return dict(
-        proto_classnames=list(classnames),
-        proto_cls=class_prototypes(cls, labels, C).cpu(),
-        proto_tokens=class_prototypes(tokens, labels, C).cpu(),
-        proto_text=model.text_features().float().cpu(),
-        proto_views=stored.cpu(),  # (C, S, D)
-    )
+    return dict(proto_classnames=list(classnames), proto_cls=class_prototypes(cls, labels, C).cpu(),
+                proto_tokens=class_prototypes(tokens, labels, C).cpu(),
+                proto_text=model.text_features().float().cpu(),  # h^t: EOT features (2, 10)
+                proto_views=stored.cpu())  # fmt: skip
 
 
 def match_prototypes(model, ckpt, classnames, device):
-    """The source prototypes of a test set's classes: by name, else (the paper leaves classes
-    without a source prototype open) those of the source class whose text prototype is nearest
-    to the class's text feature with the loaded prompts, because that is what CLIP would confuse
-    it with. A class's text prototype is its text feature with the loaded prompts: for a source
-    class, what the source stage stored (the same prompts and name; equal up to rounding)."""
+    """The source prototypes of a test set's classes, by name, else (open point 9) those of the
+    source class whose text prototype is nearest to the class's text feature with the loaded
+    prompts (what CLIP would confuse it with); the text prototypes are those text features."""
     with torch.no_grad():
         text = model.text_features()  # (C, D) the loaded prompts
     names, source = list(ckpt["proto_classnames"]), ckpt["proto_text"].to(device)
@@ -413,77 +395,126 @@ def match_prototypes(model, ckpt, classnames, device):
     return dict(protos, text=text, groups=index)
 
 
-# The test-time views: TPT's AugMixAugmenter (the original first, then random crops + flips, with
-# AugMix on top for the fine-grained sets); PromptAlign never uses AugMix.
-AUGMIX_OPS = (
-    "autocontrast equalize posterize rotate solarize shear_x shear_y translate_x translate_y"
-)
+def sync_terms(model, views, sync, rho=0.1, precision="fp32"):
+    """[PromptSync] at the prompts' current values, for views (N, 3, H, W): the confident views F
+    and p^ (detached), then F in the graph -> (L_ent, L_A, L_D, the views' logits). One text pass
+    serves both: the selection takes its features detached."""
+    with autocast(views.device, precision):
+        text = model.text_features()  # (C, D)
+    with torch.no_grad(), autocast(views.device, precision):
+        logits = model.logits(model.image_features(views), text.detach())  # (N, C)
+    kept = select_confident(logits, rho)  # open point 8
+    p_hat = logits[kept].float().softmax(dim=-1).mean(dim=0)  # [PromptSync] p^ over F: (C,)
+    with autocast(views.device, precision):
+        cls, tokens = vision_vectors(model, views[kept])  # (k, D) each
+        entropy = marginal_entropy(model.logits(F.normalize(cls, dim=-1), text))  # [TPT Eq. 4-6]
+    pairs = [(cls.mean(dim=0), sync["cls"]), (tokens.mean(dim=0), sync["tokens"])]
+    align = sum(prototype_alignment(x, p, p_hat) for x, p in pairs + [(text, sync["text"])])
+    tau, groups, stored = 1 / model.clip.logit_scale.exp().item(), sync["groups"], sync["views"]
+    text_part = discrimination_loss(cls, text, stored, p_hat, tau, groups)  # [PromptSync L_D]
+    discrimination = text_part + discrimination_loss(cls, sync["cls"], stored, p_hat, tau, groups)
+    return entropy, align, discrimination, logits
 
 
-def augmix_op(image, op):
-    """One AugMix operation at severity 1 (magnitude level/10, level ~ U(0.1, 1)); translations
-    are relative to the image side (AugMix's code: 224/3 pixels at full level)."""
-    v, s = np.random.uniform(0.1, 1.0) / 10, 1 if np.random.uniform() < 0.5 else -1
-    affine = lambda c: image.transform(image.size, Image.AFFINE, c, resample=Image.BILINEAR)
-    if op in ("autocontrast", "equalize"):
-        return getattr(ImageOps, op)(image)
-    if op == "posterize":
-        return ImageOps.posterize(image, 4 - int(v * 4))
-    if op == "rotate":
-        return image.rotate(s * int(v * 30), resample=Image.BILINEAR)
-    if op == "solarize":
-        return ImageOps.solarize(image, 256 - int(v * 256))
-    if op.startswith("shear"):
-        return affine(
-            (1, s * v * 0.3, 0, 0, 1, 0) if op == "shear_x" else (1, 0, 0, s * v * 0.3, 1, 0)
-        )
-    t = s * int(v * image.size[0] / 3)
-    return affine((1, 0, t, 0, 1, 0) if op == "translate_x" else (1, 0, 0, 0, 1, t))
+def gradients(loss, params, scale=1.0):
+    """d loss / d params in fp32 (zeros for a loss None, of weight 0); the loss is multiplied by
+    `scale` (fp16's range, as a loss scaler does) and the gradients divided by it."""
+    if loss is None:
+        return [torch.zeros_like(p) for p in params]
+    grads = torch.autograd.grad(loss * scale, params, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g.float() / scale for p, g in zip(params, grads)]
+
+
+def meta_train_step(params, grads, lr, eps=1e-8):
+    """[PromptSync meta-train] the temporary prompts (new tensors). Open point 17: Adam's first
+    step lr g / (|g| + eps), scale-free like the outer AdamW's first step."""
+    return [p.detach() - lr * g / (g.abs() + eps) for p, g in zip(params, grads)]
+
+
+def meta_update(params, optimizer, losses, lr, steps=1, scale=1.0):
+    """[PromptSync] n iterations of meta-train (g_D at the current prompts, a step to temporary
+    prompts) and meta-test (g_A there); sum (g_D + g_A) / 2 over them, apply it once to the params
+    as they were. losses: -> (meta-train loss, meta-test loss) at the params' current values.
+    -> False, and no step, when a gradient is not finite (an fp16 overflow), as a scaler does."""
+    start, total = [p.detach().clone() for p in params], [torch.zeros_like(p) for p in params]
+    for _ in range(steps):
+        g_train = gradients(losses()[0], params, scale)  # meta-train at the current prompts
+        with torch.no_grad():  # open point 17: the moved prompts carry over to the next iteration
+            for p, t in zip(params, meta_train_step(params, g_train, lr)):
+                p.copy_(t)
+        g_test = gradients(losses()[1], params, scale)  # meta-test at the moved prompts
+        total = [s + (a + b) / 2 for s, a, b in zip(total, g_train, g_test)]
+    with torch.no_grad():
+        for p, s in zip(params, start):
+            p.copy_(s)
+    if not all(torch.isfinite(g).all() for g in total):
+        return False
+    for p, g in zip(params, total):
+        p.grad = g
+    optimizer.step()  # [PromptSync] one update with the accumulated gradients
+    return True
+
+
+# The test-time views: TPT's (the original first, then random crops + flips, and on the
+# fine-grained sets AugMix, Hendrycks et al., arXiv 1912.02781: a random mix of chains of simple
+# image operations); PromptAlign never uses AugMix.
+AUGMIX_OPS = ("autocontrast", "equalize", "posterize", "rotate", "solarize", "shear_x", "shear_y",
+              "translate_x", "translate_y")  # fmt: skip
+
+
+def augmix_chain(image):
+    """[AugMix] 1-3 random operations in a row, at severity 1 (magnitude level/10, level ~
+    U(0.1, 1)); shifts relative to the image side (AugMix's code: 224/3 pixels at full level)."""
+    for _ in range(np.random.randint(1, 4)):
+        op, v = np.random.choice(AUGMIX_OPS), np.random.uniform(0.1, 1.0) / 10
+        s = 1 if np.random.uniform() < 0.5 else -1
+        affine = lambda c: image.transform(image.size, Image.AFFINE, c, resample=Image.BILINEAR)
+        shear, t = s * v * 0.3, s * int(v * image.size[0] / 3)
+        image = {"autocontrast": lambda: ImageOps.autocontrast(image),
+                 "equalize": lambda: ImageOps.equalize(image),
+                 "posterize": lambda: ImageOps.posterize(image, 4 - int(v * 4)),
+                 "rotate": lambda: image.rotate(s * int(v * 30), resample=Image.BILINEAR),
+                 "solarize": lambda: ImageOps.solarize(image, 256 - int(v * 256)),
+                 "shear_x": lambda: affine((1, shear, 0, 0, 1, 0)),
+                 "shear_y": lambda: affine((1, 0, 0, shear, 1, 0)),
+                 "translate_x": lambda: affine((1, 0, t, 0, 1, 0)),
+                 "translate_y": lambda: affine((1, 0, 0, 0, 1, t))}[op]()  # fmt: skip
+    return image
 
 
 class Views:
     """image -> (N, 3, n_px, n_px): the original (CLIP's preprocess) and N-1 augmented views."""
 
     def __init__(self, n_px, n_views=64, augmix=False, crop_scale=0.08, corrupt=False):
-        import torchvision.transforms as T
-
         self.original, self.n_views, self.augmix = test_transform(n_px), n_views, augmix
-        # the paper leaves its "background substitution and corruptions" open; we use torchvision's
-        # colour jitter, grayscale and Gaussian blur on the crop, then random erasing with noise (a
-        # stand-in for background substitution, which needs a segmentation model we do not have)
+        # torchvision's defaults, as TPT: ratio 3/4-4/3, bilinear (not the training's bicubic);
+        # open point 12: then colour jitter, grayscale and blur, and random erasing with noise (a
+        # stand-in for background substitution, which needs a segmentation model)
         jitter = T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.5)
         blur = T.RandomApply([T.GaussianBlur(3, (0.1, 1.5))], p=0.3)
-        self.corrupt = T.Compose([jitter, T.RandomGrayscale(0.2), blur]) if corrupt else None
-        self.erase = T.RandomErasing(p=0.5, scale=(0.02, 0.25), value="random")
-        # torchvision's defaults, as TPT: ratio 3/4-4/3, bilinear (not the training's bicubic)
-        self.crop = T.Compose(
-            [T.RandomResizedCrop(n_px, scale=(crop_scale, 1)), T.RandomHorizontalFlip()]
-        )
+        crop = [T.RandomResizedCrop(n_px, scale=(crop_scale, 1)), T.RandomHorizontalFlip()]
+        self.crop = T.Compose(crop + ([jitter, T.RandomGrayscale(0.2), blur] if corrupt else []))
         self.tensor = T.Compose([T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
+        erase = T.RandomErasing(p=0.5, scale=(0.02, 0.25), value="random")
+        self.view = T.Compose([self.tensor] + ([erase] if corrupt else []))  # (3, n_px, n_px)
 
     def __call__(self, image):
         views = [self.original(image)]
         for _ in range(self.n_views - 1):
             crop = self.crop(image)
-            crop = self.corrupt(crop) if self.corrupt else crop  # [PromptSync] corruptions
-            x = self.tensor(crop)
-            x = self.erase(x) if self.corrupt else x  # (3, n_px, n_px)
+            x = self.view(crop)
             if self.augmix:  # [AugMix] on normalised tensors: m x + (1-m) sum_i w_i chain_i(x)
                 w, m = np.random.dirichlet([1.0] * 3), np.random.beta(1.0, 1.0)
-                chains = []
-                for _ in range(3):
-                    aug = crop
-                    for _ in range(np.random.randint(1, 4)):
-                        aug = augmix_op(aug, np.random.choice(AUGMIX_OPS.split()))
-                    chains.append(self.tensor(aug))
+                chains = [self.tensor(augmix_chain(crop)) for _ in range(3)]
                 x = m * x + (1 - m) * sum(wi * c for wi, c in zip(w.tolist(), chains))
             views.append(x)
         return torch.stack(views)  # (N, 3, n_px, n_px)
 
 
 class ViewDataset(torch.utils.data.Dataset):
-    """(index, path, label) items -> (views, label, index); the random views of image i depend on
-    (seed, i) only, so shards, workers and restarts all see the same views."""
+    """(index, path, label) items -> (views, label, index). Image i's views depend on (seed, i)
+    only: shards, workers and restarts see the same. The global seed, not adapter.py's
+    torch.random.fork_rng: AugMix draws from numpy's generator too."""
 
     def __init__(self, items, views, seed):
         self.items, self.views, self.seed = items, views, seed
@@ -497,13 +528,11 @@ class ViewDataset(torch.utils.data.Dataset):
         return self.views(Image.open(path).convert("RGB")), label, i
 
 
-# ------------------------------------------------------------------------------------------------
-# One test-time step, and the per-image procedure (reset, select, step, predict)
-# ------------------------------------------------------------------------------------------------
+# One step, and the per-image procedures (select, step, predict), after a reset of the prompts
 def train_step(model, optimizer, scaler, views, precision="fp32", features=None, align=None):
-    """One update on the confident views (k, 3, H, W), or with text-only prompts on their frozen
-    features (k, D). align: PromptAlign's (layers, source means, source variances, weight), the
-    source statistics of those layers, (T, W) each. -> the loss."""
+    """One TPT or PromptAlign update on the confident views (k, 3, H, W) or, with text-only
+    prompts, their frozen features (k, D). align: PromptAlign's (layers, source means, source
+    variances, weight), (T, W) each. -> the loss."""
     tokens = [] if align else None
     with autocast(views.device, precision):
         if features is None:  # the vision prompts are learned: the vision tower is in the graph
@@ -516,185 +545,96 @@ def train_step(model, optimizer, scaler, views, precision="fp32", features=None,
         means, variances = [t.mean(dim=1) for t in x], [t.var(dim=1, unbiased=False) for t in x]
         loss = loss + weight * token_alignment(means, variances, source_means, source_variances)
     optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()  # a no-op scale unless --precision amp on CUDA
+    scaler.scale(loss).backward()  # a no-op scale unless fp16 on CUDA
     scaler.step(optimizer)  # AdamW on the fp32 prompts; a step that overflows is skipped
     scaler.update()
     return loss.item()
 
 
+def source_step(model, optimizer, scaler, images, labels, precision="fp32"):
+    """[MaPLe] one SGD step of cross-entropy on labelled images, both towers in the graph."""
+    with autocast(images.device, precision):
+        logits = model(images)  # (B, C)
+    loss = F.cross_entropy(logits.float(), labels)  # in fp32 (autocast's logits are fp16)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss.item()
+
+
 def adapt(model, views, optimizer, scaler, steps=1, rho=0.1, precision="fp32", align=None):
-    """TPT's procedure for one image, views (N, 3, H, W) with views[0] the original image, after
-    the prompts and the optimizer were reset. -> (prediction before tuning, after tuning)."""
+    """TPT's procedure for one image, views (N, 3, H, W), views[0] the original, after a reset of
+    the prompts and optimizer. -> (prediction before tuning, after, steps skipped on overflow)."""
     frozen = model.prompts.depth == 0  # text-only prompts: the views' features never change
     with torch.no_grad(), autocast(views.device, precision):
         features = model.image_features(views)  # (N, D), every view in one batch
         logits = model.logits(features)  # (N, C)
-    before = int(logits[0].argmax())
+    before, skipped = int(logits[0].argmax()), 0
     selected = select_confident(logits, rho)  # [TPT Eq. 4-6] chosen once, before the first step
     for _ in range(steps):  # the loss needs only the kept views: only they are recomputed
-        kept = features[selected] if frozen else None
+        kept, scale = features[selected] if frozen else None, scaler.get_scale()
         train_step(model, optimizer, scaler, views[selected], precision, kept, align)
+        skipped += scaler.get_scale() < scale  # the scaler backs off after a skipped step
     if steps == 0:
-        return before, before
+        return before, before, 0
     with torch.no_grad(), autocast(views.device, precision):  # the original view, tuned prompts
         original = features[:1] if frozen else model.image_features(views[:1])
-        return before, int(model.logits(original)[0].argmax())
+        return before, int(model.logits(original)[0].argmax()), skipped
 
 
-def sync_terms(model, views, sync, rho=0.1, precision="fp32"):
-    """[PromptSync] the losses at the prompts' current values, for views (N, 3, H, W): the
-    confident views F and p^ (detached), then F in the graph -> (L_ent, L_A, L_D, the views'
-    logits). The text tower runs once, in the graph; the selection pass takes its features detached
-    (the same values as a pass of its own: exact, tested)."""
-    with autocast(views.device, precision):
-        text = model.text_features()  # (C, D)
-    with torch.no_grad(), autocast(views.device, precision):
-        logits = model.logits(model.image_features(views), text.detach())  # (N, C)
-    # the paper leaves the confidence threshold open; we keep TPT's rho lowest-entropy views, the
-    # original among them if it qualifies, recomputed at every point, because TPT found 10 % best
-    kept = select_confident(logits, rho)
-    p_hat = logits[kept].float().softmax(dim=-1).mean(dim=0)  # [PromptSync] p^ over F: (C,)
-    with autocast(views.device, precision):
-        cls, tokens = vision_vectors(model, views[kept])  # (k, D) each
-        entropy = marginal_entropy(model.logits(F.normalize(cls, dim=-1), text))  # [TPT Eq. 4-6]
-    pairs = [(cls.mean(dim=0), sync["cls"]), (tokens.mean(dim=0), sync["tokens"])]
-    align = sum(prototype_alignment(x, p, p_hat) for x, p in pairs + [(text, sync["text"])])
-    # the paper leaves the similarity and temperature open; we take cosine / CLIP's own 1/100
-    tau, groups, stored = 1 / model.clip.logit_scale.exp().item(), sync["groups"], sync["views"]
-    discrimination = discrimination_loss(cls, text, stored, p_hat, tau, groups)  # text part
-    discrimination = discrimination + discrimination_loss(
-        cls, sync["cls"], stored, p_hat, tau, groups
-    )
-    return entropy, align, discrimination, logits
-
-
-def gradients(loss, params, keep=False):
-    """d loss / d params (fp32); keep: keep the graph for a second backward pass through it."""
-    for p in params:  # backward, not autograd.grad: bench.py's FLOP counter supports only it
-        p.grad = None
-    loss.backward(retain_graph=keep)
-    grads = [torch.zeros_like(p) if p.grad is None else p.grad.float() for p in params]
-    for p in params:
-        p.grad = None
-    return grads
-
-
-def meta_train_step(params, grads, lr, eps=1e-8):
-    """[PromptSync meta-train] the temporary prompts, new tensors (the params are not touched).
-    The paper leaves the inner step open; we take Adam's first step, lr g / (|g| + eps), because
-    the outer AdamW's first step is the same and it is scale-free like it."""
-    return [p.detach() - lr * g / (g.abs() + eps) for p, g in zip(params, grads)]
-
-
-def meta_update(params, optimizer, losses, lr, steps=1):
-    """[PromptSync] n iterations of meta-train (g_D = grad of the train loss at the current point,
-    a step to temporary prompts) and meta-test (g_A = grad of the test loss there); the averages
-    (g_D + g_A) / 2 summed over the iterations and applied once by `optimizer` to the params as
-    they were. losses: a closure -> (train loss, test loss) at the params' current values, None for
-    a loss of weight 0 (its gradient is 0: no backward pass is spent on it). The meta-test point of
-    one iteration is the meta-train point of the next: each point's losses are computed once."""
-    start = [p.detach().clone() for p in params]
-    total, zero = [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params]
-    train, test = losses()  # at the prompts as they are
-    tested = test is not None
-    for i in range(steps):
-        g_train = zero if train is None else gradients(train, params)
-        # A step to the temporary prompts, and their losses, unless nothing needs them: with
-        # g_D = 0 they are the prompts themselves; without a test loss the last step is not used.
-        # The paper leaves the meta-gradient's order open; we take it first-order (at the moved
-        # prompts, not through them): second order would backpropagate twice through the towers.
-        if train is not None and (tested or i + 1 < steps):
-            with torch.no_grad():
-                for p, t in zip(params, meta_train_step(params, g_train, lr)):
-                    p.copy_(t)
-            train, test = losses()
-        # the graph of the test loss is kept for the next iteration's train loss (the same point);
-        # with g_D = 0 the point never moves: every iteration has the first one's g_A
-        if test is None:
-            g_test = zero
-        elif train is not None or i == 0:
-            g_test = gradients(test, params, keep=train is not None and i + 1 < steps)
-        # the paper leaves the average's weights open; we take 1/2 each; the moved prompts carry
-        # over to the next iteration (else the n iterations would compute the same gradients)
-        total = [s + (a + b) / 2 for s, a, b in zip(total, g_train, g_test)]
-    with torch.no_grad():
-        for p, s, g in zip(params, start, total):
-            p.copy_(s)
-            p.grad = g
-    optimizer.step()  # [PromptSync] one update with the accumulated gradients
-
-
-def adapt_sync(model, views, optimizer, sync, steps=1, rho=0.1, precision="fp32"):
-    """PromptSync's procedure for one image (views[0] the original), after the prompts and the
-    optimizer were reset. -> (prediction before tuning, after tuning). The prediction before
-    tuning is the original view's row of a pass over all the views, as in TPT's `adapt`."""
-    w_ent, w_align, w_disc = sync["weights"]  # the Table 5 ablation: a part off = weight 0
+def adapt_sync(model, views, optimizer, sync, steps=1, rho=0.1, precision="fp32", scaler=None):
+    """PromptSync's procedure for one image, as adapt; scaler's scale multiplies the losses."""
+    w_ent, w_align, w_disc = sync["weights"]  # PromptSync's Table 5 ablation: a loss off = 0
     if not steps or not any(sync["weights"]):  # nothing to optimise: no step (no AdamW decay)
         with torch.no_grad(), autocast(views.device, precision):
             before = int(model(views)[0].argmax())
-        return before, before
-    params = [p for p in model.prompts.parameters() if p.requires_grad]
-    start = {}  # the prediction before tuning: the first point's selection pass (loaded prompts)
+        return before, before, 0
+    params, start = [p for p in model.prompts.parameters() if p.requires_grad], {}
 
     def losses():  # at the prompts' current values -> (meta-train's, meta-test's), None: weight 0
         entropy, align, discrimination, logits = sync_terms(model, views, sync, rho, precision)
-        if "before" not in start:
-            start["before"] = int(logits[0].argmax())
+        start.setdefault("before", int(logits[0].argmax()))  # the first point: the loaded prompts
         train = w_disc * discrimination if w_disc else None  # meta-train: L_D
-        # the paper leaves the entropy term's place open; we put it in the meta-test objective,
-        # where p^ is computed, weight 1 (TPT's loss as is)
-        test = w_ent * entropy + w_align * align if w_ent or w_align else None  # meta-test
+        test = w_ent * entropy + w_align * align if w_ent or w_align else None  # meta-test (16)
         return train, test
 
-    meta_update(params, optimizer, losses, optimizer.param_groups[0]["lr"], steps)
+    lr, scale = optimizer.param_groups[0]["lr"], scaler.get_scale() if scaler else 1.0
+    stepped = meta_update(params, optimizer, losses, lr, steps, scale)
     with torch.no_grad(), autocast(views.device, precision):  # the original view, tuned prompts
-        return start["before"], int(model(views[:1])[0].argmax())
+        return start["before"], int(model(views[:1])[0].argmax()), int(not stepped)
 
 
-# ------------------------------------------------------------------------------------------------
-# main: the source stage (MaPLe's prompts and the token statistics), the test stage, --merge
-# ------------------------------------------------------------------------------------------------
-def source_stage(args, model, data, test_sets, config, run_dir, device, precision):
-    """[MaPLe] learn the prompts on the labelled source shots (both towers in the graph), then
-    record the token statistics PromptAlign aligns to. -> (zero-shot, prompts' accuracy)."""
+# main: the source stage (MaPLe's prompts, what PromptAlign and PromptSync align to), test stage
+def source_stage(args, model, data, test_sets, config, run_dir, device):
+    """[MaPLe] learn the prompts on the labelled source shots, then record what PromptAlign and
+    PromptSync align to. -> (zero-shot accuracy, the prompts' accuracy) per test set."""
     learned = [p for p in model.parameters() if p.requires_grad]
-    n_px = model.clip.visual.input_resolution
-    wd = 5e-4 if args.weight_decay is None else args.weight_decay
-    optimizer = torch.optim.SGD(learned, args.lr, args.momentum, weight_decay=wd)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "amp" and device.type == "cuda")
+    n_px, precision = model.clip.visual.input_resolution, args.precision
+    optimizer = torch.optim.SGD(learned, args.lr, 0.9, weight_decay=args.weight_decay)  # MaPLe's
+    fp16 = precision != "fp32" and device.type == "cuda"  # a loss scaler for fp16's range
+    scaler = torch.amp.GradScaler(device.type, enabled=fp16)
     transform = train_transform(n_px, args.crop_scale)
     loader = make_loader(data["train"], transform, args.batch_size, args.workers, device, True)
     for epoch in range(0 if args.eval_only else args.epochs):
-        lr = lr_at_epoch(epoch, args.lr, args.epochs, args.warmup_lr)
+        lr = lr_at_epoch(epoch, args.lr, args.epochs)  # MaPLe's: a warm-up epoch at 1e-5, cosine
         for group in optimizer.param_groups:
             group["lr"] = lr
         t0, losses, n = time.time(), [], 0
         peak_mib(device, reset=True)
         for images, labels in loader:
-            with autocast(device, precision):
-                logits = model(images.to(device))  # (B, C)
-            loss = F.cross_entropy(logits, labels.to(device))
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            losses, n = losses + [loss.item()], n + len(labels)
+            images, labels = images.to(device), labels.to(device)
+            losses.append(source_step(model, optimizer, scaler, images, labels, precision))
+            n += len(labels)
         log_epoch(run_dir, device, epoch + 1, args.epochs, time.time() - t0, n, lr=lr, loss=losses)
     # [PromptAlign] the statistics, with the learned prompts, over the whole train split (not only
-    # the shots; CLIP's preprocess), saved with the prompts
+    # the shots; CLIP's preprocess); [PromptSync] the class prototypes (open point 4)
     every = load_dataset(args.data, args.split_file, args.classnames)["train"]
-    stats = token_statistics(
-        model,
-        make_loader(every, test_transform(n_px), 100, args.workers, device),
-        device,
-        precision,
-    )
-    ckpt = dict(config=config, state=learned_state(model), means=stats[0], variances=stats[1])
-    # [PromptSync] the class prototypes: the paper leaves the proxy sampling open; we take the
-    # source shots and --proto-views views of each (the original + crops/flips), as it trains on
-    views = Views(n_px, args.proto_views, crop_scale=args.crop_scale)
-    args_ = (data["train"], data["classnames"], views, args.seed, device, precision)
-    ckpt.update(source_prototypes(model, *args_))
+    loader = make_loader(every, test_transform(n_px), 100, args.workers, device)
+    means, variances = token_statistics(model, loader, device, precision)
+    ckpt = dict(config=config, state=learned_state(model), means=means, variances=variances)
+    views, names = Views(n_px, 4, crop_scale=args.crop_scale), data["classnames"]
+    ckpt.update(source_prototypes(model, data["train"], names, views, args.seed, device, precision))
     save(os.path.join(run_dir, "checkpoint.pt"), ckpt)
     zero_shot, acc = {}, {}
     for name, (items, classnames) in test_sets.items():  # zero-shot CLIP vs the learned prompts
@@ -709,24 +649,26 @@ def source_stage(args, model, data, test_sets, config, run_dir, device, precisio
     return zero_shot, acc
 
 
-def test_stage(args, model, align, test_sets, run_dir, device, precision, sync=None):
-    """[TPT] every test image on its own: reset, views, one step, predict; one line per image in
-    predictions.jsonl. -> (accuracy before tuning, after) of the images this run's folder holds."""
+def test_stage(args, model, ckpt, test_sets, run_dir, device):
+    """[TPT] every test image on its own: reset, views, a step, predict; one line per image in
+    predictions.jsonl, which --resume continues. -> summary() of the run folder's images."""
     learned = [p for p in model.parameters() if p.requires_grad]
-    n_px = model.clip.visual.input_resolution
-    wd = 0.01 if args.weight_decay is None else args.weight_decay
-    optimizer = torch.optim.AdamW(learned, args.lr, weight_decay=wd)
+    optimizer = torch.optim.AdamW(learned, args.lr, weight_decay=args.weight_decay)
     initial = copy.deepcopy((model.prompts.state_dict(), optimizer.state_dict()))
-    steps, amp = 0 if args.eval_only else args.steps, precision == "amp" and device.type == "cuda"
-    corrupt = args.loss == "sync" if args.corrupt is None else bool(args.corrupt)
-    views = Views(n_px, 1 if args.eval_only else args.views, args.augmix, args.crop_scale, corrupt)
+    align = alignment_targets(args, ckpt, model) if args.loss == "align" else None
+    run = (0 if args.eval_only else args.steps, args.rho, args.precision)  # steps, rho, precision
+    fp16 = args.precision != "fp32" and device.type == "cuda"
+    n_px, n_views = model.clip.visual.input_resolution, 1 if args.eval_only else args.views
+    views = Views(n_px, n_views, args.augmix, args.crop_scale, args.corrupt)
     path, (K, N) = os.path.join(run_dir, "predictions.jsonl"), map(int, args.shard.split("/"))
     done = read_predictions([run_dir]) if args.resume else {}
     save(path, "".join(json.dumps(r) + "\n" for r in done.values()))  # drops a line cut short
+    watch_preemption()
     for name, (items, classnames) in test_sets.items():
         model.prompts.set_classnames(model.clip, classnames)
         model.prompts.load_state_dict(initial[0])
-        per_set = sync and dict(match_prototypes(model, sync, classnames, device), **sync)
+        sync = args.loss == "sync" and match_prototypes(model, ckpt, classnames, device)
+        sync = sync and dict(sync, weights=[float(w) for w in args.sync_weights.split(",")])
         todo = [(i, *item) for i, item in enumerate(items) if i % N == K and (name, i) not in done]
         dataset = ViewDataset(todo, views, args.seed)  # one image's views per item, from workers
         loader = torch.utils.data.DataLoader(dataset, None, num_workers=args.workers)
@@ -736,27 +678,43 @@ def test_stage(args, model, align, test_sets, run_dir, device, precision, sync=N
             for images, label, i in tqdm(loader, name, mininterval=10):
                 model.prompts.load_state_dict(initial[0])  # [TPT] episodic: reset the prompts
                 optimizer.load_state_dict(initial[1])  # ... and AdamW's state
-                scaler = torch.amp.GradScaler(device.type, init_scale=1000, enabled=amp)
-                x, rho = images.to(device), args.rho
+                # TPT's loss scaler, new per image: an fp16 overflow skips the image's step
+                scaler = torch.amp.GradScaler(device.type, init_scale=1000, enabled=fp16)
+                x = images.to(device)
                 if sync:
-                    before, after = adapt_sync(model, x, optimizer, per_set, steps, rho, precision)
+                    before, after, skip = adapt_sync(model, x, optimizer, sync, *run, scaler)
                 else:
-                    before, after = adapt(model, x, optimizer, scaler, steps, rho, precision, align)
+                    before, after, skip = adapt(model, x, optimizer, scaler, *run, align)
                 r = dict(set=name, index=i, label=label, before=before, after=after, n=len(items))
-                f.write(json.dumps(r) + "\n")
+                f.write(json.dumps(dict(r, skipped=skip)) + "\n")
                 f.flush()  # a killed run keeps every image it finished (--resume)
+                if PREEMPTED:
+                    raise SystemExit(f"stopped by SIGUSR1 after image {i} of {name}; the same "
+                                     f"command with --resume continues {path}")  # fmt: skip
         t = time.time() - t0
         record = dict(set=name, images=len(todo), seconds=round(t, 3), peak_mib=peak_mib(device))
-        with open(os.path.join(run_dir, "log.jsonl"), "a") as f:
+        with open(os.path.join(run_dir, "log.jsonl"), "a") as f:  # the speed of each test set
             f.write(json.dumps(dict(record, images_per_s=round(len(todo) / t, 3))) + "\n")
     return summary(read_predictions([run_dir]))
+
+
+def alignment_targets(args, ckpt, model):
+    """PromptAlign's source statistics of the aligned blocks -> train_step's `align`."""
+    means, v, spec, L = ckpt["means"], model.clip.visual, args.align_layers, len(ckpt["means"])
+    shape = (v.positional_embedding.shape[0] + model.prompts.n_ctx, v.conv1.out_channels)
+    layers = list(range(L)) if spec == "all" else [int(i) for i in spec.split(",") if i.isdigit()]
+    if means.shape[1:] != shape or not layers or max(layers) >= L:
+        fail(f"{args.load}: statistics {tuple(means.shape)} or --align-layers {spec} do not fit "
+             f"this backbone ({L} blocks, {shape} tokens x width); use 0,1 or all")  # fmt: skip
+    device = model.prompts.ctx.device
+    stats = [[ckpt[k][l].to(device) for l in layers] for k in ("means", "variances")]
+    return layers, *stats, args.align_weight
 
 
 def read_predictions(run_dirs):
     """{(test set, image index): record} from the predictions.jsonl of run folders (shards)."""
     records = {}
-    for run_dir in run_dirs:
-        path = os.path.join(run_dir, "predictions.jsonl")
+    for path in [os.path.join(d, "predictions.jsonl") for d in run_dirs]:
         for line in open(path).read().splitlines() if os.path.isfile(path) else []:
             try:
                 r = json.loads(line)
@@ -768,7 +726,7 @@ def read_predictions(run_dirs):
 
 
 def summary(records):
-    """-> {set: accuracy before tuning}, {set: after}, over the records."""
+    """-> {set: accuracy before tuning}, {set: after}, and the steps skipped on fp16 overflows."""
     before, after = {}, {}
     for name in dict.fromkeys(r["set"] for r in records.values()):
         rs = [r for r in records.values() if r["set"] == name]
@@ -776,187 +734,123 @@ def summary(records):
             print(f"note: {name}: {len(rs)} of its {rs[0]['n']} images have a prediction")
         before[name] = 100 * float(np.mean([r["before"] == r["label"] for r in rs]))
         after[name] = 100 * float(np.mean([r["after"] == r["label"] for r in rs]))
-    return before, after
+    return before, after, sum(r.get("skipped", 0) for r in records.values())
 
 
-def merge(run_dirs, out):
-    """The accuracy of a whole test set from the run folders of its shards."""
-    runs = [argparse.Namespace(**json.load(open(os.path.join(d, "args.json")))) for d in run_dirs]
-    keys = ["method", "backbone", "dataset", "seed", "views", "steps", "lr", "rho", "load"]
-    if any(getattr(r, k) != getattr(runs[0], k) for r in runs for k in keys):
-        fail(f"--merge: {run_dirs} are not shards of one run (one of {keys} differs)")
-    run_dir = out or os.path.join(os.path.dirname(os.path.normpath(run_dirs[0])), "merged")
-    os.makedirs(run_dir, exist_ok=True)
-    r = runs[0]
-    return finish_run(
-        run_dir, r, r.method, r.dataset, *summary(read_predictions(run_dirs)), merged=run_dirs
-    )
+def load_test_sets(args):
+    """Only the test images are read and checked (not a large train/ folder next to them)."""
+    data = load_dataset(args.data, args.split_file, args.classnames)
+    test_sets = {"test": (data["test"], data["classnames"])}
+    for root in args.eval_data:
+        name, items, classnames = load_eval_set(root)
+        test_sets[name if name not in test_sets else root] = (items, classnames)
+    for items, _ in test_sets.values():
+        check_images(items, full=False)
+    name = os.path.basename(args.split_file or os.path.normpath(args.data))
+    return name.replace("split_zhou_", "").replace(".json", ""), data, test_sets
 
 
 def main(args):
-    if args.merge:
-        return merge(args.merge, args.out)
-    device = torch.device(args.device)
-    precision = args.precision or ("amp" if device.type == "cuda" else "fp32")
-    source, align = args.stage == "source", args.stage == "test" and args.loss == "align"
-    sync = args.stage == "test" and args.loss == "sync"
+    device, source, loss = torch.device(args.device), args.stage == "source", args.loss
     ckpt = load_checkpoint(args.load) if args.load else {}
-    saved = ckpt.get("config", {})  # the prompts' shape comes from --load unless options say
-    kind = args.prompts or saved.get("method") or ("maple" if source or align or sync else "tpt")
-    n_ctx = 4 if kind == "tpt" else args.n_ctx or saved.get("n_ctx", 2)
-    depth = 0 if kind == "tpt" else saved.get("depth", 3) if args.depth is None else args.depth
-    args.lr = args.lr or (0.0026 if source else 4e-2 if align or sync else 5e-3)
-    K, _, N = args.shard.partition("/")
-    if not (K.isdigit() and N.isdigit() and int(K) < int(N)):
-        fail(f"--shard {args.shard}: expected K/N with 0 <= K < N, e.g. 0/4")
-    if not args.data:
-        fail("--data is required (or --merge DIR... to merge the shards of a test stage)")
-    if align and (depth == 0 or "means" not in ckpt):
-        fail(
-            "--loss align aligns the vision tokens to source statistics: --load the "
-            "checkpoint.pt of a --stage source run (MaPLe prompts)"
-        )
-    if sync and (depth == 0 or "proto_cls" not in ckpt):
-        fail(
-            "--loss sync aligns to source class prototypes: --load the checkpoint.pt of a "
-            "--stage source run (MaPLe prompts; rerun it if it predates PromptSync)"
-        )
-    try:
-        sync_weights = [float(w) for w in args.sync_weights.split(",")]
-    except ValueError:
-        sync_weights = []
-    if len(sync_weights) != 3 or not all(0 <= w < math.inf for w in sync_weights):
-        fail(f"--sync-weights {args.sync_weights}: expected three numbers >= 0, e.g. 0,1,1")
-    if not source and not args.eval_only and int(args.views * args.rho) < 1:
-        fail(f"--views {args.views} with --rho {args.rho} keeps no view; raise one of them")
-    if (args.eval_only and not args.load) or (source and args.resume):
-        fail("--eval-only needs --load; --resume continues a test stage (rerun a source stage)")
-    if source:
-        dataset, data, test_sets = load_task(args, args.shots)
-        if not data["train"] and not args.eval_only:
-            fail(f"{args.data}: the source stage needs a labelled train/ split")
-    else:  # only the test images are read and checked (not a large train/ folder next to them)
-        data = load_dataset(args.data, args.split_file, args.classnames)
-        test_sets = {"test": (data["test"], data["classnames"])}
-        for root in args.eval_data:
-            name, items, classnames = load_eval_set(root)
-            test_sets[name if name not in test_sets else root] = (items, classnames)
-        for items, _ in test_sets.values():
-            check_images(items, full=False)
-        dataset = os.path.basename(args.split_file or os.path.normpath(args.data))
-        dataset = dataset.replace("split_zhou_", "").replace(".json", "")
-    method = "maple" if source else "promptalign" if align else "promptsync" if sync else "tpt"
-    method = "tpt_maple" if method == "tpt" and depth else method
+    need = None if source else dict(align="means", sync="proto_cls").get(loss)
+    if need and (args.depth == 0 or need not in ckpt):
+        fail(f"--loss {loss} aligns to what a source stage records: --load the checkpoint.pt of "
+             "a --stage source run (MaPLe prompts; rerun it if it predates this file)")  # fmt: skip
+    # Data: the labelled source shots, or the test sets
+    dataset, data, test_sets = load_task(args, args.shots) if source else load_test_sets(args)
+    method = "maple" if source else dict(align="promptalign", sync="promptsync").get(loss, "tpt")
+    method += "_maple" if method == "tpt" and args.depth else ""
+    K, N = args.shard.split("/")
     folder = f"{args.shots}shot_seed{args.seed}" if source else f"seed{args.seed}"
     folder += f"_shard{K}of{N}" if int(N) > 1 else ""
     run_dir = args.out or os.path.join("runs", method, dataset, folder)
     seed_everything(args.seed)
 
-    # Frozen CLIP and the prompts
-    clip_model = load_clip(args.backbone, device, precision)
+    # Frozen CLIP and the prompts: every test set's class names must fit, before any work
+    clip_model = load_clip(args.backbone, device, args.precision)
     try:
-        model = PromptedCLIP(clip_model, data["classnames"], n_ctx, depth).to(device)
-        for _, classnames in test_sets.values():  # every test set's prompts fit, before any work
+        model = MultimodalPromptedCLIP(clip_model, data["classnames"], args.n_ctx, args.depth)
+        for classnames in [*(c for _, c in test_sets.values()), data["classnames"]]:
             model.prompts.set_classnames(clip_model, classnames)
-        model.prompts.set_classnames(clip_model, data["classnames"])
     except ValueError as e:
         fail(str(e))
-    learned = learned_state(model)
+    learned, kind = learned_state(model.to(device)), "maple" if args.depth else "tpt"
     assert not any(p.requires_grad for p in clip_model.parameters())
-    print(
-        f"{method}: {kind} prompts (n_ctx {n_ctx}, depth {depth}), learned {list(learned)} = "
-        f"{sum(p.numel() for p in learned.values()):,} parameters; CLIP is frozen"
-    )
-    config = dict(method=kind, backbone=args.backbone, n_ctx=n_ctx, depth=depth)
+    print(f"{method}: {kind} prompts (n_ctx {args.n_ctx}, depth {args.depth}), learned "
+          f"{list(learned)} = {sum(p.numel() for p in learned.values()):,} parameters; "
+          "CLIP is frozen")  # fmt: skip
+    config = dict(method=kind, backbone=args.backbone, n_ctx=args.n_ctx, depth=args.depth)
     if args.load:
         load_learned(model, ckpt, args.load, config)
-    if align:  # the source statistics of the aligned blocks; T: class token, patches, prompts
-        means, v, spec = ckpt["means"], clip_model.visual, args.align_layers  # (L, T, W)
-        shape, L = (v.positional_embedding.shape[0] + n_ctx, v.conv1.out_channels), len(means)
-        layers = (
-            list(range(L)) if spec == "all" else [int(i) for i in spec.split(",") if i.isdigit()]
-        )
-        if means.shape[1:] != shape or not layers or max(layers) >= L:
-            fail(
-                f"{args.load}: statistics {tuple(means.shape)} or --align-layers {spec} do not "
-                f"fit this backbone ({L} blocks, {shape}); use 0,1 or all"
-            )
-        stats = [[ckpt[k][l].to(device) for l in layers] for k in ("means", "variances")]
-        align = (layers, *stats, args.align_weight)
-    if sync:  # the source prototypes; the Table 5 ablation: a part left out has weight 0
-        protos = {k: v for k, v in ckpt.items() if k.startswith("proto_")}
-        sync = dict(protos, weights=sync_weights)
     os.makedirs(run_dir, exist_ok=True)
     if os.path.exists(os.path.join(run_dir, "log.jsonl")) and not args.resume:
         os.remove(os.path.join(run_dir, "log.jsonl"))  # a fresh run starts a fresh log
-    args.shots = args.shots if source else 0  # test-time methods see no labelled image
     save(os.path.join(run_dir, "args.json"), dict(vars(args), method=method, dataset=dataset))
-    t0, stage = time.time(), (run_dir, device, precision)
+
+    # The source stage's epochs, or the test images one by one; then metrics.json
+    t0, extra = time.time(), {}
     if source:
-        zero_shot, acc = source_stage(args, model, data, test_sets, config, *stage)
+        zero_shot, acc = source_stage(args, model, data, test_sets, config, run_dir, device)
     else:
-        zero_shot, acc = test_stage(args, model, align, test_sets, *stage, sync=sync)
-    seconds = round(time.time() - t0, 1)
-    return finish_run(run_dir, args, method, dataset, zero_shot, acc, seconds=seconds)
+        zero_shot, acc, skipped = test_stage(args, model, ckpt, test_sets, run_dir, device)
+        extra["skipped_steps"] = skipped  # fp16 overflows (none in fp32)
+    extra["seconds"] = round(time.time() - t0, 1)
+    return finish_run(run_dir, args, method, dataset, zero_shot, acc, **extra)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
-        description="TPT and PromptAlign: test-time prompt tuning (defaults: the papers' settings)",
+        description="Test-time prompt tuning: TPT, PromptAlign and PromptSync, and the source "
+        "stage of MaPLe's prompts (defaults: the papers' settings)",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add = p.add_argument
-    add(
-        "--stage",
-        choices=["source", "test"],
-        default="test",
-        help="source: MaPLe's prompts "
-        "and the token statistics from a labelled set; test: tune on every test image",
-    )
-    add(
-        "--loss",
-        choices=["tpt", "align", "sync"],
-        default="tpt",
-        help="TPT, PromptAlign, PromptSync",
-    )
-    add(
-        "--prompts",
-        choices=["tpt", "maple"],
-        help="TPT's 4 text vectors or MaPLe's; default: "
-        "--load's, else maple for --stage source and --loss align, else tpt",
-    )
-    add("--n-ctx", type=int, help="MaPLe's learned text tokens (default 2: 'a photo')")
-    add("--depth", type=int, help="MaPLe's prompt depth J (default 3, the cross-dataset setting)")
+    add("--stage", choices=["source", "test"], default="test", help="source: learn MaPLe's "
+        "prompts, record statistics and prototypes; test: tune on every image")  # fmt: skip
+    add("--loss", choices=["tpt", "align", "sync"], default="tpt", help="the test stage's "
+        "method: TPT, PromptAlign or PromptSync")  # fmt: skip
+    add("--setting", choices=["dg", "fine-grained"], default="dg", help="the papers' "
+        "setting: domain generalisation or the fine-grained (cross-dataset) sets")  # fmt: skip
+    add("--n-ctx", type=int, help="learned text tokens (TPT: 'a photo of a'; MaPLe: 'a photo')")
+    add("--depth", type=int, help="MaPLe's prompt depth J (0: TPT's text-only prompts)")
     add("--backbone", default="ViT-B/16", help="CLIP name or checkpoint path (TPT also: RN50)")
-    add("--data", help="root with test/ (and train/ for the source stage), or --split-file's")
+    add("--data", required=True, help="root with test/ (and train/ for --stage source)")
     add("--split-file", help="CoOp's split_zhou_<Name>.json (then --data is its image root)")
     add("--classnames", help="classnames.txt ('folder<TAB>name'); default <data>/classnames.txt")
     add("--eval-data", nargs="*", default=[], help="more test sets (ImageFolder roots)")
-    # the source stage: MaPLe's cross-dataset recipe
-    add("--shots", type=int, default=16, help="source images per class (seeded sample)")
+    add("--shots", type=int, help="source images per class (seeded sample)")
     add("--epochs", type=int, default=2, help="source epochs (the first is the warm-up)")
     add("--batch-size", type=int, default=4, help="source batch size")
-    add("--lr", type=float, help="source: SGD 0.0026; test: AdamW 5e-3 (TPT), 4e-2 (align)")
-    add("--momentum", type=float, default=0.9, help="source SGD momentum")
-    add("--weight-decay", type=float, help="source: SGD 5e-4; test: AdamW 0.01")
-    add("--warmup-lr", type=float, default=1e-5, help="learning rate of the first source epoch")
+    add("--lr", type=float, help="source: SGD's; test: AdamW's")
+    add("--weight-decay", type=float, help="source: SGD's; test: AdamW's")
     add("--crop-scale", type=float, default=0.08, help="smallest crop area (toy source: 1)")
-    # the test stage: TPT's and PromptAlign's per-image settings
     add("--views", type=int, default=64, help="views per test image, the original included")
     add("--rho", type=float, default=0.1, help="confidence selection: the share of views kept")
     add("--steps", type=int, default=1, help="test-time steps per image")
-    add("--augmix", action="store_true", help="AugMix on the views (TPT on fine-grained sets)")
-    add("--align-layers", default="0,1", help="the blocks aligned (code: 0,1; paper: all)")
-    add("--align-weight", type=float, default=100 / 3, help="beta (the code: 100/3)")
-    add("--proto-views", type=int, default=4, help="PromptSync: views per source image")
-    weights = "PromptSync: the weights E,A,D of entropy, L_A, L_D (0: off, Table 5's ablation)"
-    add("--sync-weights", default="1,1,1", help=weights)
-    add("--corrupt", type=int, choices=[0, 1], help="corrupted views (default: 1 for sync)")
+    add("--augmix", type=int, choices=[0, 1], help="AugMix on the views")
+    add("--corrupt", type=int, choices=[0, 1], help="corrupted views (PromptSync's)")
+    add(
+        "--align-layers", default="0,1", help="PromptAlign's aligned blocks (code: 0,1; paper: all)"
+    )
+    add("--align-weight", type=float, default=100 / 3, help="PromptAlign's beta (code: 100/3)")
+    add("--sync-weights", default="1,1,1", help="PromptSync: the weights E,A,D of L_ent, L_A, "
+        "L_D (0: off, as in PromptSync's Table 5, its ablation of the three losses)")  # fmt: skip
     add("--shard", default="0/1", help="K/N: only every N-th test image, from the K-th")
-    add("--merge", nargs="+", help="the accuracy of these shards' run folders together")
     p.set_defaults(subsample="all")  # load_task's base/new split: not used here
     add_run_args(add)
-    return p.parse_args(argv)
+    args = parse(p, argv, PRESETS, lambda a: "source" if a.stage == "source" else a.loss)
+    K, _, N = args.shard.partition("/")
+    if not (K.isdigit() and N.isdigit() and int(K) < int(N)):
+        fail(f"--shard {args.shard}: expected K/N with 0 <= K < N, e.g. 0/4")
+    weights = args.sync_weights.split(",")
+    if len(weights) != 3 or not all(w.replace(".", "", 1).isdigit() for w in weights):
+        fail(f"--sync-weights {args.sync_weights}: expected three numbers >= 0, e.g. 0,1,1")
+    if args.stage == "test" and not args.eval_only and int(args.views * args.rho) < 1:
+        fail(f"--views {args.views} with --rho {args.rho} keeps no view; raise one of them")
+    if (args.eval_only and not args.load) or (args.stage == "source" and args.resume):
+        fail("--eval-only needs --load; --resume continues a test stage (rerun a source stage)")
+    return args
 
 
 # --- shared: speed-ups (canonical copy in coop.py; re-sync with tools/sync_shared.py) ---

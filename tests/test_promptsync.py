@@ -4,6 +4,7 @@ import copy
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 
@@ -82,7 +83,7 @@ def test_token_alignment_is_zero_when_the_statistics_match_and_grows_with_their_
 @pytest.mark.parametrize("n_ctx", [4, 2])
 def test_zero_depth_and_no_step_give_exactly_zero_shot_clip(n_ctx):
     clip_model = tiny_clip(vit=True, seed=3)
-    model = ps.PromptedCLIP(clip_model, NAMES, n_ctx=n_ctx, depth=0)
+    model = ps.MultimodalPromptedCLIP(clip_model, NAMES, n_ctx=n_ctx, depth=0)
     texts = [f"a photo of a {c}." for c in NAMES]
     weights = ps.zeroshot_classifier(clip_model, NAMES, ["a photo of a {}."])
     with torch.no_grad():
@@ -104,12 +105,12 @@ def test_zero_depth_and_no_step_give_exactly_zero_shot_clip(n_ctx):
             zero_shot = clip_model.logit_scale.exp() * f @ weights.t()
             torch.testing.assert_close(model.logits(model.image_features(x))[:1], zero_shot)
         prediction = int(zero_shot.argmax())
-        assert ps.adapt(model, x, optimizer, None, steps=0, rho=0.25) == (prediction, prediction)
+        assert ps.adapt(model, x, optimizer, None, steps=0, rho=0.25) == (prediction, prediction, 0)
 
 
 def test_maple_prompts_start_from_a_photo_and_deep_copies_of_one_coupling():
     clip_model = tiny_clip(vit=True, seed=4)
-    model = ps.PromptedCLIP(clip_model, NAMES, n_ctx=2, depth=2)
+    model = ps.MultimodalPromptedCLIP(clip_model, NAMES, n_ctx=2, depth=2)
     pl = model.prompts
     with torch.no_grad():
         words = clip_model.token_embedding(
@@ -147,7 +148,7 @@ def test_the_towers_with_prompts_are_clips_own_with_the_prompts_in_place():
     with torch.no_grad():
         plain = ps.encode_image(clip_model.visual, images)  # the explicit forward, no prompt
         torch.testing.assert_close(plain, clip_model.encode_image(images), rtol=0, atol=0)
-        model = ps.PromptedCLIP(clip_model, NAMES, n_ctx=2, depth=2)
+        model = ps.MultimodalPromptedCLIP(clip_model, NAMES, n_ctx=2, depth=2)
         pl = model.prompts
         pl.deep_text[0].add_(0.3)
         by_hand = text_by_hand(clip_model, pl.text_prompts(), pl.tokenized, list(pl.deep_text))
@@ -167,7 +168,7 @@ def test_the_towers_with_prompts_are_clips_own_with_the_prompts_in_place():
 
 def test_token_statistics_merge_batches_exactly_as_two_passes():
     clip_model = tiny_clip(vit=True, seed=6)
-    model = ps.PromptedCLIP(clip_model, NAMES, n_ctx=2, depth=2)
+    model = ps.MultimodalPromptedCLIP(clip_model, NAMES, n_ctx=2, depth=2)
     torch.manual_seed(6)
     batches = [(torch.randn(b, 3, 32, 32), None) for b in (5, 1, 7)]
     means, variances = ps.token_statistics(model, batches, torch.device("cpu"), "fp32")
@@ -241,15 +242,13 @@ def test_every_test_image_starts_from_the_same_prompts_and_optimizer(
         assert opt == seen[0][1] and opt["state"] == {}  # a fresh AdamW every image
 
 
-def test_shards_merged_equal_one_run_and_resume_continues(tiny_vit_ckpt, tiny_data, tmp_path):
+def test_shards_together_equal_one_run_and_resume_continues(tiny_vit_ckpt, tiny_data, tmp_path):
     common = ["--backbone", tiny_vit_ckpt, "--data", tiny_data, "--views", "8", "--rho", "0.25",
         "--lr", "0.5"]  # fmt: skip
-    whole = run(common + ["--out", str(tmp_path / "whole")])
+    run(common + ["--out", str(tmp_path / "whole")])
     shards = [str(tmp_path / f"shard{k}") for k in range(3)]
     for k, out in enumerate(shards):
         run(common + ["--shard", f"{k}/3", "--out", out])
-    merged = run(["--merge", *shards, "--out", str(tmp_path / "merged")])
-    assert merged["accuracy"] == whole["accuracy"] and merged["zero_shot"] == whole["zero_shot"]
     records = ps.read_predictions([str(tmp_path / "whole")])
     assert ps.read_predictions(shards) == records and len(records) == 12
     # a killed shard: two finished images and a line cut short; --resume does only the rest
@@ -258,10 +257,6 @@ def test_shards_merged_equal_one_run_and_resume_continues(tiny_vit_ckpt, tiny_da
     open(path, "w").write("\n".join(lines[:2]) + "\n" + lines[2][:15])
     run(common + ["--shard", "0/3", "--out", shards[0], "--resume"])
     assert open(path).read().splitlines() == lines
-    other = str(tmp_path / "other")
-    run(common[:-1] + ["0.1", "--shard", "0/3", "--out", other])
-    with pytest.raises(SystemExit, match="not shards of one run"):
-        run(["--merge", other, shards[1], shards[2], "--out", str(tmp_path / "m")])
 
 
 def test_bad_input_stops_with_a_clear_message(tiny_vit_ckpt, tiny_ckpt, tiny_data, tmp_path):
@@ -273,7 +268,7 @@ def test_bad_input_stops_with_a_clear_message(tiny_vit_ckpt, tiny_ckpt, tiny_dat
     with pytest.raises(SystemExit, match="--shard"):
         run(common + ["--shard", "3/3"])
     with pytest.raises(SystemExit, match="ViT"):
-        run(["--backbone", tiny_ckpt, "--data", tiny_data, "--prompts", "maple", "--depth", "1"])
+        run(["--backbone", tiny_ckpt, "--data", tiny_data, "--stage", "source", "--depth", "1"])
 
 
 @pytest.mark.slow
@@ -396,40 +391,42 @@ def test_meta_update_averages_the_two_gradients_by_hand(steps, expected):
     w = torch.nn.Parameter(torch.tensor(0.5, dtype=torch.float64))
     optimizer, at = torch.optim.SGD([w], lr=1.0), []
 
-    def losses():  # the two losses share a node, as L_D and L_A share the towers' graph
+    def losses():
         at.append(w.item())
-        d = (w - 1) ** 2
-        return d, 3 * (w - 2) ** 2 + 0 * d
+        return (w - 1) ** 2, 3 * (w - 2) ** 2
 
     temporary = ps.meta_train_step([w], [torch.tensor(-1.0, dtype=torch.float64)], 0.1)
     assert w.item() == 0.5 and temporary[0].item() == pytest.approx(0.6)  # only the temporary
-    ps.meta_update([w], optimizer, losses, lr=0.1, steps=steps)
-    # each point once: meta-train from 0.5, meta-test at 0.6, which is iteration 2's meta-train
-    # point (its graph kept for a second backward pass), meta-test at 0.7
-    assert at == pytest.approx([0.5, 0.6, 0.7][: steps + 1])
+    assert ps.meta_update([w], optimizer, losses, lr=0.1, steps=steps)
     assert w.item() == pytest.approx(expected)  # the update is applied to w = 0.5, not to w'
+    assert at == pytest.approx([0.5, 0.6, 0.6, 0.7][: 2 * steps])  # meta-train's, meta-test's
 
 
 @pytest.mark.parametrize("steps", [1, 3])
-def test_a_loss_of_weight_zero_costs_no_pass_and_changes_nothing(steps):
-    final, calls = [], []
-    for weight in (None, 0.0):  # skipped, or computed with weight 0
+def test_a_loss_of_weight_zero_changes_nothing(steps):
+    """A loss of weight 0 is None (no backward pass): the same update as 0 * the loss."""
+    final = []
+    for weight in (None, 0.0):
         w = torch.nn.Parameter(torch.tensor(0.5, dtype=torch.float64))
         train = lambda: None if weight is None else weight * (w - 1) ** 2
-        losses = lambda: calls.append(weight) or (train(), 3 * (w - 2) ** 2)
-        ps.meta_update([w], torch.optim.SGD([w], lr=1.0), losses, lr=0.1, steps=steps)
+        ps.meta_update([w], torch.optim.SGD([w], lr=1.0), lambda: (train(), 3 * (w - 2) ** 2),
+                       lr=0.1, steps=steps)  # fmt: skip
         final.append(w.item())
-    # 0.5 - steps * (0 + 6 (0.5 - 2)) / 2: w never moves, and the skipped loss visits one point
+    # 0.5 - steps * (0 + 6 (0.5 - 2)) / 2: with g_D = 0 the point never moves
     assert final[0] == final[1] == pytest.approx(0.5 + 4.5 * steps)
-    assert calls.count(None) == 1 and calls.count(0.0) == steps + 1
-    # no test loss: the last meta-train step is not taken, its point never computed
-    w = torch.nn.Parameter(torch.tensor(0.5, dtype=torch.float64))
-    at = []
-    losses = lambda: at.append(w.item()) or ((w - 1) ** 2, None)
-    ps.meta_update([w], torch.optim.SGD([w], lr=1.0), losses, lr=0.1, steps=steps)
-    assert at == pytest.approx([0.5, 0.6, 0.7][:steps])
+    w = torch.nn.Parameter(torch.tensor(0.5, dtype=torch.float64))  # no test loss
+    ps.meta_update([w], torch.optim.SGD([w], lr=1.0), lambda: ((w - 1) ** 2, None), 0.1, steps)
     # g_D at 0.5, 0.6, 0.7 = -1, -0.8, -0.6; half of their sum applied from w = 0.5
     assert w.item() == pytest.approx({1: 1.0, 3: 1.7}[steps])
+
+
+def test_a_gradient_that_is_not_finite_skips_the_meta_update():
+    """An fp16 overflow (inf or nan in a gradient) leaves the prompts as they were, as a loss
+    scaler skips such a step, instead of writing nan prompts that predict class 0."""
+    w = torch.nn.Parameter(torch.tensor([0.5, 1.0]))
+    losses = lambda: ((w * torch.tensor([1.0, math.inf])).sum(), (w**2).sum())
+    assert not ps.meta_update([w], torch.optim.SGD([w], lr=1.0), losses, lr=0.1)
+    assert w.tolist() == [0.5, 1.0] and w.grad is None
 
 
 def sync_run(source_ckpt, tiny_vit_ckpt, tiny_data, out, *extra):
@@ -445,7 +442,7 @@ def test_source_stage_saves_the_class_prototypes_of_both_branches(source_ckpt, t
     assert ckpt["proto_cls"].shape == ckpt["proto_tokens"].shape == ckpt["proto_text"].shape
     assert ckpt["proto_cls"].shape == (4, 32) and ckpt["proto_views"].shape == (4, 8, 32)
     clip_model = ps.load_clip(tiny_vit_ckpt, torch.device("cpu"), "fp32")
-    model = ps.PromptedCLIP(clip_model, ckpt["proto_classnames"], n_ctx=2, depth=2)
+    model = ps.MultimodalPromptedCLIP(clip_model, ckpt["proto_classnames"], n_ctx=2, depth=2)
     model.load_state_dict(ckpt["state"], strict=False)
     with torch.no_grad():  # the text prototypes: the learned prompts' class features
         torch.testing.assert_close(ckpt["proto_text"], model.text_features())
@@ -464,7 +461,9 @@ def test_source_stage_saves_the_class_prototypes_of_both_branches(source_ckpt, t
 def test_stored_class_views_are_crops_of_as_many_images_as_they_can_be(tiny_vit_ckpt, tiny_data):
     cpu, data = torch.device("cpu"), ps.load_dataset(tiny_data)
     items, names = data["train"], data["classnames"]  # 6 images of each of 4 classes
-    model = ps.PromptedCLIP(ps.load_clip(tiny_vit_ckpt, cpu, "fp32"), names, n_ctx=2, depth=2)
+    model = ps.MultimodalPromptedCLIP(
+        ps.load_clip(tiny_vit_ckpt, cpu, "fp32"), names, n_ctx=2, depth=2
+    )
     views = ps.Views(32, 4, crop_scale=0.5)  # the original and 3 crops of each
     out = ps.source_prototypes(model, items, names, views, 1, cpu, "fp32", n_views=3)
     assert out["proto_views"].shape == (4, 3, 32)
@@ -486,7 +485,9 @@ def test_one_text_pass_serves_the_selection_and_the_losses_exactly(
     tuning comes from that first selection pass. Both equal the plain passes."""
     cpu, ckpt = torch.device("cpu"), torch.load(source_ckpt, weights_only=True)
     names = ckpt["proto_classnames"]
-    model = ps.PromptedCLIP(ps.load_clip(tiny_vit_ckpt, cpu, "fp32"), names, n_ctx=2, depth=2)
+    model = ps.MultimodalPromptedCLIP(
+        ps.load_clip(tiny_vit_ckpt, cpu, "fp32"), names, n_ctx=2, depth=2
+    )
     model.load_state_dict(ckpt["state"], strict=False)
     sync = dict(ps.match_prototypes(model, ckpt, names, cpu), weights=[1.0, 1.0, 1.0])
     torch.manual_seed(0)
@@ -502,8 +503,8 @@ def test_one_text_pass_serves_the_selection_and_the_losses_exactly(
     seen, sync_terms = [], ps.sync_terms
     monkeypatch.setattr(ps, "sync_terms", lambda *a: seen.append(sync_terms(*a)) or seen[-1])
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], 0.5)
-    before, _ = ps.adapt_sync(model, views, optimizer, sync, 2, 0.25)
-    assert len(seen) == 3 and not torch.equal(seen[2][3], seen[0][3])  # the prompts moved
+    before, _, _ = ps.adapt_sync(model, views, optimizer, sync, 2, 0.25)
+    assert len(seen) == 4 and not torch.equal(seen[3][3], seen[0][3])  # the prompts moved
     assert before == int(plain[0].argmax()) == int(seen[0][3][0].argmax())
 
 
@@ -515,7 +516,9 @@ def test_the_sync_weights_weigh_entropy_alignment_and_discrimination_in_their_pl
     weight 0 is left out (None), as in Table 5's ablation rows."""
     cpu, ckpt = torch.device("cpu"), torch.load(source_ckpt, weights_only=True)
     names = ckpt["proto_classnames"]
-    model = ps.PromptedCLIP(ps.load_clip(tiny_vit_ckpt, cpu, "fp32"), names, n_ctx=2, depth=2)
+    model = ps.MultimodalPromptedCLIP(
+        ps.load_clip(tiny_vit_ckpt, cpu, "fp32"), names, n_ctx=2, depth=2
+    )
     model.load_state_dict(ckpt["state"], strict=False)
     sync = dict(ps.match_prototypes(model, ckpt, names, cpu), weights=list(weights))
     torch.manual_seed(0)
@@ -523,7 +526,7 @@ def test_the_sync_weights_weigh_entropy_alignment_and_discrimination_in_their_pl
     entropy, align, discrimination, _ = ps.sync_terms(model, views, sync, rho=0.25)
     seen = {}
 
-    def record(params, optimizer, losses, lr, steps):
+    def record(params, optimizer, losses, lr, steps, scale):
         train, test = losses()
         seen.update(
             {k: None if v is None else v.item() for k, v in zip(("train", "test"), (train, test))}
@@ -545,15 +548,16 @@ def test_promptsync_resets_prompts_and_optimizer_for_every_image_end_to_end(
 
     def recording_update(params, optimizer, *args, **kwargs):
         seen.append(copy.deepcopy((optimizer.state_dict(), [p.detach().clone() for p in params])))
-        update(params, optimizer, *args, **kwargs)
+        stepped = update(params, optimizer, *args, **kwargs)
         assert any(not torch.equal(p, q) for p, q in zip(params, seen[-1][1]))  # it moved
+        return stepped
 
     monkeypatch.setattr(ps, "meta_update", recording_update)
     metrics = sync_run(source_ckpt, tiny_vit_ckpt, tiny_data, tmp_path, "--lr", "0.05")
     assert len(seen) == 12 and metrics["method"] == "promptsync"
     loaded = torch.load(source_ckpt, weights_only=True)["state"]
     clip_model = ps.load_clip(tiny_vit_ckpt, torch.device("cpu"), "fp32")
-    model = ps.PromptedCLIP(clip_model, NAMES, n_ctx=2, depth=2)
+    model = ps.MultimodalPromptedCLIP(clip_model, NAMES, n_ctx=2, depth=2)
     names = [k for k, p in model.named_parameters() if p.requires_grad]
     for opt, params in seen:
         assert all(torch.equal(p, loaded[k]) for k, p in zip(names, params))
@@ -570,7 +574,9 @@ def test_zero_weights_predict_with_the_loaded_prompts(
     assert all(r["before"] == r["after"] for r in records) and off["accuracy"] == off["zero_shot"]
     # the loaded prompts' own prediction on the original view (no tuning at all)
     clip_model = ps.load_clip(tiny_vit_ckpt, torch.device("cpu"), "fp32")
-    model = ps.PromptedCLIP(clip_model, ["blue", "green", "red", "yellow"], n_ctx=2, depth=2)
+    model = ps.MultimodalPromptedCLIP(
+        clip_model, ["blue", "green", "red", "yellow"], n_ctx=2, depth=2
+    )
     model.load_state_dict(torch.load(source_ckpt, weights_only=True)["state"], strict=False)
     items = ps.load_dataset(tiny_data, None, None)["test"]
     with torch.no_grad():
@@ -604,6 +610,157 @@ def test_promptsync_and_its_ablations_through_the_command_line(
     for bad in ("1,colour,1", "1,1", "1,-1,1", "1,nan,1"):
         with pytest.raises(SystemExit, match="--sync-weights"):
             run(cmd[2:-2] + ["--sync-weights", bad, "--out", str(tmp_path / "bad")])
+
+
+def loaded_maple(source_ckpt, tiny_vit_ckpt, precision="fp32"):
+    """The tiny ViT with the source stage's prompts and PromptSync's prototypes, and 8 views."""
+    cpu, ckpt = torch.device("cpu"), torch.load(source_ckpt, weights_only=True)
+    names = ckpt["proto_classnames"]
+    clip_model = ps.load_clip(tiny_vit_ckpt, cpu, precision)
+    model = ps.MultimodalPromptedCLIP(clip_model, names, n_ctx=2, depth=2)
+    model.load_state_dict(ckpt["state"], strict=False)
+    sync = dict(ps.match_prototypes(model, ckpt, names, cpu), weights=[1.0, 1.0, 1.0])
+    torch.manual_seed(0)
+    return model, sync, torch.randn(8, 3, 32, 32)
+
+
+@pytest.fixture
+def emulated_cuda(monkeypatch):
+    """CUDA's mixed precision on the CPU: fp16 autocast for --precision amp, a loss scaler on."""
+    fp16 = lambda device, precision: (
+        torch.autocast("cpu", dtype=torch.float16) if precision == "amp" else ps.nullcontext()
+    )
+    monkeypatch.setattr(ps, "autocast", fp16)
+    scaler = torch.amp.GradScaler
+    return lambda: scaler("cpu", init_scale=1000, enabled=True)
+
+
+def learned_tensors(model):
+    return [p.detach().clone() for p in model.prompts.parameters()]
+
+
+@pytest.mark.parametrize("precision", ["amp", "fp16"])
+@pytest.mark.parametrize("loss", ["tpt", "align", "sync"])
+def test_each_test_time_step_runs_under_fp16_with_a_loss_scaler(
+    source_ckpt, tiny_vit_ckpt, emulated_cuda, precision, loss
+):
+    """GPU readiness: each loss's step under fp16 (autocast, or CLIP's own fp16 weights) with an
+    enabled loss scaler moves the fp32 prompts to finite values, and skips no step; PromptSync's
+    update stays near the fp32 one (signs of tiny gradient coordinates may differ)."""
+    model, sync, views = loaded_maple(source_ckpt, tiny_vit_ckpt, precision)
+    if loss == "tpt":
+        model = ps.MultimodalPromptedCLIP(model.clip, sync and NAMES, n_ctx=4, depth=0)
+    start, lr = learned_tensors(model), 5e-3
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr)
+    align = None
+    if loss == "align":
+        ckpt = torch.load(source_ckpt, weights_only=True)
+        align = ([0, 1], list(ckpt["means"][:2]), list(ckpt["variances"][:2]), 100 / 3)
+    if loss == "sync":
+        out = ps.adapt_sync(model, views, optimizer, sync, 1, 0.25, precision, emulated_cuda())
+    else:
+        out = ps.adapt(model, views, optimizer, emulated_cuda(), 1, 0.25, precision, align)
+    after = learned_tensors(model)
+    assert out[2] == 0 and all(torch.isfinite(t).all() for t in after)
+    assert any(not torch.equal(a, b) for a, b in zip(start, after))
+    if loss == "sync":  # the same update in fp32
+        model, sync, views = loaded_maple(source_ckpt, tiny_vit_ckpt)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr)
+        ps.adapt_sync(model, views, optimizer, sync, 1, 0.25)
+        moved = torch.cat([(a - b).flatten() for a, b in zip(after, learned_tensors(model))])
+        assert (moved.abs() < 0.1 * lr).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("precision", ["amp", "fp16"])
+def test_the_source_step_runs_under_fp16_with_a_loss_scaler(
+    tiny_vit_ckpt, emulated_cuda, precision
+):
+    clip_model = ps.load_clip(tiny_vit_ckpt, torch.device("cpu"), precision)
+    model = ps.MultimodalPromptedCLIP(clip_model, NAMES, n_ctx=2, depth=2)
+    learned, start = [p for p in model.parameters() if p.requires_grad], learned_tensors(model)
+    optimizer = torch.optim.SGD(learned, 0.05, 0.9)
+    torch.manual_seed(1)
+    images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
+    loss = ps.source_step(model, optimizer, emulated_cuda(), images, labels, precision)
+    after = learned_tensors(model)
+    assert math.isfinite(loss) and all(torch.isfinite(t).all() for t in after)
+    assert any(not torch.equal(a, b) for a, b in zip(start, after))
+
+
+def overflow(monkeypatch, name):
+    """A loss whose scaled gradient overflows fp16 (an injected overflow)."""
+    loss = getattr(ps, name)
+    monkeypatch.setattr(ps, name, lambda *a, **k: loss(*a, **k) * 1e30)
+
+
+@pytest.mark.parametrize("loss", ["tpt", "sync"])
+def test_an_overflow_skips_the_images_step_and_is_counted(
+    source_ckpt, tiny_vit_ckpt, tiny_data, tmp_path, emulated_cuda, monkeypatch, loss
+):
+    """TPT's loss scaler (new per image) skips an overflowing step; PromptSync's meta-update does
+    the same: the prompts stay the loaded ones, and metrics.json counts the skipped steps."""
+    model, sync, views = loaded_maple(source_ckpt, tiny_vit_ckpt)
+    start = learned_tensors(model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], 0.05)
+    overflow(monkeypatch, "marginal_entropy")
+    if loss == "sync":
+        before, after, skipped = ps.adapt_sync(model, views, optimizer, sync, 1, 0.25, "amp",
+                                               emulated_cuda())  # fmt: skip
+    else:
+        before, after, skipped = ps.adapt(model, views, optimizer, emulated_cuda(), 1, 0.25, "amp")
+    assert skipped == 1 and before == after
+    assert all(torch.equal(a, b) for a, b in zip(start, learned_tensors(model)))
+    monkeypatch.setattr(torch.amp, "GradScaler", lambda *a, **k: emulated_cuda())
+    metrics = sync_run(source_ckpt, tiny_vit_ckpt, tiny_data, tmp_path, "--loss", loss,
+                       "--precision", "amp")  # fmt: skip
+    assert metrics["skipped_steps"] == 12 and metrics["accuracy"] == metrics["zero_shot"]
+
+
+def test_sigusr1_stops_after_an_images_prediction_and_resume_continues(
+    tiny_vit_ckpt, tiny_data, tmp_path, monkeypatch
+):
+    common = ["--backbone", tiny_vit_ckpt, "--data", tiny_data, "--views", "8", "--rho", "0.25"]
+    whole = run(common + ["--out", str(tmp_path / "whole")])
+    monkeypatch.setattr(ps, "PREEMPTED", [])
+    adapt, calls = ps.adapt, []
+
+    def signalled_after_two(*args):
+        calls.append(1)
+        if len(calls) == 2:  # the cluster's warning arrives during the second image
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return adapt(*args)
+
+    monkeypatch.setattr(ps, "adapt", signalled_after_two)
+    out = ["--out", str(tmp_path / "run"), "--resume"]
+    try:
+        with pytest.raises(SystemExit, match="SIGUSR1 .* --resume"):
+            run(common + out)
+    finally:
+        signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+    assert len(ps.read_predictions([str(tmp_path / "run")])) == 2  # both images kept
+    ps.PREEMPTED.clear()
+    again = run(common + out)  # the same command
+    assert len(calls) == 12 and again["accuracy"] == whole["accuracy"]
+    assert ps.read_predictions([str(tmp_path / "run")]) == ps.read_predictions(
+        [str(tmp_path / "whole")]
+    )
+
+
+def test_presets_give_each_loss_and_setting_its_papers_values_and_help_shows_them(capsys):
+    lr = lambda *argv: ps.parse_args(["--data", "d", *argv]).lr
+    assert lr() == 5e-3 and lr("--stage", "source") == 0.0026  # TPT; MaPLe's source recipe
+    assert lr("--loss", "align") == 4e-2 and lr("--loss", "sync") == 4e-2  # PromptAlign's DG
+    assert lr("--loss", "align", "--setting", "fine-grained") == 5e-4  # its fine-grained config
+    assert lr("--loss", "align", "--lr", "0.1") == 0.1
+    args = ps.parse_args(["--data", "d", "--setting", "fine-grained"])
+    assert (args.augmix, args.corrupt, args.n_ctx, args.depth) == (1, 0, 4, 0)  # TPT's AugMix
+    args = ps.parse_args(["--data", "d", "--loss", "sync"])
+    assert (args.augmix, args.corrupt, args.n_ctx, args.depth, args.shots) == (0, 1, 2, 3, 0)
+    with pytest.raises(SystemExit):
+        ps.parse_args(["--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "align: 0.04 (--setting dg), 0.0005 (--setting fine-grained)" in shown
+    assert "source: 0.0026; tpt: 0.005" in shown
 
 
 @pytest.mark.slow
