@@ -270,13 +270,11 @@ def main(args):
     os.makedirs(run_dir, exist_ok=True)
     save(os.path.join(run_dir, "args.json"), vars(args))
     optimizer = torch.optim.SGD(learned, args.lr, momentum=0.9, weight_decay=5e-4)  # on ctx too
-    # fp16 arithmetic (amp on CUDA, fp16 weights) scales the loss so that small gradients do not
-    # round to 0 (the original's fp16 scales nothing); bf16 (amp on the CPU) has fp32's range.
+    # fp16 arithmetic scales the loss, lest small gradients round to 0 (the original's does not)
     half = args.precision == "fp16" or (args.precision == "amp" and device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=half)
     generator = torch.Generator().manual_seed(args.seed)  # the shuffling order, kept for --resume
-    # The original loader (Dassl's) drops the last partial batch when N >= batch size (up to 31
-    # images per epoch); we keep every image unless --drop-last asks for the original behaviour.
+    # Dassl's loader drops the last partial batch (N >= batch size); we keep it unless --drop-last
     drop_last = args.drop_last and len(train["train"]) >= args.batch_size
     transform = train_transform(clip_model.visual.input_resolution, args.crop_scale)
     loader = make_loader(train["train"], transform, args.batch_size, args.workers, device, True,
@@ -289,15 +287,13 @@ def main(args):
         os.remove(os.path.join(run_dir, "log.jsonl"))  # a fresh run starts a fresh log
     for epoch in range(start, epochs):
         lr = lr_at_epoch(epoch, args.lr, epochs)  # a warm-up epoch at 1e-5, then a cosine
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        optimizer.param_groups[0]["lr"] = lr  # one parameter group
         t0, steps, n = time.time(), [], 0
         peak_mib(device, reset=True)
         for images, labels in loader:
             images, labels = images.to(device, non_blocking=True), labels.to(device)
             steps.append(train_step(model, clip_model.encode_image, teacher, optimizer, scaler,
-                                    images, labels, args.precision, args.lam,
-                                    args.temperature))  # fmt: skip
+                images, labels, args.precision, args.lam, args.temperature))  # fmt: skip
             n += len(labels)
         seconds = time.time() - t0
         train_seconds, n_seen = train_seconds + seconds, n_seen + n
@@ -308,9 +304,7 @@ def main(args):
                   mean_cosine=cos)  # fmt: skip
         save_progress(run_dir, config, model, optimizer, scaler, epoch + 1, train_seconds,
                       generator)  # fmt: skip
-
-    # Evaluation of the last epoch on every test set
-    zero_shot, acc = evaluate(args, clip_model, model, test_sets)
+    zero_shot, acc = evaluate(args, clip_model, model, test_sets)  # the last epoch, every test set
     speed = round(n_seen / train_seconds, 1) if n_seen else None
     extra = dict(epochs=epochs, precision=args.precision, images_per_s=speed)
     extra.update(train_seconds=round(train_seconds, 2), not_scored=not_scored)
@@ -337,7 +331,7 @@ def build_model(args, method, clip_model, train, test_sets):
     what = f"{method}: {model.prompt_learner.n_ctx} context vectors ({ctx_init or 'random'!r})"
     print(f"{what}; learned {list(learned_state(model))} = {n_learned:,} parameters; CLIP's "
           f"{n_frozen:,} frozen")  # fmt: skip
-    return model, learned, test_sets, dict.fromkeys(other, "classes without a context (--csc)")
+    return model, learned, test_sets, dict.fromkeys(other, "no learned context (--csc)")
 
 
 def evaluate(args, clip_model, model, test_sets):
