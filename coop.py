@@ -207,6 +207,7 @@ class CustomCLIP(nn.Module):
         return inv_tau * torch.einsum("bd,bcd->bc", image_features, text)  # (B, n_cls)
 
 
+# ---- One training step (the unit the loop, the tests and bench.py call), then main ---------------
 def train_step(model, encode_image, optimizer, scaler, images, labels, precision):
     with torch.no_grad(), autocast(images.device, precision):  # CLIP's image side is frozen
         image_features = F.normalize(encode_image(images).float(), dim=-1)  # (B, D)
@@ -222,7 +223,6 @@ def train_step(model, encode_image, optimizer, scaler, images, labels, precision
     return loss.item(), accuracy(logits, labels)
 
 
-# ---- One training step (the unit the loop, the tests and bench.py call), then main ---------------
 def main(args):
     device, method = torch.device(args.device), "cocoop" if args.cocoop else "coop"
     dataset, train, test_sets = load_task(args, args.shots)

@@ -21,7 +21,7 @@ Variants: the class token in the middle or at the front; a class-specific contex
 CoOp code: one context per class) instead of one that all classes share.
 Learned: ctx = [V]_1..[V]_M, (M, d), or (n_cls, M, d) with --csc, from the template's words.
 Frozen:  all of CLIP (image and text encoders, token embedding, logit scale), the teacher too.
-Settings: PRESETS below (the papers'); SGD with momentum 0.9 and weight decay 5e-4; a warm-up
+Settings: PRESETS below (the paper's); SGD with momentum 0.9 and weight decay 5e-4; a warm-up
 epoch at 1e-5, then a cosine schedule stepped per epoch.
 
 Run
@@ -52,7 +52,6 @@ with warnings.catch_warnings():  # openai-clip 1.0.1 imports the deprecated pkg_
     import clip
 
 
-# lambda: 1, but 0.8 for 8 and 16 shots on Flowers102, DTD and EuroSAT (the authors' scripts)
 def by_shots(args):
     """50/100/200 epochs for 1/2-4/8-16 shots"""
     return epochs_for_shots(args)  # CoOp's configs (the training block, in the appendix)
@@ -60,7 +59,7 @@ def by_shots(args):
 
 PRESETS = {
     "prograd": dict(backbone="RN50", n_ctx=16, ctx_init="template", epochs=by_shots, batch_size=32,
-                    lam=1.0, temperature=1.0),
+                    lam=1.0, temperature=1.0),  # lambda 0.8 at 8+ shots on Flowers102, DTD, EuroSAT
 }  # fmt: skip
 
 
@@ -117,8 +116,10 @@ class PromptLearner(nn.Module):
         super().__init__()
         d = clip_model.ln_final.weight.shape[0]  # token width (512 for RN50 and ViT-B)
         if ctx_init:  # [ProGrad] template init: M - k zero vectors, then the k template words
-            k = len(ctx_init.split())  # the authors' code counts WORDS: with a comma ("pet, a")
-            if k > n_ctx:  # the last template token falls into the frozen suffix (kept)
+            # As the authors' code, k counts WORDS: "pet, a" is 2 words, 3 tokens, so the last
+            # template token falls into the frozen suffix (the encoder still reads the template)
+            k = len(ctx_init.split())
+            if k > n_ctx:
                 raise ValueError(f"the template {ctx_init!r} has {k} words, more than M = {n_ctx}")
             self.prefix_text = " ".join(["X"] * (n_ctx - k) + [ctx_init])
             tokens = tokenize(clip_model, [ctx_init]).to(clip_model.logit_scale.device)
@@ -204,7 +205,7 @@ class CustomCLIP(nn.Module):
 def project(G_d, G_g, lam):
     """[ProGrad Eq. 5] G = G_d - lambda (G_d.G_g / |G_g|^2) G_g if G_d.G_g < 0, else G_d (fp32)."""
     g_d, g_g = G_d.float(), G_g.float()
-    dot, norm2 = (g_d * g_g).sum(), (g_g * g_g).sum()  # |G_g| = 0: dot = 0, G_d (as the authors')
+    dot, norm2 = (g_d * g_g).sum(), (g_g * g_g).sum()  # G_g = 0: dot 0, G_d stays (as the authors')
     if dot < 0:  # the update would undo part of the general knowledge: remove that part
         return (g_d - lam * dot / norm2 * g_g).to(G_d.dtype)
     return G_d  # no conflict: the domain-specific gradient as it is
@@ -214,7 +215,7 @@ def two_gradients(model, image_features, teacher, labels, T, params, precision="
     """[ProGrad] G_d and G_g from ONE student forward (logits under autocast, the rest in fp32)."""
     with autocast(image_features.device, precision):
         logits = model(image_features).float()  # (B, n_cls)
-    with torch.no_grad():  # the teacher on the same features (the authors': a second CLIP, same)
+    with torch.no_grad():  # the teacher, on the same features (the authors' code: a CLIP copy)
         p_zs = F.softmax(model.logit_scale.exp() * image_features @ teacher.t() / T, dim=-1)
     loss_ce = F.cross_entropy(logits, labels)
     # As the authors' code: L_kl = T^2 mean_b sum_c -p_zs log p, the soft-target cross-entropy. It
@@ -228,6 +229,7 @@ def two_gradients(model, image_features, teacher, labels, T, params, precision="
     return G_d, G_g, loss_ce, logits
 
 
+# ---- One training step (the unit the loop, the tests and bench.py call), then main ---------------
 def train_step(model, encode_image, teacher, optimizer, scaler, images, labels, precision, lam, T):
     with torch.no_grad(), autocast(images.device, precision):  # CLIP's image side is frozen
         image_features = F.normalize(encode_image(images).float(), dim=-1)  # (B, D)
@@ -240,7 +242,7 @@ def train_step(model, encode_image, teacher, optimizer, scaler, images, labels, 
         raise FloatingPointError("a gradient is not finite; try --precision fp32")
     for p, g_d, g_g in zip(params, G_d, G_g):  # per tensor, as the authors' code (one tensor: ctx)
         p.grad = project(g_d, g_g, lam) if finite else torch.full_like(g_d, math.inf)
-    scaler.step(optimizer)  # SGD; the loss scale divides out (project is linear in G_d)
+    scaler.step(optimizer)  # unscale (project is linear in G_d), then SGD: after the projection
     scaler.update()  # the scale halves after an overflow and grows after 2000 good steps
     dot = sum((d.float() * g.float()).sum() for d, g in zip(G_d, G_g))  # the logged cosine
     norms = [math.sqrt(sum(g.float().pow(2).sum() for g in G)) for G in (G_d, G_g)]
@@ -248,7 +250,6 @@ def train_step(model, encode_image, teacher, optimizer, scaler, images, labels, 
     return loss.item(), accuracy(logits, labels), cosine if finite else math.nan  # NaN: skipped
 
 
-# ---- One training step (the unit the loop, the tests and bench.py call), then main ---------------
 def main(args):
     device, method = torch.device(args.device), "prograd"
     dataset, train, test_sets = load_task(args, args.shots)
@@ -260,7 +261,7 @@ def main(args):
     # Frozen CLIP and the learned prompt
     clip_model = load_clip(args.backbone, device, args.precision)
     model, learned, test_sets, not_scored = build_model(args, method, clip_model, train, test_sets)
-    teacher = zeroshot_classifier(clip_model, train["classnames"], [args.template])  # zero-shot
+    teacher = zeroshot_classifier(clip_model, train["classnames"], [args.template])  # (n_cls, D)
     config = dict(method=method, backbone=args.backbone, n_ctx=model.prompt_learner.n_ctx)
     config.update(csc=args.csc)
     if args.load:
