@@ -345,7 +345,8 @@ def parse_args(argv=None):
     init = "initialise the context from these words (then M = their tokens); '': N(0, 0.02^2)"
     add("--ctx-init", help=init)
     add("--csc", action="store_true", help="class-specific context (one context per class)")
-    add("--class-token-position", choices=["end", "middle", "front"], default="end")
+    where = "where the class name goes in the prompt (CoOp's variants)"
+    add("--class-token-position", choices=["end", "middle", "front"], default="end", help=where)
     # optimisation
     add("--epochs", type=int, help="training epochs")
     add("--batch-size", type=int, help="training images per step")

@@ -59,7 +59,7 @@ def by_shots(args):
 
 PRESETS = {
     "prograd": dict(backbone="RN50", n_ctx=16, ctx_init="template", epochs=by_shots, batch_size=32,
-                    lam=1.0, temperature=1.0),  # lambda 0.8 at 8+ shots on Flowers102, DTD, EuroSAT
+                    lam=1.0, temperature=1.0),
 }  # fmt: skip
 
 
@@ -372,8 +372,10 @@ def parse_args(argv=None):
     add("--n-ctx", type=int, help="context vectors M")
     add("--ctx-init", choices=["template", "random"], help="the template's words, or CoOp's init")
     add("--csc", action="store_true", help="class-specific context (one context per class)")
-    add("--class-token-position", choices=["end", "middle", "front"], default="end")
-    add("--lam", type=float, help="lambda, the projection's strength (1: orthogonal, 0: CoOp)")
+    where = "where the class name goes in the prompt (CoOp's variants)"
+    add("--class-token-position", choices=["end", "middle", "front"], default="end", help=where)
+    lam = "lambda (1: orthogonal, 0: CoOp); the authors: 0.8 at 8+ shots on Flowers, DTD, EuroSAT"
+    add("--lam", type=float, help=lam)
     add("--temperature", type=float, help="T of the KL to the zero-shot prediction")
     # optimisation
     add("--epochs", type=int, help="training epochs")
