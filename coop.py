@@ -1,34 +1,33 @@
 """CoOp and CoCoOp: learning the words of CLIP's prompt from a few labelled images.
 
-Papers  CoOp:   Zhou et al., "Learning to Prompt for Vision-Language Models", arXiv 2109.01134
-        CoCoOp: Zhou et al., "Conditional Prompt Learning for Vision-Language Models", 2203.05557
+Papers  Zhou et al., "Learning to Prompt for Vision-Language Models" (CoOp), arXiv 2109.01134;
+        "Conditional Prompt Learning for Vision-Language Models" (CoCoOp), arXiv 2203.05557
+Code    github.com/KaiyangZhou/CoOp (trainers/coop.py, trainers/cocoop.py), built on Dassl, the
+        CoOp authors' training library (github.com/KaiyangZhou/Dassl.pytorch)
 
-The idea. Zero-shot CLIP classifies an image by comparing it with the text "a photo of a {class}."
-of every class, and its accuracy depends a lot on the exact words of that template. CoOp keeps CLIP
-frozen and replaces the template's words by M continuous vectors (the "context"), learned by
-gradient descent from a few labelled images per class. CoCoOp adds a small meta-network that turns
-each image into a shift of the context, so that the prompt adapts to the image and generalises
-better to classes that were not seen in training.
+The idea. Zero-shot CLIP compares an image with the text "a photo of a {class}." of every class,
+and its accuracy depends a lot on the exact words. CoOp keeps CLIP frozen and replaces the words
+by M continuous vectors (the "context"), learned by gradient descent from a few labelled images
+per class. CoCoOp adds a small meta-network that turns each image into a shift of the context, so
+that the prompt adapts to the image and generalises better to classes not seen in training.
 
-Equations (e(.) CLIP's token embedding, g(.) its text encoder, f the L2-normalised image feature,
-tau the temperature: CLIP's frozen logit_scale = ln(1/tau), so 1/tau is about 100)
-  [CoOp Eq. 2]   t_c = [SOS] [V]_1 ... [V]_M [CLASS_c] [.] [EOS]       (class token at the end)
+Equations ([SOS], [EOT]: CLIP's start- and end-of-text tokens; g(.): CLIP's text encoder, read at
+[EOT]; f: the L2-normalised image feature; tau: CLIP's frozen temperature, 1/tau about 100)
+  [CoOp Eq. 2]   t_c = [SOS] [V]_1 ... [V]_M [CLASS_c] [.] [EOT]       (class token at the end)
   [CoOp Eq. 3]   p(y=c|x) = exp(cos(g(t_c), f) / tau) / sum_j exp(cos(g(t_j), f) / tau)
                  loss = cross-entropy with the label
   [CoCoOp 3.2]   pi = h_theta(f),  [V]_m(x) = [V]_m + pi for every m   (h: Linear-ReLU-Linear)
-Learned: ctx = [V]_1..[V]_M, (M, d) or (n_cls, M, d) with --csc; CoCoOp also h_theta.
+Variants: the class token in the middle or at the front; a class-specific context (CSC in the
+CoOp code: one context per class) instead of one that all classes share.
+Learned: ctx = [V]_1..[V]_M, (M, d), or (n_cls, M, d) with --csc; CoCoOp also h_theta.
 Frozen:  all of CLIP (image and text encoders, token embedding, logit scale).
-
-The papers' settings: CoOp: RN50, M = 16 random N(0, 0.02^2) vectors (or "a photo of a"), SGD lr
-0.002, momentum 0.9, weight decay 5e-4, batch 32, one warm-up epoch at 1e-5 then cosine per epoch,
-50/100/200 epochs for 1/2-4/8-16 shots. CoCoOp: ViT-B/16, 4 vectors from "a photo of a", batch 1,
-10 epochs, 16 shots, base-to-new.
+Settings: PRESETS below (the papers'); SGD with momentum 0.9 and weight decay 5e-4; a warm-up
+epoch at 1e-5, then a cosine schedule stepped per epoch.
 
 Run
   python coop.py --backbone toy/clip_rn.pt --data toy/sketch --shots 4 --crop-scale 0.5
-  python coop.py --backbone RN50 --data DATA/oxford_pets/images --shots 16 \
-      --split-file DATA/oxford_pets/split_zhou_OxfordPets.json
-  python coop.py --cocoop --backbone ViT-B/16 --data ... --split-file ... --subsample base
+  python coop.py --data DATA/pets/images --split-file DATA/pets/split_zhou_OxfordPets.json
+  python coop.py --cocoop --data ... --split-file ... --subsample base   # ViT-B/16, base-to-new
 """
 
 import argparse
@@ -52,6 +51,17 @@ from PIL import Image
 with warnings.catch_warnings():  # openai-clip 1.0.1 imports the deprecated pkg_resources
     warnings.simplefilter("ignore")
     import clip
+
+
+def by_shots(args):
+    """50/100/200 epochs for 1/2-4/8-16 shots"""
+    return epochs_for_shots(args)  # CoOp's configs (the training block, in the appendix)
+
+
+PRESETS = {
+    "coop": dict(backbone="RN50", n_ctx=16, ctx_init="", epochs=by_shots, batch_size=32),
+    "cocoop": dict(backbone="ViT-B/16", n_ctx=4, ctx_init="a photo of a", epochs=10, batch_size=1),
+}
 
 
 # --- shared: text encoder (canonical copy in coop.py; re-sync with tools/sync_shared.py) ---
@@ -86,27 +96,25 @@ class TextEncoder(nn.Module):
 # --- end shared: text encoder ---
 
 
-# ------------------------------------------------------------------------------------------------
-# The method: CoOp's prompt learner, CoCoOp's meta-network
-# ------------------------------------------------------------------------------------------------
+# ---- The method: CoOp's prompt learner, CoCoOp's meta-network ------------------------------------
 class PromptLearner(nn.Module):
-    """Every class's prompt around the learned context `ctx` (CoOp's only parameter).
-
-    The fixed pieces are token embeddings kept as buffers: token_prefix (the start token) and
-    token_suffix (class name, ".", end-of-text, padding). set_classnames rebuilds them, so a learned
-    context can be tested on other class names; checkpoints hold ctx only.
-    """
+    """CoOp's: every class's prompt around the learned context `ctx` (the only parameter). The fixed
+    pieces are buffers of token embeddings: token_prefix ([SOS]) and token_suffix (class name, ".",
+    [EOT], padding); set_classnames rebuilds them for other classes (checkpoints hold ctx only)."""
 
     def __init__(self, clip_model, classnames, n_ctx=16, ctx_init="", csc=False, position="end"):
         super().__init__()
         d = clip_model.ln_final.weight.shape[0]  # token width (512 for RN50 and ViT-B)
         if ctx_init:  # [CoOp] word init: ctx = the token embeddings of the init words
-            ctx = word_embeddings(clip_model, ctx_init.replace("_", " "))  # (M, d)
-            # The original silently ignores --csc when init words are given; we give every class its
-            # own copy of the words, so that a class-specific context also starts at the zero-shot
-            # prompt (and learns one context per class, as --csc asks).
-            ctx = ctx.repeat(len(classnames), 1, 1) if csc else ctx  # (n_cls, M, d)
             self.prefix_text = ctx_init.replace("_", " ")
+            tokens = tokenize(clip_model, [self.prefix_text]).to(clip_model.logit_scale.device)
+            embedding = clip_model.token_embedding(tokens)  # (1, L, d), CLIP frozen: no graph
+            # The original counts the words of the init text; we count its BPE tokens: the same
+            # for "a photo of a", and still exact when a word splits into several tokens.
+            ctx = embedding[0, 1 : int(tokens.argmax())].float()  # between [SOS] and [EOT]: (M, d)
+            # The original ignores --csc when init words are given; we give every class its own
+            # copy, so that a class-specific context also starts at the zero-shot prompt.
+            ctx = ctx.repeat(len(classnames), 1, 1) if csc else ctx  # (n_cls, M, d)
         else:  # [CoOp] random init N(0, 0.02^2); the placeholder words "X" are replaced by ctx
             ctx = torch.empty((len(classnames), n_ctx, d) if csc else (n_ctx, d))
             nn.init.normal_(ctx, std=0.02)
@@ -117,81 +125,53 @@ class PromptLearner(nn.Module):
 
     def set_classnames(self, clip_model, classnames):
         if self.csc and len(classnames) != self.ctx.shape[0]:
-            raise ValueError(
-                f"the class-specific context was learned for {self.ctx.shape[0]} "
-                f"classes; it cannot be used with {len(classnames)} other classes"
-            )
+            learned = f"learned for {self.ctx.shape[0]} classes; got {len(classnames)}"
+            raise ValueError(f"the class-specific context was {learned}")
         texts = [f"{self.prefix_text} {c}." for c in classnames]  # [CoOp] note the trailing period
         try:
-            tokenized = tokenize(clip_model, texts)  # (n_cls, L)
-        except RuntimeError:
-            raise ValueError(
-                f"a prompt is longer than the model's context length "
-                f"{clip_model.context_length}: use a smaller --n-ctx or shorter class "
-                f"names (longest: {max(classnames, key=len)!r})"
-            ) from None
-        device = clip_model.token_embedding.weight.device
-        with torch.no_grad():
-            embedding = clip_model.token_embedding(tokenized.to(device)).float()  # (n_cls, L, d)
-        self.register_buffer("token_prefix", embedding[:, :1], persistent=False)  # SOS
+            tokenized = tokenize(clip_model, texts).to(clip_model.logit_scale.device)  # (n_cls, L)
+        except RuntimeError:  # clip.tokenize: too long
+            what = f"longer than the model's context length {clip_model.context_length}"
+            raise ValueError(f"a prompt is {what}; use a smaller --n-ctx, shorter names") from None
+        embedding = clip_model.token_embedding(tokenized).float()  # (n_cls, L, d)
+        self.register_buffer("token_prefix", embedding[:, :1], persistent=False)  # [SOS]
         self.register_buffer("token_suffix", embedding[:, 1 + self.n_ctx :], persistent=False)
-        self.register_buffer("tokenized", tokenized.to(device), persistent=False)  # to find EOT
+        self.register_buffer("tokenized", tokenized, persistent=False)  # to find [EOT]
         if self.position != "end":
             order = class_token_order(tokenize(clip_model, classnames), self.n_ctx, self.position)
-            self.register_buffer("order", order.to(device), persistent=False)  # (n_cls, L)
+            self.register_buffer("order", order.to(tokenized.device), persistent=False)
 
     def forward(self):
         """[CoOp Eq. 2] every class's whole prompt: (n_cls, L, d)."""
         n_cls = self.token_prefix.shape[0]
         ctx = self.ctx if self.csc else self.ctx.expand(n_cls, -1, -1)  # (n_cls, M, d)
         prompts = torch.cat([self.token_prefix, ctx, self.token_suffix], dim=1)  # (n_cls, L, d)
-        return prompts if self.position == "end" else move_class_name(prompts, self.order)
+        if self.position != "end":  # the class name moves: each row goes where `order` says
+            prompts = prompts.gather(1, self.order.expand_as(prompts))
+        return prompts
 
     def prefix(self, pi=None):
-        """[SOS] [V]_1..[V]_M, the part of the prompt every class shares: (1, 1 + M, d), or
-        (B, 1 + M, d) with CoCoOp's shifts pi (B, d)."""
-        ctx = self.ctx.unsqueeze(0) if pi is None else self.ctx + pi.unsqueeze(1)  # [CoCoOp 3.2]
+        """[SOS] [V]_1..[V]_M, the part of the prompt every class shares: (1, 1 + M, d); with
+        CoCoOp's shifts pi (B, d), [CoCoOp 3.2] [V]_m(x) = [V]_m + pi(x): (B, 1 + M, d)."""
+        ctx = self.ctx.unsqueeze(0) if pi is None else self.ctx + pi.unsqueeze(1)  # (1 or B, M, d)
         return torch.cat([self.token_prefix[:1].expand(len(ctx), -1, -1), ctx], dim=1)
-
-    def per_image(self, pi):
-        """[CoCoOp 3.2] [V]_m(x) = [V]_m + pi(x): every image's whole prompts, (B, n_cls, L, d)."""
-        n_cls = self.token_prefix.shape[0]
-        ctx = self.prefix(pi)[:, 1:].unsqueeze(1).expand(-1, n_cls, -1, -1)  # (B, n_cls, M, d)
-        fixed = [t.expand(len(pi), -1, -1, -1) for t in (self.token_prefix, self.token_suffix)]
-        return torch.cat([fixed[0], ctx, fixed[1]], dim=2)  # (B, n_cls, L, d)
-
-
-def word_embeddings(clip_model, words):
-    """The token embeddings of `words` (between SOS and EOT): (M, d), M = number of BPE tokens."""
-    tokens = tokenize(clip_model, [words]).to(clip_model.token_embedding.weight.device)
-    # The original counts the words of the init text; we count its BPE tokens: the same for
-    # "a photo of a", and still exact when a word splits into several tokens.
-    with torch.no_grad():
-        return clip_model.token_embedding(tokens)[0, 1 : int(tokens.argmax())].float()
 
 
 def class_token_order(name_tokens, n_ctx, position):
-    """CoOp's 'middle' and 'front': which row of the 'end' layout goes where when the class name
-    moves; the name keeps its tokens, and the prompt's length and EOT index do not change."""
+    """CoOp's 'middle' and 'front': the row of the 'end' layout that each position takes."""
     order, L, M = [], name_tokens.shape[1], n_ctx
     for n in (name_tokens.argmax(dim=-1) - 1).tolist():  # BPE tokens of each class name
-        sos, v, name = [0], list(range(1, 1 + M)), list(range(1 + M, 1 + M + n))
-        rest = list(range(1 + M + n, L))  # ".", EOT, padding
-        if position == "middle":  # [SOS] [V]_1..[V]_M/2 [CLASS] [V]_M/2+1..[V]_M [.] [EOS]
-            order.append(sos + v[: M // 2] + name + v[M // 2 :] + rest)
-        else:  # front: [SOS] [CLASS] [V]_1..[V]_M [.] [EOS]
-            order.append(sos + name + v + rest)
-    return torch.tensor(order)
-
-
-def move_class_name(prompts, order):
-    """The 'end' prompts (n_cls, L, d) with each class's rows reordered by `order` (n_cls, L)."""
-    return prompts.gather(1, order.unsqueeze(-1).expand(-1, -1, prompts.shape[-1]))
+        v, name, rest = range(1, 1 + M), range(1 + M, 1 + M + n), range(1 + M + n, L)
+        if position == "middle":  # [SOS] [V]_1..[V]_M/2 [CLASS] [V]_M/2+1..[V]_M [.] [EOT]
+            order.append([0, *v[: M // 2], *name, *v[M // 2 :], *rest])
+        else:  # front: [SOS] [CLASS] [V]_1..[V]_M [.] [EOT]
+            order.append([0, *name, *v, *rest])
+    return torch.tensor(order).unsqueeze(-1)  # (n_cls, L, 1)
 
 
 class CustomCLIP(nn.Module):
-    """CoOp (and CoCoOp with a meta-network): logits of normalised image features against the
-    learned prompts."""
+    """CoOp's model (the official code's name): logits of the normalised image features against
+    the learned prompts."""
 
     def __init__(
         self, clip_model, classnames, n_ctx=16, ctx_init="", csc=False, position="end", cocoop=False
@@ -201,81 +181,51 @@ class CustomCLIP(nn.Module):
         self.text_encoder = TextEncoder(clip_model)
         self.logit_scale = clip_model.logit_scale  # CLIP's own, frozen: ln(1/tau)
         # A generic context with the class name at the end gives every class the same prefix
-        # [SOS] [V]_1..[V]_M: the text encoder runs it once (exact). A class-specific context, or
-        # the name in the middle or front, makes every prompt differ from its start: cut encoder.
+        # [SOS] [V]_1..[V]_M, which the speed-ups run once (not so with --csc or middle/front).
         self.shared_prefix = not csc and position == "end"
-        vis, d = clip_model.visual.output_dim, self.prompt_learner.ctx.shape[-1]
         self.meta_net = None
-        if cocoop:  # [CoCoOp] h_theta: Linear(vis, vis/16) -> ReLU -> Linear(vis/16, d)
-            hidden = vis // 16
-            layers = [nn.Linear(vis, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, d)]
-            self.meta_net = nn.Sequential(*layers)
+        if cocoop:  # CoCoOp's h_theta: Linear(v, v/16) -> ReLU -> Linear(v/16, d), v: image width
+            v, d = clip_model.visual.output_dim, self.prompt_learner.ctx.shape[-1]
+            self.meta_net = nn.Sequential(nn.Linear(v, v // 16), nn.ReLU(), nn.Linear(v // 16, d))
 
     def forward(self, image_features):
         # image_features: (B, D), L2-normalised, from the frozen image encoder
         pl, encoder, inv_tau = self.prompt_learner, self.text_encoder, self.logit_scale.exp()
         pi = None if self.meta_net is None else self.meta_net(image_features)  # [CoCoOp] (B, d)
-        if self.shared_prefix:
-            suffix, tokenized = pl.token_suffix, pl.tokenized
-            text = shared_prefix(encoder, pl.prefix(pi), suffix, tokenized)  # (1 or B, n_cls, D)
-        elif pi is None:
+        if self.shared_prefix:  # the same numbers as the plain formulation: see the speed-ups
+            text = shared_prefix(encoder, pl.prefix(pi), pl.token_suffix, pl.tokenized)
+        elif pi is None:  # the plain formulation: every class's prompt through the text encoder
             text = encoder(pl(), pl.tokenized).unsqueeze(0)  # (1, n_cls, D)
-        else:  # the plain formulation: every (image, class) prompt through the cut encoder
+        else:  # [CoCoOp] the plain formulation: every image's prompt for every class
             B, C = len(pi), len(pl.tokenized)
-            text = encoder(pl.per_image(pi).flatten(0, 1), pl.tokenized.repeat(B, 1)).view(B, C, -1)
+            prefix = pl.prefix(pi).unsqueeze(1).expand(-1, C, -1, -1)  # (B, C, 1 + M, d)
+            suffix = pl.token_suffix.expand(B, -1, -1, -1)  # (B, C, L - 1 - M, d)
+            prompts = torch.cat([prefix, suffix], dim=2)  # (B, C, L, d)
+            text = encoder(prompts.flatten(0, 1), pl.tokenized.repeat(B, 1)).view(B, C, -1)
         text = F.normalize(text.float(), dim=-1)  # (1 or B, n_cls, D)
         if pi is None:
             return inv_tau * image_features @ text[0].t()  # [CoOp Eq. 3] (B, n_cls)
         return inv_tau * torch.einsum("bd,bcd->bc", image_features, text)  # (B, n_cls)
 
 
-@torch.no_grad()
-def predict(model, image_features):
-    """Logits for precomputed normalised image features; CoCoOp runs a few images at a time."""
-    if model.meta_net is None:
-        return model(image_features)
-    chunk = max(1, 2000 // model.prompt_learner.token_prefix.shape[0])
-    return torch.cat(
-        [model(image_features[i : i + chunk]) for i in range(0, len(image_features), chunk)]
-    )
-
-
-# ------------------------------------------------------------------------------------------------
-# One optimisation step (the unit the training loop, the tests and bench.py call)
-# ------------------------------------------------------------------------------------------------
+# ---- One training step (the unit the loop, the tests and bench.py call), then main ---------------
 def train_step(model, encode_image, optimizer, scaler, images, labels, precision):
     with torch.no_grad(), autocast(images.device, precision):  # CLIP's image side is frozen
         image_features = F.normalize(encode_image(images).float(), dim=-1)  # (B, D)
     with autocast(images.device, precision):
         logits = model(image_features)  # (B, n_cls)
-    loss = F.cross_entropy(logits.float(), labels)
+    loss = F.cross_entropy(logits.float(), labels)  # [CoOp Eq. 3]
     if not torch.isfinite(loss):
         raise FloatingPointError(f"the loss is {loss.item()}; try --precision fp32")
     optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()  # a no-op scale unless --precision amp on CUDA
-    scaler.step(optimizer)  # SGD: momentum and weight decay on the fp32 ctx
-    scaler.update()
+    scaler.scale(loss).backward()  # scaled only for fp16 arithmetic (see the scaler in main)
+    scaler.step(optimizer)  # SGD; skipped when the scaled gradient overflowed (inf or NaN)
+    scaler.update()  # the scale halves after an overflow and grows after 2000 good steps
     return loss.item(), accuracy(logits, labels)
 
 
-# ------------------------------------------------------------------------------------------------
-# main: data, model, the visible training loop, evaluation, results
-# ------------------------------------------------------------------------------------------------
 def main(args):
-    device = torch.device(args.device)
-    precision = args.precision or ("amp" if device.type == "cuda" else "fp32")
-    method = "cocoop" if args.cocoop else "coop"
-    ctx_init = "a photo of a" if args.cocoop else ""  # CoCoOp's published init; CoOp: random
-    ctx_init = ctx_init if args.ctx_init is None else args.ctx_init
-    n_ctx = args.n_ctx or (4 if args.cocoop else 16)
-    epochs = args.epochs or (10 if args.cocoop else epochs_for_shots(args))
-    batch_size = args.batch_size or (1 if args.cocoop else 32)
-    if args.cocoop and (args.csc or args.class_token_position != "end"):
-        fail("CoCoOp uses one generic context with the class token at the end")
-    if args.eval_only and not args.load:
-        fail("--eval-only needs --load <checkpoint.pt>")
-    if args.shots < 1:
-        fail("--shots must be at least 1")
+    device, method = torch.device(args.device), "cocoop" if args.cocoop else "coop"
     dataset, train, test_sets = load_task(args, args.shots)
     if not train["train"] and not args.eval_only:
         fail(f"{args.data}: no training images (a train/ folder or the split file's train list)")
@@ -283,96 +233,105 @@ def main(args):
     seed_everything(args.seed)
 
     # Frozen CLIP and the learned prompt
-    clip_model = load_clip(args.backbone, device, precision)
-    n_px, where = clip_model.visual.input_resolution, args.class_token_position
-    encode = clip_model.encode_image
-    # --csc learns one context per training class: a test set of other classes is not scored
-    names = train["classnames"]
-    other = [k for k, (_, classnames) in test_sets.items() if args.csc and classnames != names]
-    not_scored = {k: "classes without a learned context (--csc)" for k in other}
-    test_sets = {k: v for k, v in test_sets.items() if k not in other}
-    try:
-        model = CustomCLIP(clip_model, names, n_ctx, ctx_init, args.csc, where, args.cocoop)
-        model.to(device)
-        for _, classnames in test_sets.values():  # every test set's prompts fit, before training
-            model.prompt_learner.set_classnames(clip_model, classnames)
-        model.prompt_learner.set_classnames(clip_model, train["classnames"])
-    except ValueError as e:
-        fail(str(e))
-    pl, learned = model.prompt_learner, [p for p in model.parameters() if p.requires_grad]
-    assert not any(p.requires_grad for p in clip_model.parameters())
-    n_learned, n_frozen = [sum(p.numel() for p in ps) for ps in (learned, clip_model.parameters())]
-    print(
-        f"{method}: {pl.n_ctx} context vectors ({ctx_init or 'random'!r}); learned "
-        f"{list(learned_state(model))} = {n_learned:,} parameters; CLIP's {n_frozen:,} frozen"
-    )
-    config = dict(method=method, backbone=args.backbone, n_ctx=pl.n_ctx, csc=args.csc)
+    clip_model = load_clip(args.backbone, device, args.precision)
+    model, learned, test_sets, not_scored = build_model(args, method, clip_model, train, test_sets)
+    config = dict(method=method, backbone=args.backbone, n_ctx=model.prompt_learner.n_ctx)
+    config.update(csc=args.csc)
     if args.load:
         load_learned(model, load_checkpoint(args.load), args.load, config)
 
-    # Training: SGD on the context (and CoCoOp's meta-network), one learning rate per epoch
+    # Training: SGD on the learned parameters, one learning rate per epoch
     os.makedirs(run_dir, exist_ok=True)
     save(os.path.join(run_dir, "args.json"), vars(args))
-    sgd = dict(lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    optimizer = torch.optim.SGD(learned, **sgd)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "amp" and device.type == "cuda")
+    optimizer = torch.optim.SGD(learned, args.lr, momentum=0.9, weight_decay=5e-4)  # on ctx too
+    # fp16 arithmetic scales the loss, lest small gradients round to 0 (the original's does not)
+    half = args.precision == "fp16" or (args.precision == "amp" and device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type, enabled=half)
     generator = torch.Generator().manual_seed(args.seed)  # the shuffling order, kept for --resume
-    # The original loader silently drops the last partial batch when N >= batch size (up to 31
-    # images per epoch); we keep every image unless --drop-last asks for the original behaviour.
-    drop_last = args.drop_last and len(train["train"]) >= batch_size
-    transform = train_transform(n_px, args.crop_scale)
-    loader = make_loader(
-        train["train"], transform, batch_size, args.workers, device, True, drop_last, generator
-    )
-    start, train_seconds, n_seen = 0, 0.0, 0
+    # Dassl's loader drops the last partial batch (N >= batch size); we keep it unless --drop-last
+    drop_last = args.drop_last and len(train["train"]) >= args.batch_size
+    transform = train_transform(clip_model.visual.input_resolution, args.crop_scale)
+    loader = make_loader(train["train"], transform, args.batch_size, args.workers, device, True,
+                         drop_last, generator)  # fmt: skip
+    epochs, start, train_seconds, n_seen = 0 if args.eval_only else args.epochs, 0, 0.0, 0
     watch_preemption()  # SIGUSR1: stop after this epoch's checkpoint
     if args.resume:
         start, train_seconds = resume(run_dir, model, optimizer, scaler, generator, config)
-    elif os.path.exists(os.path.join(run_dir, "log.jsonl")) and not args.eval_only:
+    elif not args.eval_only and os.path.exists(os.path.join(run_dir, "log.jsonl")):
         os.remove(os.path.join(run_dir, "log.jsonl"))  # a fresh run starts a fresh log
-    for epoch in range(start, 0 if args.eval_only else epochs):
-        lr = lr_at_epoch(epoch, args.lr, epochs, args.warmup_lr)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        t0, losses, accs, n = time.time(), [], [], 0
+    for epoch in range(start, epochs):
+        lr = lr_at_epoch(epoch, args.lr, epochs)  # a warm-up epoch at 1e-5, then a cosine
+        optimizer.param_groups[0]["lr"] = lr  # one parameter group
+        t0, steps, n = time.time(), [], 0
         peak_mib(device, reset=True)
         for images, labels in loader:
             images, labels = images.to(device, non_blocking=True), labels.to(device)
-            step = train_step(model, encode, optimizer, scaler, images, labels, precision)
-            losses, accs, n = losses + [step[0]], accs + [step[1]], n + len(labels)
+            steps.append(train_step(model, clip_model.encode_image, optimizer, scaler, images,
+                                    labels, args.precision))  # fmt: skip
+            n += len(labels)
         seconds = time.time() - t0
         train_seconds, n_seen = train_seconds + seconds, n_seen + n
-        log_epoch(
-            run_dir, device, epoch + 1, epochs, seconds, n, lr=lr, loss=losses, train_acc=accs
-        )
-        save_progress(
-            run_dir, config, model, optimizer, scaler, epoch + 1, train_seconds, generator
-        )
-
-    # Evaluation of the last epoch on every test set (image features encoded once per set)
-    zero_shot, acc = {}, {}
-    for name, (items, classnames) in test_sets.items():
-        loader = make_loader(items, test_transform(n_px), 100, args.workers, device)
-        features, labels = encode_images(encode, loader, device, precision)
-        weights = zeroshot_classifier(clip_model, classnames, [args.template])
-        zero_shot[name] = accuracy(clip_model.logit_scale.exp() * features @ weights.t(), labels)
-        pl.set_classnames(clip_model, classnames)  # the context does not depend on the names
-        with autocast(device, precision):
-            acc[name] = accuracy(predict(model, features), labels)
+        loss, train_acc = zip(*steps)  # one value per step
+        log_epoch(run_dir, device, epoch + 1, epochs, seconds, n, lr=lr, loss=loss,
+                  train_acc=train_acc)  # fmt: skip
+        save_progress(run_dir, config, model, optimizer, scaler, epoch + 1, train_seconds,
+                      generator)  # fmt: skip
+    zero_shot, acc = evaluate(args, clip_model, model, test_sets)  # the last epoch, every test set
     speed = round(n_seen / train_seconds, 1) if n_seen else None
-    extra = dict(epochs=0 if args.eval_only else epochs, precision=precision, images_per_s=speed)
+    extra = dict(epochs=epochs, precision=args.precision, images_per_s=speed)
     extra.update(train_seconds=round(train_seconds, 2), not_scored=not_scored)
     return finish_run(run_dir, args, method, dataset, zero_shot, acc, **extra)
 
 
+def build_model(args, method, clip_model, train, test_sets):
+    """The model, every test set's prompts checked now -> (model, its learned parameters, the test
+    sets it can score, the others)."""
+    # --csc learns one context per training class: a test set of other classes is not scored
+    other = [k for k, (_, names) in test_sets.items() if args.csc and names != train["classnames"]]
+    test_sets = {k: v for k, v in test_sets.items() if k not in other}
+    ctx_init = args.ctx_init  # the init words, or "" for a random context
+    try:
+        model = CustomCLIP(clip_model, train["classnames"], args.n_ctx, ctx_init, args.csc,
+                           args.class_token_position, args.cocoop).to(args.device)  # fmt: skip
+        for names in [names for _, names in test_sets.values()] + [train["classnames"]]:
+            model.prompt_learner.set_classnames(clip_model, names)
+    except ValueError as e:
+        fail(str(e))
+    learned = [p for p in model.parameters() if p.requires_grad]
+    assert not any(p.requires_grad for p in clip_model.parameters())  # CLIP stays frozen
+    n_learned, n_frozen = [sum(p.numel() for p in ps) for ps in (learned, clip_model.parameters())]
+    what = f"{method}: {model.prompt_learner.n_ctx} context vectors ({ctx_init or 'random'!r})"
+    print(f"{what}; learned {list(learned_state(model))} = {n_learned:,} parameters; CLIP's "
+          f"{n_frozen:,} frozen")  # fmt: skip
+    return model, learned, test_sets, dict.fromkeys(other, "no learned context (--csc)")
+
+
+def evaluate(args, clip_model, model, test_sets):
+    """Accuracies of zero-shot CLIP (--template) and of the learned prompt on every test set."""
+    device, n_px = torch.device(args.device), clip_model.visual.input_resolution
+    zero_shot, acc = {}, {}
+    for name, (items, classnames) in test_sets.items():
+        loader = make_loader(items, test_transform(n_px), 100, args.workers, device)
+        features, labels = encode_images(clip_model.encode_image, loader, device, args.precision)
+        weights = zeroshot_classifier(clip_model, classnames, [args.template])  # (n_cls, D)
+        zero_shot[name] = accuracy(clip_model.logit_scale.exp() * features @ weights.t(), labels)
+        model.prompt_learner.set_classnames(clip_model, classnames)  # the context stays
+        # CoCoOp runs the text encoder once per image: a few images at a time
+        chunk = max(1, 2000 // len(classnames)) if args.cocoop else len(features)
+        with torch.no_grad(), autocast(device, args.precision):
+            acc[name] = accuracy(torch.cat([model(f) for f in features.split(chunk)]), labels)
+    return zero_shot, acc
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
-        description="CoOp and CoCoOp (defaults: the papers' settings)",
+        description=__doc__.splitlines()[0] + " Defaults: the papers' settings. SGD with momentum "
+        "0.9 and weight decay 5e-4; the first epoch at lr 1e-05, then a cosine from --lr.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add = p.add_argument
     # data and protocol
-    add("--backbone", default="RN50", help="CLIP name or checkpoint path (CoCoOp: ViT-B/16)")
+    add("--backbone", help="CLIP name (RN50, ViT-B/16, ...) or checkpoint path")
     add("--data", required=True, help="root with train/ [val/] test/, or --split-file's images")
     add("--split-file", help="CoOp's split_zhou_<Name>.json (then --data is its image root)")
     add("--classnames", help="classnames.txt: 'folder<TAB>readable name' per line")
@@ -382,33 +341,28 @@ def parse_args(argv=None):
     add("--eval-data", nargs="*", default=[], help="extra test sets (ImageFolder roots)")
     add("--template", default="a photo of a {}.", help="the zero-shot baseline's template")
     # the method
-    add(
-        "--cocoop",
-        action="store_true",
-        help="CoCoOp: the image-conditioned meta-network, "
-        "its published setting (4 vectors from 'a photo of a', batch 1, 10 epochs)",
-    )
-    add("--n-ctx", type=int, help="context vectors M of a random init (CoOp: 16, CoCoOp: 4)")
-    add(
-        "--ctx-init",
-        help="initialise the context from these words (sets M); default: random "
-        "N(0, 0.02^2) for CoOp, 'a photo of a' for CoCoOp ('' for random)",
-    )
+    add("--cocoop", action="store_true", help="CoCoOp: the image-conditioned meta-network")
+    add("--n-ctx", type=int, help="context vectors M of a random init")
+    init = "initialise the context from these words (then M = their tokens); '': N(0, 0.02^2)"
+    add("--ctx-init", help=init)
     add("--csc", action="store_true", help="class-specific context (one context per class)")
-    add("--class-token-position", choices=["end", "middle", "front"], default="end")
+    where = "where the class name goes in the prompt (CoOp's variants)"
+    add("--class-token-position", choices=["end", "middle", "front"], default="end", help=where)
     # optimisation
-    add("--epochs", type=int, help="default: 50/100/200 for 1/2-4/8+ shots (CoCoOp: 10)")
-    add("--batch-size", type=int, help="default: 32 (CoCoOp: 1)")
+    add("--epochs", type=int, help="training epochs")
+    add("--batch-size", type=int, help="training images per step")
     add("--lr", type=float, default=0.002, help="SGD learning rate after the warm-up epoch")
-    add("--momentum", type=float, default=0.9, help="SGD momentum")
-    add("--weight-decay", type=float, default=5e-4, help="SGD weight decay (on ctx too)")
-    add("--warmup-lr", type=float, default=1e-5, help="learning rate of the first epoch")
-    crop = "smallest area of the random resized crop (the toy world's 32-px images: 0.5)"
-    add("--crop-scale", type=float, default=0.08, help=crop)
-    drop = "drop the last partial batch when N >= batch size, as the original loader did"
-    add("--drop-last", action="store_true", help=drop)
+    add("--crop-scale", type=float, default=0.08, help="random crop's smallest area (toy: 0.5)")
+    add("--drop-last", action="store_true", help="drop the last partial batch, as the original")
     add_run_args(add)
-    return p.parse_args(argv)
+    args = parse(p, argv, PRESETS, lambda a: "cocoop" if a.cocoop else "coop")
+    if args.cocoop and (args.csc or args.class_token_position != "end"):
+        fail("CoCoOp uses one generic context with the class token at the end")
+    if args.eval_only and not args.load:
+        fail("--eval-only needs --load <checkpoint.pt>")
+    if args.shots < 1:
+        fail("--shots must be at least 1")
+    return args
 
 
 # --- shared: speed-ups (canonical copy in coop.py; re-sync with tools/sync_shared.py) ---

@@ -1,31 +1,33 @@
 """ProGrad: prompt tuning whose updates never oppose zero-shot CLIP's general knowledge.
 
-Paper: Zhu et al., "Prompt-aligned Gradient for Prompt Tuning", arXiv 2205.14865.
+Paper   Zhu et al., "Prompt-aligned Gradient for Prompt Tuning", arXiv 2205.14865
+Code    github.com/BeierZhu/Prompt-align (ProGrad.public/trainers/prograd.py; the projection is in
+        its copy of Dassl, the CoOp authors' training library: dassl/engine/trainer.py)
 
 The idea. CoOp's learned context fits the few training images and can forget what CLIP knew.
-ProGrad trains the same context (CoOp's prompt learner) but looks at two gradients every step: G_d,
-of the cross-entropy with the labels (domain-specific), and G_g, of the KL divergence from
-zero-shot CLIP's prediction to the prompt's (general). When they conflict (an angle above 90
-degrees), the part of G_d that opposes G_g is removed before the step (lambda = 0 is CoOp).
+ProGrad trains the same context but looks at two gradients every step: G_d, of the cross-entropy
+with the labels (domain-specific), and G_g, of the KL divergence from zero-shot CLIP's prediction
+to the prompt's (general). When they conflict (an angle above 90 degrees), the part of G_d that
+opposes G_g is removed before the step. The rest is CoOp (lambda = 0 is CoOp).
 
-Equations (s the student's logits with the learned prompt, t the zero-shot teacher's logits from
-the hand-crafted template, both cos / tau with CLIP's 1/tau of about 100; T the KL temperature)
-  [ProGrad]        L_ce = CE(s, y)                              G_d = dL_ce/dctx  (domain-specific)
-  [ProGrad]        L_kl = T^2 KL(softmax(t/T) || softmax(s/T))  G_g = dL_kl/dctx  (general)
+Equations ([SOS], [EOT]: CLIP's start- and end-of-text tokens; g(.): CLIP's text encoder, read at
+[EOT]; f: the L2-normalised image feature; tau: CLIP's frozen temperature, 1/tau about 100)
+  [CoOp Eq. 2]   t_c = [SOS] [V]_1 ... [V]_M [CLASS_c] [.] [EOT]       (class token at the end)
+  [CoOp Eq. 3]   p(y=c|x) = exp(cos(g(t_c), f) / tau) / sum_j exp(cos(g(t_j), f) / tau)
+  [ProGrad]      L_ce = CE(p, y), G_d = dL_ce/dctx;  L_kl = T^2 KL(p_zs || p), G_g = dL_kl/dctx
+                 (p_zs: zero-shot CLIP's p with the template; in L_kl both at temperature T)
   [ProGrad Eq. 5]  G = G_d - lambda (G_d.G_g / |G_g|^2) G_g  if G_d.G_g < 0,  else G = G_d
-                   then SGD (momentum, weight decay) takes the step with G.
-Learned: ctx, 16 context vectors (16, d), initialised from the dataset's template words.
-Frozen:  all of CLIP; the teacher is the same frozen CLIP with the template (no second copy).
-Differs from coop.py: the template initialisation, the teacher, and train_step (two gradients and
-the projection); no CSC, no class positions, no CoCoOp (ProGrad uses none of them).
-
-The paper's settings (authors' configs): RN50, M = 16 from the template, lambda 1 (0.8 for 8 and
-16 shots on Flowers102, DTD, EuroSAT), T 1, and CoOp's SGD recipe and epochs (see coop.py).
+Variants: the class token in the middle or at the front; a class-specific context (CSC in the
+CoOp code: one context per class) instead of one that all classes share.
+Learned: ctx = [V]_1..[V]_M, (M, d), or (n_cls, M, d) with --csc, from the template's words.
+Frozen:  all of CLIP (image and text encoders, token embedding, logit scale), the teacher too.
+Settings: PRESETS below (the paper's); SGD with momentum 0.9 and weight decay 5e-4; a warm-up
+epoch at 1e-5, then a cosine schedule stepped per epoch.
 
 Run
   python prograd.py --backbone toy/clip_rn.pt --data toy/sketch --shots 4 --crop-scale 0.5
-  python prograd.py --backbone RN50 --data DATA/oxford_pets/images --template OxfordPets \
-      --split-file DATA/oxford_pets/split_zhou_OxfordPets.json --shots 16
+  python prograd.py --data DATA/pets/images --split-file DATA/pets/split_zhou_OxfordPets.json \
+      --template OxfordPets
 """
 
 import argparse
@@ -50,21 +52,16 @@ with warnings.catch_warnings():  # openai-clip 1.0.1 imports the deprecated pkg_
     warnings.simplefilter("ignore")
     import clip
 
-# [ProGrad] the hand-crafted templates, reordered so that the class name comes last: the words
-# before " {}." initialise the context, and the whole template makes the zero-shot teacher.
-PROGRAD_TEMPLATES = {
-    "OxfordPets": "a type of pet, a photo of a {}.",
-    "OxfordFlowers": "a type of flower, a photo of a {}.",
-    "FGVCAircraft": "a type of aircraft, a photo of a {}.",
-    "DescribableTextures": "a texture of {}.",
-    "EuroSAT": "a centered satellite photo of {}.",
-    "StanfordCars": "a photo of a {}.",
-    "Food101": "a type of food, a photo of {}.",
-    "SUN397": "a photo of a {}.",
-    "Caltech101": "a photo of a {}.",
-    "UCF101": "a photo of a person doing {}.",
-    "ImageNet": "a photo of a {}.",
-}
+
+def by_shots(args):
+    """50/100/200 epochs for 1/2-4/8-16 shots"""
+    return epochs_for_shots(args)  # CoOp's configs (the training block, in the appendix)
+
+
+PRESETS = {
+    "prograd": dict(backbone="RN50", n_ctx=16, ctx_init="template", epochs=by_shots, batch_size=32,
+                    lam=1.0, temperature=1.0),
+}  # fmt: skip
 
 
 # --- shared: text encoder (canonical copy in coop.py; re-sync with tools/sync_shared.py) ---
@@ -99,298 +96,270 @@ class TextEncoder(nn.Module):
 # --- end shared: text encoder ---
 
 
-# ------------------------------------------------------------------------------------------------
-# The method: the student (CoOp's prompt learner), the zero-shot teacher, the projection
-# ------------------------------------------------------------------------------------------------
+# ---- The method: CoOp's prompt learner, the teacher's templates, the projection ------------------
+# [ProGrad] the authors' templates: the words before " {}." initialise the context (class last)
+PROGRAD_TEMPLATES = {
+    "OxfordPets": "a type of pet, a photo of a {}.", "Food101": "a type of food, a photo of {}.",
+    "OxfordFlowers": "a type of flower, a photo of a {}.", "ImageNet": "a photo of a {}.",
+    "FGVCAircraft": "a type of aircraft, a photo of a {}.", "SUN397": "a photo of a {}.",
+    "DescribableTextures": "a texture of {}.", "EuroSAT": "a centered satellite photo of {}.",
+    "UCF101": "a photo of a person doing {}.", "StanfordCars": "a photo of a {}.",
+    "Caltech101": "a photo of a {}.",
+}  # fmt: skip
+
+
 class PromptLearner(nn.Module):
-    """ProGrad's student: CoOp's prompt learner, generic context, class token at the end.
+    """CoOp's: every class's prompt around the learned context `ctx` (the only parameter). The fixed
+    pieces are buffers of token embeddings: token_prefix ([SOS]) and token_suffix (class name, ".",
+    [EOT], padding); set_classnames rebuilds them for other classes (checkpoints hold ctx only)."""
 
-    The template init of the authors' code: ctx = zeros(M, d) whose last k rows are the embeddings
-    of the k template words, right-aligned; M=16 and "a photo of a" give 12 zero rows, then the
-    four words.
-    """
-
-    def __init__(self, clip_model, classnames, n_ctx=16, init_text=None):
+    def __init__(self, clip_model, classnames, n_ctx=16, ctx_init="", csc=False, position="end"):
         super().__init__()
         d = clip_model.ln_final.weight.shape[0]  # token width (512 for RN50 and ViT-B)
-        ctx, k = torch.zeros(n_ctx, d), 0
-        if init_text is None:  # CoOp's random init N(0, 0.02^2)
-            nn.init.normal_(ctx, std=0.02)
-        else:
-            # Tokenisation quirk, kept from the authors' code: k counts the template's WORDS. With a
-            # comma ("a type of pet, a photo of a": 8 words, 9 BPE tokens, "pet," -> "pet" ",") the
-            # last template token falls into the frozen suffix. The encoder still sees exactly the
-            # template; one of its tokens is frozen instead of learned.
-            k = len(init_text.split())
+        if ctx_init:  # [ProGrad] template init: M - k zero vectors, then the k template words
+            # As the authors' code, k counts WORDS: "pet, a" is 2 words, 3 tokens, so the last
+            # template token falls into the frozen suffix (the encoder still reads the template)
+            k = len(ctx_init.split())
             if k > n_ctx:
-                raise ValueError(f"the template {init_text!r} has {k} words, more than M = {n_ctx}")
-            tokens = tokenize(clip_model, [init_text]).to(clip_model.token_embedding.weight.device)
-            with torch.no_grad():
-                ctx[n_ctx - k :] = clip_model.token_embedding(tokens)[0, 1 : 1 + k].float()
-        self.ctx = nn.Parameter(ctx)  # (M, d)
-        self.n_ctx = n_ctx
-        self.prefix_text = " ".join(["X"] * (n_ctx - k) + ([init_text] if k else []))
+                raise ValueError(f"the template {ctx_init!r} has {k} words, more than M = {n_ctx}")
+            self.prefix_text = " ".join(["X"] * (n_ctx - k) + [ctx_init])
+            tokens = tokenize(clip_model, [ctx_init]).to(clip_model.logit_scale.device)
+            embedding = clip_model.token_embedding(tokens)  # (1, L, d), CLIP frozen: no graph
+            ctx = F.pad(embedding[0, 1 : 1 + k].float(), (0, 0, n_ctx - k, 0))  # (M, d)
+            ctx = ctx.repeat(len(classnames), 1, 1) if csc else ctx  # (n_cls, M, d)
+        else:  # [CoOp] random init N(0, 0.02^2); the placeholder words "X" are replaced by ctx
+            ctx = torch.empty((len(classnames), n_ctx, d) if csc else (n_ctx, d))
+            nn.init.normal_(ctx, std=0.02)
+            self.prefix_text = " ".join(["X"] * n_ctx)
+        self.ctx = nn.Parameter(ctx)  # (M, d), or (n_cls, M, d) with a class-specific context
+        self.n_ctx, self.csc, self.position = ctx.shape[-2], csc, position
         self.set_classnames(clip_model, classnames)
 
     def set_classnames(self, clip_model, classnames):
-        texts = [f"{self.prefix_text} {c}." for c in classnames]  # [CoOp] the trailing period
+        if self.csc and len(classnames) != self.ctx.shape[0]:
+            learned = f"learned for {self.ctx.shape[0]} classes; got {len(classnames)}"
+            raise ValueError(f"the class-specific context was {learned}")
+        texts = [f"{self.prefix_text} {c}." for c in classnames]  # [CoOp] note the trailing period
         try:
-            tokenized = tokenize(clip_model, texts)  # (n_cls, L)
-        except RuntimeError:
-            raise ValueError(
-                f"a prompt is longer than the model's context length "
-                f"{clip_model.context_length}: use a smaller --n-ctx or shorter class "
-                f"names (longest: {max(classnames, key=len)!r})"
-            ) from None
-        device = clip_model.token_embedding.weight.device
-        with torch.no_grad():
-            embedding = clip_model.token_embedding(tokenized.to(device)).float()  # (n_cls, L, d)
-        self.register_buffer("token_prefix", embedding[:, :1], persistent=False)  # SOS
+            tokenized = tokenize(clip_model, texts).to(clip_model.logit_scale.device)  # (n_cls, L)
+        except RuntimeError:  # clip.tokenize: too long
+            what = f"longer than the model's context length {clip_model.context_length}"
+            raise ValueError(f"a prompt is {what}; use a smaller --n-ctx, shorter names") from None
+        embedding = clip_model.token_embedding(tokenized).float()  # (n_cls, L, d)
+        self.register_buffer("token_prefix", embedding[:, :1], persistent=False)  # [SOS]
         self.register_buffer("token_suffix", embedding[:, 1 + self.n_ctx :], persistent=False)
-        self.register_buffer("tokenized", tokenized.to(device), persistent=False)  # to find EOT
+        self.register_buffer("tokenized", tokenized, persistent=False)  # to find [EOT]
+        if self.position != "end":
+            order = class_token_order(tokenize(clip_model, classnames), self.n_ctx, self.position)
+            self.register_buffer("order", order.to(tokenized.device), persistent=False)
 
     def forward(self):
-        """The full prompts [SOS] [V]_1..[V]_M [CLASS] . [EOS]: (n_cls, L, d)."""
-        ctx = self.ctx.expand(self.token_prefix.shape[0], -1, -1)  # (n_cls, M, d)
-        return torch.cat([self.token_prefix, ctx, self.token_suffix], dim=1)
+        """[CoOp Eq. 2] every class's whole prompt: (n_cls, L, d)."""
+        n_cls = self.token_prefix.shape[0]
+        ctx = self.ctx if self.csc else self.ctx.expand(n_cls, -1, -1)  # (n_cls, M, d)
+        prompts = torch.cat([self.token_prefix, ctx, self.token_suffix], dim=1)  # (n_cls, L, d)
+        if self.position != "end":  # the class name moves: each row goes where `order` says
+            prompts = prompts.gather(1, self.order.expand_as(prompts))
+        return prompts
 
     def prefix(self):
         """[SOS] [V]_1..[V]_M, the part of the prompt every class shares: (1, 1 + M, d)."""
         return torch.cat([self.token_prefix[:1], self.ctx.unsqueeze(0)], dim=1)
 
 
-class CustomCLIP(nn.Module):
-    """The student: logits of normalised image features against the learned prompts."""
+def class_token_order(name_tokens, n_ctx, position):
+    """CoOp's 'middle' and 'front': the row of the 'end' layout that each position takes."""
+    order, L, M = [], name_tokens.shape[1], n_ctx
+    for n in (name_tokens.argmax(dim=-1) - 1).tolist():  # BPE tokens of each class name
+        v, name, rest = range(1, 1 + M), range(1 + M, 1 + M + n), range(1 + M + n, L)
+        if position == "middle":  # [SOS] [V]_1..[V]_M/2 [CLASS] [V]_M/2+1..[V]_M [.] [EOT]
+            order.append([0, *v[: M // 2], *name, *v[M // 2 :], *rest])
+        else:  # front: [SOS] [CLASS] [V]_1..[V]_M [.] [EOT]
+            order.append([0, *name, *v, *rest])
+    return torch.tensor(order).unsqueeze(-1)  # (n_cls, L, 1)
 
-    def __init__(self, clip_model, classnames, n_ctx=16, init_text=None):
+
+class CustomCLIP(nn.Module):
+    """CoOp's model (the official code's name): logits of the normalised image features against
+    the learned prompts."""
+
+    def __init__(self, clip_model, classnames, n_ctx=16, ctx_init="", csc=False, position="end"):
         super().__init__()
-        self.prompt_learner = PromptLearner(clip_model, classnames, n_ctx, init_text)
+        self.prompt_learner = PromptLearner(clip_model, classnames, n_ctx, ctx_init, csc, position)
         self.text_encoder = TextEncoder(clip_model)
         self.logit_scale = clip_model.logit_scale  # CLIP's own, frozen: ln(1/tau)
-        self.shared_prefix = True  # every class's prompt starts [SOS] [V]_1..[V]_M: run it once
+        # A generic context with the class name at the end gives every class the same prefix
+        # [SOS] [V]_1..[V]_M, which the speed-ups run once (not so with --csc or middle/front).
+        self.shared_prefix = not csc and position == "end"
 
     def forward(self, image_features):
         # image_features: (B, D), L2-normalised, from the frozen image encoder
-        pl, encoder = self.prompt_learner, self.text_encoder
-        if self.shared_prefix:
-            text = shared_prefix(encoder, pl.prefix(), pl.token_suffix, pl.tokenized)[0]
-        else:  # the plain formulation (bench.py compares the two)
-            text = encoder(pl(), pl.tokenized)
-        text = F.normalize(text.float(), dim=-1)  # (n_cls, D)
-        return self.logit_scale.exp() * image_features @ text.t()  # (B, n_cls)
-
-
-def resolve_template(template):
-    """A dataset name gives ProGrad's template for it; otherwise the template must end with
-    ' {}.': the words before it initialise the context, and the class name comes last."""
-    template = PROGRAD_TEMPLATES.get(template, template)
-    if not template.endswith(" {}."):
-        fail(
-            f"--template {template!r} must end with ' {{}}.' (the class name last, after a "
-            f"space) or be one of {', '.join(PROGRAD_TEMPLATES)}"
-        )
-    return template
-
-
-def prograd_losses(student_logits, teacher_logits, labels, temperature):
-    """L_ce with the labels, and L_kl from the zero-shot distribution to the student's."""
-    loss_ce = F.cross_entropy(student_logits, labels)
-    # As the authors' code: the soft-target cross-entropy T^2 mean_b sum_c -p_zs log p_student. It
-    # differs from KL(p_zs || p_student) by p_zs's entropy, a constant: the gradient is the KL's.
-    p_zs = F.softmax(teacher_logits / temperature, dim=-1)
-    log_p = F.log_softmax(student_logits / temperature, dim=-1)
-    loss_kl = temperature**2 * -(p_zs * log_p).sum(-1).mean()
-    return loss_ce, loss_kl
+        pl, encoder, inv_tau = self.prompt_learner, self.text_encoder, self.logit_scale.exp()
+        if self.shared_prefix:  # the same numbers as the plain formulation: see the speed-ups
+            text = shared_prefix(encoder, pl.prefix(), pl.token_suffix, pl.tokenized)
+        else:  # the plain formulation: every class's prompt through the text encoder
+            text = encoder(pl(), pl.tokenized).unsqueeze(0)  # (1, n_cls, D)
+        text = F.normalize(text.float(), dim=-1)  # (1, n_cls, D)
+        return inv_tau * image_features @ text[0].t()  # [CoOp Eq. 3] (B, n_cls)
 
 
 def project(G_d, G_g, lam):
     """[ProGrad Eq. 5] G = G_d - lambda (G_d.G_g / |G_g|^2) G_g if G_d.G_g < 0, else G_d (fp32)."""
     g_d, g_g = G_d.float(), G_g.float()
-    dot, norm2 = (g_d * g_g).sum(), (g_g * g_g).sum()
-    if norm2 == 0 or not torch.isfinite(norm2):
-        # |G_g| = 0: the authors' code divides 0 by 0, and "NaN < 0" is False, so it keeps G_d.
-        # We keep that behaviour, explicitly.
-        return G_d
+    dot, norm2 = (g_d * g_g).sum(), (g_g * g_g).sum()  # G_g = 0: dot 0, G_d stays (as the authors')
     if dot < 0:  # the update would undo part of the general knowledge: remove that part
         return (g_d - lam * dot / norm2 * g_g).to(G_d.dtype)
     return G_d  # no conflict: the domain-specific gradient as it is
 
 
-# ------------------------------------------------------------------------------------------------
-# One optimisation step (the unit the training loop, the tests and bench.py call)
-# ------------------------------------------------------------------------------------------------
 def two_gradients(model, image_features, teacher, labels, T, params, precision="fp32", scale=None):
-    """G_d and G_g from ONE forward of the student; the teacher shares its image features. The
-    logits are computed under autocast; the losses and both backward passes outside it, in fp32,
-    as PyTorch's autocast notes advise."""
+    """[ProGrad] G_d and G_g from ONE student forward (logits under autocast, the rest in fp32)."""
     with autocast(image_features.device, precision):
-        logits = model(image_features)  # (B, n_cls)
-    logits = logits.float()
-    with torch.no_grad():  # zero-shot CLIP on the same images: (B, n_cls)
-        teacher_logits = model.logit_scale.exp() * image_features @ teacher.t()
-    loss_ce, loss_kl = prograd_losses(logits, teacher_logits, labels, T)
+        logits = model(image_features).float()  # (B, n_cls)
+    with torch.no_grad():  # the teacher, on the same features (the authors' code: a CLIP copy)
+        p_zs = F.softmax(model.logit_scale.exp() * image_features @ teacher.t() / T, dim=-1)
+    loss_ce = F.cross_entropy(logits, labels)
+    # As the authors' code: L_kl = T^2 mean_b sum_c -p_zs log p, the soft-target cross-entropy. It
+    # differs from KL(p_zs || p) by p_zs's entropy, a constant: the gradient is the KL's.
+    loss_kl = T**2 * -(p_zs * F.log_softmax(logits / T, dim=-1)).sum(-1).mean()
     if not (torch.isfinite(loss_ce) and torch.isfinite(loss_kl)):
-        raise FloatingPointError(
-            f"the losses are {loss_ce.item()} and {loss_kl.item()}; try --precision fp32"
-        )
-    scale = scale or (lambda loss: loss)  # the amp loss scale on CUDA, the same for both
+        raise FloatingPointError(f"the losses are {loss_ce.item()}, {loss_kl.item()}; try fp32")
+    scale = scale or (lambda loss: loss)  # the loss scale for fp16 arithmetic, the same for both
     G_g = torch.autograd.grad(scale(loss_kl), params, retain_graph=True)  # general direction
     G_d = torch.autograd.grad(scale(loss_ce), params)  # domain-specific direction
     return G_d, G_g, loss_ce, logits
 
 
+# ---- One training step (the unit the loop, the tests and bench.py call), then main ---------------
 def train_step(model, encode_image, teacher, optimizer, scaler, images, labels, precision, lam, T):
     with torch.no_grad(), autocast(images.device, precision):  # CLIP's image side is frozen
-        image_features = F.normalize(encode_image(images).float(), dim=-1)  # (B, D), one forward
+        image_features = F.normalize(encode_image(images).float(), dim=-1)  # (B, D)
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    G_d, G_g, loss_ce, logits = two_gradients(
-        model, image_features, teacher, labels, T, params, precision, scaler.scale
-    )
-    # Per tensor, as the authors' code: with ctx the only learned tensor, this is the paper's one
-    # projection of the whole gradient G. A researcher who learns more tensors (a meta-network, a
-    # second context) and wants the paper's single G must flatten them into one vector first.
-    for p, g_d, g_g in zip(params, G_d, G_g):
-        p.grad = project(g_d, g_g, lam)  # linear in G_d: the amp loss scale passes through
-    scaler.step(optimizer)  # SGD: momentum and weight decay act after the projection (original)
-    scaler.update()
-    dot = sum((d.float() * g.float()).sum() for d, g in zip(G_d, G_g))
-    norm_d = math.sqrt(sum(d.float().pow(2).sum() for d in G_d))
-    norm_g = math.sqrt(sum(g.float().pow(2).sum() for g in G_g))
-    cosine = float(dot) / (norm_d * norm_g) if norm_d * norm_g > 0 else 0.0
-    return loss_ce.item(), accuracy(logits, labels), cosine
+    G_d, G_g, loss, logits = two_gradients(model, image_features, teacher, labels, T, params,
+                                           precision, scaler.scale)  # fmt: skip
+    # An fp16 overflow in either gradient skips the step; GradScaler sees only p.grad: an inf there
+    finite = all(torch.isfinite(g).all() for g in G_d + G_g)
+    if not (finite or scaler.is_enabled()):
+        raise FloatingPointError("a gradient is not finite; try --precision fp32")
+    for p, g_d, g_g in zip(params, G_d, G_g):  # per tensor, as the authors' code (one tensor: ctx)
+        p.grad = project(g_d, g_g, lam) if finite else torch.full_like(g_d, math.inf)
+    scaler.step(optimizer)  # unscale (project is linear in G_d), then SGD: after the projection
+    scaler.update()  # the scale halves after an overflow and grows after 2000 good steps
+    dot = sum((d.float() * g.float()).sum() for d, g in zip(G_d, G_g))  # the logged cosine
+    norms = [math.sqrt(sum(g.float().pow(2).sum() for g in G)) for G in (G_d, G_g)]
+    cosine = float(dot) / (norms[0] * norms[1]) if norms[0] * norms[1] > 0 else 0.0
+    return loss.item(), accuracy(logits, labels), cosine if finite else math.nan  # NaN: skipped
 
 
-# ------------------------------------------------------------------------------------------------
-# main: data, model, the visible training loop, evaluation, results
-# ------------------------------------------------------------------------------------------------
 def main(args):
-    device = torch.device(args.device)
-    precision = args.precision or ("amp" if device.type == "cuda" else "fp32")
-    template = resolve_template(args.template)
-    epochs = args.epochs or epochs_for_shots(args)
-    if args.eval_only and not args.load:
-        fail("--eval-only needs --load <checkpoint.pt>")
-    if args.shots < 1:
-        fail("--shots must be at least 1")
+    device, method = torch.device(args.device), "prograd"
     dataset, train, test_sets = load_task(args, args.shots)
     if not train["train"] and not args.eval_only:
         fail(f"{args.data}: no training images (a train/ folder or the split file's train list)")
-    run_dir = args.out or os.path.join(
-        "runs", "prograd", dataset, f"{args.shots}shot_seed{args.seed}"
-    )
+    run_dir = args.out or os.path.join("runs", method, dataset, f"{args.shots}shot_seed{args.seed}")
     seed_everything(args.seed)
 
-    # Frozen CLIP, the learned prompt, and the zero-shot teacher (its class features computed once)
-    clip_model = load_clip(args.backbone, device, precision)
-    n_px = clip_model.visual.input_resolution
-    init_text = template[: -len(" {}.")] if args.ctx_init == "template" else None
-    try:
-        model = CustomCLIP(clip_model, train["classnames"], args.n_ctx, init_text).to(device)
-        for _, classnames in test_sets.values():  # every test set's prompts fit, before training
-            model.prompt_learner.set_classnames(clip_model, classnames)
-        model.prompt_learner.set_classnames(clip_model, train["classnames"])
-    except ValueError as e:
-        fail(str(e))
-    teacher_weights = zeroshot_classifier(clip_model, train["classnames"], [template])  # (C, D)
-    pl, learned = model.prompt_learner, [p for p in model.parameters() if p.requires_grad]
-    assert not any(p.requires_grad for p in clip_model.parameters()) and learned == [pl.ctx]
-    n_frozen = sum(p.numel() for p in clip_model.parameters())
-    print(
-        f"prograd: {pl.n_ctx} context vectors from {init_text or 'N(0, 0.02^2)'!r}, learned "
-        f"{list(learned_state(model))} = {pl.ctx.numel():,} parameters; CLIP's {n_frozen:,} "
-        f"frozen; teacher {template!r}, lambda {args.lam}, T {args.temperature}"
-    )
-    config = dict(method="prograd", backbone=args.backbone, n_ctx=pl.n_ctx)
+    # Frozen CLIP and the learned prompt
+    clip_model = load_clip(args.backbone, device, args.precision)
+    model, learned, test_sets, not_scored = build_model(args, method, clip_model, train, test_sets)
+    teacher = zeroshot_classifier(clip_model, train["classnames"], [args.template])  # (n_cls, D)
+    config = dict(method=method, backbone=args.backbone, n_ctx=model.prompt_learner.n_ctx)
+    config.update(csc=args.csc)
     if args.load:
         load_learned(model, load_checkpoint(args.load), args.load, config)
 
-    # Training: SGD on the context with the projected gradient, one learning rate per epoch
+    # Training: SGD on the learned parameters, one learning rate per epoch
     os.makedirs(run_dir, exist_ok=True)
     save(os.path.join(run_dir, "args.json"), vars(args))
-    sgd = dict(lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    optimizer = torch.optim.SGD(learned, **sgd)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "amp" and device.type == "cuda")
+    optimizer = torch.optim.SGD(learned, args.lr, momentum=0.9, weight_decay=5e-4)  # on ctx too
+    # fp16 arithmetic scales the loss, lest small gradients round to 0 (the original's does not)
+    half = args.precision == "fp16" or (args.precision == "amp" and device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type, enabled=half)
     generator = torch.Generator().manual_seed(args.seed)  # the shuffling order, kept for --resume
-    # The original loader silently drops the last partial batch when N >= batch size (up to 31
-    # images per epoch); we keep every image unless --drop-last asks for the original behaviour.
+    # Dassl's loader drops the last partial batch (N >= batch size); we keep it unless --drop-last
     drop_last = args.drop_last and len(train["train"]) >= args.batch_size
-    transform, batch = train_transform(n_px, args.crop_scale), args.batch_size
-    loader = make_loader(
-        train["train"], transform, batch, args.workers, device, True, drop_last, generator
-    )
-    start, train_seconds, n_seen = 0, 0.0, 0
+    transform = train_transform(clip_model.visual.input_resolution, args.crop_scale)
+    loader = make_loader(train["train"], transform, args.batch_size, args.workers, device, True,
+                         drop_last, generator)  # fmt: skip
+    epochs, start, train_seconds, n_seen = 0 if args.eval_only else args.epochs, 0, 0.0, 0
     watch_preemption()  # SIGUSR1: stop after this epoch's checkpoint
     if args.resume:
         start, train_seconds = resume(run_dir, model, optimizer, scaler, generator, config)
-    elif os.path.exists(os.path.join(run_dir, "log.jsonl")) and not args.eval_only:
+    elif not args.eval_only and os.path.exists(os.path.join(run_dir, "log.jsonl")):
         os.remove(os.path.join(run_dir, "log.jsonl"))  # a fresh run starts a fresh log
-    for epoch in range(start, 0 if args.eval_only else epochs):
-        lr = lr_at_epoch(epoch, args.lr, epochs, args.warmup_lr)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        t0, losses, accs, cosines, n = time.time(), [], [], [], 0
+    for epoch in range(start, epochs):
+        lr = lr_at_epoch(epoch, args.lr, epochs)  # a warm-up epoch at 1e-5, then a cosine
+        optimizer.param_groups[0]["lr"] = lr  # one parameter group
+        t0, steps, n = time.time(), [], 0
         peak_mib(device, reset=True)
         for images, labels in loader:
             images, labels = images.to(device, non_blocking=True), labels.to(device)
-            loss, acc, cosine = train_step(
-                model,
-                clip_model.encode_image,
-                teacher_weights,
-                optimizer,
-                scaler,
-                images,
-                labels,
-                precision,
-                args.lam,
-                args.temperature,
-            )
-            losses, accs, cosines = losses + [loss], accs + [acc], cosines + [cosine]
+            steps.append(train_step(model, clip_model.encode_image, teacher, optimizer, scaler,
+                images, labels, args.precision, args.lam, args.temperature))  # fmt: skip
             n += len(labels)
         seconds = time.time() - t0
         train_seconds, n_seen = train_seconds + seconds, n_seen + n
-        # the quantity the paper is about: how often, and how much, the two directions disagree
-        conflicts = [c < 0 for c in cosines]
-        log_epoch(
-            run_dir,
-            device,
-            epoch + 1,
-            epochs,
-            seconds,
-            n,
-            lr=lr,
-            loss=losses,
-            train_acc=accs,
-            conflict_fraction=conflicts,
-            mean_cosine=cosines,
-        )
-        save_progress(
-            run_dir, config, model, optimizer, scaler, epoch + 1, train_seconds, generator
-        )
+        loss, train_acc, cosine = zip(*steps)  # one value per step
+        cos = [c for c in cosine if not math.isnan(c)]  # NaN: a step skipped (fp16 overflow)
+        log_epoch(run_dir, device, epoch + 1, epochs, seconds, n, lr=lr, loss=loss,
+                  train_acc=train_acc, conflict_fraction=[c < 0 for c in cos],
+                  mean_cosine=cos)  # fmt: skip
+        save_progress(run_dir, config, model, optimizer, scaler, epoch + 1, train_seconds,
+                      generator)  # fmt: skip
+    zero_shot, acc = evaluate(args, clip_model, model, test_sets)  # the last epoch, every test set
+    speed = round(n_seen / train_seconds, 1) if n_seen else None
+    extra = dict(epochs=epochs, precision=args.precision, images_per_s=speed)
+    extra.update(train_seconds=round(train_seconds, 2), not_scored=not_scored)
+    return finish_run(run_dir, args, method, dataset, zero_shot, acc, **extra)
 
-    # Evaluation of the last epoch on every test set (image features encoded once per set)
+
+def build_model(args, method, clip_model, train, test_sets):
+    """The model, every test set's prompts checked now -> (model, its learned parameters, the test
+    sets it can score, the others)."""
+    # --csc learns one context per training class: a test set of other classes is not scored
+    other = [k for k, (_, names) in test_sets.items() if args.csc and names != train["classnames"]]
+    test_sets = {k: v for k, v in test_sets.items() if k not in other}
+    ctx_init = args.template[: -len(" {}.")] if args.ctx_init == "template" else ""
+    try:
+        model = CustomCLIP(clip_model, train["classnames"], args.n_ctx, ctx_init, args.csc,
+                           args.class_token_position).to(args.device)  # fmt: skip
+        for names in [names for _, names in test_sets.values()] + [train["classnames"]]:
+            model.prompt_learner.set_classnames(clip_model, names)
+    except ValueError as e:
+        fail(str(e))
+    learned = [p for p in model.parameters() if p.requires_grad]
+    assert not any(p.requires_grad for p in clip_model.parameters())  # CLIP stays frozen
+    n_learned, n_frozen = [sum(p.numel() for p in ps) for ps in (learned, clip_model.parameters())]
+    what = f"{method}: {model.prompt_learner.n_ctx} context vectors ({ctx_init or 'random'!r})"
+    print(f"{what}; learned {list(learned_state(model))} = {n_learned:,} parameters; CLIP's "
+          f"{n_frozen:,} frozen")  # fmt: skip
+    return model, learned, test_sets, dict.fromkeys(other, "no learned context (--csc)")
+
+
+def evaluate(args, clip_model, model, test_sets):
+    """Accuracies of zero-shot CLIP (--template) and of the learned prompt on every test set."""
+    device, n_px = torch.device(args.device), clip_model.visual.input_resolution
     zero_shot, acc = {}, {}
     for name, (items, classnames) in test_sets.items():
         loader = make_loader(items, test_transform(n_px), 100, args.workers, device)
-        features, labels = encode_images(clip_model.encode_image, loader, device, precision)
-        weights = zeroshot_classifier(clip_model, classnames, [template])  # the teacher's
+        features, labels = encode_images(clip_model.encode_image, loader, device, args.precision)
+        weights = zeroshot_classifier(clip_model, classnames, [args.template])  # (n_cls, D)
         zero_shot[name] = accuracy(clip_model.logit_scale.exp() * features @ weights.t(), labels)
-        pl.set_classnames(clip_model, classnames)  # the context does not depend on the names
-        with torch.no_grad(), autocast(device, precision):
+        model.prompt_learner.set_classnames(clip_model, classnames)  # the context stays
+        with torch.no_grad(), autocast(device, args.precision):
             acc[name] = accuracy(model(features), labels)
-    speed = round(n_seen / train_seconds, 1) if n_seen else None
-    extra = dict(epochs=0 if args.eval_only else epochs, precision=precision, images_per_s=speed)
-    extra.update(train_seconds=round(train_seconds, 2))
-    return finish_run(run_dir, args, "prograd", dataset, zero_shot, acc, **extra)
+    return zero_shot, acc
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
-        description="ProGrad (defaults: the paper's and the authors' code)",
+        description=__doc__.splitlines()[0] + " Defaults: the papers' settings. SGD with momentum "
+        "0.9 and weight decay 5e-4; the first epoch at lr 1e-05, then a cosine from --lr.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add = p.add_argument
     # data and protocol
-    add("--backbone", default="RN50", help="CLIP name (RN50, ViT-B/16, ...) or checkpoint path")
+    add("--backbone", help="CLIP name (RN50, ViT-B/16, ...) or checkpoint path")
     add("--data", required=True, help="root with train/ [val/] test/, or --split-file's images")
     add("--split-file", help="CoOp's split_zhou_<Name>.json (then --data is its image root)")
     add("--classnames", help="classnames.txt: 'folder<TAB>readable name' per line")
@@ -398,41 +367,33 @@ def parse_args(argv=None):
     base_new = "base-to-new: 'base' trains on the first half of the classes, also tests 'new'"
     add("--subsample", choices=["all", "base", "new"], default="all", help=base_new)
     add("--eval-data", nargs="*", default=[], help="extra test sets (ImageFolder roots)")
-    add(
-        "--template",
-        default="a photo of a {}.",
-        help="the teacher's template, ending ' {}.', "
-        f"or a dataset name: {', '.join(PROGRAD_TEMPLATES)}",
-    )
+    names = ", ".join(PROGRAD_TEMPLATES)
+    add("--template", default="a photo of a {}.", help=f"the teacher's (' {{}}.' last) or {names}")
     # the method
-    add("--n-ctx", type=int, default=16, help="context vectors M")
-    add(
-        "--ctx-init",
-        choices=["template", "random"],
-        default="template",
-        help="the template's words (right-aligned, zeros before), or CoOp's N(0, 0.02^2)",
-    )
-    add(
-        "--lam",
-        type=float,
-        default=1.0,
-        help="lambda, the projection's strength (1: orthogonal, "
-        "0: CoOp); the authors use 0.8 for 8 and 16 shots on Flowers102, DTD and EuroSAT",
-    )
-    add("--temperature", type=float, default=1.0, help="T of the KL to the zero-shot prediction")
-    # optimisation (as CoOp)
-    add("--epochs", type=int, help="default: 50/100/200 for 1/2-4/8+ shots")
-    add("--batch-size", type=int, default=32)
+    add("--n-ctx", type=int, help="context vectors M")
+    add("--ctx-init", choices=["template", "random"], help="the template's words, or CoOp's init")
+    add("--csc", action="store_true", help="class-specific context (one context per class)")
+    where = "where the class name goes in the prompt (CoOp's variants)"
+    add("--class-token-position", choices=["end", "middle", "front"], default="end", help=where)
+    lam = "lambda (1: orthogonal, 0: CoOp); the authors: 0.8 at 8+ shots on Flowers, DTD, EuroSAT"
+    add("--lam", type=float, help=lam)
+    add("--temperature", type=float, help="T of the KL to the zero-shot prediction")
+    # optimisation
+    add("--epochs", type=int, help="training epochs")
+    add("--batch-size", type=int, help="training images per step")
     add("--lr", type=float, default=0.002, help="SGD learning rate after the warm-up epoch")
-    add("--momentum", type=float, default=0.9, help="SGD momentum (after the projection)")
-    add("--weight-decay", type=float, default=5e-4, help="SGD weight decay (after the projection)")
-    add("--warmup-lr", type=float, default=1e-5, help="learning rate of the first epoch")
-    crop = "smallest area of the random resized crop (the toy world's 32-px images: 0.5)"
-    add("--crop-scale", type=float, default=0.08, help=crop)
-    drop = "drop the last partial batch when N >= batch size, as the original loader did"
-    add("--drop-last", action="store_true", help=drop)
+    add("--crop-scale", type=float, default=0.08, help="random crop's smallest area (toy: 0.5)")
+    add("--drop-last", action="store_true", help="drop the last partial batch, as the original")
     add_run_args(add)
-    return p.parse_args(argv)
+    args = parse(p, argv, PRESETS, lambda a: "prograd")
+    args.template = PROGRAD_TEMPLATES.get(args.template, args.template)
+    if not args.template.endswith(" {}."):  # the words before it initialise the context
+        fail(f"--template {args.template!r} must end with ' {{}}.' or be one of {names}")
+    if args.eval_only and not args.load:
+        fail("--eval-only needs --load <checkpoint.pt>")
+    if args.shots < 1:
+        fail("--shots must be at least 1")
+    return args
 
 
 # --- shared: speed-ups (canonical copy in coop.py; re-sync with tools/sync_shared.py) ---

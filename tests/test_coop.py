@@ -1,11 +1,16 @@
 """CoOp and CoCoOp: the properties the papers and the reference code give them."""
 
 import argparse
+import functools
 import json
 import math
+import os
+import signal
 import subprocess
 import sys
+from contextlib import nullcontext
 
+import clip
 import pytest
 import torch
 import torch.nn.functional as F
@@ -73,12 +78,21 @@ def test_cocoop_adds_the_same_shift_to_every_context_vector():
     model = tiny_clip(seed=6)
     pl = coop.PromptLearner(model, NAMES, n_ctx=4)
     bias = torch.randn(2, 64)
-    prompts = pl.per_image(bias)  # (B, n_cls, L, d)
-    assert prompts.shape == (2, 3, 77, 64)
+    prefix = pl.prefix(bias)  # (B, 1 + M, d): [SOS] [V]_1 + pi .. [V]_M + pi, per image
+    assert prefix.shape == (2, 5, 64)
     for b in range(2):
-        for c in range(3):
-            torch.testing.assert_close(prompts[b, c, 1:5], pl.ctx + bias[b])
-            assert torch.equal(prompts[b, c, 5:], pl.token_suffix[c])
+        assert torch.equal(prefix[b, 0], pl.token_prefix[0, 0])
+        torch.testing.assert_close(prefix[b, 1:], pl.ctx + bias[b])
+
+
+def test_cocoop_plain_formulation_equals_the_shared_prefix_speed_up():
+    model = tiny_clip(seed=6)
+    cc = coop.CustomCLIP(model, NAMES, n_ctx=4, cocoop=True)
+    f = F.normalize(torch.randn(3, 32), dim=-1)
+    with torch.no_grad():
+        fast = cc(f)
+        cc.shared_prefix = False  # every (image, class) prompt whole through the text encoder
+        torch.testing.assert_close(cc(f), fast, atol=1e-5, rtol=1e-5)
 
 
 def test_class_specific_context_from_words_gives_every_class_its_own_copy():
@@ -361,21 +375,29 @@ def test_class_specific_context_scores_only_its_own_classes(tiny_ckpt, tiny_data
     assert set(m["zero_shot"]) == {"test"}
 
 
+def test_presets_are_the_papers_settings():
+    coop_args = coop.parse_args(["--data", "d", "--shots", "1"])
+    assert (coop_args.backbone, coop_args.n_ctx, coop_args.ctx_init) == ("RN50", 16, "")
+    assert (coop_args.epochs, coop_args.batch_size, coop_args.lr) == (50, 32, 0.002)
+    assert [coop.parse_args(["--data", "d", "--shots", str(k)]).epochs for k in (2, 8)] == [
+        100,
+        200,
+    ]
+    cocoop = coop.parse_args(["--cocoop", "--data", "d"])  # the published setting, backbone too
+    assert (cocoop.backbone, cocoop.n_ctx, cocoop.ctx_init) == ("ViT-B/16", 4, "a photo of a")
+    assert (cocoop.epochs, cocoop.batch_size, cocoop.lr, cocoop.shots) == (10, 1, 0.002, 16)
+    mine = coop.parse_args(["--cocoop", "--data", "d", "--epochs", "3", "--backbone", "RN50"])
+    assert (mine.epochs, mine.backbone, mine.batch_size) == (3, "RN50", 1)  # given options win
+
+
 def test_help_reads_like_the_paper():
-    out = subprocess.run(
-        [sys.executable, "coop.py", "--help"], cwd=ROOT, capture_output=True, text=True
-    ).stdout
-    for fact in (
-        "0.002",
-        "0.9",
-        "0.0005",
-        "1e-05",
-        "50/100/200",
-        "(CoCoOp: 1)",
-        "(CoCoOp: 10)",
-        "a photo of a",
-        "ViT-B/16",
-    ):
+    env = dict(os.environ, COLUMNS="200")  # no wrapping inside the facts
+    out = subprocess.run([sys.executable, "coop.py", "--help"], cwd=ROOT, capture_output=True,
+                         text=True, env=env).stdout  # fmt: skip
+    facts = ("0.002", "momentum 0.9", "weight decay 5e-4", "1e-05", "coop: 'RN50'",
+             "cocoop: 'ViT-B/16'", "coop: 32; cocoop: 1", "cocoop: 10", "cocoop: 'a photo of a'",
+             "coop: 50/100/200 epochs for 1/2-4/8-16 shots")  # fmt: skip
+    for fact in facts:
         assert fact in out, fact
 
 
@@ -388,3 +410,89 @@ def test_mixed_precision_keeps_the_learned_context_fp32(tiny_ckpt, tiny_data, tm
         m["precision"] == precision and ckpt["state"]["prompt_learner.ctx"].dtype == torch.float32
     )
     assert torch.isfinite(ckpt["state"]["prompt_learner.ctx"]).all()
+
+
+# --- the CUDA mixed-precision path, emulated on the CPU ------------------------------------------
+def emulate_cuda(monkeypatch):
+    """CUDA's amp on the CPU: fp16 autocast (the CPU's own amp is bf16, which needs no scaler)."""
+    fp16 = lambda device, precision: (
+        torch.autocast("cpu", dtype=torch.float16) if precision == "amp" else nullcontext()
+    )
+    monkeypatch.setattr(coop, "autocast", fp16)
+
+
+@pytest.mark.parametrize("cocoop", [False, True])
+@pytest.mark.parametrize("precision", ["amp", "fp16"])
+def test_train_step_under_emulated_cuda_mixed_precision(monkeypatch, cocoop, precision):
+    """fp16 arithmetic with the loss scaled: overflowing steps are skipped and the scale halves;
+    the learned tensors (the context, CoCoOp's meta-network) stay fp32, finite, and learn."""
+    emulate_cuda(monkeypatch)
+    model = tiny_clip(seed=8)
+    if precision == "fp16":  # CLIP's fp16 weights, as load_clip gives them
+        clip.model.convert_weights(model)
+    cc = coop.CustomCLIP(model, NAMES, n_ctx=4, cocoop=cocoop)
+    learned = [p for p in cc.parameters() if p.requires_grad]
+    before = {k: v.clone() for k, v in coop.learned_state(cc).items()}
+    optimizer = torch.optim.SGD(learned, lr=0.1, momentum=0.9, weight_decay=5e-4)
+    scaler = torch.amp.GradScaler("cpu", enabled=True)
+    images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
+    for _ in range(8):
+        loss, _ = coop.train_step(cc, model.encode_image, optimizer, scaler, images, labels,
+                                  precision)  # fmt: skip
+        assert math.isfinite(loss)
+    after = coop.learned_state(cc)
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in after.values())
+    assert all(not torch.equal(before[k], after[k]) for k in after) and scaler.get_scale() <= 2**16
+
+
+def test_resume_restores_the_loss_scale(tiny_ckpt, tiny_data, tmp_path, monkeypatch):
+    """--precision fp16 scales the loss; --resume goes on with the saved scale, not a fresh one."""
+    args = ["--backbone", tiny_ckpt, "--data", tiny_data, "--shots", "2", "--epochs", "3",
+        "--batch-size", "4", "--lr", "0.5", "--precision", "fp16"]  # fmt: skip
+    save = coop.save_progress
+    with monkeypatch.context() as m:  # a scaler that starts below a fresh one's 2**16
+        m.setattr(torch.amp, "GradScaler", functools.partial(torch.amp.GradScaler, init_scale=1024))
+        run(args + ["--out", str(tmp_path / "full")])
+        # the same run, stopped after its first epoch as SIGUSR1 stops it
+        m.setattr(coop, "save_progress", lambda *a: coop.PREEMPTED.append(1) or save(*a))
+        with pytest.raises(SystemExit, match="rerun with --resume"):
+            run(args + ["--out", str(tmp_path / "cut")])
+        coop.PREEMPTED.clear()
+    saved = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["scaler"]["scale"]
+    scales, step = [], coop.train_step
+    monkeypatch.setattr(coop, "train_step", lambda *a: scales.append(a[3].get_scale()) or step(*a))
+    run(args + ["--out", str(tmp_path / "cut"), "--resume"])  # a fresh GradScaler: 2**16
+    assert scales[0] == saved == 1024
+    full, cut = [
+        torch.load(tmp_path / r / "checkpoint.pt", weights_only=True) for r in ("full", "cut")
+    ]
+    assert torch.equal(full["state"]["prompt_learner.ctx"], cut["state"]["prompt_learner.ctx"])
+
+
+def test_sigusr1_stops_after_a_checkpoint_and_resume_ends_as_an_uninterrupted_run(
+    tiny_ckpt, tiny_data, tmp_path
+):
+    args = [sys.executable, "coop.py", "--backbone", tiny_ckpt, "--data", tiny_data, "--shots",
+        "2", "--epochs", "6", "--batch-size", "2", "--lr", "0.5", "--workers", "0"]  # fmt: skip
+    env = dict(os.environ, PYTHONUNBUFFERED="1")  # each epoch's line as soon as it is printed
+    subprocess.run(args + ["--out", str(tmp_path / "full")], cwd=ROOT, check=True, env=env,
+                   capture_output=True)  # fmt: skip
+    cut = args + ["--out", str(tmp_path / "cut")]
+    proc = subprocess.Popen(cut, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    for line in proc.stdout:
+        if line.startswith("epoch 1/6"):
+            proc.send_signal(signal.SIGUSR1)  # a cluster's warning before it stops the job
+            break
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode != 0 and "stopped by SIGUSR1" in stderr
+    done = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["epoch"]
+    assert 1 <= done < 6  # it stopped at the end of the epoch it was in, after saving it
+    subprocess.run(cut + ["--resume"], cwd=ROOT, check=True, env=env, capture_output=True)
+    a, b = [torch.load(tmp_path / r / "checkpoint.pt", weights_only=True) for r in ("full", "cut")]
+    assert torch.equal(a["state"]["prompt_learner.ctx"], b["state"]["prompt_learner.ctx"])
+    timing = ("seconds", "images_per_s", "peak_mib")
+    logs = [[{k: v for k, v in json.loads(line).items() if k not in timing}
+             for line in (tmp_path / r / "log.jsonl").read_text().splitlines()]
+            for r in ("full", "cut")]  # fmt: skip
+    assert logs[0] == logs[1] and [r["epoch"] for r in logs[1]] == [1, 2, 3, 4, 5, 6]

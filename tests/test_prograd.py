@@ -2,7 +2,9 @@
 
 import json
 import math
+from contextlib import nullcontext
 
+import clip
 import pytest
 import torch
 import torch.nn.functional as F
@@ -77,8 +79,8 @@ def test_two_gradients_from_one_forward_equal_two_separate_forwards():
     params = [student.prompt_learner.ctx]
     G_d, G_g, _, _ = prograd.two_gradients(student, f, teacher, labels, 1.0, params)
     t = model.logit_scale.exp() * f @ teacher.t()
-    ce, _ = prograd.prograd_losses(student(f), t, labels, 1.0)
-    _, kl = prograd.prograd_losses(student(f), t, labels, 1.0)
+    ce = F.cross_entropy(student(f), labels)  # a forward of its own for each loss
+    kl = -(F.softmax(t, -1) * F.log_softmax(student(f), -1)).sum(-1).mean()  # the authors' L_kl
     torch.testing.assert_close(G_d[0], torch.autograd.grad(ce, params)[0], rtol=0, atol=0)
     torch.testing.assert_close(G_g[0], torch.autograd.grad(kl, params)[0], rtol=0, atol=0)
     # and L_kl's gradient is that of the true KL(p_zs || p_student)
@@ -108,7 +110,7 @@ def test_teacher_logits_equal_zeroshot(tiny_ckpt, tiny_data):
     data = zeroshot.load_dataset(tiny_data)
     loader = zeroshot.make_loader(data["test"], zeroshot.test_transform(32), 4, 0, "cpu")
     f, _ = zeroshot.encode_images(model.encode_image, loader, torch.device("cpu"), "fp32")
-    template = prograd.resolve_template("OxfordPets")
+    template = prograd.parse_args(["--data", tiny_data, "--template", "OxfordPets"]).template
     assert template == "a type of pet, a photo of a {}."
     mine = prograd.zeroshot_classifier(model, data["classnames"], [template])
     theirs = zeroshot.zeroshot_classifier(model, data["classnames"], [template])
@@ -172,11 +174,84 @@ def test_command_line_base_to_new(tiny_ckpt, tiny_data, shifted_data, tmp_path):
 
 
 def test_bad_template_is_refused():
+    template = lambda t: prograd.parse_args(["--data", "d", "--template", t]).template
     with pytest.raises(SystemExit, match="must end with"):
-        prograd.resolve_template("{} texture.")
+        template("{} texture.")
     with pytest.raises(SystemExit, match="must end with"):  # the init words would be cut wrongly
-        prograd.resolve_template("photo:{}.")
-    assert prograd.resolve_template("a photo of {}.") == "a photo of {}."
+        template("photo:{}.")
+    assert template("a photo of {}.") == "a photo of {}."
+
+
+def test_presets_are_the_papers_settings(capsys):
+    args = prograd.parse_args(["--data", "d", "--shots", "4"])
+    assert (args.backbone, args.n_ctx, args.ctx_init) == ("RN50", 16, "template")
+    assert (args.lam, args.temperature, args.batch_size, args.lr) == (1.0, 1.0, 32, 0.002)
+    assert args.epochs == 100 and prograd.parse_args(["--data", "d"]).epochs == 200  # CoOp's
+    with pytest.raises(SystemExit):
+        prograd.parse_args(["--help"])
+    shown = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for fact in ("prograd: 'RN50'", "prograd: 1.0", "50/100/200 epochs", "0.002", "momentum 0.9"):
+        assert fact in shown, fact
+
+
+# --- the CUDA mixed-precision path, emulated on the CPU ------------------------------------------
+def emulate_cuda(monkeypatch):
+    """CUDA's amp on the CPU: fp16 autocast (the CPU's own amp is bf16, which needs no scaler)."""
+    fp16 = lambda device, precision: (
+        torch.autocast("cpu", dtype=torch.float16) if precision == "amp" else nullcontext()
+    )
+    monkeypatch.setattr(prograd, "autocast", fp16)
+
+
+def student_and_batch(precision):
+    model = tiny_clip(seed=10)
+    if precision == "fp16":  # CLIP's fp16 weights, as load_clip gives them
+        clip.model.convert_weights(model)
+    student = prograd.CustomCLIP(model, NAMES, 16, "a photo of a")
+    teacher = zeroshot.zeroshot_classifier(model, NAMES, ["a photo of a {}."])
+    optimizer = torch.optim.SGD([student.prompt_learner.ctx], lr=0.1, momentum=0.9)
+    images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
+    return model, student, teacher, optimizer, images, labels
+
+
+@pytest.mark.parametrize("precision", ["amp", "fp16"])
+def test_train_step_under_emulated_cuda_mixed_precision(monkeypatch, precision):
+    """The scaled losses overflow fp16 at first (this tiny CLIP's gradients are large): those steps
+    are skipped and the scale halves, as GradScaler does; then the context learns, in fp32."""
+    emulate_cuda(monkeypatch)
+    model, student, teacher, optimizer, images, labels = student_and_batch(precision)
+    ctx = student.prompt_learner.ctx
+    before, scaler = ctx.detach().clone(), torch.amp.GradScaler("cpu", enabled=True)
+    step = (student, model.encode_image, teacher, optimizer, scaler, images, labels, precision)
+    cosines = [prograd.train_step(*step, 1.0, 1.0)[2] for _ in range(8)]
+    skipped = [math.isnan(c) for c in cosines]
+    assert scaler.get_scale() == 2.0**16 / 2 ** sum(skipped) and 0 < sum(skipped) < 8
+    assert all(-1 <= c <= 1 for c in cosines if not math.isnan(c))
+    assert ctx.dtype == torch.float32 and torch.isfinite(ctx).all() and not torch.equal(ctx, before)
+
+
+def test_an_overflow_in_the_general_gradient_skips_the_step_and_lowers_the_scale(monkeypatch):
+    """G_g = inf (an fp16 overflow of the scaled L_kl) must not be projected away silently: the
+    step is skipped, the scale halves, and the logged cosine is NaN (not counted as a conflict)."""
+    emulate_cuda(monkeypatch)
+    two_gradients = prograd.two_gradients
+
+    def overflowing(*a, **k):
+        G_d, G_g, loss, logits = two_gradients(*a, **k)
+        G_g[0][0, 0] = math.inf
+        return G_d, G_g, loss, logits
+
+    monkeypatch.setattr(prograd, "two_gradients", overflowing)
+    model, student, teacher, optimizer, images, labels = student_and_batch("amp")
+    ctx = student.prompt_learner.ctx
+    before, scaler = ctx.detach().clone(), torch.amp.GradScaler("cpu", enabled=True)
+    step = (student, model.encode_image, teacher, optimizer, scaler, images, labels, "amp", 1, 1)
+    _, _, cosine = prograd.train_step(*step)
+    assert torch.equal(ctx, before) and scaler.get_scale() == 2.0**15 and math.isnan(cosine)
+    assert not optimizer.state  # SGD never ran: no momentum buffer either
+    scaler = torch.amp.GradScaler("cpu", enabled=False)  # unscaled (fp32): an error, not a skip
+    with pytest.raises(FloatingPointError, match="not finite"):
+        prograd.train_step(*step[:4], scaler, *step[5:])
 
 
 def test_mixed_precision_logits_fp32_losses_and_gradients():
