@@ -121,16 +121,16 @@ class FullTextEncoder(coop.TextEncoder):
     PromptAlign code run it (MaPLe's deep prompts written over positions 1..M before block j)."""
 
     def forward(self, prompts, tokenized, deep=()):
-        m = self  # CLIP's text tower, as the cut encoder holds it
-        x = prompts.type(m.dtype) + m.positional_embedding.type(m.dtype)  # (N, 77, d)
+        x = prompts.type(self.dtype) + self.positional_embedding.type(self.dtype)  # (N, 77, d)
         x = x.permute(1, 0, 2)  # NLD -> LND
-        for j, block in enumerate(m.transformer.resblocks):
+        for j, block in enumerate(self.transformer.resblocks):
             if 1 <= j <= len(deep):
                 new = deep[j - 1].type(x.dtype)[:, None].expand(-1, x.shape[1], -1)  # (M, N, d)
                 x = torch.cat([x[:1], new, x[1 + len(new) :]])  # (77, N, d)
             x = block(x)  # with CLIP's 77 x 77 causal mask
-        x = m.ln_final(x.permute(1, 0, 2)).type(m.dtype)  # LND -> NLD: (N, 77, d)
-        return x[torch.arange(x.shape[0]), tokenized.argmax(dim=-1)] @ m.text_projection  # (N, D)
+        x = self.ln_final(x.permute(1, 0, 2)).type(self.dtype)  # LND -> NLD: (N, 77, d)
+        x = x[torch.arange(x.shape[0]), tokenized.argmax(dim=-1)]  # the EOT rows: (N, d)
+        return x @ self.text_projection  # (N, D)
 
 
 def prompt_rows(method, env):
@@ -163,8 +163,8 @@ def prompt_rows(method, env):
                     features()
             if teacher is None:
                 return coop.train_step(model, encode, optimizer, scaler, images, labels, precision)
-            batch = (images, labels, precision)
-            return prograd.train_step(model, encode, teacher, optimizer, scaler, *batch, 1.0, 1.0)
+            data = (images, labels, precision)
+            return prograd.train_step(model, encode, teacher, optimizer, scaler, *data, 1.0, 1.0)
 
         def logits():  # ProGrad's: the student's and the zero-shot teacher's
             f = features()
@@ -320,13 +320,12 @@ class HookedDeepVPT(vpt.PromptedViT):
     hook on every block re-concatenating its output with the next prompts (a port's way)."""
 
     def forward(self, images):
-        e, v = self, self.visual
-        p, B = e.n_prompts, images.shape[0]
+        v, p, B = self.visual, self.n_prompts, images.shape[0]
         x = v.conv1(images.type(v.conv1.weight.dtype)).flatten(2).permute(0, 2, 1)  # (B, N, w)
         x = torch.cat([v.class_embedding.to(x.dtype).expand(B, 1, -1), x], dim=1)  # (B, 1+N, w)
         x = v.ln_pre(x + v.positional_embedding.to(x.dtype))
-        x = torch.cat([x[:, :1], e.prompts[0].to(x.dtype).expand(B, -1, -1), x[:, 1:]], dim=1)
-        P = lambda i, out: e.prompts[i].to(out.dtype).unsqueeze(1).expand(-1, B, -1)  # (p, B, w)
+        x = torch.cat([x[:, :1], self.prompts[0].to(x.dtype).expand(B, -1, -1), x[:, 1:]], dim=1)
+        P = lambda i, out: self.prompts[i].to(out.dtype).unsqueeze(1).expand(-1, B, -1)  # (p, B, w)
         # the hook on block i-1: its output (LND) -> [CLS, P_i, patches]
         replace = lambda i: lambda block, args, x: torch.cat([x[:1], P(i, x), x[1 + p :]])
         blocks = v.transformer.resblocks
@@ -356,9 +355,8 @@ def vpt_rows(method, env):
             encoder = vpt.PaddedEncoder(visual, vpt.pad_width(visual.input_resolution))
             sgd = dict(lr=40.0, momentum=0.9, weight_decay=0.0)
         else:
-            encoder = (HookedDeepVPT if hooked else vpt.PromptedViT)(
-                visual, 8, method == "vpt-deep"
-            )
+            kind = HookedDeepVPT if hooked else vpt.PromptedViT
+            encoder = kind(visual, 8, deep=method == "vpt-deep")
             sgd = dict(lr=0.0025, momentum=0.9, weight_decay=5e-4)
         model = vpt.PromptedCLIP(encoder, head).to(env.device)
         optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], **sgd)
@@ -555,10 +553,8 @@ def run(args):
     return result
 
 
-HEAD = (
-    "| method | variant | batch | classes | median ms | p10–p90 ms | peak MiB | saved MiB | GFLOP"
-)
-HEAD += " | TFLOP/s | of matmul | speed-up | max abs diff |\n" + "|---" * 13 + "|"
+HEAD = "| method | variant | batch | classes | median ms | p10–p90 ms | peak MiB | saved MiB "
+HEAD += "| GFLOP | TFLOP/s | of matmul | speed-up | max abs diff |\n" + "|---" * 13 + "|"
 
 
 def markdown_row(r, base_ms):
@@ -580,7 +576,7 @@ def parse_args(argv=None):
     add("--classes", type=int, default=1000, help="number of class names (ImageNet has 1000)")
     add("--batch-size", type=int, help="default: each method's paper batch size")
     add("--precision", choices=["fp32", "amp", "fp16"], help="default: amp on CUDA, else fp32")
-    add("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda[:N] or cpu")
     add("--steps", type=int, default=20, help="timed steps per row")
     add("--warmup", type=int, default=5, help="untimed steps first (the first counts FLOPs)")
     add("--plain", default=",".join(PLAIN), help="plain rows to time (see the docstring), or none")
