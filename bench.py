@@ -1,42 +1,48 @@
 """bench.py: time each method's training step on a real CLIP architecture, and each exact speed-up.
 
-For every method file present it builds the method as its `main` does and times the same
-`train_step` that the training loop calls, on random images and N class names, at the method's paper
-batch size. Next to each method it times the plain formulations the scripts avoid, in the same run,
-and reports the largest difference in logits and gradients between the two (it must be within float
-tolerance, or the row says DIFFERENT):
-  - the text encoder as the scripts run it (the class-independent prefix, [SOS] and the context,
+Each method is built as its `main` builds it, and the `train_step` its loop calls is timed on random
+images and N class names at the paper's batch size, beside the plain formulations the scripts
+avoid, with the largest difference in logits and gradients (within tolerance, or DIFFERENT):
+  - the text encoder as the scripts run it (the prefix every class shares, [SOS] and the context,
     once; then each class's own tokens)  vs  every prompt whole, cut after the longest end-of-text
-    token  vs  all 77 positions, as the official CoOp code (all exact: the transformer is causal)
-  - ProGrad's teacher with its own image forward  vs  sharing the student's image features
-  - evaluation re-encoding the images for each classifier  vs  encoding them once per test set
-
-On CUDA: warm-up, CUDA events, median and spread of many steps, peak memory, FLOPs of one step
-(torch.utils.flop_counter), achieved TFLOP/s, and that as a fraction of the matrix-product rate
-measured once on the same card in the same run. On the CPU the same table with wall-clock times,
-and as peak memory the growth of the process's resident memory during the row (Linux VmHWM).
-Both: "saved MiB", the tensors autograd keeps for the backward pass (CLIP's weights not counted),
-the activation memory of the step, counted exactly with saved-tensor hooks.
-"coop-text" is CoOp's step without the image encoder (its input is image features): the text step.
-Weights are random (speed does not depend on their values), so nothing is downloaded.
+    token (cut)  vs  all 77 positions, as the official CoOp code (full); exact: it is causal
+  - ProGrad's teacher with an image forward of its own (teacher)  vs  sharing the student's
+  - the adapters on cached image features  vs  recomputing them from the pixels every epoch
+  - TPT and PromptAlign as written  vs  the 77-position text tower, every view recomputed
+  - VPT-deep's own loop over the blocks  vs  CLIP's transformer with forward hooks (hooks)
+"coop-text" is CoOp's step without the image encoder. Random weights: nothing is downloaded.
+Columns: median and p10-p90 ms of a step (CUDA events, or the CPU's wall clock); peak MiB (CUDA's
+allocator, or the growth of resident memory, Linux VmHWM); saved MiB, what autograd keeps for the
+backward pass (CLIP's frozen weights and autocast's copies of them left out); GFLOP of one step
+(torch.utils.flop_counter, forward and backward); TFLOP/s, and that as a fraction of one matrix
+product's rate in the rows' dtype, measured in the same run. The check's tolerance, relative to
+the largest logit or gradient, comes from the precision (both sides run in it): 1e-4 in fp32;
+100 units in the last place in half precision, fp16 1e-1 (its rounding through CLIP reaches 4e-2
+on the tests' tiny CLIPs, a wrong formulation 0.5 and more); bf16 (amp on the CPU) 0.8, rough.
 
 Run
   python bench.py --arch ViT-B/16 --classes 1000 --precision amp --out bench.json      # a GPU
-  python bench.py --arch ViT-B/16 --classes 100 --batch-size 2 --steps 3 --warmup 1     # this CPU
+  python bench.py --arch ViT-B/16 --classes 100 --batch-size 2 --steps 3 --warmup 1     # a CPU
 """
 
 import argparse
+import contextlib
 import copy
-import math
+import ctypes
+import gc
 import os
 import statistics
 import sys
 import time
 import warnings
+from argparse import ArgumentDefaultsHelpFormatter as DEFAULTS
+from collections import namedtuple
+from functools import partial
+from pathlib import Path
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 with warnings.catch_warnings():
@@ -44,28 +50,14 @@ with warnings.catch_warnings():
     import clip
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import adapter  # noqa: E402
 import coop  # noqa: E402
-
-try:
-    import prograd  # noqa: E402
-except ImportError:  # the file is not there yet
-    prograd = None
-try:
-    import adapter  # noqa: E402
-except ImportError:
-    adapter = None
-try:
-    import promptsync  # noqa: E402
-except ImportError:
-    promptsync = None
-try:
-    import vpt  # noqa: E402
-except ImportError:
-    vpt = None
+import prograd  # noqa: E402
+import promptsync  # noqa: E402
+import vpt  # noqa: E402
 
 # OpenAI's architectures: embed_dim, image_resolution, vision_layers, vision_width,
-# vision_patch_size, context_length, vocab_size, transformer_width, transformer_heads,
-# transformer_layers
+# vision_patch_size, context_length, vocab_size, transformer_width, transformer_heads, text layers
 OPENAI_CONFIGS = {
     "RN50": (1024, 224, (3, 4, 6, 3), 64, None, 77, 49408, 512, 8, 12),
     "RN101": (512, 224, (3, 4, 23, 3), 64, None, 77, 49408, 512, 8, 12),
@@ -73,734 +65,269 @@ OPENAI_CONFIGS = {
     "ViT-B/16": (512, 224, 12, 768, 16, 77, 49408, 512, 8, 12),
     "ViT-L/14": (768, 224, 24, 1024, 14, 77, 49408, 768, 12, 12),
 }
-PAPER_BATCH = {
-    "coop-text": 32,
-    "coop": 32,
-    "cocoop": 1,
-    "prograd": 32,
-    "clip-adapter": 32,
-    "tip-f": 256,
-    "vpt-shallow": 4,  # MaPLe's VPT-in-CLIP setting (vpt.py's default)
-    "vpt-deep": 4,
-    "vpt-pad": 256,  # Bahng et al.
-}
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description="Benchmark the methods' training steps and their exact speed-ups.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument(
-        "--arch",
-        default="ViT-B/16",
-        help=f"one of {', '.join(OPENAI_CONFIGS)} (random weights), or a checkpoint",
-    )
-    p.add_argument(
-        "--methods",
-        default="all",
-        help="comma-separated: coop-text (the text step alone), coop, cocoop, prograd, adapter, "
-        "tpt, align, sync, vpt-shallow, vpt-deep, vpt-pad (those whose files are present), or all",
-    )
-    p.add_argument(
-        "--classes", type=int, default=1000, help="number of class names (ImageNet has 1000)"
-    )
-    p.add_argument(
-        "--batch-size", type=int, default=None, help="default: each method's paper batch size"
-    )
-    p.add_argument(
-        "--precision",
-        choices=["fp32", "amp", "fp16"],
-        default=None,
-        help="default: amp on CUDA, else fp32",
-    )
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--steps", type=int, default=20, help="timed steps per row")
-    p.add_argument(
-        "--warmup",
-        type=int,
-        default=5,
-        help="untimed steps before timing (the first counts the FLOPs)",
-    )
-    p.add_argument(
-        "--plain",
-        default="cut,full,teacher,eval,hooks",
-        help="the plain formulations to time side by side: cut (every prompt whole, cut at "
-        "end-of-text), full (all 77 positions), teacher (ProGrad's own image forward), "
-        "eval (features re-encoded per classifier), hooks (VPT-deep through CLIP's own "
-        "transformer with forward hooks), or none",
-    )
-    p.add_argument("--out", default=None, help="write the results as JSON here")
-    return p.parse_args(argv)
-
-
-def build_clip(arch, device, precision):
-    """A real CLIP architecture with random weights (seeded), frozen, as load_clip returns it."""
-    if arch not in OPENAI_CONFIGS:
-        return coop.load_clip(arch, device, precision)
-    torch.manual_seed(0)
-    model = clip.model.CLIP(*OPENAI_CONFIGS[arch]).float()
-    if precision == "fp16":
-        clip.model.convert_weights(model)
-    return model.requires_grad_(False).eval().to(device)
-
-
-class FullTextEncoder(nn.Module):
-    """The plain formulation: CLIP's text transformer over all 77 positions (the original CoOp)."""
-
-    def __init__(self, clip_model):
-        super().__init__()
-        self.clip_model = clip_model
-
-    def forward(self, prompts, tokenized):
-        m = self.clip_model
-        x = prompts.type(m.dtype) + m.positional_embedding.type(m.dtype)  # (N, 77, d)
-        # the full causal mask, all 77 positions
-        x = m.transformer(x.permute(1, 0, 2)).permute(1, 0, 2)
-        x = m.ln_final(x).type(m.dtype)
-        return x[torch.arange(x.shape[0]), tokenized.argmax(dim=-1)] @ m.text_projection
-
-
-# ------------------------------------------------------------------------------------------------
-# The rows: (name, step function, a function giving logits and gradients for the exactness check)
-# ------------------------------------------------------------------------------------------------
+# The papers' batch sizes (VPT's prompt tokens: MaPLe's VPT-in-CLIP; its border: Bahng et al.);
+# test-time tuning: 64 views of one image
+PAPER_BATCH = {"coop-text": 32, "coop": 32, "cocoop": 1, "prograd": 32, "clip-adapter": 32,
+               "tip-f": 256, "vpt-shallow": 4, "vpt-deep": 4, "vpt-pad": 256,
+               "tpt": 64}  # fmt: skip
 TEXT_VARIANTS = {  # how the text encoder runs the prompts; "shared" is what the scripts do
     "shared": "as written: shared prefix once, then each class's tokens",
     "cut": "every prompt whole, cut at end-of-text",
     "full": "text encoder over all 77 positions",
 }
 
-
-def make_method(method, clip_model, classnames, device, precision, text="shared"):
-    """The method as its main builds it: model, optimizer, scaler, and the step the loop calls.
-    text: "shared" (the scripts), "cut" (every prompt whole, cut at the last end-of-text token) or
-    "full" (all 77 positions, as the official CoOp code)."""
-    torch.manual_seed(0)
-    if method == "prograd":
-        model = prograd.CustomCLIP(clip_model, classnames, 16, "a photo of a").to(device)
-        teacher = prograd.zeroshot_classifier(clip_model, classnames, ["a photo of a {}."])
-    else:
-        cocoop = method == "cocoop"
-        model = coop.CustomCLIP(
-            clip_model,
-            classnames,
-            n_ctx=4 if cocoop else 16,
-            ctx_init="a photo of a" if cocoop else "",
-            cocoop=cocoop,
-        ).to(device)
-        teacher = None
-    model.shared_prefix = text == "shared"
-    if text == "full":
-        model.text_encoder = FullTextEncoder(clip_model)
-    learned = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(learned, lr=0.002, momentum=0.9, weight_decay=5e-4)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "amp" and device.type == "cuda")
-    return model, teacher, optimizer, scaler
+# A row: one formulation of one method's step, as data. step() runs it once; outcome() -> (logits,
+# gradients) to check against its method's first row (as the scripts run it), or None. The builders
+# below return a method's rows; ROWS names them; time_rows is the one timing loop for them all.
+Row = namedtuple("Row", "method variant batch step outcome")
 
 
-def encoder_of(method, clip_model):
-    """The image side of a step: CLIP's image encoder, or none for "coop-text" (the text step
-    alone: its "images" are already normalised image features)."""
-    return (lambda x: x) if method == "coop-text" else clip_model.encode_image
+def applied(model, logits, step, env):
+    """A row's outcome: its logits, then the gradients its step applies (loss scaling off: a scaled
+    fp16 gradient can overflow, and the step would skip it)."""
+    with torch.no_grad(), coop.autocast(env.device, env.precision):
+        before = logits().float().flatten()
+    step(torch.amp.GradScaler(env.device.type, enabled=False))
+    return before, [p.grad.detach().float().clone() for p in model.parameters() if p.requires_grad]
 
 
-def step_fn(
-    method,
-    clip_model,
-    model,
-    teacher,
-    optimizer,
-    scaler,
-    images,
-    labels,
-    precision,
-    teacher_forward=False,
-):
-    encode = encoder_of(method, clip_model)
-    if method != "prograd":
-        return lambda: coop.train_step(model, encode, optimizer, scaler, images, labels, precision)
-    if not teacher_forward:
-        return lambda: prograd.train_step(
-            model, encode, teacher, optimizer, scaler, images, labels, precision, 1.0, 1.0
-        )
-
-    def plain():  # the original: the teacher (a second CLIP) encodes the same batch again
-        with torch.no_grad(), coop.autocast(images.device, precision):
-            clip_model.encode_image(images)
-        return prograd.train_step(
-            model, encode, teacher, optimizer, scaler, images, labels, precision, 1.0, 1.0
-        )
-
-    return plain
+def compute_dtype(device, precision):
+    """The dtype of the rows' matrix products: fp16 weights, autocast's under amp, else fp32."""
+    if precision == "fp16":
+        return torch.float16
+    one = torch.ones(1, 1, device=device)
+    with coop.autocast(device, precision):
+        return (one @ one).dtype
 
 
-def logits_and_grads(
-    method, clip_model, model, teacher, images, labels, precision, teacher_forward=False
-):
-    """What the exactness check compares: the step's logits and the gradients it applies."""
-    encode = encoder_of(method, clip_model)
-    with torch.no_grad(), coop.autocast(images.device, precision):
-        f = F.normalize(encode(images).float(), dim=-1)
-        f_teacher = F.normalize(encode(images).float(), dim=-1) if teacher_forward else f
-    params = [p for p in model.parameters() if p.requires_grad]
-    if method == "prograd":
-        G_d, G_g, _, logits = prograd.two_gradients(
-            model, f, teacher, labels, 1.0, params, precision
-        )
-        teacher_logits = model.logit_scale.exp() * f_teacher @ teacher.t()
-        grads = [prograd.project(d, g, 1.0) for d, g in zip(G_d, G_g)]
-        return torch.cat([logits.float().flatten(), teacher_logits.flatten()]), grads
-    with coop.autocast(images.device, precision):
-        logits = model(f).float()
-    grads = torch.autograd.grad(F.cross_entropy(logits, labels), params)
-    return logits.flatten(), grads
+def grad_scaler(env, **options):
+    """The methods' loss scaler: on under amp where autocast runs fp16 (CUDA; bf16 needs none)."""
+    on = env.precision == "amp" and compute_dtype(env.device, env.precision) == torch.float16
+    return torch.amp.GradScaler(env.device.type, enabled=on, **options)
 
 
-def max_difference(a, b):
-    """Largest |difference| in logits and gradients, and whether it is within float tolerance."""
-    (la, ga), (lb, gb) = a, b
-    diff = max(
-        [(la - lb).abs().max().item()]
-        + [(x.float() - y.float()).abs().max().item() for x, y in zip(ga, gb)]
-    )
-    scale = max([la.abs().max().item()] + [x.float().abs().max().item() for x in ga])
-    tolerance = (
-        1e-4 if la.dtype == torch.float32 and all(g.dtype == torch.float32 for g in ga) else 1e-2
-    ) * scale
-    if not math.isfinite(diff):
-        return diff, False
-    return diff, diff <= max(tolerance, 1e-6)
+def inputs(env, batch, seed, features=False):
+    """Random images (B, 3, H, W), or normalised image features (B, D), and labels (B,); seeded."""
+    torch.manual_seed(seed)
+    n_px, D = env.clip.visual.input_resolution, env.clip.visual.output_dim
+    x = torch.randn(*((batch, D) if features else (batch, 3, n_px, n_px)), device=env.device)
+    x = F.normalize(x, dim=-1) if features else x
+    return x, torch.randint(len(env.names), (batch,), device=env.device)
 
 
-# ------------------------------------------------------------------------------------------------
-# Timing
-# ------------------------------------------------------------------------------------------------
-def time_steps(fn, steps, warmup, device, count=False):
-    """Per-step milliseconds (CUDA events on a GPU, wall clock on the CPU) and, with count, the
-    FLOPs of one step, counted during the first warm-up step: no timed step pays for counting."""
-    flops = None
-    for i in range(max(warmup, 1 if count else 0)):
-        if count and i == 0:
-            with FlopCounterMode(display=False) as counter:
-                fn()
-            flops = counter.get_total_flops()
+# --- CoOp, CoCoOp, ProGrad: the text encoder three ways; ProGrad's teacher two ways --------------
+class FullTextEncoder(coop.TextEncoder):
+    """The plain text tower: CLIP's blocks over all 77 positions, as the original CoOp, TPT and
+    PromptAlign code run it (MaPLe's deep prompts written over positions 1..M before block j)."""
+
+    def forward(self, prompts, tokenized, deep=()):
+        x = prompts.type(self.dtype) + self.positional_embedding.type(self.dtype)  # (N, 77, d)
+        x = x.permute(1, 0, 2)  # NLD -> LND
+        for j, block in enumerate(self.transformer.resblocks):
+            if 1 <= j <= len(deep):
+                new = deep[j - 1].type(x.dtype)[:, None].expand(-1, x.shape[1], -1)  # (M, N, d)
+                x = torch.cat([x[:1], new, x[1 + len(new) :]])  # (77, N, d)
+            x = block(x)  # with CLIP's 77 x 77 causal mask
+        x = self.ln_final(x.permute(1, 0, 2)).type(self.dtype)  # LND -> NLD: (N, 77, d)
+        x = x[torch.arange(x.shape[0]), tokenized.argmax(dim=-1)]  # the EOT rows: (N, d)
+        return x @ self.text_projection  # (N, D)
+
+
+def prompt_rows(method, env):
+    """coop-text, coop, cocoop or prograd: the step as written, with the text encoder cut or over 77
+    positions, and (ProGrad) with a teacher that encodes the images itself."""
+    batch, precision = env.batch or PAPER_BATCH[method], env.precision
+    # coop-text: the text step alone, normalised image features as its input
+    images, labels = inputs(env, batch, seed=1, features=method == "coop-text")
+    encode = (lambda x: x) if method == "coop-text" else env.clip.encode_image
+    features = lambda: F.normalize(encode(images).float(), dim=-1)  # (B, D), as the step has them
+
+    def row(text="shared", own_teacher=False):  # the model as its main builds it
+        torch.manual_seed(0)
+        if method == "prograd":  # 16 vectors initialised with "a photo of a"
+            model = prograd.CustomCLIP(env.clip, env.names, 16, "a photo of a")
+            teacher = prograd.zeroshot_classifier(env.clip, env.names, ["a photo of a {}."])
+        else:  # CoOp's 16 random vectors, CoCoOp's 4 initialised with "a photo of a"
+            n_ctx, init = (4, "a photo of a") if method == "cocoop" else (16, "")
+            model = coop.CustomCLIP(env.clip, env.names, n_ctx, init, cocoop=method == "cocoop")
+            teacher = None
+        model.to(env.device).shared_prefix = text == "shared"  # False: prompts whole, cut encoder
+        if text == "full":
+            model.text_encoder = FullTextEncoder(env.clip)
+        learned = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.SGD(learned, lr=0.002, momentum=0.9, weight_decay=5e-4)
+
+        def step(scaler):
+            if own_teacher:  # the original: the teacher, a second CLIP, encodes the batch again
+                with torch.no_grad(), coop.autocast(env.device, precision):
+                    features()
+            if teacher is None:
+                return coop.train_step(model, encode, optimizer, scaler, images, labels, precision)
+            data = (images, labels, precision)
+            return prograd.train_step(model, encode, teacher, optimizer, scaler, *data, 1.0, 1.0)
+
+        def logits():  # ProGrad's: the student's and the zero-shot teacher's
+            f = features()
+            if teacher is None:
+                return model(f)
+            zero_shot = model.logit_scale.exp() * (features() if own_teacher else f) @ teacher.t()
+            return torch.cat([model(f).float().flatten(), zero_shot.float().flatten()])
+
+        variant = "teacher with its own image forward" if own_teacher else TEXT_VARIANTS[text]
+        check = partial(applied, model, logits, step, env)
+        return Row(method, variant, batch, partial(step, grad_scaler(env)), check)
+
+    rows, teacher = [row()], method == "prograd" and "teacher" in env.plain
+    rows += [row(text) for text in ("cut", "full") if text in env.plain]
+    return rows + [row(own_teacher=True)] if teacher else rows
+
+
+# --- adapter.py: CLIP-Adapter and Tip-Adapter-F two ways; Tip-Adapter's search; linear probe -----
+def adapter_rows(method, env):
+    """clip-adapter, tip-f: the step on cached features, and recomputing them every epoch (as the
+    original loops); tip: Tip-Adapter's alpha/beta search (200 x 20 grid, 4 validation images per
+    class) and one L-BFGS fit of the linear probe. 16 shots per class, random features."""
+    batch, C = env.batch or PAPER_BATCH.get(method), len(env.names)
+    s = env.clip.logit_scale.exp().item()  # 1 / CLIP's temperature, a number
+    W = coop.zeroshot_classifier(env.clip, env.names, ["a photo of a {}."])  # (C, D)
+    keys, _ = inputs(env, 16 * C, seed=3, features=True)  # (N, D)
+    values = F.one_hot(torch.arange(16 * C, device=env.device) % C, C).float()  # (N, C)
+    if method == "tip":
+        f_val, y_val = inputs(env, 4 * C, seed=4, features=True)
+        search = lambda: adapter.search_alpha_beta(f_val, y_val, W, keys, values, s, (7.0, 3.0))
+        fit = lambda: adapter.fit_linear_probe(keys, values.argmax(dim=1), C, 1.0)
+        return [Row("tip", "alpha/beta search, 200 x 20 grid", 4 * C, search, None),
+                Row("probe", "one L-BFGS fit (C = 1)", 16 * C, fit, None)]  # fmt: skip
+    images, labels = inputs(env, batch, seed=1)
+
+    def encode():  # the frozen image encoder: once (the cache) or every epoch (the original)
+        with torch.no_grad(), coop.autocast(env.device, env.precision):
+            return env.clip.encode_image(images).float()  # (B, D), raw
+
+    def row(variant, features):  # the model, optimizer, scheduler and logits as adapter.main has
+        torch.manual_seed(0)
+        if method == "clip-adapter":
+            model = adapter.ClipAdapter(W.shape[1]).to(env.device)
+            opt = torch.optim.SGD(model.parameters(), 0.002, momentum=0.9, weight_decay=5e-4)
+            sched, forward = None, lambda f: adapter.clip_adapter_logits(f, model, 0.2, W, s)
         else:
-            fn()
-    times = []
-    for _ in range(steps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(1000 * (time.perf_counter() - t0))
-    return times, flops
-
-
-def matmul_rate(device, precision):
-    """TFLOP/s of one large matrix product in the steps' precision, measured on this device."""
-    n = 8192 if device.type == "cuda" else 1024
-    dtype = (
-        torch.float16 if precision in ("amp", "fp16") and device.type == "cuda" else torch.float32
-    )
-    a, b = (
-        torch.randn(n, n, device=device, dtype=dtype),
-        torch.randn(n, n, device=device, dtype=dtype),
-    )
-    ms = statistics.median(time_steps(lambda: a @ b, 10, 3, device)[0])
-    return 2 * n**3 / (ms / 1000) / 1e12
-
-
-def cpu_memory(field):
-    """This process's resident memory (VmRSS) or its peak since the last reset (VmHWM), in MiB."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field)) / 1024
-
-
-def reset_cpu_peak():
-    """Return freed memory to the system and restart the peak count (Linux; elsewhere a no-op)."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current resident size
-        return cpu_memory("VmRSS")
-    except OSError:
-        return None
-
-
-def measure(fn, device):
-    """One call of fn and its peak memory in MiB: CUDA's allocator peak, or on the CPU the growth of
-    the process's resident memory above what it held before (weights, data)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats(device)
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    base = reset_cpu_peak()
-    fn()
-    return None if base is None else cpu_memory("VmHWM") - base
-
-
-FROZEN = set()  # storages of CLIP's weights: held anyway, not counted as a step's activations
-
-
-def saved_mib(fn):
-    """MiB of the tensors autograd keeps for the backward pass during one call of fn (each storage
-    once, CLIP's frozen weights not counted): the step's activation memory, which, unlike the
-    process's peak, does not depend on the allocator or on what else the process holds. The saved
-    storages are held until fn returns, so that a freed address reused by a later pass is not
-    mistaken for the same storage: for a step with several backward passes (PromptSync's two
-    points) it is the sum over its passes. Under
-    --precision amp, autocast's half-precision copies of the weights are new storages and are
-    counted (not checked on a GPU here: the fp32 CPU rows hold no such copies)."""
-    kept = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in FROZEN:
-            kept[storage.data_ptr()] = storage  # held: its address cannot be reused meanwhile
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(s.nbytes() for s in kept.values()) / 2**20
-
-
-def side_by_side(name, variants, batch, classes, device, steps, warmup, peak_rate):
-    """Rows for (variant, fn, difference) triples of one method. Each fn is warmed up (its FLOPs
-    counted in the first warm-up step) and its memory measured alone; then the timed steps run in
-    alternation, one step of each variant in turn, so that a change in the machine's load during
-    the measurement affects every variant alike."""
-    flops, peaks, saved = [], [], []
-    for _, fn, _ in variants:
-        flops.append(time_steps(fn, 0, warmup, device, count=True)[1])
-        peaks.append(measure(fn, device))
-        saved.append(saved_mib(fn))
-    times = [[] for _ in variants]
-    for _ in range(steps):
-        for i, (_, fn, _) in enumerate(variants):
-            times[i] += time_steps(fn, 1, 0, device)[0]
-    rows = []
-    for (variant, _, difference), t, f, peak, kept in zip(variants, times, flops, peaks, saved):
-        median = statistics.median(t)
-        q = statistics.quantiles(t, n=10, method="inclusive") if len(t) >= 2 else [median] * 9
-        achieved = f / (median / 1000) / 1e12
-        rows.append(
-            {
-                "method": name,
-                "variant": variant,
-                "batch": batch,
-                "classes": classes,
-                "median_ms": round(median, 3),
-                "p10_ms": round(q[0], 3),
-                "p90_ms": round(q[-1], 3),
-                "peak_mib": None if peak is None else round(peak, 1),
-                "saved_mib": round(kept, 1),
-                "gflop": round(f / 1e9, 3),
-                "tflops": round(achieved, 4),
-                "fraction_of_matmul": round(achieved / peak_rate, 4),
-                "max_abs_diff": None if difference is None else difference[0],
-                "exact": None if difference is None else difference[1],
-            }
-        )
-        print(format_row(rows[-1]), flush=True)
-    return rows
-
-
-def row(name, variant, fn, batch, classes, device, steps, warmup, peak_rate, difference=None):
-    """One row alone (see side_by_side)."""
-    common = (batch, classes, device, steps, warmup, peak_rate)
-    return side_by_side(name, [(variant, fn, difference)], *common)[0]
-
-
-def run(args):
-    device = torch.device(args.device)
-    precision = args.precision or ("amp" if device.type == "cuda" else "fp32")
-    available = ["coop-text", "coop", "cocoop"] + (["prograd"] if prograd else [])
-    available += ["adapter"] if adapter else []
-    available += ["tpt", "align", "sync"] if promptsync else []
-    available += ["vpt-shallow", "vpt-deep", "vpt-pad"] if vpt else []
-    methods = available if args.methods == "all" else args.methods.split(",")
-    unknown = [m for m in methods if m not in available]
-    if unknown:
-        sys.exit(f"error: unknown or missing methods {unknown}; available: {available}")
-    plain = set() if args.plain == "none" else set(args.plain.split(","))
-    if plain - {"cut", "full", "teacher", "eval", "hooks"}:
-        sys.exit(f"error: --plain takes cut, full, teacher, eval, hooks or none, not {args.plain}")
-    clip_model = build_clip(args.arch, device, precision)
-    FROZEN.clear()  # this run's weights only (a freed storage's address can be reused)
-    FROZEN.update(p.untyped_storage().data_ptr() for p in clip_model.parameters())
-    n_px, dim = clip_model.visual.input_resolution, clip_model.visual.output_dim
-    classnames = [f"class {i}" for i in range(args.classes)]
-    peak = matmul_rate(device, precision)
-    rows = []
-    for method in methods:
-        if method == "adapter":
-            rows += adapter_rows(clip_model, classnames, args, device, precision, peak)
-            continue
-        if method.startswith("vpt-"):  # prompts in the image tower: the image side in the graph
-            rows += vpt_rows(method, clip_model, classnames, args, device, precision, peak, plain)
-            continue
-        if method == "sync":  # PromptSync: one test image per step
-            rows += promptsync_sync_rows(clip_model, classnames, args, device, precision, peak)
-            continue
-        if method in ("tpt", "align"):  # test-time tuning: one test image per step
-            rows += promptsync_rows(clip_model, classnames, args, device, precision, peak, method)
-            continue
-        batch = args.batch_size or PAPER_BATCH[method]
-        torch.manual_seed(1)
-        if method == "coop-text":  # the text step alone: normalised image features as the input
-            images = F.normalize(torch.randn(batch, dim, device=device), dim=-1)
-        else:
-            images = torch.randn(batch, 3, n_px, n_px, device=device)
-        labels = torch.randint(args.classes, (batch,), device=device)
-        built = make_method(method, clip_model, classnames, device, precision)
-        variants = [
-            (
-                TEXT_VARIANTS["shared"],
-                step_fn(method, clip_model, *built, images, labels, precision),
-                None,
-            )
-        ]
-        check = lambda *m, **k: logits_and_grads(
-            method, clip_model, *m, images, labels, precision, **k
-        )
-        fast = check(*make_method(method, clip_model, classnames, device, precision)[:2])
-        for text in [t for t in ("cut", "full") if t in plain]:
-            other = make_method(method, clip_model, classnames, device, precision, text)
-            variants.append(
-                (
-                    TEXT_VARIANTS[text],
-                    step_fn(method, clip_model, *other, images, labels, precision),
-                    max_difference(fast, check(*other[:2])),
-                )
-            )
-        if method == "prograd" and "teacher" in plain:
-            own = make_method(method, clip_model, classnames, device, precision)
-            fn = step_fn(method, clip_model, *own, images, labels, precision, teacher_forward=True)
-            variants.append(
-                (
-                    "teacher with its own image forward",
-                    fn,
-                    max_difference(fast, check(*own[:2], teacher_forward=True)),
-                )
-            )
-        rows += side_by_side(
-            method, variants, batch, args.classes, device, args.steps, args.warmup, peak
-        )
-    if "eval" in plain:
-        rows += eval_rows(clip_model, classnames, args, device, precision, peak)
-    result = {
-        "arch": args.arch,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "precision": precision,
-        "classes": args.classes,
-        "matmul_tflops": round(peak, 4),
-        "torch": torch.__version__,
-        "rows": rows,
-        "note": "CPU run: wall-clock times" if device.type == "cpu" else "CUDA events",
-    }
-    print(
-        f"\n{result['device']}, {args.arch}, {precision}, {args.classes} classes; matrix-product "
-        f"rate measured here: {peak:.3f} TFLOP/s"
-        + (" (a CPU run: wall-clock times)" if device.type == "cpu" else "")
-    )
-    print(markdown_table(rows))
-    if args.out:
-        coop.save(args.out, result)
-    FROZEN.clear()
-    return result
-
-
-def eval_rows(clip_model, classnames, args, device, precision, peak):
-    """Zero-shot and a learned prompt on one test batch: image features encoded once vs twice."""
-    batch = args.batch_size or 100  # the papers' test batch
-    torch.manual_seed(2)
-    images = torch.randn(
-        batch,
-        3,
-        clip_model.visual.input_resolution,
-        clip_model.visual.input_resolution,
-        device=device,
-    )
-    model = make_method("coop", clip_model, classnames, device, precision)[0]
-    weights = coop.zeroshot_classifier(clip_model, classnames, ["a photo of a {}."])
-
-    @torch.no_grad()
-    def evaluate(encode_twice):
-        with coop.autocast(device, precision):
-            f = F.normalize(clip_model.encode_image(images).float(), dim=-1)
-            zero_shot = f @ weights.t()
-            if encode_twice:
-                f = F.normalize(clip_model.encode_image(images).float(), dim=-1)
-            return torch.cat([zero_shot.flatten(), model(f).float().flatten()]), []
-
-    difference = max_difference(evaluate(False), evaluate(True))
-    variants = [
-        ("image features encoded once", lambda: evaluate(False), None),
-        ("re-encoded for each classifier", lambda: evaluate(True), difference),
-    ]
-    return side_by_side(
-        "eval", variants, batch, args.classes, device, args.steps, args.warmup, peak
-    )
-
-
-def adapter_rows(clip_model, classnames, args, device, precision, peak):
-    """adapter.py: each trained method's step on cached features, next to the same step recomputing
-    the image features from the pixels every epoch (what the original loops do), with the exactness
-    check on logits and gradients; and the training-free parts as rows of their own: Tip-Adapter's
-    alpha/beta search (200 x 20 grid on 4 validation images per class) and one L-BFGS fit of the
-    linear probe (16 shots per class). Keys: 16 shots per class, as at 16 shots."""
-    n_px, dim, n_cls = (
-        clip_model.visual.input_resolution,
-        clip_model.visual.output_dim,
-        len(classnames),
-    )
-    s = clip_model.logit_scale.exp().item()
-    W = coop.zeroshot_classifier(clip_model, classnames, ["a photo of a {}."])  # (C, D)
-    torch.manual_seed(3)
-    n_keys = 16 * n_cls  # 16 shots per class
-    keys = F.normalize(torch.randn(n_keys, dim, device=device), dim=-1)  # (N, D)
-    values = F.one_hot(torch.arange(n_keys, device=device) % n_cls, n_cls).float()  # (N, C)
-    rows = []
-    for method in ("clip-adapter", "tip-f"):
-        batch = args.batch_size or PAPER_BATCH[method]
-        images = torch.randn(batch, 3, n_px, n_px, device=device)
-        labels = torch.randint(n_cls, (batch,), device=device)
-
-        def encode():  # the frozen image encoder, as the cache (once) or the original loop (always)
-            with torch.no_grad(), coop.autocast(device, precision):
-                return clip_model.encode_image(images).float()  # (B, D), raw
-
-        def build():  # the model, optimizer, scheduler and logits as adapter.main builds them
-            torch.manual_seed(0)
-            if method == "clip-adapter":
-                model = adapter.ClipAdapter(dim).to(device)
-                opt = torch.optim.SGD(model.parameters(), 0.002, momentum=0.9, weight_decay=5e-4)
-                return model, opt, None, lambda f: adapter.clip_adapter_logits(f, model, 0.2, W, s)
-            model = adapter.TipAdapterF(keys, values).to(device)
+            model = adapter.TipAdapterF(keys, values).to(env.device)
             opt = torch.optim.AdamW(model.parameters(), 1e-3, eps=1e-4, weight_decay=0.01)
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 10**6)
-            return model, opt, sched, lambda f: model(F.normalize(f, dim=-1), W, 1.0, 1.0, s)
+            forward = lambda f: model(F.normalize(f, dim=-1), W, 1.0, 1.0, s)
+        step = lambda scaler: adapter.train_step(forward, opt, features(), labels, sched)
+        check = partial(applied, model, lambda: forward(features()), step, env)
+        return Row(method, variant, batch, lambda: step(None), check)  # no loss scaler here
 
-        def check(features):  # what the exactness check compares: logits and gradients
-            model, _, _, forward = build()
-            logits = forward(features)
-            grads = torch.autograd.grad(F.cross_entropy(logits, labels), list(model.parameters()))
-            return logits.detach().float().flatten(), grads
-
-        cached = encode()
-        difference = max_difference(check(cached), check(encode()))
-        common = (batch, n_cls, device, args.steps, args.warmup, peak)
-        _, opt, sched, forward = build()
-        _, opt2, sched2, forward2 = build()
-        variants = [
-            (
-                "on cached features",
-                lambda: adapter.train_step(forward, opt, cached, labels, sched),
-                None,
-            ),
-            (
-                "image features recomputed every epoch",
-                lambda: adapter.train_step(forward2, opt2, encode(), labels, sched2),
-                difference,
-            ),
-        ]
-        rows += side_by_side(method, variants, *common)
-    n_val = 4 * n_cls
-    f_val = F.normalize(torch.randn(n_val, dim, device=device), dim=-1)
-    y_val = torch.arange(n_val, device=device) % n_cls
-    search = lambda: adapter.search_alpha_beta(f_val, y_val, W, keys, values, s, (7.0, 3.0))
-    rows.append(
-        row("tip", "alpha/beta search, 200 x 20 grid", search, n_val, n_cls, device, 1, 0, peak)
-    )
-    probe_x, probe_y = (
-        torch.randn(n_keys, dim, device=device),
-        torch.arange(n_keys, device=device) % n_cls,
-    )
-    fit = lambda: adapter.fit_linear_probe(probe_x, probe_y, n_cls, 1.0)
-    rows.append(row("probe", "one L-BFGS fit (C = 1)", fit, n_keys, n_cls, device, 1, 0, peak))
-    return rows
+    cached = encode()
+    return [row("on cached features", lambda: cached),
+            row("image features recomputed every epoch", encode)]  # fmt: skip
 
 
-def full_text_features(model):
-    """The plain text tower, as TPT's and PromptAlign's code run it: CLIP's own blocks over all 77
-    positions (MaPLe's deep prompts written over positions 1..M before the blocks 1..J-1)."""
-    m, pl = model.clip, model.prompts
-    x = pl.text_prompts().type(m.dtype) + m.positional_embedding.type(m.dtype)  # (C, 77, d)
-    x = x.permute(1, 0, 2)  # NLD -> LND
-    for j, block in enumerate(m.transformer.resblocks):
-        if 1 <= j <= len(pl.deep_text):
-            deep = pl.deep_text[j - 1].type(x.dtype)[:, None].expand(-1, x.shape[1], -1)
-            x = torch.cat([x[:1], deep, x[1 + pl.n_ctx :]])  # (77, C, d)
-        x = block(x)  # with CLIP's 77 x 77 causal mask
-    x = m.ln_final(x.permute(1, 0, 2)).type(m.dtype)  # LND -> NLD: (C, 77, d)
-    x = x[torch.arange(x.shape[0]), pl.tokenized.argmax(dim=-1)]  # the EOT rows: (C, d)
-    return F.normalize((x @ m.text_projection).float(), dim=-1)  # (C, D)
+# --- promptsync.py: one test image per step; TPT and PromptAlign two ways; PromptSync -------------
+def test_time_model(env, maple):
+    """promptsync.py's model, AdamW, and the reset before every image: TPT's prompts (4 tokens, lr
+    5e-3) or MaPLe's (2 tokens, lr 4e-2, depth 3 or what the towers have: the tests' tiny CLIP)."""
+    towers = (env.clip.transformer, env.clip.visual.transformer) if maple else ()
+    depth = min(3, *(len(t.resblocks) for t in towers)) if maple else 0
+    torch.manual_seed(0)
+    model = promptsync.PromptedCLIP(env.clip, env.names, 2 if maple else 4, depth).to(env.device)
+    learned = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(learned, 4e-2 if maple else 5e-3, weight_decay=0.01)
+    initial = copy.deepcopy((model.prompts.state_dict(), optimizer.state_dict()))
+
+    def reset():
+        model.prompts.load_state_dict(initial[0])
+        optimizer.load_state_dict(initial[1])
+
+    return model, optimizer, reset
 
 
-def maple_depth(clip_model):
-    """MaPLe's depth 3, or fewer on a CLIP whose towers have fewer blocks (the tests' tiny one)."""
-    towers = (clip_model.transformer, clip_model.visual.transformer)
-    return min(3, *(len(t.resblocks) for t in towers))
+def plain_tpt(model, optimizer, scaler, views, rho, precision, align):
+    """TPT's step as the original code takes it: every view through the image tower (PromptAlign:
+    with gradients), the selection, the loss, one step, the original view encoded again."""
+    tokens = [] if align else None
+    with coop.autocast(views.device, precision):
+        with torch.set_grad_enabled(align is not None):  # TPT: the image side under no_grad
+            features = model.image_features(views, tokens)  # all the views
+        logits = model.logits(features)  # (N, C), the 77-position text tower
+    kept = promptsync.select_confident(logits.detach(), rho)
+    total = promptsync.marginal_entropy(logits[kept])
+    if align:
+        x = [tokens[l][:, kept].float() for l in align[0]]  # (T, k, W)
+        means, variances = [t.mean(1) for t in x], [t.var(1, unbiased=False) for t in x]
+        total = total + align[3] * promptsync.token_alignment(means, variances, *align[1:3])
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(total).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    with torch.no_grad(), coop.autocast(views.device, precision):  # the original view, again
+        return int(model.logits(model.image_features(views[:1]))[0].argmax())
 
 
-def promptsync_rows(clip_model, classnames, args, device, precision, peak, loss):
-    """Test-time tuning, one test image per step: reset, 64 views (--batch-size), confidence
-    selection, one AdamW step, the prediction of the original view. TPT (text prompts, 4 tokens)
-    and PromptAlign (MaPLe prompts, 2 tokens, depth 3 or `maple_depth`; a ViT only), as
-    promptsync.py runs them, and as the original code does: the text tower over all 77
-    positions, every view's image features recomputed (TPT: the original view again for the
-    prediction; PromptAlign: all 64 views through the vision tower with gradients, then the
-    original view again). The check compares the logits
-    of the views with the starting prompts and the gradients of the step."""
-    ps, n_views = promptsync, args.batch_size or 64
-    rho = max(0.1, 1 / n_views)  # TPT's 10 %; at least one view in a small CPU run
-    n_px, amp = clip_model.visual.input_resolution, precision == "amp" and device.type == "cuda"
-    torch.manual_seed(3)
-    views = torch.randn(n_views, 3, n_px, n_px, device=device)
-    if loss == "align" and not hasattr(clip_model.visual, "transformer"):
+def test_time_rows(loss, env):
+    """One test image: reset, the views, the selection, one AdamW step, the original view's
+    prediction. tpt, align (a ViT only): as written and as the original code (plain_tpt). sync:
+    PromptSync (adapt_sync) with random class prototypes, alone: no other code to compare with."""
+    if loss != "tpt" and not hasattr(env.clip.visual, "transformer"):
         return []  # MaPLe's vision prompts need a ViT
-    built = []
-    for plain in (False, True):  # two identical models: as written, and the plain one
-        torch.manual_seed(0)
-        shape = (4, 0) if loss == "tpt" else (2, maple_depth(clip_model))
-        model = ps.PromptedCLIP(clip_model, classnames, *shape)
-        model.to(device)
-        if plain:
-            model.text_features = lambda model=model: full_text_features(model)
-        learned = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(learned, 5e-3 if loss == "tpt" else 4e-2, weight_decay=0.01)
-        initial = copy.deepcopy((model.prompts.state_dict(), optimizer.state_dict()))
-        built.append((model, learned, optimizer, initial))
+    n_views, C, D = env.batch or PAPER_BATCH["tpt"], len(env.names), env.clip.visual.output_dim
+    rho, precision = max(0.1, 1 / n_views), env.precision  # TPT's 10 %; at least one view
+    views, _ = inputs(env, n_views, seed=3)
+    model, optimizer, reset = test_time_model(env, maple=loss != "tpt")
+    if loss == "sync":
+        rand = lambda *shape: torch.randn(*shape, device=env.device)
+        sync = dict(cls=rand(C, D), tokens=rand(C, D), text=F.normalize(rand(C, D), dim=-1),
+                    views=F.normalize(rand(C, 8, D), dim=-1),  # 8 stored views per class
+                    groups=torch.arange(C, device=env.device), weights=[1.0, 1.0, 1.0])  # fmt: skip
+
+        def step():
+            reset()
+            return promptsync.adapt_sync(model, views, optimizer, sync, 1, rho, precision)
+
+        return [Row("promptsync", "as written (one test image)", n_views, step, None)]
     align = None
     if loss == "align":  # source statistics of the right shape (their values do not matter)
         tokens = []
-        with torch.no_grad(), coop.autocast(device, precision):
-            built[0][0].image_features(views[:4], tokens)
+        with torch.no_grad(), coop.autocast(env.device, precision):
+            model.image_features(views[:4], tokens)
         x = torch.stack(tokens[:2]).float()  # (2, T, 4, W)
         align = ([0, 1], list(x.mean(dim=2)), list(x.var(dim=2, unbiased=False)), 100 / 3)
+    plain, full = test_time_model(env, maple=loss != "tpt"), FullTextEncoder(env.clip)
+    pl = plain[0].prompts  # the second model's text tower runs over all 77 positions
+    text = lambda: full(pl.text_prompts(), pl.tokenized, pl.deep_text)  # (C, D)
+    plain[0].text_features = lambda: F.normalize(text().float(), dim=-1)
 
-    def reset(model, optimizer, initial):  # promptsync.test_stage's reset, before every image
-        model.prompts.load_state_dict(initial[0])
-        optimizer.load_state_dict(initial[1])
-        return torch.amp.GradScaler(device.type, init_scale=1000, enabled=amp)
+    def row(variant, model, optimizer, reset):
+        def step(scaler):
+            reset()
+            if model is not plain[0]:
+                return promptsync.adapt(model, views, optimizer, scaler, 1, rho, precision, align)
+            return plain_tpt(model, optimizer, scaler, views, rho, precision, align)
 
-    def as_written(model=built[0][0], optimizer=built[0][2], initial=built[0][3]):
-        scaler = reset(model, optimizer, initial)
-        return ps.adapt(model, views, optimizer, scaler, 1, rho, precision, align)
+        timed = lambda: step(grad_scaler(env, init_scale=1000))  # a new one per image, as TPT's
+        logits = lambda: model.logits(model.image_features(views))
+        check = partial(applied, model, logits, step, env)
+        return Row("tpt" if loss == "tpt" else "promptalign", variant, n_views, timed, check)
 
-    def plain(model=built[1][0], optimizer=built[1][2], initial=built[1][3]):
-        scaler, tokens = reset(model, optimizer, initial), [] if align else None
-        with coop.autocast(device, precision):
-            with torch.set_grad_enabled(align is not None):  # TPT: image side under no_grad
-                features = model.image_features(views, tokens)  # all the views
-            logits = model.logits(features)  # (N, C), the 77-position text tower
-        kept = ps.select_confident(logits.detach(), rho)
-        total = ps.marginal_entropy(logits[kept])
-        if align:
-            x = [tokens[l][:, kept].float() for l in align[0]]  # (T, k, W)
-            means, variances = [t.mean(1) for t in x], [t.var(1, unbiased=False) for t in x]
-            total = total + align[3] * ps.token_alignment(means, variances, align[1], align[2])
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(total).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        with torch.no_grad(), coop.autocast(device, precision):  # the original view, again
-            return int(model.logits(model.image_features(views[:1]))[0].argmax())
-
-    def outcome(step, model, learned, *_):
-        with torch.no_grad(), coop.autocast(device, precision):
-            logits = model.logits(model.image_features(views)).float().flatten()
-        step()
-        return logits, [p.grad.detach().float().clone() for p in learned]
-
-    difference = max_difference(outcome(as_written, *built[0]), outcome(plain, *built[1]))
-    common = (n_views, len(classnames), device, args.steps, args.warmup, peak)
-    name = "tpt" if loss == "tpt" else "promptalign"
-    variants = [
-        ("as written (one test image)", as_written, None),
-        ("77 positions, features recomputed", plain, difference),
-    ]
-    return side_by_side(name, variants, *common)
+    return [row("as written (one test image)", model, optimizer, reset),
+            row("77 positions, features recomputed", *plain)]  # fmt: skip
 
 
-def promptsync_sync_rows(clip_model, classnames, args, device, precision, peak):
-    """PromptSync (promptsync.adapt_sync, as written) for one test image: reset, views
-    (--batch-size, default 64), meta-train (the text tower and the kept views with gradients, a
-    no-grad pass over every view for the confidence selection and p^ with those text features;
-    all three losses, L_D's gradient; a step to temporary prompts), meta-test at the temporary
-    prompts (the same passes, L_ent + L_A's gradient), one AdamW step with the averaged gradients,
-    the original view's prediction.
-    MaPLe prompts (2 tokens, depth 3 or `maple_depth`; a ViT only); the class prototypes are
-    random tensors of the saved shapes (their values do not change the cost). No second variant:
-    there is no other code to compare with."""
-    ps, n_views = promptsync, args.batch_size or 64
-    if not hasattr(clip_model.visual, "transformer"):
-        return []  # MaPLe's vision prompts need a ViT
-    rho = max(0.1, 1 / n_views)  # TPT's 10 %; at least one view in a small CPU run
-    n_px, C = clip_model.visual.input_resolution, len(classnames)
-    D = clip_model.visual.output_dim
-    torch.manual_seed(3)
-    views = torch.randn(n_views, 3, n_px, n_px, device=device)
-    torch.manual_seed(0)
-    model = ps.PromptedCLIP(clip_model, classnames, 2, maple_depth(clip_model)).to(device)
-    learned = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(learned, 4e-2, weight_decay=0.01)
-    initial = copy.deepcopy((model.prompts.state_dict(), optimizer.state_dict()))
-    rand = lambda *shape: torch.randn(*shape, device=device)
-    sync = dict(
-        cls=rand(C, D),
-        tokens=rand(C, D),
-        text=F.normalize(rand(C, D), dim=-1),
-        views=F.normalize(rand(C, 8, D), dim=-1),  # 8 stored source views per class
-        groups=torch.arange(C, device=device),
-        weights=[1.0, 1.0, 1.0],  # entropy, alignment, discrimination
-    )
-
-    def as_written():
-        model.prompts.load_state_dict(initial[0])  # promptsync.test_stage's reset
-        optimizer.load_state_dict(initial[1])
-        return ps.adapt_sync(model, views, optimizer, sync, 1, rho, precision)
-
-    common = (n_views, C, device, args.steps, args.warmup, peak)
-    return [row("promptsync", "as written (one test image)", as_written, *common)]
-
-
-class HookedDeepVPT(nn.Module):
-    """The plain formulation of VPT-deep: CLIP's own `visual.transformer` called whole on the
-    sequence [CLS, P_0, patches], and a forward hook on every block that re-concatenates its
-    output with the next block's prompts (what a port that does not write its own loop does)."""
-
-    def __init__(self, encoder):
-        super().__init__()
-        self.encoder = encoder
+# --- vpt.py: the whole image tower in the graph; VPT-deep two ways --------------------------------
+class HookedDeepVPT(vpt.PromptedViT):
+    """Plain VPT-deep: CLIP's `visual.transformer` called whole on [CLS, P_0, patches], a forward
+    hook on every block re-concatenating its output with the next prompts (a port's way)."""
 
     def forward(self, images):
-        e, v = self.encoder, self.encoder.visual
-        p, B = e.n_prompts, images.shape[0]
+        v, p, B = self.visual, self.n_prompts, images.shape[0]
         x = v.conv1(images.type(v.conv1.weight.dtype)).flatten(2).permute(0, 2, 1)  # (B, N, w)
         x = torch.cat([v.class_embedding.to(x.dtype).expand(B, 1, -1), x], dim=1)  # (B, 1+N, w)
         x = v.ln_pre(x + v.positional_embedding.to(x.dtype))
-        x = torch.cat([x[:, :1], e.prompts[0].to(x.dtype).expand(B, -1, -1), x[:, 1:]], dim=1)
-
-        def replace(i):  # block i-1's output (LND) -> [CLS, P_i, patches]
-            def hook(module, inputs, out):
-                prompts = e.prompts[i].to(out.dtype).unsqueeze(1).expand(-1, B, -1)  # (p, B, w)
-                return torch.cat([out[:1], prompts, out[1 + p :]])
-
-            return hook
-
+        x = torch.cat([x[:, :1], self.prompts[0].to(x.dtype).expand(B, -1, -1), x[:, 1:]], dim=1)
+        P = lambda i, out: self.prompts[i].to(out.dtype).unsqueeze(1).expand(-1, B, -1)  # (p, B, w)
+        # the hook on block i-1: its output (LND) -> [CLS, P_i, patches]
+        replace = lambda i: lambda block, args, x: torch.cat([x[:1], P(i, x), x[1 + p :]])
         blocks = v.transformer.resblocks
         hooks = [blocks[i - 1].register_forward_hook(replace(i)) for i in range(1, len(blocks))]
         try:
@@ -811,90 +338,258 @@ class HookedDeepVPT(nn.Module):
         return v.ln_post(x[:, 0, :]) @ v.proj  # (B, D)
 
 
-def make_vpt(method, clip_model, classnames, device, hooked=False):
-    """The model and optimizer as vpt.py's main builds them: the text head, 8 prompt tokens per
-    layer (MaPLe's VPT), or the 30-px border at 224 px (scaled to the input size)."""
-    torch.manual_seed(0)
-    visual = clip_model.visual
-    if method == "vpt-pad":
-        encoder = vpt.PaddedEncoder(visual, vpt.pad_width(visual.input_resolution))
-        sgd = dict(lr=40.0, momentum=0.9, weight_decay=0.0)
-    else:
-        encoder = vpt.PromptedViT(visual, 8, deep=method == "vpt-deep")
-        sgd = dict(lr=0.0025, momentum=0.9, weight_decay=5e-4)
-    if hooked:
-        encoder = HookedDeepVPT(encoder)
-    weights = vpt.zeroshot_classifier(clip_model, classnames, ["a photo of a {}."])
-    model = vpt.PromptedCLIP(encoder, vpt.TextHead(weights, clip_model.logit_scale)).to(device)
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], **sgd)
-    return model, optimizer
-
-
-def vpt_rows(method, clip_model, classnames, args, device, precision, peak, plain):
-    """The step vpt.py's loop calls: the whole image encoder forward and backward to the prompts
-    (the text classifier is encoded once, so the number of classes hardly matters). For VPT-deep,
-    side by side: CLIP's own transformer with forward hooks that re-concatenate the sequence before
-    every block, against vpt.py's explicit loop (which writes the prompt rows in place); the check
-    compares the logits and the prompts' gradients."""
-    if method != "vpt-pad" and not hasattr(clip_model.visual, "transformer"):
-        print(f"{method}: skipped ({args.arch} is not a ViT; only vpt-pad runs on a ResNet)")
+def vpt_rows(method, env):
+    """vpt.py's step: the image tower forward and backward to the prompts (8 tokens per layer, as
+    MaPLe's VPT; or the 30-px border at 224 px, scaled); VPT-deep also through HookedDeepVPT."""
+    visual, batch, precision = env.clip.visual, env.batch or PAPER_BATCH[method], env.precision
+    if method != "vpt-pad" and not hasattr(visual, "transformer"):
+        print(f"{method}: skipped (not a ViT; only vpt-pad runs on a ResNet)")
         return []
-    batch, n_px = args.batch_size or PAPER_BATCH[method], clip_model.visual.input_resolution
-    torch.manual_seed(1)
-    images = torch.randn(batch, 3, n_px, n_px, device=device)
-    labels = torch.randint(len(classnames), (batch,), device=device)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "amp" and device.type == "cuda")
+    images, labels = inputs(env, batch, seed=1)
+    weights = vpt.zeroshot_classifier(env.clip, env.names, ["a photo of a {}."])
+    head = vpt.TextHead(weights, env.clip.logit_scale)  # frozen: one for both rows
 
-    def step(model, optimizer):
-        return lambda: vpt.train_step(model, optimizer, scaler, images, labels, precision)
+    def row(variant, hooked=False):  # the model and optimizer as vpt.py's main builds them
+        torch.manual_seed(0)
+        if method == "vpt-pad":
+            encoder = vpt.PaddedEncoder(visual, vpt.pad_width(visual.input_resolution))
+            sgd = dict(lr=40.0, momentum=0.9, weight_decay=0.0)
+        else:
+            kind = HookedDeepVPT if hooked else vpt.PromptedViT
+            encoder = kind(visual, 8, deep=method == "vpt-deep")
+            sgd = dict(lr=0.0025, momentum=0.9, weight_decay=5e-4)
+        model = vpt.PromptedCLIP(encoder, head).to(env.device)
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], **sgd)
+        step = lambda scaler: vpt.train_step(model, optimizer, scaler, images, labels, precision)
+        check = partial(applied, model, lambda: model(images), step, env)
+        return Row(method, variant, batch, partial(step, grad_scaler(env)), check)
 
-    def outcome(model):
-        params = [p for p in model.parameters() if p.requires_grad]
-        with coop.autocast(device, precision):
-            logits = model(images).float()
-        return logits.flatten(), torch.autograd.grad(F.cross_entropy(logits, labels), params)
-
-    variants = [("as written", step(*make_vpt(method, clip_model, classnames, device)), None)]
-    if method == "vpt-deep" and "hooks" in plain:
-        fast = outcome(make_vpt(method, clip_model, classnames, device)[0])
-        hooked = make_vpt(method, clip_model, classnames, device, hooked=True)
-        difference = max_difference(fast, outcome(hooked[0]))
-        variants.append(("CLIP's transformer + forward hooks", step(*hooked), difference))
-    common = (batch, len(classnames), device, args.steps, args.warmup, peak)
-    return side_by_side(method, variants, *common)
+    rows, hooks = [row("as written")], method == "vpt-deep" and "hooks" in env.plain
+    return rows + [row("CLIP's transformer + forward hooks", True)] if hooks else rows
 
 
-def format_row(r):
-    verdict = "exact" if r["exact"] else "DIFFERENT"
-    check = "" if r["exact"] is None else f"  max|diff| {r['max_abs_diff']:.2e} {verdict}"
-    name, ms, gflop = f"{r['method']:>8} | {r['variant']:<36}", r["median_ms"], r["gflop"]
-    return f"{name} | {ms:10.2f} ms | {gflop:10.2f} GFLOP{check}"
+# The rows behind each --methods name ("adapter": three builders), built one at a time (see run)
+ROWS = {name: [partial(prompt_rows, name)] for name in ("coop-text", "coop", "cocoop", "prograd")}
+ROWS["adapter"] = [partial(adapter_rows, name) for name in ("clip-adapter", "tip-f", "tip")]
+ROWS.update({name: [partial(test_time_rows, name)] for name in ("tpt", "align", "sync")})
+ROWS.update({name: [partial(vpt_rows, name)] for name in ("vpt-shallow", "vpt-deep", "vpt-pad")})
+PLAIN = ("cut", "full", "teacher", "hooks")
 
 
-def markdown_table(rows):
-    head = (
-        "| method | variant | batch | classes | median ms | p10–p90 ms | peak MiB | saved MiB "
-        "| GFLOP | TFLOP/s | of matmul | speed-up | max abs diff |"
-    )
-    lines = [head, "|" + "---|" * 13]
-    base = {}
+# --- Measurements: the exactness check, FLOPs, memory, time -------------------------------------
+def max_difference(a, b, relative=1e-4):
+    """Largest |difference| of logits and gradients; exact: at most `relative` x the largest."""
+    (la, ga), (lb, gb) = a, b
+    diff = torch.stack([(la - lb).abs().max()] + [(x - y).abs().max() for x, y in zip(ga, gb)])
+    scale = torch.stack([la.abs().max()] + [x.abs().max() for x in ga]).max().item()
+    return diff.max().item(), bool(diff.max() <= max(relative * scale, 1e-6))
+
+
+def count_flops(fn):
+    """FLOPs of fn by torch's counter without its per-module table, whose backward hooks
+    autograd.grad refuses on a module fed a learned leaf (MaPLe's projection of the context)."""
+    counter = FlopCounterMode(display=False)
+    counter.mod_tracker = contextlib.nullcontext()  # tracks no module: every FLOP is "Global"
+    counter.mod_tracker.parents = {"Global"}
+    with counter:
+        fn()
+    return counter.get_total_flops()
+
+
+FROZEN = set()  # storages of CLIP's weights: held anyway, not counted as a step's activations
+storage = lambda t: t.untyped_storage().data_ptr()
+
+
+class FrozenCopies(TorchDispatchMode):
+    """Notes autocast's half-precision copies of FROZEN weights (made anew at every use: autocast
+    keeps only copies of weights that require grad), held until the mode ends."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        cast = func is torch.ops.aten._to_copy.default  # what autocast's casts come down to
+        if cast and (storage(args[0]) in FROZEN or storage(args[0]) in self.copies):
+            self.copies[storage(out)] = out.untyped_storage()  # held: its address is not reused
+        return out
+
+
+def saved_mib(fn):
+    """MiB autograd keeps for fn's backward passes (summed), each storage once and held until fn
+    returns (an address reused later is another), CLIP's weights and autocast's copies left out."""
+    kept = {}
+
+    def pack(t):
+        if storage(t) not in FROZEN and storage(t) not in frozen.copies:
+            kept[storage(t)] = t.untyped_storage()
+        return t
+
+    frozen = FrozenCopies()
+    frozen.copies = {}  # storage address -> the copy's storage
+    with frozen, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(s.nbytes() for s in kept.values()) / 2**20
+
+
+# this process's resident memory (VmRSS) or its peak since the last reset (VmHWM), in kB
+resident = lambda key: int(Path("/proc/self/status").read_text().split(key + ":")[1].split()[0])
+
+
+def peak_mib(fn, device):
+    """One call of fn and its peak memory in MiB: CUDA's allocator peak, or on the CPU the growth of
+    the process's resident memory above what it held before (weights, data; Linux, else None)."""
+    gc.collect()  # what earlier steps left
+    if device.type != "cuda":
+        try:  # give freed memory back to the system; restart the peak count at the current size
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to VmRSS
+        except OSError:  # not Linux
+            fn()
+            return None
+        base = resident("VmRSS")
+        fn()
+        return (resident("VmHWM") - base) / 1024
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) / 2**20
+
+
+def milliseconds(fn, device):
+    """One call of fn: CUDA events (on the current device: run sets it), or the wall clock."""
+    if device.type != "cuda":
+        t0 = time.perf_counter()
+        fn()
+        return 1000 * (time.perf_counter() - t0)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize(device)
+    return start.elapsed_time(end)
+
+
+def matmul_rate(device, precision):
+    """TFLOP/s of one large matrix product in the rows' dtype (and TF32 setting), on this device."""
+    dtype = compute_dtype(device, precision)  # a CPU's fp16 products are slow: a smaller one
+    n = 8192 if device.type == "cuda" else 256 if dtype == torch.float16 else 1024
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    times = [milliseconds(lambda: a @ b, device) for _ in range(13)][3:]  # after 3 warm-up ones
+    return 2 * n**3 / (statistics.median(times) / 1000) / 1e12
+
+
+# --- The timing loop, the run, the output --------------------------------------------------------
+def time_rows(rows, env, args, rate):
+    """The one timing loop: each row's outcome (before a step moves it), checked against its
+    method's first row's; each row warmed up (the first step counts the FLOPs), its memory measured
+    alone; then the timed steps in turn, one of each row, so that load changes hit all alike."""
+    dtype, first, checks, costs = compute_dtype(env.device, env.precision), {}, [], []
+    relative = 1e-4 if dtype == torch.float32 else 100 * torch.finfo(dtype).eps
+    for r, outcome in [(r, r.outcome and r.outcome()) for r in rows]:  # before any step is taken
+        expected = first.setdefault(r.method, outcome)  # the method as written
+        checked = outcome is not None and outcome is not expected
+        checks.append(max_difference(expected, outcome, relative) if checked else (None, None))
     for r in rows:
-        key = r["method"]
-        if r["exact"] is None:
-            base[key] = r["median_ms"]
-        speedup = "" if r["exact"] is None else f"{r['median_ms'] / base[key]:.2f}×"
-        diff = (
-            ""
-            if r["exact"] is None
-            else f"{r['max_abs_diff']:.1e} ({'exact' if r['exact'] else 'DIFFERENT'})"
-        )
-        lines.append(
-            f"| {r['method']} | {r['variant']} | {r['batch']} | {r['classes']} "
+        flops = count_flops(r.step)
+        for _ in range(args.warmup - 1):
+            r.step()
+        costs.append((flops, peak_mib(r.step, env.device), saved_mib(r.step)))
+    times = [[milliseconds(r.step, env.device) for r in rows] for _ in range(args.steps)]
+    times = list(zip(*times))  # one list of times per row
+    results = []
+    for r, t, (flops, peak, kept), (diff, exact) in zip(rows, times, costs, checks):
+        median = statistics.median(t)
+        q = statistics.quantiles(t, n=10, method="inclusive") if len(t) >= 2 else [median] * 9
+        tflops = flops / (median / 1000) / 1e12
+        results.append(dict(method=r.method, variant=r.variant, batch=r.batch,
+            classes=len(env.names), median_ms=round(median, 3), p10_ms=round(q[0], 3),
+            p90_ms=round(q[-1], 3), peak_mib=None if peak is None else round(peak, 1),
+            saved_mib=round(kept, 1), gflop=round(flops / 1e9, 3), tflops=round(tflops, 4),
+            fraction_of_matmul=round(tflops / rate, 4), max_abs_diff=diff,
+            exact=exact))  # fmt: skip
+        print(markdown_row(results[-1], results[0]["median_ms"]), flush=True)
+    return results
+
+
+def run(args):
+    device, precision = torch.device(args.device), args.precision
+    cuda = device.type == "cuda"
+    if cuda and device.index is not None:
+        torch.cuda.set_device(device)  # CUDA events and synchronize() time the current device
+    if args.arch in OPENAI_CONFIGS:  # a real architecture with random weights, as load_clip gives
+        torch.manual_seed(0)
+        clip_model = clip.model.CLIP(*OPENAI_CONFIGS[args.arch]).requires_grad_(False).eval()
+        if precision == "fp16":  # CLIP's own fp16 layout, as load_clip's
+            clip.model.convert_weights(clip_model)
+    else:
+        clip_model = coop.load_clip(args.arch, device, precision)
+    clip_model.to(device)  # (load_clip's is there already)
+    FROZEN.clear()  # this run's weights only (a freed storage's address can be reused)
+    FROZEN.update(storage(p) for p in clip_model.parameters())
+    names = [f"class {i}" for i in range(args.classes)]
+    env = argparse.Namespace(clip=clip_model, names=names, device=device, precision=precision,
+                             batch=args.batch_size, plain=args.plain)  # fmt: skip
+    rate, rows, name = matmul_rate(device, precision), [], "cpu"
+    name = torch.cuda.get_device_name(device) if cuda else name
+    print(f"{name}, {args.arch}, {precision}, {args.classes} classes; a matrix product's rate "
+          f"measured here: {rate:.3f} TFLOP/s\n{HEAD}")  # fmt: skip
+    for build in [build for method in args.methods for build in ROWS[method]]:
+        rows += time_rows(build(env), env, args, rate)  # then nothing holds the rows' models:
+        gc.collect()  # they are freed before the next are built (each peak is its own)
+    tf32 = dict(matmul=torch.backends.cuda.matmul.allow_tf32, cudnn=torch.backends.cudnn.allow_tf32)
+    on = lambda key: "TF32" if tf32[key] else "true fp32"
+    note = (f"CUDA events; fp32 matmuls run {on('matmul')}, convolutions {on('cudnn')} (TF32 "
+            "convolutions: 'of matmul' can pass 100 %)" if cuda else
+            "CPU run: wall-clock times, peak MiB the growth of resident memory") + (
+            "; GFLOP: the counter counts CUDA's attention kernels but not the CPU's flash "
+            "attention (a GPU run's GFLOP is a few % above a CPU run's)")  # fmt: skip
+    print(note)
+    result = dict(arch=args.arch, device=name, precision=precision, classes=args.classes,
+                  matmul_tflops=round(rate, 4), tf32=tf32, torch=torch.__version__, rows=rows,
+                  note=note)  # fmt: skip
+    if args.out:
+        coop.save(args.out, result)
+    FROZEN.clear()
+    return result
+
+
+HEAD = "| method | variant | batch | classes | median ms | p10–p90 ms | peak MiB | saved MiB "
+HEAD += "| GFLOP | TFLOP/s | of matmul | speed-up | max abs diff |\n" + "|---" * 13 + "|"
+
+
+def markdown_row(r, base_ms):
+    """One row of the table; the speed-up is against the method's first row (as written)."""
+    checked, verdict = r["exact"] is not None, "exact" if r["exact"] else "DIFFERENT"
+    speedup = f"{r['median_ms'] / base_ms:.2f}×" if checked else ""
+    diff = f"{r['max_abs_diff']:.1e} ({verdict})" if checked else ""
+    return (f"| {r['method']} | {r['variant']} | {r['batch']} | {r['classes']} "
             f"| {r['median_ms']:.1f} | {r['p10_ms']:.1f}–{r['p90_ms']:.1f} "
             f"| {r['peak_mib'] or '–'} | {r['saved_mib']} | {r['gflop']:.1f} | {r['tflops']:.3f} "
-            f"| {100 * r['fraction_of_matmul']:.0f}% | {speedup} | {diff} |"
-        )
-    return "\n".join(lines)
+            f"| {100 * r['fraction_of_matmul']:.0f}% | {speedup} | {diff} |")  # fmt: skip
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=DEFAULTS)
+    add = p.add_argument
+    add("--arch", default="ViT-B/16", help=f"{', '.join(OPENAI_CONFIGS)} or a checkpoint's path")
+    add("--methods", default="all", help=f"all, or some of {','.join(ROWS)} (comma-separated)")
+    add("--classes", type=int, default=1000, help="number of class names (ImageNet has 1000)")
+    add("--batch-size", type=int, help="default: each method's paper batch size")
+    add("--precision", choices=["fp32", "amp", "fp16"], help="default: amp on CUDA, else fp32")
+    add("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda[:N] or cpu")
+    add("--steps", type=int, default=20, help="timed steps per row")
+    add("--warmup", type=int, default=5, help="untimed steps first (the first counts FLOPs)")
+    add("--plain", default=",".join(PLAIN), help="plain rows to time (see the docstring), or none")
+    add("--out", help="write the results as JSON here")
+    args = p.parse_args(argv)
+    args.methods = list(ROWS) if args.methods == "all" else args.methods.split(",")
+    args.plain = set() if args.plain == "none" else set(args.plain.split(","))
+    if set(args.methods) - set(ROWS) or args.plain - set(PLAIN):
+        coop.fail(f"--methods takes some of {', '.join(ROWS)} or all; --plain: {', '.join(PLAIN)}")
+    args.precision = args.precision or ("amp" if args.device.startswith("cuda") else "fp32")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        coop.fail(f"--device {args.device}: CUDA is not available here; use --device cpu")
+    return args
 
 
 if __name__ == "__main__":
