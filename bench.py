@@ -231,7 +231,9 @@ def test_time_model(env, maple):
     towers = (env.clip.transformer, env.clip.visual.transformer) if maple else ()
     depth = min(3, *(len(t.resblocks) for t in towers)) if maple else 0
     torch.manual_seed(0)
-    model = promptsync.PromptedCLIP(env.clip, env.names, 2 if maple else 4, depth).to(env.device)
+    model = promptsync.MultimodalPromptedCLIP(env.clip, env.names, 2 if maple else 4, depth).to(
+        env.device
+    )
     learned = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(learned, 4e-2 if maple else 5e-3, weight_decay=0.01)
     initial = copy.deepcopy((model.prompts.state_dict(), optimizer.state_dict()))
@@ -352,13 +354,13 @@ def vpt_rows(method, env):
     def row(variant, hooked=False):  # the model and optimizer as vpt.py's main builds them
         torch.manual_seed(0)
         if method == "vpt-pad":
-            encoder = vpt.PaddedEncoder(visual, vpt.pad_width(visual.input_resolution))
+            encoder = vpt.PaddedEncoder(visual)
             sgd = dict(lr=40.0, momentum=0.9, weight_decay=0.0)
         else:
             kind = HookedDeepVPT if hooked else vpt.PromptedViT
             encoder = kind(visual, 8, deep=method == "vpt-deep")
             sgd = dict(lr=0.0025, momentum=0.9, weight_decay=5e-4)
-        model = vpt.PromptedCLIP(encoder, head).to(env.device)
+        model = vpt.VisualPromptedCLIP(encoder, head).to(env.device)
         optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], **sgd)
         step = lambda scaler: vpt.train_step(model, optimizer, scaler, images, labels, precision)
         check = partial(applied, model, lambda: model(images), step, env)

@@ -72,7 +72,9 @@ with warnings.catch_warnings():  # openai-clip 1.0.1 imports the deprecated pkg_
 
 # The defaults that differ per stage and loss (--help lists them); the others are in parse_args
 def from_load(key, value):
-    get = lambda args: load_checkpoint(args.load)["config"][key] if args.load else value
+    # (a --load that is not there yet, e.g. a planned run's: main stops on it before any work)
+    there = lambda a: os.path.isfile(a.load or "")
+    get = lambda a: load_checkpoint(a.load)["config"][key] if there(a) else value
     get.__doc__ = f"--load's, else {value}"
     return get
 
@@ -1167,8 +1169,14 @@ def peak_mib(device, reset=False):
 def add_run_args(add, learned=True):
     """The options every method file shares: seed, precision, device, run folder, checkpoints."""
     add("--seed", type=int, default=1, help="the papers report seeds 1, 2, 3")
-    add("--precision", choices=["fp32", "amp", "fp16"], help="default: amp on CUDA, else fp32")
-    add("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add(
+        "--precision",
+        choices=["fp32", "amp", "fp16"],
+        help="default: amp on CUDA, else fp32; the loss is scaled for fp16",
+    )
+    add(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda, cuda:1, cpu"
+    )
     add("--workers", type=int, default=4, help="data-loading processes")
     add("--out", help="run folder (default runs/<method>/<dataset>/...)")
     if learned:

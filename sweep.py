@@ -35,9 +35,9 @@ command of the method, after the plan's own, so that they win):
                          (--eval-data); test-time methods tune on ImageNet itself too (TPT Table 1)
 Zero-shot CLIP (zeroshot.py) runs once per dataset: no shots, no seeds. Test-time methods
 (promptsync.py) tune on the target datasets' test images, split into --shards N commands
-(--shard K/N) that `table` merges; TPT gets --augmix on the fine-grained sets (TPT's code: AugMix
-for every set but ImageNet's), PromptAlign --lr 5e-4 there and 4e-2 on ImageNet and its shifts
-(its configs); with MaPLe prompts (--loss align, --prompts maple) a source stage on 16-shot
+(--shard K/N) that `table` merges; the fine-grained sets get --setting fine-grained (TPT's AugMix,
+PromptAlign's lr 5e-4; ImageNet and its shifts keep dg: no AugMix, lr 4e-2); with MaPLe prompts
+(--loss align or sync, or `--loss tpt --load source` for TPT+MaPLe) a source stage on 16-shot
 ImageNet comes first (stage 1). Their plans use seed 1 (TPT reports one run). The methods that
 save checkpoints (coop, prograd, vpt; promptsync's test stage) get --resume on every line: a run
 folder without a checkpoint starts fresh, a stopped run continues.
@@ -301,11 +301,8 @@ def paper_settings(stem, extras, dataset, shots, protocol):
         settings["--epochs"] = "100"  # Tip-Adapter-F's EuroSAT config (20 elsewhere)
     if stem == "promptsync" and option(extras, "--stage") != "source":
         fine = dataset in DATASETS and dataset != "ImageNet"  # the fine-grained sets
-        loss = option(extras, "--loss") or "tpt"
-        if loss == "tpt" and fine:  # TPT's code: augmix = len(set_id) > 1 (all but ImageNet's)
-            settings["--augmix"] = True
-        if loss == "align":  # PromptAlign's configs: 5e-4 fine-grained, 4e-2 ImageNet and shifts
-            settings["--lr"] = "5e-4" if fine else "4e-2"
+        if fine:  # TPT's code: AugMix on all but ImageNet's sets; PromptAlign's configs: lr 5e-4
+            settings["--setting"] = "fine-grained"  # there, 4e-2 on ImageNet and its shifts (dg)
     return settings
 
 
@@ -335,6 +332,11 @@ class Planner:
         self.stem = os.path.splitext(os.path.basename(method))[0]
         self.rules, self.extras, self.python = METHODS.get(self.stem, {}), list(extras), python
         self.commands, self.needs = [], []
+        # `-- --loss tpt --load source`: TPT on the source stage's MaPLe prompts (TPT+MaPLe)
+        self.on_source = option(self.extras, "--load") == "source"
+        if self.on_source:
+            i = self.extras.index("--load")
+            del self.extras[i : i + 2]
 
     def data(self, name, train):
         opts, paths = dataset_options(self.root, name, train)
@@ -389,8 +391,7 @@ class Planner:
     def test_time(self, targets, source, shots, seeds, shards):
         """Per-image tuning on the targets' test sets, in shards; with MaPLe prompts, a source
         stage on 16-shot ImageNet first (MaPLe's prompts and token statistics)."""
-        loss, prompts = option(self.extras, "--loss"), option(self.extras, "--prompts")
-        with_source = loss == "align" or prompts == "maple"
+        with_source = option(self.extras, "--loss") in ("align", "sync") or self.on_source
         for k, s in [(k, s) for k in (shots if with_source else [None]) for s in seeds]:
             load, prefix = [], ""
             if with_source:
@@ -459,7 +460,7 @@ def plan_commands(
         planner.test_time(targets, source, shots, seeds, shards)
     else:
         planner.trained(targets, source, shots, seeds)
-    check_clash(planner.commands, extras)
+    check_clash(planner.commands, planner.extras)
     return sorted(planner.commands, key=lambda c: c[0]), planner.needs
 
 
@@ -472,7 +473,7 @@ def default_shots(stem, protocol):
 
 
 # the options a plan sets as the papers' settings, which `--` may change (the rest it may not)
-PAPER_OPTIONS = {"--epochs", "--lam", "--template", "--backbone", "--ctx-init", "--lr", "--augmix"}
+PAPER_OPTIONS = {"--epochs", "--lam", "--template", "--backbone", "--ctx-init", "--lr", "--setting"}
 
 
 def check_clash(commands, extras):

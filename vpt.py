@@ -681,8 +681,14 @@ def peak_mib(device, reset=False):
 def add_run_args(add, learned=True):
     """The options every method file shares: seed, precision, device, run folder, checkpoints."""
     add("--seed", type=int, default=1, help="the papers report seeds 1, 2, 3")
-    add("--precision", choices=["fp32", "amp", "fp16"], help="default: amp on CUDA, else fp32")
-    add("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add(
+        "--precision",
+        choices=["fp32", "amp", "fp16"],
+        help="default: amp on CUDA, else fp32; the loss is scaled for fp16",
+    )
+    add(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda, cuda:1, cpu"
+    )
     add("--workers", type=int, default=4, help="data-loading processes")
     add("--out", help="run folder (default runs/<method>/<dataset>/...)")
     if learned:

@@ -145,7 +145,7 @@ def test_every_planned_command_parses_with_the_methods_own_parse_args(method, ex
         parsed = [(c[-1].split("/")[-2], module.parse_args(c[2:])) for _, c in commands]
         run = {(dataset, args.shots): args for dataset, args in parsed}
         assert run[("EuroSAT", 16)].lam == 0.8 and run[("EuroSAT", 4)].lam == 1.0
-        assert run[("ImageNet", 1)].epochs == 50 and run[("EuroSAT", 1)].epochs is None
+        assert run[("ImageNet", 16)].epochs == 50 and run[("EuroSAT", 16)].epochs == 200
 
 
 def test_a_missing_dataset_folder_or_split_file_stops_plan_before_it_prints(tmp_path, capsys):
@@ -388,7 +388,7 @@ def parsed_plan(tmp_path, protocol, method, extras=(), **options):
 def test_each_protocol_plans_its_papers_backbone_context_shots_epochs_and_lambda(tmp_path):
     # CoCoOp without flags: ViT-B/16 (its preset: 4 vectors from 'a photo of a', 10 epochs)
     for _, args in parsed_plan(tmp_path, "base-to-new", "coop.py", ["--cocoop"]):
-        assert args.cocoop and args.backbone == "ViT-B/16" and args.epochs in (None, 10)
+        assert args.cocoop and args.backbone == "ViT-B/16" and args.epochs == 10
     # CoOp in CoCoOp's Table 1: ViT-B/16, 4 vectors from "a photo of a", 200 epochs (ImageNet 50)
     for dataset, args in parsed_plan(tmp_path, "base-to-new", "coop.py"):
         assert (args.backbone, args.ctx_init, args.subsample) == (
@@ -396,10 +396,10 @@ def test_each_protocol_plans_its_papers_backbone_context_shots_epochs_and_lambda
             "a photo of a",
             "base",
         )
-        assert args.epochs == (50 if dataset == "ImageNet" else None)  # None: 200 at 16 shots
+        assert args.epochs == (50 if dataset == "ImageNet" else 200)  # the file's 200 at 16 shots
     # CoOp's few-shot figure: RN50 (the file's default), 16 random vectors
     for _, args in parsed_plan(tmp_path, "few-shot", "coop.py", datasets=["EuroSAT"]):
-        assert args.backbone == "RN50" and args.ctx_init is None
+        assert args.backbone == "RN50" and args.ctx_init == "" and args.n_ctx == 16
     # ProGrad's base2new scripts: 4 shots, rn50_ep100 (ImageNet rn50_ep50), lambda 1
     for dataset, args in parsed_plan(tmp_path, "base-to-new", "prograd.py"):
         assert (args.shots, args.backbone, args.lam) == (4, "RN50", 1.0)
@@ -430,18 +430,21 @@ def test_each_protocol_plans_its_papers_backbone_context_shots_epochs_and_lambda
 
 def test_test_time_plans_augmix_on_fine_grained_sets_and_promptaligns_learning_rates(tmp_path):
     for dataset, args in parsed_plan(tmp_path, "cross-dataset", "promptsync.py"):
-        assert args.augmix and args.lr is None  # TPT: augmix = len(set_id) > 1
+        assert args.augmix == 1 and args.lr == 5e-3  # TPT: augmix = len(set_id) > 1
     plan = parsed_plan(tmp_path, "domain-generalisation", "promptsync.py")
     assert {d for d, _ in plan} == {"ImageNet", *sweep.VARIANTS}  # TPT's Table 1 has ImageNet
     assert not any(args.augmix for _, args in plan)
     for protocol, lr in [("cross-dataset", 5e-4), ("domain-generalisation", 4e-2)]:
         plan = parsed_plan(tmp_path, protocol, "promptsync.py", ["--loss", "align"])
         source = [args for _, args in plan if args.stage == "source"]
-        assert len(source) == 1 and source[0].lr is None  # MaPLe's own recipe
+        assert len(source) == 1 and source[0].lr == 0.0026  # MaPLe's own recipe
         tests = [args for _, args in plan if args.stage == "test"]
         assert tests and all(a.lr == lr and not a.augmix for a in tests)  # PromptAlign: no AugMix
         if protocol == "domain-generalisation":  # MaPLe itself on the shifts, not on ImageNet
             assert len(source[0].eval_data) == 4
+    plan = parsed_plan(tmp_path, "domain-generalisation", "promptsync.py", ["--load", "source"])
+    tests = [args for _, args in plan if args.stage == "test"]  # TPT+MaPLe: the source's prompts
+    assert tests and all(a.load.endswith("checkpoint.pt") and a.loss == "tpt" for a in tests)
 
 
 def test_plan_help_unknown_dataset_and_missing_root_say_what_to_do(tmp_path, capsys, monkeypatch):
