@@ -1,6 +1,7 @@
 """The shared blocks: data reading and its checks, CLIP loading, the cut text encoder, run files."""
 
 import argparse
+import ast
 import json
 import os
 import subprocess
@@ -275,9 +276,10 @@ def test_atomic_writes_leave_no_partial_file(tmp_path):
 
 
 # --- the house layout -----------------------------------------------------------------------------
-@pytest.mark.parametrize(
-    "name", ["zeroshot.py", "coop.py", "prograd.py", "adapter.py", "vpt.py", "promptsync.py"]
-)
+METHOD_FILES = ["zeroshot.py", "coop.py", "prograd.py", "adapter.py", "vpt.py", "promptsync.py"]
+
+
+@pytest.mark.parametrize("name", METHOD_FILES)
 def test_the_method_comes_first_and_lines_fit_a_slide(name):
     """A reader meets the method (its plain form) first: its first definition within 150 lines,
     the exact speed-ups after main and parse_args, the plumbing last."""
@@ -391,3 +393,21 @@ def test_resume_restores_the_loss_scale_and_starts_fresh_without_a_checkpoint(tm
     fresh = torch.amp.GradScaler("cpu", init_scale=1024.0)
     assert coop.resume(str(tmp_path), model, optimizer, fresh, generator, config) == (1, 2.5)
     assert fresh.get_scale() == 512.0 and (tmp_path / "log.jsonl").read_text() == '{"epoch": 1}\n'
+
+
+def test_lint_finds_no_unused_name_and_no_statement_that_does_nothing():
+    """ruff check with the project's rules (pyproject.toml): pyflakes, pycodestyle, import order,
+    and B018 (an expression statement whose value is dropped, such as a stray `80`)."""
+    out = subprocess.run([sys.executable, "-m", "ruff", "check", "."], cwd=ROOT,
+                         capture_output=True, text=True)  # fmt: skip
+    assert out.returncode == 0, out.stdout[-3000:]
+
+
+@pytest.mark.parametrize("name", METHOD_FILES + ["bench.py"])
+def test_no_function_is_longer_than_60_lines(name):
+    """A function a reader can hold in view; parse_args (one line per option) aside."""
+    tree = ast.parse(open(os.path.join(ROOT, name)).read())
+    long = [f"{n.name} ({n.end_lineno - n.lineno + 1})" for n in ast.walk(tree)
+            if isinstance(n, ast.FunctionDef) and n.end_lineno - n.lineno >= 60
+            and n.name != "parse_args"]  # fmt: skip
+    assert not long, f"{name}: {long}"
