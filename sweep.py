@@ -1023,8 +1023,8 @@ def read_predictions(folder):
     return records
 
 
-# the arguments that make shards parts of one run (promptsync.py's --merge checks the same)
-SHARD_KEYS = ["views", "steps", "lr", "rho", "load", "loss", "prompts", "augmix", "align_layers"]
+# the arguments that make shards parts of one run (the table merges only shards that agree on them)
+SHARD_KEYS = ["views", "steps", "lr", "rho", "load", "loss", "setting", "augmix", "align_layers"]
 
 
 def merge_shards(shards):

@@ -276,7 +276,7 @@ def test_tpt_on_sketches_and_promptalign_from_the_proxy_source(world, tmp_path):
     """On the toy world (ViT tower) TPT's one step changes a handful of the 600 sketches (the full
     demo table, `python toyworld.py --demo --full`: 12.5 -> 12.7 % with --crop-scale 0.5);
     PromptAlign at its DG learning rate 4e-2 hurts on shapes and noise there (the toy's prompt
-    coordinates are about 0.03, smaller than one AdamW step): README, "Results on the toy world"."""
+    coordinates are about 0.03, smaller than one AdamW step): docs/toyworld.md."""
     root, _ = world
     common = ["--backbone", os.path.join(root, "clip_vit.pt")]
     sketch = ["--data", os.path.join(root, "sketch")]
