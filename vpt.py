@@ -520,7 +520,8 @@ def check_images(items, full=True):
     for path, _ in items:
         try:
             with Image.open(path) as image:
-                image.load() if full else None  # the few-shot training images: decode them too
+                if full:  # decode the pixels too (the few-shot training images: they are few)
+                    image.load()
         except (OSError, ValueError) as e:
             fail(f"{path}: cannot read this image ({e}); replace or delete the file")
 
@@ -540,7 +541,7 @@ def load_task(args, shots=None):
     for root in args.eval_data:
         name, items, classnames = load_eval_set(root)
         test_sets[name if name not in test_sets else root] = (items, classnames)
-    check_images(part["train"])
+    check_images(part["train"], full=bool(shots))  # zero-shot: the headers suffice
     for items, _ in test_sets.values():
         check_images(items, full=False)
     name = os.path.basename(os.path.normpath(args.data))
@@ -681,11 +682,8 @@ def peak_mib(device, reset=False):
 def add_run_args(add, learned=True):
     """The options every method file shares: seed, precision, device, run folder, checkpoints."""
     add("--seed", type=int, default=1, help="the papers report seeds 1, 2, 3")
-    add(
-        "--precision",
-        choices=["fp32", "amp", "fp16"],
-        help="default: amp on CUDA, else fp32; the loss is scaled for fp16",
-    )
+    fp16 = "amp: mixed precision; fp16: CLIP's own fp16 weights; default: amp on CUDA, else fp32"
+    add("--precision", choices=["fp32", "amp", "fp16"], help=fp16)
     add(
         "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda, cuda:1, cpu"
     )
