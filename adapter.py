@@ -1,4 +1,4 @@
-"""CLIP-Adapter, Tip-Adapter, Tip-Adapter-F and the linear probe: few-shot CLIP on cached features.
+"""CLIP-Adapter, Tip-Adapter(-F) and the linear probe: few-shot CLIP on precomputed features.
 
 Papers  CLIP-Adapter: Gao et al., arXiv 2110.04544 (code: gaopengcuhk/CLIP-Adapter, clip_adapter.py)
         Tip-Adapter(-F): Zhang et al., arXiv 2111.03930 (code: gaopengcuhk/Tip-Adapter, main.py)
@@ -6,18 +6,22 @@ Papers  CLIP-Adapter: Gao et al., arXiv 2110.04544 (code: gaopengcuhk/CLIP-Adapt
           lpclip/ folder ("linear-probe CLIP"; KaiyangZhou/CoOp)
 
 The idea. All four keep CLIP frozen and put something small on top of the image feature, so the
-image encoder runs once per (image, view) into a feature cache. CLIP-Adapter learns a bottleneck
-MLP and blends its output with the feature. Tip-Adapter builds a key-value cache of the few-shot
-images (keys: features, values: one-hot labels) and adds the labels of similar keys to the
-zero-shot logits, without training; Tip-Adapter-F fine-tunes the keys. The probe ignores the text.
+image encoder runs once per (image, view): the methods work on precomputed features. CLIP-Adapter
+learns a bottleneck MLP and blends its output with the feature. Tip-Adapter builds a key-value
+cache of the few-shot images (keys: features, values: one-hot labels) and adds the labels of similar
+keys to the zero-shot logits, without training; Tip-Adapter-F fine-tunes the keys. The probe reads
+the image feature alone (the text gives only the zero-shot column of its report).
 
-Equations (f the raw image feature, f^ = f/|f|, W (C, D) the normalised text features of the
-dataset's template, s CLIP's logit scale (about 100), K (N, D) the keys, V (N, C) one-hot values)
-  [CLIP-Adapter]  A(f) = ReLU(ReLU(f W1^T) W2^T),  W1 (D/4, D), W2 (D, D/4), no biases
+Equations (f the raw image feature, f^ = f/|f|, C the number of classes, W (C, D) the normalised
+text features of the run's template(s), s = 1/tau = exp(logit_scale) CLIP's frozen logit scale
+(about 100), K (N, D) the keys and V (N, C) the one-hot values of the N few-shot images)
+  [CLIP-Adapter, as its code: a ReLU after each layer]  A(f) = ReLU(ReLU(f W1^T) W2^T),
+                  W1 (D/4, D) and W2 (D, D/4) as torch stores Linear weights, no biases
   [CLIP-Adapter]  f* = alpha A(f) + (1 - alpha) f,  logits = s norm(f*) W^T         (alpha = 0.2)
-  [Tip-Adapter]   logits = s f^ W^T + alpha exp(-beta (1 - f^ K^T)) V    (beta: sharpness, alpha:
-                  the cache's weight, as in the current code; its first version swapped the names)
-  [Linear probe]  min_{P,b} mean_i CE(f_i P^T + b, y_i) + |P|^2 / (2 C N)      (sklearn's objective)
+  [Tip-Adapter]   logits = s f^ W^T + alpha exp(-beta (1 - f^ K^T)) V   (beta: sharpness, alpha: the
+                  cache's weight, as the current code; its Dec-2021 code swapped them, issue #4)
+  [Linear probe]  min_{P,b} mean_i CE(f_i P^T + b, y_i) + |P|^2 / (2 C_reg N)  (sklearn's objective,
+                  C_reg its C: the inverse regularisation strength)
 Learned: CLIP-Adapter W1, W2; Tip-Adapter nothing (K, V are built); Tip-Adapter-F K (init: the
 built K); the probe P, b. Frozen: all of CLIP and W. Unlike coop.py, no text encoder in training.
 
@@ -57,8 +61,9 @@ with warnings.catch_warnings():  # openai-clip 1.0.1 imports the deprecated pkg_
 
 
 # --------------------- Presets: each method's defaults, its paper's or code's ---------------------
+# A callable preset is resolved after parsing (so it may use what is defined below, paper_dataset
+# and TIP_CONFIGS); its docstring, set by rule(), is what --help shows.
 def rule(doc, value):
-    """A preset that depends on other options (the dataset: paper_dataset); --help shows doc."""
     value.__doc__ = doc
     return value
 
@@ -66,32 +71,33 @@ def rule(doc, value):
 TEMPLATE = rule("the dataset's CoOp template, else 'a photo of a {}.'",
                 lambda a: CUSTOM_TEMPLATES.get(paper_dataset(a), "a photo of a {}."))  # fmt: skip
 TIP = dict(  # val_shots None: the whole val split, as Tip-Adapter's main.py (else min(shots, 4))
-    template=rule("ImageNet: 'select', its 7 templates, as Tip-Adapter's code; else the dataset's",
-                  lambda a: "select" if paper_dataset(a) == "ImageNet" else TEMPLATE(a)),
+    template=TEMPLATE, ensemble=rule("ImageNet: 'select', as Tip-Adapter's code; else 'none'",
+        lambda a: "select" if paper_dataset(a) == "ImageNet" else "none"),
     alpha=rule("the dataset's init_alpha (Tip-Adapter's configs), else 1 (the authors' baseline)",
-               lambda a: TIP_CONFIGS.get(paper_dataset(a), OTHER_TIP_CONFIG)[0]),
+               lambda a: tip_config(a)["init_alpha"]),
     search_scale=rule("the dataset's search_scale (Tip-Adapter's configs), else 50 50",
-                      lambda a: TIP_CONFIGS.get(paper_dataset(a), OTHER_TIP_CONFIG)[1]),
+                      lambda a: tip_config(a)["search_scale"]),
     beta=1.0, val_shots=None)  # fmt: skip
 PRESETS = {
     # CoOp's recipe (SGD, momentum 0.9, warm-up epoch, cosine); one template, as its code
-    "clip-adapter": dict(template=TEMPLATE, alpha=0.2, batch_size=32, lr=0.002, weight_decay=5e-4,
-        epochs=rule("50/100/200 for 1/2-4/8-16 shots, ImageNet 50 (CoOp's configs)",
+    "clip-adapter": dict(template=TEMPLATE, ensemble="none", alpha=0.2, lr=0.002, weight_decay=5e-4,
+        batch_size=32, epochs=rule("50/100/200 for 1/2-4/8-16 shots, ImageNet 50 (CoOp's configs)",
                     lambda a: 50 if paper_dataset(a) == "ImageNet" else epochs_for_shots(a))),
     "tip": TIP,
     # AdamW (eps 1e-4, the code's) with torch's default weight decay, as the code; cosine per step
     "tip-f": dict(TIP, batch_size=256, lr=0.001, weight_decay=0.01,
         epochs=rule("20, EuroSAT 100 (Tip-Adapter's configs)",
                     lambda a: 100 if paper_dataset(a) == "EuroSAT" else 20)),
-    "linear-probe": dict(template=TEMPLATE, val_shots=rule("min(shots, 4) (CoOp's lpclip)",
-                                                           lambda a: min(a.shots, 4))),
+    "linear-probe": dict(template=TEMPLATE, ensemble="none",  # for the zero-shot column only
+        val_shots=rule("min(shots, 4) (CoOp's lpclip)", lambda a: min(a.shots, 4))),
 }  # fmt: skip
 
 
-# ------ The methods (CLIP-Adapter, Tip-Adapter(-F), linear probe), on cached image features -------
+# ---- The methods (CLIP-Adapter, Tip-Adapter(-F), linear probe), on precomputed image features ----
 class ClipAdapter(nn.Module):
     """[CLIP-Adapter] the visual adapter as its authors coded it: two bias-free linear layers, each
-    followed by a ReLU (so A(f) >= 0). dim is the model's embedding width (1024 RN50, 512 ViT-B)."""
+    followed by a ReLU (so A(f) >= 0; the paper writes no ReLU after the second). dim is the
+    model's embedding width (1024 RN50, 512 ViT-B)."""
 
     def __init__(self, dim, reduction=4):
         super().__init__()
@@ -100,22 +106,22 @@ class ClipAdapter(nn.Module):
                                 nn.Linear(hidden, dim, bias=False), nn.ReLU())  # fmt: skip
 
     def forward(self, features):
-        return self.fc(features)  # [CLIP-Adapter] A(f) = ReLU(ReLU(f W1^T) W2^T): (B, D)
+        return self.fc(features)  # [CLIP-Adapter, its code] A(f) = ReLU(ReLU(f W1^T) W2^T): (B, D)
 
 
-def clip_adapter_logits(features, adapter, alpha, clip_weights, logit_scale):
+def clip_adapter_logits(features, adapter, alpha, clip_weights, s):
     # Blend the raw feature, then normalise, as the code. (This bias-free ReLU adapter has A(c f) =
     # c A(f) for c > 0, so blending the normalised feature gives the same logits; a test checks it.)
     f = alpha * adapter(features) + (1 - alpha) * features  # [CLIP-Adapter] f* (B, D)
     f = F.normalize(f, dim=-1)
-    return logit_scale * f @ clip_weights.t()  # [CLIP-Adapter] logits = s norm(f*) W^T: (B, C)
+    return s * f @ clip_weights.t()  # [CLIP-Adapter] logits = s norm(f*) W^T: (B, C)
 
 
-def tip_adapter_logits(features, clip_weights, cache_keys, cache_values, alpha, beta, logit_scale):
+def tip_adapter_logits(features, clip_weights, cache_keys, cache_values, alpha, beta, s):
     """[Tip-Adapter] zero-shot logits plus the cache's: (B, D), (C, D), (N, D), (N, C) -> (B, C).
     Features, text weights and built keys are L2-normalised (fine-tuned keys drift from norm 1)."""
-    clip_logits = logit_scale * features @ clip_weights.t()  # (B, C); the code writes 100
-    affinity = features @ cache_keys.t()  # cosine similarity to every cached image: (B, N)
+    clip_logits = s * features @ clip_weights.t()  # (B, C); the code writes 100
+    affinity = features @ cache_keys.t()  # cosine similarity to every key: (B, N)
     cache_logits = torch.exp(-beta * (1 - affinity)) @ cache_values  # [Tip-Adapter] (B, C)
     return clip_logits + alpha * cache_logits  # [Tip-Adapter] s f^ W^T + alpha exp(..) V
 
@@ -128,48 +134,56 @@ def build_cache(view_features, labels, n_cls):
     return keys, F.one_hot(labels, n_cls).float()
 
 
-class TipAdapterF(nn.Module):
-    """[Tip-Adapter-F] the cache with learnable keys (initialised to the built keys; the code's
-    Linear(D, N, bias=False).weight) and fixed values."""
+class TipAdapter(nn.Module):
+    """[Tip-Adapter] training-free: the built keys (N, D) and values (N, C), fixed buffers."""
 
     def __init__(self, cache_keys, cache_values):
         super().__init__()
-        self.cache_keys = nn.Parameter(cache_keys.clone())  # (N, D)
+        self.register_buffer("cache_keys", cache_keys.clone())  # (N, D)
         self.register_buffer("cache_values", cache_values.clone())  # (N, C)
 
-    def forward(self, image_features, clip_weights, alpha, beta, logit_scale):
+    def forward(self, image_features, clip_weights, alpha, beta, s):
         K, V = self.cache_keys, self.cache_values
-        return tip_adapter_logits(image_features, clip_weights, K, V, alpha, beta, logit_scale)
+        return tip_adapter_logits(image_features, clip_weights, K, V, alpha, beta, s)
+
+
+class TipAdapterF(TipAdapter):
+    """[Tip-Adapter-F] keys learned from the built ones (the code's Linear(D, N, bias=False))."""
+
+    def __init__(self, cache_keys, cache_values):
+        super().__init__(cache_keys, cache_values)
+        del self.cache_keys  # the buffer becomes a learned parameter
+        self.cache_keys = nn.Parameter(cache_keys.clone())  # (N, D)
 
 
 @torch.no_grad()
-def search_alpha_beta(
-    features, labels, clip_weights, cache_keys, cache_values, logit_scale, scale, steps=(200, 20)
-):
-    """[Tip-Adapter utils.search_hp] the authors' grid: beta_i = 0.1 + i (beta_max - 0.1) / n_beta,
-    alpha_j likewise, i < n; the first best pair (beta outer, alpha inner) wins. Give it validation
-    features only. Returns (accuracy, alpha, beta)."""
-    (beta_max, alpha_max), (n_beta, n_alpha) = scale, steps
+def search_alpha_beta(features, labels, clip_weights, cache_keys, cache_values, s, search_scale,
+                      steps=(200, 20)):  # fmt: skip
+    """[Tip-Adapter utils.search_hp] the authors' grid: beta_i = 0.1 + i (beta_max - 0.1) / n_beta
+    for i = 0 ... n_beta - 1 (beta_max itself excluded, as the authors' code), alpha_j likewise;
+    the first best pair (beta outer, alpha inner) wins. Give it validation features only.
+    search_scale = (beta_max, alpha_max), steps = (n_beta, n_alpha) -> (accuracy, alpha, beta)."""
+    (beta_max, alpha_max), (n_beta, n_alpha) = search_scale, steps
     betas = [0.1 + i * (beta_max - 0.1) / n_beta for i in range(n_beta)]
     alphas = [0.1 + j * (alpha_max - 0.1) / n_alpha for j in range(n_alpha)]
     alpha_column = torch.tensor(alphas, device=features.device).view(-1, 1, 1)  # (n_alpha, 1, 1)
-    clip_logits = logit_scale * features @ clip_weights.t()  # (B, C)
+    clip_logits = s * features @ clip_weights.t()  # (B, C)
     affinity = features @ cache_keys.t()  # (B, N)
-    best = (-1, None, None)
+    best_correct, best_alpha, best_beta = -1, None, None
     for beta in betas:  # all alphas of one beta at once: (n_alpha, B, C)
         logits = clip_logits + alpha_column * (torch.exp(-beta * (1 - affinity)) @ cache_values)
         correct = (logits.argmax(dim=-1) == labels).sum(dim=-1)  # (n_alpha,)
         j = int(correct.argmax())  # the first of equals, as the authors' strict '>'
-        if int(correct[j]) > best[0]:
-            best = (int(correct[j]), alphas[j], beta)
-    return 100.0 * best[0] / len(labels), best[1], best[2]
+        if int(correct[j]) > best_correct:
+            best_correct, best_alpha, best_beta = int(correct[j]), alphas[j], beta
+    return 100.0 * best_correct / len(labels), best_alpha, best_beta
 
 
-def fit_linear_probe(features, labels, n_cls, C, max_iter=1000):
+def fit_linear_probe(features, labels, n_cls, C_reg, max_iter=1000):
     """[Linear probe] multinomial logistic regression with sklearn's objective (mean cross-entropy
-    + |P|^2 / (2 C N), bias not penalised), by L-BFGS from zero. Returns P (C, D), b (C,)."""
-    if not C > 0 or not math.isfinite(C):
-        raise ValueError(f"the inverse regularisation strength C must be positive, not {C}")
+    + |P|^2 / (2 C_reg N), bias not penalised), by L-BFGS from zero. Returns P (C, D), b (C,)."""
+    if not C_reg > 0 or not math.isfinite(C_reg):
+        raise ValueError(f"the inverse regularisation strength C_reg must be positive, not {C_reg}")
     n, d = features.shape
     P = torch.zeros(n_cls, d, device=features.device, requires_grad=True)
     b = torch.zeros(n_cls, device=features.device, requires_grad=True)
@@ -179,7 +193,7 @@ def fit_linear_probe(features, labels, n_cls, C, max_iter=1000):
 
     def closure():
         optimizer.zero_grad()
-        loss = F.cross_entropy(features @ P.t() + b, labels) + (P**2).sum() / (2 * C * n)
+        loss = F.cross_entropy(features @ P.t() + b, labels) + (P**2).sum() / (2 * C_reg * n)
         loss.backward()
         return loss
 
@@ -188,31 +202,31 @@ def fit_linear_probe(features, labels, n_cls, C, max_iter=1000):
     return P.detach(), b.detach()
 
 
-def search_C(fit, val_accuracy, steps=8):
-    """[CoOp lpclip] C from {1e6, 1e4, ..., 1e-6} by validation accuracy, then `steps` bisections in
-    log10 between C*/10 and 10 C*, keeping the better end each time. fit(C) -> probe;
-    val_accuracy(probe) -> accuracy. Returns (C, probe, accuracy) of the last step."""
+def search_C_reg(fit, val_accuracy, steps=8):
+    """[CoOp lpclip] C_reg from {1e6, 1e4, ..., 1e-6} by validation accuracy, then `steps`
+    bisections in log10 between C*/10 and 10 C*, keeping the better end each time. fit(C_reg) ->
+    probe; val_accuracy(probe) -> accuracy. Returns (C_reg, probe, accuracy) of the last step."""
     fits = {}
 
-    def scored(C):  # fits are deterministic (from zero), so each C is fitted once
-        if C not in fits:
-            probe = fit(C)
-            fits[C] = (probe, val_accuracy(probe))
-        return fits[C]
+    def scored(C_reg):  # fits are deterministic (from zero), so each C_reg is fitted once
+        if C_reg not in fits:
+            probe = fit(C_reg)
+            fits[C_reg] = (probe, val_accuracy(probe))
+        return fits[C_reg]
 
     coarse = [1e6, 1e4, 1e2, 1.0, 1e-2, 1e-4, 1e-6]
-    peak = coarse[int(np.argmax([scored(C)[1] for C in coarse]))]
-    C, left, right = peak, math.log10(peak) - 1, math.log10(peak) + 1
+    peak = coarse[int(np.argmax([scored(C_reg)[1] for C_reg in coarse]))]
+    C_reg, left, right = peak, math.log10(peak) - 1, math.log10(peak) + 1
     for _ in range(steps):
         if scored(10**left)[1] < scored(10**right)[1]:  # the better end, the left one on ties
-            C, left = 10**right, (left + right) / 2
+            C_reg, left = 10**right, (left + right) / 2
         else:
-            C, right = 10**left, (left + right) / 2
-    return C, *scored(C)
+            C_reg, right = 10**left, (left + right) / 2
+    return C_reg, *scored(C_reg)
 
 
 def epoch_batches(view_features, labels, batch_size, generator):
-    """One epoch on the cache: every training image once, as one of its views drawn at random,
+    """One epoch on the precomputed features: every training image once, as one of its views drawn,
     in a shuffled order. view_features (views, N, D) -> batches of (B, D) features and labels."""
     views, n, _ = view_features.shape
     which = torch.randint(views, (n,), generator=generator).to(view_features.device)  # (N,)
@@ -222,16 +236,16 @@ def epoch_batches(view_features, labels, batch_size, generator):
         yield view_features[which[idx], idx], labels[idx]  # (B, D), (B,)
 
 
-# [Tip-Adapter configs/*.yaml] init alpha and the search scale (beta_max, alpha_max); init beta 1
-TIP_CONFIGS = {
-    "ImageNet": (1.17, (7, 3)), "Caltech101": (3, (12, 5)), "DescribableTextures": (2, (13, 13)),
-    "EuroSAT": (2, (12, 10)), "FGVCAircraft": (5, (30, 30)), "Food101": (1.17, (10, 10)),
-    "OxfordFlowers": (10, (50, 50)), "OxfordPets": (1.17, (7, 3)), "StanfordCars": (3, (20, 10)),
-    "SUN397": (1.17, (12, 10)), "UCF101": (3, (7, 3)),
-}  # fmt: skip
+# [Tip-Adapter configs/*.yaml] init_alpha and search_scale = (beta_max, alpha_max); init beta 1
+TIP_CONFIGS = {name: dict(init_alpha=a, search_scale=scale) for name, a, scale in [
+    ("ImageNet", 1.17, (7, 3)), ("Caltech101", 3, (12, 5)), ("DescribableTextures", 2, (13, 13)),
+    ("EuroSAT", 2, (12, 10)), ("FGVCAircraft", 5, (30, 30)), ("Food101", 1.17, (10, 10)),
+    ("OxfordFlowers", 10, (50, 50)), ("OxfordPets", 1.17, (7, 3)), ("StanfordCars", 3, (20, 10)),
+    ("SUN397", 1.17, (12, 10)), ("UCF101", 3, (7, 3))]}  # fmt: skip
 # Other datasets: alpha = beta = 1 (the authors' baseline, Tip-Adapter issue #13) and their widest
 # scale (OxfordFlowers'): a wide grid costs only resolution (the toy's best alpha lies above 10)
-OTHER_TIP_CONFIG = (1.0, (50, 50))
+OTHER_TIP_CONFIG = dict(init_alpha=1.0, search_scale=(50, 50))
+tip_config = lambda args: TIP_CONFIGS.get(paper_dataset(args), OTHER_TIP_CONFIG)
 
 
 def paper_dataset(args):
@@ -243,11 +257,11 @@ def paper_dataset(args):
     return ({k.lower(): k for k in CUSTOM_TEMPLATES} | {"dtd": "DescribableTextures"}).get(key)
 
 
-# ------------ The feature cache: the frozen image encoder runs once per image and view ------------
+# -------- Precomputed features: the frozen image encoder runs once per image and view ---------
 class SeededViews(torch.utils.data.Dataset):
-    """`views` passes over the items, view v of image i drawn with its own seed: the cache does not
-    depend on batches, workers or order. (promptsync.py seeds random, numpy and torch per image, as
-    its AugMix draws from numpy; these crops draw from torch only, and fork_rng restores it.)"""
+    """`views` passes over the items, view v of image i drawn with a seed of its own (one per
+    (seed, view, image)), so the features do not depend on batches, workers or order. (These crops
+    draw from torch only, and fork_rng restores its state; promptsync.py's AugMix draws numpy's.)"""
 
     def __init__(self, items, transform, views=1, seed=0):
         self.images, self.seed = ImageDataset(items * views, transform), seed
@@ -255,16 +269,15 @@ class SeededViews(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.images)
 
-    def __getitem__(self, k):  # k = v * N + i
+    def __getitem__(self, k):  # k = v * N + i; the seeds differ while k < 1_000_003
         with torch.random.fork_rng(devices=[]):
             torch.random.default_generator.manual_seed(self.seed * 1_000_003 + k)
             return self.images[k]
 
 
 @torch.no_grad()
-def encode_views(
-    encode_image, items, transform, device, precision, views=1, seed=0, workers=4, batch_size=256
-):
+def encode_views(encode_image, items, transform, device, precision, views=1, seed=0, workers=4,
+                 batch_size=256):  # fmt: skip
     """Raw (unnormalised) image features of every view of every item: (views, N, D) in fp32."""
     dataset, pin = SeededViews(items, transform, views, seed), device.type == "cuda"
     loader = torch.utils.data.DataLoader(dataset, batch_size, num_workers=workers, pin_memory=pin)
@@ -274,12 +287,15 @@ def encode_views(
     return torch.cat(out).view(views, len(items), -1)  # (views*N, D) -> (views, N, D)
 
 
-label_tensor = lambda items, device: torch.tensor([y for _, y in items], device=device)  # (N,)
+def label_tensor(items, device):
+    return torch.tensor([y for _, y in items], device=device)  # (N,)
 
 
-def feature_cache(args, clip_model, train, W):
-    """The training images' views (views, N, D) and the validation images (M, D), raw features,
-    with their labels, the text weights W (C, D) and CLIP's logit scale s."""
+def precompute_features(args, clip_model, train, W):
+    """What the four methods read, the namespace `feats` (image features raw, fp32): views (views,
+    N, D) the training images' augmented views, y (N,) their labels; f_val (M, D) the validation
+    images (test transform; None without), y_val (M,); W (C, D) the normalised text weights;
+    s = exp(logit_scale), a number; n_cls = C; dim = D; device."""
     device, n_px, t = torch.device(args.device), clip_model.visual.input_resolution, time.time()
     probe = args.method == "linear-probe"  # CoOp's lpclip: test-transform features, no augmentation
     transform = test_transform(n_px) if probe else train_transform(n_px, args.crop_scale)
@@ -289,8 +305,8 @@ def feature_cache(args, clip_model, train, W):
     )
     views = encode(train["train"], transform, n_views, args.seed)  # (views, N, D)
     f_val = encode(val, test_transform(n_px))[0] if val else None  # (M, D)
-    print(f"feature cache: {n_views} views of {views.shape[1]} training images, {len(val)} "
-          f"validation images, in {time.time() - t:.1f}s")  # fmt: skip
+    print(f"precomputed features: {n_views} views of {views.shape[1]} training images, "
+          f"{len(val)} validation images, in {time.time() - t:.1f}s")  # fmt: skip
     return argparse.Namespace(views=views, y=label_tensor(train["train"], device), f_val=f_val,
         y_val=label_tensor(val, device), W=W, s=clip_model.logit_scale.exp().item(),
         n_cls=len(train["classnames"]), dim=views.shape[-1], device=device)  # fmt: skip
@@ -317,10 +333,10 @@ def draw_validation(args, train, k):
     return [x for y in sorted(by_class) for x in take(by_class[y])]
 
 
-# ----- One optimisation step on cached features (the unit the loops, tests and bench.py call) -----
+# -- One optimisation step on precomputed features (the unit the loops, tests and bench.py call) --
 def train_step(logits_fn, optimizer, features, labels, scheduler=None):
-    """logits_fn(features) -> (B, C) logits. No CLIP here: fp32 cached features, fp32 parameters,
-    whatever --precision, so no loss scaling is needed."""
+    """logits_fn(features) -> (B, C) logits. No CLIP here: fp32 precomputed features, fp32
+    parameters, whatever --precision, so no loss scaling is needed."""
     logits = logits_fn(features)
     loss = F.cross_entropy(logits, labels)
     if not torch.isfinite(loss):
@@ -333,85 +349,109 @@ def train_step(logits_fn, optimizer, features, labels, scheduler=None):
     return loss.item(), accuracy(logits, labels)
 
 
-# ------- The four methods on the cache c (feature_cache), each -> (its model, its choices) --------
-def run_clip_adapter(args, c, run_dir):
-    """[CLIP-Adapter] trained by CoOp's recipe on the cached views (its code crops afresh every
-    epoch); the last epoch is kept (its code, a trainer in CoOp's code base, selects nothing)."""
-    model = ClipAdapter(c.dim).to(c.device)  # reduction 4, as the code
+# ---- The four methods on the precomputed features `feats`, each -> (its model, its choices) -----
+def run_clip_adapter(args, feats, run_dir):
+    """[CLIP-Adapter] trained by CoOp's recipe on the precomputed views (its code crops afresh every
+    epoch); the last epoch is kept (its code, a trainer in CoOp's code base, selects nothing). Mixed
+    recipes: alpha 0.2 is the code's fixed ratio (the paper tunes it); the 10 views, crop area
+    0.5-1, are Tip-Adapter's; the last partial batch is kept (CoOp's Dassl library drops it)."""
+    model = ClipAdapter(feats.dim).to(feats.device)  # reduction 4, as the code
     sgd = dict(momentum=0.9, weight_decay=args.weight_decay)  # CoOp's SGD
     optimizer = torch.optim.SGD(model.parameters(), args.lr, **sgd)
-    forward = lambda f: clip_adapter_logits(f, model, args.alpha, c.W, c.s)
+    forward = lambda f: clip_adapter_logits(f, model, args.alpha, feats.W, feats.s)
     generator = torch.Generator().manual_seed(args.seed)  # each epoch's views and order
     for epoch in range(args.epochs):
         for group in optimizer.param_groups:  # CoOp's: a warm-up epoch at 1e-5, cosine per epoch
             group["lr"] = lr_at_epoch(epoch, args.lr, args.epochs)
-        lr, t, _ = optimizer.param_groups[0]["lr"], time.time(), peak_mib(c.device, reset=True)
-        batches = epoch_batches(c.views, c.y, args.batch_size, generator)  # every image once
+        lr, t = optimizer.param_groups[0]["lr"], time.time()
+        peak_mib(feats.device, reset=True)  # log_epoch reports this epoch's peak memory
+        batches = epoch_batches(feats.views, feats.y, args.batch_size, generator)  # each image once
         loss, acc = zip(*[train_step(forward, optimizer, f, y) for f, y in batches])  # per step
         values = dict(lr=lr, loss=loss, train_acc=acc)
-        if c.f_val is not None:  # shown only: nothing is chosen on it
+        if feats.f_val is not None:  # shown only: nothing is chosen on it
             with torch.no_grad():
-                values["val_acc"] = accuracy(forward(c.f_val), c.y_val)
-        log_epoch(run_dir, c.device, epoch + 1, args.epochs, time.time() - t, len(c.y), **values)
+                values["val_acc"] = accuracy(forward(feats.f_val), feats.y_val)
+        seconds = time.time() - t
+        log_epoch(run_dir, feats.device, epoch + 1, args.epochs, seconds, len(feats.y), **values)
     return model, dict(alpha=args.alpha)
 
 
-def run_tip(args, c, run_dir, model=None):
-    """[Tip-Adapter] training-free: the cache built from the views (or Tip-F's fine-tuned one);
-    alpha and beta by the authors' grid on the validation features."""
-    model = model or TipAdapterF(*build_cache(c.views, c.y, c.n_cls)).to(c.device)  # K, V
-    K, V, f_val = model.cache_keys.detach(), model.cache_values, F.normalize(c.f_val, dim=-1)
+def run_tip(args, feats, run_dir):
+    """[Tip-Adapter] training-free: the cache built from the views; alpha and beta by the authors'
+    grid on the validation features."""
+    model = TipAdapter(*build_cache(feats.views, feats.y, feats.n_cls)).to(feats.device)  # K, V
+    K, V, f_val = model.cache_keys, model.cache_values, F.normalize(feats.f_val, dim=-1)
     grid = (args.search_scale, args.search_step)
-    val_acc, alpha, beta = search_alpha_beta(f_val, c.y_val, c.W, K, V, c.s, *grid)
+    val_acc, alpha, beta = search_alpha_beta(f_val, feats.y_val, feats.W, K, V, feats.s, *grid)
     print(f"alpha {alpha:.3f}, beta {beta:.3f}: validation accuracy {val_acc:.2f}")
     return model, dict(val_acc=val_acc, alpha=alpha, beta=beta)
 
 
-def run_tip_f(args, c, run_dir):
+def run_tip_f(args, feats, run_dir):
     """[Tip-Adapter-F] the built keys fine-tuned (alpha, beta at their initial values); the epoch
     best on validation is kept (the code: the best on test), then alpha and beta are searched."""
-    model = TipAdapterF(*build_cache(c.views, c.y, c.n_cls)).to(c.device)
+    model = TipAdapterF(*build_cache(feats.views, feats.y, feats.n_cls)).to(feats.device)
     adamw = dict(eps=1e-4, weight_decay=args.weight_decay)  # the code's eps, chosen for fp16
     optimizer = torch.optim.AdamW(model.parameters(), args.lr, **adamw)
-    n_steps = args.epochs * math.ceil(len(c.y) / args.batch_size)
+    n_steps = args.epochs * math.ceil(len(feats.y) / args.batch_size)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, n_steps)  # per iteration
-    forward = lambda f: model(F.normalize(f, dim=-1), c.W, args.alpha, args.beta, c.s)
-    generator, best = torch.Generator().manual_seed(args.seed), (-1.0, 0, None)
+    forward = lambda f: model(F.normalize(f, dim=-1), feats.W, args.alpha, args.beta, feats.s)
+    generator = torch.Generator().manual_seed(args.seed)  # each epoch's views and order
+    best_acc, best_epoch, best_state = -1.0, 0, None  # the epoch best on validation
     for epoch in range(args.epochs):
-        lr, t, _ = optimizer.param_groups[0]["lr"], time.time(), peak_mib(c.device, reset=True)
-        # the views whose mean gave the first keys (the code crops afresh, apart from the keys)
-        batches = epoch_batches(c.views, c.y, args.batch_size, generator)  # every image once
+        lr, t = optimizer.param_groups[0]["lr"], time.time()
+        peak_mib(feats.device, reset=True)  # log_epoch reports this epoch's peak memory
+        # the same 10 precomputed views that built the keys; the authors' code crops afresh
+        batches = epoch_batches(feats.views, feats.y, args.batch_size, generator)  # each image once
         loss, acc = zip(*[train_step(forward, optimizer, f, y, scheduler) for f, y in batches])
         values = dict(lr=lr, loss=loss, train_acc=acc)
         with torch.no_grad():
-            values["val_acc"] = accuracy(forward(c.f_val), c.y_val)
-        if values["val_acc"] > best[0]:
-            best = (values["val_acc"], epoch + 1, learned_state(model))
-        log_epoch(run_dir, c.device, epoch + 1, args.epochs, time.time() - t, len(c.y), **values)
-    model.load_state_dict(best[2], strict=False)
-    return model, dict(epoch=best[1], **run_tip(args, c, run_dir, model)[1])
+            values["val_acc"] = accuracy(forward(feats.f_val), feats.y_val)
+        if values["val_acc"] > best_acc:
+            best_acc, best_epoch, best_state = values["val_acc"], epoch + 1, learned_state(model)
+        seconds = time.time() - t
+        log_epoch(run_dir, feats.device, epoch + 1, args.epochs, seconds, len(feats.y), **values)
+    model.load_state_dict(best_state, strict=False)  # the keys of the best epoch
+    # [Tip-Adapter] then alpha and beta by the authors' grid, as run_tip, on the fine-tuned keys
+    K, V, f_val = model.cache_keys.detach(), model.cache_values, F.normalize(feats.f_val, dim=-1)
+    grid = (args.search_scale, args.search_step)
+    val_acc, alpha, beta = search_alpha_beta(f_val, feats.y_val, feats.W, K, V, feats.s, *grid)
+    print(f"alpha {alpha:.3f}, beta {beta:.3f}: validation accuracy {val_acc:.2f}")
+    return model, dict(epoch=best_epoch, val_acc=val_acc, alpha=alpha, beta=beta)
 
 
-def run_linear_probe(args, c, run_dir):
-    """[Linear probe] logistic regression on the raw test-transform features, its C chosen by
+def run_linear_probe(args, feats, run_dir):
+    """[Linear probe] logistic regression on the raw test-transform features, its C_reg chosen by
     lpclip's search on the validation features."""
-    model = nn.Linear(c.dim, c.n_cls).to(c.device)  # P (C, D), b (C,)
-    fit = lambda C: fit_linear_probe(c.views[0], c.y, c.n_cls, C)  # 1000 iterations at most
-    val_accuracy = lambda probe: accuracy(c.f_val @ probe[0].t() + probe[1], c.y_val)
-    C, (P, b), val_acc = search_C(fit, val_accuracy)
-    print(f"C = {C:.4g}: validation accuracy {val_acc:.2f}")
+    model = nn.Linear(feats.dim, feats.n_cls).to(feats.device)  # P (C, D), b (C,)
+    fit = lambda C_reg: fit_linear_probe(feats.views[0], feats.y, feats.n_cls, C_reg)  # L-BFGS
+    val_accuracy = lambda probe: accuracy(feats.f_val @ probe[0].t() + probe[1], feats.y_val)
+    C_reg, (P, b), val_acc = search_C_reg(fit, val_accuracy)
+    print(f"C_reg = {C_reg:.4g}: validation accuracy {val_acc:.2f}")
     model.load_state_dict(dict(weight=P, bias=b))
-    return model, dict(C=C, val_acc=val_acc)
+    return model, dict(C_reg=C_reg, val_acc=val_acc)
+
+
+def visual_sum(clip_model):
+    """Which image encoder, for --eval-only's check (the name may be a path): the weights rounded to
+    fp16 (as --precision fp16 holds them), summed in float64 on the CPU, to 8 digits: the same for
+    every --precision and device."""
+    weights = [p.detach().cpu().half().double() for p in clip_model.visual.parameters()]
+    return float(f"{sum(w.sum().item() for w in weights):.8g}")
 
 
 def from_checkpoint(args, ckpt, config):
-    """--eval-only: the model and choices in --load (config's visual_sum tells the backbone)."""
+    """--eval-only: the model and choices in --load: its state (learned) and fixed (Tip's built
+    keys and values) tensors; config's visual_sum tells the backbone."""
+    fixed = ckpt.get("fixed", {})
     if args.method == "clip-adapter":
         model = ClipAdapter(config["dim"])
     elif args.method == "linear-probe":
         model = nn.Linear(config["dim"], len(ckpt["classnames"]))
-    else:
-        model = TipAdapterF(torch.zeros_like(ckpt["state"]["cache_keys"]), ckpt["values"])
+    elif args.method == "tip":
+        model = TipAdapter(fixed["cache_keys"], fixed["cache_values"])
+    else:  # the learned keys are copied in by load_learned
+        model = TipAdapterF(torch.zeros_like(ckpt["state"]["cache_keys"]), fixed["cache_values"])
     load_learned(model.to(args.device), ckpt, args.load, config)
     return model, ckpt["chosen"]
 
@@ -430,7 +470,8 @@ def evaluate(args, clip_model, model, chosen, classnames, templates, test_sets):
             score = lambda x: clip_adapter_logits(x, model, chosen["alpha"], W, s)
         elif args.method.startswith("tip"):  # the cache adds to the classes it holds, by name
             where = [classnames.index(n) if n in classnames else len(classnames) for n in names]
-            V = F.pad(model.cache_values, (0, 1))[:, where]  # (N, C_test); 0 for a class not held
+            # a test class the cache does not hold gets a zero column: its logits stay zero-shot
+            V = F.pad(model.cache_values, (0, 1))[:, where]  # (N, C + 1) -> (N, C_test)
             K, alpha, beta = model.cache_keys, chosen["alpha"], chosen["beta"]
             score = lambda x: tip_adapter_logits(F.normalize(x, dim=-1), W, K, V, alpha, beta, s)
         elif set(names) <= set(classnames):  # the probe scores its training classes only
@@ -442,14 +483,16 @@ def evaluate(args, clip_model, model, chosen, classnames, templates, test_sets):
     return zero_shot, acc, not_scored
 
 
-# -------- main: data, CLIP and the text classifier, the feature cache, the method, results --------
+# ---- main: data, CLIP and the text classifier, the precomputed features, the method, results ----
 def main(args):
     device, method = torch.device(args.device), args.method
     ckpt = check_options(args)  # bad input, before any long work
+    template = resolve_template(args.template)  # shared with zeroshot.py, as --ensemble select
+    templates = TEMPLATES_SELECT if args.ensemble == "select" else [template]
     dataset, train, test_sets = load_task(args, args.shots)
     if not train["train"] and not args.eval_only:
         fail(f"{args.data}: no training images (a train/ folder or the split file's train list)")
-    if method != "clip-adapter" and not args.eval_only:  # for the choices of alpha/beta, epoch, C
+    if method != "clip-adapter" and not args.eval_only:  # to choose alpha/beta, the epoch, C_reg
         train["val"] = draw_validation(args, train, args.val_shots)
         check_images(train["val"])
     run_dir = args.out or os.path.join("runs", method, dataset, f"{args.shots}shot_seed{args.seed}")
@@ -458,27 +501,27 @@ def main(args):
     # Frozen CLIP and the frozen text classifier W of the training classes
     clip_model = load_clip(args.backbone, device, args.precision)
     config = dict(method=method, backbone=args.backbone, dim=clip_model.visual.output_dim)
-    config["visual_sum"] = sum(p.double().sum().item() for p in clip_model.visual.parameters())
+    config["visual_sum"] = visual_sum(clip_model)  # which image encoder (its name may be a path)
     classnames = ckpt["classnames"] if ckpt else train["classnames"]
-    t = args.template  # a template, a dataset's name, or "select"
-    templates = TEMPLATES_SELECT if t == "select" else [CUSTOM_TEMPLATES.get(t, t)]
     W = zeroshot_classifier(clip_model, classnames, templates)  # (C, D)
     os.makedirs(run_dir, exist_ok=True)
     save(os.path.join(run_dir, "args.json"), vars(args))
 
-    # The method on the feature cache (with --eval-only: as the checkpoint holds it)
+    # The method on the precomputed features (with --eval-only: as the checkpoint holds it)
     t0 = time.time()
     if args.eval_only:
         model, chosen = from_checkpoint(args, ckpt, config)
     else:
-        c, t0 = feature_cache(args, clip_model, train, W), time.time()
+        feats = precompute_features(args, clip_model, train, W)
+        t0 = time.time()  # train_seconds: the method alone, after the image encoder
         if os.path.exists(os.path.join(run_dir, "log.jsonl")):
             os.remove(os.path.join(run_dir, "log.jsonl"))  # a fresh run starts a fresh log
-        run = {"clip-adapter": run_clip_adapter, "tip": run_tip, "tip-f": run_tip_f}
-        model, chosen = run.get(method, run_linear_probe)(args, c, run_dir)
+        run = {"clip-adapter": run_clip_adapter, "tip": run_tip, "tip-f": run_tip_f,
+               "linear-probe": run_linear_probe}  # fmt: skip
+        model, chosen = run[method](args, feats, run_dir)
         state = dict(config=config, classnames=classnames, state=learned_state(model))
-        values = getattr(model, "cache_values", None)  # Tip's fixed values, needed to evaluate
-        save(os.path.join(run_dir, "checkpoint.pt"), dict(state, values=values, chosen=chosen))
+        fixed = dict(model.named_buffers())  # Tip's built keys (tip) and values, to evaluate
+        save(os.path.join(run_dir, "checkpoint.pt"), dict(state, fixed=fixed, chosen=chosen))
     extra = dict(precision=args.precision, train_seconds=round(time.time() - t0, 3), chosen=chosen)
     zero_shot, acc, extra["not_scored"] = evaluate(args, clip_model, model, chosen, classnames,
                                                    templates, test_sets)  # fmt: skip
@@ -499,7 +542,8 @@ def check_options(args):
     if tip and not (0 <= args.alpha <= 100 and 0 <= args.beta <= 100):
         fail(f"--alpha {args.alpha}, --beta {args.beta}: weight and sharpness lie in [0, 100]")
     if tip and (min(args.search_scale) <= 0.1 or min(args.search_step) < 1):
-        fail(f"--search-scale {args.search_scale}: both maxima must exceed 0.1 (the grid's start)")
+        grid = f"--search-scale {args.search_scale}, --search-step {args.search_step}"
+        fail(f"{grid}: both maxima must exceed 0.1 (the grid's start), both steps be at least 1")
     if args.eval_only != bool(args.load):  # a method fits in seconds: no training goes on from one
         fail("--eval-only needs --load <checkpoint.pt>, and --load needs --eval-only")
     ckpt = load_checkpoint(args.load) if args.load else None
@@ -523,8 +567,9 @@ def parse_args(argv=None):
     base_new = "base-to-new: 'base' trains on the first half of the classes, also tests 'new'"
     add("--subsample", choices=["all", "base", "new"], default="all", help=base_new)
     add("--eval-data", nargs="*", default=[], help="extra test sets (ImageFolder roots)")
-    add("--template", help="a template, a dataset of CoOp's table, or 'select' (ImageNet's 7)")
-    add("--aug-views", type=int, default=10, help="cached views per training image (Tip-Adapter's)")
+    add("--template", help="a template with {} for the class name, or a dataset of CoOp's table")
+    add("--ensemble", choices=["none", "select"], help="select: the 7 ImageNet templates instead")
+    add("--aug-views", type=int, default=10, help="views per training image, precomputed (Tip's)")
     add("--crop-scale", type=float, default=0.5, help="the views' least crop area (Tip's 0.5)")
     add("--alpha", type=float, help="CLIP-Adapter: residual ratio; Tip: the cache's weight")
     add("--beta", type=float, help="Tip: the sharpness (both before the search)")
@@ -553,11 +598,23 @@ CUSTOM_TEMPLATES = {
     "ImageNet": "a photo of a {}.",
 }  # fmt: skip
 # [CoOp trainers/imagenet_templates.py IMAGENET_TEMPLATES_SELECT] 7 of OpenAI's 80 ImageNet
-# templates, the ensemble CoOp's and Tip-Adapter's code use on ImageNet
+# templates (--ensemble select): CoOp's ZeroshotCLIP2 averages them, Tip-Adapter's code on ImageNet
 TEMPLATES_SELECT = [
     "itap of a {}.", "a bad photo of the {}.", "a origami {}.", "a photo of the large {}.",
     "a {} in a video game.", "art of the {}.", "a photo of the small {}.",
 ]  # fmt: skip
+
+
+def resolve_template(template):
+    """--template: a dataset name gives that dataset's hand-written template; otherwise it must
+    contain {} for the class name (else every class would get the same text)."""
+    template = CUSTOM_TEMPLATES.get(template, template)
+    if "{}" not in template:
+        names = ", ".join(CUSTOM_TEMPLATES)
+        fail(f"--template {template!r} has no {{}} for the class name and is not one of {names}")
+    return template
+
+
 # --- end shared: templates ---
 
 

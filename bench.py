@@ -151,7 +151,8 @@ def prompt_rows(method, env):
             n_ctx, init = (4, "a photo of a") if method == "cocoop" else (16, "")
             model = coop.CustomCLIP(env.clip, env.names, n_ctx, init, cocoop=method == "cocoop")
             teacher = None
-        model.to(env.device).shared_prefix = text == "shared"  # False: prompts whole, cut encoder
+        # False: every prompt whole, through the cut encoder
+        model.to(env.device).prefix_is_shared = text == "shared"
         if text == "full":
             model.text_encoder = FullTextEncoder(env.clip)
         learned = [p for p in model.parameters() if p.requires_grad]
@@ -279,7 +280,7 @@ def test_time_rows(loss, env):
     model, optimizer, reset = test_time_model(env, maple=loss != "tpt")
     if loss == "sync":
         rand = lambda *shape: torch.randn(*shape, device=env.device)
-        sync = dict(cls=rand(C, D), tokens=rand(C, D), text=F.normalize(rand(C, D), dim=-1),
+        sync = dict(cls=rand(C, D), tokens=rand(C, D), text_at_load=F.normalize(rand(C, D), dim=-1),
                     views=F.normalize(rand(C, 8, D), dim=-1),  # 8 stored views per class
                     groups=torch.arange(C, device=env.device), weights=[1.0, 1.0, 1.0])  # fmt: skip
 

@@ -12,19 +12,19 @@ per class. CoCoOp adds a small meta-network that turns each image into a shift o
 that the prompt adapts to the image and generalises better to classes not seen in training.
 
 Equations ([SOS], [EOT]: CLIP's start- and end-of-text tokens; g(.): CLIP's text encoder, read at
-[EOT]; f: the L2-normalised image feature; tau: CLIP's frozen temperature, 1/tau about 100)
+[EOT]; f: the L2-normalised image feature; tau: CLIP's frozen temperature, 1/tau about 100;
+d: the token-embedding width (512); D: the image and text feature width (1024 RN50, 512 ViT-B))
   [CoOp Eq. 2]   t_c = [SOS] [V]_1 ... [V]_M [CLASS_c] [.] [EOT]       (class token at the end)
   [CoOp Eq. 3]   p(y=c|x) = exp(cos(g(t_c), f) / tau) / sum_j exp(cos(g(t_j), f) / tau)
                  loss = cross-entropy with the label
-  [CoCoOp 3.2]   pi = h_theta(f),  [V]_m(x) = [V]_m + pi for every m   (h: Linear-ReLU-Linear)
-Variants: the class token in the middle or at the front; a class-specific context (CSC in the
-CoOp code: one context per class) instead of one that all classes share.
+  [CoCoOp Sec. 3.2]  pi = h_theta(f), [V]_m(x) = [V]_m + pi for every m  (h: Linear-ReLU-Linear)
+Variants: the class token in the middle or at the front; one context per class (CSC, --csc).
 Learned: ctx = [V]_1..[V]_M, (M, d), or (n_cls, M, d) with --csc; CoCoOp also h_theta.
 Frozen:  all of CLIP (image and text encoders, token embedding, logit scale).
-Settings: PRESETS below (the papers'); SGD with momentum 0.9 and weight decay 5e-4; a warm-up
-epoch at 1e-5, then a cosine schedule stepped per epoch.
+Settings: PRESETS below (the papers'); SGD, momentum 0.9, weight decay 5e-4; a warm-up epoch at
+1e-5, then a cosine stepped per epoch; the last partial batch is kept (Dassl's loader drops it).
 
-Run
+Run (toy/: the synthetic world and tiny CLIPs that toyworld.py builds; see README.md)
   python coop.py --backbone toy/clip_rn.pt --data toy/sketch --shots 4 --crop-scale 0.5
   python coop.py --data DATA/pets/images --split-file DATA/pets/split_zhou_OxfordPets.json
   python coop.py --cocoop --data ... --split-file ... --subsample base   # ViT-B/16, base-to-new
@@ -53,9 +53,9 @@ with warnings.catch_warnings():  # openai-clip 1.0.1 imports the deprecated pkg_
     import clip
 
 
-def by_shots(args):
-    """50/100/200 epochs for 1/2-4/8-16 shots"""
-    return epochs_for_shots(args)  # CoOp's configs (the training block, in the appendix)
+def by_shots(args):  # a function, so that it can read --shots; --help shows its docstring
+    """50/100/200 epochs for 1/2-4/8-16 shots; ImageNet: 50 at every count (give --epochs 50)"""
+    return epochs_for_shots(args)  # CoOp's configs: see the shared training block, near the end
 
 
 PRESETS = {
@@ -106,14 +106,14 @@ class PromptLearner(nn.Module):
         super().__init__()
         d = clip_model.ln_final.weight.shape[0]  # token width (512 for RN50 and ViT-B)
         if ctx_init:  # [CoOp] word init: ctx = the token embeddings of the init words
-            self.prefix_text = ctx_init.replace("_", " ")
+            self.prefix_text = ctx_init.replace("_", " ")  # CoOp's configs write a_photo_of_a
             tokens = tokenize(clip_model, [self.prefix_text]).to(clip_model.logit_scale.device)
             embedding = clip_model.token_embedding(tokens)  # (1, L, d), CLIP frozen: no graph
-            # The original counts the words of the init text; we count its BPE tokens: the same
-            # for "a photo of a", and still exact when a word splits into several tokens.
+            # The original counts the words of the init text; we count its BPE (byte-pair encoding,
+            # CLIP's tokenizer) tokens: the same for "a photo of a", exact when a word splits.
             ctx = embedding[0, 1 : int(tokens.argmax())].float()  # between [SOS] and [EOT]: (M, d)
             # The original ignores --csc when init words are given; we give every class its own
-            # copy, so that a class-specific context also starts at the zero-shot prompt.
+            # copy, so that a class-specific context also starts from the init words.
             ctx = ctx.repeat(len(classnames), 1, 1) if csc else ctx  # (n_cls, M, d)
         else:  # [CoOp] random init N(0, 0.02^2); the placeholder words "X" are replaced by ctx
             ctx = torch.empty((len(classnames), n_ctx, d) if csc else (n_ctx, d))
@@ -152,13 +152,14 @@ class PromptLearner(nn.Module):
 
     def prefix(self, pi=None):
         """[SOS] [V]_1..[V]_M, the part of the prompt every class shares: (1, 1 + M, d); with
-        CoCoOp's shifts pi (B, d), [CoCoOp 3.2] [V]_m(x) = [V]_m + pi(x): (B, 1 + M, d)."""
+        CoCoOp's shifts pi (B, d), [CoCoOp Sec. 3.2] [V]_m(x) = [V]_m + pi(x): (B, 1 + M, d)."""
         ctx = self.ctx.unsqueeze(0) if pi is None else self.ctx + pi.unsqueeze(1)  # (1 or B, M, d)
         return torch.cat([self.token_prefix[:1].expand(len(ctx), -1, -1), ctx], dim=1)
 
 
 def class_token_order(name_tokens, n_ctx, position):
-    """CoOp's 'middle' and 'front': the row of the 'end' layout that each position takes."""
+    """CoOp's 'middle' and 'front': the row of the 'end' layout that each position takes. E.g.
+    M = 2, a one-token name: end [S V1 V2 N . E] -> middle order [0, 1, 3, 2, 4, 5]."""
     order, L, M = [], name_tokens.shape[1], n_ctx
     for n in (name_tokens.argmax(dim=-1) - 1).tolist():  # BPE tokens of each class name
         v, name, rest = range(1, 1 + M), range(1 + M, 1 + M + n), range(1 + M + n, L)
@@ -182,17 +183,17 @@ class CustomCLIP(nn.Module):
         self.logit_scale = clip_model.logit_scale  # CLIP's own, frozen: ln(1/tau)
         # A generic context with the class name at the end gives every class the same prefix
         # [SOS] [V]_1..[V]_M, which the speed-ups run once (not so with --csc or middle/front).
-        self.shared_prefix = not csc and position == "end"
+        self.prefix_is_shared = not csc and position == "end"
         self.meta_net = None
-        if cocoop:  # CoCoOp's h_theta: Linear(v, v/16) -> ReLU -> Linear(v/16, d), v: image width
-            v, d = clip_model.visual.output_dim, self.prompt_learner.ctx.shape[-1]
-            self.meta_net = nn.Sequential(nn.Linear(v, v // 16), nn.ReLU(), nn.Linear(v // 16, d))
+        if cocoop:  # h_theta: D -> D/16 -> ReLU -> d; the official code's prompt_learner.meta_net
+            D, d = clip_model.visual.output_dim, self.prompt_learner.ctx.shape[-1]
+            self.meta_net = nn.Sequential(nn.Linear(D, D // 16), nn.ReLU(), nn.Linear(D // 16, d))
 
     def forward(self, image_features):
         # image_features: (B, D), L2-normalised, from the frozen image encoder
         pl, encoder, inv_tau = self.prompt_learner, self.text_encoder, self.logit_scale.exp()
         pi = None if self.meta_net is None else self.meta_net(image_features)  # [CoCoOp] (B, d)
-        if self.shared_prefix:  # the same numbers as the plain formulation: see the speed-ups
+        if self.prefix_is_shared:  # exactly the plain formulation, faster: shared_prefix (tested)
             text = shared_prefix(encoder, pl.prefix(pi), pl.token_suffix, pl.tokenized)
         elif pi is None:  # the plain formulation: every class's prompt through the text encoder
             text = encoder(pl(), pl.tokenized).unsqueeze(0)  # (1, n_cls, D)
@@ -205,7 +206,7 @@ class CustomCLIP(nn.Module):
         text = F.normalize(text.float(), dim=-1)  # (1 or B, n_cls, D)
         if pi is None:
             return inv_tau * image_features @ text[0].t()  # [CoOp Eq. 3] (B, n_cls)
-        return inv_tau * torch.einsum("bd,bcd->bc", image_features, text)  # (B, n_cls)
+        return inv_tau * torch.einsum("bd,bcd->bc", image_features, text)  # [CoCoOp] (B, n_cls)
 
 
 # ---- One training step (the unit the loop, the tests and bench.py call), then main ---------------
@@ -231,29 +232,27 @@ def main(args):
         fail(f"{args.data}: no training images (a train/ folder or the split file's train list)")
     run_dir = args.out or os.path.join("runs", method, dataset, f"{args.shots}shot_seed{args.seed}")
     seed_everything(args.seed)
-
     # Frozen CLIP and the learned prompt
     clip_model = load_clip(args.backbone, device, args.precision)
     model, learned, test_sets, not_scored = build_model(args, method, clip_model, train, test_sets)
     config = dict(method=method, backbone=args.backbone, n_ctx=model.prompt_learner.n_ctx)
-    config.update(csc=args.csc)
+    config.update(csc=args.csc, position=args.class_token_position)  # what --load must match
     if args.load:
         load_learned(model, load_checkpoint(args.load), args.load, config)
-
     # Training: SGD on the learned parameters, one learning rate per epoch
     os.makedirs(run_dir, exist_ok=True)
     save(os.path.join(run_dir, "args.json"), vars(args))
     optimizer = torch.optim.SGD(learned, args.lr, momentum=0.9, weight_decay=5e-4)  # on ctx too
-    # fp16 arithmetic scales the loss, lest small gradients round to 0 (the original's does not)
+    # loss scaled for fp16 math, lest small gradients round to 0; the original's fp16 mode does not
     half = args.precision == "fp16" or (args.precision == "amp" and device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=half)
     generator = torch.Generator().manual_seed(args.seed)  # the shuffling order, kept for --resume
-    # Dassl's loader drops the last partial batch (N >= batch size); we keep it unless --drop-last
-    drop_last = args.drop_last and len(train["train"]) >= args.batch_size
+    drop_last = args.drop_last and len(train["train"]) >= args.batch_size  # Dassl's rule, if asked
     transform = train_transform(clip_model.visual.input_resolution, args.crop_scale)
     loader = make_loader(train["train"], transform, args.batch_size, args.workers, device, True,
                          drop_last, generator)  # fmt: skip
-    epochs, start, train_seconds, n_seen = 0 if args.eval_only else args.epochs, 0, 0.0, 0
+    epochs = 0 if args.eval_only else args.epochs
+    start, train_seconds, n_seen = 0, 0.0, 0
     watch_preemption()  # SIGUSR1: stop after this epoch's checkpoint
     if args.resume:
         start, train_seconds = resume(run_dir, model, optimizer, scaler, generator, config)
@@ -284,8 +283,7 @@ def main(args):
 
 
 def build_model(args, method, clip_model, train, test_sets):
-    """The model, every test set's prompts checked now -> (model, its learned parameters, the test
-    sets it can score, the others)."""
+    """-> (model, learned parameters, test sets it can score, the others); every prompt checked."""
     # --csc learns one context per training class: a test set of other classes is not scored
     other = [k for k, (_, names) in test_sets.items() if args.csc and names != train["classnames"]]
     test_sets = {k: v for k, v in test_sets.items() if k not in other}
@@ -293,6 +291,7 @@ def build_model(args, method, clip_model, train, test_sets):
     try:
         model = CustomCLIP(clip_model, train["classnames"], args.n_ctx, ctx_init, args.csc,
                            args.class_token_position, args.cocoop).to(args.device)  # fmt: skip
+        # the training classes last: training uses these buffers
         for names in [names for _, names in test_sets.values()] + [train["classnames"]]:
             model.prompt_learner.set_classnames(clip_model, names)
     except ValueError as e:
@@ -302,12 +301,13 @@ def build_model(args, method, clip_model, train, test_sets):
     n_learned, n_frozen = [sum(p.numel() for p in ps) for ps in (learned, clip_model.parameters())]
     what = f"{method}: {model.prompt_learner.n_ctx} context vectors ({ctx_init or 'random'!r})"
     print(f"{what}; learned {list(learned_state(model))} = {n_learned:,} parameters; CLIP's "
-          f"{n_frozen:,} frozen")  # fmt: skip
+          f"{n_frozen:,} frozen; --template {args.template!r}")  # fmt: skip
     return model, learned, test_sets, dict.fromkeys(other, "no learned context (--csc)")
 
 
 def evaluate(args, clip_model, model, test_sets):
-    """Accuracies of zero-shot CLIP (--template) and of the learned prompt on every test set."""
+    """Accuracies of zero-shot CLIP (--template; the papers' zero-shot rows use the dataset's own,
+    as zeroshot.py --template <Name>) and of the learned prompt on every test set."""
     device, n_px = torch.device(args.device), clip_model.visual.input_resolution
     zero_shot, acc = {}, {}
     for name, (items, classnames) in test_sets.items():
@@ -324,13 +324,10 @@ def evaluate(args, clip_model, model, test_sets):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0] + " Defaults: the papers' settings. SGD with momentum "
-        "0.9 and weight decay 5e-4; the first epoch at lr 1e-05, then a cosine from --lr.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    p = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.description = f"{__doc__.splitlines()[0]} Defaults: the papers' settings; SGD, momentum 0.9,"
+    p.description += " weight decay 5e-4; the first epoch at lr 1e-05, then a cosine from --lr."
     add = p.add_argument
-    # data and protocol
     add("--backbone", help="CLIP name (RN50, ViT-B/16, ...) or checkpoint path")
     add("--data", required=True, help="root with train/ [val/] test/, or --split-file's images")
     add("--split-file", help="CoOp's split_zhou_<Name>.json (then --data is its image root)")
@@ -340,15 +337,13 @@ def parse_args(argv=None):
     add("--subsample", choices=["all", "base", "new"], default="all", help=base_new)
     add("--eval-data", nargs="*", default=[], help="extra test sets (ImageFolder roots)")
     add("--template", default="a photo of a {}.", help="the zero-shot baseline's template")
-    # the method
     add("--cocoop", action="store_true", help="CoCoOp: the image-conditioned meta-network")
-    add("--n-ctx", type=int, help="context vectors M of a random init")
+    add("--n-ctx", type=int, help="context vectors M")
     init = "initialise the context from these words (then M = their tokens); '': N(0, 0.02^2)"
     add("--ctx-init", help=init)
     add("--csc", action="store_true", help="class-specific context (one context per class)")
     where = "where the class name goes in the prompt (CoOp's variants)"
     add("--class-token-position", choices=["end", "middle", "front"], default="end", help=where)
-    # optimisation
     add("--epochs", type=int, help="training epochs")
     add("--batch-size", type=int, help="training images per step")
     add("--lr", type=float, default=0.002, help="SGD learning rate after the warm-up epoch")

@@ -5,29 +5,31 @@ Code    github.com/BeierZhu/Prompt-align (ProGrad.public/trainers/prograd.py; th
         its copy of Dassl, the CoOp authors' training library: dassl/engine/trainer.py)
 
 The idea. CoOp's learned context fits the few training images and can forget what CLIP knew.
-ProGrad trains the same context but looks at two gradients every step: G_d, of the cross-entropy
-with the labels (domain-specific), and G_g, of the KL divergence from zero-shot CLIP's prediction
-to the prompt's (general). When they conflict (an angle above 90 degrees), the part of G_d that
-opposes G_g is removed before the step. The rest is CoOp (lambda = 0 is CoOp).
+ProGrad trains it beside a teacher, zero-shot CLIP's classifier from --template (the authors'
+zs_clip), with two gradients per step: G_d, of the cross-entropy with the labels (domain-specific),
+and G_g, of the KL divergence from the teacher's prediction to the prompt's (general). The part of
+G_d against G_g (an angle over 90 degrees) is removed; lambda = 0: CoOp's step, G_g still computed.
 
 Equations ([SOS], [EOT]: CLIP's start- and end-of-text tokens; g(.): CLIP's text encoder, read at
-[EOT]; f: the L2-normalised image feature; tau: CLIP's frozen temperature, 1/tau about 100)
+[EOT]; f: the L2-normalised image feature; tau: CLIP's frozen temperature, 1/tau about 100;
+d: the token-embedding width (512); D: the image and text feature width (1024 RN50, 512 ViT-B))
   [CoOp Eq. 2]   t_c = [SOS] [V]_1 ... [V]_M [CLASS_c] [.] [EOT]       (class token at the end)
   [CoOp Eq. 3]   p(y=c|x) = exp(cos(g(t_c), f) / tau) / sum_j exp(cos(g(t_j), f) / tau)
-  [ProGrad]      L_ce = CE(p, y), G_d = dL_ce/dctx;  L_kl = T^2 KL(p_zs || p), G_g = dL_kl/dctx
-                 (p_zs: zero-shot CLIP's p with the template; in L_kl both at temperature T)
+  [ProGrad]      L_ce = CE(p, y),  L_kl = T^2 KL(p_zs || p_T) = T^2 sum_c p_zs log(p_zs / p_T),
+                 p_zs(c|x) = softmax_c(cos(w_c, f) / (tau T)), w_c = g(template(c)) (the teacher),
+                 p_T: p at tau T (T = 1: authors' code only);  G_d = dL_ce/dctx,  G_g = dL_kl/dctx
   [ProGrad Eq. 5]  G = G_d - lambda (G_d.G_g / |G_g|^2) G_g  if G_d.G_g < 0,  else G = G_d
-Variants: the class token in the middle or at the front; a class-specific context (CSC in the
-CoOp code: one context per class) instead of one that all classes share.
+Variants: the class token in the middle or at the front; one context per class (CSC, --csc).
 Learned: ctx = [V]_1..[V]_M, (M, d), or (n_cls, M, d) with --csc, from the template's words.
-Frozen:  all of CLIP (image and text encoders, token embedding, logit scale), the teacher too.
-Settings: PRESETS below (the paper's); SGD with momentum 0.9 and weight decay 5e-4; a warm-up
-epoch at 1e-5, then a cosine schedule stepped per epoch.
+Frozen:  all of CLIP (image and text encoders, token embedding, logit scale).
+Relative to coop.py: the templates, their init, project, two_gradients, train_step, the teacher;
+the diff's lines on pi, meta_net, chunked evaluation and --cocoop are only CoCoOp being removed.
+Settings: PRESETS below (the papers'); SGD, momentum 0.9, weight decay 5e-4; a warm-up epoch at
+1e-5, then a cosine stepped per epoch; the last partial batch is kept (Dassl's loader drops it).
 
-Run
+Run (toy/: the synthetic world and tiny CLIPs that toyworld.py builds; see README.md)
   python prograd.py --backbone toy/clip_rn.pt --data toy/sketch --shots 4 --crop-scale 0.5
-  python prograd.py --data DATA/pets/images --split-file DATA/pets/split_zhou_OxfordPets.json \
-      --template OxfordPets
+  python prograd.py --data DATA/pets/images --split-file DATA/pets/split_zhou_OxfordPets.json
 """
 
 import argparse
@@ -53,15 +55,19 @@ with warnings.catch_warnings():  # openai-clip 1.0.1 imports the deprecated pkg_
     import clip
 
 
-def by_shots(args):
-    """50/100/200 epochs for 1/2-4/8-16 shots"""
-    return epochs_for_shots(args)  # CoOp's configs (the training block, in the appendix)
+def by_shots(args):  # a function, so that it can read --shots; --help shows its docstring
+    """50/100/200 epochs for 1/2-4/8-16 shots; ImageNet: 50 at every count (give --epochs 50)"""
+    return epochs_for_shots(args)  # CoOp's configs: see the shared training block, near the end
 
 
-PRESETS = {
-    "prograd": dict(backbone="RN50", n_ctx=16, ctx_init="template", epochs=by_shots, batch_size=32,
-                    lam=1.0, temperature=1.0),
-}  # fmt: skip
+def by_dataset(args):  # the authors' code: CUSTOM_TEMPLATES[cfg.DATASET.NAME]
+    """the dataset's own (by --split-file's name), else 'a photo of a {}.'"""
+    name = os.path.basename(args.split_file or "").removesuffix(".json").replace("split_zhou_", "")
+    return PROGRAD_TEMPLATES.get(name, "a photo of a {}.")
+
+
+PRESETS = {"prograd": dict(backbone="RN50", n_ctx=16, ctx_init="template", epochs=by_shots, lam=1.0,
+                           batch_size=32, temperature=1.0, template=by_dataset)}  # fmt: skip
 
 
 # --- shared: text encoder (canonical copy in coop.py; re-sync with tools/sync_shared.py) ---
@@ -97,8 +103,7 @@ class TextEncoder(nn.Module):
 
 
 # ---- The method: CoOp's prompt learner, the teacher's templates, the projection ------------------
-# [ProGrad] the authors' templates: the words before " {}." initialise the context (class last)
-PROGRAD_TEMPLATES = {
+PROGRAD_TEMPLATES = {  # [ProGrad] the authors'; the words before " {}." initialise ctx
     "OxfordPets": "a type of pet, a photo of a {}.", "Food101": "a type of food, a photo of {}.",
     "OxfordFlowers": "a type of flower, a photo of a {}.", "ImageNet": "a photo of a {}.",
     "FGVCAircraft": "a type of aircraft, a photo of a {}.", "SUN397": "a photo of a {}.",
@@ -116,9 +121,9 @@ class PromptLearner(nn.Module):
     def __init__(self, clip_model, classnames, n_ctx=16, ctx_init="", csc=False, position="end"):
         super().__init__()
         d = clip_model.ln_final.weight.shape[0]  # token width (512 for RN50 and ViT-B)
-        if ctx_init:  # [ProGrad] template init: M - k zero vectors, then the k template words
-            # As the authors' code, k counts WORDS: "pet, a" is 2 words, 3 tokens, so the last
-            # template token falls into the frozen suffix (the encoder still reads the template)
+        if ctx_init:  # [ProGrad] template init: [SOS] 0..0 <k template words> CLASS . [EOT]
+            # The zeros go through the encoder too: the student starts near the teacher, not at it.
+            # k counts WORDS (the authors'): "pet, a" is 2 words, 3 BPE tokens; the last is frozen.
             k = len(ctx_init.split())
             if k > n_ctx:
                 raise ValueError(f"the template {ctx_init!r} has {k} words, more than M = {n_ctx}")
@@ -126,6 +131,8 @@ class PromptLearner(nn.Module):
             tokens = tokenize(clip_model, [ctx_init]).to(clip_model.logit_scale.device)
             embedding = clip_model.token_embedding(tokens)  # (1, L, d), CLIP frozen: no graph
             ctx = F.pad(embedding[0, 1 : 1 + k].float(), (0, 0, n_ctx - k, 0))  # (M, d)
+            # The original ignores --csc when init words are given; we give every class its own
+            # copy, so that a class-specific context also starts from the init words.
             ctx = ctx.repeat(len(classnames), 1, 1) if csc else ctx  # (n_cls, M, d)
         else:  # [CoOp] random init N(0, 0.02^2); the placeholder words "X" are replaced by ctx
             ctx = torch.empty((len(classnames), n_ctx, d) if csc else (n_ctx, d))
@@ -168,7 +175,8 @@ class PromptLearner(nn.Module):
 
 
 def class_token_order(name_tokens, n_ctx, position):
-    """CoOp's 'middle' and 'front': the row of the 'end' layout that each position takes."""
+    """CoOp's 'middle' and 'front': the row of the 'end' layout that each position takes. E.g.
+    M = 2, a one-token name: end [S V1 V2 N . E] -> middle order [0, 1, 3, 2, 4, 5]."""
     order, L, M = [], name_tokens.shape[1], n_ctx
     for n in (name_tokens.argmax(dim=-1) - 1).tolist():  # BPE tokens of each class name
         v, name, rest = range(1, 1 + M), range(1 + M, 1 + M + n), range(1 + M + n, L)
@@ -190,12 +198,12 @@ class CustomCLIP(nn.Module):
         self.logit_scale = clip_model.logit_scale  # CLIP's own, frozen: ln(1/tau)
         # A generic context with the class name at the end gives every class the same prefix
         # [SOS] [V]_1..[V]_M, which the speed-ups run once (not so with --csc or middle/front).
-        self.shared_prefix = not csc and position == "end"
+        self.prefix_is_shared = not csc and position == "end"
 
     def forward(self, image_features):
         # image_features: (B, D), L2-normalised, from the frozen image encoder
         pl, encoder, inv_tau = self.prompt_learner, self.text_encoder, self.logit_scale.exp()
-        if self.shared_prefix:  # the same numbers as the plain formulation: see the speed-ups
+        if self.prefix_is_shared:  # exactly the plain formulation, faster: shared_prefix (tested)
             text = shared_prefix(encoder, pl.prefix(), pl.token_suffix, pl.tokenized)
         else:  # the plain formulation: every class's prompt through the text encoder
             text = encoder(pl(), pl.tokenized).unsqueeze(0)  # (1, n_cls, D)
@@ -212,43 +220,44 @@ def project(G_d, G_g, lam):
     return G_d  # no conflict: the domain-specific gradient as it is
 
 
-def two_gradients(model, image_features, teacher, labels, T, params, precision="fp32", scale=None):
-    """[ProGrad] G_d and G_g from ONE student forward (logits under autocast, the rest in fp32)."""
+def two_gradients(model, image_features, teacher, labels, temperature, params, precision, scale):
+    """[ProGrad] (G_d, G_g per tensor of params, L_ce, L_kl, logits) from ONE student forward."""
     with autocast(image_features.device, precision):
-        logits = model(image_features).float()  # (B, n_cls)
+        logits = model(image_features).float()  # (B, n_cls), the rest in fp32
     with torch.no_grad():  # the teacher, on the same features (the authors' code: a CLIP copy)
-        p_zs = F.softmax(model.logit_scale.exp() * image_features @ teacher.t() / T, dim=-1)
-    loss_ce = F.cross_entropy(logits, labels)
-    # As the authors' code: L_kl = T^2 mean_b sum_c -p_zs log p, the soft-target cross-entropy. It
-    # differs from KL(p_zs || p) by p_zs's entropy, a constant: the gradient is the KL's.
-    loss_kl = T**2 * -(p_zs * F.log_softmax(logits / T, dim=-1)).sum(-1).mean()
+        p_zs = F.softmax(model.logit_scale.exp() * image_features @ teacher.t() / temperature, -1)
+    loss_ce = F.cross_entropy(logits, labels)  # [ProGrad] L_ce
+    # As the authors' code: L_kl = T^2 mean_b sum_c -p_zs log p_T, the soft-target cross-entropy.
+    # It differs from KL(p_zs || p_T) by p_zs's entropy, a constant: the gradient is the KL's.
+    loss_kl = temperature**2 * -(p_zs * F.log_softmax(logits / temperature, -1)).sum(-1).mean()
     if not (torch.isfinite(loss_ce) and torch.isfinite(loss_kl)):
         raise FloatingPointError(f"the losses are {loss_ce.item()}, {loss_kl.item()}; try fp32")
-    scale = scale or (lambda loss: loss)  # the loss scale for fp16 arithmetic, the same for both
-    G_g = torch.autograd.grad(scale(loss_kl), params, retain_graph=True)  # general direction
-    G_d = torch.autograd.grad(scale(loss_ce), params)  # domain-specific direction
-    return G_d, G_g, loss_ce, logits
+    grads_g = torch.autograd.grad(scale(loss_kl), params, retain_graph=True)  # general directions
+    grads_d = torch.autograd.grad(scale(loss_ce), params)  # domain-specific directions
+    return grads_d, grads_g, loss_ce, loss_kl, logits
 
 
 # ---- One training step (the unit the loop, the tests and bench.py call), then main ---------------
-def train_step(model, encode_image, teacher, optimizer, scaler, images, labels, precision, lam, T):
+def train_step(model, encode_image, teacher, optimizer, scaler, images, labels, precision, lam,
+               temperature):  # fmt: skip
     with torch.no_grad(), autocast(images.device, precision):  # CLIP's image side is frozen
         image_features = F.normalize(encode_image(images).float(), dim=-1)  # (B, D)
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    G_d, G_g, loss, logits = two_gradients(model, image_features, teacher, labels, T, params,
-                                           precision, scaler.scale)  # fmt: skip
-    # An fp16 overflow in either gradient skips the step; GradScaler sees only p.grad: an inf there
-    finite = all(torch.isfinite(g).all() for g in G_d + G_g)
-    if not (finite or scaler.is_enabled()):
+    grads_d, grads_g, loss_ce, loss_kl, logits = two_gradients(model, image_features, teacher,
+        labels, temperature, params, precision, scaler.scale)  # fmt: skip
+    finite = all(torch.isfinite(g).all() for g in (*grads_d, *grads_g))
+    if not finite and not scaler.is_enabled():
         raise FloatingPointError("a gradient is not finite; try --precision fp32")
-    for p, g_d, g_g in zip(params, G_d, G_g):  # per tensor, as the authors' code (one tensor: ctx)
-        p.grad = project(g_d, g_g, lam) if finite else torch.full_like(g_d, math.inf)
-    scaler.step(optimizer)  # unscale (project is linear in G_d), then SGD: after the projection
+    # p.grad is assigned, not accumulated: no zero_grad needed. On overflow we write inf so that
+    # GradScaler skips the step and halves the scale, as after a backward().
+    for p, G_d, G_g in zip(params, grads_d, grads_g):  # per tensor, as the authors' (one: ctx)
+        p.grad = project(G_d, G_g, lam) if finite else torch.full_like(G_d, math.inf)
+    scaler.step(optimizer)  # unscale, then SGD: project(sG_d, sG_g) = s project(G_d, G_g), s > 0
     scaler.update()  # the scale halves after an overflow and grows after 2000 good steps
-    dot = sum((d.float() * g.float()).sum() for d, g in zip(G_d, G_g))  # the logged cosine
-    norms = [math.sqrt(sum(g.float().pow(2).sum() for g in G)) for G in (G_d, G_g)]
+    dot = sum((d.float() * g.float()).sum() for d, g in zip(grads_d, grads_g))  # logged cosine
+    norms = [math.sqrt(sum(g.float().pow(2).sum() for g in G)) for G in (grads_d, grads_g)]
     cosine = float(dot) / (norms[0] * norms[1]) if norms[0] * norms[1] > 0 else 0.0
-    return loss.item(), accuracy(logits, labels), cosine if finite else math.nan  # NaN: skipped
+    return loss_ce.item(), loss_kl.item(), accuracy(logits, labels), cosine if finite else math.nan
 
 
 def main(args):
@@ -258,30 +267,28 @@ def main(args):
         fail(f"{args.data}: no training images (a train/ folder or the split file's train list)")
     run_dir = args.out or os.path.join("runs", method, dataset, f"{args.shots}shot_seed{args.seed}")
     seed_everything(args.seed)
-
     # Frozen CLIP and the learned prompt
     clip_model = load_clip(args.backbone, device, args.precision)
     model, learned, test_sets, not_scored = build_model(args, method, clip_model, train, test_sets)
     teacher = zeroshot_classifier(clip_model, train["classnames"], [args.template])  # (n_cls, D)
     config = dict(method=method, backbone=args.backbone, n_ctx=model.prompt_learner.n_ctx)
-    config.update(csc=args.csc)
+    config.update(csc=args.csc, position=args.class_token_position)  # what --load must match
     if args.load:
         load_learned(model, load_checkpoint(args.load), args.load, config)
-
     # Training: SGD on the learned parameters, one learning rate per epoch
     os.makedirs(run_dir, exist_ok=True)
     save(os.path.join(run_dir, "args.json"), vars(args))
     optimizer = torch.optim.SGD(learned, args.lr, momentum=0.9, weight_decay=5e-4)  # on ctx too
-    # fp16 arithmetic scales the loss, lest small gradients round to 0 (the original's does not)
+    # loss scaled for fp16 math, lest small gradients round to 0; the original's fp16 mode does not
     half = args.precision == "fp16" or (args.precision == "amp" and device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=half)
     generator = torch.Generator().manual_seed(args.seed)  # the shuffling order, kept for --resume
-    # Dassl's loader drops the last partial batch (N >= batch size); we keep it unless --drop-last
-    drop_last = args.drop_last and len(train["train"]) >= args.batch_size
+    drop_last = args.drop_last and len(train["train"]) >= args.batch_size  # Dassl's rule, if asked
     transform = train_transform(clip_model.visual.input_resolution, args.crop_scale)
     loader = make_loader(train["train"], transform, args.batch_size, args.workers, device, True,
                          drop_last, generator)  # fmt: skip
-    epochs, start, train_seconds, n_seen = 0 if args.eval_only else args.epochs, 0, 0.0, 0
+    epochs = 0 if args.eval_only else args.epochs
+    start, train_seconds, n_seen = 0, 0.0, 0
     watch_preemption()  # SIGUSR1: stop after this epoch's checkpoint
     if args.resume:
         start, train_seconds = resume(run_dir, model, optimizer, scaler, generator, config)
@@ -299,10 +306,10 @@ def main(args):
             n += len(labels)
         seconds = time.time() - t0
         train_seconds, n_seen = train_seconds + seconds, n_seen + n
-        loss, train_acc, cosine = zip(*steps)  # one value per step
+        loss_ce, loss_kl, train_acc, cosine = zip(*steps)  # one value per step
         cos = [c for c in cosine if not math.isnan(c)]  # NaN: a step skipped (fp16 overflow)
-        log_epoch(run_dir, device, epoch + 1, epochs, seconds, n, lr=lr, loss=loss,
-                  train_acc=train_acc, conflict_fraction=[c < 0 for c in cos],
+        log_epoch(run_dir, device, epoch + 1, epochs, seconds, n, lr=lr, loss_ce=loss_ce,
+                  loss_kl=loss_kl, train_acc=train_acc, conflict_fraction=[c < 0 for c in cos],
                   mean_cosine=cos)  # fmt: skip
         save_progress(run_dir, config, model, optimizer, scaler, epoch + 1, train_seconds,
                       generator)  # fmt: skip
@@ -314,15 +321,15 @@ def main(args):
 
 
 def build_model(args, method, clip_model, train, test_sets):
-    """The model, every test set's prompts checked now -> (model, its learned parameters, the test
-    sets it can score, the others)."""
+    """-> (model, learned parameters, test sets it can score, the others); every prompt checked."""
     # --csc learns one context per training class: a test set of other classes is not scored
     other = [k for k, (_, names) in test_sets.items() if args.csc and names != train["classnames"]]
     test_sets = {k: v for k, v in test_sets.items() if k not in other}
-    ctx_init = args.template[: -len(" {}.")] if args.ctx_init == "template" else ""
+    ctx_init = args.template.removesuffix(" {}.") if args.ctx_init == "template" else ""
     try:
         model = CustomCLIP(clip_model, train["classnames"], args.n_ctx, ctx_init, args.csc,
                            args.class_token_position).to(args.device)  # fmt: skip
+        # the training classes last: training uses these buffers
         for names in [names for _, names in test_sets.values()] + [train["classnames"]]:
             model.prompt_learner.set_classnames(clip_model, names)
     except ValueError as e:
@@ -332,12 +339,13 @@ def build_model(args, method, clip_model, train, test_sets):
     n_learned, n_frozen = [sum(p.numel() for p in ps) for ps in (learned, clip_model.parameters())]
     what = f"{method}: {model.prompt_learner.n_ctx} context vectors ({ctx_init or 'random'!r})"
     print(f"{what}; learned {list(learned_state(model))} = {n_learned:,} parameters; CLIP's "
-          f"{n_frozen:,} frozen")  # fmt: skip
+          f"{n_frozen:,} frozen; --template {args.template!r}")  # fmt: skip
     return model, learned, test_sets, dict.fromkeys(other, "no learned context (--csc)")
 
 
 def evaluate(args, clip_model, model, test_sets):
-    """Accuracies of zero-shot CLIP (--template) and of the learned prompt on every test set."""
+    """Accuracies of zero-shot CLIP (--template; the papers' zero-shot rows use the dataset's own,
+    as zeroshot.py --template <Name>) and of the learned prompt on every test set."""
     device, n_px = torch.device(args.device), clip_model.visual.input_resolution
     zero_shot, acc = {}, {}
     for name, (items, classnames) in test_sets.items():
@@ -352,13 +360,10 @@ def evaluate(args, clip_model, model, test_sets):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0] + " Defaults: the papers' settings. SGD with momentum "
-        "0.9 and weight decay 5e-4; the first epoch at lr 1e-05, then a cosine from --lr.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    p = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.description = f"{__doc__.splitlines()[0]} Defaults: the papers' settings; SGD, momentum 0.9,"
+    p.description += " weight decay 5e-4; the first epoch at lr 1e-05, then a cosine from --lr."
     add = p.add_argument
-    # data and protocol
     add("--backbone", help="CLIP name (RN50, ViT-B/16, ...) or checkpoint path")
     add("--data", required=True, help="root with train/ [val/] test/, or --split-file's images")
     add("--split-file", help="CoOp's split_zhou_<Name>.json (then --data is its image root)")
@@ -367,9 +372,7 @@ def parse_args(argv=None):
     base_new = "base-to-new: 'base' trains on the first half of the classes, also tests 'new'"
     add("--subsample", choices=["all", "base", "new"], default="all", help=base_new)
     add("--eval-data", nargs="*", default=[], help="extra test sets (ImageFolder roots)")
-    names = ", ".join(PROGRAD_TEMPLATES)
-    add("--template", default="a photo of a {}.", help=f"the teacher's (' {{}}.' last) or {names}")
-    # the method
+    add("--template", help=f"the teacher's (' {{}}.' last) or {', '.join(PROGRAD_TEMPLATES)}")
     add("--n-ctx", type=int, help="context vectors M")
     add("--ctx-init", choices=["template", "random"], help="the template's words, or CoOp's init")
     add("--csc", action="store_true", help="class-specific context (one context per class)")
@@ -377,8 +380,7 @@ def parse_args(argv=None):
     add("--class-token-position", choices=["end", "middle", "front"], default="end", help=where)
     lam = "lambda (1: orthogonal, 0: CoOp); the authors: 0.8 at 8+ shots on Flowers, DTD, EuroSAT"
     add("--lam", type=float, help=lam)
-    add("--temperature", type=float, help="T of the KL to the zero-shot prediction")
-    # optimisation
+    add("--temperature", type=float, help="T of L_kl (LOSS.T, only in the authors' code)")
     add("--epochs", type=int, help="training epochs")
     add("--batch-size", type=int, help="training images per step")
     add("--lr", type=float, default=0.002, help="SGD learning rate after the warm-up epoch")
@@ -388,7 +390,7 @@ def parse_args(argv=None):
     args = parse(p, argv, PRESETS, lambda a: "prograd")
     args.template = PROGRAD_TEMPLATES.get(args.template, args.template)
     if not args.template.endswith(" {}."):  # the words before it initialise the context
-        fail(f"--template {args.template!r} must end with ' {{}}.' or be one of {names}")
+        fail(f"--template {args.template!r} must end with ' {{}}.' or be a dataset of --help")
     if args.eval_only and not args.load:
         fail("--eval-only needs --load <checkpoint.pt>")
     if args.shots < 1:

@@ -19,15 +19,27 @@ prompts so that the image's views stand apart from the other classes (a contrast
 meta-test, at the moved prompts, pulls the image's features towards the prototypes of its likely
 classes (L_A) and lowers TPT's entropy. The mean of the two gradients updates the prompts.
 
-Equations (p_i = softmax of view i's logits, H the entropy, tau = 1/100 CLIP's temperature)
-  [TPT Eq. 4-6] p~ = the mean p_i of the rho N views of lowest H(p_i); L_ent = H(p~)
+Equations (p_i = softmax of view i's logits, H the entropy, tau = 1/100 CLIP's temperature; TPT's
+Eq. 4-6 hold its first two lines together)
+  [TPT select]  F = the views with H(p_i) <= t, t the rho-quantile of the H(p_i): int(rho N) views
+  [TPT p~]      p~ = mean_{i in F} p_i;   [TPT L_ent]  L_ent = H(p~)
   [MaPLe]       text prompts P_j (M, d) before text blocks j < J; vision prompts F_j(P_j), linear
   [PromptAlign] L = L_ent + beta sum_l (0.5 mean|mu_l - mu^_l| + 0.5 mean|var_l - var^_l|) over
-                the block inputs' tokens, l = 0, 1, beta = 100/3 (the authors' code)
-  [PromptSync]  L_D = sum_k p^_k (-log(L_pos(k) / L_neg(k))), the views vs prototype k over the
-                rest; L_A = sum_c p^_c (log(1 + mse(h, h_c)) + log(2 - cos(h, h_c))); g_D = grad
-                L_D at P, P' = P - lr g_D / |g_D|, g_A = grad(L_ent + L_A) at P'; one AdamW step
-                from P with (g_D + g_A) / 2
+                the block inputs' tokens, l = 0, 1, beta = 100/3 (the authors' code); the paper's
+                (1/L) sum_l over all L layers: --align-layers all --align-weight 2 beta / L
+  [PromptSync]  s = cosine; v_i (i in F): the kept views' image features; class c's prototypes:
+                h^v_CLS,c, h^v_c its source images' mean image feature and mean token output, h^t_c
+                its EOT text feature at the loaded prompts (t_c(P): at the prompts P); u_{c,s}: its
+                S stored source-view features; g(k): the classes sharing k's prototypes; p^ = mean
+                over F of the p_i (detached, recomputed at P')
+    L_pos(k) = mean_i e^{s(v_i, h_k)/tau}
+    L_neg(k) = sum_{j not in g(k)} [e^{s(h_k, h_j)/tau} + mean_i e^{s(v_i, h_j)/tau}
+               + mean_s e^{s(h_k, u_{j,s})/tau}]
+    L_D = sum_k p^_k (-log(L_pos(k) / L_neg(k))), summed for h = h^v_CLS and h = t(P)
+    L_A = sum_{f in CLS, tok, txt} sum_c p^_c (log(1 + mse(x_f, h^f_c)) + log(2 - cos(x_f, h^f_c))),
+          x_CLS, x_tok the mean over F of the views' features, x_txt,c = t_c(P)
+    g_D = grad L_D(P);  P' = P - lr sign(g_D);  g_A = grad(L_ent + L_A)(P');
+    one AdamW step (at lr) from P with (g_D + g_A) / 2
 Learned, per test image and reset after it: TPT: ctx (4, d) from "a photo of a"; MaPLe: ctx (2, d),
 deep text prompts (J-1, 2, d), the couplings F_0..F_{J-1} (d -> vision width). Frozen: all of CLIP.
 
@@ -177,12 +189,25 @@ class MultimodalPrompts(nn.Module):
         return [self.proj(self.ctx)] + deep if self.depth else []  # [MaPLe] F_j(P_j): (M, width)
 
 
+def encode_text(encoder, prompts, tokenized, deep=()):
+    """[MaPLe] the plain text tower (a TextEncoder) on prompts (C, L, d), deep[j-1] (M, d) written
+    over positions 1..M before block j; text_features: the same numbers faster (speed-ups)."""
+    x = prompts.type(encoder.dtype) + encoder.positional_embedding.type(encoder.dtype)
+    x = x.permute(1, 0, 2)  # NLD -> LND: (L, C, d)
+    for j, block in enumerate(encoder.transformer.resblocks):
+        if 1 <= j <= len(deep):  # [MaPLe] replace the previous block's outputs at the prompts
+            p = deep[j - 1].type(x.dtype)[:, None].expand(-1, x.shape[1], -1)  # (M, C, d)
+            x = torch.cat([x[:1], p, x[1 + p.shape[0] :]])  # (L, C, d)
+        x = block(x)  # CLIP's block, its causal mask
+    x = x.permute(1, 0, 2)[torch.arange(x.shape[1]), tokenized.argmax(dim=-1)]  # EOT rows: (C, d)
+    return encoder.ln_final(x).type(encoder.dtype) @ encoder.text_projection  # (C, D)
+
+
 def encode_image(visual, images, prompts=(), tokens=None, last=None):
     """CLIP's ViT with MaPLe's vision prompts: prompts[0] (M, width) appended after the patches
-    (layer-normed with them by ln_pre), the last M tokens replaced by prompts[j] before block j.
-    Not vpt.py's forward: VPT's prompts are parameters of their own placed after the class token,
-    MaPLe's are projections of the text prompts. tokens, last: lists that receive every block's
-    input (for PromptAlign) and the last block's output (for PromptSync), (T, B, width)."""
+    (layer-normed with them by ln_pre), the last M tokens replaced by prompts[j] before block j
+    (vpt.py's VPT: own tensors after the class token). tokens, last: lists that receive every
+    block's input (PromptAlign) and the last block's output (PromptSync), (T, B, width)."""
     x = visual.conv1(images.type(visual.conv1.weight.dtype))  # (B, width, g, g)
     x = x.flatten(2).permute(0, 2, 1)  # (B, g*g, width)
     B, width = x.shape[0], x.shape[-1]
@@ -213,9 +238,8 @@ class MultimodalPromptedCLIP(nn.Module):
         self.text_encoder, self.clip = TextEncoder(clip_model), clip_model
 
     def text_features(self):
-        # = the text encoder on text_prompts(), MaPLe's deep prompts written over positions 1..M
-        # before the later blocks; [SOS][ctx] is every class's, so it runs once (the same numbers,
-        # see shared_prefix in the speed-ups below)
+        # = encode_text(self.text_encoder, text_prompts(), tokenized, deep_text), the plain loop;
+        # [SOS][ctx] is every class's, so it runs once: the same numbers, see the speed-ups
         pl = self.prompts
         prefix = torch.cat([pl.token_prefix[:1], pl.ctx[None]], dim=1)  # (1, 1 + M, d)
         deep = list(pl.deep_text)
@@ -237,16 +261,16 @@ class MultimodalPromptedCLIP(nn.Module):
 
 
 def select_confident(logits, rho):
-    """[TPT Eq. 4-6] the int(N rho) views (of N) of lowest entropy: those with H(p_i) <= t."""
+    """[TPT select] the int(N rho) views (of N) of lowest entropy: those with H(p_i) <= t."""
     logp = logits.float().log_softmax(dim=-1)  # (N, C)
     entropy = -(logp.exp() * logp).sum(dim=-1)  # (N,)
     return entropy.argsort()[: int(logits.shape[0] * rho)]
 
 
 def marginal_entropy(logits):
-    """[TPT Eq. 4-6] H(p~), p~ the mean of the views' softmax; log p~ in the logsumexp form."""
+    """[TPT L_ent] H(p~), p~ the mean of the views' softmax; log p~ in the logsumexp form."""
     logp = logits.float().log_softmax(dim=-1)  # (k, C)
-    log_mean = logp.logsumexp(dim=0) - math.log(logp.shape[0])  # log p~: (C,)
+    log_mean = logp.logsumexp(dim=0) - math.log(logp.shape[0])  # [TPT p~] log p~: (C,)
     log_mean = log_mean.clamp(min=torch.finfo(log_mean.dtype).min)  # no 0 * -inf
     return -(log_mean.exp() * log_mean).sum()
 
@@ -278,38 +302,34 @@ def token_statistics(model, loader, device, precision):
 
 
 # OPEN POINTS: what the PromptSync paper leaves open, decided here (the lines that do it say so)
-#  1 prototypes: h^v_CLS = the image feature; h^v = the mean of the last block's patch and prompt
-#    outputs through ln_post and proj; h^t: 10; L_D uses h^v_CLS and h^t, L_A all three
+#  1 prototypes: h^v, the mean of the last block's patch and prompt outputs via ln_post, proj
 #  2, 13 text: the class prompt only, one per class (no WordNet variants)
 #  3 offline prompts: the source stage's MaPLe prompts (as PromptAlign's statistics), not refreshed
 #  4 proxy sampling: the source shots (16 per class), 4 views each (the original + 3 crops)
-#  5 L_D's views at test time: the image's kept views (current prompts) are every class k's, with
-#    weight p^_k; the other classes' views: 8 stored source-view features per class. The paper's
-#    latency (hours per update) suggests the alternative, proxy views re-encoded with the current
-#    prompts at every step; stored ones keep an image's cost at its own views
-#  6 L_D: cosine / tau, tau = CLIP's 1/100; L_pos a plain mean over the views; L_neg without the
-#    positive; the text and vision parts summed
-#  7 L_A: amplitude = mean squared error, angular = 1 - cos, each through log(1 + d), weights 1:1
+#  5 L_D's views: the image's kept views (current prompts) are every class k's, weight p^_k; the
+#    other classes': 8 stored source-view features each, not re-encoded at every step (the paper's
+#    hours per update suggest that), so an image costs its own views only
+#  6 L_D: cosine / tau (CLIP's); L_pos a plain mean; L_neg without the positive; parts summed
+#  7 L_A: amplitude = mean squared error, angular = 1 - cos, each through log(1 + d), weights 1:1;
+#    the image side: the mean of the kept views' features (not the original image, not per view)
 #  8 p^: TPT's selection (the 10 % lowest-entropy views) at every point, detached, all classes
-#  9 a class without a source prototype takes those of the source class of nearest text prototype
+#  9 a class without a source prototype takes those of the source class of nearest EOT feature
 #    (classes that share one are not each other's negatives in L_D)
-# 10 h^t: the paper averages the token outputs "excluding SOS, EOS and CLS", but the text tower
-#    is causal: the outputs at the context tokens before the class name are every class's, so read
-#    literally all classes share one text prototype. Of the mean over the class-name and later
-#    tokens (class-dependent, but never compared with images by CLIP) and the EOT feature (CLIP's
-#    own class feature), we take EOT
-# 11 L_neg's text-text terms (prototype vs prototype) share one sum with image-text ones at 1/tau =
-#    100; with CLIP's modality gap they dominate (the toy world's ViT: 92 % of the text part's
-#    L_neg, 3.7 logits ahead on average; 61 % of the vision part's): the text part's L_neg is
-#    nearly image-independent and mostly spreads the class text features. We keep the paper's sum
+# 10 h^t: the paper averages the token outputs "excluding SOS, EOS and CLS", but in the causal
+#    text tower the context tokens' outputs are every class's (one prototype for all). Of the mean
+#    over the class-name tokens and the EOT feature (CLIP's own class feature), we take EOT
+# 11 L_neg's text-text terms share one sum with image-text ones at 1/tau = 100; with CLIP's
+#    modality gap they dominate (toy ViT: 92 % of the text part's L_neg, 61 % of the vision part's),
+#    so the text part mostly spreads the class text features. We keep the paper's sum
 # 12 views: 64 (as TPT, PromptAlign): crop and flip, colour jitter, grayscale, blur, random erasing
 #    with noise for the background substitution (--corrupt)
 # 14 prompts: MaPLe's (vision = projections of text), ViT only; the prediction as TPT's
 # 15 PromptSync* (the paper's faster variant): not built (what it removes is not described)
 # 16 entropy: TPT's marginal entropy in the meta-test objective, weight 1 (--sync-weights)
-# 17 meta-update: the inner step is Adam's first step (lr g / (|g| + eps)) at the outer lr; first
-#    order (g_A at the moved prompts, not through them); weights 1/2, 1/2; AdamW with PromptAlign's
-#    lr and wd 0.01, reset per image; n = --steps = 1; the moved prompts carry over the iterations
+# 17 meta-update: inner step lr sign(g_D) at the outer lr; first order (g_A at P', not through it);
+#    weights 1/2; AdamW at PromptAlign's lr, wd 0.01, reset per image; n = --steps = 1; P' goes on
+# 18 L_A's text pair, t(P) vs h^t = t at the loaded prompts, is a "stay near the start" term: 0
+#    with zero gradient at the loaded prompts, it acts at P' only (L_D's text part uses t(P))
 def class_prototypes(features, labels, n_classes):
     """[PromptSync] each class's mean feature: (N, D), (N,) -> (n_classes, D)."""
     counts = torch.bincount(labels, minlength=n_classes)  # (n_classes,)
@@ -372,49 +392,55 @@ def source_prototypes(model, items, classnames, views, seed, device, precision, 
     S = min(n_views, int(torch.bincount(labels, minlength=C).min()))
     # a class's S stored views come from as many of its images as S allows: every image's first
     # crop, then every image's second crop, ..., the originals (view 0) last
-    key = [(v == 0, v) for v in view]
-    spread = torch.tensor(sorted(range(len(view)), key=key.__getitem__), device=device)
+    spread = sorted(range(len(view)), key=lambda i: (view[i] == 0, view[i]))
+    spread = torch.tensor(spread, device=device)
     cls_s, labels_s = cls[spread], labels[spread]
     stored = torch.stack([F.normalize(cls_s[labels_s == c][:S], dim=-1) for c in range(C)])
     model.prompts.set_classnames(model.clip, classnames)
     return dict(proto_classnames=list(classnames), proto_cls=class_prototypes(cls, labels, C).cpu(),
                 proto_tokens=class_prototypes(tokens, labels, C).cpu(),
-                proto_text=model.text_features().float().cpu(),  # h^t: EOT features (2, 10)
+                proto_text=model.text_features().float().cpu(),  # EOT (open points 2, 10)
                 proto_views=stored.cpu())  # fmt: skip
 
 
 def match_prototypes(model, ckpt, classnames, device):
     """The source prototypes of a test set's classes, by name, else (open point 9) those of the
-    source class whose text prototype is nearest to the class's text feature with the loaded
-    prompts (what CLIP would confuse it with); the text prototypes are those text features."""
+    source class of nearest EOT feature (proto_text; what CLIP would confuse it with); and L_A's
+    h^t: the classes' EOT features at the loaded prompts, text_at_load."""
     with torch.no_grad():
-        text = model.text_features()  # (C, D) the loaded prompts
+        text = model.text_features()  # (C, D) at the loaded prompts
     names, source = list(ckpt["proto_classnames"]), ckpt["proto_text"].to(device)
     nearest = (text @ source.t()).argmax(dim=-1).tolist()
     index = [names.index(c) if c in names else nearest[i] for i, c in enumerate(classnames)]
     index = torch.tensor(index, device=device)
     protos = {k: ckpt["proto_" + k].to(device)[index] for k in ("cls", "tokens", "views")}
-    return dict(protos, text=text, groups=index)
+    return dict(protos, text_at_load=text, groups=index)
 
 
-def sync_terms(model, views, sync, rho=0.1, precision="fp32"):
+def sync_terms(model, views, sync, rho=0.1, precision="fp32", part="all"):
     """[PromptSync] at the prompts' current values, for views (N, 3, H, W): the confident views F
-    and p^ (detached), then F in the graph -> (L_ent, L_A, L_D, the views' logits). One text pass
-    serves both: the selection takes its features detached."""
+    and p^ (detached), then F in the graph -> (L_ent, L_A, L_D, the views' logits); part "D" or
+    "test": only L_D, or only L_ent and L_A (the others None). One text pass serves the selection
+    (its features detached) and the losses."""
     with autocast(views.device, precision):
         text = model.text_features()  # (C, D)
     with torch.no_grad(), autocast(views.device, precision):
         logits = model.logits(model.image_features(views), text.detach())  # (N, C)
     kept = select_confident(logits, rho)  # open point 8
     p_hat = logits[kept].float().softmax(dim=-1).mean(dim=0)  # [PromptSync] p^ over F: (C,)
+    entropy = align = discrimination = None
     with autocast(views.device, precision):
         cls, tokens = vision_vectors(model, views[kept])  # (k, D) each
-        entropy = marginal_entropy(model.logits(F.normalize(cls, dim=-1), text))  # [TPT Eq. 4-6]
-    pairs = [(cls.mean(dim=0), sync["cls"]), (tokens.mean(dim=0), sync["tokens"])]
-    align = sum(prototype_alignment(x, p, p_hat) for x, p in pairs + [(text, sync["text"])])
-    tau, groups, stored = 1 / model.clip.logit_scale.exp().item(), sync["groups"], sync["views"]
-    text_part = discrimination_loss(cls, text, stored, p_hat, tau, groups)  # [PromptSync L_D]
-    discrimination = text_part + discrimination_loss(cls, sync["cls"], stored, p_hat, tau, groups)
+        if part != "D":  # [TPT L_ent] on F
+            entropy = marginal_entropy(model.logits(F.normalize(cls, dim=-1), text))
+    if part != "D":  # [PromptSync L_A] x_CLS, x_tok: the means over F (open point 7)
+        pairs = [(cls.mean(dim=0), sync["cls"]), (tokens.mean(dim=0), sync["tokens"])]
+        pairs += [(text, sync["text_at_load"])]  # x_txt = t(P) vs h^t (open point 18)
+        align = sum(prototype_alignment(x, p, p_hat) for x, p in pairs)
+    if part != "test":  # [PromptSync L_D] its text part (h = t(P)) + its vision part (h^v_CLS)
+        tau, groups, stored = 1 / model.clip.logit_scale.exp().item(), sync["groups"], sync["views"]
+        part_D = lambda h: discrimination_loss(cls, h, stored, p_hat, tau, groups)
+        discrimination = part_D(text) + part_D(sync["cls"])
     return entropy, align, discrimination, logits
 
 
@@ -428,24 +454,23 @@ def gradients(loss, params, scale=1.0):
 
 
 def meta_train_step(params, grads, lr, eps=1e-8):
-    """[PromptSync meta-train] the temporary prompts (new tensors). Open point 17: Adam's first
-    step lr g / (|g| + eps), scale-free like the outer AdamW's first step."""
+    """[PromptSync] P' = P - lr sign(g_D), new tensors; written g / (|g| + eps), Adam's first step
+    (open point 17): elementwise, so the loss's scale never matters, only its gradient's sign."""
     return [p.detach() - lr * g / (g.abs() + eps) for p, g in zip(params, grads)]
 
 
-def meta_update(params, optimizer, losses, lr, steps=1, scale=1.0):
-    """[PromptSync] n iterations of meta-train (g_D at the current prompts, a step to temporary
-    prompts) and meta-test (g_A there); sum (g_D + g_A) / 2 over them, apply it once to the params
-    as they were. losses: -> (meta-train loss, meta-test loss) at the params' current values.
-    -> False, and no step, when a gradient is not finite (an fp16 overflow), as a scaler does."""
+def meta_update(params, optimizer, loss_D, loss_test, lr, steps=1, scale=1.0):
+    """[PromptSync] the header's four lines `steps` times, summing (g_D + g_A) / 2, then one step
+    from the params as they were. loss_D, loss_test: -> the loss at the params' current values
+    (None: weight 0). -> False, and no step, if a gradient is not finite (an fp16 overflow)."""
     start, total = [p.detach().clone() for p in params], [torch.zeros_like(p) for p in params]
     for _ in range(steps):
-        g_train = gradients(losses()[0], params, scale)  # meta-train at the current prompts
-        with torch.no_grad():  # open point 17: the moved prompts carry over to the next iteration
-            for p, t in zip(params, meta_train_step(params, g_train, lr)):
-                p.copy_(t)
-        g_test = gradients(losses()[1], params, scale)  # meta-test at the moved prompts
-        total = [s + (a + b) / 2 for s, a, b in zip(total, g_train, g_test)]
+        g_D = gradients(loss_D(), params, scale)  # g_D = grad L_D(P)
+        with torch.no_grad():  # P' = P - lr sign(g_D); P' starts the next iteration (open point 17)
+            for p, moved in zip(params, meta_train_step(params, g_D, lr)):
+                p.copy_(moved)
+        g_A = gradients(loss_test(), params, scale)  # g_A = grad(L_ent + L_A)(P')
+        total = [s + (a + b) / 2 for s, a, b in zip(total, g_D, g_A)]
     with torch.no_grad():
         for p, s in zip(params, start):
             p.copy_(s)
@@ -453,7 +478,7 @@ def meta_update(params, optimizer, losses, lr, steps=1, scale=1.0):
         return False
     for p, g in zip(params, total):
         p.grad = g
-    optimizer.step()  # [PromptSync] one update with the accumulated gradients
+    optimizer.step()  # one fresh AdamW step ~ lr sign(g): the weights only set the direction
     return True
 
 
@@ -515,8 +540,8 @@ class Views:
 
 class ViewDataset(torch.utils.data.Dataset):
     """(index, path, label) items -> (views, label, index). Image i's views depend on (seed, i)
-    only: shards, workers and restarts see the same. The global seed, not adapter.py's
-    torch.random.fork_rng: AugMix draws from numpy's generator too."""
+    only: shards, workers and restarts see the same. It reseeds the global generators (random,
+    numpy, torch: AugMix draws from numpy's), so iterated in the main process it moves them."""
 
     def __init__(self, items, views, seed):
         self.items, self.views, self.seed = items, views, seed
@@ -532,15 +557,15 @@ class ViewDataset(torch.utils.data.Dataset):
 
 # One step, and the per-image procedures (select, step, predict), after a reset of the prompts
 def train_step(model, optimizer, scaler, views, precision="fp32", features=None, align=None):
-    """One TPT or PromptAlign update on the confident views (k, 3, H, W) or, with text-only
-    prompts, their frozen features (k, D). align: PromptAlign's (layers, source means, source
-    variances, weight), (T, W) each. -> the loss."""
+    """One TPT or PromptAlign step on one test image's confident views (k, 3, H, W) or, with
+    text-only prompts, their frozen features (k, D). align: PromptAlign's (layers, source means,
+    source variances, weight), (T, W) each. -> the loss."""
     tokens = [] if align else None
     with autocast(views.device, precision):
         if features is None:  # the vision prompts are learned: the vision tower is in the graph
             features = model.image_features(views, tokens)
         logits = model.logits(features)  # (k, C)
-    loss = marginal_entropy(logits)  # [TPT Eq. 4-6]
+    loss = marginal_entropy(logits)  # [TPT L_ent]
     if align:  # [PromptAlign] the k views' token statistics, per position and channel: (T, W)
         layers, source_means, source_variances, weight = align
         x = [tokens[l].float() for l in layers]  # (T, k, W) each
@@ -573,13 +598,13 @@ def adapt(model, views, optimizer, scaler, steps=1, rho=0.1, precision="fp32", a
         features = model.image_features(views)  # (N, D), every view in one batch
         logits = model.logits(features)  # (N, C)
     before, skipped = int(logits[0].argmax()), 0
-    selected = select_confident(logits, rho)  # [TPT Eq. 4-6] chosen once, before the first step
+    if steps == 0:
+        return before, before, 0
+    selected = select_confident(logits, rho)  # [TPT select] once, before the first step
     for _ in range(steps):  # the loss needs only the kept views: only they are recomputed
         kept, scale = features[selected] if frozen else None, scaler.get_scale()
         train_step(model, optimizer, scaler, views[selected], precision, kept, align)
         skipped += scaler.get_scale() < scale  # the scaler backs off after a skipped step
-    if steps == 0:
-        return before, before, 0
     with torch.no_grad(), autocast(views.device, precision):  # the original view, tuned prompts
         original = features[:1] if frozen else model.image_features(views[:1])
         return before, int(model.logits(original)[0].argmax()), skipped
@@ -587,24 +612,20 @@ def adapt(model, views, optimizer, scaler, steps=1, rho=0.1, precision="fp32", a
 
 def adapt_sync(model, views, optimizer, sync, steps=1, rho=0.1, precision="fp32", scaler=None):
     """PromptSync's procedure for one image, as adapt; scaler's scale multiplies the losses."""
+    with torch.no_grad(), autocast(views.device, precision):  # the original view, loaded prompts
+        before = int(model(views[:1])[0].argmax())
     w_ent, w_align, w_disc = sync["weights"]  # PromptSync's Table 5 ablation: a loss off = 0
     if not steps or not any(sync["weights"]):  # nothing to optimise: no step (no AdamW decay)
-        with torch.no_grad(), autocast(views.device, precision):
-            before = int(model(views)[0].argmax())
         return before, before, 0
-    params, start = [p for p in model.prompts.parameters() if p.requires_grad], {}
-
-    def losses():  # at the prompts' current values -> (meta-train's, meta-test's), None: weight 0
-        entropy, align, discrimination, logits = sync_terms(model, views, sync, rho, precision)
-        start.setdefault("before", int(logits[0].argmax()))  # the first point: the loaded prompts
-        train = w_disc * discrimination if w_disc else None  # meta-train: L_D
-        test = w_ent * entropy + w_align * align if w_ent or w_align else None  # meta-test (16)
-        return train, test
-
+    terms = lambda part: sync_terms(model, views, sync, rho, precision, part)  # at the current P
+    loss_D = lambda: w_disc * terms("D")[2] if w_disc else None  # meta-train; None: weight 0
+    test = lambda e, a, *_: w_ent * e + w_align * a  # meta-test, with the entropy (open point 16)
+    loss_test = lambda: test(*terms("test")) if w_ent or w_align else None
+    params = [p for p in model.prompts.parameters() if p.requires_grad]
     lr, scale = optimizer.param_groups[0]["lr"], scaler.get_scale() if scaler else 1.0
-    stepped = meta_update(params, optimizer, losses, lr, steps, scale)
+    stepped = meta_update(params, optimizer, loss_D, loss_test, lr, steps, scale)
     with torch.no_grad(), autocast(views.device, precision):  # the original view, tuned prompts
-        return start["before"], int(model(views[:1])[0].argmax()), int(not stepped)
+        return before, int(model(views[:1])[0].argmax()), int(not stepped)
 
 
 # main: the source stage (MaPLe's prompts, what PromptAlign and PromptSync align to), test stage
@@ -658,7 +679,7 @@ def test_stage(args, model, ckpt, test_sets, run_dir, device):
     optimizer = torch.optim.AdamW(learned, args.lr, weight_decay=args.weight_decay)
     initial = copy.deepcopy((model.prompts.state_dict(), optimizer.state_dict()))
     align = alignment_targets(args, ckpt, model) if args.loss == "align" else None
-    run = (0 if args.eval_only else args.steps, args.rho, args.precision)  # steps, rho, precision
+    run = dict(steps=0 if args.eval_only else args.steps, rho=args.rho, precision=args.precision)
     fp16 = args.precision != "fp32" and device.type == "cuda"
     n_px, n_views = model.clip.visual.input_resolution, 1 if args.eval_only else args.views
     views = Views(n_px, n_views, args.augmix, args.crop_scale, args.corrupt)
@@ -669,8 +690,9 @@ def test_stage(args, model, ckpt, test_sets, run_dir, device):
     for name, (items, classnames) in test_sets.items():
         model.prompts.set_classnames(model.clip, classnames)
         model.prompts.load_state_dict(initial[0])
-        sync = args.loss == "sync" and match_prototypes(model, ckpt, classnames, device)
-        sync = sync and dict(sync, weights=[float(w) for w in args.sync_weights.split(",")])
+        sync, weights = None, [float(w) for w in args.sync_weights.split(",")]
+        if args.loss == "sync":
+            sync = dict(match_prototypes(model, ckpt, classnames, device), weights=weights)
         todo = [(i, *item) for i, item in enumerate(items) if i % N == K and (name, i) not in done]
         dataset = ViewDataset(todo, views, args.seed)  # one image's views per item, from workers
         loader = torch.utils.data.DataLoader(dataset, None, num_workers=args.workers)
@@ -681,12 +703,12 @@ def test_stage(args, model, ckpt, test_sets, run_dir, device):
                 model.prompts.load_state_dict(initial[0])  # [TPT] episodic: reset the prompts
                 optimizer.load_state_dict(initial[1])  # ... and AdamW's state
                 # TPT's loss scaler, new per image: an fp16 overflow skips the image's step
-                scaler = torch.amp.GradScaler(device.type, init_scale=1000, enabled=fp16)
+                run["scaler"] = torch.amp.GradScaler(device.type, init_scale=1000, enabled=fp16)
                 x = images.to(device)
                 if sync:
-                    before, after, skip = adapt_sync(model, x, optimizer, sync, *run, scaler)
+                    before, after, skip = adapt_sync(model, x, optimizer, sync, **run)
                 else:
-                    before, after, skip = adapt(model, x, optimizer, scaler, *run, align)
+                    before, after, skip = adapt(model, x, optimizer, align=align, **run)
                 r = dict(set=name, index=i, label=label, before=before, after=after, n=len(items))
                 f.write(json.dumps(dict(r, skipped=skip)) + "\n")
                 f.flush()  # a killed run keeps every image it finished (--resume)
@@ -829,12 +851,11 @@ def parse_args(argv=None):
     add("--crop-scale", type=float, default=0.08, help="smallest crop area (toy source: 1)")
     add("--views", type=int, default=64, help="views per test image, the original included")
     add("--rho", type=float, default=0.1, help="confidence selection: the share of views kept")
-    add("--steps", type=int, default=1, help="test-time steps per image")
+    add("--steps", type=int, default=1, help="per image: TPT, align: n AdamW steps; sync: n "
+        "inner meta iterations, then one AdamW step")  # fmt: skip
     add("--augmix", type=int, choices=[0, 1], help="AugMix on the views")
     add("--corrupt", type=int, choices=[0, 1], help="corrupted views (PromptSync's)")
-    add(
-        "--align-layers", default="0,1", help="PromptAlign's aligned blocks (code: 0,1; paper: all)"
-    )
+    add("--align-layers", default="0,1", help="PromptAlign's blocks (code: 0,1; paper: all)")
     add("--align-weight", type=float, default=100 / 3, help="PromptAlign's beta (code: 100/3)")
     add("--sync-weights", default="1,1,1", help="PromptSync: the weights E,A,D of L_ent, L_A, "
         "L_D (0: off, as in PromptSync's Table 5, its ablation of the three losses)")  # fmt: skip

@@ -733,9 +733,9 @@ def ceilings(root, tower):
             f[split] = views[0]  # (N, D): one view, the test transform
             y[split] = adapter.label_tensor(data[split], device)
         n_cls = len(data["classnames"])
-        fit = lambda C: adapter.fit_linear_probe(f["train"], y["train"], n_cls, C)
+        fit = lambda C_reg: adapter.fit_linear_probe(f["train"], y["train"], n_cls, C_reg)
         score = lambda probe, s: adapter.accuracy(f[s] @ probe[0].t() + probe[1], y[s])
-        _, probe, _ = adapter.search_C(fit, lambda probe: score(probe, "val"))
+        _, probe, _ = adapter.search_C_reg(fit, lambda probe: score(probe, "val"))
         out[column] = round(score(probe, "test"), 2)
     return out
 

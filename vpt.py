@@ -9,25 +9,26 @@ The idea. CoOp learns words on CLIP's text side; these methods learn on the imag
 p learned tokens to the sequence of CLIP's frozen vision transformer: shallow, one set at the
 input that every layer carries along; deep, a fresh set before every block that *replaces* the
 previous block's outputs there (the length stays 1 + p + N). Bahng et al. learn one border in
-pixel space (30 px wide at 224 px) added to every normalised image: only the input changes, so
-any backbone works. Scores: CLIP's frozen text classifier, or (--head linear) VPT's linear head.
+pixel space (30 px at 224 px) added to every normalised image, so any backbone works.
 
-Equations (E_i the patch tokens after block i, x_i the class token [CLS], P_i block i's prompts,
-L_i block i, W the frozen text classifier, 1/tau CLIP's logit scale, about 100)
-  [VPT-shallow]  [x_i, Z_i, E_i] = L_i([x_i-1, Z_i-1, E_i-1]),  Z_0 = P (carried through)
-  [VPT-deep]     [x_i, _, E_i]   = L_i([x_i-1, P_i-1, E_i-1])   (the prompt outputs are dropped)
-  [VPT head]     f(x) = ln_post(x_L) @ proj;  logits = cos(f(x), W) / tau,  or  head(f(x))
+Equations (blocks L_1..L_n, 1-indexed here, 0-indexed in the code; x_i, Z_i, E_i: the class token
+[CLS], the prompt outputs and the patch tokens L_i outputs; P_{i-1}: the prompts L_i reads =
+self.prompts[i-1]; W the frozen text classifier, 1/tau CLIP's logit scale, about 100)
+  [VPT-shallow]  [x_i, Z_i, E_i] = L_i([x_{i-1}, Z_{i-1}, E_{i-1}]),  Z_0 = P_0 (carried through)
+  [VPT-deep]     [x_i, _, E_i] = L_i([x_{i-1}, P_{i-1}, E_{i-1}])  (the prompt outputs are dropped)
+  [CLIP head]    logits = cos(f(x), W) / tau,  f(x) = ln_post(x_n) @ proj, CLIP's image feature
+  [VPT linear head]  logits = head(f(x)), head a learned Linear(D, n_classes) (--head linear)
   [Pad]          x' = x + border (zero inside the centre), x the normalised image
 Learned: prompts (n_layers if deep else 1, p, width) or the border's four tensors (69,840 numbers
 at 224 px); the linear head. Frozen: all of CLIP; unlike coop.py its image encoder is in the graph.
 
 The papers' settings (PRESETS below; --help prints them). VPT with CLIP's text head: MaPLe's
 "Deep Vision Prompting" baseline (MaPLe: Khattak et al., arXiv 2210.03117, code
-muzairkhattak/multimodal-prompt-learning), the only published recipe for it (base 80.24, new
-73.43, H 76.68 on ViT-B/16): 8 prompts at all 12 layers, SGD lr 0.0025, batch 4, 5 epochs, a
-warm-up epoch at 1e-5 then cosine (the schedule of Dassl, the library under CoOp's and MaPLe's
-code). Its prompts sit after the patches (--placement maple); ours by default where VPT puts
-them. --head linear: VPT's recipe for a random head. Pad: Bahng et al.'s, ViT-B/32, SGD lr 40,
+muzairkhattak/multimodal-prompt-learning), the only published recipe for it: 8 prompts at all 12
+layers, SGD lr 0.0025, batch 4, 5 epochs, a warm-up epoch at 1e-5 then cosine (the schedule of
+Dassl, the library under CoOp's and MaPLe's code), its prompts after the patches.
+Its numbers (base 80.24, new 73.43, H 76.68 on ViT-B/16) need --placement maple (default: vpt).
+--head linear: VPT's recipe for a random head. Pad: Bahng et al.'s, ViT-B/32, SGD lr 40,
 batch 256, 1000 epochs, 1000 warm-up steps; training images through CLIP's preprocess.
 
 Run
@@ -92,9 +93,7 @@ class PromptedViT(nn.Module):
         [CLS, patch_1..patch_N, P_1..P_p] before ln_pre, init N(0, 0.02^2) as MaPLe's code.
     No position embedding for either. forward(images) is a feature like visual(images), (B, D)."""
 
-    # Not promptsync.py's forward: MaPLe's vision prompts (clip/model.py VisionTransformer_MaPLe)
-    # go after the patches, through ln_pre, are projections of its text prompts, stop at depth J;
-    # VPT's (KMnP/vpt src/models/vit_prompt/vit.py) go after [CLS], before the patches, own tensors
+    # Not promptsync.py's forward: MaPLe's own vision prompts there are projections of text prompts
     def __init__(self, visual, n_prompts, deep, dropout=0.0, placement="vpt"):
         super().__init__()
         if not hasattr(visual, "transformer"):
@@ -120,15 +119,15 @@ class PromptedViT(nn.Module):
         x = v.conv1(images.type(v.conv1.weight.dtype))  # (B, width, grid, grid)
         x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)  # (B, N, width), N = grid^2
         B, width = x.shape[0], x.shape[-1]
-        cls = torch.zeros(B, 1, width, dtype=x.dtype, device=x.device)
-        x = torch.cat([v.class_embedding.to(x.dtype) + cls, x], dim=1)  # (B, 1+N, width)
+        zeros = torch.zeros(B, 1, width, dtype=x.dtype, device=x.device)
+        x = torch.cat([v.class_embedding.to(x.dtype) + zeros, x], dim=1)  # (B, 1+N, width)
         x = x + v.positional_embedding.to(x.dtype)  # the prompts never get a position embedding
         if self.placement == "vpt":
             # After ln_pre: KMnP puts the prompts into what the first block reads (in CLIP, ln_pre's
             # output), as every deep set; ln_pre would re-normalise them and undo their init scale
             x = v.ln_pre(x)
             x = torch.cat([x[:, :1], self.prompt(0, B, x.dtype), x[:, 1:]], dim=1)  # [VPT-shallow]
-            rows = slice(1, 1 + p)  # the prompts' positions in [CLS, P, patches]: (B, 1+p+N, w)
+            rows = slice(1, 1 + p)  # the prompts' positions in [CLS, P, patches] (LND's L)
         else:  # [MaPLe] appended after the patches, layer-normed with them
             x = v.ln_pre(torch.cat([x, self.prompt(0, B, x.dtype)], dim=1))  # (B, 1+N+p, width)
             rows = slice(x.shape[1] - p, x.shape[1])
@@ -138,7 +137,7 @@ class PromptedViT(nn.Module):
                 x[rows] = self.prompt(i, B, x.dtype).permute(1, 0, 2)  # at the prompts: (p, B, w)
             x = block(x)  # CLIP's own block: attention over all 1+p+N tokens, then the MLP
         x = x.permute(1, 0, 2)  # LND -> NLD
-        return v.ln_post(x[:, 0, :]) @ v.proj  # [VPT head] the class token as CLIP pools: (B, D)
+        return v.ln_post(x[:, 0, :]) @ v.proj  # f(x): the class token as CLIP pools: (B, D)
 
 
 class PadPrompter(nn.Module):
@@ -169,7 +168,7 @@ class PaddedEncoder(nn.Module):
 
     def __init__(self, visual, pad=None):  # Bahng et al.'s 30 px at 224, scaled (4 px at 32)
         super().__init__()
-        pad = pad or max(1, round(30 * visual.input_resolution / 224))
+        pad = max(1, round(30 * visual.input_resolution / 224)) if pad is None else pad
         self.prompter, self.visual = PadPrompter(visual.input_resolution, pad), visual
 
     def forward(self, images):
@@ -185,12 +184,12 @@ class TextHead(nn.Module):
         self.register_buffer("scale", logit_scale.detach().float().exp(), persistent=False)
 
     def forward(self, features):
-        return self.scale * F.normalize(features.float(), dim=-1) @ self.weights.t()  # [CLIP]
+        return self.scale * F.normalize(features.float(), dim=-1) @ self.weights.t()  # [CLIP head]
 
 
 def linear_head(dim, n_classes):
-    """The VPT paper's classifier, initialised as KMnP's, on CLIP's image feature (KMnP's reads the
-    class token after the last LayerNorm; CLIP's feature is that token times a projection)."""
+    """[VPT linear head] VPT's classifier on f(x), initialised as KMnP's; the bias is its
+    special_bias: every class starts at probability 0.01 (RetinaNet's focal-loss init)."""
     head = nn.Linear(dim, n_classes)
     nn.init.kaiming_normal_(head.weight, a=0, mode="fan_out")
     nn.init.constant_(head.bias, -math.log((1 - 0.01) / 0.01))  # about -4.595
@@ -213,13 +212,13 @@ class VisualPromptedCLIP(nn.Module):
         return self.head(self.encoder(images).float())  # (B, n_cls)
 
 
-def lr_at(recipe, epoch, i, n_batches, base_lr, epochs, warmup):
-    """The learning rate of batch i of `epoch` in each recipe's schedule."""
-    if recipe == "shallow/deep":  # MaPLe's (Dassl's): a warm-up epoch at 1e-5, then cosine
-        return lr_at_epoch(epoch, base_lr, epochs)
+def lr_at(name, epoch, i, n_batches, base_lr, epochs, warmup):
+    """The learning rate of batch i of `epoch` in the schedule of recipe `name`."""
+    if name == "shallow/deep":  # MaPLe's (Dassl's), warmup fixed: epoch 0 at 1e-5, then epoch e
+        return lr_at_epoch(epoch, base_lr, epochs)  # at base_lr (1 + cos(pi (e - 1) / epochs)) / 2
     # linear warm-up, then cosine to 0: Bahng et al.'s per step, from base_lr / warmup; KMnP's per
     # epoch, from 0 (its first epoch trains at lr 0: WarmupCosineSchedule, src/solver/)
-    pad = recipe == "pad"
+    pad = name == "pad"
     t, total = (epoch * n_batches + i, epochs * n_batches) if pad else (epoch, epochs)
     if t < warmup:
         return base_lr * (t + 1 if pad else t) / warmup
@@ -292,8 +291,8 @@ def evaluate(model, clip_model, test_sets, template, workers, device, precision)
     zero_shot, ours, n_px = {}, {}, clip_model.visual.input_resolution
     for name, (items, classnames) in test_sets.items():
         weights = zeroshot_classifier(clip_model, classnames, [template])  # (n_cls, D)
-        if isinstance(model.head, TextHead):  # the same frozen classifier, for these classes
-            model.head = TextHead(weights, clip_model.logit_scale).to(device)
+        if isinstance(model.head, TextHead):  # the same frozen classifier, for these classes (it
+            model.head = TextHead(weights, clip_model.logit_scale).to(device)  # stays on the model)
         logits, labels = ([], []), []
         for images, y in make_loader(items, test_transform(n_px), 100, workers, device):
             images = images.to(device)
@@ -302,8 +301,7 @@ def evaluate(model, clip_model, test_sets, template, workers, device, precision)
                 logits[0].append(f @ weights.t())
                 logits[1].append(model(images).float())
             labels.append(y.to(device))
-        labels = torch.cat(labels)
-        zero_shot[name], ours[name] = (accuracy(torch.cat(z), labels) for z in logits)
+        zero_shot[name], ours[name] = (accuracy(torch.cat(z), torch.cat(labels)) for z in logits)
     return zero_shot, ours
 
 
@@ -408,7 +406,8 @@ def parse_args(argv=None):
     add("--batch-size", type=int, help="images per step")
     add("--lr", type=float, help="SGD's base learning rate")
     add("--weight-decay", type=float, help="SGD's weight decay")
-    add("--warmup", type=int, help="warm-up steps (pad) or epochs (from 0; shallow/deep: at 1e-5)")
+    add("--warmup", type=int, help="pad: steps, a linear ramp from lr/warmup; linear head: epochs, "
+        "a ramp from 0; shallow/deep: one epoch at 1e-5 (fixed)")  # fmt: skip
     add("--crop-scale", type=float, default=0.08, help="prompt tokens: random crops' smallest area")
     add_run_args(add)
     args = parse(p, argv, PRESETS, recipe)

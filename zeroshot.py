@@ -9,19 +9,20 @@ write one text per class from a template ("a photo of a {}."), encode the texts,
 class whose text feature is most similar to the image feature. Prompt ensembling averages the
 text features of several templates per class, which is usually a few points better.
 
-Equations (f(x) the L2-normalised image feature, g(t) the normalised text feature, tau the
-temperature: CLIP's frozen logit_scale = ln(1/tau), so 1/tau is about 100)
-  [CLIP]      logits_c = f(x) . w_c / tau,   w_c = g(template(c))          (one template)
+Equations (f(x) the L2-normalised image feature, g(t) the normalised text feature, s = 1/tau =
+exp(logit_scale) CLIP's frozen logit scale, about 100, tau its temperature)
+  [CLIP]      logits_c = s f(x) . w_c,   w_c = g(template(c))              (one template)
   [Ensemble]  w_c = normalise( mean_k g(template_k(c)) )                   (K templates)
 
-Learned: nothing. Frozen: all of CLIP. Every other method file reports this baseline next to itself.
+Learned: nothing. Frozen: all of CLIP. Every other method file reports zero-shot CLIP, with its own
+template(s), next to itself.
 
 Templates. Each of the 11 few-shot datasets of the CoOp paper has one hand-written template
 (CUSTOM_TEMPLATES, e.g. "a photo of a {}, a type of pet."); --template OxfordPets picks it. The
-ensembles: the 7 ImageNet templates that the CLIP authors selected (--ensemble select, what CoOp's
-and Tip-Adapter's code use on ImageNet) or all 80 of OpenAI's ImageNet templates (--ensemble all).
-CoOp's ZeroshotCLIP2 adds the dataset's own template to the 7 on the other datasets
-(--add-template).
+ensembles: the 7 ImageNet templates that the CLIP authors selected (--ensemble select: CoOp's
+ZeroshotCLIP2 uses them on every dataset, Tip-Adapter's code on ImageNet) or all 80 of OpenAI's
+ImageNet templates (--ensemble all). On the 10 datasets other than ImageNet, ZeroshotCLIP2 also adds
+the dataset's own template to the 7: --ensemble select --add-template --template <dataset>.
 
 Run
   python zeroshot.py --backbone toy/clip_rn.pt --data toy/shapes
@@ -49,7 +50,8 @@ with warnings.catch_warnings():  # openai-clip 1.0.1 imports the deprecated pkg_
     warnings.simplefilter("ignore")
     import clip
 
-# The paper's setting (--help prints it): ResNet-50 and CLIP's default prompt
+# CoOp's setting (--help prints it): ResNet-50 and CLIP's default prompt. (CLIP's own headline
+# model is ViT-L/14@336px; CoOp and the methods after it report RN50 and ViT-B/16.)
 PRESETS = {"zeroshot": dict(backbone="RN50", template="a photo of a {}.")}
 
 
@@ -65,11 +67,23 @@ CUSTOM_TEMPLATES = {
     "ImageNet": "a photo of a {}.",
 }  # fmt: skip
 # [CoOp trainers/imagenet_templates.py IMAGENET_TEMPLATES_SELECT] 7 of OpenAI's 80 ImageNet
-# templates, the ensemble CoOp's and Tip-Adapter's code use on ImageNet
+# templates (--ensemble select): CoOp's ZeroshotCLIP2 averages them, Tip-Adapter's code on ImageNet
 TEMPLATES_SELECT = [
     "itap of a {}.", "a bad photo of the {}.", "a origami {}.", "a photo of the large {}.",
     "a {} in a video game.", "art of the {}.", "a photo of the small {}.",
 ]  # fmt: skip
+
+
+def resolve_template(template):
+    """--template: a dataset name gives that dataset's hand-written template; otherwise it must
+    contain {} for the class name (else every class would get the same text)."""
+    template = CUSTOM_TEMPLATES.get(template, template)
+    if "{}" not in template:
+        names = ", ".join(CUSTOM_TEMPLATES)
+        fail(f"--template {template!r} has no {{}} for the class name and is not one of {names}")
+    return template
+
+
 # --- end shared: templates ---
 
 # OpenAI's 80 ImageNet templates (CLIP's prompt-engineering notebook; CoOp's IMAGENET_TEMPLATES),
@@ -105,15 +119,7 @@ TEMPLATES_80 = [
 # ------------------------------------------------------------------------------------------------
 # The method: templates -> one weight vector per class
 # ------------------------------------------------------------------------------------------------
-def resolve_template(template):
-    """A dataset name gives that dataset's hand-crafted template; otherwise it must contain {}."""
-    template = CUSTOM_TEMPLATES.get(template, template)
-    if "{}" not in template:
-        names = ", ".join(CUSTOM_TEMPLATES)
-        fail(f"--template {template!r} has no {{}} for the class name and is not one of {names}")
-    return template
-
-
+# (resolve_template, which reads --template, sits in the templates block above: adapter.py has it)
 def ensemble_templates(ensemble, template, add_template):
     """The templates whose features are averaged: one, the 7 selected, or all 80 (+ --template)."""
     templates = {"none": [template], "select": TEMPLATES_SELECT, "all": TEMPLATES_80}[ensemble]
@@ -135,20 +141,21 @@ def main(args):
 
     # Frozen CLIP; one classifier per test set (its class names), images encoded once
     clip_model = load_clip(args.backbone, device, args.precision)
-    inv_tau, n_px = clip_model.logit_scale.exp(), clip_model.visual.input_resolution
+    s, n_px = clip_model.logit_scale.exp(), clip_model.visual.input_resolution  # s = 1/tau
     os.makedirs(run_dir, exist_ok=True)
     save(os.path.join(run_dir, "args.json"), vars(args))
     print(
         f"zero-shot CLIP: {len(templates)} template(s), e.g. {templates[0]!r}; nothing is learned"
     )
-    single, ensembled = {}, {}
+    single, ensembled = {}, {}  # metrics.json: zero_shot = --template alone, accuracy = the run's
     for name, (items, classnames) in test_sets.items():
         loader = make_loader(items, test_transform(n_px), args.batch_size, args.workers, device)
         features, labels = encode_images(clip_model.encode_image, loader, device, args.precision)
-        weights = zeroshot_classifier(clip_model, classnames, [template])  # (n_cls, D)
-        single[name] = accuracy(inv_tau * features @ weights.t(), labels)  # [CLIP]
-        weights = zeroshot_classifier(clip_model, classnames, templates)  # [Ensemble] (n_cls, D)
-        ensembled[name] = accuracy(inv_tau * features @ weights.t(), labels)
+        weights = zeroshot_classifier(clip_model, classnames, [template])  # [CLIP] w_c: (n_cls, D)
+        single[name] = accuracy(s * features @ weights.t(), labels)  # [CLIP] logits: (N, n_cls)
+        if templates != [template]:  # [Ensemble] w_c of the K templates: (n_cls, D)
+            weights = zeroshot_classifier(clip_model, classnames, templates)
+        ensembled[name] = accuracy(s * features @ weights.t(), labels)  # [CLIP] logits, w_c as set
         print(f"{name}: {len(items)} images, {len(classnames)} classes: {ensembled[name]:.2f}%")
     method = "zeroshot" if args.ensemble == "none" else f"zeroshot-ensemble-{args.ensemble}"
     extra = dict(epochs=0, precision=args.precision, templates=templates)
@@ -172,7 +179,7 @@ def parse_args(argv=None):
     add("--template", help=f"a template with {{}} for the class name, or a dataset name: {names}")
     ensemble = "average the text features of the 7 selected ImageNet templates, or of all 80"
     add("--ensemble", choices=["none", "select", "all"], default="none", help=ensemble)
-    coop2 = "also put --template in the ensemble (CoOp's ZeroshotCLIP2, on all but ImageNet)"
+    coop2 = "also average --template in (CoOp's ZeroshotCLIP2 does on the 10 non-ImageNet sets)"
     add("--add-template", action="store_true", help=coop2)
     add("--batch-size", type=int, default=100, help="test batch size (does not change results)")
     add_run_args(add, learned=False)

@@ -15,6 +15,7 @@ from conftest import ROOT, make_image_folder, tiny_clip
 from PIL import Image
 
 import adapter as ad
+import zeroshot
 
 NAMES = ["red", "green circle", "blue"]
 
@@ -114,16 +115,16 @@ def test_linear_probe_reaches_the_optimum_of_sklearns_objective():
         ad.fit_linear_probe(X, y, 3, -1.0)
 
 
-def test_C_search_follows_coops_coarse_list_then_log_bisection():
+def test_C_reg_search_follows_coops_coarse_list_then_log_bisection():
     fitted = []
 
-    def fit(C):
-        fitted.append(C)
-        return C
+    def fit(C_reg):
+        fitted.append(C_reg)
+        return C_reg
 
-    # validation accuracy peaks at C = 10**0.3; CoOp's steps (worked by hand) end at 10**0.296875
-    C, probe, acc = ad.search_C(fit, lambda C: -abs(math.log10(C) - 0.3))
-    assert math.isclose(C, 10**0.296875) and probe == C and math.isclose(acc, -0.003125)
+    # validation accuracy peaks at C_reg = 10**0.3; CoOp's steps (by hand) end at 10**0.296875
+    C_reg, probe, acc = ad.search_C_reg(fit, lambda C_reg: -abs(math.log10(C_reg) - 0.3))
+    assert math.isclose(C_reg, 10**0.296875) and probe == C_reg and math.isclose(acc, -0.003125)
     assert fitted[:7] == [1e6, 1e4, 1e2, 1.0, 1e-2, 1e-4, 1e-6]
     assert len(fitted) == len(set(fitted))  # every C is fitted once
 
@@ -191,8 +192,8 @@ def test_schedule_is_coops():
     ]
 
 
-# --- the feature cache ----------------------------------------------------------------------------
-def test_cached_features_equal_features_computed_in_the_loop(tiny_data):
+# --- the precomputed features -------------------------------------------------------------------
+def test_precomputed_features_equal_features_computed_in_the_loop(tiny_data):
     model = tiny_clip(seed=7)
     items = ad.load_dataset(tiny_data)["train"][:5]
     transform, cpu = ad.train_transform(32, 0.5), torch.device("cpu")
@@ -253,7 +254,7 @@ def test_the_choices_on_validation_never_read_test_features(
     method, tiny_ckpt, tiny_data, monkeypatch, tmp_path
 ):
     events, test_paths = [], {p for p, _ in ad.load_dataset(tiny_data)["test"]}
-    encode_views, search_ab, search_C = ad.encode_views, ad.search_alpha_beta, ad.search_C
+    encode_views, search_ab, search_C_reg = ad.encode_views, ad.search_alpha_beta, ad.search_C_reg
 
     def spy_encode(encode, items, *a, **k):
         events.append(
@@ -270,7 +271,7 @@ def test_the_choices_on_validation_never_read_test_features(
 
     monkeypatch.setattr(ad, "encode_views", spy_encode)
     monkeypatch.setattr(ad, "search_alpha_beta", spy_search(search_ab, "search"))
-    monkeypatch.setattr(ad, "search_C", spy_search(search_C, "search"))
+    monkeypatch.setattr(ad, "search_C_reg", spy_search(search_C_reg, "search"))
     argv = ["--method", method, "--backbone", tiny_ckpt, "--data", tiny_data, "--shots", "2"]
     argv += ["--epochs", "2", "--search-step", "5", "4"]
     m = run(argv + ["--out", str(tmp_path)])
@@ -281,7 +282,7 @@ def test_the_choices_on_validation_never_read_test_features(
         events[1] == ("encode", 8) and ("search", 8 if method != "linear-probe" else None) in events
     )
     assert all(e == ("encode test", 12) for e in events[kinds.index("encode test") :])
-    assert set(m["chosen"]) >= ({"C"} if method == "linear-probe" else {"alpha", "beta"})
+    assert set(m["chosen"]) >= ({"C_reg"} if method == "linear-probe" else {"alpha", "beta"})
 
 
 # --- each method's defaults: its paper's or code's ----------------------------------------------
@@ -289,7 +290,8 @@ def test_presets_are_each_methods_settings_and_help_prints_them(capsys):
     preset = lambda method, data, *more: ad.parse_args(["--method", method, "--data", data, *more])
     imagenet, pets, eurosat = "DATA/imagenet", "DATA/oxford_pets/images", "DATA/eurosat/2750"
     # ImageNet: Tip-Adapter's code ensembles the 7 templates; CLIP-Adapter's code keeps one
-    assert preset("tip", imagenet).template == preset("tip-f", imagenet).template == "select"
+    assert preset("tip", imagenet).ensemble == preset("tip-f", imagenet).ensemble == "select"
+    assert preset("tip", pets).ensemble == preset("clip-adapter", imagenet).ensemble == "none"
     assert preset("clip-adapter", imagenet).template == "a photo of a {}."
     assert preset("linear-probe", imagenet).template == "a photo of a {}."
     assert preset("tip", pets).template == "a photo of a {}, a type of pet."
@@ -365,6 +367,34 @@ def test_cuda_precisions_emulated_on_the_cpu(method, precision, tiny_ckpt, tiny_
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in ckpt["state"].values())
     assert m["precision"] == precision and all(math.isfinite(a) for a in m["accuracy"].values())
+    # the checkpoint's backbone fingerprint does not depend on the precision: fp32 evaluates it
+    load = ["--load", str(tmp_path / "checkpoint.pt"), "--eval-only", "--precision", "fp32"]
+    again = run(argv + load + ["--out", str(tmp_path / "fp32")])
+    assert set(again["accuracy"]) == set(m["accuracy"])
+
+
+def test_the_backbone_fingerprint_ignores_precision_and_device_but_tells_backbones_apart(tiny_ckpt):
+    cpu = torch.device("cpu")
+    sums = {p: ad.visual_sum(ad.load_clip(tiny_ckpt, cpu, p)) for p in ("fp32", "amp", "fp16")}
+    assert len(set(sums.values())) == 1, sums  # fp16 weights are what the fingerprint rounds to
+    other = tiny_clip(seed=123)
+    assert ad.visual_sum(other) != sums["fp32"]
+    if torch.cuda.is_available():
+        assert ad.visual_sum(ad.load_clip(tiny_ckpt, torch.device("cuda"), "fp16")) == sums["fp32"]
+
+
+def test_the_template_is_checked_and_select_is_an_ensemble_as_in_zeroshot(
+    tiny_ckpt, tiny_data, tmp_path
+):
+    argv = ["--method", "tip", "--backbone", tiny_ckpt, "--data", tiny_data, "--shots", "2"]
+    argv += ["--aug-views", "1", "--search-step", "4", "2", "--workers", "0"]
+    for bad in ("a photo", "select"):  # no {}: every class would get the same text
+        with pytest.raises(SystemExit, match="has no {} for the class name"):
+            run(argv + ["--template", bad, "--out", str(tmp_path / "bad")])
+    m = run(argv + ["--ensemble", "select", "--out", str(tmp_path / "tip")])
+    z = zeroshot.main(zeroshot.parse_args(["--backbone", tiny_ckpt, "--data", tiny_data,
+        "--ensemble", "select", "--workers", "0", "--out", str(tmp_path / "zs")]))  # fmt: skip
+    assert m["zero_shot"]["test"] == z["accuracy"]["test"]  # the same 7 templates
 
 
 # --- end to end through the command line ----------------------------------------------------------
@@ -378,7 +408,9 @@ def test_tip_f_command_line_base_to_new_with_eval_data(
            "--out", str(out)]  # fmt: skip
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert "feature cache: 3 views of 4 training images, 4 validation images" in result.stdout
+    assert (
+        "precomputed features: 3 views of 4 training images, 4 validation images" in result.stdout
+    )
     last = result.stdout.strip().splitlines()[-1]
     assert last.startswith("tip-f colours shots=2 seed=1: accuracy test=")
     m = json.loads((out / "metrics.json").read_text())
@@ -389,7 +421,8 @@ def test_tip_f_command_line_base_to_new_with_eval_data(
     assert [r["epoch"] for r in log] == [1, 2, 3] and all("val_acc" in r for r in log)
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert set(ckpt["state"]) == {"cache_keys"} and ckpt["state"]["cache_keys"].shape == (4, 32)
-    assert ckpt["values"].shape == (4, 2) and ckpt["config"]["method"] == "tip-f"
+    assert set(ckpt["fixed"]) == {"cache_values"} and ckpt["fixed"]["cache_values"].shape == (4, 2)
+    assert ckpt["config"]["method"] == "tip-f"
     assert ckpt["chosen"]["alpha"] == m["chosen"]["alpha"]
 
 
@@ -415,6 +448,8 @@ def test_tip_is_training_free_and_its_checkpoint_evaluates_alone(tiny_ckpt, tiny
     m = run(argv + ["--aug-views", "2", "--out", str(tmp_path / "a")])
     assert m["epochs"] == 0 and not (tmp_path / "a" / "log.jsonl").exists()
     assert 0.1 <= m["chosen"]["alpha"] < 50 and 0.1 <= m["chosen"]["beta"] < 50  # (50, 50) grid
+    ckpt = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
+    assert ckpt["state"] == {} and set(ckpt["fixed"]) == {"cache_keys", "cache_values"}  # built
     load = ["--load", str(tmp_path / "a" / "checkpoint.pt"), "--eval-only"]
     again = run(argv + load + ["--out", str(tmp_path / "b")])
     assert again["accuracy"] == m["accuracy"] and again["chosen"] == m["chosen"]
@@ -426,7 +461,7 @@ def test_linear_probe_scores_only_its_classes(tiny_ckpt, tiny_data, shifted_data
     # C's search: test_the_choices_on_validation_never_read_test_...
     m = run(argv + ["--subsample", "base", "--eval-data", shifted_data, "--out", str(tmp_path)])
     assert set(m["accuracy"]) == {"test"} and set(m["not_scored"]) == {"new", "colours_small"}
-    assert set(m["chosen"]) == {"C", "val_acc"} and "harmonic_mean" not in m
+    assert set(m["chosen"]) == {"C_reg", "val_acc"} and "harmonic_mean" not in m
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert set(ckpt["state"]) == {"weight", "bias"} and ckpt["state"]["weight"].shape == (2, 32)
     m = run(argv + ["--eval-data", shifted_data, "--out", str(tmp_path / "all")])

@@ -46,7 +46,7 @@ def test_word_init_gives_exactly_the_zero_shot_logits():
             model.encode_text(coop.tokenize(model, [f"a photo of a {c}." for c in NAMES])), dim=-1
         )
     torch.testing.assert_close(logits, zero_shot, atol=1e-5, rtol=1e-5)  # the shared-prefix encoder
-    cc.shared_prefix = False  # the cut encoder: CLIP's 77 positions cut after the last EOT
+    cc.prefix_is_shared = False  # the cut encoder: CLIP's 77 positions cut after the last EOT
     with torch.no_grad():
         torch.testing.assert_close(cc(image_features), zero_shot, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(
@@ -91,7 +91,7 @@ def test_cocoop_plain_formulation_equals_the_shared_prefix_speed_up():
     f = F.normalize(torch.randn(3, 32), dim=-1)
     with torch.no_grad():
         fast = cc(f)
-        cc.shared_prefix = False  # every (image, class) prompt whole through the text encoder
+        cc.prefix_is_shared = False  # every (image, class) prompt whole through the text encoder
         torch.testing.assert_close(cc(f), fast, atol=1e-5, rtol=1e-5)
 
 
@@ -335,6 +335,10 @@ def test_checkpoint_from_another_configuration(tiny_ckpt, tiny_data, tmp_path):
     with pytest.raises(SystemExit, match="does not fit this run.*'n_ctx': 4"):
         run(["--backbone", tiny_ckpt, "--data", tiny_data, "--eval-only", "--load", ckpt, "--out",
             str(tmp_path / "b")])  # fmt: skip
+    # another class-token position: the same shapes, other prompts
+    with pytest.raises(SystemExit, match="does not fit.*'position': 'end'.*'position': 'front'"):
+        run(["--backbone", tiny_ckpt, "--data", tiny_data, "--n-ctx", "4", "--eval-only", "--load",
+            ckpt, "--class-token-position", "front", "--out", str(tmp_path / "d")])  # fmt: skip
     wide = tmp_path / "wide.pt"
     state = clip_with_text_width(128)
     torch.save(state, wide)

@@ -15,6 +15,7 @@ import prograd
 import zeroshot
 
 NAMES = ["red", "green circle", "blue"]
+UNIT = lambda loss: loss  # no loss scaling (GradScaler.scale when it is off)
 
 
 def test_no_conflict_leaves_the_gradient_unchanged():
@@ -77,7 +78,7 @@ def test_two_gradients_from_one_forward_equal_two_separate_forwards():
     teacher = zeroshot.zeroshot_classifier(model, NAMES, ["a photo of a {}."])
     f, labels = F.normalize(torch.randn(4, 32), dim=-1), torch.tensor([0, 1, 2, 0])
     params = [student.prompt_learner.ctx]
-    G_d, G_g, _, _ = prograd.two_gradients(student, f, teacher, labels, 1.0, params)
+    G_d, G_g, *_ = prograd.two_gradients(student, f, teacher, labels, 1.0, params, "fp32", UNIT)
     t = model.logit_scale.exp() * f @ teacher.t()
     ce = F.cross_entropy(student(f), labels)  # a forward of its own for each loss
     kl = -(F.softmax(t, -1) * F.log_softmax(student(f), -1)).sum(-1).mean()  # the authors' L_kl
@@ -166,7 +167,9 @@ def test_command_line_base_to_new(tiny_ckpt, tiny_data, shifted_data, tmp_path):
     }
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert all(0 <= r["conflict_fraction"] <= 1 and -1 <= r["mean_cosine"] <= 1 for r in log)
+    assert all(r["loss_ce"] > 0 and r["loss_kl"] > 0 for r in log)  # both losses, logged apart
     assert "= 1,024 parameters" in result.stdout
+    assert "--template 'a photo of a {}.'" in result.stdout  # the teacher's, said once
     m = prograd.main(prograd.parse_args(["--backbone", tiny_ckpt, "--data", tiny_data,
         "--subsample", "new", "--eval-only", "--load", str(tmp_path / "checkpoint.pt"), "--workers",
         "0", "--out", str(tmp_path / "new")]))  # fmt: skip
@@ -180,6 +183,19 @@ def test_bad_template_is_refused():
     with pytest.raises(SystemExit, match="must end with"):  # the init words would be cut wrongly
         template("photo:{}.")
     assert template("a photo of {}.") == "a photo of {}."
+
+
+def test_the_teacher_template_is_the_datasets_own_by_default(capsys):
+    """As the authors' code (CUSTOM_TEMPLATES[cfg.DATASET.NAME]): no --template, the dataset's."""
+    pets = ["--data", "d", "--split-file", "DATA/pets/split_zhou_OxfordPets.json"]
+    assert prograd.parse_args(pets).template == "a type of pet, a photo of a {}."
+    assert prograd.parse_args(["--data", "d"]).template == "a photo of a {}."  # not in the table
+    given = prograd.parse_args(pets + ["--template", "EuroSAT"]).template
+    assert given == "a centered satellite photo of {}."  # a given --template wins
+    with pytest.raises(SystemExit):
+        prograd.parse_args(["--help"])
+    shown = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "(prograd: the dataset's own" in shown
 
 
 def test_presets_are_the_papers_settings(capsys):
@@ -223,7 +239,7 @@ def test_train_step_under_emulated_cuda_mixed_precision(monkeypatch, precision):
     ctx = student.prompt_learner.ctx
     before, scaler = ctx.detach().clone(), torch.amp.GradScaler("cpu", enabled=True)
     step = (student, model.encode_image, teacher, optimizer, scaler, images, labels, precision)
-    cosines = [prograd.train_step(*step, 1.0, 1.0)[2] for _ in range(8)]
+    cosines = [prograd.train_step(*step, 1.0, 1.0)[3] for _ in range(8)]
     skipped = [math.isnan(c) for c in cosines]
     assert scaler.get_scale() == 2.0**16 / 2 ** sum(skipped) and 0 < sum(skipped) < 8
     assert all(-1 <= c <= 1 for c in cosines if not math.isnan(c))
@@ -237,16 +253,16 @@ def test_an_overflow_in_the_general_gradient_skips_the_step_and_lowers_the_scale
     two_gradients = prograd.two_gradients
 
     def overflowing(*a, **k):
-        G_d, G_g, loss, logits = two_gradients(*a, **k)
+        G_d, G_g, *rest = two_gradients(*a, **k)
         G_g[0][0, 0] = math.inf
-        return G_d, G_g, loss, logits
+        return G_d, G_g, *rest
 
     monkeypatch.setattr(prograd, "two_gradients", overflowing)
     model, student, teacher, optimizer, images, labels = student_and_batch("amp")
     ctx = student.prompt_learner.ctx
     before, scaler = ctx.detach().clone(), torch.amp.GradScaler("cpu", enabled=True)
     step = (student, model.encode_image, teacher, optimizer, scaler, images, labels, "amp", 1, 1)
-    _, _, cosine = prograd.train_step(*step)
+    *_, cosine = prograd.train_step(*step)
     assert torch.equal(ctx, before) and scaler.get_scale() == 2.0**15 and math.isnan(cosine)
     assert not optimizer.state  # SGD never ran: no momentum buffer either
     scaler = torch.amp.GradScaler("cpu", enabled=False)  # unscaled (fp32): an error, not a skip
@@ -260,9 +276,9 @@ def test_mixed_precision_logits_fp32_losses_and_gradients():
     teacher = zeroshot.zeroshot_classifier(model, NAMES, ["a photo of a {}."])
     f, labels = F.normalize(torch.randn(4, 32), dim=-1), torch.tensor([0, 1, 2, 0])
     params = [student.prompt_learner.ctx]
-    exact = prograd.two_gradients(student, f, teacher, labels, 1.0, params)
-    amp = prograd.two_gradients(student, f, teacher, labels, 1.0, params, precision="amp")
-    assert amp[3].dtype == torch.float32 and amp[0][0].dtype == amp[1][0].dtype == torch.float32
+    exact = prograd.two_gradients(student, f, teacher, labels, 1.0, params, "fp32", UNIT)
+    amp = prograd.two_gradients(student, f, teacher, labels, 1.0, params, "amp", UNIT)
+    assert amp[4].dtype == torch.float32 and amp[0][0].dtype == amp[1][0].dtype == torch.float32
     for a, b in ((amp[0][0], exact[0][0]), (amp[1][0], exact[1][0])):  # bf16 logits on the CPU
         assert (
             torch.isfinite(a).all() and F.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.99

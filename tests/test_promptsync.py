@@ -151,9 +151,12 @@ def test_the_towers_with_prompts_are_clips_own_with_the_prompts_in_place():
         model = ps.MultimodalPromptedCLIP(clip_model, NAMES, n_ctx=2, depth=2)
         pl = model.prompts
         pl.deep_text[0].add_(0.3)
-        by_hand = text_by_hand(clip_model, pl.text_prompts(), pl.tokenized, list(pl.deep_text))
-        text = model.text_features()
-        torch.testing.assert_close(text, F.normalize(by_hand, dim=-1), rtol=1e-5, atol=1e-6)
+        deep = list(pl.deep_text)
+        plain = ps.encode_text(model.text_encoder, pl.text_prompts(), pl.tokenized, deep)  # [MaPLe]
+        by_hand = text_by_hand(clip_model, pl.text_prompts(), pl.tokenized, deep)
+        torch.testing.assert_close(plain, by_hand, rtol=1e-5, atol=1e-6)
+        text = model.text_features()  # the speed-up (shared_prefix): the plain loop's numbers
+        torch.testing.assert_close(text, F.normalize(plain, dim=-1), rtol=1e-5, atol=1e-6)
         no_deep = text_by_hand(clip_model, pl.text_prompts(), pl.tokenized, [])
         assert (text - F.normalize(no_deep, dim=-1)).abs().max() > 1e-3  # deep prompts matter
         # the vision prompts: after ln_pre at block 0, then written straight into blocks 1..J-1
@@ -390,16 +393,17 @@ def test_meta_update_averages_the_two_gradients_by_hand(steps, expected):
     One SGD step (lr 1) from w = 0.5 with the sum."""
     w = torch.nn.Parameter(torch.tensor(0.5, dtype=torch.float64))
     optimizer, at = torch.optim.SGD([w], lr=1.0), []
-
-    def losses():
-        at.append(w.item())
-        return (w - 1) ** 2, 3 * (w - 2) ** 2
+    loss_D = lambda: at.append(("D", w.item())) or (w - 1) ** 2
+    loss_test = lambda: at.append(("test", w.item())) or 3 * (w - 2) ** 2
 
     temporary = ps.meta_train_step([w], [torch.tensor(-1.0, dtype=torch.float64)], 0.1)
     assert w.item() == 0.5 and temporary[0].item() == pytest.approx(0.6)  # only the temporary
-    assert ps.meta_update([w], optimizer, losses, lr=0.1, steps=steps)
+    assert ps.meta_update([w], optimizer, loss_D, loss_test, lr=0.1, steps=steps)
     assert w.item() == pytest.approx(expected)  # the update is applied to w = 0.5, not to w'
-    assert at == pytest.approx([0.5, 0.6, 0.6, 0.7][: 2 * steps])  # meta-train's, meta-test's
+    # each loss built once per iteration: L_D at P, the meta-test loss at P'
+    points = [("D", 0.5), ("test", 0.6), ("D", 0.6), ("test", 0.7)][: 2 * steps]
+    assert [k for k, _ in at] == [k for k, _ in points]
+    assert [x for _, x in at] == pytest.approx([x for _, x in points])
 
 
 @pytest.mark.parametrize("steps", [1, 3])
@@ -409,13 +413,15 @@ def test_a_loss_of_weight_zero_changes_nothing(steps):
     for weight in (None, 0.0):
         w = torch.nn.Parameter(torch.tensor(0.5, dtype=torch.float64))
         train = lambda: None if weight is None else weight * (w - 1) ** 2
-        ps.meta_update([w], torch.optim.SGD([w], lr=1.0), lambda: (train(), 3 * (w - 2) ** 2),
+        ps.meta_update([w], torch.optim.SGD([w], lr=1.0), train, lambda: 3 * (w - 2) ** 2,
                        lr=0.1, steps=steps)  # fmt: skip
         final.append(w.item())
     # 0.5 - steps * (0 + 6 (0.5 - 2)) / 2: with g_D = 0 the point never moves
     assert final[0] == final[1] == pytest.approx(0.5 + 4.5 * steps)
     w = torch.nn.Parameter(torch.tensor(0.5, dtype=torch.float64))  # no test loss
-    ps.meta_update([w], torch.optim.SGD([w], lr=1.0), lambda: ((w - 1) ** 2, None), 0.1, steps)
+    ps.meta_update(
+        [w], torch.optim.SGD([w], lr=1.0), lambda: (w - 1) ** 2, lambda: None, 0.1, steps
+    )
     # g_D at 0.5, 0.6, 0.7 = -1, -0.8, -0.6; half of their sum applied from w = 0.5
     assert w.item() == pytest.approx({1: 1.0, 3: 1.7}[steps])
 
@@ -424,8 +430,8 @@ def test_a_gradient_that_is_not_finite_skips_the_meta_update():
     """An fp16 overflow (inf or nan in a gradient) leaves the prompts as they were, as a loss
     scaler skips such a step, instead of writing nan prompts that predict class 0."""
     w = torch.nn.Parameter(torch.tensor([0.5, 1.0]))
-    losses = lambda: ((w * torch.tensor([1.0, math.inf])).sum(), (w**2).sum())
-    assert not ps.meta_update([w], torch.optim.SGD([w], lr=1.0), losses, lr=0.1)
+    loss_D, loss_test = lambda: (w * torch.tensor([1.0, math.inf])).sum(), lambda: (w**2).sum()
+    assert not ps.meta_update([w], torch.optim.SGD([w], lr=1.0), loss_D, loss_test, lr=0.1)
     assert w.tolist() == [0.5, 1.0] and w.grad is None
 
 
@@ -455,7 +461,7 @@ def test_source_stage_saves_the_class_prototypes_of_both_branches(source_ckpt, t
     with torch.no_grad():
         text = model.text_features()
         nearest = int((text[1] @ ckpt["proto_text"].t()).argmax())
-    assert matched["groups"][1] == nearest and torch.equal(matched["text"], text)
+    assert matched["groups"][1] == nearest and torch.equal(matched["text_at_load"], text)
 
 
 def test_stored_class_views_are_crops_of_as_many_images_as_they_can_be(tiny_vit_ckpt, tiny_data):
@@ -481,8 +487,9 @@ def test_one_text_pass_serves_the_selection_and_the_losses_exactly(
     source_ckpt, tiny_vit_ckpt, monkeypatch
 ):
     """The speed-up in sync_terms: the confidence selection takes the text features of the graph
-    pass, detached, instead of running the text tower again; adapt_sync's prediction before
-    tuning comes from that first selection pass. Both equal the plain passes."""
+    pass, detached, instead of running the text tower again; it equals the plain pass. meta-train
+    builds only L_D, meta-test only L_ent and L_A; the prediction before tuning, computed first on
+    the original view, is the first selection pass's."""
     cpu, ckpt = torch.device("cpu"), torch.load(source_ckpt, weights_only=True)
     names = ckpt["proto_classnames"]
     model = ps.MultimodalPromptedCLIP(
@@ -499,7 +506,9 @@ def test_one_text_pass_serves_the_selection_and_the_losses_exactly(
     *losses, logits = ps.sync_terms(model, views, sync, rho=0.25)
     assert torch.equal(logits, plain) and all(loss.requires_grad for loss in losses)
     assert len(calls) == 1  # one text-tower pass serves both
-    # adapt_sync's prediction before tuning: the first point's selection pass (the loaded prompts)
+    assert ps.sync_terms(model, views, sync, 0.25, part="D")[:2] == (None, None)
+    assert ps.sync_terms(model, views, sync, 0.25, part="test")[2] is None
+    # adapt_sync's prediction before tuning: the same as the first selection pass (loaded prompts)
     seen, sync_terms = [], ps.sync_terms
     monkeypatch.setattr(ps, "sync_terms", lambda *a: seen.append(sync_terms(*a)) or seen[-1])
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], 0.5)
@@ -526,8 +535,8 @@ def test_the_sync_weights_weigh_entropy_alignment_and_discrimination_in_their_pl
     entropy, align, discrimination, _ = ps.sync_terms(model, views, sync, rho=0.25)
     seen = {}
 
-    def record(params, optimizer, losses, lr, steps, scale):
-        train, test = losses()
+    def record(params, optimizer, loss_D, loss_test, lr, steps, scale):
+        train, test = loss_D(), loss_test()
         seen.update(
             {k: None if v is None else v.item() for k, v in zip(("train", "test"), (train, test))}
         )
@@ -604,7 +613,8 @@ def test_promptsync_and_its_ablations_through_the_command_line(
     # Table 5's ablation rows: a part off is a weight 0, and the weights reach every image's update
     # (in-process: no second interpreter start)
     seen, adapt_sync = [], ps.adapt_sync
-    monkeypatch.setattr(ps, "adapt_sync", lambda *a: seen.append(a[3]["weights"]) or adapt_sync(*a))
+    record = lambda *a, **k: seen.append(a[3]["weights"]) or adapt_sync(*a, **k)
+    monkeypatch.setattr(ps, "adapt_sync", record)
     ablation = run(cmd[2:-2] + ["--sync-weights", "0,0,1", "--out", str(tmp_path / "d")])
     assert ablation["method"] == "promptsync" and seen == [[0.0, 0.0, 1.0]] * 12
     for bad in ("1,colour,1", "1,1", "1,-1,1", "1,nan,1"):
@@ -724,11 +734,11 @@ def test_sigusr1_stops_after_an_images_prediction_and_resume_continues(
     monkeypatch.setattr(ps, "PREEMPTED", [])
     adapt, calls = ps.adapt, []
 
-    def signalled_after_two(*args):
+    def signalled_after_two(*args, **kwargs):
         calls.append(1)
         if len(calls) == 2:  # the cluster's warning arrives during the second image
             os.kill(os.getpid(), signal.SIGUSR1)
-        return adapt(*args)
+        return adapt(*args, **kwargs)
 
     monkeypatch.setattr(ps, "adapt", signalled_after_two)
     out = ["--out", str(tmp_path / "run"), "--resume"]

@@ -176,6 +176,8 @@ def test_pad_prompt_is_a_border_with_a_zero_centre():
     assert widths == [30, 4, 45, 1]
     with pytest.raises(ValueError, match="border width"):
         vpt.PadPrompter(32, 16)
+    with pytest.raises(ValueError, match="border width 0"):  # --pad 0 is refused, not the default
+        vpt.PaddedEncoder(SimpleNamespace(input_resolution=32), 0)
 
 
 def test_border_png_shows_the_prompt_on_clips_mean_colour(tmp_path):
