@@ -240,7 +240,7 @@ def render(shape, colour, size, bg, rng, style="photo"):
     return haze(image, rng) if style == "haze" else image
 
 
-CLUTTER_EXTENT, CLUTTER_MARKS = 0.34, (6, 10)  # the clutter shape's extent; marks per image
+CLUTTER_EXTENT, CLUTTER_MARKS = 0.42, (3, 6)  # the clutter shape's extent; marks per image
 
 
 def distractors(canvas, rng):
@@ -596,7 +596,7 @@ DATASETS = ["shapes", "sketch", "noise", "proxy", "clutter", "haze"]
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 # The world's datasets, drawn with seed 0: sha256 of their decoded pixels (dataset_checksum). Two
 # machines that print this digest drew the same images (pixels, not PNG bytes: zlib may differ).
-WORLD_SHA256 = "7364d0b8ac17f5396361b5d508241e8240eaaa2bf5ab9b1f1324bc7e58f17234"
+WORLD_SHA256 = "59789bffe27bb8f7cb1ebacc74c96ac62ce29e84eb0afa44d820d4bbd5c3148e"
 
 
 def pretrain_towers(out=ASSETS, seed=0, recipes=RECIPES, threads=1):
