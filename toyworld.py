@@ -32,7 +32,7 @@ Run
   python toyworld.py                # draw toy/ next to the shipped towers (about a minute)
   python toyworld.py --demo         # draw if needed, run every method file on it: the fast table
                                     # (one seed, a sixth of the test-time images; runs/demo)
-  python toyworld.py --demo --full  # the README's table: seeds 1, 2, 3, every test image
+  python toyworld.py --demo --full  # docs/toyworld.md's table: seeds 1, 2, 3, every test image
   python toyworld.py --pretrain     # pretrain both towers again into assets/ (about 45 minutes)
   python coop.py --backbone toy/clip_rn.pt --data toy/shapes --shots 4 --subsample base \\
         --eval-data toy/sketch toy/noise
@@ -836,7 +836,7 @@ ABLATIONS = [
 
 
 # The default demo is the fast table (one seed; the test-time methods on every 6th test image);
-# --full runs the README's table: seeds 1, 2, 3 and every test image.
+# --full runs docs/toyworld.md's table: seeds 1, 2, 3 and every test image.
 FAST = dict(seeds=(1,), shard="0/6")
 FULL = dict(seeds=(1, 2, 3), shard="0/1")
 # The longest runs start first, so that the two workers finish together.
@@ -1027,7 +1027,7 @@ def table_rows(stats, methods):
 
 
 def format_demo(rows, methods, root, seeds, seconds, full=True):
-    """The README's table: mean ± std over seeds, and whether the toy shows each paper's claim."""
+    """The demo's table: mean ± std over seeds, and whether the toy shows each paper's claim."""
     setting = FULL if full else FAST
     every, per_class = int(setting["shard"].split("/")[1]), SPLITS["test"]
     n_test = {"base": 30 * per_class, "new": 30 * per_class}  # images per column (60 classes)
@@ -1101,8 +1101,8 @@ def format_demo(rows, methods, root, seeds, seconds, full=True):
     )
     if not full:
         note += (
-            f"\nThis is the fast table (one seed, every {every}th test-time image). The README's "
-            "table, seeds 1, 2, 3 and every test image: python toyworld.py --demo --full"
+            f"\nThis is the fast table (one seed, every {every}th test-time image). The full "
+            "table (docs/toyworld.md), seeds 1, 2, 3 and every test image: python toyworld.py --demo --full"
         )
     return "\n".join(out) + "\n" + note + "\n"
 
@@ -1131,7 +1131,7 @@ def parse_args(argv=None):
     add(
         "--full",
         action="store_true",
-        help="with --demo: the README's table (seeds 1, 2, 3, every test image), not the fast one",
+        help="with --demo: docs/toyworld.md's table (seeds 1, 2, 3, every test image), not the fast one",
     )
     add("--demo-out", help="folder of the demo runs and its table (runs/demo or runs/demo-full)")
     add("--workers", type=int, default=2, help="processes (threads: --pretrain) to draw and run")
