@@ -1101,8 +1101,8 @@ def format_demo(rows, methods, root, seeds, seconds, full=True):
     )
     if not full:
         note += (
-            f"\nThis is the fast table (one seed, every {every}th test-time image). The full "
-            "table (docs/toyworld.md), seeds 1, 2, 3 and every test image: python toyworld.py --demo --full"
+            f"\nThis is the fast table (one seed, every {every}th test-time image). The full table "
+            "(docs/toyworld.md), seeds 1, 2, 3, every test image: python toyworld.py --demo --full"
         )
     return "\n".join(out) + "\n" + note + "\n"
 
@@ -1131,7 +1131,7 @@ def parse_args(argv=None):
     add(
         "--full",
         action="store_true",
-        help="with --demo: docs/toyworld.md's table (seeds 1, 2, 3, every test image), not the fast one",
+        help="with --demo: the full table (seeds 1, 2, 3, every test image), not the fast one",
     )
     add("--demo-out", help="folder of the demo runs and its table (runs/demo or runs/demo-full)")
     add("--workers", type=int, default=2, help="processes (threads: --pretrain) to draw and run")
