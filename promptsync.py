@@ -638,7 +638,8 @@ def source_stage(args, model, data, test_sets, config, run_dir, device):
     fp16 = precision != "fp32" and device.type == "cuda"  # a loss scaler for fp16's range
     scaler = torch.amp.GradScaler(device.type, enabled=fp16)
     transform = train_transform(n_px, args.crop_scale)
-    loader = make_loader(data["train"], transform, args.batch_size, args.workers, device, True)
+    loader = make_loader(data["train"], transform, args.batch_size, args.workers, device,
+                         shuffle=True)  # fmt: skip
     for epoch in range(0 if args.eval_only else args.epochs):
         lr = lr_at_epoch(epoch, args.lr, args.epochs)  # MaPLe's: a warm-up epoch at 1e-5, cosine
         for group in optimizer.param_groups:
@@ -652,7 +653,7 @@ def source_stage(args, model, data, test_sets, config, run_dir, device):
         log_epoch(run_dir, device, epoch + 1, args.epochs, time.time() - t0, n, lr=lr, loss=losses)
     # [PromptAlign] the statistics, with the learned prompts, over the whole train split (not only
     # the shots; CLIP's preprocess); [PromptSync] the class prototypes (open point 4)
-    every = load_dataset(args.data, args.split_file, args.classnames)["train"]
+    every = load_dataset(args.data, args.split_file)["train"]
     loader = make_loader(every, test_transform(n_px), 100, args.workers, device)
     means, variances = token_statistics(model, loader, device, precision)
     ckpt = dict(config=config, state=learned_state(model), means=means, variances=variances)
@@ -763,7 +764,7 @@ def summary(records):
 
 def load_test_sets(args):
     """Only the test images are read and checked (not a large train/ folder next to them)."""
-    data = load_dataset(args.data, args.split_file, args.classnames)
+    data = load_dataset(args.data, args.split_file)
     test_sets = {"test": (data["test"], data["classnames"])}
     for root in args.eval_data:
         name, items, classnames = load_eval_set(root)
@@ -841,7 +842,6 @@ def parse_args(argv=None):
     add("--backbone", default="ViT-B/16", help="CLIP name or checkpoint path (TPT also: RN50)")
     add("--data", required=True, help="root with test/ (and train/ for --stage source)")
     add("--split-file", help="CoOp's split_zhou_<Name>.json (then --data is its image root)")
-    add("--classnames", help="classnames.txt ('folder<TAB>name'); default <data>/classnames.txt")
     add("--eval-data", nargs="*", default=[], help="more test sets (ImageFolder roots)")
     add("--shots", type=int, help="source images per class (seeded sample)")
     add("--epochs", type=int, default=2, help="source epochs (the first is the warm-up)")
@@ -905,12 +905,8 @@ def shared_prefix(encoder, prefix, suffix, tokenized, deep=()):
             xp = torch.cat([xp[:, :1], new, xp[:, 1 + n :]], dim=1)  # (B, P, d)
         heads, w_in, b_in = block.attn.num_heads, block.attn.in_proj_weight, block.attn.in_proj_bias
         split = lambda t: t.unflatten(-1, (heads, -1)).transpose(-3, -2)  # (.., heads, L, d_h)
-        qp, kp, vp = map(
-            split, F.linear(block.ln_1(xp), w_in, b_in).chunk(3, dim=-1)
-        )  # (B, h, P, .)
-        qs, ks, vs = map(
-            split, F.linear(block.ln_1(xs), w_in, b_in).chunk(3, dim=-1)
-        )  # (B*C, h, S, .)
+        qkv = lambda x: map(split, F.linear(block.ln_1(x), w_in, b_in).chunk(3, dim=-1))
+        (qp, kp, vp), (qs, ks, vs) = qkv(xp), qkv(xs)  # (B, h, P, .), (B*C, h, S, .)
         # The prefix attends causally to itself only: it never sees a class name.
         ap = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True)  # (B, heads, P, d_h)
         # Each class's tokens see the prefix and, causally, themselves: softmax([q K_p^T,
@@ -931,9 +927,8 @@ def shared_prefix(encoder, prefix, suffix, tokenized, deep=()):
 
 
 # --- shared: appendix (canonical copy in coop.py; re-sync with tools/sync_shared.py) ---
-# Appendix: the plumbing, the same in every method file (tools/sync_shared.py keeps the copies
-# identical): data and its checks, loading CLIP, frozen features, the run folder and options. The
-# files that learn add the training block (schedule, log, checkpoints), and resume.
+# Appendix: the plumbing, identical in every method file: data and its checks, loading CLIP, frozen
+# features, the run folder and the options. The learning files add the training block after it.
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 
@@ -942,28 +937,25 @@ def fail(message):
     raise SystemExit(f"error: {message}")
 
 
-def read_image_folder(root, names_file=None):
-    """root/<class folder>/<image> (torchvision's ImageFolder layout) -> ([(path, label)], [class
-    name]). The names are the folders' ('_' -> ' ') or names_file's: 'folder<TAB>name' per line."""
+def read_image_folder(folder, names_file):
+    """folder/<class>/<image> (torchvision's ImageFolder) -> ([(path, label)], [class name]), the
+    names from names_file if it exists ('folder<TAB>name' lines, as CoOp's ImageNet) or folders'."""
     try:
-        found = torchvision.datasets.ImageFolder(root)  # sorted class folders, image files only
+        found = torchvision.datasets.ImageFolder(folder)  # sorted class folders, image files only
     except (FileNotFoundError, OSError) as e:
-        fail(f"{root}: {e}; expected {root}/<class folder>/<image files>")
+        fail(f"{folder}: {e}; expected {folder}/<class folder>/<image files>")
     names = {d: d.replace("_", " ") for d in found.classes}
-    if names_file:
-        with open(names_file, encoding="utf-8") as f:
-            names = dict(line.strip().split(maxsplit=1) for line in f if len(line.split()) > 1)
+    if os.path.isfile(names_file):
+        names = dict(line.split(maxsplit=1) for line in open(names_file) if len(line.split()) > 1)
         if set(found.classes) - set(names):
-            missing = sorted(set(found.classes) - set(names))[:5]
-            fail(f"{names_file}: no 'folder<TAB>readable name' line for the folders {missing}")
-    return found.samples, [names[d] for d in found.classes]
+            fail(f"{names_file}: no line for the folders {sorted(set(found.classes) - set(names))}")
+    return found.samples, [names[d].strip() for d in found.classes]
 
 
-def load_dataset(root, split_file=None, classnames_file=None):
-    """ImageFolder roots root/{train,val,test}/<class>/<image> (class names from classnames_file,
-    else root/classnames.txt if there is one), or CoOp's split_zhou_<Name>.json ({"train"|"val"|
-    "test": [[path under root, label, class name]]}) -> {"train", "val", "test": [(path, label)],
-    "classnames": [name]}; a missing split is []."""
+def load_dataset(root, split_file=None):
+    """CoOp's split_zhou_<Name>.json ({"train"|"val"|"test": [[path under root, label, class
+    name]]}), or ImageFolder roots root/{train,val,test}/<class>/<image> (class names from
+    root/classnames.txt if present) -> {"train", "val", "test": [(path, label)], "classnames"}."""
     if split_file:
         try:
             split = json.load(open(split_file, encoding="utf-8"))
@@ -978,25 +970,19 @@ def load_dataset(root, split_file=None, classnames_file=None):
     if not os.path.isdir(os.path.join(root, "test")):
         what = "no test/ folder" if os.path.isdir(root) else "folder not found"
         fail(f"{root}: {what}; expected {root}/train/<class>/<image> and {root}/test/...")
-    if classnames_file and not os.path.isfile(classnames_file):
-        fail(f"{classnames_file}: class-name file not found")
-    names = classnames_file or os.path.join(root, "classnames.txt")
-    names = names if os.path.isfile(names) else None
-    data = {"train": [], "val": [], "classnames": None}
+    data = {"train": [], "val": []}
     for split in [s for s in ("test", "train", "val") if os.path.isdir(os.path.join(root, s))]:
-        data[split], classnames = read_image_folder(os.path.join(root, split), names)
-        if data["classnames"] not in (None, classnames):
+        data[split], names = read_image_folder(f"{root}/{split}", f"{root}/classnames.txt")
+        if data.setdefault("classnames", names) != names:
             fail(f"{root}/{split} and {root}/test have different class folders")
-        data["classnames"] = classnames
     return data
 
 
 def load_eval_set(root):
     """An --eval-data set <root>/[test/]<class>/<image> -> (name, items, class names)."""
     root = os.path.normpath(root).removesuffix(f"{os.sep}test")  # named after its dataset
-    folder = os.path.join(root, "test") if os.path.isdir(os.path.join(root, "test")) else root
-    names = os.path.join(root, "classnames.txt")
-    return (os.path.basename(root), *read_image_folder(folder, os.path.isfile(names) and names))
+    folder = f"{root}/test" if os.path.isdir(f"{root}/test") else root
+    return (os.path.basename(root), *read_image_folder(folder, f"{root}/classnames.txt"))
 
 
 def sample_few_shot(items, shots, seed):
@@ -1004,10 +990,9 @@ def sample_few_shot(items, shots, seed):
     rng, by_class = random.Random(seed), {}
     for item in items:
         by_class.setdefault(item[1], []).append(item)
-    short = [f"{os.path.dirname(g[0][0])} ({len(g)})" for g in by_class.values() if len(g) < shots]
+    short = [os.path.dirname(g[0][0]) for g in by_class.values() if len(g) < shots]
     if short:
-        print(f"warning: fewer than {shots} training images in {len(short)} classes (all used):",
-              *short[:5])  # fmt: skip
+        print(f"warning: fewer than {shots} training images in {len(short)} classes:", *short[:5])
     return [x for group in by_class.values() for x in rng.sample(group, min(shots, len(group)))]
 
 
@@ -1018,10 +1003,9 @@ def subsample_classes(data, which):
     labels = sorted({y for _, y in data["train"] or data["test"]})
     m = math.ceil(len(labels) / 2)
     relabel = {y: i for i, y in enumerate(labels[:m] if which == "base" else labels[m:])}
-    out = {
-        s: [(p, relabel[y]) for p, y in data[s] if y in relabel] for s in ("train", "val", "test")
-    }
-    return dict(out, classnames=[data["classnames"][y] for y in relabel])
+    keep = lambda split: [(path, relabel[y]) for path, y in data[split] if y in relabel]
+    return dict(train=keep("train"), val=keep("val"), test=keep("test"),
+                classnames=[data["classnames"][y] for y in relabel])  # fmt: skip
 
 
 def check_images(items, full=True):
@@ -1029,8 +1013,7 @@ def check_images(items, full=True):
     for path, _ in items:
         try:
             with Image.open(path) as image:
-                if full:  # decode the pixels too (the few-shot training images: they are few)
-                    image.load()
+                image.load() if full else None  # decode the (few) training images too
         except (OSError, ValueError) as e:
             fail(f"{path}: cannot read this image ({e}); replace or delete the file")
 
@@ -1039,7 +1022,7 @@ def load_task(args, shots=None):
     """The run's data, checked before anything slow -> (dataset name, {"train", "val", "test",
     "classnames"} of the trained classes, {test set name: (items, class names)}). Few-shot
     sampling (seeded) comes before the base/new split, as in the papers."""
-    data = load_dataset(args.data, args.split_file, args.classnames)
+    data = load_dataset(args.data, args.split_file)
     if shots:
         data["train"] = sample_few_shot(data["train"], shots, args.seed)
     part = subsample_classes(data, args.subsample)
@@ -1047,9 +1030,8 @@ def load_task(args, shots=None):
     if args.subsample == "base":  # the same learned parameters, tested on the other half
         new = subsample_classes(data, "new")
         test_sets["new"] = (new["test"], new["classnames"])
-    for root in args.eval_data:
-        name, items, classnames = load_eval_set(root)
-        test_sets[name if name not in test_sets else root] = (items, classnames)
+    for name, *items_and_names in map(load_eval_set, args.eval_data):
+        test_sets[name] = items_and_names
     check_images(part["train"], full=bool(shots))  # zero-shot: the headers suffice
     for items, _ in test_sets.values():
         check_images(items, full=False)
@@ -1085,12 +1067,11 @@ def test_transform(n_px):
     return T.Compose([resize, T.CenterCrop(n_px), T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
 
 
-def make_loader(items, transform, batch_size, workers, device, shuffle=False, drop_last=False,
-                generator=None):  # fmt: skip
-    """Batches of `items` read by `workers` processes, pinned for a CUDA device."""
+def make_loader(items, transform, batch_size, workers, device, **options):
+    """Batches of `items` read by `workers` processes, pinned for CUDA (options: DataLoader's)."""
     pin = torch.device(device).type == "cuda"
-    return torch.utils.data.DataLoader(ImageDataset(items, transform), batch_size, shuffle,
-        num_workers=workers, pin_memory=pin, drop_last=drop_last, generator=generator)  # fmt: skip
+    return torch.utils.data.DataLoader(ImageDataset(items, transform), batch_size,
+                                       num_workers=workers, pin_memory=pin, **options)  # fmt: skip
 
 
 def load_clip(backbone, device, precision):
@@ -1098,8 +1079,7 @@ def load_clip(backbone, device, precision):
     openai-clip 1.0.1 reads a plain state-dict file wrongly (after its TorchScript attempt it does
     not rewind the file), so such files are read here with torch.load and clip's build_model."""
     if backbone not in clip.available_models() and not os.path.isfile(backbone):
-        names = ", ".join(clip.available_models())
-        fail(f"unknown backbone {backbone!r}: use one of {names}, or a CLIP checkpoint's path")
+        fail(f"unknown backbone {backbone!r}: use one of {clip.available_models()} or a file path")
     try:
         with warnings.catch_warnings():  # torch deprecates torch.jit.load, tried by clip.load
             warnings.simplefilter("ignore")
@@ -1158,19 +1138,15 @@ def accuracy(logits, labels):
 
 
 def save(path, obj):
-    """Write atomically (a temporary file in the same folder, then a rename), so that a crash never
-    leaves half a file: text for a str, JSON for a .json path, torch.save otherwise."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        if isinstance(obj, str) or path.endswith(".json"):
-            with open(tmp, "w") as f:
-                f.write(obj) if isinstance(obj, str) else json.dump(obj, f, indent=2)
-        else:
-            torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """Write a str, a .json path's object or torch.save's, atomically (temporary file, rename)."""
+    tmp = f"{path}.{os.getpid()}.tmp"  # a crash leaves at most this file, never half of `path`
+    if isinstance(obj, str) or path.endswith(".json"):
+        text = obj if isinstance(obj, str) else json.dumps(obj, indent=2)  # fails before writing
+        with open(tmp, "w") as f:
+            f.write(text)
+    else:
+        torch.save(obj, tmp)
+    os.replace(tmp, path)
 
 
 def seed_everything(seed):
@@ -1193,9 +1169,7 @@ def add_run_args(add, learned=True):
     add("--seed", type=int, default=1, help="the papers report seeds 1, 2, 3")
     fp16 = "amp: mixed precision; fp16: CLIP's own fp16 weights; default: amp on CUDA, else fp32"
     add("--precision", choices=["fp32", "amp", "fp16"], help=fp16)
-    add(
-        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda, cuda:1, cpu"
-    )
+    add("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda, cpu, ...")
     add("--workers", type=int, default=4, help="data-loading processes")
     add("--out", help="run folder (default runs/<method>/<dataset>/...)")
     if learned:
@@ -1250,8 +1224,7 @@ PREEMPTED = []  # SIGUSR1 lands here: stop at the next safe point (after an epoc
 
 
 def watch_preemption():
-    """SIGUSR1, a cluster's warning before it stops a job (sbatch --signal=USR1@120), is noted in
-    PREEMPTED; the run then stops after saving, and the same command with --resume continues."""
+    """On SIGUSR1 (sbatch --signal=USR1@120: the job ends soon) save and stop; --resume goes on."""
     signal.signal(signal.SIGUSR1, lambda signum, frame: PREEMPTED.append(signum))
 
 
@@ -1269,8 +1242,7 @@ def lr_at_epoch(epoch, base_lr, epochs, warmup_lr=1e-5):
 
 
 def log_epoch(run_dir, device, epoch, epochs, seconds, n_images, **values):
-    """One line of log.jsonl per epoch, and on the screen: the mean of each per-step value, the
-    speed (images per second) and, on CUDA, the peak memory of the epoch."""
+    """log.jsonl's line for an epoch (each value's mean over steps, images/s, CUDA peak MiB)."""
     record = {"epoch": epoch, **{k: float(np.mean(v)) for k, v in values.items()}}
     record.update(seconds=round(seconds, 3), images_per_s=round(n_images / seconds, 1))
     with open(os.path.join(run_dir, "log.jsonl"), "a") as f:
@@ -1285,12 +1257,10 @@ def learned_state(model):
 
 
 def load_checkpoint(path):
-    if not os.path.isfile(path):
-        fail(f"{path}: checkpoint not found")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        fail(f"{path}: not a checkpoint written by this project ({e})")
+        fail(f"{path}: cannot read this checkpoint ({e}); is it a checkpoint.pt of this project?")
 
 
 def load_learned(model, checkpoint, path, config):

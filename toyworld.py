@@ -858,7 +858,7 @@ def ceilings(root, tower):
     columns.update({d: (d, "all") for d in DOMAINS})
     for column, (domain, part) in columns.items():
         args = argparse.Namespace(
-            data=f"{root}/{domain}", split_file=None, classnames=None, subsample=part, eval_data=[]
+            data=f"{root}/{domain}", split_file=None, subsample=part, eval_data=[]
         )
         _, data, _ = adapter.load_task(args)  # every training image: no few-shot sample
         f, y = {}, {}

@@ -586,7 +586,7 @@ def test_zero_weights_predict_with_the_loaded_prompts(
         clip_model, ["blue", "green", "red", "yellow"], n_ctx=2, depth=2
     )
     model.load_state_dict(torch.load(source_ckpt, weights_only=True)["state"], strict=False)
-    items = ps.load_dataset(tiny_data, None, None)["test"]
+    items = ps.load_dataset(tiny_data)["test"]
     with torch.no_grad():
         for r in records:
             image = ps.test_transform(32)(Image.open(items[r["index"]][0]).convert("RGB"))

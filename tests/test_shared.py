@@ -175,8 +175,9 @@ def test_image_folder_and_classnames(tmp_path):
     make_image_folder(tmp_path / "d" / "test", ["golden_retriever", "cat"], 2)
     data = coop.load_dataset(str(tmp_path / "d"))
     assert data["classnames"] == ["cat", "golden retriever"] and data["train"] == []
-    (tmp_path / "names.txt").write_text("cat\tfelis catus\ngolden_retriever a golden retriever\n")
-    data = coop.load_dataset(str(tmp_path / "d"), classnames_file=str(tmp_path / "names.txt"))
+    names = "cat\tfelis catus\ngolden_retriever a golden retriever\n"  # as CoOp's ImageNet
+    (tmp_path / "d" / "classnames.txt").write_text(names)
+    data = coop.load_dataset(str(tmp_path / "d"))
     assert data["classnames"] == ["felis catus", "a golden retriever"]
     assert [y for _, y in data["test"]] == [0, 0, 1, 1]
 
