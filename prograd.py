@@ -277,7 +277,7 @@ def main(args):
         load_learned(model, load_checkpoint(args.load), args.load, config)
     # Training: SGD on the learned parameters, one learning rate per epoch
     os.makedirs(run_dir, exist_ok=True)
-    save(os.path.join(run_dir, "args.json"), vars(args))
+    save(os.path.join(run_dir, "args.json"), dict(vars(args), n_ctx=config["n_ctx"]))  # M used
     optimizer = torch.optim.SGD(learned, args.lr, momentum=0.9, weight_decay=5e-4)  # on ctx too
     # loss scaled for fp16 math, lest small gradients round to 0; the original's fp16 mode does not
     half = args.precision == "fp16" or (args.precision == "amp" and device.type == "cuda")

@@ -377,6 +377,8 @@ def test_class_specific_context_scores_only_its_own_classes(tiny_ckpt, tiny_data
         "--subsample", "base", "--ctx-init", "a photo of", "--out", str(tmp_path)])  # fmt: skip
     assert set(m["accuracy"]) == {"test"} and "new" in m["not_scored"] and "harmonic_mean" not in m
     assert set(m["zero_shot"]) == {"test"}
+    # args.json records the M the run used (the init words' 3 tokens), not the preset's 16
+    assert json.loads((tmp_path / "args.json").read_text())["n_ctx"] == 3
 
 
 def test_presets_are_the_papers_settings():
