@@ -270,12 +270,19 @@ def marginal_entropy(logits):
     return -(log_mean.exp() * log_mean).sum()
 
 
-def token_alignment(means, variances, source_means, source_variances):
-    """[PromptAlign, as coded] the sum over layers of 0.5 L1 (mean over elements) of the token
-    means' and variances' distances."""
+def view_statistics(tokens, layers):
+    """[PromptAlign] mu_l, var_l: the mean and biased variance over the views of the aligned
+    blocks' input tokens tokens[l] (T, k, W), per position and channel: (T, W) each."""
+    x = [tokens[l].float() for l in layers]  # (T, k, W) each
+    return [t.mean(dim=1) for t in x], [t.var(dim=1, unbiased=False) for t in x]
+
+
+def token_alignment(means, variances, source_means, source_variances, terms=False):
+    """[PromptAlign, as coded] sum_l (0.5 mean|mu_l - mu^_l| + 0.5 mean|var_l - var^_l|), means
+    over positions and channels; terms: the gaps [mean|mu_l - mu^_l|, mean|var_l - var^_l|]."""
     pairs = zip(means, variances, source_means, source_variances)
-    terms = [0.5 * (m - sm).abs().mean() + 0.5 * (v - sv).abs().mean() for m, v, sm, sv in pairs]
-    return torch.stack(terms).sum()
+    gaps = [torch.stack([(m - sm).abs().mean(), (v - sv).abs().mean()]) for m, v, sm, sv in pairs]
+    return torch.stack(gaps) if terms else 0.5 * torch.stack(gaps).sum()
 
 
 @torch.no_grad()
@@ -552,10 +559,9 @@ def train_step(model, optimizer, scaler, images, precision="fp32", features=None
         loss = marginal_entropy(logits)  # [TPT L_ent]
     else:  # [MaPLe] cross-entropy on labelled images, in fp32 (autocast's logits are fp16)
         loss = F.cross_entropy(logits.float(), labels)
-    if align:  # [PromptAlign] the k views' token statistics, per position and channel: (T, W)
+    if align:  # [PromptAlign] the k views' token statistics vs the source's
         layers, source_means, source_variances, weight = align
-        x = [tokens[l].float() for l in layers]  # (T, k, W) each
-        means, variances = [t.mean(dim=1) for t in x], [t.var(dim=1, unbiased=False) for t in x]
+        means, variances = view_statistics(tokens, layers)  # (T, W) each
         loss = loss + weight * token_alignment(means, variances, source_means, source_variances)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()  # a no-op scale unless fp16 on CUDA
@@ -564,23 +570,34 @@ def train_step(model, optimizer, scaler, images, precision="fp32", features=None
     return loss.item()
 
 
-def adapt(model, views, optimizer, scaler, steps=1, rho=0.1, precision="fp32", align=None):
+def adapt(model, views, optimizer, scaler, steps=1, rho=0.1, precision="fp32", align=None,
+          gap=None):  # fmt: skip
     """TPT's procedure for one image, views (N, 3, H, W), views[0] the original, after a reset of
-    the prompts and optimizer. -> (prediction before tuning, after, steps skipped on overflow)."""
+    the prompts and optimizer. -> (prediction before tuning, after, steps skipped on overflow).
+    gap: a dict that receives PromptAlign's token_alignment terms of the kept views, (L, 2) as
+    lists, at the loaded prompts ("before") and the tuned ones ("after")."""
     frozen = model.prompts.depth == 0  # text-only prompts: the views' features never change
+    tokens = [] if gap is not None else None  # the gap before the step: from this pass
     with torch.no_grad(), autocast(views.device, precision):
-        features = model.image_features(views)  # (N, D), every view in one batch
+        features = model.image_features(views, tokens)  # (N, D), every view in one batch
         logits = model.logits(features)  # (N, C)
     before, skipped = int(logits[0].argmax()), 0
     if steps == 0:
         return before, before, 0
     selected = select_confident(logits, rho)  # [TPT select] once, before the first step
+    gap_of = lambda t: token_alignment(*view_statistics(t, align[0]), *align[1:3], terms=True)
+    if gap is not None:  # the kept views' tokens at the loaded prompts: (T, k, W) per block
+        gap["before"] = gap_of([t[:, selected] for t in tokens]).tolist()
     for _ in range(steps):  # the loss needs only the kept views: only they are recomputed
         kept, scale = features[selected] if frozen else None, scaler.get_scale()
         train_step(model, optimizer, scaler, views[selected], precision, kept, align)
         skipped += scaler.get_scale() < scale  # the scaler backs off after a skipped step
     with torch.no_grad(), autocast(views.device, precision):  # the original view, tuned prompts
         original = features[:1] if frozen else model.image_features(views[:1])
+        if gap is not None:  # the kept views at the tuned prompts: one more forward, no graph
+            tokens = []
+            model.image_features(views[selected], tokens)
+            gap["after"] = gap_of(tokens).tolist()
         return before, int(model.logits(original)[0].argmax()), skipped
 
 
@@ -678,12 +695,14 @@ def test_stage(args, model, ckpt, test_sets, run_dir, device):
                 optimizer.load_state_dict(initial[1])  # ... and AdamW's state
                 # TPT's loss scaler, new per image: an fp16 overflow skips the image's step
                 run["scaler"] = torch.amp.GradScaler(device.type, init_scale=1000, enabled=fp16)
-                x = images.to(device)
+                x, gap = images.to(device), {} if align else None
                 if sync:
                     before, after, skip = adapt_sync(model, x, optimizer, sync, **run)
                 else:
-                    before, after, skip = adapt(model, x, optimizer, align=align, **run)
+                    before, after, skip = adapt(model, x, optimizer, align=align, gap=gap, **run)
                 r = dict(set=name, index=i, label=label, before=before, after=after, n=len(items))
+                if gap:  # PromptAlign's loss terms per aligned block, before and after the step
+                    r["align_gap"] = dict(gap, blocks=align[0])
                 f.write(json.dumps(dict(r, skipped=skip)) + "\n")
                 f.flush()  # a killed run keeps every image it finished (--resume)
                 if PREEMPTED:
@@ -724,7 +743,8 @@ def read_predictions(run_dirs):
 
 
 def summary(records):
-    """-> {set: accuracy before tuning}, {set: after}, {"skipped_steps": fp16 overflows}."""
+    """-> {set: accuracy before tuning}, {set: after}, and for metrics.json the steps skipped on
+    fp16 overflows and PromptAlign's token-statistics gap per block before and after its step."""
     before, after, records = {}, {}, list(records.values())
     for name in dict.fromkeys(r["set"] for r in records):
         rs = [r for r in records if r["set"] == name]
@@ -732,7 +752,15 @@ def summary(records):
             print(f"note: {name}: {len(rs)} of its {rs[0]['n']} images have a prediction")
         before[name] = 100 * float(np.mean([r["before"] == r["label"] for r in rs]))
         after[name] = 100 * float(np.mean([r["after"] == r["label"] for r in rs]))
-    return before, after, dict(skipped_steps=sum(r.get("skipped", 0) for r in records))
+    extra = dict(skipped_steps=sum(r.get("skipped", 0) for r in records))
+    gaps = [r["align_gap"] for r in records if "align_gap" in r]
+    if gaps:  # PromptAlign's: {block: [mean|mu - mu^|, mean|var - var^|]}, the images' mean
+        mean = lambda when: np.mean([g[when] for g in gaps], axis=0).round(6).tolist()  # (L, 2)
+        gap = {w: dict(zip(map(str, gaps[0]["blocks"]), mean(w))) for w in ("before", "after")}
+        print(f"PromptAlign's gap {{block: [mean|mu - mu^|, mean|var - var^|]}} over {len(gaps)} "
+              f"images: before {gap['before']}, after {gap['after']}")  # fmt: skip
+        extra["align_gap"] = gap
+    return before, after, extra
 
 
 def load_test_sets(args):
