@@ -402,9 +402,8 @@ def source_prototypes(model, items, classnames, views, seed, device, precision, 
 
 
 def match_prototypes(model, ckpt, classnames, device):
-    """The source prototypes of a test set's classes, by name, else (open point 9) those of the
-    source class of nearest EOT feature (proto_text; what CLIP would confuse it with); and L_A's
-    h^t: the classes' EOT features at the loaded prompts, text_at_load."""
+    """A test set's classes' source prototypes, by name, else (open point 9) the source class's of
+    nearest EOT feature; and L_A's h^t, text_at_load: their EOT features at the loaded prompts."""
     with torch.no_grad():
         text = model.text_features()  # (C, D) at the loaded prompts
     names, source = list(ckpt["proto_classnames"]), ckpt["proto_text"].to(device)
@@ -528,9 +527,8 @@ class Views:
 
 
 class ViewDataset(torch.utils.data.Dataset):
-    """(index, path, label) items -> (views, label, index). Image i's views depend on (seed, i)
-    only: shards, workers and restarts see the same. It reseeds the global generators (random,
-    numpy, torch: AugMix draws from numpy's), so iterated in the main process it moves them."""
+    """(index, path, label) items -> (views, label, index); image i's views depend on (seed, i)
+    only (shards, workers, restarts), by reseeding the global generators (AugMix uses numpy's)."""
 
     def __init__(self, items, views, seed):
         self.items, self.views, self.seed = items, views, seed
@@ -573,9 +571,8 @@ def train_step(model, optimizer, scaler, images, precision="fp32", features=None
 def adapt(model, views, optimizer, scaler, steps=1, rho=0.1, precision="fp32", align=None,
           gap=None):  # fmt: skip
     """TPT's procedure for one image, views (N, 3, H, W), views[0] the original, after a reset of
-    the prompts and optimizer. -> (prediction before tuning, after, steps skipped on overflow).
-    gap: a dict that receives PromptAlign's token_alignment terms of the kept views, (L, 2) as
-    lists, at the loaded prompts ("before") and the tuned ones ("after")."""
+    the prompts and optimizer. -> (prediction before tuning, after, steps skipped on overflow);
+    gap: a dict, gets PromptAlign's loss terms (L, 2) on the kept views "before" and "after"."""
     frozen = model.prompts.depth == 0  # text-only prompts: the views' features never change
     tokens = [] if gap is not None else None  # the gap before the step: from this pass
     with torch.no_grad(), autocast(views.device, precision):
