@@ -6,18 +6,17 @@ Papers  TPT (test-time prompt tuning): Shu et al., arXiv 2209.07511 (NeurIPS 202
         PromptSync: Khandelwal, arXiv 2404.07520 (CVPR 2024 Workshops); no public code: what its
         paper leaves open is decided in OPEN POINTS below
 
-The idea. TPT tunes CLIP's prompt on every test image, without its label: it makes N augmented
-views of the image, keeps the views CLIP is most confident about, takes a step that lowers the
-entropy of their mean prediction, classifies the original image with the updated prompt, and
-resets the prompt for the next image. PromptAlign does the same on MaPLe's multimodal prompts
-(text prompts in the first J blocks of the text tower and linear projections of them in the
-vision tower, learned once on a labelled source set) and also pulls the mean and variance of the
-image's vision tokens towards statistics of the whole source set. PromptSync uses class
-prototypes instead (each source class's mean features, in both towers), each class weighted by
-the image's mean predicted probability p^ for it. Its step has two halves: meta-train moves the
-prompts so that the image's views stand apart from the other classes (a contrastive loss L_D);
-meta-test, at the moved prompts, pulls the image's features towards the prototypes of its likely
-classes (L_A) and lowers TPT's entropy. The mean of the two gradients updates the prompts.
+The idea. TPT tunes CLIP's prompt on each test image, without its label: of N augmented views it
+keeps those CLIP is most confident about, takes a step that lowers the entropy of their mean
+prediction, classifies the original image with the updated prompt, and resets the prompt for the
+next image. PromptAlign does the same on MaPLe's multimodal prompts (text prompts in the first J
+blocks of the text tower, linear projections of them in the vision tower, learned once on a
+labelled source set) and also pulls the mean and variance of the views' vision tokens towards the
+whole source set's. PromptSync uses class prototypes instead (each source class's mean features in
+both towers), class c weighted by the image's mean predicted probability p^_c. Its step has two
+halves: meta-train moves the prompts so that the views stand apart from the other classes (a
+contrastive loss L_D); meta-test, at the moved prompts, pulls the features towards the prototypes
+of the likely classes (L_A) and lowers TPT's entropy. The mean of the two gradients updates them.
 
 Equations (p_i = softmax of view i's logits, H the entropy, tau = 1/100 CLIP's temperature; TPT's
 Eq. 4-6 hold its first two lines together)
@@ -83,8 +82,7 @@ with warnings.catch_warnings():  # openai-clip 1.0.1 imports the deprecated pkg_
 
 
 # The defaults that differ per stage and loss (--help lists them); the others are in parse_args
-def from_load(key, value):
-    # (a --load that is not there yet, e.g. a planned run's: main stops on it before any work)
+def from_load(key, value):  # a --load not there yet (a planned run's) stops main before work
     there = lambda a: os.path.isfile(a.load or "")
     get = lambda a: load_checkpoint(a.load)["config"][key] if there(a) else value
     get.__doc__ = f"--load's, else {value}"
@@ -143,10 +141,9 @@ class TextEncoder(nn.Module):
 # The method: the prompts, both towers with them, TPT's and PromptAlign's losses, PromptSync's
 class MultimodalPrompts(nn.Module):
     """TPT's text context (depth 0) or MaPLe's multimodal prompts (depth J >= 1). Class c's text
-    prompt is "[SOS] a photo of a {c}. [EOT]" (start- and end-of-text tokens), its first M words
-    learned (ctx): TPT learns all 4, MaPLe "a photo". With depth J, deep_text[j-1] replaces the
-    text tokens 1..M before text block j = 1..J-1, and the vision tower gets proj(ctx) and
-    deep_proj[j-1](deep_text[j-1]) [MaPLe]."""
+    prompt is "[SOS] a photo of a {c}. [EOT]" (start and end of text), its first M words learned
+    (ctx): TPT's all 4, MaPLe's "a photo". [MaPLe] deep_text[j-1] replaces the text tokens 1..M
+    before text block j = 1..J-1; the vision tower gets proj(ctx) and deep_proj[j-1](deep_text)."""
 
     def __init__(self, clip_model, classnames, n_ctx=2, depth=3, ctx_init="a photo of a"):
         super().__init__()
@@ -161,9 +158,8 @@ class MultimodalPrompts(nn.Module):
             raise ValueError(f"depth {depth} is more than the layers of a tower of this CLIP")
         with torch.no_grad():
             self.ctx = nn.Parameter(clip_model.token_embedding(tokens)[0, 1 : 1 + n_ctx].float())
-        self.deep_text = nn.ParameterList(  # [MaPLe] deeper text prompts, N(0, 0.02^2)
-            [nn.Parameter(torch.randn(n_ctx, d) * 0.02) for _ in range(max(depth - 1, 0))]
-        )
+        deep = [nn.Parameter(torch.randn(n_ctx, d) * 0.02) for _ in range(max(depth - 1, 0))]
+        self.deep_text = nn.ParameterList(deep)  # [MaPLe] deeper text prompts, N(0, 0.02^2)
         if depth:  # [MaPLe] couplings F_j: the deeper ones are copies of one Linear
             width = visual.conv1.out_channels
             self.proj, one = nn.Linear(d, width), nn.Linear(d, width)
@@ -210,9 +206,8 @@ def encode_image(visual, images, prompts=(), tokens=None, last=None):
     block's input (PromptAlign) and the last block's output (PromptSync), (T, B, width)."""
     x = visual.conv1(images.type(visual.conv1.weight.dtype))  # (B, width, g, g)
     x = x.flatten(2).permute(0, 2, 1)  # (B, g*g, width)
-    B, width = x.shape[0], x.shape[-1]
-    zeros = torch.zeros(B, 1, width, dtype=x.dtype, device=x.device)
-    cls = visual.class_embedding.to(x.dtype) + zeros  # (B, 1, width)
+    B = x.shape[0]
+    cls = visual.class_embedding.to(x.dtype).expand(B, 1, -1)  # (B, 1, width)
     x = torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)  # (B, 1+g*g, width)
     if prompts:  # [MaPLe] no position embedding for the prompts
         x = torch.cat([x, prompts[0].to(x.dtype).expand(B, -1, -1)], dim=1)  # (B, T, width)
@@ -275,12 +270,19 @@ def marginal_entropy(logits):
     return -(log_mean.exp() * log_mean).sum()
 
 
-def token_alignment(means, variances, source_means, source_variances):
-    """[PromptAlign, as coded] the sum over layers of 0.5 L1 (mean over elements) of the token
-    means' and variances' distances."""
+def view_statistics(tokens, layers):
+    """[PromptAlign] mu_l, var_l: the mean and biased variance over the views of the aligned
+    blocks' input tokens tokens[l] (T, k, W), per position and channel: (T, W) each."""
+    x = [tokens[l].float() for l in layers]  # (T, k, W) each
+    return [t.mean(dim=1) for t in x], [t.var(dim=1, unbiased=False) for t in x]
+
+
+def token_alignment(means, variances, source_means, source_variances, terms=False):
+    """[PromptAlign, as coded] sum_l (0.5 mean|mu_l - mu^_l| + 0.5 mean|var_l - var^_l|), means
+    over positions and channels; terms: the gaps [mean|mu_l - mu^_l|, mean|var_l - var^_l|]."""
     pairs = zip(means, variances, source_means, source_variances)
-    terms = [0.5 * (m - sm).abs().mean() + 0.5 * (v - sv).abs().mean() for m, v, sm, sv in pairs]
-    return torch.stack(terms).sum()
+    gaps = [torch.stack([(m - sm).abs().mean(), (v - sv).abs().mean()]) for m, v, sm, sv in pairs]
+    return torch.stack(gaps) if terms else 0.5 * torch.stack(gaps).sum()
 
 
 @torch.no_grad()
@@ -307,20 +309,18 @@ def token_statistics(model, loader, device, precision):
 #  3 offline prompts: the source stage's MaPLe prompts (as PromptAlign's statistics), not refreshed
 #  4 proxy sampling: the source shots (16 per class), 4 views each (the original + 3 crops)
 #  5 L_D's views: the image's kept views (current prompts) are every class k's, weight p^_k; the
-#    other classes': 8 stored source-view features each, not re-encoded at every step (the paper's
-#    hours per update suggest that), so an image costs its own views only
+#    other classes': 8 stored source-view features each, not re-encoded per step (as the paper's
+#    hours per update suggest), so an image costs its own views only
 #  6 L_D: cosine / tau (CLIP's); L_pos a plain mean; L_neg without the positive; parts summed
 #  7 L_A: amplitude = mean squared error, angular = 1 - cos, each through log(1 + d), weights 1:1;
 #    the image side: the mean of the kept views' features (not the original image, not per view)
 #  8 p^: TPT's selection (the 10 % lowest-entropy views) at every point, detached, all classes
 #  9 a class without a source prototype takes those of the source class of nearest EOT feature
 #    (classes that share one are not each other's negatives in L_D)
-# 10 h^t: the paper averages the token outputs "excluding SOS, EOS and CLS", but in the causal
-#    text tower the context tokens' outputs are every class's (one prototype for all). Of the mean
-#    over the class-name tokens and the EOT feature (CLIP's own class feature), we take EOT
-# 11 L_neg's text-text terms share one sum with image-text ones at 1/tau = 100; with CLIP's
-#    modality gap they dominate (toy ViT: 92 % of the text part's L_neg, 61 % of the vision part's),
-#    so the text part mostly spreads the class text features. We keep the paper's sum
+# 10 h^t: the EOT feature, not the paper's mean token output "excluding SOS, EOS and CLS": in the
+#    causal text tower the context tokens' outputs are every class's (one prototype for all)
+# 11 L_neg's text-text terms share one sum with the image-text ones at 1/tau = 100, as the paper
+#    writes; with CLIP's modality gap they dominate, so the text part mostly spreads the classes
 # 12 views: 64 (as TPT, PromptAlign): crop and flip, colour jitter, grayscale, blur, random erasing
 #    with noise for the background substitution (--corrupt)
 # 14 prompts: MaPLe's (vision = projections of text), ViT only; the prediction as TPT's
@@ -347,11 +347,10 @@ def discrimination_loss(views, prototypes, class_views, weights, tau, groups=Non
     C = p.shape[0]
     groups = torch.arange(C, device=p.device) if groups is None else groups
     neg = lambda s: s.masked_fill(groups[:, None] == groups[None, :], float("-inf"))  # j != k
-    vp = v @ p.t() / tau  # (V, C)
-    log_views = vp.logsumexp(dim=0) - math.log(v.shape[0])  # log mean_i exp(s(v_i, p_j)): (C,)
-    log_pos = log_views  # [PromptSync L_pos(k)] the views vs their own prototype: (C,)
+    # [PromptSync L_pos(k)] log mean_i e^{s(v_i, p_k)}, the views vs their own prototype: (C,)
+    log_pos = (v @ p.t() / tau).logsumexp(dim=0) - math.log(v.shape[0])
     part1 = neg(p @ p.t() / tau)  # (1) prototype k vs the other prototypes j: (C, C)
-    part2 = neg(log_views[None].expand(C, -1))  # (2) the views vs the other prototypes: (C, C)
+    part2 = neg(log_pos[None].expand(C, -1))  # (2) the views vs the other prototypes: (C, C)
     pu = torch.einsum("kd,jsd->kjs", p, u) / tau  # (C, C, S)
     part3 = neg(pu.logsumexp(dim=-1) - math.log(u.shape[1]))  # (3) k vs the other classes' views
     log_neg = torch.cat([part1, part2, part3], dim=1).logsumexp(dim=1)  # log L_neg(k): (C,)
@@ -392,9 +391,8 @@ def source_prototypes(model, items, classnames, views, seed, device, precision, 
     S = min(n_views, int(torch.bincount(labels, minlength=C).min()))
     # a class's S stored views come from as many of its images as S allows: every image's first
     # crop, then every image's second crop, ..., the originals (view 0) last
-    spread = sorted(range(len(view)), key=lambda i: (view[i] == 0, view[i]))
-    spread = torch.tensor(spread, device=device)
-    cls_s, labels_s = cls[spread], labels[spread]
+    spread = torch.tensor(sorted(range(len(view)), key=lambda i: (view[i] == 0, view[i])))
+    cls_s, labels_s = cls[spread.to(device)], labels[spread.to(device)]
     stored = torch.stack([F.normalize(cls_s[labels_s == c][:S], dim=-1) for c in range(C)])
     model.prompts.set_classnames(model.clip, classnames)
     return dict(proto_classnames=list(classnames), proto_cls=class_prototypes(cls, labels, C).cpu(),
@@ -404,9 +402,8 @@ def source_prototypes(model, items, classnames, views, seed, device, precision, 
 
 
 def match_prototypes(model, ckpt, classnames, device):
-    """The source prototypes of a test set's classes, by name, else (open point 9) those of the
-    source class of nearest EOT feature (proto_text; what CLIP would confuse it with); and L_A's
-    h^t: the classes' EOT features at the loaded prompts, text_at_load."""
+    """A test set's classes' source prototypes, by name, else (open point 9) the source class's of
+    nearest EOT feature; and L_A's h^t, text_at_load: their EOT features at the loaded prompts."""
     with torch.no_grad():
         text = model.text_features()  # (C, D) at the loaded prompts
     names, source = list(ckpt["proto_classnames"]), ckpt["proto_text"].to(device)
@@ -418,10 +415,9 @@ def match_prototypes(model, ckpt, classnames, device):
 
 
 def sync_terms(model, views, sync, rho=0.1, precision="fp32", part="all"):
-    """[PromptSync] at the prompts' current values, for views (N, 3, H, W): the confident views F
-    and p^ (detached), then F in the graph -> (L_ent, L_A, L_D, the views' logits); part "D" or
-    "test": only L_D, or only L_ent and L_A (the others None). One text pass serves the selection
-    (its features detached) and the losses."""
+    """[PromptSync] at the current prompts, for views (N, 3, H, W): the confident views F and p^
+    (detached), then F in the graph -> (L_ent, L_A, L_D, the views' logits); part "D" or "test":
+    only L_D, or L_ent and L_A (the others None). One text pass serves selection and losses."""
     with autocast(views.device, precision):
         text = model.text_features()  # (C, D)
     with torch.no_grad(), autocast(views.device, precision):
@@ -453,22 +449,16 @@ def gradients(loss, params, scale=1.0):
     return [torch.zeros_like(p) if g is None else g.float() / scale for p, g in zip(params, grads)]
 
 
-def meta_train_step(params, grads, lr, eps=1e-8):
-    """[PromptSync] P' = P - lr sign(g_D), new tensors; written g / (|g| + eps), Adam's first step
-    (open point 17): elementwise, so the loss's scale never matters, only its gradient's sign."""
-    return [p.detach() - lr * g / (g.abs() + eps) for p, g in zip(params, grads)]
-
-
-def meta_update(params, optimizer, loss_D, loss_test, lr, steps=1, scale=1.0):
+def meta_update(params, optimizer, loss_D, loss_test, lr, steps=1, scale=1.0, eps=1e-8):
     """[PromptSync] the header's four lines `steps` times, summing (g_D + g_A) / 2, then one step
     from the params as they were. loss_D, loss_test: -> the loss at the params' current values
     (None: weight 0). -> False, and no step, if a gradient is not finite (an fp16 overflow)."""
     start, total = [p.detach().clone() for p in params], [torch.zeros_like(p) for p in params]
     for _ in range(steps):
         g_D = gradients(loss_D(), params, scale)  # g_D = grad L_D(P)
-        with torch.no_grad():  # P' = P - lr sign(g_D); P' starts the next iteration (open point 17)
-            for p, moved in zip(params, meta_train_step(params, g_D, lr)):
-                p.copy_(moved)
+        with torch.no_grad():  # P' = P - lr sign(g_D) as g / (|g| + eps), Adam's first step: only
+            for p, g in zip(params, g_D):  # the sign counts (open point 17); P' goes on
+                p.sub_(lr * g / (g.abs() + eps))
         g_A = gradients(loss_test(), params, scale)  # g_A = grad(L_ent + L_A)(P')
         total = [s + (a + b) / 2 for s, a, b in zip(total, g_D, g_A)]
     with torch.no_grad():
@@ -482,9 +472,8 @@ def meta_update(params, optimizer, loss_D, loss_test, lr, steps=1, scale=1.0):
     return True
 
 
-# The test-time views: TPT's (the original first, then random crops + flips, and on the
-# fine-grained sets AugMix, Hendrycks et al., arXiv 1912.02781: a random mix of chains of simple
-# image operations); PromptAlign never uses AugMix.
+# The test-time views: TPT's, the original first, then random crops + flips and on the fine-grained
+# sets AugMix (Hendrycks et al., arXiv 1912.02781: random chains of simple image operations, mixed)
 AUGMIX_OPS = ("autocontrast", "equalize", "posterize", "rotate", "solarize", "shear_x", "shear_y",
               "translate_x", "translate_y")  # fmt: skip
 
@@ -514,9 +503,8 @@ class Views:
 
     def __init__(self, n_px, n_views=64, augmix=False, crop_scale=0.08, corrupt=False):
         self.original, self.n_views, self.augmix = test_transform(n_px), n_views, augmix
-        # torchvision's defaults, as TPT: ratio 3/4-4/3, bilinear (not the training's bicubic);
-        # open point 12: then colour jitter, grayscale and blur, and random erasing with noise (a
-        # stand-in for background substitution, which needs a segmentation model)
+        # torchvision's defaults, as TPT: ratio 3/4-4/3, bilinear (not bicubic); open point 12: then
+        # jitter, grayscale, blur, and random erasing with noise for the background substitution
         jitter = T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.5)
         blur = T.RandomApply([T.GaussianBlur(3, (0.1, 1.5))], p=0.3)
         crop = [T.RandomResizedCrop(n_px, scale=(crop_scale, 1)), T.RandomHorizontalFlip()]
@@ -539,9 +527,8 @@ class Views:
 
 
 class ViewDataset(torch.utils.data.Dataset):
-    """(index, path, label) items -> (views, label, index). Image i's views depend on (seed, i)
-    only: shards, workers and restarts see the same. It reseeds the global generators (random,
-    numpy, torch: AugMix draws from numpy's), so iterated in the main process it moves them."""
+    """(index, path, label) items -> (views, label, index); image i's views depend on (seed, i)
+    only (shards, workers, restarts), by reseeding the global generators (AugMix uses numpy's)."""
 
     def __init__(self, items, views, seed):
         self.items, self.views, self.seed = items, views, seed
@@ -556,57 +543,58 @@ class ViewDataset(torch.utils.data.Dataset):
 
 
 # One step, and the per-image procedures (select, step, predict), after a reset of the prompts
-def train_step(model, optimizer, scaler, views, precision="fp32", features=None, align=None):
+def train_step(model, optimizer, scaler, images, precision="fp32", features=None, align=None,
+               labels=None):  # fmt: skip
     """One TPT or PromptAlign step on one test image's confident views (k, 3, H, W) or, with
-    text-only prompts, their frozen features (k, D). align: PromptAlign's (layers, source means,
-    source variances, weight), (T, W) each. -> the loss."""
+    text-only prompts, their frozen features (k, D); align: PromptAlign's (layers, source means,
+    source variances, weight), (T, W) each. With labels: MaPLe's source step. -> the loss."""
     tokens = [] if align else None
-    with autocast(views.device, precision):
+    with autocast(images.device, precision):
         if features is None:  # the vision prompts are learned: the vision tower is in the graph
-            features = model.image_features(views, tokens)
+            features = model.image_features(images, tokens)
         logits = model.logits(features)  # (k, C)
-    loss = marginal_entropy(logits)  # [TPT L_ent]
-    if align:  # [PromptAlign] the k views' token statistics, per position and channel: (T, W)
+    if labels is None:
+        loss = marginal_entropy(logits)  # [TPT L_ent]
+    else:  # [MaPLe] cross-entropy on labelled images, in fp32 (autocast's logits are fp16)
+        loss = F.cross_entropy(logits.float(), labels)
+    if align:  # [PromptAlign] the k views' token statistics vs the source's
         layers, source_means, source_variances, weight = align
-        x = [tokens[l].float() for l in layers]  # (T, k, W) each
-        means, variances = [t.mean(dim=1) for t in x], [t.var(dim=1, unbiased=False) for t in x]
+        means, variances = view_statistics(tokens, layers)  # (T, W) each
         loss = loss + weight * token_alignment(means, variances, source_means, source_variances)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()  # a no-op scale unless fp16 on CUDA
-    scaler.step(optimizer)  # AdamW on the fp32 prompts; a step that overflows is skipped
+    scaler.step(optimizer)  # on the fp32 prompts; a step that overflows is skipped
     scaler.update()
     return loss.item()
 
 
-def source_step(model, optimizer, scaler, images, labels, precision="fp32"):
-    """[MaPLe] one SGD step of cross-entropy on labelled images, both towers in the graph."""
-    with autocast(images.device, precision):
-        logits = model(images)  # (B, C)
-    loss = F.cross_entropy(logits.float(), labels)  # in fp32 (autocast's logits are fp16)
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.step(optimizer)
-    scaler.update()
-    return loss.item()
-
-
-def adapt(model, views, optimizer, scaler, steps=1, rho=0.1, precision="fp32", align=None):
+def adapt(model, views, optimizer, scaler, steps=1, rho=0.1, precision="fp32", align=None,
+          gap=None):  # fmt: skip
     """TPT's procedure for one image, views (N, 3, H, W), views[0] the original, after a reset of
-    the prompts and optimizer. -> (prediction before tuning, after, steps skipped on overflow)."""
+    the prompts and optimizer. -> (prediction before tuning, after, steps skipped on overflow);
+    gap: a dict, gets PromptAlign's loss terms (L, 2) on the kept views "before" and "after"."""
     frozen = model.prompts.depth == 0  # text-only prompts: the views' features never change
+    tokens = [] if gap is not None else None  # the gap before the step: from this pass
     with torch.no_grad(), autocast(views.device, precision):
-        features = model.image_features(views)  # (N, D), every view in one batch
+        features = model.image_features(views, tokens)  # (N, D), every view in one batch
         logits = model.logits(features)  # (N, C)
     before, skipped = int(logits[0].argmax()), 0
     if steps == 0:
         return before, before, 0
     selected = select_confident(logits, rho)  # [TPT select] once, before the first step
+    gap_of = lambda t: token_alignment(*view_statistics(t, align[0]), *align[1:3], terms=True)
+    if gap is not None:  # the kept views' tokens at the loaded prompts: (T, k, W) per block
+        gap["before"] = gap_of([t[:, selected] for t in tokens]).tolist()
     for _ in range(steps):  # the loss needs only the kept views: only they are recomputed
         kept, scale = features[selected] if frozen else None, scaler.get_scale()
         train_step(model, optimizer, scaler, views[selected], precision, kept, align)
         skipped += scaler.get_scale() < scale  # the scaler backs off after a skipped step
     with torch.no_grad(), autocast(views.device, precision):  # the original view, tuned prompts
         original = features[:1] if frozen else model.image_features(views[:1])
+        if gap is not None:  # the kept views at the tuned prompts: one more forward, no graph
+            tokens = []
+            model.image_features(views[selected], tokens)
+            gap["after"] = gap_of(tokens).tolist()
         return before, int(model.logits(original)[0].argmax()), skipped
 
 
@@ -631,7 +619,7 @@ def adapt_sync(model, views, optimizer, sync, steps=1, rho=0.1, precision="fp32"
 # main: the source stage (MaPLe's prompts, what PromptAlign and PromptSync align to), test stage
 def source_stage(args, model, data, test_sets, config, run_dir, device):
     """[MaPLe] learn the prompts on the labelled source shots, then record what PromptAlign and
-    PromptSync align to. -> (zero-shot accuracy, the prompts' accuracy) per test set."""
+    PromptSync align to. -> (zero-shot accuracy, the prompts' accuracy) per test set, {}."""
     learned = [p for p in model.parameters() if p.requires_grad]
     n_px, precision = model.clip.visual.input_resolution, args.precision
     optimizer = torch.optim.SGD(learned, args.lr, 0.9, weight_decay=args.weight_decay)  # MaPLe's
@@ -642,13 +630,12 @@ def source_stage(args, model, data, test_sets, config, run_dir, device):
                          shuffle=True)  # fmt: skip
     for epoch in range(0 if args.eval_only else args.epochs):
         lr = lr_at_epoch(epoch, args.lr, args.epochs)  # MaPLe's: a warm-up epoch at 1e-5, cosine
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        optimizer.param_groups[0]["lr"] = lr
         t0, losses, n = time.time(), [], 0
         peak_mib(device, reset=True)
         for images, labels in loader:
             images, labels = images.to(device), labels.to(device)
-            losses.append(source_step(model, optimizer, scaler, images, labels, precision))
+            losses.append(train_step(model, optimizer, scaler, images, precision, labels=labels))
             n += len(labels)
         log_epoch(run_dir, device, epoch + 1, args.epochs, time.time() - t0, n, lr=lr, loss=losses)
     # [PromptAlign] the statistics, with the learned prompts, over the whole train split (not only
@@ -667,10 +654,10 @@ def source_stage(args, model, data, test_sets, config, run_dir, device):
         weights = zeroshot_classifier(model.clip, classnames, ["a photo of a {}."])
         zero_shot[name] = accuracy(model.clip.logit_scale.exp() * features @ weights.t(), labels)
         model.prompts.set_classnames(model.clip, classnames)
-        features, labels = encode_images(model.image_features, loader, device, precision)
-        with torch.no_grad():
+        with torch.no_grad():  # no graph through the learned vision prompts
+            features, labels = encode_images(model.image_features, loader, device, precision)
             acc[name] = accuracy(model.logits(features), labels)
-    return zero_shot, acc
+    return zero_shot, acc, {}
 
 
 def test_stage(args, model, ckpt, test_sets, run_dir, device):
@@ -679,8 +666,9 @@ def test_stage(args, model, ckpt, test_sets, run_dir, device):
     learned = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(learned, args.lr, weight_decay=args.weight_decay)
     initial = copy.deepcopy((model.prompts.state_dict(), optimizer.state_dict()))
-    align = alignment_targets(args, ckpt, model) if args.loss == "align" else None
     run = dict(steps=0 if args.eval_only else args.steps, rho=args.rho, precision=args.precision)
+    align = alignment_targets(args, ckpt, model) if args.loss == "align" else None
+    weights = [float(w) for w in args.sync_weights.split(",")]  # PromptSync's Table 5 ablation
     fp16 = args.precision != "fp32" and device.type == "cuda"
     n_px, n_views = model.clip.visual.input_resolution, 1 if args.eval_only else args.views
     views = Views(n_px, n_views, args.augmix, args.crop_scale, args.corrupt)
@@ -690,8 +678,8 @@ def test_stage(args, model, ckpt, test_sets, run_dir, device):
     watch_preemption()
     for name, (items, classnames) in test_sets.items():
         model.prompts.set_classnames(model.clip, classnames)
-        model.prompts.load_state_dict(initial[0])
-        sync, weights = None, [float(w) for w in args.sync_weights.split(",")]
+        model.prompts.load_state_dict(initial[0])  # the prototypes' h^t: at the loaded prompts
+        sync = None
         if args.loss == "sync":
             sync = dict(match_prototypes(model, ckpt, classnames, device), weights=weights)
         todo = [(i, *item) for i, item in enumerate(items) if i % N == K and (name, i) not in done]
@@ -705,12 +693,14 @@ def test_stage(args, model, ckpt, test_sets, run_dir, device):
                 optimizer.load_state_dict(initial[1])  # ... and AdamW's state
                 # TPT's loss scaler, new per image: an fp16 overflow skips the image's step
                 run["scaler"] = torch.amp.GradScaler(device.type, init_scale=1000, enabled=fp16)
-                x = images.to(device)
+                x, gap = images.to(device), {} if align else None
                 if sync:
                     before, after, skip = adapt_sync(model, x, optimizer, sync, **run)
                 else:
-                    before, after, skip = adapt(model, x, optimizer, align=align, **run)
+                    before, after, skip = adapt(model, x, optimizer, align=align, gap=gap, **run)
                 r = dict(set=name, index=i, label=label, before=before, after=after, n=len(items))
+                if gap:  # PromptAlign's loss terms per aligned block, before and after the step
+                    r["align_gap"] = dict(gap, blocks=align[0])
                 f.write(json.dumps(dict(r, skipped=skip)) + "\n")
                 f.flush()  # a killed run keeps every image it finished (--resume)
                 if PREEMPTED:
@@ -751,15 +741,24 @@ def read_predictions(run_dirs):
 
 
 def summary(records):
-    """-> {set: accuracy before tuning}, {set: after}, and the steps skipped on fp16 overflows."""
-    before, after = {}, {}
-    for name in dict.fromkeys(r["set"] for r in records.values()):
-        rs = [r for r in records.values() if r["set"] == name]
+    """-> {set: accuracy before tuning}, {set: after}, and for metrics.json the steps skipped on
+    fp16 overflows and PromptAlign's token-statistics gap per block before and after its step."""
+    before, after, records = {}, {}, list(records.values())
+    for name in dict.fromkeys(r["set"] for r in records):
+        rs = [r for r in records if r["set"] == name]
         if len(rs) < rs[0]["n"]:
             print(f"note: {name}: {len(rs)} of its {rs[0]['n']} images have a prediction")
         before[name] = 100 * float(np.mean([r["before"] == r["label"] for r in rs]))
         after[name] = 100 * float(np.mean([r["after"] == r["label"] for r in rs]))
-    return before, after, sum(r.get("skipped", 0) for r in records.values())
+    extra = dict(skipped_steps=sum(r.get("skipped", 0) for r in records))
+    gaps = [r["align_gap"] for r in records if "align_gap" in r]
+    if gaps:  # PromptAlign's: {block: [mean|mu - mu^|, mean|var - var^|]}, the images' mean
+        mean = lambda when: np.mean([g[when] for g in gaps], axis=0).round(6).tolist()  # (L, 2)
+        gap = {w: dict(zip(map(str, gaps[0]["blocks"]), mean(w))) for w in ("before", "after")}
+        print(f"PromptAlign's gap {{block: [mean|mu - mu^|, mean|var - var^|]}} over {len(gaps)} "
+              f"images: before {gap['before']}, after {gap['after']}")  # fmt: skip
+        extra["align_gap"] = gap
+    return before, after, extra
 
 
 def load_test_sets(args):
@@ -814,29 +813,24 @@ def main(args):
     save(os.path.join(run_dir, "args.json"), dict(vars(args), method=method, dataset=dataset))
 
     # The source stage's epochs, or the test images one by one; then metrics.json
-    t0, extra = time.time(), {}
+    t0 = time.time()
     if source:
-        zero_shot, acc = source_stage(args, model, data, test_sets, config, run_dir, device)
+        zero_shot, acc, extra = source_stage(args, model, data, test_sets, config, run_dir, device)
     else:
-        zero_shot, acc, skipped = test_stage(args, model, ckpt, test_sets, run_dir, device)
-        extra["skipped_steps"] = skipped  # fp16 overflows (none in fp32)
+        zero_shot, acc, extra = test_stage(args, model, ckpt, test_sets, run_dir, device)
     extra["seconds"] = round(time.time() - t0, 1)
     return finish_run(run_dir, args, method, dataset, zero_shot, acc, **extra)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description="Test-time prompt tuning: TPT, PromptAlign and PromptSync, and the source "
-        "stage of MaPLe's prompts (defaults: the papers' settings)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    p = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.description = f"{__doc__.splitlines()[0]} Defaults: the papers' settings."
     add = p.add_argument
     add("--stage", choices=["source", "test"], default="test", help="source: learn MaPLe's "
         "prompts, record statistics and prototypes; test: tune on every image")  # fmt: skip
     add("--loss", choices=["tpt", "align", "sync"], default="tpt", help="the test stage's "
         "method: TPT, PromptAlign or PromptSync")  # fmt: skip
-    add("--setting", choices=["dg", "fine-grained"], default="dg", help="the papers' "
-        "setting: domain generalisation or the fine-grained (cross-dataset) sets")  # fmt: skip
+    add("--setting", choices=["dg", "fine-grained"], default="dg", help="the papers' two settings")
     add("--n-ctx", type=int, help="learned text tokens (TPT: 'a photo of a'; MaPLe: 'a photo')")
     add("--depth", type=int, help="MaPLe's prompt depth J (0: TPT's text-only prompts)")
     add("--backbone", default="ViT-B/16", help="CLIP name or checkpoint path (TPT also: RN50)")
@@ -851,14 +845,12 @@ def parse_args(argv=None):
     add("--crop-scale", type=float, default=0.08, help="smallest crop area (toy source: 1)")
     add("--views", type=int, default=64, help="views per test image, the original included")
     add("--rho", type=float, default=0.1, help="confidence selection: the share of views kept")
-    add("--steps", type=int, default=1, help="per image: TPT, align: n AdamW steps; sync: n "
-        "inner meta iterations, then one AdamW step")  # fmt: skip
+    add("--steps", type=int, default=1, help="AdamW steps per image (sync: inner iterations)")
     add("--augmix", type=int, choices=[0, 1], help="AugMix on the views")
     add("--corrupt", type=int, choices=[0, 1], help="corrupted views (PromptSync's)")
     add("--align-layers", default="0,1", help="PromptAlign's blocks (code: 0,1; paper: all)")
     add("--align-weight", type=float, default=100 / 3, help="PromptAlign's beta (code: 100/3)")
-    add("--sync-weights", default="1,1,1", help="PromptSync: the weights E,A,D of L_ent, L_A, "
-        "L_D (0: off, as in PromptSync's Table 5, its ablation of the three losses)")  # fmt: skip
+    add("--sync-weights", default="1,1,1", help="E,A,D: L_ent's, L_A's, L_D's weights (0: off)")
     add("--shard", default="0/1", help="K/N: only every N-th test image, from the K-th")
     p.set_defaults(subsample="all")  # load_task's base/new split: not used here
     add_run_args(add)

@@ -239,10 +239,51 @@ def test_every_test_image_starts_from_the_same_prompts_and_optimizer(
     metrics = run(["--loss", "align", "--backbone", tiny_vit_ckpt, "--data", tiny_data, "--load",
         source_ckpt, "--views", "8", "--rho", "0.25", "--out", str(tmp_path)])  # fmt: skip
     assert len(seen) == 12 and metrics["method"] == "promptalign"
+    # the token-statistics gap, per aligned block, the mean over the images before and after
+    gap = json.load(open(tmp_path / "metrics.json"))["align_gap"]
+    assert gap == metrics["align_gap"] and list(gap["before"]) == list(gap["after"]) == ["0", "1"]
+    records = ps.read_predictions([str(tmp_path)]).values()
+    mean = sum(r["align_gap"]["before"][1][0] for r in records) / len(records)
+    assert gap["before"]["1"][0] == pytest.approx(mean, abs=1e-6)
     loaded = torch.load(source_ckpt, weights_only=True)["state"]
     for prompts, opt in seen:
         assert all(torch.equal(v, loaded["prompts." + k]) for k, v in prompts.items())
         assert opt == seen[0][1] and opt["state"] == {}  # a fresh AdamW every image
+
+
+def test_promptalign_logs_its_loss_terms_before_and_after_the_step_which_shrinks_them(
+    source_ckpt, tiny_vit_ckpt
+):
+    """The logged gap per block, [mean|mu_l - mu^_l|, mean|var_l - var^_l|], is the alignment
+    loss's pair of terms on the kept views: at the loaded prompts before the step, at the tuned
+    ones after it. A step with a large alignment weight (the entropy negligible) shrinks them.
+    (Target statistics moved off the source's: at those, the prompt positions match exactly, an
+    L1 kink that any step of the prompts can only widen.)"""
+    model, _, views = loaded_maple(source_ckpt, tiny_vit_ckpt)
+    ckpt = torch.load(source_ckpt, weights_only=True)
+    stats = [[m + 0.1 for m in ckpt["means"][:2]], [v * 1.5 + 0.01 for v in ckpt["variances"][:2]]]
+
+    def terms_by_hand(kept):
+        tokens = []
+        with torch.no_grad():
+            model.image_features(views[kept], tokens)
+        x = [tokens[l] for l in (0, 1)]  # (T, k, W): blocks 0 and 1
+        means, variances = [t.mean(dim=1) for t in x], [t.var(dim=1, unbiased=False) for t in x]
+        pairs = zip(means, variances, *stats)
+        terms = [[(m - a).abs().mean().item(), (v - b).abs().mean().item()] for m, v, a, b in pairs]
+        return terms, ps.token_alignment(means, variances, *stats).item()
+
+    with torch.no_grad():
+        kept = ps.select_confident(model(views), 0.25)
+    before, loss = terms_by_hand(kept)
+    learned = [p for p in model.parameters() if p.requires_grad]
+    optimizer, gap = torch.optim.AdamW(learned, 1e-3, weight_decay=0.01), {}
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    ps.adapt(model, views, optimizer, scaler, 1, 0.25, align=([0, 1], *stats, 1e4), gap=gap)
+    assert gap["before"] == [pytest.approx(t, rel=1e-5) for t in before]
+    assert 0.5 * sum(map(sum, gap["before"])) == pytest.approx(loss, rel=1e-5)  # [PromptAlign]
+    assert gap["after"] == [pytest.approx(t, rel=1e-5) for t in terms_by_hand(kept)[0]]
+    assert sum(map(sum, gap["after"])) < sum(map(sum, gap["before"]))
 
 
 def test_shards_together_equal_one_run_and_resume_continues(tiny_vit_ckpt, tiny_data, tmp_path):
@@ -394,9 +435,6 @@ def test_meta_update_averages_the_two_gradients_by_hand(steps, expected):
     optimizer, at = torch.optim.SGD([w], lr=1.0), []
     loss_D = lambda: at.append(("D", w.item())) or (w - 1) ** 2
     loss_test = lambda: at.append(("test", w.item())) or 3 * (w - 2) ** 2
-
-    temporary = ps.meta_train_step([w], [torch.tensor(-1.0, dtype=torch.float64)], 0.1)
-    assert w.item() == 0.5 and temporary[0].item() == pytest.approx(0.6)  # only the temporary
     assert ps.meta_update([w], optimizer, loss_D, loss_test, lr=0.1, steps=steps)
     assert w.item() == pytest.approx(expected)  # the update is applied to w = 0.5, not to w'
     # each loss built once per iteration: L_D at P, the meta-test loss at P'
@@ -690,7 +728,7 @@ def test_the_source_step_runs_under_fp16_with_a_loss_scaler(
     optimizer = torch.optim.SGD(learned, 0.05, 0.9)
     torch.manual_seed(1)
     images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
-    loss = ps.source_step(model, optimizer, emulated_cuda(), images, labels, precision)
+    loss = ps.train_step(model, optimizer, emulated_cuda(), images, precision, labels=labels)
     after = learned_tensors(model)
     assert math.isfinite(loss) and all(torch.isfinite(t).all() for t in after)
     assert any(not torch.equal(a, b) for a, b in zip(start, after))
