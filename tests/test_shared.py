@@ -349,7 +349,7 @@ def test_make_loader_pins_memory_only_for_a_cuda_device(tiny_data):
 
 
 def toy_parser():
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--fancy", action="store_true")
     p.add_argument("--shots", type=int, default=4)
     p.add_argument("--epochs", type=int, help="epochs")
@@ -365,6 +365,7 @@ def test_presets_fill_only_the_options_left_out_and_help_lists_them(capsys):
     method = lambda a: "fancy" if a.fancy else "plain"
     args = coop.parse(toy_parser(), ["--device", "cpu"], PRESETS, method)
     assert (args.epochs, args.lr, args.precision) == (100, 0.002, "fp32")  # epochs by 4 shots
+    assert args.out is None  # an option without a default is there, as None
     args = coop.parse(toy_parser(), ["--fancy", "--lr", "1", "--device", "cpu"], PRESETS, method)
     assert (args.epochs, args.lr) == (10, 1.0)  # the given option wins over the preset
     with pytest.raises(SystemExit):
@@ -372,6 +373,7 @@ def test_presets_fill_only_the_options_left_out_and_help_lists_them(capsys):
     shown = " ".join(capsys.readouterr().out.split())
     assert "plain: 50/100/200 for 1/2-4/8-16 shots (CoOp's configs); fancy: 10" in shown
     assert "plain: 0.002; fancy: 0.1" in shown
+    assert "(default: 4)" in shown and "(default: None)" not in shown  # no default, no noise
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is there")
