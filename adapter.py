@@ -350,11 +350,27 @@ def train_step(logits_fn, optimizer, features, labels, scheduler=None):
 
 
 # ---- The four methods on the precomputed features `feats`, each -> (its model, its choices) -----
+def train_epoch(epoch, args, feats, run_dir, forward, optimizer, generator, scheduler=None):
+    """One epoch of CLIP-Adapter or Tip-Adapter-F on the precomputed views (their codes crop afresh
+    every epoch), logged -> the validation accuracy (None without validation features)."""
+    lr, t = optimizer.param_groups[0]["lr"], time.time()
+    peak_mib(feats.device, reset=True)  # log_epoch reports this epoch's peak memory
+    batches = epoch_batches(feats.views, feats.y, args.batch_size, generator)  # each image once
+    loss, acc = zip(*[train_step(forward, optimizer, f, y, scheduler) for f, y in batches])
+    values = dict(lr=lr, loss=loss, train_acc=acc)  # loss, acc: one value per step
+    if feats.f_val is not None:
+        with torch.no_grad():
+            values["val_acc"] = accuracy(forward(feats.f_val), feats.y_val)
+    seconds = time.time() - t
+    log_epoch(run_dir, feats.device, epoch + 1, args.epochs, seconds, len(feats.y), **values)
+    return values.get("val_acc")
+
+
 def run_clip_adapter(args, feats, run_dir):
-    """[CLIP-Adapter] trained by CoOp's recipe on the precomputed views (its code crops afresh every
-    epoch); the last epoch is kept (its code, a trainer in CoOp's code base, selects nothing). Mixed
-    recipes: alpha 0.2 is the code's fixed ratio (the paper tunes it); the 10 views, crop area
-    0.5-1, are Tip-Adapter's; the last partial batch is kept (CoOp's Dassl library drops it)."""
+    """[CLIP-Adapter] trained by CoOp's recipe on the precomputed views; the last epoch is kept (its
+    code, a trainer in CoOp's code base, selects nothing). Mixed recipes: alpha 0.2 is the code's
+    fixed ratio (the paper tunes it); the 10 views, crop area 0.5-1, are Tip-Adapter's; the last
+    partial batch is kept (CoOp's Dassl library drops it)."""
     model = ClipAdapter(feats.dim).to(feats.device)  # reduction 4, as the code
     sgd = dict(momentum=0.9, weight_decay=args.weight_decay)  # CoOp's SGD
     optimizer = torch.optim.SGD(model.parameters(), args.lr, **sgd)
@@ -363,24 +379,16 @@ def run_clip_adapter(args, feats, run_dir):
     for epoch in range(args.epochs):
         for group in optimizer.param_groups:  # CoOp's: a warm-up epoch at 1e-5, cosine per epoch
             group["lr"] = lr_at_epoch(epoch, args.lr, args.epochs)
-        lr, t = optimizer.param_groups[0]["lr"], time.time()
-        peak_mib(feats.device, reset=True)  # log_epoch reports this epoch's peak memory
-        batches = epoch_batches(feats.views, feats.y, args.batch_size, generator)  # each image once
-        loss, acc = zip(*[train_step(forward, optimizer, f, y) for f, y in batches])  # per step
-        values = dict(lr=lr, loss=loss, train_acc=acc)
-        if feats.f_val is not None:  # shown only: nothing is chosen on it
-            with torch.no_grad():
-                values["val_acc"] = accuracy(forward(feats.f_val), feats.y_val)
-        seconds = time.time() - t
-        log_epoch(run_dir, feats.device, epoch + 1, args.epochs, seconds, len(feats.y), **values)
+        train_epoch(epoch, args, feats, run_dir, forward, optimizer, generator)  # val: shown only
     return model, dict(alpha=args.alpha)
 
 
-def run_tip(args, feats, run_dir):
-    """[Tip-Adapter] training-free: the cache built from the views; alpha and beta by the authors'
-    grid on the validation features."""
-    model = TipAdapter(*build_cache(feats.views, feats.y, feats.n_cls)).to(feats.device)  # K, V
-    K, V, f_val = model.cache_keys, model.cache_values, F.normalize(feats.f_val, dim=-1)
+def run_tip(args, feats, run_dir, model=None):
+    """[Tip-Adapter] training-free: the cache built from the views (or Tip-Adapter-F's fine-tuned
+    one); alpha and beta by the authors' grid on the validation features."""
+    if model is None:  # K, V built
+        model = TipAdapter(*build_cache(feats.views, feats.y, feats.n_cls)).to(feats.device)
+    K, V, f_val = model.cache_keys.detach(), model.cache_values, F.normalize(feats.f_val, dim=-1)
     grid = (args.search_scale, args.search_step)
     val_acc, alpha, beta = search_alpha_beta(f_val, feats.y_val, feats.W, K, V, feats.s, *grid)
     print(f"alpha {alpha:.3f}, beta {beta:.3f}: validation accuracy {val_acc:.2f}")
@@ -398,26 +406,13 @@ def run_tip_f(args, feats, run_dir):
     forward = lambda f: model(F.normalize(f, dim=-1), feats.W, args.alpha, args.beta, feats.s)
     generator = torch.Generator().manual_seed(args.seed)  # each epoch's views and order
     best_acc, best_epoch, best_state = -1.0, 0, None  # the epoch best on validation
-    for epoch in range(args.epochs):
-        lr, t = optimizer.param_groups[0]["lr"], time.time()
-        peak_mib(feats.device, reset=True)  # log_epoch reports this epoch's peak memory
-        # the same 10 precomputed views that built the keys; the authors' code crops afresh
-        batches = epoch_batches(feats.views, feats.y, args.batch_size, generator)  # each image once
-        loss, acc = zip(*[train_step(forward, optimizer, f, y, scheduler) for f, y in batches])
-        values = dict(lr=lr, loss=loss, train_acc=acc)
-        with torch.no_grad():
-            values["val_acc"] = accuracy(forward(feats.f_val), feats.y_val)
-        if values["val_acc"] > best_acc:
-            best_acc, best_epoch, best_state = values["val_acc"], epoch + 1, learned_state(model)
-        seconds = time.time() - t
-        log_epoch(run_dir, feats.device, epoch + 1, args.epochs, seconds, len(feats.y), **values)
+    for epoch in range(args.epochs):  # the same 10 views that built the keys
+        val_acc = train_epoch(epoch, args, feats, run_dir, forward, optimizer, generator, scheduler)
+        if val_acc > best_acc:
+            best_acc, best_epoch, best_state = val_acc, epoch + 1, learned_state(model)
     model.load_state_dict(best_state, strict=False)  # the keys of the best epoch
-    # [Tip-Adapter] then alpha and beta by the authors' grid, as run_tip, on the fine-tuned keys
-    K, V, f_val = model.cache_keys.detach(), model.cache_values, F.normalize(feats.f_val, dim=-1)
-    grid = (args.search_scale, args.search_step)
-    val_acc, alpha, beta = search_alpha_beta(f_val, feats.y_val, feats.W, K, V, feats.s, *grid)
-    print(f"alpha {alpha:.3f}, beta {beta:.3f}: validation accuracy {val_acc:.2f}")
-    return model, dict(epoch=best_epoch, val_acc=val_acc, alpha=alpha, beta=beta)
+    model, chosen = run_tip(args, feats, run_dir, model)  # [Tip-Adapter] the grid, on these keys
+    return model, dict(epoch=best_epoch, **chosen)
 
 
 def run_linear_probe(args, feats, run_dir):
