@@ -37,6 +37,7 @@ Run
 """
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -61,8 +62,7 @@ with warnings.catch_warnings():  # openai-clip 1.0.1 imports the deprecated pkg_
 
 
 # --------------------- Presets: each method's defaults, its paper's or code's ---------------------
-# A callable preset is resolved after parsing (so it may use what is defined below, paper_dataset
-# and TIP_CONFIGS); its docstring, set by rule(), is what --help shows.
+# A callable preset is resolved after parsing (so it may use paper_dataset); --help shows its doc
 def rule(doc, value):
     value.__doc__ = doc
     return value
@@ -206,13 +206,11 @@ def search_C_reg(fit, val_accuracy, steps=8):
     """[CoOp lpclip] C_reg from {1e6, 1e4, ..., 1e-6} by validation accuracy, then `steps`
     bisections in log10 between C*/10 and 10 C*, keeping the better end each time. fit(C_reg) ->
     probe; val_accuracy(probe) -> accuracy. Returns (C_reg, probe, accuracy) of the last step."""
-    fits = {}
 
-    def scored(C_reg):  # fits are deterministic (from zero), so each C_reg is fitted once
-        if C_reg not in fits:
-            probe = fit(C_reg)
-            fits[C_reg] = (probe, val_accuracy(probe))
-        return fits[C_reg]
+    @functools.cache  # fits are deterministic (from zero), so each C_reg is fitted once
+    def scored(C_reg):
+        probe = fit(C_reg)
+        return probe, val_accuracy(probe)
 
     coarse = [1e6, 1e4, 1e2, 1.0, 1e-2, 1e-4, 1e-6]
     peak = coarse[int(np.argmax([scored(C_reg)[1] for C_reg in coarse]))]
@@ -287,10 +285,6 @@ def encode_views(encode_image, items, transform, device, precision, views=1, see
     return torch.cat(out).view(views, len(items), -1)  # (views*N, D) -> (views, N, D)
 
 
-def label_tensor(items, device):
-    return torch.tensor([y for _, y in items], device=device)  # (N,)
-
-
 def precompute_features(args, clip_model, train, W):
     """What the four methods read, the namespace `feats` (image features raw, fp32): views (views,
     N, D) the training images' augmented views, y (N,) their labels; f_val (M, D) the validation
@@ -303,13 +297,14 @@ def precompute_features(args, clip_model, train, W):
     encode = lambda items, transform, views=1, seed=0: encode_views(
         clip_model.encode_image, items, transform, device, args.precision, views, seed, args.workers
     )
+    labels = lambda items: torch.tensor([y for _, y in items], device=device)  # (N,)
     views = encode(train["train"], transform, n_views, args.seed)  # (views, N, D)
     f_val = encode(val, test_transform(n_px))[0] if val else None  # (M, D)
     print(f"precomputed features: {n_views} views of {views.shape[1]} training images, "
           f"{len(val)} validation images, in {time.time() - t:.1f}s")  # fmt: skip
-    return argparse.Namespace(views=views, y=label_tensor(train["train"], device), f_val=f_val,
-        y_val=label_tensor(val, device), W=W, s=clip_model.logit_scale.exp().item(),
-        n_cls=len(train["classnames"]), dim=views.shape[-1], device=device)  # fmt: skip
+    return argparse.Namespace(views=views, y=labels(train["train"]), f_val=f_val, y_val=labels(val),
+        W=W, s=clip_model.logit_scale.exp().item(), n_cls=len(train["classnames"]),
+        dim=views.shape[-1], device=device)  # fmt: skip
 
 
 def draw_validation(args, train, k):
@@ -428,9 +423,8 @@ def run_linear_probe(args, feats, run_dir):
 
 
 def visual_sum(clip_model):
-    """Which image encoder, for --eval-only's check (the name may be a path): the weights rounded to
-    fp16 (as --precision fp16 holds them), summed in float64 on the CPU, to 8 digits: the same for
-    every --precision and device."""
+    """Which image encoder, for --eval-only's check (a name may be a path): its weights as fp16,
+    summed in float64 on the CPU to 8 digits, so the same for every --precision and device."""
     weights = [p.detach().cpu().half().double() for p in clip_model.visual.parameters()]
     return float(f"{sum(w.sum().item() for w in weights):.8g}")
 
@@ -459,7 +453,8 @@ def evaluate(args, clip_model, model, chosen, classnames, templates, test_sets):
     for name, (items, names) in test_sets.items():
         f = encode_views(clip_model.encode_image, items, test_transform(n_px), device,
                          args.precision, workers=args.workers)[0]  # (N, D) raw  # fmt: skip
-        y, W = label_tensor(items, device), zeroshot_classifier(clip_model, names, templates)
+        y = torch.tensor([label for _, label in items], device=device)  # (N,)
+        W = zeroshot_classifier(clip_model, names, templates)  # (C_test, D)
         zero_shot[name] = accuracy(s * F.normalize(f, dim=-1) @ W.t(), y)
         if args.method == "clip-adapter":  # the adapter does not depend on the class names
             score = lambda x: clip_adapter_logits(x, model, chosen["alpha"], W, s)
