@@ -2,15 +2,13 @@
 
 Papers  CLIP-Adapter: Gao et al., arXiv 2110.04544 (code: gaopengcuhk/CLIP-Adapter, clip_adapter.py)
         Tip-Adapter(-F): Zhang et al., arXiv 2111.03930 (code: gaopengcuhk/Tip-Adapter, main.py)
-        Linear probe: Radford et al., arXiv 2103.00020, App. A.3, as CoOp's code runs it in its
-          lpclip/ folder ("linear-probe CLIP"; KaiyangZhou/CoOp)
+        Linear probe: Radford et al., arXiv 2103.00020, App. A.3, as run by KaiyangZhou/CoOp's lpclip/
 
 The idea. All four keep CLIP frozen and put something small on top of the image feature, so the
 image encoder runs once per (image, view): the methods work on precomputed features. CLIP-Adapter
-learns a bottleneck MLP and blends its output with the feature. Tip-Adapter builds a key-value
-cache of the few-shot images (keys: features, values: one-hot labels) and adds the labels of similar
-keys to the zero-shot logits, without training; Tip-Adapter-F fine-tunes the keys. The probe reads
-the image feature alone (the text gives only the zero-shot column of its report).
+learns a bottleneck MLP and blends its output with the feature. Tip-Adapter adds to the zero-shot
+logits the labels of the few-shot images with similar features (a key-value cache), untrained;
+Tip-Adapter-F fine-tunes the keys. The probe ignores the text (bar the zero-shot baseline).
 
 Equations (f the raw image feature, f^ = f/|f|, C the number of classes, W (C, D) the normalised
 text features of the run's template(s), s = 1/tau = exp(logit_scale) CLIP's frozen logit scale
@@ -62,8 +60,7 @@ with warnings.catch_warnings():  # openai-clip 1.0.1 imports the deprecated pkg_
 
 
 # --------------------- Presets: each method's defaults, its paper's or code's ---------------------
-# A callable preset is resolved after parsing (so it may use paper_dataset); --help shows its doc
-def rule(doc, value):
+def rule(doc, value):  # a callable preset: resolved after parsing, shown by --help as `doc`
     value.__doc__ = doc
     return value
 
@@ -74,9 +71,9 @@ TIP = dict(  # val_shots None: the whole val split, as Tip-Adapter's main.py (el
     template=TEMPLATE, ensemble=rule("ImageNet: 'select', as Tip-Adapter's code; else 'none'",
         lambda a: "select" if paper_dataset(a) == "ImageNet" else "none"),
     alpha=rule("the dataset's init_alpha (Tip-Adapter's configs), else 1 (the authors' baseline)",
-               lambda a: tip_config(a)["init_alpha"]),
+               lambda a: TIP_CONFIGS[paper_dataset(a)]["init_alpha"]),
     search_scale=rule("the dataset's search_scale (Tip-Adapter's configs), else 50 50",
-                      lambda a: tip_config(a)["search_scale"]),
+                      lambda a: TIP_CONFIGS[paper_dataset(a)]["search_scale"]),
     beta=1.0, val_shots=None)  # fmt: skip
 PRESETS = {
     # CoOp's recipe (SGD, momentum 0.9, warm-up epoch, cosine); one template, as its code
@@ -95,9 +92,8 @@ PRESETS = {
 
 # ---- The methods (CLIP-Adapter, Tip-Adapter(-F), linear probe), on precomputed image features ----
 class ClipAdapter(nn.Module):
-    """[CLIP-Adapter] the visual adapter as its authors coded it: two bias-free linear layers, each
-    followed by a ReLU (so A(f) >= 0; the paper writes no ReLU after the second). dim is the
-    model's embedding width (1024 RN50, 512 ViT-B)."""
+    """[CLIP-Adapter] as its authors coded it: bias-free, a ReLU after each layer, so A(f) >= 0 (the
+    paper writes no ReLU after the second). dim: D (1024 RN50, 512 ViT-B)."""
 
     def __init__(self, dim, reduction=4):
         super().__init__()
@@ -113,8 +109,7 @@ def clip_adapter_logits(features, adapter, alpha, clip_weights, s):
     # Blend the raw feature, then normalise, as the code. (This bias-free ReLU adapter has A(c f) =
     # c A(f) for c > 0, so blending the normalised feature gives the same logits; a test checks it.)
     f = alpha * adapter(features) + (1 - alpha) * features  # [CLIP-Adapter] f* (B, D)
-    f = F.normalize(f, dim=-1)
-    return s * f @ clip_weights.t()  # [CLIP-Adapter] logits = s norm(f*) W^T: (B, C)
+    return s * F.normalize(f, dim=-1) @ clip_weights.t()  # [CLIP-Adapter] s norm(f*) W^T: (B, C)
 
 
 def tip_adapter_logits(features, clip_weights, cache_keys, cache_values, alpha, beta, s):
@@ -127,11 +122,9 @@ def tip_adapter_logits(features, clip_weights, cache_keys, cache_values, alpha, 
 
 
 def build_cache(view_features, labels, n_cls):
-    """[Tip-Adapter] keys: each image's raw features averaged over its views, then normalised
-    (normalising each view first gives other keys); values: one-hot labels.
-    view_features (views, N, D) raw -> keys (N, D), values (N, C)."""
-    keys = F.normalize(view_features.mean(dim=0), dim=-1)
-    return keys, F.one_hot(labels, n_cls).float()
+    """[Tip-Adapter] keys (N, D): each image's raw view_features (views, N, D) averaged over the
+    views, then normalised (normalising each view first gives other keys); values (N, C) one-hot."""
+    return F.normalize(view_features.mean(dim=0), dim=-1), F.one_hot(labels, n_cls).float()
 
 
 class TipAdapter(nn.Module):
@@ -159,9 +152,8 @@ class TipAdapterF(TipAdapter):
 @torch.no_grad()
 def search_alpha_beta(features, labels, clip_weights, cache_keys, cache_values, s, search_scale,
                       steps=(200, 20)):  # fmt: skip
-    """[Tip-Adapter utils.search_hp] the authors' grid: beta_i = 0.1 + i (beta_max - 0.1) / n_beta
-    for i = 0 ... n_beta - 1 (beta_max itself excluded, as the authors' code), alpha_j likewise;
-    the first best pair (beta outer, alpha inner) wins. Give it validation features only.
+    """[Tip-Adapter utils.search_hp] the authors' grid from 0.1, the maxima excluded as in their
+    code; the first best pair (beta outer, alpha inner) wins. Give it validation features only.
     search_scale = (beta_max, alpha_max), steps = (n_beta, n_alpha) -> (accuracy, alpha, beta)."""
     (beta_max, alpha_max), (n_beta, n_alpha) = search_scale, steps
     betas = [0.1 + i * (beta_max - 0.1) / n_beta for i in range(n_beta)]
@@ -234,16 +226,14 @@ def epoch_batches(view_features, labels, batch_size, generator):
         yield view_features[which[idx], idx], labels[idx]  # (B, D), (B,)
 
 
-# [Tip-Adapter configs/*.yaml] init_alpha and search_scale = (beta_max, alpha_max); init beta 1
+# [Tip-Adapter configs/*.yaml] init_alpha and search_scale = (beta_max, alpha_max); init beta 1.
+# None, every other dataset: alpha = beta = 1 (the authors' baseline, Tip-Adapter issue #13) and
+# their widest scale (OxfordFlowers'): a wide grid costs only resolution (the toy's best alpha > 10)
 TIP_CONFIGS = {name: dict(init_alpha=a, search_scale=scale) for name, a, scale in [
     ("ImageNet", 1.17, (7, 3)), ("Caltech101", 3, (12, 5)), ("DescribableTextures", 2, (13, 13)),
     ("EuroSAT", 2, (12, 10)), ("FGVCAircraft", 5, (30, 30)), ("Food101", 1.17, (10, 10)),
     ("OxfordFlowers", 10, (50, 50)), ("OxfordPets", 1.17, (7, 3)), ("StanfordCars", 3, (20, 10)),
-    ("SUN397", 1.17, (12, 10)), ("UCF101", 3, (7, 3))]}  # fmt: skip
-# Other datasets: alpha = beta = 1 (the authors' baseline, Tip-Adapter issue #13) and their widest
-# scale (OxfordFlowers'): a wide grid costs only resolution (the toy's best alpha lies above 10)
-OTHER_TIP_CONFIG = dict(init_alpha=1.0, search_scale=(50, 50))
-tip_config = lambda args: TIP_CONFIGS.get(paper_dataset(args), OTHER_TIP_CONFIG)
+    ("SUN397", 1.17, (12, 10)), ("UCF101", 3, (7, 3)), (None, 1.0, (50, 50))]}  # fmt: skip
 
 
 def paper_dataset(args):
@@ -258,8 +248,7 @@ def paper_dataset(args):
 # -------- Precomputed features: the frozen image encoder runs once per image and view ---------
 class SeededViews(torch.utils.data.Dataset):
     """`views` passes over the items, view v of image i drawn with a seed of its own (one per
-    (seed, view, image)), so the features do not depend on batches, workers or order. (These crops
-    draw from torch only, and fork_rng restores its state; promptsync.py's AugMix draws numpy's.)"""
+    (seed, view, image)), so the features do not depend on batches, workers or order."""
 
     def __init__(self, items, transform, views=1, seed=0):
         self.images, self.seed = ImageDataset(items * views, transform), seed
@@ -268,7 +257,7 @@ class SeededViews(torch.utils.data.Dataset):
         return len(self.images)
 
     def __getitem__(self, k):  # k = v * N + i; the seeds differ while k < 1_000_003
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]):  # the crops draw from torch only; state restored
             torch.random.default_generator.manual_seed(self.seed * 1_000_003 + k)
             return self.images[k]
 
@@ -285,26 +274,27 @@ def encode_views(encode_image, items, transform, device, precision, views=1, see
     return torch.cat(out).view(views, len(items), -1)  # (views*N, D) -> (views, N, D)
 
 
+def label_tensor(items, device):
+    return torch.tensor([y for _, y in items], device=device)  # (N,)
+
+
 def precompute_features(args, clip_model, train, W):
-    """What the four methods read, the namespace `feats` (image features raw, fp32): views (views,
-    N, D) the training images' augmented views, y (N,) their labels; f_val (M, D) the validation
-    images (test transform; None without), y_val (M,); W (C, D) the normalised text weights;
-    s = exp(logit_scale), a number; n_cls = C; dim = D; device."""
+    """The namespace `feats` the four methods read (raw image features, fp32): views (views, N, D)
+    of the training images, y (N,) their labels; f_val (M, D) the validation images (test transform;
+    None without), y_val (M,); W (C, D) text weights; s = exp(logit_scale); n_cls, dim, device."""
     device, n_px, t = torch.device(args.device), clip_model.visual.input_resolution, time.time()
     probe = args.method == "linear-probe"  # CoOp's lpclip: test-transform features, no augmentation
     transform = test_transform(n_px) if probe else train_transform(n_px, args.crop_scale)
     n_views, val = 1 if probe else args.aug_views, train["val"]
-    encode = lambda items, transform, views=1, seed=0: encode_views(
-        clip_model.encode_image, items, transform, device, args.precision, views, seed, args.workers
-    )
-    labels = lambda items: torch.tensor([y for _, y in items], device=device)  # (N,)
-    views = encode(train["train"], transform, n_views, args.seed)  # (views, N, D)
+    encode = functools.partial(encode_views, clip_model.encode_image, device=device,
+                               precision=args.precision, workers=args.workers)  # fmt: skip
+    views = encode(train["train"], transform, views=n_views, seed=args.seed)  # (views, N, D)
     f_val = encode(val, test_transform(n_px))[0] if val else None  # (M, D)
     print(f"precomputed features: {n_views} views of {views.shape[1]} training images, "
           f"{len(val)} validation images, in {time.time() - t:.1f}s")  # fmt: skip
-    return argparse.Namespace(views=views, y=labels(train["train"]), f_val=f_val, y_val=labels(val),
-        W=W, s=clip_model.logit_scale.exp().item(), n_cls=len(train["classnames"]),
-        dim=views.shape[-1], device=device)  # fmt: skip
+    return argparse.Namespace(views=views, y=label_tensor(train["train"], device), f_val=f_val,
+        y_val=label_tensor(val, device), W=W, s=clip_model.logit_scale.exp().item(),
+        n_cls=len(train["classnames"]), dim=views.shape[-1], device=device)  # fmt: skip
 
 
 def draw_validation(args, train, k):
@@ -430,17 +420,15 @@ def visual_sum(clip_model):
 
 
 def from_checkpoint(args, ckpt, config):
-    """--eval-only: the model and choices in --load: its state (learned) and fixed (Tip's built
-    keys and values) tensors; config's visual_sum tells the backbone."""
-    fixed = ckpt.get("fixed", {})
+    """--eval-only: the model (learned `state`, Tip's built `fixed` tensors), choices in --load."""
     if args.method == "clip-adapter":
         model = ClipAdapter(config["dim"])
     elif args.method == "linear-probe":
         model = nn.Linear(config["dim"], len(ckpt["classnames"]))
     elif args.method == "tip":
-        model = TipAdapter(fixed["cache_keys"], fixed["cache_values"])
-    else:  # the learned keys are copied in by load_learned
-        model = TipAdapterF(torch.zeros_like(ckpt["state"]["cache_keys"]), fixed["cache_values"])
+        model = TipAdapter(ckpt["fixed"]["cache_keys"], ckpt["fixed"]["cache_values"])
+    else:
+        model = TipAdapterF(ckpt["state"]["cache_keys"], ckpt["fixed"]["cache_values"])
     load_learned(model.to(args.device), ckpt, args.load, config)
     return model, ckpt["chosen"]
 
@@ -453,14 +441,13 @@ def evaluate(args, clip_model, model, chosen, classnames, templates, test_sets):
     for name, (items, names) in test_sets.items():
         f = encode_views(clip_model.encode_image, items, test_transform(n_px), device,
                          args.precision, workers=args.workers)[0]  # (N, D) raw  # fmt: skip
-        y = torch.tensor([label for _, label in items], device=device)  # (N,)
-        W = zeroshot_classifier(clip_model, names, templates)  # (C_test, D)
+        y, W = label_tensor(items, device), zeroshot_classifier(clip_model, names, templates)
         zero_shot[name] = accuracy(s * F.normalize(f, dim=-1) @ W.t(), y)
         if args.method == "clip-adapter":  # the adapter does not depend on the class names
             score = lambda x: clip_adapter_logits(x, model, chosen["alpha"], W, s)
         elif args.method.startswith("tip"):  # the cache adds to the classes it holds, by name
-            where = [classnames.index(n) if n in classnames else len(classnames) for n in names]
             # a test class the cache does not hold gets a zero column: its logits stay zero-shot
+            where = [classnames.index(n) if n in classnames else len(classnames) for n in names]
             V = F.pad(model.cache_values, (0, 1))[:, where]  # (N, C + 1) -> (N, C_test)
             K, alpha, beta = model.cache_keys, chosen["alpha"], chosen["beta"]
             score = lambda x: tip_adapter_logits(F.normalize(x, dim=-1), W, K, V, alpha, beta, s)
@@ -532,8 +519,7 @@ def check_options(args):
     if tip and not (0 <= args.alpha <= 100 and 0 <= args.beta <= 100):
         fail(f"--alpha {args.alpha}, --beta {args.beta}: weight and sharpness lie in [0, 100]")
     if tip and (min(args.search_scale) <= 0.1 or min(args.search_step) < 1):
-        grid = f"--search-scale {args.search_scale}, --search-step {args.search_step}"
-        fail(f"{grid}: both maxima must exceed 0.1 (the grid's start), both steps be at least 1")
+        fail("--search-scale: both maxima must exceed 0.1 (the grid's start); --search-step: >= 1")
     if args.eval_only != bool(args.load):  # a method fits in seconds: no training goes on from one
         fail("--eval-only needs --load <checkpoint.pt>, and --load needs --eval-only")
     ckpt = load_checkpoint(args.load) if args.load else None
