@@ -2,7 +2,7 @@
 
 Papers  CLIP-Adapter: Gao et al., arXiv 2110.04544 (code: gaopengcuhk/CLIP-Adapter, clip_adapter.py)
         Tip-Adapter(-F): Zhang et al., arXiv 2111.03930 (code: gaopengcuhk/Tip-Adapter, main.py)
-        Linear probe: Radford et al., arXiv 2103.00020, App. A.3, as run by KaiyangZhou/CoOp's lpclip/
+        Linear probe: Radford et al., arXiv 2103.00020, App. A.3 (code: KaiyangZhou/CoOp, lpclip/)
 
 The idea. All four keep CLIP frozen and put something small on top of the image feature, so the
 image encoder runs once per (image, view): the methods work on precomputed features. CLIP-Adapter
