@@ -463,7 +463,9 @@ def evaluate(args, clip_model, model, chosen, classnames, templates, test_sets):
 # ---- main: data, CLIP and the text classifier, the precomputed features, the method, results ----
 def main(args):
     device, method = torch.device(args.device), args.method
-    ckpt = check_options(args)  # bad input, before any long work
+    ckpt = load_checkpoint(args.load) if args.load else None  # bad input, before any long work
+    if ckpt and ckpt.get("config", {}).get("method") != method:
+        fail(f"{args.load} is a checkpoint of {ckpt.get('config')}, not of --method {method}")
     template = resolve_template(args.template)  # shared with zeroshot.py, as --ensemble select
     templates = TEMPLATES_SELECT if args.ensemble == "select" else [template]
     dataset, train, test_sets = load_task(args, args.shots)
@@ -474,7 +476,6 @@ def main(args):
         check_images(train["val"])
     run_dir = args.out or os.path.join("runs", method, dataset, f"{args.shots}shot_seed{args.seed}")
     seed_everything(args.seed)
-
     # Frozen CLIP and the frozen text classifier W of the training classes
     clip_model = load_clip(args.backbone, device, args.precision)
     config = dict(method=method, backbone=args.backbone, dim=clip_model.visual.output_dim)
@@ -483,7 +484,6 @@ def main(args):
     W = zeroshot_classifier(clip_model, classnames, templates)  # (C, D)
     os.makedirs(run_dir, exist_ok=True)
     save(os.path.join(run_dir, "args.json"), vars(args))
-
     # The method on the precomputed features (with --eval-only: as the checkpoint holds it)
     t0 = time.time()
     if args.eval_only:
@@ -504,28 +504,6 @@ def main(args):
                                                    templates, test_sets)  # fmt: skip
     epochs = args.epochs if method in ("clip-adapter", "tip-f") and not args.eval_only else 0
     return finish_run(run_dir, args, method, dataset, zero_shot, acc, epochs=epochs, **extra)
-
-
-def check_options(args):
-    """Every check of the options, before any long work. -> the --load checkpoint (or None)."""
-    counts = [getattr(args, k, 1) for k in ("shots", "aug_views", "epochs", "batch_size")]
-    if min(counts) < 1 or (getattr(args, "val_shots", None) or 1) < 1:
-        fail("--shots, --val-shots, --aug-views, --epochs and --batch-size must be at least 1")
-    if not 0 < args.crop_scale <= 1:
-        fail(f"--crop-scale {args.crop_scale}: the smallest crop's area is a fraction in (0, 1]")
-    if args.method == "clip-adapter" and not 0 <= args.alpha <= 1:
-        fail(f"--alpha {args.alpha}: CLIP-Adapter's residual ratio lies in [0, 1] (its code: 0.2)")
-    tip = args.method in ("tip", "tip-f")
-    if tip and not (0 <= args.alpha <= 100 and 0 <= args.beta <= 100):
-        fail(f"--alpha {args.alpha}, --beta {args.beta}: weight and sharpness lie in [0, 100]")
-    if tip and (min(args.search_scale) <= 0.1 or min(args.search_step) < 1):
-        fail("--search-scale: both maxima must exceed 0.1 (the grid's start); --search-step: >= 1")
-    if args.eval_only != bool(args.load):  # a method fits in seconds: no training goes on from one
-        fail("--eval-only needs --load <checkpoint.pt>, and --load needs --eval-only")
-    ckpt = load_checkpoint(args.load) if args.load else None
-    if ckpt and ckpt.get("config", {}).get("method") != args.method:
-        fail(f"{args.load} is a checkpoint of {ckpt.get('config')}, not of --method {args.method}")
-    return ckpt
 
 
 def parse_args(argv=None):
@@ -559,7 +537,22 @@ def parse_args(argv=None):
     add_run_args(add, learned=False)
     add("--load", help="checkpoint.pt of this method and backbone, to evaluate (--eval-only)")
     add("--eval-only", action="store_true", help="evaluate --load: no training image is read")
-    return parse(p, argv, PRESETS, lambda a: a.method)
+    args = parse(p, argv, PRESETS, lambda a: a.method)  # then every check, before any long work
+    counts = [getattr(args, k, 1) for k in ("shots", "aug_views", "epochs", "batch_size")]
+    if min(counts) < 1 or (getattr(args, "val_shots", None) or 1) < 1:
+        fail("--shots, --val-shots, --aug-views, --epochs and --batch-size must be at least 1")
+    if not 0 < args.crop_scale <= 1:
+        fail(f"--crop-scale {args.crop_scale}: the smallest crop's area is a fraction in (0, 1]")
+    if args.method == "clip-adapter" and not 0 <= args.alpha <= 1:
+        fail(f"--alpha {args.alpha}: CLIP-Adapter's residual ratio lies in [0, 1] (its code: 0.2)")
+    tip = args.method in ("tip", "tip-f")
+    if tip and not (0 <= args.alpha <= 100 and 0 <= args.beta <= 100):
+        fail(f"--alpha {args.alpha}, --beta {args.beta}: weight and sharpness lie in [0, 100]")
+    if tip and (min(args.search_scale) <= 0.1 or min(args.search_step) < 1):
+        fail("--search-scale: both maxima must exceed 0.1 (the grid's start); --search-step: >= 1")
+    if args.eval_only != bool(args.load):  # a method fits in seconds: no training goes on from one
+        fail("--eval-only needs --load <checkpoint.pt>, and --load needs --eval-only")
+    return args
 
 
 # --- shared: templates (canonical copy in zeroshot.py; re-sync with tools/sync_shared.py) ---
