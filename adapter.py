@@ -153,8 +153,7 @@ class TipAdapterF(TipAdapter):
 def search_alpha_beta(features, labels, clip_weights, cache_keys, cache_values, s, search_scale,
                       steps=(200, 20)):  # fmt: skip
     """[Tip-Adapter utils.search_hp] the authors' grid from 0.1, the maxima excluded as in their
-    code; the first best pair (beta outer, alpha inner) wins. Give it validation features only.
-    search_scale = (beta_max, alpha_max), steps = (n_beta, n_alpha) -> (accuracy, alpha, beta)."""
+    code; the first best pair (beta outer, alpha inner) wins. Give it validation features only."""
     (beta_max, alpha_max), (n_beta, n_alpha) = search_scale, steps
     betas = [0.1 + i * (beta_max - 0.1) / n_beta for i in range(n_beta)]
     alphas = [0.1 + j * (alpha_max - 0.1) / n_alpha for j in range(n_alpha)]
@@ -195,9 +194,8 @@ def fit_linear_probe(features, labels, n_cls, C_reg, max_iter=1000):
 
 
 def search_C_reg(fit, val_accuracy, steps=8):
-    """[CoOp lpclip] C_reg from {1e6, 1e4, ..., 1e-6} by validation accuracy, then `steps`
-    bisections in log10 between C*/10 and 10 C*, keeping the better end each time. fit(C_reg) ->
-    probe; val_accuracy(probe) -> accuracy. Returns (C_reg, probe, accuracy) of the last step."""
+    """[CoOp lpclip] C_reg: the coarse list's best, then `steps` log10 bisections between C*/10 and
+    10 C*, the better end kept each time. fit(C_reg) -> probe, val_accuracy(probe) -> accuracy."""
 
     @functools.cache  # fits are deterministic (from zero), so each C_reg is fitted once
     def scored(C_reg):
@@ -369,8 +367,7 @@ def run_clip_adapter(args, feats, run_dir):
 
 
 def run_tip(args, feats, run_dir, model=None):
-    """[Tip-Adapter] training-free: the cache built from the views (or Tip-Adapter-F's fine-tuned
-    one); alpha and beta by the authors' grid on the validation features."""
+    """[Tip-Adapter] untrained: the built cache (or Tip-F's tuned one); alpha, beta by the grid."""
     if model is None:  # K, V built
         model = TipAdapter(*build_cache(feats.views, feats.y, feats.n_cls)).to(feats.device)
     K, V, f_val = model.cache_keys.detach(), model.cache_values, F.normalize(feats.f_val, dim=-1)
@@ -401,8 +398,7 @@ def run_tip_f(args, feats, run_dir):
 
 
 def run_linear_probe(args, feats, run_dir):
-    """[Linear probe] logistic regression on the raw test-transform features, its C_reg chosen by
-    lpclip's search on the validation features."""
+    """[Linear probe] on the raw test-transform features, its C_reg by lpclip's search on val."""
     model = nn.Linear(feats.dim, feats.n_cls).to(feats.device)  # P (C, D), b (C,)
     fit = lambda C_reg: fit_linear_probe(feats.views[0], feats.y, feats.n_cls, C_reg)  # L-BFGS
     val_accuracy = lambda probe: accuracy(feats.f_val @ probe[0].t() + probe[1], feats.y_val)
@@ -445,8 +441,7 @@ def evaluate(args, clip_model, model, chosen, classnames, templates, test_sets):
         zero_shot[name] = accuracy(s * F.normalize(f, dim=-1) @ W.t(), y)
         if args.method == "clip-adapter":  # the adapter does not depend on the class names
             score = lambda x: clip_adapter_logits(x, model, chosen["alpha"], W, s)
-        elif args.method.startswith("tip"):  # the cache adds to the classes it holds, by name
-            # a test class the cache does not hold gets a zero column: its logits stay zero-shot
+        elif args.method.startswith("tip"):  # by name; a class the cache lacks stays zero-shot
             where = [classnames.index(n) if n in classnames else len(classnames) for n in names]
             V = F.pad(model.cache_values, (0, 1))[:, where]  # (N, C + 1) -> (N, C_test)
             K, alpha, beta = model.cache_keys, chosen["alpha"], chosen["beta"]
