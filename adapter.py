@@ -2,15 +2,13 @@
 
 Papers  CLIP-Adapter: Gao et al., arXiv 2110.04544 (code: gaopengcuhk/CLIP-Adapter, clip_adapter.py)
         Tip-Adapter(-F): Zhang et al., arXiv 2111.03930 (code: gaopengcuhk/Tip-Adapter, main.py)
-        Linear probe: Radford et al., arXiv 2103.00020, App. A.3, as CoOp's code runs it in its
-          lpclip/ folder ("linear-probe CLIP"; KaiyangZhou/CoOp)
+        Linear probe: Radford et al., arXiv 2103.00020, App. A.3 (code: KaiyangZhou/CoOp, lpclip/)
 
 The idea. All four keep CLIP frozen and put something small on top of the image feature, so the
 image encoder runs once per (image, view): the methods work on precomputed features. CLIP-Adapter
-learns a bottleneck MLP and blends its output with the feature. Tip-Adapter builds a key-value
-cache of the few-shot images (keys: features, values: one-hot labels) and adds the labels of similar
-keys to the zero-shot logits, without training; Tip-Adapter-F fine-tunes the keys. The probe reads
-the image feature alone (the text gives only the zero-shot column of its report).
+learns a bottleneck MLP and blends its output with the feature. Tip-Adapter adds to the zero-shot
+logits the labels of the few-shot images with similar features (a key-value cache), untrained;
+Tip-Adapter-F fine-tunes the keys. The probe ignores the text (bar the zero-shot baseline).
 
 Equations (f the raw image feature, f^ = f/|f|, C the number of classes, W (C, D) the normalised
 text features of the run's template(s), s = 1/tau = exp(logit_scale) CLIP's frozen logit scale
@@ -37,6 +35,7 @@ Run
 """
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -61,9 +60,7 @@ with warnings.catch_warnings():  # openai-clip 1.0.1 imports the deprecated pkg_
 
 
 # --------------------- Presets: each method's defaults, its paper's or code's ---------------------
-# A callable preset is resolved after parsing (so it may use what is defined below, paper_dataset
-# and TIP_CONFIGS); its docstring, set by rule(), is what --help shows.
-def rule(doc, value):
+def rule(doc, value):  # a callable preset: resolved after parsing, shown by --help as `doc`
     value.__doc__ = doc
     return value
 
@@ -74,9 +71,9 @@ TIP = dict(  # val_shots None: the whole val split, as Tip-Adapter's main.py (el
     template=TEMPLATE, ensemble=rule("ImageNet: 'select', as Tip-Adapter's code; else 'none'",
         lambda a: "select" if paper_dataset(a) == "ImageNet" else "none"),
     alpha=rule("the dataset's init_alpha (Tip-Adapter's configs), else 1 (the authors' baseline)",
-               lambda a: tip_config(a)["init_alpha"]),
+               lambda a: TIP_CONFIGS[paper_dataset(a)]["init_alpha"]),
     search_scale=rule("the dataset's search_scale (Tip-Adapter's configs), else 50 50",
-                      lambda a: tip_config(a)["search_scale"]),
+                      lambda a: TIP_CONFIGS[paper_dataset(a)]["search_scale"]),
     beta=1.0, val_shots=None)  # fmt: skip
 PRESETS = {
     # CoOp's recipe (SGD, momentum 0.9, warm-up epoch, cosine); one template, as its code
@@ -95,9 +92,8 @@ PRESETS = {
 
 # ---- The methods (CLIP-Adapter, Tip-Adapter(-F), linear probe), on precomputed image features ----
 class ClipAdapter(nn.Module):
-    """[CLIP-Adapter] the visual adapter as its authors coded it: two bias-free linear layers, each
-    followed by a ReLU (so A(f) >= 0; the paper writes no ReLU after the second). dim is the
-    model's embedding width (1024 RN50, 512 ViT-B)."""
+    """[CLIP-Adapter] as its authors coded it: bias-free, a ReLU after each layer, so A(f) >= 0 (the
+    paper writes no ReLU after the second). dim: D (1024 RN50, 512 ViT-B)."""
 
     def __init__(self, dim, reduction=4):
         super().__init__()
@@ -113,8 +109,7 @@ def clip_adapter_logits(features, adapter, alpha, clip_weights, s):
     # Blend the raw feature, then normalise, as the code. (This bias-free ReLU adapter has A(c f) =
     # c A(f) for c > 0, so blending the normalised feature gives the same logits; a test checks it.)
     f = alpha * adapter(features) + (1 - alpha) * features  # [CLIP-Adapter] f* (B, D)
-    f = F.normalize(f, dim=-1)
-    return s * f @ clip_weights.t()  # [CLIP-Adapter] logits = s norm(f*) W^T: (B, C)
+    return s * F.normalize(f, dim=-1) @ clip_weights.t()  # [CLIP-Adapter] s norm(f*) W^T: (B, C)
 
 
 def tip_adapter_logits(features, clip_weights, cache_keys, cache_values, alpha, beta, s):
@@ -127,11 +122,9 @@ def tip_adapter_logits(features, clip_weights, cache_keys, cache_values, alpha, 
 
 
 def build_cache(view_features, labels, n_cls):
-    """[Tip-Adapter] keys: each image's raw features averaged over its views, then normalised
-    (normalising each view first gives other keys); values: one-hot labels.
-    view_features (views, N, D) raw -> keys (N, D), values (N, C)."""
-    keys = F.normalize(view_features.mean(dim=0), dim=-1)
-    return keys, F.one_hot(labels, n_cls).float()
+    """[Tip-Adapter] keys (N, D): each image's raw view_features (views, N, D) averaged over the
+    views, then normalised (normalising each view first gives other keys); values (N, C) one-hot."""
+    return F.normalize(view_features.mean(dim=0), dim=-1), F.one_hot(labels, n_cls).float()
 
 
 class TipAdapter(nn.Module):
@@ -159,10 +152,8 @@ class TipAdapterF(TipAdapter):
 @torch.no_grad()
 def search_alpha_beta(features, labels, clip_weights, cache_keys, cache_values, s, search_scale,
                       steps=(200, 20)):  # fmt: skip
-    """[Tip-Adapter utils.search_hp] the authors' grid: beta_i = 0.1 + i (beta_max - 0.1) / n_beta
-    for i = 0 ... n_beta - 1 (beta_max itself excluded, as the authors' code), alpha_j likewise;
-    the first best pair (beta outer, alpha inner) wins. Give it validation features only.
-    search_scale = (beta_max, alpha_max), steps = (n_beta, n_alpha) -> (accuracy, alpha, beta)."""
+    """[Tip-Adapter utils.search_hp] the authors' grid from 0.1, the maxima excluded as in their
+    code; the first best pair (beta outer, alpha inner) wins. Give it validation features only."""
     (beta_max, alpha_max), (n_beta, n_alpha) = search_scale, steps
     betas = [0.1 + i * (beta_max - 0.1) / n_beta for i in range(n_beta)]
     alphas = [0.1 + j * (alpha_max - 0.1) / n_alpha for j in range(n_alpha)]
@@ -203,16 +194,13 @@ def fit_linear_probe(features, labels, n_cls, C_reg, max_iter=1000):
 
 
 def search_C_reg(fit, val_accuracy, steps=8):
-    """[CoOp lpclip] C_reg from {1e6, 1e4, ..., 1e-6} by validation accuracy, then `steps`
-    bisections in log10 between C*/10 and 10 C*, keeping the better end each time. fit(C_reg) ->
-    probe; val_accuracy(probe) -> accuracy. Returns (C_reg, probe, accuracy) of the last step."""
-    fits = {}
+    """[CoOp lpclip] C_reg: the coarse list's best, then `steps` log10 bisections between C*/10 and
+    10 C*, the better end kept each time. fit(C_reg) -> probe, val_accuracy(probe) -> accuracy."""
 
-    def scored(C_reg):  # fits are deterministic (from zero), so each C_reg is fitted once
-        if C_reg not in fits:
-            probe = fit(C_reg)
-            fits[C_reg] = (probe, val_accuracy(probe))
-        return fits[C_reg]
+    @functools.cache  # fits are deterministic (from zero), so each C_reg is fitted once
+    def scored(C_reg):
+        probe = fit(C_reg)
+        return probe, val_accuracy(probe)
 
     coarse = [1e6, 1e4, 1e2, 1.0, 1e-2, 1e-4, 1e-6]
     peak = coarse[int(np.argmax([scored(C_reg)[1] for C_reg in coarse]))]
@@ -236,16 +224,14 @@ def epoch_batches(view_features, labels, batch_size, generator):
         yield view_features[which[idx], idx], labels[idx]  # (B, D), (B,)
 
 
-# [Tip-Adapter configs/*.yaml] init_alpha and search_scale = (beta_max, alpha_max); init beta 1
+# [Tip-Adapter configs/*.yaml] init_alpha and search_scale = (beta_max, alpha_max); init beta 1.
+# None, every other dataset: alpha = beta = 1 (the authors' baseline, Tip-Adapter issue #13) and
+# their widest scale (OxfordFlowers'): a wide grid costs only resolution (the toy's best alpha > 10)
 TIP_CONFIGS = {name: dict(init_alpha=a, search_scale=scale) for name, a, scale in [
     ("ImageNet", 1.17, (7, 3)), ("Caltech101", 3, (12, 5)), ("DescribableTextures", 2, (13, 13)),
     ("EuroSAT", 2, (12, 10)), ("FGVCAircraft", 5, (30, 30)), ("Food101", 1.17, (10, 10)),
     ("OxfordFlowers", 10, (50, 50)), ("OxfordPets", 1.17, (7, 3)), ("StanfordCars", 3, (20, 10)),
-    ("SUN397", 1.17, (12, 10)), ("UCF101", 3, (7, 3))]}  # fmt: skip
-# Other datasets: alpha = beta = 1 (the authors' baseline, Tip-Adapter issue #13) and their widest
-# scale (OxfordFlowers'): a wide grid costs only resolution (the toy's best alpha lies above 10)
-OTHER_TIP_CONFIG = dict(init_alpha=1.0, search_scale=(50, 50))
-tip_config = lambda args: TIP_CONFIGS.get(paper_dataset(args), OTHER_TIP_CONFIG)
+    ("SUN397", 1.17, (12, 10)), ("UCF101", 3, (7, 3)), (None, 1.0, (50, 50))]}  # fmt: skip
 
 
 def paper_dataset(args):
@@ -260,8 +246,7 @@ def paper_dataset(args):
 # -------- Precomputed features: the frozen image encoder runs once per image and view ---------
 class SeededViews(torch.utils.data.Dataset):
     """`views` passes over the items, view v of image i drawn with a seed of its own (one per
-    (seed, view, image)), so the features do not depend on batches, workers or order. (These crops
-    draw from torch only, and fork_rng restores its state; promptsync.py's AugMix draws numpy's.)"""
+    (seed, view, image)), so the features do not depend on batches, workers or order."""
 
     def __init__(self, items, transform, views=1, seed=0):
         self.images, self.seed = ImageDataset(items * views, transform), seed
@@ -270,7 +255,7 @@ class SeededViews(torch.utils.data.Dataset):
         return len(self.images)
 
     def __getitem__(self, k):  # k = v * N + i; the seeds differ while k < 1_000_003
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]):  # the crops draw from torch only; state restored
             torch.random.default_generator.manual_seed(self.seed * 1_000_003 + k)
             return self.images[k]
 
@@ -292,18 +277,16 @@ def label_tensor(items, device):
 
 
 def precompute_features(args, clip_model, train, W):
-    """What the four methods read, the namespace `feats` (image features raw, fp32): views (views,
-    N, D) the training images' augmented views, y (N,) their labels; f_val (M, D) the validation
-    images (test transform; None without), y_val (M,); W (C, D) the normalised text weights;
-    s = exp(logit_scale), a number; n_cls = C; dim = D; device."""
+    """The namespace `feats` the four methods read (raw image features, fp32): views (views, N, D)
+    of the training images, y (N,) their labels; f_val (M, D) the validation images (test transform;
+    None without), y_val (M,); W (C, D) text weights; s = exp(logit_scale); n_cls, dim, device."""
     device, n_px, t = torch.device(args.device), clip_model.visual.input_resolution, time.time()
     probe = args.method == "linear-probe"  # CoOp's lpclip: test-transform features, no augmentation
     transform = test_transform(n_px) if probe else train_transform(n_px, args.crop_scale)
     n_views, val = 1 if probe else args.aug_views, train["val"]
-    encode = lambda items, transform, views=1, seed=0: encode_views(
-        clip_model.encode_image, items, transform, device, args.precision, views, seed, args.workers
-    )
-    views = encode(train["train"], transform, n_views, args.seed)  # (views, N, D)
+    encode = functools.partial(encode_views, clip_model.encode_image, device=device,
+                               precision=args.precision, workers=args.workers)  # fmt: skip
+    views = encode(train["train"], transform, views=n_views, seed=args.seed)  # (views, N, D)
     f_val = encode(val, test_transform(n_px))[0] if val else None  # (M, D)
     print(f"precomputed features: {n_views} views of {views.shape[1]} training images, "
           f"{len(val)} validation images, in {time.time() - t:.1f}s")  # fmt: skip
@@ -350,11 +333,27 @@ def train_step(logits_fn, optimizer, features, labels, scheduler=None):
 
 
 # ---- The four methods on the precomputed features `feats`, each -> (its model, its choices) -----
+def train_epoch(epoch, args, feats, run_dir, forward, optimizer, generator, scheduler=None):
+    """One epoch of CLIP-Adapter or Tip-Adapter-F on the precomputed views (their codes crop afresh
+    every epoch), logged -> the validation accuracy (None without validation features)."""
+    lr, t = optimizer.param_groups[0]["lr"], time.time()
+    peak_mib(feats.device, reset=True)  # log_epoch reports this epoch's peak memory
+    batches = epoch_batches(feats.views, feats.y, args.batch_size, generator)  # each image once
+    loss, acc = zip(*[train_step(forward, optimizer, f, y, scheduler) for f, y in batches])
+    values = dict(lr=lr, loss=loss, train_acc=acc)  # loss, acc: one value per step
+    if feats.f_val is not None:
+        with torch.no_grad():
+            values["val_acc"] = accuracy(forward(feats.f_val), feats.y_val)
+    seconds = time.time() - t
+    log_epoch(run_dir, feats.device, epoch + 1, args.epochs, seconds, len(feats.y), **values)
+    return values.get("val_acc")
+
+
 def run_clip_adapter(args, feats, run_dir):
-    """[CLIP-Adapter] trained by CoOp's recipe on the precomputed views (its code crops afresh every
-    epoch); the last epoch is kept (its code, a trainer in CoOp's code base, selects nothing). Mixed
-    recipes: alpha 0.2 is the code's fixed ratio (the paper tunes it); the 10 views, crop area
-    0.5-1, are Tip-Adapter's; the last partial batch is kept (CoOp's Dassl library drops it)."""
+    """[CLIP-Adapter] trained by CoOp's recipe on the precomputed views; the last epoch is kept (its
+    code, a trainer in CoOp's code base, selects nothing). Mixed recipes: alpha 0.2 is the code's
+    fixed ratio (the paper tunes it); the 10 views, crop area 0.5-1, are Tip-Adapter's; the last
+    partial batch is kept (CoOp's Dassl library drops it)."""
     model = ClipAdapter(feats.dim).to(feats.device)  # reduction 4, as the code
     sgd = dict(momentum=0.9, weight_decay=args.weight_decay)  # CoOp's SGD
     optimizer = torch.optim.SGD(model.parameters(), args.lr, **sgd)
@@ -363,24 +362,15 @@ def run_clip_adapter(args, feats, run_dir):
     for epoch in range(args.epochs):
         for group in optimizer.param_groups:  # CoOp's: a warm-up epoch at 1e-5, cosine per epoch
             group["lr"] = lr_at_epoch(epoch, args.lr, args.epochs)
-        lr, t = optimizer.param_groups[0]["lr"], time.time()
-        peak_mib(feats.device, reset=True)  # log_epoch reports this epoch's peak memory
-        batches = epoch_batches(feats.views, feats.y, args.batch_size, generator)  # each image once
-        loss, acc = zip(*[train_step(forward, optimizer, f, y) for f, y in batches])  # per step
-        values = dict(lr=lr, loss=loss, train_acc=acc)
-        if feats.f_val is not None:  # shown only: nothing is chosen on it
-            with torch.no_grad():
-                values["val_acc"] = accuracy(forward(feats.f_val), feats.y_val)
-        seconds = time.time() - t
-        log_epoch(run_dir, feats.device, epoch + 1, args.epochs, seconds, len(feats.y), **values)
+        train_epoch(epoch, args, feats, run_dir, forward, optimizer, generator)  # val: shown only
     return model, dict(alpha=args.alpha)
 
 
-def run_tip(args, feats, run_dir):
-    """[Tip-Adapter] training-free: the cache built from the views; alpha and beta by the authors'
-    grid on the validation features."""
-    model = TipAdapter(*build_cache(feats.views, feats.y, feats.n_cls)).to(feats.device)  # K, V
-    K, V, f_val = model.cache_keys, model.cache_values, F.normalize(feats.f_val, dim=-1)
+def run_tip(args, feats, run_dir, model=None):
+    """[Tip-Adapter] untrained: the built cache (or Tip-F's tuned one); alpha, beta by the grid."""
+    if model is None:  # K, V built
+        model = TipAdapter(*build_cache(feats.views, feats.y, feats.n_cls)).to(feats.device)
+    K, V, f_val = model.cache_keys.detach(), model.cache_values, F.normalize(feats.f_val, dim=-1)
     grid = (args.search_scale, args.search_step)
     val_acc, alpha, beta = search_alpha_beta(f_val, feats.y_val, feats.W, K, V, feats.s, *grid)
     print(f"alpha {alpha:.3f}, beta {beta:.3f}: validation accuracy {val_acc:.2f}")
@@ -398,31 +388,17 @@ def run_tip_f(args, feats, run_dir):
     forward = lambda f: model(F.normalize(f, dim=-1), feats.W, args.alpha, args.beta, feats.s)
     generator = torch.Generator().manual_seed(args.seed)  # each epoch's views and order
     best_acc, best_epoch, best_state = -1.0, 0, None  # the epoch best on validation
-    for epoch in range(args.epochs):
-        lr, t = optimizer.param_groups[0]["lr"], time.time()
-        peak_mib(feats.device, reset=True)  # log_epoch reports this epoch's peak memory
-        # the same 10 precomputed views that built the keys; the authors' code crops afresh
-        batches = epoch_batches(feats.views, feats.y, args.batch_size, generator)  # each image once
-        loss, acc = zip(*[train_step(forward, optimizer, f, y, scheduler) for f, y in batches])
-        values = dict(lr=lr, loss=loss, train_acc=acc)
-        with torch.no_grad():
-            values["val_acc"] = accuracy(forward(feats.f_val), feats.y_val)
-        if values["val_acc"] > best_acc:
-            best_acc, best_epoch, best_state = values["val_acc"], epoch + 1, learned_state(model)
-        seconds = time.time() - t
-        log_epoch(run_dir, feats.device, epoch + 1, args.epochs, seconds, len(feats.y), **values)
+    for epoch in range(args.epochs):  # the same 10 views that built the keys
+        val_acc = train_epoch(epoch, args, feats, run_dir, forward, optimizer, generator, scheduler)
+        if val_acc > best_acc:
+            best_acc, best_epoch, best_state = val_acc, epoch + 1, learned_state(model)
     model.load_state_dict(best_state, strict=False)  # the keys of the best epoch
-    # [Tip-Adapter] then alpha and beta by the authors' grid, as run_tip, on the fine-tuned keys
-    K, V, f_val = model.cache_keys.detach(), model.cache_values, F.normalize(feats.f_val, dim=-1)
-    grid = (args.search_scale, args.search_step)
-    val_acc, alpha, beta = search_alpha_beta(f_val, feats.y_val, feats.W, K, V, feats.s, *grid)
-    print(f"alpha {alpha:.3f}, beta {beta:.3f}: validation accuracy {val_acc:.2f}")
-    return model, dict(epoch=best_epoch, val_acc=val_acc, alpha=alpha, beta=beta)
+    model, chosen = run_tip(args, feats, run_dir, model)  # [Tip-Adapter] the grid, on these keys
+    return model, dict(epoch=best_epoch, **chosen)
 
 
 def run_linear_probe(args, feats, run_dir):
-    """[Linear probe] logistic regression on the raw test-transform features, its C_reg chosen by
-    lpclip's search on the validation features."""
+    """[Linear probe] on the raw test-transform features, its C_reg by lpclip's search on val."""
     model = nn.Linear(feats.dim, feats.n_cls).to(feats.device)  # P (C, D), b (C,)
     fit = lambda C_reg: fit_linear_probe(feats.views[0], feats.y, feats.n_cls, C_reg)  # L-BFGS
     val_accuracy = lambda probe: accuracy(feats.f_val @ probe[0].t() + probe[1], feats.y_val)
@@ -433,25 +409,22 @@ def run_linear_probe(args, feats, run_dir):
 
 
 def visual_sum(clip_model):
-    """Which image encoder, for --eval-only's check (the name may be a path): the weights rounded to
-    fp16 (as --precision fp16 holds them), summed in float64 on the CPU, to 8 digits: the same for
-    every --precision and device."""
+    """Which image encoder, for --eval-only's check (a name may be a path): its weights as fp16,
+    summed in float64 on the CPU to 8 digits, so the same for every --precision and device."""
     weights = [p.detach().cpu().half().double() for p in clip_model.visual.parameters()]
     return float(f"{sum(w.sum().item() for w in weights):.8g}")
 
 
 def from_checkpoint(args, ckpt, config):
-    """--eval-only: the model and choices in --load: its state (learned) and fixed (Tip's built
-    keys and values) tensors; config's visual_sum tells the backbone."""
-    fixed = ckpt.get("fixed", {})
+    """--eval-only: the model (learned `state`, Tip's built `fixed` tensors), choices in --load."""
     if args.method == "clip-adapter":
         model = ClipAdapter(config["dim"])
     elif args.method == "linear-probe":
         model = nn.Linear(config["dim"], len(ckpt["classnames"]))
     elif args.method == "tip":
-        model = TipAdapter(fixed["cache_keys"], fixed["cache_values"])
-    else:  # the learned keys are copied in by load_learned
-        model = TipAdapterF(torch.zeros_like(ckpt["state"]["cache_keys"]), fixed["cache_values"])
+        model = TipAdapter(ckpt["fixed"]["cache_keys"], ckpt["fixed"]["cache_values"])
+    else:
+        model = TipAdapterF(ckpt["state"]["cache_keys"], ckpt["fixed"]["cache_values"])
     load_learned(model.to(args.device), ckpt, args.load, config)
     return model, ckpt["chosen"]
 
@@ -468,9 +441,8 @@ def evaluate(args, clip_model, model, chosen, classnames, templates, test_sets):
         zero_shot[name] = accuracy(s * F.normalize(f, dim=-1) @ W.t(), y)
         if args.method == "clip-adapter":  # the adapter does not depend on the class names
             score = lambda x: clip_adapter_logits(x, model, chosen["alpha"], W, s)
-        elif args.method.startswith("tip"):  # the cache adds to the classes it holds, by name
+        elif args.method.startswith("tip"):  # by name; a class the cache lacks stays zero-shot
             where = [classnames.index(n) if n in classnames else len(classnames) for n in names]
-            # a test class the cache does not hold gets a zero column: its logits stay zero-shot
             V = F.pad(model.cache_values, (0, 1))[:, where]  # (N, C + 1) -> (N, C_test)
             K, alpha, beta = model.cache_keys, chosen["alpha"], chosen["beta"]
             score = lambda x: tip_adapter_logits(F.normalize(x, dim=-1), W, K, V, alpha, beta, s)
@@ -486,7 +458,9 @@ def evaluate(args, clip_model, model, chosen, classnames, templates, test_sets):
 # ---- main: data, CLIP and the text classifier, the precomputed features, the method, results ----
 def main(args):
     device, method = torch.device(args.device), args.method
-    ckpt = check_options(args)  # bad input, before any long work
+    ckpt = load_checkpoint(args.load) if args.load else None  # bad input, before any long work
+    if ckpt and ckpt.get("config", {}).get("method") != method:
+        fail(f"{args.load} is a checkpoint of {ckpt.get('config')}, not of --method {method}")
     template = resolve_template(args.template)  # shared with zeroshot.py, as --ensemble select
     templates = TEMPLATES_SELECT if args.ensemble == "select" else [template]
     dataset, train, test_sets = load_task(args, args.shots)
@@ -497,7 +471,6 @@ def main(args):
         check_images(train["val"])
     run_dir = args.out or os.path.join("runs", method, dataset, f"{args.shots}shot_seed{args.seed}")
     seed_everything(args.seed)
-
     # Frozen CLIP and the frozen text classifier W of the training classes
     clip_model = load_clip(args.backbone, device, args.precision)
     config = dict(method=method, backbone=args.backbone, dim=clip_model.visual.output_dim)
@@ -506,7 +479,6 @@ def main(args):
     W = zeroshot_classifier(clip_model, classnames, templates)  # (C, D)
     os.makedirs(run_dir, exist_ok=True)
     save(os.path.join(run_dir, "args.json"), vars(args))
-
     # The method on the precomputed features (with --eval-only: as the checkpoint holds it)
     t0 = time.time()
     if args.eval_only:
@@ -527,29 +499,6 @@ def main(args):
                                                    templates, test_sets)  # fmt: skip
     epochs = args.epochs if method in ("clip-adapter", "tip-f") and not args.eval_only else 0
     return finish_run(run_dir, args, method, dataset, zero_shot, acc, epochs=epochs, **extra)
-
-
-def check_options(args):
-    """Every check of the options, before any long work. -> the --load checkpoint (or None)."""
-    counts = [getattr(args, k, 1) for k in ("shots", "aug_views", "epochs", "batch_size")]
-    if min(counts) < 1 or (getattr(args, "val_shots", None) or 1) < 1:
-        fail("--shots, --val-shots, --aug-views, --epochs and --batch-size must be at least 1")
-    if not 0 < args.crop_scale <= 1:
-        fail(f"--crop-scale {args.crop_scale}: the smallest crop's area is a fraction in (0, 1]")
-    if args.method == "clip-adapter" and not 0 <= args.alpha <= 1:
-        fail(f"--alpha {args.alpha}: CLIP-Adapter's residual ratio lies in [0, 1] (its code: 0.2)")
-    tip = args.method in ("tip", "tip-f")
-    if tip and not (0 <= args.alpha <= 100 and 0 <= args.beta <= 100):
-        fail(f"--alpha {args.alpha}, --beta {args.beta}: weight and sharpness lie in [0, 100]")
-    if tip and (min(args.search_scale) <= 0.1 or min(args.search_step) < 1):
-        grid = f"--search-scale {args.search_scale}, --search-step {args.search_step}"
-        fail(f"{grid}: both maxima must exceed 0.1 (the grid's start), both steps be at least 1")
-    if args.eval_only != bool(args.load):  # a method fits in seconds: no training goes on from one
-        fail("--eval-only needs --load <checkpoint.pt>, and --load needs --eval-only")
-    ckpt = load_checkpoint(args.load) if args.load else None
-    if ckpt and ckpt.get("config", {}).get("method") != args.method:
-        fail(f"{args.load} is a checkpoint of {ckpt.get('config')}, not of --method {args.method}")
-    return ckpt
 
 
 def parse_args(argv=None):
@@ -582,7 +531,22 @@ def parse_args(argv=None):
     add_run_args(add, learned=False)
     add("--load", help="checkpoint.pt of this method and backbone, to evaluate (--eval-only)")
     add("--eval-only", action="store_true", help="evaluate --load: no training image is read")
-    return parse(p, argv, PRESETS, lambda a: a.method)
+    args = parse(p, argv, PRESETS, lambda a: a.method)  # then every check, before any long work
+    counts = [getattr(args, k, 1) for k in ("shots", "aug_views", "epochs", "batch_size")]
+    if min(counts) < 1 or (getattr(args, "val_shots", None) or 1) < 1:
+        fail("--shots, --val-shots, --aug-views, --epochs and --batch-size must be at least 1")
+    if not 0 < args.crop_scale <= 1:
+        fail(f"--crop-scale {args.crop_scale}: the smallest crop's area is a fraction in (0, 1]")
+    if args.method == "clip-adapter" and not 0 <= args.alpha <= 1:
+        fail(f"--alpha {args.alpha}: CLIP-Adapter's residual ratio lies in [0, 1] (its code: 0.2)")
+    tip = args.method in ("tip", "tip-f")
+    if tip and not (0 <= args.alpha <= 100 and 0 <= args.beta <= 100):
+        fail(f"--alpha {args.alpha}, --beta {args.beta}: weight and sharpness lie in [0, 100]")
+    if tip and (min(args.search_scale) <= 0.1 or min(args.search_step) < 1):
+        fail("--search-scale: both maxima must exceed 0.1 (the grid's start); --search-step: >= 1")
+    if args.eval_only != bool(args.load):  # a method fits in seconds: no training goes on from one
+        fail("--eval-only needs --load <checkpoint.pt>, and --load needs --eval-only")
+    return args
 
 
 # --- shared: templates (canonical copy in zeroshot.py; re-sync with tools/sync_shared.py) ---
