@@ -664,12 +664,14 @@ def add_run_args(add, learned=True):
 def parse(parser, argv, presets, method):
     """Parse the command line; each option left out takes the preset of `method(args)` (the papers'
     settings; --help lists them as the defaults); a CUDA device must exist."""
-    unset = {a.dest: None for a in parser._actions if a.default is None}  # no "(default: None)"
+    unset = {}  # the other options without a default: None, and no "(default: None)" in --help
     for action in parser._actions:
         values = {m: p[action.dest] for m, p in presets.items() if action.dest in p}
         if values:  # no single default: --help lists each method's, the namespace gets none
             show = lambda v: v.__doc__ if callable(v) else repr(v)
             action.help += " (" + "; ".join(f"{m}: {show(v)}" for m, v in values.items()) + ")"
+        elif action.default is None:
+            unset[action.dest] = None
         if values or action.dest in unset:
             action.default = argparse.SUPPRESS
     args = parser.parse_args(argv)
