@@ -1271,9 +1271,11 @@ def plan_status(commands):
 # 4 ImageNet shifts, IN5 = ImageNet and its shifts), values (metric=value: test is the accuracy,
 # base in base-to-new; an ImageNet row's shift columns are its --eval-data sets; _ for a space in a
 # metric's name), and the source:
-# its key in PAPER_SOURCES, the table, the row. Not here, because no source at hand was checked:
-# CoOp's per-dataset few-shot values (the paper's Figure 3 and appendix table), ProGrad's tables,
-# Tip-Adapter's Table 1 (ImageNet by shots), the CoCoOp paper's own Table 2 (cross-dataset).
+# its key in PAPER_SOURCES, the table, the row. Tip-Adapter's log holds every dataset at 1-16 shots
+# for CLIP-Adapter, Tip-Adapter and Tip-Adapter-F (its rows average to the log's own averages, as a
+# test checks). Not here, because no source at hand was checked: CoOp's per-dataset few-shot values
+# (the paper's Figure 3 and appendix table), ProGrad's tables, Tip-Adapter's Table 1 as printed, the
+# CoCoOp paper's own Table 2 (cross-dataset).
 PAPERS_CSV = """\
 setting,method,backbone,shots,dataset,values,source,table,row
 base-to-new,zeroshot,ViT-B/16,0,AVG11,test=69.34 new=74.22 H=71.70,cocoop,Table 1,CLIP
@@ -1326,6 +1328,138 @@ base-to-new,vpt-deep,ViT-B/16,16,AVG11,test=80.24 new=73.43 H=76.68,maple-zoo,Mo
 -,tip-f,RN50,16,OxfordFlowers,test=94.80 zero-shot=66.02,tip-log,16 shots,Tip-Adapter-F
 -,tip-f,RN50,16,UCF101,test=78.03 zero-shot=61.35,tip-log,16 shots,Tip-Adapter-F
 -,tip-f,RN50,16,StanfordCars,test=75.74 zero-shot=55.74,tip-log,16 shots,Tip-Adapter-F
+-,clip-adapter,RN50,8,ImageNet,test=62.68 zero-shot=60.32,tip-log,8 shots,CLIP-Adapter
+-,clip-adapter,RN50,4,ImageNet,test=61.84 zero-shot=60.32,tip-log,4 shots,CLIP-Adapter
+-,clip-adapter,RN50,2,ImageNet,test=61.52 zero-shot=60.32,tip-log,2 shots,CLIP-Adapter
+-,clip-adapter,RN50,1,ImageNet,test=61.20 zero-shot=60.32,tip-log,1 shots,CLIP-Adapter
+-,clip-adapter,RN50,8,SUN397,test=67.50 zero-shot=58.52,tip-log,8 shots,CLIP-Adapter
+-,clip-adapter,RN50,4,SUN397,test=65.96 zero-shot=58.52,tip-log,4 shots,CLIP-Adapter
+-,clip-adapter,RN50,2,SUN397,test=63.29 zero-shot=58.52,tip-log,2 shots,CLIP-Adapter
+-,clip-adapter,RN50,1,SUN397,test=61.30 zero-shot=58.52,tip-log,1 shots,CLIP-Adapter
+-,clip-adapter,RN50,8,OxfordPets,test=87.65 zero-shot=85.83,tip-log,8 shots,CLIP-Adapter
+-,clip-adapter,RN50,4,OxfordPets,test=87.46 zero-shot=85.83,tip-log,4 shots,CLIP-Adapter
+-,clip-adapter,RN50,2,OxfordPets,test=86.73 zero-shot=85.83,tip-log,2 shots,CLIP-Adapter
+-,clip-adapter,RN50,1,OxfordPets,test=85.99 zero-shot=85.83,tip-log,1 shots,CLIP-Adapter
+-,clip-adapter,RN50,8,EuroSAT,test=77.93 zero-shot=37.52,tip-log,8 shots,CLIP-Adapter
+-,clip-adapter,RN50,4,EuroSAT,test=73.38 zero-shot=37.52,tip-log,4 shots,CLIP-Adapter
+-,clip-adapter,RN50,2,EuroSAT,test=63.90 zero-shot=37.52,tip-log,2 shots,CLIP-Adapter
+-,clip-adapter,RN50,1,EuroSAT,test=61.40 zero-shot=37.52,tip-log,1 shots,CLIP-Adapter
+-,clip-adapter,RN50,8,Caltech101,test=91.40 zero-shot=85.92,tip-log,8 shots,CLIP-Adapter
+-,clip-adapter,RN50,4,Caltech101,test=89.98 zero-shot=85.92,tip-log,4 shots,CLIP-Adapter
+-,clip-adapter,RN50,2,Caltech101,test=89.37 zero-shot=85.92,tip-log,2 shots,CLIP-Adapter
+-,clip-adapter,RN50,1,Caltech101,test=88.60 zero-shot=85.92,tip-log,1 shots,CLIP-Adapter
+-,clip-adapter,RN50,8,DescribableTextures,test=61.00 zero-shot=42.20,tip-log,8 shots,CLIP-Adapter
+-,clip-adapter,RN50,4,DescribableTextures,test=56.86 zero-shot=42.20,tip-log,4 shots,CLIP-Adapter
+-,clip-adapter,RN50,2,DescribableTextures,test=51.48 zero-shot=42.20,tip-log,2 shots,CLIP-Adapter
+-,clip-adapter,RN50,1,DescribableTextures,test=45.80 zero-shot=42.20,tip-log,1 shots,CLIP-Adapter
+-,clip-adapter,RN50,8,FGVCAircraft,test=26.25 zero-shot=17.10,tip-log,8 shots,CLIP-Adapter
+-,clip-adapter,RN50,4,FGVCAircraft,test=22.59 zero-shot=17.10,tip-log,4 shots,CLIP-Adapter
+-,clip-adapter,RN50,2,FGVCAircraft,test=20.10 zero-shot=17.10,tip-log,2 shots,CLIP-Adapter
+-,clip-adapter,RN50,1,FGVCAircraft,test=17.49 zero-shot=17.10,tip-log,1 shots,CLIP-Adapter
+-,clip-adapter,RN50,8,Food101,test=78.04 zero-shot=77.32,tip-log,8 shots,CLIP-Adapter
+-,clip-adapter,RN50,4,Food101,test=77.92 zero-shot=77.32,tip-log,4 shots,CLIP-Adapter
+-,clip-adapter,RN50,2,Food101,test=77.22 zero-shot=77.32,tip-log,2 shots,CLIP-Adapter
+-,clip-adapter,RN50,1,Food101,test=76.82 zero-shot=77.32,tip-log,1 shots,CLIP-Adapter
+-,clip-adapter,RN50,8,OxfordFlowers,test=91.72 zero-shot=66.02,tip-log,8 shots,CLIP-Adapter
+-,clip-adapter,RN50,4,OxfordFlowers,test=87.17 zero-shot=66.02,tip-log,4 shots,CLIP-Adapter
+-,clip-adapter,RN50,2,OxfordFlowers,test=81.61 zero-shot=66.02,tip-log,2 shots,CLIP-Adapter
+-,clip-adapter,RN50,1,OxfordFlowers,test=73.49 zero-shot=66.02,tip-log,1 shots,CLIP-Adapter
+-,clip-adapter,RN50,8,UCF101,test=73.30 zero-shot=61.35,tip-log,8 shots,CLIP-Adapter
+-,clip-adapter,RN50,4,UCF101,test=69.05 zero-shot=61.35,tip-log,4 shots,CLIP-Adapter
+-,clip-adapter,RN50,2,UCF101,test=67.12 zero-shot=61.35,tip-log,2 shots,CLIP-Adapter
+-,clip-adapter,RN50,1,UCF101,test=62.20 zero-shot=61.35,tip-log,1 shots,CLIP-Adapter
+-,clip-adapter,RN50,8,StanfordCars,test=67.89 zero-shot=55.74,tip-log,8 shots,CLIP-Adapter
+-,clip-adapter,RN50,4,StanfordCars,test=62.45 zero-shot=55.74,tip-log,4 shots,CLIP-Adapter
+-,clip-adapter,RN50,2,StanfordCars,test=58.74 zero-shot=55.74,tip-log,2 shots,CLIP-Adapter
+-,clip-adapter,RN50,1,StanfordCars,test=55.13 zero-shot=55.74,tip-log,1 shots,CLIP-Adapter
+-,tip,RN50,8,ImageNet,test=61.45 zero-shot=60.32,tip-log,8 shots,Tip-Adapter
+-,tip,RN50,4,ImageNet,test=60.98 zero-shot=60.32,tip-log,4 shots,Tip-Adapter
+-,tip,RN50,2,ImageNet,test=60.96 zero-shot=60.32,tip-log,2 shots,Tip-Adapter
+-,tip,RN50,1,ImageNet,test=60.70 zero-shot=60.32,tip-log,1 shots,Tip-Adapter
+-,tip,RN50,8,SUN397,test=65.62 zero-shot=58.52,tip-log,8 shots,Tip-Adapter
+-,tip,RN50,4,SUN397,test=64.15 zero-shot=58.52,tip-log,4 shots,Tip-Adapter
+-,tip,RN50,2,SUN397,test=62.70 zero-shot=58.52,tip-log,2 shots,Tip-Adapter
+-,tip,RN50,1,SUN397,test=61.30 zero-shot=58.52,tip-log,1 shots,Tip-Adapter
+-,tip,RN50,8,OxfordPets,test=87.03 zero-shot=85.83,tip-log,8 shots,Tip-Adapter
+-,tip,RN50,4,OxfordPets,test=86.45 zero-shot=85.83,tip-log,4 shots,Tip-Adapter
+-,tip,RN50,2,OxfordPets,test=87.03 zero-shot=85.83,tip-log,2 shots,Tip-Adapter
+-,tip,RN50,1,OxfordPets,test=86.10 zero-shot=85.83,tip-log,1 shots,Tip-Adapter
+-,tip,RN50,8,EuroSAT,test=67.95 zero-shot=37.52,tip-log,8 shots,Tip-Adapter
+-,tip,RN50,4,EuroSAT,test=65.32 zero-shot=37.52,tip-log,4 shots,Tip-Adapter
+-,tip,RN50,2,EuroSAT,test=61.68 zero-shot=37.52,tip-log,2 shots,Tip-Adapter
+-,tip,RN50,1,EuroSAT,test=54.38 zero-shot=37.52,tip-log,1 shots,Tip-Adapter
+-,tip,RN50,8,Caltech101,test=89.83 zero-shot=85.92,tip-log,8 shots,Tip-Adapter
+-,tip,RN50,4,Caltech101,test=89.39 zero-shot=85.92,tip-log,4 shots,Tip-Adapter
+-,tip,RN50,2,Caltech101,test=88.44 zero-shot=85.92,tip-log,2 shots,Tip-Adapter
+-,tip,RN50,1,Caltech101,test=87.18 zero-shot=85.92,tip-log,1 shots,Tip-Adapter
+-,tip,RN50,8,DescribableTextures,test=58.63 zero-shot=42.20,tip-log,8 shots,Tip-Adapter
+-,tip,RN50,4,DescribableTextures,test=53.96 zero-shot=42.20,tip-log,4 shots,Tip-Adapter
+-,tip,RN50,2,DescribableTextures,test=49.47 zero-shot=42.20,tip-log,2 shots,Tip-Adapter
+-,tip,RN50,1,DescribableTextures,test=46.22 zero-shot=42.20,tip-log,1 shots,Tip-Adapter
+-,tip,RN50,8,FGVCAircraft,test=25.59 zero-shot=17.10,tip-log,8 shots,Tip-Adapter
+-,tip,RN50,4,FGVCAircraft,test=22.41 zero-shot=17.10,tip-log,4 shots,Tip-Adapter
+-,tip,RN50,2,FGVCAircraft,test=21.21 zero-shot=17.10,tip-log,2 shots,Tip-Adapter
+-,tip,RN50,1,FGVCAircraft,test=19.05 zero-shot=17.10,tip-log,1 shots,Tip-Adapter
+-,tip,RN50,8,Food101,test=77.76 zero-shot=77.32,tip-log,8 shots,Tip-Adapter
+-,tip,RN50,4,Food101,test=77.54 zero-shot=77.32,tip-log,4 shots,Tip-Adapter
+-,tip,RN50,2,Food101,test=77.52 zero-shot=77.32,tip-log,2 shots,Tip-Adapter
+-,tip,RN50,1,Food101,test=77.42 zero-shot=77.32,tip-log,1 shots,Tip-Adapter
+-,tip,RN50,8,OxfordFlowers,test=87.98 zero-shot=66.02,tip-log,8 shots,Tip-Adapter
+-,tip,RN50,4,OxfordFlowers,test=83.80 zero-shot=66.02,tip-log,4 shots,Tip-Adapter
+-,tip,RN50,2,OxfordFlowers,test=79.13 zero-shot=66.02,tip-log,2 shots,Tip-Adapter
+-,tip,RN50,1,OxfordFlowers,test=73.12 zero-shot=66.02,tip-log,1 shots,Tip-Adapter
+-,tip,RN50,8,UCF101,test=68.68 zero-shot=61.35,tip-log,8 shots,Tip-Adapter
+-,tip,RN50,4,UCF101,test=66.46 zero-shot=61.35,tip-log,4 shots,Tip-Adapter
+-,tip,RN50,2,UCF101,test=64.74 zero-shot=61.35,tip-log,2 shots,Tip-Adapter
+-,tip,RN50,1,UCF101,test=62.60 zero-shot=61.35,tip-log,1 shots,Tip-Adapter
+-,tip,RN50,8,StanfordCars,test=62.93 zero-shot=55.74,tip-log,8 shots,Tip-Adapter
+-,tip,RN50,4,StanfordCars,test=61.45 zero-shot=55.74,tip-log,4 shots,Tip-Adapter
+-,tip,RN50,2,StanfordCars,test=57.93 zero-shot=55.74,tip-log,2 shots,Tip-Adapter
+-,tip,RN50,1,StanfordCars,test=57.54 zero-shot=55.74,tip-log,1 shots,Tip-Adapter
+-,tip-f,RN50,8,ImageNet,test=64.00 zero-shot=60.32,tip-log,8 shots,Tip-Adapter-F
+-,tip-f,RN50,4,ImageNet,test=62.52 zero-shot=60.32,tip-log,4 shots,Tip-Adapter-F
+-,tip-f,RN50,2,ImageNet,test=61.69 zero-shot=60.32,tip-log,2 shots,Tip-Adapter-F
+-,tip-f,RN50,1,ImageNet,test=61.13 zero-shot=60.32,tip-log,1 shots,Tip-Adapter-F
+-,tip-f,RN50,8,SUN397,test=68.87 zero-shot=58.52,tip-log,8 shots,Tip-Adapter-F
+-,tip-f,RN50,4,SUN397,test=66.21 zero-shot=58.52,tip-log,4 shots,Tip-Adapter-F
+-,tip-f,RN50,2,SUN397,test=63.64 zero-shot=58.52,tip-log,2 shots,Tip-Adapter-F
+-,tip-f,RN50,1,SUN397,test=62.50 zero-shot=58.52,tip-log,1 shots,Tip-Adapter-F
+-,tip-f,RN50,8,OxfordPets,test=88.09 zero-shot=85.83,tip-log,8 shots,Tip-Adapter-F
+-,tip-f,RN50,4,OxfordPets,test=87.54 zero-shot=85.83,tip-log,4 shots,Tip-Adapter-F
+-,tip-f,RN50,2,OxfordPets,test=87.03 zero-shot=85.83,tip-log,2 shots,Tip-Adapter-F
+-,tip-f,RN50,1,OxfordPets,test=87.00 zero-shot=85.83,tip-log,1 shots,Tip-Adapter-F
+-,tip-f,RN50,8,EuroSAT,test=77.93 zero-shot=37.52,tip-log,8 shots,Tip-Adapter-F
+-,tip-f,RN50,4,EuroSAT,test=74.12 zero-shot=37.52,tip-log,4 shots,Tip-Adapter-F
+-,tip-f,RN50,2,EuroSAT,test=66.15 zero-shot=37.52,tip-log,2 shots,Tip-Adapter-F
+-,tip-f,RN50,1,EuroSAT,test=59.53 zero-shot=37.52,tip-log,1 shots,Tip-Adapter-F
+-,tip-f,RN50,8,Caltech101,test=91.44 zero-shot=85.92,tip-log,8 shots,Tip-Adapter-F
+-,tip-f,RN50,4,Caltech101,test=90.56 zero-shot=85.92,tip-log,4 shots,Tip-Adapter-F
+-,tip-f,RN50,2,Caltech101,test=89.74 zero-shot=85.92,tip-log,2 shots,Tip-Adapter-F
+-,tip-f,RN50,1,Caltech101,test=89.33 zero-shot=85.92,tip-log,1 shots,Tip-Adapter-F
+-,tip-f,RN50,8,DescribableTextures,test=62.71 zero-shot=42.20,tip-log,8 shots,Tip-Adapter-F
+-,tip-f,RN50,4,DescribableTextures,test=57.39 zero-shot=42.20,tip-log,4 shots,Tip-Adapter-F
+-,tip-f,RN50,2,DescribableTextures,test=53.72 zero-shot=42.20,tip-log,2 shots,Tip-Adapter-F
+-,tip-f,RN50,1,DescribableTextures,test=49.65 zero-shot=42.20,tip-log,1 shots,Tip-Adapter-F
+-,tip-f,RN50,8,FGVCAircraft,test=30.21 zero-shot=17.10,tip-log,8 shots,Tip-Adapter-F
+-,tip-f,RN50,4,FGVCAircraft,test=25.80 zero-shot=17.10,tip-log,4 shots,Tip-Adapter-F
+-,tip-f,RN50,2,FGVCAircraft,test=23.19 zero-shot=17.10,tip-log,2 shots,Tip-Adapter-F
+-,tip-f,RN50,1,FGVCAircraft,test=20.22 zero-shot=17.10,tip-log,1 shots,Tip-Adapter-F
+-,tip-f,RN50,8,Food101,test=78.64 zero-shot=77.32,tip-log,8 shots,Tip-Adapter-F
+-,tip-f,RN50,4,Food101,test=78.24 zero-shot=77.32,tip-log,4 shots,Tip-Adapter-F
+-,tip-f,RN50,2,Food101,test=77.81 zero-shot=77.32,tip-log,2 shots,Tip-Adapter-F
+-,tip-f,RN50,1,Food101,test=77.51 zero-shot=77.32,tip-log,1 shots,Tip-Adapter-F
+-,tip-f,RN50,8,OxfordFlowers,test=91.51 zero-shot=66.02,tip-log,8 shots,Tip-Adapter-F
+-,tip-f,RN50,4,OxfordFlowers,test=88.83 zero-shot=66.02,tip-log,4 shots,Tip-Adapter-F
+-,tip-f,RN50,2,OxfordFlowers,test=82.30 zero-shot=66.02,tip-log,2 shots,Tip-Adapter-F
+-,tip-f,RN50,1,OxfordFlowers,test=79.98 zero-shot=66.02,tip-log,1 shots,Tip-Adapter-F
+-,tip-f,RN50,8,UCF101,test=74.25 zero-shot=61.35,tip-log,8 shots,Tip-Adapter-F
+-,tip-f,RN50,4,UCF101,test=70.55 zero-shot=61.35,tip-log,4 shots,Tip-Adapter-F
+-,tip-f,RN50,2,UCF101,test=66.43 zero-shot=61.35,tip-log,2 shots,Tip-Adapter-F
+-,tip-f,RN50,1,UCF101,test=64.87 zero-shot=61.35,tip-log,1 shots,Tip-Adapter-F
+-,tip-f,RN50,8,StanfordCars,test=69.25 zero-shot=55.74,tip-log,8 shots,Tip-Adapter-F
+-,tip-f,RN50,4,StanfordCars,test=64.57 zero-shot=55.74,tip-log,4 shots,Tip-Adapter-F
+-,tip-f,RN50,2,StanfordCars,test=61.50 zero-shot=55.74,tip-log,2 shots,Tip-Adapter-F
+-,tip-f,RN50,1,StanfordCars,test=58.86 zero-shot=55.74,tip-log,1 shots,Tip-Adapter-F
 -,clip-adapter,RN50,16,AVG11,test=74.44,tip-log,average by shots,CLIP-Adapter
 -,clip-adapter,RN50,8,AVG11,test=71.40,tip-log,average by shots,CLIP-Adapter
 -,clip-adapter,RN50,4,AVG11,test=68.61,tip-log,average by shots,CLIP-Adapter
