@@ -1635,12 +1635,13 @@ def few_shot_figure(rows, datasets, axes):
     drawn = []
     for ax, dataset in zip(axes, datasets):
         here = [r for r in rows if r["dataset"] == dataset]
-        curves = {}
+        curves, markers = {}, iter("*PXDsv" * 10)  # zero-shot CLIP of each backbone: its own
         for r in sorted(here, key=lambda r: r["shots"]):
             curves.setdefault(curve_name(r), []).append(r)
         for name, rs in curves.items():
-            if rs[0]["shots"] == 0:  # zero-shot CLIP: a marker
-                ax.plot([0], [rs[0]["stats"]["test"][0]], "k*", markersize=10, label=name)
+            if rs[0]["shots"] == 0:  # zero-shot CLIP: a black marker at 0 shots
+                y = rs[0]["stats"]["test"][0]
+                ax.plot([0], [y], "k" + next(markers), markersize=9, label=name)
                 drawn.append(f"{dataset}: {name} (marker)")
                 continue
             xs, means = [x[r["shots"]] for r in rs], [r["stats"]["test"][0] for r in rs]
