@@ -26,13 +26,17 @@ makes every method in the project runnable and checkable on a laptop CPU in minu
      machine: the same digest, the same world.
   4. The demo: base-to-new on `sketch` for every method file present (test-time methods on
      clutter, haze and shapes), through sweep.py's runner, with each paper's claim checked against
-     the noise (seed spread, and the binomial standard error of each column's test set).
+     the noise (seed spread, and the binomial standard error of each column's test set). With
+     --full (or alone: --fewshot), the few-shot protocol too: sweep.py's plan of each method that
+     reads labels on `shapes` at 1, 2, 4, 8 and 16 shots, its curves drawn by sweep.py's plot.
 
 Run
   python toyworld.py                # draw toy/ next to the shipped towers (about a minute)
   python toyworld.py --demo         # draw if needed, run every method file on it: the fast table
                                     # (one seed, a sixth of the test-time images; runs/demo)
-  python toyworld.py --demo --full  # docs/toyworld.md's table: seeds 1, 2, 3, every test image
+  python toyworld.py --demo --full  # docs/toyworld.md's table: seeds 1, 2, 3, every test image;
+                                    # then the few-shot curves (--fewshot)
+  python toyworld.py --fewshot      # the few-shot curves alone: runs/demo/fewshot.png, .md
   python toyworld.py --pretrain     # pretrain both towers again into assets/ (about 45 minutes)
   python coop.py --backbone toy/clip_rn.pt --data toy/shapes --shots 4 --subsample base \\
         --eval-data toy/sketch toy/noise
@@ -1226,7 +1230,8 @@ def parse_args(argv=None):
     add(
         "--full",
         action="store_true",
-        help="with --demo: the full table (seeds 1, 2, 3, every test image), not the fast one",
+        help="with --demo: the full table (seeds 1, 2, 3, every test image), not the fast one, "
+        "then the few-shot curves (--fewshot)",
     )
     add(
         "--fewshot",
