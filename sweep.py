@@ -965,6 +965,7 @@ def run_options(run):
     stem = method_file(run["method"])
     planned = paper_settings(stem, extras, dataset, run["shots"], protocol)
     planned = {k[2:].replace("-", "_"): v for k, v in planned.items()}
+    planned = {**shot_defaults(stem, extras, dataset, run["shots"]), **planned}
     planned["template"] = [dataset, TEMPLATES.get(dataset)]
     kept = []
     for key, value in sorted(args.items()):
@@ -975,6 +976,21 @@ def run_options(run):
         simple = isinstance(value, (str, int, float, bool))
         kept.append((key, value if simple else json.dumps(value, sort_keys=True)))
     return tuple(kept)
+
+
+def shot_defaults(stem, extras, dataset, shots):
+    """The method files' own defaults that follow the shot count, which args.json records resolved
+    -> {name: value}: CoOp's 50/100/200 epochs for 1/2-4/8-16 shots (coop.py, prograd.py and
+    CLIP-Adapter; not CoCoOp, nor ImageNet: 50 at every count) and the linear probe's min(shots,
+    4) validation shots. Not variants: a few-shot curve is one method at every shot count."""
+    defaults, method = {}, option(extras, "--method")
+    by_shots = stem in ("coop", "prograd") and "--cocoop" not in extras
+    by_shots |= stem == "adapter" and method in (None, "clip-adapter")
+    if by_shots and shots and dataset != "ImageNet":
+        defaults["epochs"] = 50 if shots <= 1 else 100 if shots <= 4 else 200
+    if stem == "adapter" and method == "linear-probe" and shots:
+        defaults["val_shots"] = min(shots, 4)
+    return defaults
 
 
 def same_value(value, planned):
@@ -1753,12 +1769,13 @@ def few_shot_figure(rows, datasets, axes):
     drawn = []
     for ax, dataset in zip(axes, datasets):
         here = [r for r in rows if r["dataset"] == dataset]
-        curves = {}
+        curves, markers = {}, iter("*PXDsv" * 10)  # zero-shot CLIP of each backbone: its own
         for r in sorted(here, key=lambda r: r["shots"]):
             curves.setdefault(curve_name(r), []).append(r)
         for name, rs in curves.items():
-            if rs[0]["shots"] == 0:  # zero-shot CLIP: a marker
-                ax.plot([0], [rs[0]["stats"]["test"][0]], "k*", markersize=10, label=name)
+            if rs[0]["shots"] == 0:  # zero-shot CLIP: a black marker at 0 shots
+                y = rs[0]["stats"]["test"][0]
+                ax.plot([0], [y], "k" + next(markers), markersize=9, label=name)
                 drawn.append(f"{dataset}: {name} (marker)")
                 continue
             xs, means = [x[r["shots"]] for r in rs], [r["stats"]["test"][0] for r in rs]

@@ -26,13 +26,17 @@ makes every method in the project runnable and checkable on a laptop CPU in minu
      machine: the same digest, the same world.
   4. The demo: base-to-new on `sketch` for every method file present (test-time methods on
      clutter, haze and shapes), through sweep.py's runner, with each paper's claim checked against
-     the noise (seed spread, and the binomial standard error of each column's test set).
+     the noise (seed spread, and the binomial standard error of each column's test set). With
+     --full (or alone: --fewshot), the few-shot protocol too: sweep.py's plan of each method that
+     reads labels on `shapes` at 1, 2, 4, 8 and 16 shots, its curves drawn by sweep.py's plot.
 
 Run
   python toyworld.py                # draw toy/ next to the shipped towers (about a minute)
   python toyworld.py --demo         # draw if needed, run every method file on it: the fast table
                                     # (one seed, a sixth of the test-time images; runs/demo)
-  python toyworld.py --demo --full  # docs/toyworld.md's table: seeds 1, 2, 3, every test image
+  python toyworld.py --demo --full  # docs/toyworld.md's table: seeds 1, 2, 3, every test image;
+                                    # then the few-shot curves (--fewshot)
+  python toyworld.py --fewshot      # the few-shot curves alone: runs/demo/fewshot.png, .md
   python toyworld.py --pretrain     # pretrain both towers again into assets/ (about 45 minutes)
   python coop.py --backbone toy/clip_rn.pt --data toy/shapes --shots 4 --subsample base \\
         --eval-data toy/sketch toy/noise
@@ -843,6 +847,24 @@ FULL = dict(seeds=(1, 2, 3), shard="0/1")
 LONG_FIRST = ["Padding prompt", "source", "PromptSync", "PromptAlign", "TPT", "CoCoOp"]
 LONG_FIRST[3:3] = [t[0] for t in ABLATIONS]
 
+# The few-shot protocol on the toy (CoOp's few-shot figure in miniature): sweep.py's few-shot plan
+# of each method that reads labels, on `shapes` (all 60 classes, 16 training and 10 test images
+# each), at 1, 2, 4, 8 and 16 shots, zero-shot CLIP of each tower as the marker at 0 shots. The
+# files' own settings (CoOp: 16 random context vectors, 50/100/200 epochs), the toy's crop. CoCoOp
+# (a step per image, its prompts through the text encoder for each) would take about as long as
+# CoOp and ProGrad together, so it is left out, as is VPT-shallow. (label, file, tower, options
+# after sweep's `--`), the slowest first: the runner starts the long runs first.
+FEWSHOT_METHODS = [
+    ("CoOp", "coop.py", "rn", COMMON),
+    ("ProGrad", "prograd.py", "rn", COMMON),
+    ("VPT-deep", "vpt.py", "vit", VPT_TOY + ["--method", "deep"]),
+    ("CLIP-Adapter", "adapter.py", "rn", COMMON + ["--method", "clip-adapter"]),
+    ("Linear probe", "adapter.py", "rn", COMMON + ["--method", "linear-probe"]),
+    ("Tip-Adapter-F", "adapter.py", "rn", COMMON + ["--method", "tip-f"]),
+    ("Tip-Adapter", "adapter.py", "rn", COMMON + ["--method", "tip"]),
+]
+FEWSHOT = dict(dataset="shapes", shots=(1, 2, 4, 8, 16), seeds=(1, 2))
+
 
 def ceilings(root, tower):
     """Know the ceiling first: roughly what a method reading these frozen image features can reach
@@ -1107,6 +1129,83 @@ def format_demo(rows, methods, root, seeds, seconds, full=True):
     return "\n".join(out) + "\n" + note + "\n"
 
 
+def fewshot_plan(root="toy", out="runs/demo", shots=None, seeds=None, methods=None):
+    """sweep.py's few-shot plan of each method of FEWSHOT_METHODS present, on `root`/shapes, and
+    zero-shot CLIP once per tower -> command lines, the most shots first (then in the order of
+    FEWSHOT_METHODS), so that the runner's workers finish together. Run folders:
+    <out>/few-shot/<label>/shapes/<k>shot_seed<s> (zero-shot CLIP: 0shot)."""
+    import sweep
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    methods = [m for m in methods or FEWSHOT_METHODS if os.path.isfile(os.path.join(here, m[1]))]
+    towers = sorted({m[2] for m in methods})
+    runs = [(f"Zero-shot CLIP ({t})", "zeroshot.py", t, []) for t in towers]
+    lines = []
+    for rank, (label, file, tower, extra) in enumerate(methods + runs):
+        tag = "".join(c for c in label.lower().replace(" ", "-") if c.isalnum() or c == "-")
+        commands, _ = sweep.plan_commands(
+            "few-shot",
+            os.path.join(here, file),
+            datasets=[os.path.join(root, FEWSHOT["dataset"])],
+            shots=shots or FEWSHOT["shots"],
+            seeds=seeds or FEWSHOT["seeds"],
+            extras=[f"--backbone={root}/clip_{tower}.pt", *extra, "--workers", "0"],
+            out=out,
+            tag=tag,
+            python=sys.executable,
+        )
+        shots_of = lambda tokens: int(sweep.option(tokens, "--shots") or 0)
+        lines += [(-shots_of(c), rank, i, shlex.join(c)) for i, (_, c) in enumerate(commands)]
+    return [line for *_, line in sorted(lines)]
+
+
+def fewshot(root="toy", out="runs/demo", shots=None, seeds=None, parallel=2, methods=None):
+    """The few-shot protocol on the toy through sweep.py: its plan (fewshot_plan), its runner
+    (finished runs skipped), its statistics and its plot -> <out>/fewshot.png (accuracy against
+    shots, a curve per method, zero-shot CLIP as a marker at 0 shots) and <out>/fewshot.md (mean ±
+    std over seeds per method and shot count, then sweep's table). -> (rows, what the plot drew)"""
+    import sweep
+
+    t0, seeds = time.time(), seeds or FEWSHOT["seeds"]
+    result = sweep.run_plan(fewshot_plan(root, out, shots, seeds, methods), workers=parallel)
+    if result["failed"] or result["blocked"]:
+        logs = [os.path.join(d, "run.log") for d in result["failed"]]
+        sys.exit(f"error: few-shot runs failed; see {logs or result['blocked']}")
+    rows = sweep.collect(os.path.join(out, "few-shot"))
+    drawn = sweep.plot(rows, out)[os.path.join(out, "fewshot.png")]
+    text = format_fewshot(rows, root, seeds, time.time() - t0)
+    text += "\n" + sweep.format_table(rows, paper=False)
+    write_text(os.path.join(out, "fewshot.md"), text)
+    print("\n" + text + f"\nwrote {os.path.join(out, 'fewshot.png')} and fewshot.md")
+    return rows, drawn
+
+
+def format_fewshot(rows, root, seeds, seconds):
+    """sweep.collect's few-shot rows as a line per curve of sweep's plot (its name: the method and
+    the tower): the test accuracy at each shot count, mean ± population std over seeds."""
+    import sweep
+
+    shots = sorted({r["shots"] for r in rows})
+    curves = {}
+    for r in rows:
+        if r["paths"] and "test" in r["stats"]:  # not sweep's averages over datasets (none here)
+            curves.setdefault(sweep.curve_name(r), {})[r["shots"]] = r
+    spread = lambda r: f" ± {r['stats']['test'][1]:.1f}" if len(r["seeds"]) > 1 else ""
+    fmt = lambda r: f"{r['stats']['test'][0]:.1f}" + spread(r) if r else ""
+    out = ["| method, tower | " + " | ".join(f"{k} shots" for k in shots) + " |"]
+    out.append("|---|" + "---|" * len(shots))
+    for name, by_shots in sorted(curves.items(), key=lambda c: min(c[1]) > 0):  # zero-shot first
+        out.append(f"| {name} | " + " | ".join(fmt(by_shots.get(k)) for k in shots) + " |")
+    n_classes = len(TASK_COLOURS) * len(SHAPES)
+    out.append(
+        f"\nToy world `{root}`, `{FEWSHOT['dataset']}`: {n_classes} classes, trained on k images "
+        f"per class, tested on all {n_classes * SPLITS['test']} test images ({n_classes}-way). "
+        f"Seeds {list(seeds)}, mean ± population std; zero-shot CLIP: no training, no seed. "
+        f"{seconds:.0f}s for the runs on {os.cpu_count()} cores: python toyworld.py --fewshot"
+    )
+    return "\n".join(out) + "\n"
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description="Draw the toy world's datasets next to the shipped towers (and run the demo).",
@@ -1131,8 +1230,16 @@ def parse_args(argv=None):
     add(
         "--full",
         action="store_true",
-        help="with --demo: the full table (seeds 1, 2, 3, every test image), not the fast one",
+        help="with --demo: the full table (seeds 1, 2, 3, every test image), not the fast one, "
+        "then the few-shot curves (--fewshot)",
     )
+    add(
+        "--fewshot",
+        action="store_true",
+        help="then run the few-shot protocol on shapes (1-16 shots; part of --demo --full) and "
+        "write fewshot.png and fewshot.md in --demo-out (default: runs/demo)",
+    )
+    add("--fewshot-seeds", type=int, nargs="+", default=FEWSHOT["seeds"], help="its seeds")
     add("--demo-out", help="folder of the demo runs and its table (runs/demo or runs/demo-full)")
     add("--workers", type=int, default=2, help="processes (threads: --pretrain) to draw and run")
     return p.parse_args(argv)  # fmt: skip
@@ -1149,6 +1256,10 @@ def main(args):
     print(f"the toy world is in {args.root}/ ({time.time() - t0:.0f}s)")
     if args.demo:
         demo(args.root, args.demo_out, full=args.full, parallel=args.workers)
+    if args.fewshot or (args.demo and args.full):  # the few-shot curves: too long for the fast demo
+        out = args.demo_out or "runs/demo"
+        fewshot(args.root, out, seeds=args.fewshot_seeds, parallel=args.workers)
+    if args.demo or args.fewshot:
         print(f"demo finished in {time.time() - t0:.0f}s in all")
 
 

@@ -708,6 +708,33 @@ def test_runs_with_other_options_are_other_rows_and_paper_settings_are_not(tmp_p
     assert {r["variant"] for r in table} == {"", "csc", "epochs=1"}
 
 
+def test_a_few_shot_curve_is_one_row_per_shot_count_whatever_epochs_the_file_picked(tmp_path):
+    """coop.py, prograd.py and CLIP-Adapter train 50/100/200 epochs at 1/2-4/8-16 shots, the linear
+    probe validates on min(shots, 4) shots, and args.json records them resolved: no variants."""
+    runs = tmp_path / "runs"
+    for shots, epochs in [(1, 50), (2, 100), (4, 100), (8, 200), (16, 200)]:
+        by_shots = dict(coop=dict(epochs=epochs), linear_probe=dict(val_shots=min(shots, 4)))
+        by_shots["clip-adapter"] = by_shots["coop"]
+        for method, options in by_shots.items():
+            method = method.replace("_", "-")
+            folder = runs / method / f"{shots}shot"
+            write_run(folder, method=method, backbone="RN50", dataset="EuroSAT", shots=shots,
+                      seed=1, accuracy={"test": 50.0 + shots})  # fmt: skip
+            args = dict(options, method=method) if method != "coop" else options
+            (folder / "args.json").write_text(json.dumps(dict(args, shots=shots, lr=0.002)))
+    write_coop(runs / "coop-epochs1", "EuroSAT", 1, 40.0, epochs=1)  # a user's choice: a variant
+    rows = sweep.collect(str(runs))
+    curves = {}
+    for r in rows:
+        curves.setdefault((r["method"], r["variant"]), []).append(r["shots"])
+    assert curves == {
+        ("clip-adapter", ""): [1, 2, 4, 8, 16],
+        ("coop", ""): [1, 2, 4, 8, 16],
+        ("coop", "epochs=1"): [16],
+        ("linear-probe", ""): [1, 2, 4, 8, 16],
+    }
+
+
 def test_averages_are_named_by_their_datasets_and_quoted_only_over_the_same_set(tmp_path):
     runs = tmp_path / "runs"
     tip = dict(method="tip-f", backbone="RN50", shots=16, seed=1)

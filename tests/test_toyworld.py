@@ -5,12 +5,14 @@ import os
 import shlex
 import shutil
 import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
 import coop
+import sweep
 import toyworld as tw
 
 
@@ -221,6 +223,78 @@ def test_demo_runs_through_sweep_and_its_table_matches_the_runs(tmp_path, tiny_c
     subprocess.run(command, check=True, capture_output=True, env=env)
     again, first = [json.load(open(d / "metrics.json")) for d in (tmp_path / "again", run)]
     assert again["accuracy"] == first["accuracy"] and again["zero_shot"] == first["zero_shot"]
+
+
+def fake_fewshot_run(tokens, accuracy):
+    """What a method file leaves in its --out: metrics.json (the name it gives its method) and
+    args.json, with what the files pick by shot count (CoOp's epochs, the probe's val shots)."""
+    opt = lambda name: sweep.option(tokens, name)
+    stem, method = os.path.basename(tokens[1]).removesuffix(".py"), opt("--method")
+    shots, seed = int(opt("--shots") or 0), int(opt("--seed") or 1)
+    name = {"adapter": method, "vpt": f"vpt-{method}"}.get(stem, stem)
+    backbone, out = opt("--backbone"), opt("--out")
+    os.makedirs(out)
+    metrics = dict(method=name, backbone=backbone, dataset="shapes", shots=shots, seed=seed)
+    metrics["accuracy"] = {"test": accuracy}
+    json.dump(metrics, open(os.path.join(out, "metrics.json"), "w"))
+    args = dict(backbone=backbone, shots=shots, seed=seed, method=method, epochs=opt("--epochs"))
+    if name in ("coop", "prograd", "clip-adapter"):
+        args["epochs"] = 50 if shots <= 1 else 100 if shots <= 4 else 200
+    args["val_shots"] = min(shots, 4) if name == "linear-probe" else None
+    json.dump(args, open(os.path.join(out, "args.json"), "w"))
+    return name, backbone, shots, seed
+
+
+def test_the_few_shot_protocol_is_sweeps_plan_on_shapes_drawn_by_sweeps_plot(tmp_path, capsys):
+    """toyworld.py --fewshot: sweep.py's few-shot plan of each method that reads labels on the
+    toy's `shapes` (1-16 shots, seeds 1 and 2) and zero-shot CLIP once per tower; then sweep's
+    runner (which skips finished runs: fake ones here), its statistics, fewshot.md, fewshot.png."""
+    root, out = str(tmp_path / "toy"), str(tmp_path / "demo")
+    assert tw.FEWSHOT["shots"] == (1, 2, 4, 8, 16) and tw.FEWSHOT["seeds"] == (1, 2)
+    labels = {m[0] for m in tw.FEWSHOT_METHODS}
+    assert {"CoOp", "ProGrad", "CLIP-Adapter", "Tip-Adapter", "Tip-Adapter-F"} <= labels
+    assert "Linear probe" in labels
+    lines = tw.fewshot_plan(root, out)
+    tokens = [shlex.split(line) for line in lines]
+    # each method's lines are what `sweep.py plan few-shot` prints for it
+    for label, file, tower, extra in tw.FEWSHOT_METHODS:
+        tag = label.lower().replace(" ", "-")
+        argv = ["plan", "few-shot", "--method", os.path.join(os.path.dirname(tw.__file__), file)]
+        argv += ["--datasets", f"{root}/shapes", "--seeds", "1", "2", "--out", out, "--tag", tag]
+        argv += ["--python", sys.executable, "--no-check", "--"]
+        argv += [f"--backbone={root}/clip_{tower}.pt", *extra, "--workers", "0"]
+        assert sweep.main(sweep.parse_args(argv)) == 0
+        planned = capsys.readouterr().out.splitlines()
+        assert len(planned) == 10 and set(planned) <= set(lines)
+    # every run once: each method at each shot count and seed, zero-shot CLIP once per tower
+    accuracy = {fake_fewshot_run(t, 40.0 + (7 * i) % 31): 40.0 + (7 * i) % 31
+                for i, t in enumerate(tokens)}  # fmt: skip
+    fake = list(accuracy)
+    assert all(sweep.option(t, "--data") == f"{root}/shapes" for t in tokens)
+    assert len({sweep.option(t, "--out") for t in tokens}) == len(lines) == 7 * 5 * 2 + 2
+    trained = [(n, b, k, s) for n, b, k, s in fake if k]
+    assert len(set(trained)) == len(trained) == len(tw.FEWSHOT_METHODS) * 5 * 2
+    assert {(k, s) for _, _, k, s in trained} == {(k, s) for k in (1, 2, 4, 8, 16) for s in (1, 2)}
+    zero_shot = sorted(b for n, b, k, _ in fake if not k and n == "zeroshot")
+    assert zero_shot == [f"{root}/clip_rn.pt", f"{root}/clip_vit.pt"] and len(fake) == 72
+    shots = [k for _, _, k, _ in fake]
+    assert shots[:-2] == sorted(shots[:-2], reverse=True)  # the long runs first
+    rows, drawn = tw.fewshot(root, out)
+    # a curve per method (CoOp's epochs by shot count make no variants), a marker per tower
+    curves = sorted({f"shapes: {n} {b}" for n, b, _, _ in trained})
+    markers = [f"shapes: zeroshot {b} (marker)" for b in zero_shot]
+    assert len(curves) == len(tw.FEWSHOT_METHODS) and drawn == markers + curves
+    assert open(os.path.join(out, "fewshot.png"), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    table = open(os.path.join(out, "fewshot.md")).read()
+    assert "| method, tower | 0 shots | 1 shots | 2 shots | 4 shots | 8 shots | 16 shots |" in table
+    for curve in curves:
+        name, backbone = curve.removeprefix("shapes: ").split()
+        by_shots = [[a for (n, b, k, _), a in accuracy.items() if (n, b, k) == (name, backbone, K)]
+                    for K in (1, 2, 4, 8, 16)]  # fmt: skip
+        cells = [f"{np.mean(a):.1f} ± {np.std(a):.1f}" for a in by_shots]
+        assert f"| {name} {backbone} |  | " + " | ".join(cells) + " |" in table
+    for b in zero_shot:
+        assert f"| zeroshot {b} | {accuracy[('zeroshot', b, 0, 1)]:.1f} |  |" in table
 
 
 def test_the_ceiling_is_adapter_pys_linear_probe_on_every_training_image(tmp_path, tiny_ckpt):
