@@ -234,7 +234,7 @@ def fake_fewshot_run(tokens, accuracy):
     name = {"adapter": method, "vpt": f"vpt-{method}"}.get(stem, stem)
     backbone, out = opt("--backbone"), opt("--out")
     os.makedirs(out)
-    metrics = dict(method=name, backbone=backbone, dataset="shapes", shots=shots, seed=seed)
+    metrics = dict(method=name, backbone=backbone, dataset="sketch", shots=shots, seed=seed)
     metrics["accuracy"] = {"test": accuracy}
     json.dump(metrics, open(os.path.join(out, "metrics.json"), "w"))
     args = dict(backbone=backbone, shots=shots, seed=seed, method=method, epochs=opt("--epochs"))
@@ -245,9 +245,9 @@ def fake_fewshot_run(tokens, accuracy):
     return name, backbone, shots, seed
 
 
-def test_the_few_shot_protocol_is_sweeps_plan_on_shapes_drawn_by_sweeps_plot(tmp_path, capsys):
+def test_the_few_shot_protocol_is_sweeps_plan_on_sketch_drawn_by_sweeps_plot(tmp_path, capsys):
     """toyworld.py --fewshot: sweep.py's few-shot plan of each method that reads labels on the
-    toy's `shapes` (1-16 shots, seeds 1 and 2) and zero-shot CLIP once per tower; then sweep's
+    toy's `sketch` (1-16 shots, seeds 1 and 2) and zero-shot CLIP once per tower; then sweep's
     runner (which skips finished runs: fake ones here), its statistics, fewshot.md, fewshot.png."""
     root, out = str(tmp_path / "toy"), str(tmp_path / "demo")
     assert tw.FEWSHOT["shots"] == (1, 2, 4, 8, 16) and tw.FEWSHOT["seeds"] == (1, 2)
@@ -260,7 +260,7 @@ def test_the_few_shot_protocol_is_sweeps_plan_on_shapes_drawn_by_sweeps_plot(tmp
     for label, file, tower, extra in tw.FEWSHOT_METHODS:
         tag = label.lower().replace(" ", "-")
         argv = ["plan", "few-shot", "--method", os.path.join(os.path.dirname(tw.__file__), file)]
-        argv += ["--datasets", f"{root}/shapes", "--seeds", "1", "2", "--out", out, "--tag", tag]
+        argv += ["--datasets", f"{root}/sketch", "--seeds", "1", "2", "--out", out, "--tag", tag]
         argv += ["--python", sys.executable, "--no-check", "--"]
         argv += [f"--backbone={root}/clip_{tower}.pt", *extra, "--workers", "0"]
         assert sweep.main(sweep.parse_args(argv)) == 0
@@ -270,7 +270,7 @@ def test_the_few_shot_protocol_is_sweeps_plan_on_shapes_drawn_by_sweeps_plot(tmp
     accuracy = {fake_fewshot_run(t, 40.0 + (7 * i) % 31): 40.0 + (7 * i) % 31
                 for i, t in enumerate(tokens)}  # fmt: skip
     fake = list(accuracy)
-    assert all(sweep.option(t, "--data") == f"{root}/shapes" for t in tokens)
+    assert all(sweep.option(t, "--data") == f"{root}/sketch" for t in tokens)
     assert len({sweep.option(t, "--out") for t in tokens}) == len(lines) == 7 * 5 * 2 + 2
     trained = [(n, b, k, s) for n, b, k, s in fake if k]
     assert len(set(trained)) == len(trained) == len(tw.FEWSHOT_METHODS) * 5 * 2
@@ -281,14 +281,14 @@ def test_the_few_shot_protocol_is_sweeps_plan_on_shapes_drawn_by_sweeps_plot(tmp
     assert shots[:-2] == sorted(shots[:-2], reverse=True)  # the long runs first
     rows, drawn = tw.fewshot(root, out)
     # a curve per method (CoOp's epochs by shot count make no variants), a marker per tower
-    curves = sorted({f"shapes: {n} {b}" for n, b, _, _ in trained})
-    markers = [f"shapes: zeroshot {b} (marker)" for b in zero_shot]
+    curves = sorted({f"sketch: {n} {b}" for n, b, _, _ in trained})
+    markers = [f"sketch: zeroshot {b} (marker)" for b in zero_shot]
     assert len(curves) == len(tw.FEWSHOT_METHODS) and drawn == markers + curves
     assert open(os.path.join(out, "fewshot.png"), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     table = open(os.path.join(out, "fewshot.md")).read()
     assert "| method, tower | 0 shots | 1 shots | 2 shots | 4 shots | 8 shots | 16 shots |" in table
     for curve in curves:
-        name, backbone = curve.removeprefix("shapes: ").split()
+        name, backbone = curve.removeprefix("sketch: ").split()
         by_shots = [[a for (n, b, k, _), a in accuracy.items() if (n, b, k) == (name, backbone, K)]
                     for K in (1, 2, 4, 8, 16)]  # fmt: skip
         cells = [f"{np.mean(a):.1f} ± {np.std(a):.1f}" for a in by_shots]
