@@ -832,3 +832,22 @@ def test_promptsync_next_to_tpt_and_promptalign_on_the_toy_world(world, tmp_path
     print("sketch, a quarter (150 images): loaded prompts -> after, per loss:", results)
     for before, after in results.values():
         assert math.isfinite(after) and abs(after - before) <= 10
+
+
+def test_tpt_views_tool_scores_tpts_target_against_the_original_image():
+    """tools/tpt_views.py: whether TPT's confident views are right more often than the image."""
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import tpt_views
+
+    labels = torch.tensor([0, 1])
+    logits = torch.zeros(2, 4, 3)  # 2 images, 4 views (view 0 the original), 3 classes
+    logits[0, 0, 0] = 1.0  # image 0: the original right but unsure; one view sure and wrong
+    logits[0, 1, 2] = 9.0
+    logits[1, 0, 0] = 1.0  # image 1: the original wrong; one view sure and right
+    logits[1, 2, 1] = 9.0
+    acc = tpt_views.view_accuracies(logits, labels, rhos=(0.25, 1.0))
+    assert acc["original"] == 50.0 and acc["any view"] == 100.0
+    assert acc["most confident view"] == 50.0  # image 1's sure view is right, image 0's wrong
+    assert acc["confident views' mean, rho 0.25"] == 50.0  # one view kept: the most confident
+    mean_all = (logits.softmax(-1).mean(1).argmax(-1) == labels).float().mean().item() * 100
+    assert acc["confident views' mean, rho 1.0"] == mean_all  # every view kept
