@@ -67,13 +67,14 @@ def rule(doc, value):  # a callable preset: resolved after parsing, shown by --h
 
 TEMPLATE = rule("the dataset's CoOp template, else 'a photo of a {}.'",
                 lambda a: CUSTOM_TEMPLATES.get(paper_dataset(a), "a photo of a {}."))  # fmt: skip
+tip_config = lambda a: TIP_CONFIGS.get(paper_dataset(a), TIP_CONFIGS[None])  # None: the others'
 TIP = dict(  # val_shots None: the whole val split, as Tip-Adapter's main.py (else min(shots, 4))
     template=TEMPLATE, ensemble=rule("ImageNet: 'select', as Tip-Adapter's code; else 'none'",
         lambda a: "select" if paper_dataset(a) == "ImageNet" else "none"),
     alpha=rule("the dataset's init_alpha (Tip-Adapter's configs), else 1 (the authors' baseline)",
-               lambda a: TIP_CONFIGS[paper_dataset(a)]["init_alpha"]),
+               lambda a: tip_config(a)["init_alpha"]),
     search_scale=rule("the dataset's search_scale (Tip-Adapter's configs), else 50 50",
-                      lambda a: TIP_CONFIGS[paper_dataset(a)]["search_scale"]),
+                      lambda a: tip_config(a)["search_scale"]),
     beta=1.0, val_shots=None)  # fmt: skip
 PRESETS = {
     # CoOp's recipe (SGD, momentum 0.9, warm-up epoch, cosine); one template, as its code
@@ -153,7 +154,8 @@ class TipAdapterF(TipAdapter):
 def search_alpha_beta(features, labels, clip_weights, cache_keys, cache_values, s, search_scale,
                       steps=(200, 20)):  # fmt: skip
     """[Tip-Adapter utils.search_hp] the authors' grid from 0.1, the maxima excluded as in their
-    code; the first best pair (beta outer, alpha inner) wins. Give it validation features only."""
+    code; the first best pair (beta outer, alpha inner) wins. Give it validation features only.
+    search_scale = (beta_max, alpha_max), steps = (n_beta, n_alpha) -> (accuracy, alpha, beta)."""
     (beta_max, alpha_max), (n_beta, n_alpha) = search_scale, steps
     betas = [0.1 + i * (beta_max - 0.1) / n_beta for i in range(n_beta)]
     alphas = [0.1 + j * (alpha_max - 0.1) / n_alpha for j in range(n_alpha)]
@@ -195,7 +197,8 @@ def fit_linear_probe(features, labels, n_cls, C_reg, max_iter=1000):
 
 def search_C_reg(fit, val_accuracy, steps=8):
     """[CoOp lpclip] C_reg: the coarse list's best, then `steps` log10 bisections between C*/10 and
-    10 C*, the better end kept each time. fit(C_reg) -> probe, val_accuracy(probe) -> accuracy."""
+    10 C*, the better end kept each time. fit(C_reg) -> probe, val_accuracy(probe) -> accuracy.
+    -> (C_reg, probe, accuracy)."""
 
     @functools.cache  # fits are deterministic (from zero), so each C_reg is fitted once
     def scored(C_reg):
@@ -367,7 +370,8 @@ def run_clip_adapter(args, feats, run_dir):
 
 
 def run_tip(args, feats, run_dir, model=None):
-    """[Tip-Adapter] untrained: the built cache (or Tip-F's tuned one); alpha, beta by the grid."""
+    """[Tip-Adapter] alpha, beta by the authors' grid on a cache: built here (training-free), or
+    the fine-tuned one of Tip-Adapter-F (model)."""
     if model is None:  # K, V built
         model = TipAdapter(*build_cache(feats.views, feats.y, feats.n_cls)).to(feats.device)
     K, V, f_val = model.cache_keys.detach(), model.cache_values, F.normalize(feats.f_val, dim=-1)
@@ -601,9 +605,11 @@ def read_image_folder(folder, names_file):
         fail(f"{folder}: {e}; expected {folder}/<class folder>/<image files>")
     names = {d: d.replace("_", " ") for d in found.classes}
     if os.path.isfile(names_file):
-        names = dict(line.split(maxsplit=1) for line in open(names_file) if len(line.split()) > 1)
+        with open(names_file, encoding="utf-8") as f:
+            names = dict(line.split(maxsplit=1) for line in f if len(line.split()) > 1)
         if set(found.classes) - set(names):
-            fail(f"{names_file}: no line for the folders {sorted(set(found.classes) - set(names))}")
+            missing = sorted(set(found.classes) - set(names))[:5]
+            fail(f"{names_file}: no 'folder<TAB>readable name' line for the folders {missing}")
     return found.samples, [names[d].strip() for d in found.classes]
 
 
@@ -685,8 +691,9 @@ def load_task(args, shots=None):
     if args.subsample == "base":  # the same learned parameters, tested on the other half
         new = subsample_classes(data, "new")
         test_sets["new"] = (new["test"], new["classnames"])
-    for name, *items_and_names in map(load_eval_set, args.eval_data):
-        test_sets[name] = items_and_names
+    for root in args.eval_data:  # named after its folder; by its path if the name is taken
+        name, *items_and_names = load_eval_set(root)
+        test_sets[name if name not in test_sets else root] = items_and_names
     check_images(part["train"], full=bool(shots))  # zero-shot: the headers suffice
     for items, _ in test_sets.values():
         check_images(items, full=False)
@@ -835,7 +842,8 @@ def add_run_args(add, learned=True):
 
 def parse(parser, argv, presets, method):
     """Parse the command line; each option left out takes the preset of `method(args)` (the papers'
-    settings; --help lists them as the defaults); a CUDA device must exist."""
+    settings; --help lists them as the defaults; an option only other methods preset stays absent,
+    and `method` may read only options with a default); a CUDA device must exist."""
     unset = {}  # the other options without a default: None, and no "(default: None)" in --help
     for action in parser._actions:
         values = {m: p[action.dest] for m, p in presets.items() if action.dest in p}
@@ -916,6 +924,8 @@ def learned_state(model):
 
 
 def load_checkpoint(path):
+    if not os.path.isfile(path):
+        fail(f"{path}: checkpoint not found")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:

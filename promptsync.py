@@ -347,10 +347,10 @@ def discrimination_loss(views, prototypes, class_views, weights, tau, groups=Non
     C = p.shape[0]
     groups = torch.arange(C, device=p.device) if groups is None else groups
     neg = lambda s: s.masked_fill(groups[:, None] == groups[None, :], float("-inf"))  # j != k
-    # [PromptSync L_pos(k)] log mean_i e^{s(v_i, p_k)}, the views vs their own prototype: (C,)
-    log_pos = (v @ p.t() / tau).logsumexp(dim=0) - math.log(v.shape[0])
+    log_views = (v @ p.t() / tau).logsumexp(dim=0) - math.log(v.shape[0])  # log mean_i: (C,)
+    log_pos = log_views  # [PromptSync L_pos(k)] the views vs their own prototype: (C,)
     part1 = neg(p @ p.t() / tau)  # (1) prototype k vs the other prototypes j: (C, C)
-    part2 = neg(log_pos[None].expand(C, -1))  # (2) the views vs the other prototypes: (C, C)
+    part2 = neg(log_views[None].expand(C, -1))  # (2) the views vs the other prototypes: (C, C)
     pu = torch.einsum("kd,jsd->kjs", p, u) / tau  # (C, C, S)
     part3 = neg(pu.logsumexp(dim=-1) - math.log(u.shape[1]))  # (3) k vs the other classes' views
     log_neg = torch.cat([part1, part2, part3], dim=1).logsumexp(dim=1)  # log L_neg(k): (C,)
@@ -545,7 +545,7 @@ class ViewDataset(torch.utils.data.Dataset):
 # One step, and the per-image procedures (select, step, predict), after a reset of the prompts
 def train_step(model, optimizer, scaler, images, precision="fp32", features=None, align=None,
                labels=None):  # fmt: skip
-    """One TPT or PromptAlign step on one test image's confident views (k, 3, H, W) or, with
+    """One step: TPT's or PromptAlign's on one test image's confident views (k, 3, H, W) or, with
     text-only prompts, their frozen features (k, D); align: PromptAlign's (layers, source means,
     source variances, weight), (T, W) each. With labels: MaPLe's source step. -> the loss."""
     tokens = [] if align else None
@@ -654,7 +654,7 @@ def source_stage(args, model, data, test_sets, config, run_dir, device):
         weights = zeroshot_classifier(model.clip, classnames, ["a photo of a {}."])
         zero_shot[name] = accuracy(model.clip.logit_scale.exp() * features @ weights.t(), labels)
         model.prompts.set_classnames(model.clip, classnames)
-        with torch.no_grad():  # no graph through the learned vision prompts
+        with torch.no_grad():  # no graph through the learned text prompts (model.logits)
             features, labels = encode_images(model.image_features, loader, device, precision)
             acc[name] = accuracy(model.logits(features), labels)
     return zero_shot, acc, {}
@@ -938,9 +938,11 @@ def read_image_folder(folder, names_file):
         fail(f"{folder}: {e}; expected {folder}/<class folder>/<image files>")
     names = {d: d.replace("_", " ") for d in found.classes}
     if os.path.isfile(names_file):
-        names = dict(line.split(maxsplit=1) for line in open(names_file) if len(line.split()) > 1)
+        with open(names_file, encoding="utf-8") as f:
+            names = dict(line.split(maxsplit=1) for line in f if len(line.split()) > 1)
         if set(found.classes) - set(names):
-            fail(f"{names_file}: no line for the folders {sorted(set(found.classes) - set(names))}")
+            missing = sorted(set(found.classes) - set(names))[:5]
+            fail(f"{names_file}: no 'folder<TAB>readable name' line for the folders {missing}")
     return found.samples, [names[d].strip() for d in found.classes]
 
 
@@ -1022,8 +1024,9 @@ def load_task(args, shots=None):
     if args.subsample == "base":  # the same learned parameters, tested on the other half
         new = subsample_classes(data, "new")
         test_sets["new"] = (new["test"], new["classnames"])
-    for name, *items_and_names in map(load_eval_set, args.eval_data):
-        test_sets[name] = items_and_names
+    for root in args.eval_data:  # named after its folder; by its path if the name is taken
+        name, *items_and_names = load_eval_set(root)
+        test_sets[name if name not in test_sets else root] = items_and_names
     check_images(part["train"], full=bool(shots))  # zero-shot: the headers suffice
     for items, _ in test_sets.values():
         check_images(items, full=False)
@@ -1172,7 +1175,8 @@ def add_run_args(add, learned=True):
 
 def parse(parser, argv, presets, method):
     """Parse the command line; each option left out takes the preset of `method(args)` (the papers'
-    settings; --help lists them as the defaults); a CUDA device must exist."""
+    settings; --help lists them as the defaults; an option only other methods preset stays absent,
+    and `method` may read only options with a default); a CUDA device must exist."""
     unset = {}  # the other options without a default: None, and no "(default: None)" in --help
     for action in parser._actions:
         values = {m: p[action.dest] for m, p in presets.items() if action.dest in p}
@@ -1253,6 +1257,8 @@ def learned_state(model):
 
 
 def load_checkpoint(path):
+    if not os.path.isfile(path):
+        fail(f"{path}: checkpoint not found")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:

@@ -205,9 +205,11 @@ def read_image_folder(folder, names_file):
         fail(f"{folder}: {e}; expected {folder}/<class folder>/<image files>")
     names = {d: d.replace("_", " ") for d in found.classes}
     if os.path.isfile(names_file):
-        names = dict(line.split(maxsplit=1) for line in open(names_file) if len(line.split()) > 1)
+        with open(names_file, encoding="utf-8") as f:
+            names = dict(line.split(maxsplit=1) for line in f if len(line.split()) > 1)
         if set(found.classes) - set(names):
-            fail(f"{names_file}: no line for the folders {sorted(set(found.classes) - set(names))}")
+            missing = sorted(set(found.classes) - set(names))[:5]
+            fail(f"{names_file}: no 'folder<TAB>readable name' line for the folders {missing}")
     return found.samples, [names[d].strip() for d in found.classes]
 
 
@@ -289,8 +291,9 @@ def load_task(args, shots=None):
     if args.subsample == "base":  # the same learned parameters, tested on the other half
         new = subsample_classes(data, "new")
         test_sets["new"] = (new["test"], new["classnames"])
-    for name, *items_and_names in map(load_eval_set, args.eval_data):
-        test_sets[name] = items_and_names
+    for root in args.eval_data:  # named after its folder; by its path if the name is taken
+        name, *items_and_names = load_eval_set(root)
+        test_sets[name if name not in test_sets else root] = items_and_names
     check_images(part["train"], full=bool(shots))  # zero-shot: the headers suffice
     for items, _ in test_sets.values():
         check_images(items, full=False)
@@ -439,7 +442,8 @@ def add_run_args(add, learned=True):
 
 def parse(parser, argv, presets, method):
     """Parse the command line; each option left out takes the preset of `method(args)` (the papers'
-    settings; --help lists them as the defaults); a CUDA device must exist."""
+    settings; --help lists them as the defaults; an option only other methods preset stays absent,
+    and `method` may read only options with a default); a CUDA device must exist."""
     unset = {}  # the other options without a default: None, and no "(default: None)" in --help
     for action in parser._actions:
         values = {m: p[action.dest] for m, p in presets.items() if action.dest in p}

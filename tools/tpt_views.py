@@ -5,8 +5,10 @@ promptsync.py draws (the same seed, crops and flips), this prints the accuracy o
   the original image (zero-shot CLIP);  the single most confident view;
   the mean prediction of the rho most confident views, TPT's target, for several rho;
   "any view": an image counts if at least one of its views is classified right (an upper bound).
+On the CPU, with crops and flips only (no AugMix: TPT's setting for the domain-shift sets).
 
-  python tools/tpt_views.py --backbone toy/clip_vit.pt --data toy/clutter --shard 0/6
+  python tools/tpt_views.py --backbone toy/clip_vit.pt --data toy/clutter --crop-scale 0.5 \
+      --shard 0/6                                      # the toy demo's TPT run on clutter
 """
 
 import argparse
@@ -41,21 +43,21 @@ def main(argv=None):
     p.add_argument("--backbone", required=True, help="CLIP name or checkpoint path")
     p.add_argument("--data", required=True, help="an ImageFolder root with test/")
     p.add_argument("--views", type=int, default=64, help="views per image (TPT: 64)")
-    p.add_argument("--crop-scale", type=float, default=0.5, help="the crops' smallest area")
-    p.add_argument("--shard", default="0/1", help="K/N: every N-th test image, from the K-th")
+    p.add_argument("--crop-scale", type=float, default=0.08, help="the crops' smallest area")
+    p.add_argument("--shard", default="0/1", help="k/n: every n-th test image, from the k-th")
     p.add_argument("--seed", type=int, default=1)
     args = p.parse_args(argv)
-    device, (K, N) = torch.device("cpu"), map(int, args.shard.split("/"))
+    device, (shard_k, shard_n) = torch.device("cpu"), map(int, args.shard.split("/"))
     clip_model = ps.load_clip(args.backbone, device, "fp32")
     data = ps.load_dataset(args.data)
     model = ps.MultimodalPromptedCLIP(clip_model, data["classnames"], n_ctx=4, depth=0)
     text = model.text_features()  # the prompt before any tuning: (C, D)
     views = ps.Views(clip_model.visual.input_resolution, args.views, crop_scale=args.crop_scale)
-    todo = [(i, *item) for i, item in enumerate(data["test"]) if i % N == K]
+    todo = [(i, *item) for i, item in enumerate(data["test"]) if i % shard_n == shard_k]
     dataset, logits, labels = ps.ViewDataset(todo, views, args.seed), [], []
     for k in range(len(dataset)):
         x, y, _ = dataset[k]
-        logits.append(model.logits(model.image_features(x), text))  # (N views, C)
+        logits.append(model.logits(model.image_features(x), text))  # (views, C)
         labels.append(y)
     for name, value in view_accuracies(torch.stack(logits), torch.tensor(labels)).items():
         print(f"{name:32s} {value:5.1f}")
