@@ -335,7 +335,8 @@ def train_step(logits_fn, optimizer, features, labels, scheduler=None):
     return loss.item(), accuracy(logits, labels)
 
 
-# ---- The four methods on the precomputed features `feats`, each -> (its model, its choices) -----
+# ---- The four methods on the precomputed features `feats` (each -> its model, its choices), after
+# the epoch that CLIP-Adapter and Tip-Adapter-F share
 def train_epoch(epoch, args, feats, run_dir, forward, optimizer, generator, scheduler=None):
     """One epoch of CLIP-Adapter or Tip-Adapter-F on the precomputed views (their codes crop afresh
     every epoch), logged -> the validation accuracy (None without validation features)."""
@@ -547,7 +548,8 @@ def parse_args(argv=None):
     if tip and not (0 <= args.alpha <= 100 and 0 <= args.beta <= 100):
         fail(f"--alpha {args.alpha}, --beta {args.beta}: weight and sharpness lie in [0, 100]")
     if tip and (min(args.search_scale) <= 0.1 or min(args.search_step) < 1):
-        fail("--search-scale: both maxima must exceed 0.1 (the grid's start); --search-step: >= 1")
+        fail(f"--search-scale {args.search_scale} --search-step {args.search_step}: both maxima "
+             "must exceed 0.1 (the grid's start), both steps be at least 1")  # fmt: skip
     if args.eval_only != bool(args.load):  # a method fits in seconds: no training goes on from one
         fail("--eval-only needs --load <checkpoint.pt>, and --load needs --eval-only")
     return args
