@@ -980,9 +980,10 @@ def run_options(run):
 
 def shot_defaults(stem, extras, dataset, shots):
     """The method files' own defaults that follow the shot count, which args.json records resolved
-    -> {name: value}: CoOp's 50/100/200 epochs for 1/2-4/8-16 shots (coop.py, prograd.py and
-    CLIP-Adapter; not CoCoOp, nor ImageNet: 50 at every count) and the linear probe's min(shots,
-    4) validation shots. Not variants: a few-shot curve is one method at every shot count."""
+    -> {name: value}: CoOp's 50/100/200 epochs for 1/2-4/8-16 shots (the files' epochs_for_shots:
+    coop.py, prograd.py and CLIP-Adapter; not CoCoOp, nor ImageNet: 50 at every count) and the
+    linear probe's min(shots, 4) validation shots. Not variants: a few-shot curve is one method at
+    every shot count."""
     defaults, method = {}, option(extras, "--method")
     by_shots = stem in ("coop", "prograd") and "--cocoop" not in extras
     by_shots |= stem == "adapter" and method in (None, "clip-adapter")

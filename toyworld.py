@@ -28,7 +28,7 @@ makes every method in the project runnable and checkable on a laptop CPU in minu
      clutter, haze and shapes), through sweep.py's runner, with each paper's claim checked against
      the noise (seed spread, and the binomial standard error of each column's test set). With
      --full (or alone: --fewshot), the few-shot protocol too: sweep.py's plan of each method that
-     reads labels on `shapes` at 1, 2, 4, 8 and 16 shots, its curves drawn by sweep.py's plot.
+     reads labels on `sketch` at 1, 2, 4, 8 and 16 shots, its curves drawn by sweep.py's plot.
 
 Run
   python toyworld.py                # draw toy/ next to the shipped towers (about a minute)
@@ -858,8 +858,8 @@ LONG_FIRST[3:3] = [t[0] for t in ABLATIONS]
 # zero-shot CLIP of each tower as the marker at 0 shots. The files' own settings (CoOp: 16 random
 # context vectors, 50/100/200 epochs), the toy's crop. CoCoOp (a step per image, its prompts
 # through the text encoder for each) would take about as long as CoOp and ProGrad together, so it
-# is left out, as is VPT-shallow. (label, file, tower, options
-# after sweep's `--`), the slowest first: the runner starts the long runs first.
+# is left out, as are VPT-shallow, the padding prompt and class-specific CoOp, for time.
+# (label, file, tower, options after sweep's `--`), the slowest first, so that they start first.
 FEWSHOT_METHODS = [
     ("CoOp", "coop.py", "rn", COMMON),
     ("ProGrad", "prograd.py", "rn", COMMON),
