@@ -42,7 +42,6 @@ import json
 import math
 import os
 import random
-import signal
 import time
 import warnings
 from contextlib import nullcontext
@@ -325,7 +324,7 @@ def main(args):
     device, precision, pad = torch.device(args.device), args.precision, args.method == "pad"
     method, (dataset, train, test_sets) = f"vpt-{args.method}", load_data(args)
     run_dir = args.out or os.path.join("runs", method, dataset, f"{args.shots}shot_seed{args.seed}")
-    seed_everything(args.seed)
+    torch.manual_seed(args.seed)
 
     # Frozen CLIP, the prompted image encoder, the head
     clip_model = load_clip(args.backbone, device, precision)
@@ -347,7 +346,6 @@ def main(args):
     loader = make_loader(train, transform, args.batch_size, args.workers, device, shuffle=True,
                          generator=generator)  # fmt: skip
     start, train_seconds = 0, 0.0
-    watch_preemption()  # SIGUSR1: stop after this epoch's checkpoint
     if args.resume:
         start, train_seconds = resume(run_dir, model, optimizer, scaler, generator, config)
     elif os.path.exists(os.path.join(run_dir, "log.jsonl")) and not args.eval_only:
@@ -355,7 +353,6 @@ def main(args):
     for epoch in range(start, 0 if args.eval_only else args.epochs):
         model.train()  # the prompt dropout only: CLIP stays in eval mode
         t0, losses, accs, n = time.time(), [], [], 0
-        peak_mib(device, reset=True)
         for i, (images, labels) in enumerate(loader):
             lr = lr_at(recipe(args), epoch, i, len(loader), args.lr, args.epochs, args.warmup)
             for group in optimizer.param_groups:
@@ -365,7 +362,7 @@ def main(args):
             losses, accs, n = losses + [loss], accs + [acc], n + len(labels)
         seconds = time.time() - t0
         train_seconds += seconds
-        log_epoch(run_dir, device, epoch + 1, args.epochs, seconds, n, lr=lr, loss=losses,
+        log_epoch(run_dir, epoch + 1, args.epochs, seconds, n, lr=lr, loss=losses,
                   train_acc=accs)  # fmt: skip
         save_progress(run_dir, config, model, optimizer, scaler, epoch + 1, train_seconds,
                       generator)  # fmt: skip
@@ -408,7 +405,6 @@ def parse_args(argv=None):
     add("--warmup", type=int, help="pad: steps, a linear ramp from lr/warmup; linear head: epochs, "
         "a ramp from 0; shallow/deep: one epoch at 1e-5 (fixed)")  # fmt: skip
     add("--crop-scale", type=float, default=0.08, help="prompt tokens: random crops' smallest area")
-    add_run_args(add)
     args = parse(p, argv, PRESETS, recipe)
     if recipe(args) == "shallow/deep" and args.warmup != 1:
         fail("--warmup: MaPLe's schedule for prompt tokens has one warm-up epoch (at 1e-5)")
@@ -473,13 +469,6 @@ def load_dataset(root, split_file=None):
     return data
 
 
-def load_eval_set(root):
-    """An --eval-data set <root>/[test/]<class>/<image> -> (name, items, class names)."""
-    root = os.path.normpath(root).removesuffix(f"{os.sep}test")  # named after its dataset
-    folder = f"{root}/test" if os.path.isdir(f"{root}/test") else root
-    return (os.path.basename(root), *read_image_folder(folder, f"{root}/classnames.txt"))
-
-
 def sample_few_shot(items, shots, seed):
     """Per class, `shots` items drawn without replacement (seeded); a smaller class keeps all."""
     rng, by_class = random.Random(seed), {}
@@ -525,16 +514,16 @@ def load_task(args, shots=None):
     if args.subsample == "base":  # the same learned parameters, tested on the other half
         new = subsample_classes(data, "new")
         test_sets["new"] = (new["test"], new["classnames"])
-    for root in args.eval_data:  # named after its folder; by its path if the name is taken
-        name, *items_and_names = load_eval_set(root)
-        test_sets[name if name not in test_sets else root] = items_and_names
+    for root in args.eval_data:  # <root>/[test/]<class>/<image>, named after its folder
+        root = os.path.normpath(root).removesuffix(f"{os.sep}test")
+        folder = f"{root}/test" if os.path.isdir(f"{root}/test") else root
+        name = os.path.basename(root) if os.path.basename(root) not in test_sets else root
+        test_sets[name] = read_image_folder(folder, f"{root}/classnames.txt")
     check_images(part["train"], full=bool(shots))  # zero-shot: the headers suffice
     for items, _ in test_sets.values():
         check_images(items, full=False)
-    name = os.path.basename(os.path.normpath(args.data))
-    if args.split_file:
-        name = os.path.basename(args.split_file).removesuffix(".json").replace("split_zhou_", "")
-    return name, part, test_sets
+    name = os.path.basename(args.split_file or os.path.normpath(args.data))
+    return name.removesuffix(".json").replace("split_zhou_", ""), part, test_sets
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -574,13 +563,11 @@ def load_clip(backbone, device, precision):
     """CLIP by name or checkpoint path, frozen, in eval mode; fp32 weights unless precision fp16.
     openai-clip 1.0.1 reads a plain state-dict file wrongly (after its TorchScript attempt it does
     not rewind the file), so such files are read here with torch.load and clip's build_model."""
-    if backbone not in clip.available_models() and not os.path.isfile(backbone):
-        fail(f"unknown backbone {backbone!r}: use one of {clip.available_models()} or a file path")
     try:
         with warnings.catch_warnings():  # torch deprecates torch.jit.load, tried by clip.load
             warnings.simplefilter("ignore")
             model = clip.load(backbone, device="cpu", jit=False)[0].float()
-    except Exception as e:
+    except Exception as e:  # unknown names: clip.load's message lists the known ones
         if not os.path.isfile(backbone):
             fail(f"could not load {backbone} ({e}); offline, pass the downloaded file's path")
         try:
@@ -645,23 +632,11 @@ def save(path, obj):
     os.replace(tmp, path)
 
 
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def peak_mib(device, reset=False):
-    """CUDA's peak memory since the last reset, in MiB (None on the CPU)."""
-    if device.type != "cuda":
-        return None
-    peak = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
-    torch.cuda.reset_peak_memory_stats(device) if reset else None
-    return peak
-
-
-def add_run_args(add, learned=True):
-    """The options every method file shares: seed, precision, device, run folder, checkpoints."""
+def parse(parser, argv, presets, method, learned=True):
+    """Add the options every file shares and parse the command line; each option left out takes
+    the preset of `method(args)` (the papers' settings, which --help lists; an option only other
+    methods preset stays absent; `method` may read only options with a default)."""
+    add = parser.add_argument
     add("--seed", type=int, default=1, help="the papers report seeds 1, 2, 3")
     fp16 = "amp: mixed precision; fp16: CLIP's own fp16 weights; default: amp on CUDA, else fp32"
     add("--precision", choices=["fp32", "amp", "fp16"], help=fp16)
@@ -672,12 +647,6 @@ def add_run_args(add, learned=True):
         add("--load", help="checkpoint.pt of learned parameters to start from")
         add("--eval-only", action="store_true", help="evaluate --load without training")
         add("--resume", action="store_true", help="continue the run in --out after its last epoch")
-
-
-def parse(parser, argv, presets, method):
-    """Parse the command line; each option left out takes the preset of `method(args)` (the papers'
-    settings; --help lists them as the defaults; an option only other methods preset stays absent,
-    and `method` may read only options with a default); a CUDA device must exist."""
     unset = {}  # the other options without a default: None, and no "(default: None)" in --help
     for action in parser._actions:
         values = {m: p[action.dest] for m, p in presets.items() if action.dest in p}
@@ -700,16 +669,18 @@ def parse(parser, argv, presets, method):
 
 def finish_run(run_dir, args, method, dataset, zero_shot, accuracy, **extra):
     """Write metrics.json (the zero-shot baseline and the method's accuracy on every test set,
-    base/new/H, how and where it ran) and print its one-line summary, the run's last line."""
+    base/new/H, how and where it ran, CUDA's peak memory) and print it in one line, the last."""
     device = torch.device(args.device)
     metrics = dict(method=method, backbone=args.backbone, dataset=dataset, seed=args.seed)
     metrics.update(shots=getattr(args, "shots", 0), zero_shot=zero_shot, accuracy=accuracy)
     if "new" in accuracy:  # [CoCoOp] H = 2 * base * new / (base + new)
         base, new = accuracy["test"], accuracy["new"]
         metrics["harmonic_mean"] = 2 * base * new / (base + new)
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    metrics.update(extra, peak_mib=peak_mib(device), device=f"{where} ({os.cpu_count()} cores)")
-    save(os.path.join(run_dir, "metrics.json"), dict(metrics, torch=torch.__version__))
+    cuda = device.type == "cuda"
+    where = f"{torch.cuda.get_device_name(device) if cuda else 'cpu'} ({os.cpu_count()} cores)"
+    peak = round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if cuda else None
+    metrics.update(extra, peak_mib=peak, device=where, torch=torch.__version__)
+    save(os.path.join(run_dir, "metrics.json"), metrics)
     shown = [" ".join(f"{k}={v:.2f}" for k, v in d.items()) for d in (accuracy, zero_shot)]
     hm = f" H={metrics['harmonic_mean']:.2f}" if "new" in accuracy else ""
     print(f"{method} {dataset} shots={metrics['shots']} seed={args.seed}: accuracy {shown[0]}{hm}"
@@ -721,14 +692,6 @@ def finish_run(run_dir, args, method, dataset, zero_shot, accuracy, **extra):
 
 
 # --- shared: training (canonical copy in coop.py; re-sync with tools/sync_shared.py) ---
-PREEMPTED = []  # SIGUSR1 lands here: stop at the next safe point (after an epoch or an image)
-
-
-def watch_preemption():
-    """On SIGUSR1 (sbatch --signal=USR1@120: the job ends soon) save and stop; --resume goes on."""
-    signal.signal(signal.SIGUSR1, lambda signum, frame: PREEMPTED.append(signum))
-
-
 def epochs_for_shots(args):
     """50/100/200 for 1/2-4/8-16 shots (CoOp's configs)"""
     return 50 if args.shots <= 1 else 100 if args.shots <= 4 else 200
@@ -742,12 +705,12 @@ def lr_at_epoch(epoch, base_lr, epochs, warmup_lr=1e-5):
     return 0.5 * base_lr * (1 + math.cos(math.pi * (epoch - 1) / epochs))
 
 
-def log_epoch(run_dir, device, epoch, epochs, seconds, n_images, **values):
-    """log.jsonl's line for an epoch (each value's mean over steps, images/s, CUDA peak MiB)."""
+def log_epoch(run_dir, epoch, epochs, seconds, n_images, **values):
+    """log.jsonl's line for an epoch: each value's mean over steps, seconds, images/s."""
     record = {"epoch": epoch, **{k: float(np.mean(v)) for k, v in values.items()}}
     record.update(seconds=round(seconds, 3), images_per_s=round(n_images / seconds, 1))
     with open(os.path.join(run_dir, "log.jsonl"), "a") as f:
-        f.write(json.dumps(dict(record, peak_mib=peak_mib(device))) + "\n")
+        f.write(json.dumps(record) + "\n")
     shown = "  ".join(f"{k} {record[k]:.4g}" for k in values)
     print(f"epoch {epoch}/{epochs}  {shown}  {seconds:.1f}s  {record['images_per_s']} img/s")
 
@@ -792,8 +755,6 @@ def save_progress(run_dir, config, model, optimizer, scaler, epoch, train_second
     state.update(scaler=scaler.state_dict(), epoch=epoch, train_seconds=train_seconds, rng=rng)
     state["log"] = open(os.path.join(run_dir, "log.jsonl")).read()
     save(os.path.join(run_dir, "checkpoint.pt"), state)
-    if PREEMPTED:
-        raise SystemExit(f"stopped by SIGUSR1 after epoch {epoch}; rerun with --resume")
 
 
 def resume(run_dir, model, optimizer, scaler, generator, config):
