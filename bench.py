@@ -39,6 +39,7 @@ from argparse import ArgumentDefaultsHelpFormatter as DEFAULTS
 from collections import namedtuple
 from functools import partial
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -65,8 +66,7 @@ OPENAI_CONFIGS = {
     "ViT-B/16": (512, 224, 12, 768, 16, 77, 49408, 512, 8, 12),
     "ViT-L/14": (768, 224, 24, 1024, 14, 77, 49408, 768, 12, 12),
 }
-# The papers' batch sizes (VPT's prompt tokens: MaPLe's VPT-in-CLIP; its border: Bahng et al.);
-# test-time tuning: 64 views of one image
+# The papers' batch sizes (VPT: MaPLe's VPT-in-CLIP; its border: Bahng et al.); TPT: 64 views
 PAPER_BATCH = {"coop-text": 32, "coop": 32, "cocoop": 1, "prograd": 32, "clip-adapter": 32,
                "tip-f": 256, "vpt-shallow": 4, "vpt-deep": 4, "vpt-pad": 256,
                "tpt": 64}  # fmt: skip
@@ -116,21 +116,20 @@ def inputs(env, batch, seed, features=False):
 
 
 # --- CoOp, CoCoOp, ProGrad: the text encoder three ways; ProGrad's teacher two ways --------------
-class FullTextEncoder(coop.TextEncoder):
+def full_text_encoder(clip_model, prompts, tokenized, deep=()):
     """The plain text tower: CLIP's blocks over all 77 positions, as the original CoOp, TPT and
     PromptAlign code run it (MaPLe's deep prompts written over positions 1..M before block j)."""
-
-    def forward(self, prompts, tokenized, deep=()):
-        x = prompts.type(self.dtype) + self.positional_embedding.type(self.dtype)  # (N, 77, d)
-        x = x.permute(1, 0, 2)  # NLD -> LND
-        for j, block in enumerate(self.transformer.resblocks):
-            if 1 <= j <= len(deep):
-                new = deep[j - 1].type(x.dtype)[:, None].expand(-1, x.shape[1], -1)  # (M, N, d)
-                x = torch.cat([x[:1], new, x[1 + len(new) :]])  # (77, N, d)
-            x = block(x)  # with CLIP's 77 x 77 causal mask
-        x = self.ln_final(x.permute(1, 0, 2)).type(self.dtype)  # LND -> NLD: (N, 77, d)
-        x = x[torch.arange(x.shape[0]), tokenized.argmax(dim=-1)]  # the EOT rows: (N, d)
-        return x @ self.text_projection  # (N, D)
+    dtype = clip_model.dtype
+    x = prompts.type(dtype) + clip_model.positional_embedding.type(dtype)  # (N, 77, d)
+    x = x.permute(1, 0, 2)  # NLD -> LND
+    for j, block in enumerate(clip_model.transformer.resblocks):
+        if 1 <= j <= len(deep):
+            new = deep[j - 1].type(x.dtype)[:, None].expand(-1, x.shape[1], -1)  # (M, N, d)
+            x = torch.cat([x[:1], new, x[1 + len(new) :]])  # (77, N, d)
+        x = block(x)  # with CLIP's 77 x 77 causal mask
+    x = clip_model.ln_final(x.permute(1, 0, 2)).type(dtype)  # LND -> NLD: (N, 77, d)
+    x = x[torch.arange(x.shape[0]), tokenized.argmax(dim=-1)]  # the EOT rows: (N, d)
+    return x @ clip_model.text_projection  # (N, D)
 
 
 def prompt_rows(method, env):
@@ -153,8 +152,6 @@ def prompt_rows(method, env):
             teacher = None
         # False: every prompt whole, through the cut encoder
         model.to(env.device).prefix_is_shared = text == "shared"
-        if text == "full":
-            model.text_encoder = FullTextEncoder(env.clip)
         learned = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.SGD(learned, lr=0.002, momentum=0.9, weight_decay=5e-4)
 
@@ -174,6 +171,10 @@ def prompt_rows(method, env):
             zero_shot = model.logit_scale.exp() * (features() if own_teacher else f) @ teacher.t()
             return torch.cat([model(f).float().flatten(), zero_shot.float().flatten()])
 
+        if text == "full":  # each call with the text encoder over 77 positions, as the original
+            full = mock.patch.object(prograd if method == "prograd" else coop, "text_encoder",
+                                     full_text_encoder)  # fmt: skip
+            step, logits = full(step), full(logits)
         variant = "teacher with its own image forward" if own_teacher else TEXT_VARIANTS[text]
         check = partial(applied, model, logits, step, env)
         return Row(method, variant, batch, partial(step, grad_scaler(env)), check)
@@ -296,9 +297,9 @@ def test_time_rows(loss, env):
             model.image_features(views[:4], tokens)
         x = torch.stack(tokens[:2]).float()  # (2, T, 4, W)
         align = ([0, 1], list(x.mean(dim=2)), list(x.var(dim=2, unbiased=False)), 100 / 3)
-    plain, full = test_time_model(env, maple=loss != "tpt"), FullTextEncoder(env.clip)
+    plain = test_time_model(env, maple=loss != "tpt")
     pl = plain[0].prompts  # the second model's text tower runs over all 77 positions
-    text = lambda: full(pl.text_prompts(), pl.tokenized, pl.deep_text)  # (C, D)
+    text = lambda: full_text_encoder(env.clip, pl.text_prompts(), pl.tokenized, pl.deep_text)
     plain[0].text_features = lambda: F.normalize(text().float(), dim=-1)
 
     def row(variant, model, optimizer, reset):

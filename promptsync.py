@@ -107,32 +107,21 @@ PRESETS = {
 
 
 # --- shared: text encoder (canonical copy in coop.py; re-sync with tools/sync_shared.py) ---
-class TextEncoder(nn.Module):
-    """CLIP's text tower (its encode_text) applied to prompt embeddings instead of token ids.
-
-    The transformer is causal (position i attends to positions <= i only), so the end-of-text
-    (EOT) feature depends only on the positions up to it: prompts cut after the longest EOT give
-    CLIP's 77-position result exactly, with fewer positions to compute."""
-
-    def __init__(self, clip_model):
-        super().__init__()
-        self.transformer, self.ln_final = clip_model.transformer, clip_model.ln_final
-        self.positional_embedding = clip_model.positional_embedding
-        self.text_projection, self.dtype = clip_model.text_projection, clip_model.dtype
-
-    def forward(self, prompts, tokenized):
-        # prompts: (N, L, d) token embeddings; tokenized: (N, L) ids, used to find EOT (largest id)
-        eot = tokenized.argmax(dim=-1)  # (N,)
-        n = int(eot.max()) + 1
-        x = prompts[:, :n].type(self.dtype) + self.positional_embedding[:n].type(self.dtype)
-        mask = torch.full((n, n), float("-inf"), device=x.device, dtype=x.dtype).triu_(1)
-        x = x.permute(1, 0, 2)  # NLD -> LND: (n, N, d)
-        for block in self.transformer.resblocks:  # = block(x) with the causal mask cut to n
-            h = block.ln_1(x)
-            x = x + block.attn(h, h, h, need_weights=False, attn_mask=mask)[0]
-            x = x + block.mlp(block.ln_2(x))
-        x = x.permute(1, 0, 2)[torch.arange(x.shape[1]), eot]  # LND -> NLD, the EOT rows: (N, d)
-        return self.ln_final(x).type(self.dtype) @ self.text_projection  # (N, D)
+def text_encoder(clip_model, prompts, tokenized):
+    """CLIP's encode_text on prompt embeddings (N, L, d), not token ids -> (N, D). It is causal
+    (position i sees positions <= i only), so the end-of-text (EOT) feature depends only on the
+    positions up to it: prompts cut after the longest EOT give CLIP's 77-position result exactly."""
+    eot, dtype = tokenized.argmax(dim=-1), clip_model.dtype  # EOT: the largest id, (N,)
+    n = int(eot.max()) + 1
+    x = prompts[:, :n].type(dtype) + clip_model.positional_embedding[:n].type(dtype)
+    mask = torch.full((n, n), float("-inf"), device=x.device, dtype=x.dtype).triu_(1)
+    x = x.permute(1, 0, 2)  # NLD -> LND: (n, N, d)
+    for block in clip_model.transformer.resblocks:  # = block(x) with the causal mask cut to n
+        h = block.ln_1(x)
+        x = x + block.attn(h, h, h, need_weights=False, attn_mask=mask)[0]
+        x = x + block.mlp(block.ln_2(x))
+    x = x.permute(1, 0, 2)[torch.arange(x.shape[1]), eot]  # LND -> NLD, the EOT rows: (N, d)
+    return clip_model.ln_final(x).type(dtype) @ clip_model.text_projection  # (N, D)
 
 
 # --- end shared: text encoder ---
@@ -869,28 +858,25 @@ def parse_args(argv=None):
 
 
 # --- shared: speed-ups (canonical copy in coop.py; re-sync with tools/sync_shared.py) ---
-# Exact speed-ups: the same numbers as the plain formulation (each is tested against it), in less
-# time and memory. A reader who stopped at main has already seen the whole method.
-def shared_prefix(encoder, prefix, suffix, tokenized, deep=()):
-    """Exactly encoder(cat([prefix[b], suffix[c]]), tokenized[c]) for every pair (b, c): (B, C, D).
-
-    Causal attention again: positions before the class name never see it, so with a prefix that
-    every class shares ([SOS] and a generic context) its hidden states are every class's. They are
-    computed once (per image for CoCoOp); only each class's own tokens (name, ".", EOT) run per
-    class, attending to the prefix's keys and values and, causally, to their own.
+# Exact speed-ups: the plain formulation's numbers (tested) in less time and memory; not the method.
+def shared_prefix(clip_model, prefix, suffix, tokenized, deep=()):
+    """= text_encoder(clip_model, cat([prefix[b], suffix[c]]), tokenized[c]) for every pair (b, c):
+    (B, C, D). Causal attention again: positions before the class name never see it, so a prefix
+    that every class shares ([SOS] and a generic context) runs once (per image for CoCoOp); each
+    class's own tokens (name, ".", EOT) attend to its keys and values and, causally, to their own.
     prefix: (B, P, d), B = 1 or one per image; suffix: (C, L - P, d), the rest of each class's
     prompt; tokenized: (C, L) ids; deep: tensors (n, d) that replace prefix positions 1..n before
     blocks 1, 2, ... (MaPLe's deeper text prompts)."""
     (B, P, _), C = prefix.shape, suffix.shape[0]
     eot = tokenized.argmax(dim=-1) - P  # EOT's index within the suffix: (C,)
     S = int(eot.max()) + 1
-    pos = encoder.positional_embedding.type(encoder.dtype)
-    xp = prefix.type(encoder.dtype) + pos[:P]  # (B, P, d)
-    xs = (suffix[:, :S].type(encoder.dtype) + pos[P : P + S]).repeat(B, 1, 1)  # (B*C, S, d)
+    pos = clip_model.positional_embedding.type(clip_model.dtype)
+    xp = prefix.type(clip_model.dtype) + pos[:P]  # (B, P, d)
+    xs = (suffix[:, :S].type(clip_model.dtype) + pos[P : P + S]).repeat(B, 1, 1)  # (B*C, S, d)
     ahead = torch.ones(S, S, dtype=torch.bool, device=xp.device).triu_(1)  # (S, S)
     rows = lambda t: t.unflatten(0, (B, C)).transpose(1, 2).flatten(2, 3)  # (B, h, C*S, .)
     pairs = lambda t: t.unflatten(2, (C, S)).transpose(1, 2).flatten(0, 1)  # (B*C, h, S, .)
-    for i, block in enumerate(encoder.transformer.resblocks):
+    for i, block in enumerate(clip_model.transformer.resblocks):
         if 0 < i <= len(deep):  # MaPLe: the previous block's outputs there are replaced
             n = deep[i - 1].shape[0]
             new = deep[i - 1].type(xp.dtype).expand(B, -1, -1)  # (B, n, d)
@@ -912,26 +898,25 @@ def shared_prefix(encoder, prefix, suffix, tokenized, deep=()):
         xp, xs = xp + merge(ap), xs + merge(a_s)
         xp, xs = xp + block.mlp(block.ln_2(xp)), xs + block.mlp(block.ln_2(xs))
     x = xs[torch.arange(B * C), eot.repeat(B)]  # the EOT rows: (B*C, d)
-    return (encoder.ln_final(x).type(encoder.dtype) @ encoder.text_projection).view(B, C, -1)
+    return (clip_model.ln_final(x).type(clip_model.dtype) @ clip_model.text_projection).view(
+        B, C, -1
+    )
 
 
 # --- end shared: speed-ups ---
 
 
 # --- shared: appendix (canonical copy in coop.py; re-sync with tools/sync_shared.py) ---
-# Appendix: the plumbing, identical in every method file: data and its checks, loading CLIP, frozen
-# features, the run folder and the options. The learning files add the training block after it.
+# Appendix, the same in every file: data and its checks, CLIP, frozen features, options, results.
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 
-def fail(message):
-    """Stop the command line before any long work, saying what is wrong and what to do."""
+def fail(message):  # stops the command line before any long work: what is wrong, what to do
     raise SystemExit(f"error: {message}")
 
 
 def read_image_folder(folder, names_file):
-    """folder/<class>/<image> (torchvision's ImageFolder) -> ([(path, label)], [class name]), the
-    names from names_file if it exists ('folder<TAB>name' lines, as CoOp's ImageNet) or folders'."""
+    """folder/<class>/<image> -> ([(path, label)], class names: names_file's or the folders')."""
     try:
         found = torchvision.datasets.ImageFolder(folder)  # sorted class folders, image files only
     except (FileNotFoundError, OSError) as e:
@@ -947,9 +932,8 @@ def read_image_folder(folder, names_file):
 
 
 def load_dataset(root, split_file=None):
-    """CoOp's split_zhou_<Name>.json ({"train"|"val"|"test": [[path under root, label, class
-    name]]}), or ImageFolder roots root/{train,val,test}/<class>/<image> (class names from
-    root/classnames.txt if present) -> {"train", "val", "test": [(path, label)], "classnames"}."""
+    """CoOp's split_zhou_<Name>.json ({split: [[path under root, label, class name]]}) or folders
+    root/{train,val,test}/<class>/<image> -> {"train", "val", "test": [(path, y)], "classnames"}."""
     if split_file:
         try:
             split = json.load(open(split_file, encoding="utf-8"))
@@ -977,9 +961,6 @@ def sample_few_shot(items, shots, seed):
     rng, by_class = random.Random(seed), {}
     for item in items:
         by_class.setdefault(item[1], []).append(item)
-    short = [os.path.dirname(g[0][0]) for g in by_class.values() if len(g) < shots]
-    if short:
-        print(f"warning: fewer than {shots} training images in {len(short)} classes:", *short[:5])
     return [x for group in by_class.values() for x in rng.sample(group, min(shots, len(group)))]
 
 
@@ -1006,9 +987,8 @@ def check_images(items, full=True):
 
 
 def load_task(args, shots=None):
-    """The run's data, checked before anything slow -> (dataset name, {"train", "val", "test",
-    "classnames"} of the trained classes, {test set name: (items, class names)}). Few-shot
-    sampling (seeded) comes before the base/new split, as in the papers."""
+    """The run's data, checked before anything slow -> (dataset name, the trained classes' data,
+    {test set: (items, class names)}); the shots are drawn before the base/new split, as CoOp's."""
     data = load_dataset(args.data, args.split_file)
     if shots:
         data["train"] = sample_few_shot(data["train"], shots, args.seed)
@@ -1029,17 +1009,16 @@ def load_task(args, shots=None):
     return name.removesuffix(".json").replace("split_zhou_", ""), part, test_sets
 
 
-class ImageDataset(torch.utils.data.Dataset):
+class ImageDataset(list):
     """(path, label) items -> (transformed image, label); grayscale, RGBA and palette become RGB."""
 
     def __init__(self, items, transform):
-        self.items, self.transform = items, transform
-
-    def __len__(self):
-        return len(self.items)
+        super().__init__(items)
+        self.transform = transform
 
     def __getitem__(self, i):
-        return self.transform(Image.open(self.items[i][0]).convert("RGB")), self.items[i][1]
+        path, label = super().__getitem__(i)
+        return self.transform(Image.open(path).convert("RGB")), label
 
 
 def train_transform(n_px, min_scale=0.08):
@@ -1063,9 +1042,8 @@ def make_loader(items, transform, batch_size, workers, device, **options):
 
 
 def load_clip(backbone, device, precision):
-    """CLIP by name or checkpoint path, frozen, in eval mode; fp32 weights unless precision fp16.
-    openai-clip 1.0.1 reads a plain state-dict file wrongly (after its TorchScript attempt it does
-    not rewind the file), so such files are read here with torch.load and clip's build_model."""
+    """CLIP by name or path, frozen, eval mode, fp32 unless fp16. openai-clip 1.0.1 misreads a plain
+    state-dict file (its TorchScript attempt does not rewind it): read here with build_model."""
     try:
         with warnings.catch_warnings():  # torch deprecates torch.jit.load, tried by clip.load
             warnings.simplefilter("ignore")
@@ -1084,8 +1062,7 @@ def load_clip(backbone, device, precision):
     return model.requires_grad_(False).eval().to(device)
 
 
-def autocast(device, precision):
-    """Mixed precision for --precision amp (fp16 on CUDA, bf16 on the CPU); a no-op otherwise."""
+def autocast(device, precision):  # --precision amp: fp16 on CUDA, bf16 on the CPU; else nothing
     half = torch.float16 if device.type == "cuda" else torch.bfloat16
     return torch.autocast(device.type, half) if precision == "amp" else nullcontext()
 
@@ -1106,20 +1083,18 @@ def encode_images(encode, loader, device, precision):
 
 
 @torch.no_grad()
-def text_features(clip_model, texts):
-    """L2-normalised text features (N, D) in fp32, by CLIP's own encode_text (77 positions)."""
-    tokens = tokenize(clip_model, texts).to(clip_model.positional_embedding.device)
-    return F.normalize(clip_model.encode_text(tokens).float(), dim=-1)
-
-
 def zeroshot_classifier(clip_model, classnames, templates):
-    """[CLIP] one weight per class: the normalised mean of its normalised template features."""
-    per_template = [text_features(clip_model, [t.format(c) for c in classnames]) for t in templates]
+    """[CLIP] one weight per class: the normalised mean of its templates' normalised features, by
+    CLIP's own encode_text (77 positions): (n_cls, D) in fp32."""
+    per_template = []
+    for t in templates:
+        tokens = tokenize(clip_model, [t.format(c) for c in classnames])
+        tokens = tokens.to(clip_model.positional_embedding.device)
+        per_template.append(F.normalize(clip_model.encode_text(tokens).float(), dim=-1))
     return F.normalize(torch.stack(per_template).mean(dim=0), dim=-1)  # (n_cls, D)
 
 
-def accuracy(logits, labels):
-    """Top-1 accuracy in percent over the whole set (micro average, as in the papers)."""
+def accuracy(logits, labels):  # top-1, in percent of the whole set (as the papers)
     return 100.0 * (logits.argmax(dim=-1) == labels).float().mean().item()
 
 
@@ -1136,9 +1111,8 @@ def save(path, obj):
 
 
 def parse(parser, argv, presets, method, learned=True):
-    """Add the options every file shares and parse the command line; each option left out takes
-    the preset of `method(args)` (the papers' settings, which --help lists; an option only other
-    methods preset stays absent; `method` may read only options with a default)."""
+    """Add the shared options, parse; an option left out takes `method(args)`'s preset (--help lists
+    them; other methods' presets stay absent; `method` reads only options with a default)."""
     add = parser.add_argument
     add("--seed", type=int, default=1, help="the papers report seeds 1, 2, 3")
     fp16 = "amp: mixed precision; fp16: CLIP's own fp16 weights; default: amp on CUDA, else fp32"
@@ -1150,18 +1124,16 @@ def parse(parser, argv, presets, method, learned=True):
         add("--load", help="checkpoint.pt of learned parameters to start from")
         add("--eval-only", action="store_true", help="evaluate --load without training")
         add("--resume", action="store_true", help="continue the run in --out after its last epoch")
-    unset = {}  # the other options without a default: None, and no "(default: None)" in --help
-    for action in parser._actions:
+    for action in parser._actions:  # --help shows every default
         values = {m: p[action.dest] for m, p in presets.items() if action.dest in p}
         if values:  # no single default: --help lists each method's, the namespace gets none
             show = lambda v: v.__doc__ if callable(v) else repr(v)
             action.help += " (" + "; ".join(f"{m}: {show(v)}" for m, v in values.items()) + ")"
-        elif action.default is None:
-            unset[action.dest] = None
-        if values or action.dest in unset:
             action.default = argparse.SUPPRESS
+        elif action.default not in (None, False, argparse.SUPPRESS):
+            action.help = f"{action.help or ''} (default: {action.default})"
     args = parser.parse_args(argv)
-    for key, value in {**unset, **presets[method(args)]}.items():
+    for key, value in presets[method(args)].items():
         if not hasattr(args, key):
             setattr(args, key, value(args) if callable(value) else value)
     args.precision = args.precision or ("amp" if args.device.startswith("cuda") else "fp32")
@@ -1171,15 +1143,13 @@ def parse(parser, argv, presets, method, learned=True):
 
 
 def finish_run(run_dir, args, method, dataset, zero_shot, accuracy, **extra):
-    """Write metrics.json (the zero-shot baseline and the method's accuracy on every test set,
-    base/new/H, how and where it ran, CUDA's peak memory) and print it in one line, the last."""
-    device = torch.device(args.device)
+    """metrics.json: zero-shot and the method's accuracy per test set, H, how and where it ran."""
+    device, cuda = torch.device(args.device), args.device.startswith("cuda")
     metrics = dict(method=method, backbone=args.backbone, dataset=dataset, seed=args.seed)
     metrics.update(shots=getattr(args, "shots", 0), zero_shot=zero_shot, accuracy=accuracy)
     if "new" in accuracy:  # [CoCoOp] H = 2 * base * new / (base + new)
         base, new = accuracy["test"], accuracy["new"]
         metrics["harmonic_mean"] = 2 * base * new / (base + new)
-    cuda = device.type == "cuda"
     where = f"{torch.cuda.get_device_name(device) if cuda else 'cpu'} ({os.cpu_count()} cores)"
     peak = round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if cuda else None
     metrics.update(extra, peak_mib=peak, device=where, torch=torch.__version__)
@@ -1201,8 +1171,7 @@ def epochs_for_shots(args):
 
 
 def lr_at_epoch(epoch, base_lr, epochs, warmup_lr=1e-5):
-    """The CoOp code's schedule (from its Dassl library), set once per epoch: the first epoch runs
-    at warmup_lr, then a cosine starts afresh over `epochs`, so it never quite reaches 0."""
+    """CoOp's (Dassl's) per-epoch schedule: epoch 0 at warmup_lr, then a cosine over `epochs`."""
     if epoch == 0:
         return warmup_lr
     return 0.5 * base_lr * (1 + math.cos(math.pi * (epoch - 1) / epochs))
@@ -1218,8 +1187,7 @@ def log_epoch(run_dir, epoch, epochs, seconds, n_images, **values):
     print(f"epoch {epoch}/{epochs}  {shown}  {seconds:.1f}s  {record['images_per_s']} img/s")
 
 
-def learned_state(model):
-    """The parameters a method learns (requires_grad): all that a checkpoint holds of the model."""
+def learned_state(model):  # the learned (requires_grad) tensors: all a checkpoint holds of it
     return {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
 
 
@@ -1233,8 +1201,7 @@ def load_checkpoint(path):
 
 
 def load_learned(model, checkpoint, path, config):
-    """Copy the learned parameters of `checkpoint` into `model`, after checking that it was written
-    with the same options (the backbone's name aside) and holds every tensor this run learns."""
+    """Copy `checkpoint`'s learned tensors into `model` if it has the same options and shapes."""
     theirs, mine = checkpoint["state"], learned_state(model)
     shapes = lambda state: {k: tuple(v.shape) for k, v in state.items()}
     options = lambda c: {k: v for k, v in (c or {}).items() if k != "backbone"}

@@ -17,6 +17,7 @@ import coop
 import prograd
 import promptsync
 import vpt
+from bench import full_text_encoder
 
 CPU = torch.device("cpu")
 VIT_ONLY = {
@@ -102,12 +103,10 @@ def test_the_flop_counter_counts_autograd_grad_as_backward():
     assert by_backward == by_grad == 2 * (2 * 8 * 64 * 64)  # the forward product and ctx's gradient
 
 
-class EncoderOffByOne(bench.FullTextEncoder):
+def encoder_off_by_one(clip_model, prompts, tokenized, deep=()):
     """A deliberately wrong formulation: the feature one position before the end-of-text token."""
-
-    def forward(self, prompts, tokenized, deep=()):
-        before = (tokenized.argmax(dim=-1, keepdim=True) - 1 == torch.arange(77)).int()
-        return super().forward(prompts, before, deep)
+    before = (tokenized.argmax(dim=-1, keepdim=True) - 1 == torch.arange(77)).int()
+    return full_text_encoder(clip_model, prompts, before, deep)
 
 
 def test_the_exactness_check_reports_a_wrong_formulation(monkeypatch):
@@ -115,7 +114,7 @@ def test_the_exactness_check_reports_a_wrong_formulation(monkeypatch):
                              precision="fp32", batch=2, plain={"cut", "full"})  # fmt: skip
     outcomes = [r.outcome() for r in bench.prompt_rows("coop", env)]  # as written, cut, full
     assert len(outcomes) == 3 and all(bench.max_difference(outcomes[0], o)[1] for o in outcomes)
-    monkeypatch.setattr(bench, "FullTextEncoder", EncoderOffByOne)
+    monkeypatch.setattr(bench, "full_text_encoder", encoder_off_by_one)
     wrong = bench.prompt_rows("coop", env)[2].outcome()
     diff, exact = bench.max_difference(outcomes[0], wrong)
     assert not exact and diff > 0
