@@ -139,7 +139,7 @@ TEMPLATES = {
 #             its reordered templates); "text": only a template's text (coop.py's zero-shot
 #             baseline); absent: the file picks it from the dataset, or it is part of the method.
 #   shots False: no --shots, no seeds (deterministic); test_time: tunes on the test images;
-#   resume: saves checkpoints, stops cleanly on SIGUSR1 and continues with --resume (which starts
+#   resume: saves a checkpoint after every epoch and continues from it with --resume (which starts
 #   fresh in a folder without a checkpoint), so every line of its plans carries --resume.
 METHODS = {
     "zeroshot": dict(template="name", shots=False),
@@ -675,7 +675,7 @@ def next_ready(todo, state):
 
 class Stop:
     """What the runner's signal handlers decided: stop starting runs (SIGUSR1: the running ones
-    checkpoint and exit; SIGINT, SIGTERM: they are terminated)."""
+    get it and end, a rerun resumes them; SIGINT, SIGTERM: they are terminated)."""
 
     def __init__(self, running):
         self.running, self.requested, self.handlers = running, False, {}
@@ -688,7 +688,7 @@ class Stop:
 
     def handle(self, signum, frame):
         self.requested = True
-        for r in list(self.running.values()):  # SIGUSR1: the method saves, then exits
+        for r in list(self.running.values()):  # SIGUSR1 ends the method; its checkpoint stays
             r.signal(signum if signum == signal.SIGUSR1 else signal.SIGTERM)
         if signum != signal.SIGUSR1:
             raise SystemExit(128 + signum)
@@ -825,9 +825,10 @@ def ranges(numbers):
 
 
 # The task body: a trap passes SLURM's SIGUSR1 (--signal=B:USR1@T, sent to this batch shell only)
-# on to `sweep.py run`, which passes it to the method; the method ends its epoch (or image),
-# saves its checkpoint and exits; the task then requeues itself (--requeue) and its next start
-# runs the same plan line with --resume. `wait` returns early when the trap runs: wait again.
+# on to `sweep.py run`, which passes it to the method, which it ends (its last epoch's checkpoint,
+# or every finished image's prediction, stays); the task then requeues itself (--requeue) and its
+# next start runs the same plan line with --resume. `wait` returns early when the trap runs:
+# wait again.
 TASK_BODY = """stopping=0 child=""
 trap 'stopping=1; kill -USR1 "$child" 2>/dev/null' USR1
 {python} {sweep} run --index "$SLURM_ARRAY_TASK_ID" {plan} &
