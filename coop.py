@@ -189,9 +189,8 @@ class CustomCLIP(nn.Module):
             B, C = len(pi), len(pl.tokenized)
             prefix = pl.prefix(pi).unsqueeze(1).expand(-1, C, -1, -1)  # (B, C, 1 + M, d)
             suffix = pl.token_suffix.expand(B, -1, -1, -1)  # (B, C, L - 1 - M, d)
-            prompts = torch.cat([prefix, suffix], dim=2)  # (B, C, L, d)
-            text = text_encoder(clip_model, prompts.flatten(0, 1), pl.tokenized.repeat(B, 1))
-            text = text.view(B, C, -1)  # (B, C, D)
+            prompts = torch.cat([prefix, suffix], dim=2).flatten(0, 1)  # (B*C, L, d)
+            text = text_encoder(clip_model, prompts, pl.tokenized.repeat(B, 1)).view(B, C, -1)
         text = F.normalize(text.float(), dim=-1)  # (1 or B, n_cls, D)
         if pi is None:
             return inv_tau * image_features @ text[0].t()  # [CoOp Eq. 3] (B, n_cls)

@@ -22,8 +22,8 @@ d: the token-embedding width (512); D: the image and text feature width (1024 RN
 Variants: the class token in the middle or at the front; one context per class (CSC, --csc).
 Learned: ctx = [V]_1..[V]_M, (M, d), or (n_cls, M, d) with --csc, from the template's words.
 Frozen:  all of CLIP (image and text encoders, token embedding, logit scale).
-Relative to coop.py: the templates, their init, project, two_gradients, train_step, the teacher;
-the diff's lines on pi, meta_net, chunked evaluation and --cocoop are only CoCoOp being removed.
+`diff coop.py prograd.py`: the templates and their init, project, two_gradients, train_step;
+the other changed lines take CoCoOp out.
 Settings: PRESETS below (the papers'); SGD, momentum 0.9, weight decay 5e-4; a warm-up epoch at
 1e-5, then a cosine stepped per epoch; the last partial batch is kept (Dassl's loader drops it).
 
