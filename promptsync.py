@@ -106,38 +106,6 @@ PRESETS = {
 }
 
 
-# --- shared: text encoder (canonical copy in coop.py; re-sync with tools/sync_shared.py) ---
-class TextEncoder(nn.Module):
-    """CLIP's text tower (its encode_text) applied to prompt embeddings instead of token ids.
-
-    The transformer is causal (position i attends to positions <= i only), so the end-of-text
-    (EOT) feature depends only on the positions up to it: prompts cut after the longest EOT give
-    CLIP's 77-position result exactly, with fewer positions to compute."""
-
-    def __init__(self, clip_model):
-        super().__init__()
-        self.transformer, self.ln_final = clip_model.transformer, clip_model.ln_final
-        self.positional_embedding = clip_model.positional_embedding
-        self.text_projection, self.dtype = clip_model.text_projection, clip_model.dtype
-
-    def forward(self, prompts, tokenized):
-        # prompts: (N, L, d) token embeddings; tokenized: (N, L) ids, used to find EOT (largest id)
-        eot = tokenized.argmax(dim=-1)  # (N,)
-        n = int(eot.max()) + 1
-        x = prompts[:, :n].type(self.dtype) + self.positional_embedding[:n].type(self.dtype)
-        mask = torch.full((n, n), float("-inf"), device=x.device, dtype=x.dtype).triu_(1)
-        x = x.permute(1, 0, 2)  # NLD -> LND: (n, N, d)
-        for block in self.transformer.resblocks:  # = block(x) with the causal mask cut to n
-            h = block.ln_1(x)
-            x = x + block.attn(h, h, h, need_weights=False, attn_mask=mask)[0]
-            x = x + block.mlp(block.ln_2(x))
-        x = x.permute(1, 0, 2)[torch.arange(x.shape[1]), eot]  # LND -> NLD, the EOT rows: (N, d)
-        return self.ln_final(x).type(self.dtype) @ self.text_projection  # (N, D)
-
-
-# --- end shared: text encoder ---
-
-
 # The method: the prompts, both towers with them, TPT's and PromptAlign's losses, PromptSync's
 class MultimodalPrompts(nn.Module):
     """TPT's text context (depth 0) or MaPLe's multimodal prompts (depth J >= 1). Class c's text
@@ -185,18 +153,18 @@ class MultimodalPrompts(nn.Module):
         return [self.proj(self.ctx)] + deep if self.depth else []  # [MaPLe] F_j(P_j): (M, width)
 
 
-def encode_text(encoder, prompts, tokenized, deep=()):
-    """[MaPLe] the plain text tower (a TextEncoder) on prompts (C, L, d), deep[j-1] (M, d) written
-    over positions 1..M before block j; text_features: the same numbers faster (speed-ups)."""
-    x = prompts.type(encoder.dtype) + encoder.positional_embedding.type(encoder.dtype)
-    x = x.permute(1, 0, 2)  # NLD -> LND: (L, C, d)
-    for j, block in enumerate(encoder.transformer.resblocks):
+def encode_text(clip_model, prompts, tokenized, deep=()):
+    """[MaPLe] CLIP's text tower on prompts (C, L, d), deep[j-1] (M, d) written over positions
+    1..M before block j; text_features: the same numbers faster (speed-ups)."""
+    dtype = clip_model.dtype
+    x = (prompts.type(dtype) + clip_model.positional_embedding.type(dtype)).permute(1, 0, 2)
+    for j, block in enumerate(clip_model.transformer.resblocks):  # x: (L, C, d), LND
         if 1 <= j <= len(deep):  # [MaPLe] replace the previous block's outputs at the prompts
             p = deep[j - 1].type(x.dtype)[:, None].expand(-1, x.shape[1], -1)  # (M, C, d)
             x = torch.cat([x[:1], p, x[1 + p.shape[0] :]])  # (L, C, d)
         x = block(x)  # CLIP's block, its causal mask
     x = x.permute(1, 0, 2)[torch.arange(x.shape[1]), tokenized.argmax(dim=-1)]  # EOT rows: (C, d)
-    return encoder.ln_final(x).type(encoder.dtype) @ encoder.text_projection  # (C, D)
+    return clip_model.ln_final(x).type(dtype) @ clip_model.text_projection  # (C, D)
 
 
 def encode_image(visual, images, prompts=(), tokens=None, last=None):
@@ -230,15 +198,15 @@ class MultimodalPromptedCLIP(nn.Module):
     def __init__(self, clip_model, classnames, n_ctx=2, depth=3, ctx_init="a photo of a"):
         super().__init__()
         self.prompts = MultimodalPrompts(clip_model, classnames, n_ctx, depth, ctx_init)
-        self.text_encoder, self.clip = TextEncoder(clip_model), clip_model
+        self.clip = clip_model
 
     def text_features(self):
-        # = encode_text(self.text_encoder, text_prompts(), tokenized, deep_text), the plain loop;
+        # = encode_text(self.clip, text_prompts(), tokenized, deep_text), the plain loop;
         # [SOS][ctx] is every class's, so it runs once: the same numbers, see the speed-ups
         pl = self.prompts
         prefix = torch.cat([pl.token_prefix[:1], pl.ctx[None]], dim=1)  # (1, 1 + M, d)
         deep = list(pl.deep_text)
-        text = shared_prefix(self.text_encoder, prefix, pl.token_suffix, pl.tokenized, deep)[0]
+        text = shared_prefix(self.clip, prefix, pl.token_suffix, pl.tokenized, deep)[0]
         return F.normalize(text.float(), dim=-1)  # (C, D)
 
     def image_features(self, images, tokens=None):
