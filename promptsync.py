@@ -42,11 +42,8 @@ Eq. 4-6 hold its first two lines together)
 Learned, per test image and reset after it: TPT: ctx (4, d) from "a photo of a"; MaPLe: ctx (2, d),
 deep text prompts (J-1, 2, d), the couplings F_0..F_{J-1} (d -> vision width). Frozen: all of CLIP.
 
-The defaults are the papers' settings: TPT's original view and 63 crops + flips (AugMix on the
-fine-grained sets), rho 0.1, one AdamW step; MaPLe's source prompts by its cross-dataset recipe
-(16-shot ImageNet); PromptAlign's ViT-B/16 and AdamW at 4e-2 (domain shifts) or 5e-4 (fine-grained).
-
-Run (the toy world; README.md: the papers' data; the source stage writes runs/maple/<set>/...)
+Run (defaults: the papers' settings; the toy world, README.md: real data; the source stage writes
+runs/maple/<set>/...)
   python promptsync.py --backbone toy/clip_vit.pt --data toy/sketch --eval-data toy/noise   # TPT
   python promptsync.py --stage source --backbone toy/clip_vit.pt --data toy/proxy --crop-scale 1
   python promptsync.py --loss sync --backbone toy/clip_vit.pt --data toy/sketch --lr 5e-3 \\
@@ -356,8 +353,7 @@ def source_prototypes(model, items, classnames, views, seed, device, precision, 
 def match_prototypes(model, ckpt, classnames, device):
     """A test set's classes' source prototypes, by name, else (open point 9) the source class's of
     nearest EOT feature; and L_A's h^t, text_at_load: their EOT features at the loaded prompts."""
-    with torch.no_grad():
-        text = model.text_features()  # (C, D) at the loaded prompts
+    text = model.text_features().detach()  # (C, D) at the loaded prompts
     names, source = list(ckpt["proto_classnames"]), ckpt["proto_text"].to(device)
     nearest = (text @ source.t()).argmax(dim=-1).tolist()
     index = [names.index(c) if c in names else nearest[i] for i, c in enumerate(classnames)]
@@ -539,8 +535,7 @@ def adapt(model, views, optimizer, scaler, steps=1, rho=0.1, precision="fp32", a
     with torch.no_grad(), autocast(views.device, precision):  # the original view, tuned prompts
         original = features[:1] if frozen else model.image_features(views[:1])
         if gap is not None:  # the kept views at the tuned prompts: one more forward, no graph
-            tokens = []
-            model.image_features(views[selected], tokens)
+            model.image_features(views[selected], tokens := [])
             gap["after"] = gap_of(tokens).tolist()
         return before, int(model.logits(original)[0].argmax()), skipped
 
