@@ -489,7 +489,7 @@ def load_task(args, shots=None):
         folder = f"{root}/test" if os.path.isdir(f"{root}/test") else root
         name = os.path.basename(root) if os.path.basename(root) not in test_sets else root
         test_sets[name] = read_image_folder(folder, f"{root}/classnames.txt")
-    check_images(part["train"], full=bool(shots))  # zero-shot: the headers suffice
+    check_images(part["train"] if shots else [])  # the shots decoded; no shots: train unused
     for items, _ in test_sets.values():
         check_images(items, full=False)
     name = os.path.basename(args.split_file or os.path.normpath(args.data))

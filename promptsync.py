@@ -42,18 +42,12 @@ Eq. 4-6 hold its first two lines together)
 Learned, per test image and reset after it: TPT: ctx (4, d) from "a photo of a"; MaPLe: ctx (2, d),
 deep text prompts (J-1, 2, d), the couplings F_0..F_{J-1} (d -> vision width). Frozen: all of CLIP.
 
-The papers' settings: TPT: the original and 63 random crops + flips (AugMix on the fine-grained
-sets), rho 0.1, one AdamW step at lr 5e-3. MaPLe's source prompts (its cross-dataset recipe):
-ImageNet, 16 shots, 2 tokens, depth 3, SGD lr 0.0026, batch 4, 2 epochs. PromptAlign: those
-prompts, ViT-B/16, AdamW at 4e-2 (domain generalisation) or 5e-4 (fine-grained sets), no AugMix.
-
-Run (the toy world; then the papers' setting, the source stage writing runs/maple/<set>/...)
+Run (defaults: the papers' settings; the toy world, README.md: real data; the source stage writes
+runs/maple/<set>/...)
   python promptsync.py --backbone toy/clip_vit.pt --data toy/sketch --eval-data toy/noise   # TPT
   python promptsync.py --stage source --backbone toy/clip_vit.pt --data toy/proxy --crop-scale 1
   python promptsync.py --loss sync --backbone toy/clip_vit.pt --data toy/sketch --lr 5e-3 \\
       --load runs/maple/proxy/16shot_seed1/checkpoint.pt        # or --loss align: PromptAlign
-  python promptsync.py --stage source --data DATA/imagenet && python promptsync.py --loss align \\
-      --load runs/maple/imagenet/16shot_seed1/checkpoint.pt --data DATA/imagenet-a
 """
 
 import argparse
@@ -62,7 +56,6 @@ import json
 import math
 import os
 import random
-import signal
 import time
 import warnings
 from contextlib import nullcontext
@@ -106,27 +99,6 @@ PRESETS = {
 }
 
 
-# --- shared: text encoder (canonical copy in coop.py; re-sync with tools/sync_shared.py) ---
-def text_encoder(clip_model, prompts, tokenized):
-    """CLIP's encode_text on prompt embeddings (N, L, d), not token ids -> (N, D). It is causal
-    (position i sees positions <= i only), so the end-of-text (EOT) feature depends only on the
-    positions up to it: prompts cut after the longest EOT give CLIP's 77-position result exactly."""
-    eot, dtype = tokenized.argmax(dim=-1), clip_model.dtype  # EOT: the largest id, (N,)
-    n = int(eot.max()) + 1
-    x = prompts[:, :n].type(dtype) + clip_model.positional_embedding[:n].type(dtype)
-    mask = torch.full((n, n), float("-inf"), device=x.device, dtype=x.dtype).triu_(1)
-    x = x.permute(1, 0, 2)  # NLD -> LND: (n, N, d)
-    for block in clip_model.transformer.resblocks:  # = block(x) with the causal mask cut to n
-        h = block.ln_1(x)
-        x = x + block.attn(h, h, h, need_weights=False, attn_mask=mask)[0]
-        x = x + block.mlp(block.ln_2(x))
-    x = x.permute(1, 0, 2)[torch.arange(x.shape[1]), eot]  # LND -> NLD, the EOT rows: (N, d)
-    return clip_model.ln_final(x).type(dtype) @ clip_model.text_projection  # (N, D)
-
-
-# --- end shared: text encoder ---
-
-
 # The method: the prompts, both towers with them, TPT's and PromptAlign's losses, PromptSync's
 class MultimodalPrompts(nn.Module):
     """TPT's text context (depth 0) or MaPLe's multimodal prompts (depth J >= 1). Class c's text
@@ -159,8 +131,7 @@ class MultimodalPrompts(nn.Module):
     def set_classnames(self, clip_model, classnames):
         tokenized = tokenize(clip_model, [f"{self.ctx_init} {c}." for c in classnames])  # (C, L)
         tokenized = tokenized.to(clip_model.token_embedding.weight.device)
-        with torch.no_grad():
-            embedding = clip_model.token_embedding(tokenized).float()  # (C, L, d)
+        embedding = clip_model.token_embedding(tokenized).detach().float()  # (C, L, d)
         self.register_buffer("token_prefix", embedding[:, :1], persistent=False)  # SOS
         self.register_buffer("token_suffix", embedding[:, 1 + self.n_ctx :], persistent=False)
         self.register_buffer("tokenized", tokenized, persistent=False)  # only to find EOT
@@ -174,25 +145,24 @@ class MultimodalPrompts(nn.Module):
         return [self.proj(self.ctx)] + deep if self.depth else []  # [MaPLe] F_j(P_j): (M, width)
 
 
-def encode_text(encoder, prompts, tokenized, deep=()):
-    """[MaPLe] the plain text tower (a TextEncoder) on prompts (C, L, d), deep[j-1] (M, d) written
-    over positions 1..M before block j; text_features: the same numbers faster (speed-ups)."""
-    x = prompts.type(encoder.dtype) + encoder.positional_embedding.type(encoder.dtype)
-    x = x.permute(1, 0, 2)  # NLD -> LND: (L, C, d)
-    for j, block in enumerate(encoder.transformer.resblocks):
+def encode_text(clip_model, prompts, tokenized, deep=()):
+    """[MaPLe] CLIP's text tower on prompts (C, L, d), deep[j-1] (M, d) written over positions
+    1..M before block j; text_features: the same numbers faster (speed-ups)."""
+    dtype = clip_model.dtype
+    x = (prompts.type(dtype) + clip_model.positional_embedding.type(dtype)).permute(1, 0, 2)
+    for j, block in enumerate(clip_model.transformer.resblocks):  # x: (L, C, d), LND
         if 1 <= j <= len(deep):  # [MaPLe] replace the previous block's outputs at the prompts
             p = deep[j - 1].type(x.dtype)[:, None].expand(-1, x.shape[1], -1)  # (M, C, d)
             x = torch.cat([x[:1], p, x[1 + p.shape[0] :]])  # (L, C, d)
         x = block(x)  # CLIP's block, its causal mask
     x = x.permute(1, 0, 2)[torch.arange(x.shape[1]), tokenized.argmax(dim=-1)]  # EOT rows: (C, d)
-    return encoder.ln_final(x).type(encoder.dtype) @ encoder.text_projection  # (C, D)
+    return clip_model.ln_final(x).type(dtype) @ clip_model.text_projection  # (C, D)
 
 
 def encode_image(visual, images, prompts=(), tokens=None, last=None):
     """CLIP's ViT with MaPLe's vision prompts: prompts[0] (M, width) appended after the patches
-    (layer-normed with them by ln_pre), the last M tokens replaced by prompts[j] before block j
-    (vpt.py's VPT: own tensors after the class token). tokens, last: lists that receive every
-    block's input (PromptAlign) and the last block's output (PromptSync), (T, B, width)."""
+    (layer-normed with them by ln_pre), the last M tokens replaced by prompts[j] before block j.
+    tokens, last: lists that get each block's input and the last one's output, (T, B, width)."""
     x = visual.conv1(images.type(visual.conv1.weight.dtype))  # (B, width, g, g)
     x = x.flatten(2).permute(0, 2, 1)  # (B, g*g, width)
     B = x.shape[0]
@@ -219,15 +189,14 @@ class MultimodalPromptedCLIP(nn.Module):
     def __init__(self, clip_model, classnames, n_ctx=2, depth=3, ctx_init="a photo of a"):
         super().__init__()
         self.prompts = MultimodalPrompts(clip_model, classnames, n_ctx, depth, ctx_init)
-        self.text_encoder, self.clip = TextEncoder(clip_model), clip_model
+        self.clip = clip_model
 
     def text_features(self):
-        # = encode_text(self.text_encoder, text_prompts(), tokenized, deep_text), the plain loop;
+        # = encode_text(self.clip, text_prompts(), tokenized, deep_text), the plain loop;
         # [SOS][ctx] is every class's, so it runs once: the same numbers, see the speed-ups
         pl = self.prompts
         prefix = torch.cat([pl.token_prefix[:1], pl.ctx[None]], dim=1)  # (1, 1 + M, d)
-        deep = list(pl.deep_text)
-        text = shared_prefix(self.text_encoder, prefix, pl.token_suffix, pl.tokenized, deep)[0]
+        text = shared_prefix(self.clip, prefix, pl.token_suffix, pl.tokenized, pl.deep_text)[0]
         return F.normalize(text.float(), dim=-1)  # (C, D)
 
     def image_features(self, images, tokens=None):
@@ -292,33 +261,25 @@ def token_statistics(model, loader, device, precision):
     return mean.cpu(), (m2 / n).cpu()
 
 
-# OPEN POINTS: what the PromptSync paper leaves open, decided here (the lines that do it say so)
+# OPEN POINTS: what the PromptSync paper leaves open, decided here (reasons: docs/choices.md)
 #  1 prototypes: h^v, the mean of the last block's patch and prompt outputs via ln_post, proj
 #  2, 13 text: the class prompt only, one per class (no WordNet variants)
 #  3 offline prompts: the source stage's MaPLe prompts (as PromptAlign's statistics), not refreshed
 #  4 proxy sampling: the source shots (16 per class), 4 views each (the original + 3 crops)
-#  5 L_D's views: the image's kept views (current prompts) are every class k's, weight p^_k; the
-#    other classes': 8 stored source-view features each, not re-encoded per step (as the paper's
-#    hours per update suggest), so an image costs its own views only
+#  5 L_D's views: the kept views are every class k's (weight p^_k); the others': 8 stored each
 #  6 L_D: cosine / tau (CLIP's); L_pos a plain mean; L_neg without the positive; parts summed
-#  7 L_A: amplitude = mean squared error, angular = 1 - cos, each through log(1 + d), weights 1:1;
-#    the image side: the mean of the kept views' features (not the original image, not per view)
+#  7 L_A: mse and 1 - cos, each as log(1 + d), 1:1; image side: the mean of the kept views
 #  8 p^: TPT's selection (the 10 % lowest-entropy views) at every point, detached, all classes
-#  9 a class without a source prototype takes those of the source class of nearest EOT feature
-#    (classes that share one are not each other's negatives in L_D)
-# 10 h^t: the EOT feature, not the paper's mean token output "excluding SOS, EOS and CLS": in the
-#    causal text tower the context tokens' outputs are every class's (one prototype for all)
-# 11 L_neg's text-text terms share one sum with the image-text ones at 1/tau = 100, as the paper
-#    writes; with CLIP's modality gap they dominate, so the text part mostly spreads the classes
-# 12 views: 64 (as TPT, PromptAlign): crop and flip, colour jitter, grayscale, blur, random erasing
-#    with noise for the background substitution (--corrupt)
+#  9 no source prototype: the nearest source class's (EOT feature); sharers are not negatives
+# 10 h^t: the EOT feature, not the mean token output (in the causal tower, every class's alike)
+# 11 L_neg's text-text terms share one sum with the image-text ones at 1/tau = 100 (as written)
+# 12 views: 64; crop, flip; with --corrupt colour jitter, grayscale, blur, noise erasing
 # 14 prompts: MaPLe's (vision = projections of text), ViT only; the prediction as TPT's
 # 15 PromptSync* (the paper's faster variant): not built (what it removes is not described)
 # 16 entropy: TPT's marginal entropy in the meta-test objective, weight 1 (--sync-weights)
-# 17 meta-update: inner step lr sign(g_D) at the outer lr; first order (g_A at P', not through it);
-#    weights 1/2; AdamW at PromptAlign's lr, wd 0.01, reset per image; n = --steps = 1; P' goes on
-# 18 L_A's text pair, t(P) vs h^t = t at the loaded prompts, is a "stay near the start" term: 0
-#    with zero gradient at the loaded prompts, it acts at P' only (L_D's text part uses t(P))
+# 17 meta-update: P' = P - lr sign(g_D) at the outer lr, first order (g_A at P', not through it),
+#    weights 1/2, n = --steps = 1, P' goes on; AdamW at PromptAlign's lr, wd 0.01, reset per image
+# 18 L_A's text pair t(P) vs h^t = t(loaded prompts): 0 at the loaded prompts, acts at P' only
 def class_prototypes(features, labels, n_classes):
     """[PromptSync] each class's mean feature: (N, D), (N,) -> (n_classes, D)."""
     counts = torch.bincount(labels, minlength=n_classes)  # (n_classes,)
@@ -336,10 +297,9 @@ def discrimination_loss(views, prototypes, class_views, weights, tau, groups=Non
     C = p.shape[0]
     groups = torch.arange(C, device=p.device) if groups is None else groups
     neg = lambda s: s.masked_fill(groups[:, None] == groups[None, :], float("-inf"))  # j != k
-    log_views = (v @ p.t() / tau).logsumexp(dim=0) - math.log(v.shape[0])  # log mean_i: (C,)
-    log_pos = log_views  # [PromptSync L_pos(k)] the views vs their own prototype: (C,)
+    log_pos = (v @ p.t() / tau).logsumexp(dim=0) - math.log(v.shape[0])  # log L_pos(k): (C,)
     part1 = neg(p @ p.t() / tau)  # (1) prototype k vs the other prototypes j: (C, C)
-    part2 = neg(log_views[None].expand(C, -1))  # (2) the views vs the other prototypes: (C, C)
+    part2 = neg(log_pos[None].expand(C, -1))  # (2) the views vs the other prototypes: (C, C)
     pu = torch.einsum("kd,jsd->kjs", p, u) / tau  # (C, C, S)
     part3 = neg(pu.logsumexp(dim=-1) - math.log(u.shape[1]))  # (3) k vs the other classes' views
     log_neg = torch.cat([part1, part2, part3], dim=1).logsumexp(dim=1)  # log L_neg(k): (C,)
@@ -369,19 +329,18 @@ def vision_vectors(model, images):
 def source_prototypes(model, items, classnames, views, seed, device, precision, n_views=8):
     """[PromptSync] the labelled source images' class prototypes with the learned prompts:
     h^v_CLS, h^v, h^t (C, D), and n_views stored view features per class (C, S, D)."""
-    cls, tokens, labels, view = [], [], [], []  # view: each feature's view index (0: original)
+    cls, tokens, labels = [], [], []
     for x, y, _ in ViewDataset([(i, *item) for i, item in enumerate(items)], views, seed):
         with autocast(device, precision):
             c, t = vision_vectors(model, x.to(device))  # (V, D) each
         cls, tokens, labels = cls + [c], tokens + [t], labels + [y] * len(x)
-        view += range(len(x))
     cls, tokens, labels = torch.cat(cls), torch.cat(tokens), torch.tensor(labels, device=device)
     C = len(classnames)
     S = min(n_views, int(torch.bincount(labels, minlength=C).min()))
     # a class's S stored views come from as many of its images as S allows: every image's first
     # crop, then every image's second crop, ..., the originals (view 0) last
-    spread = torch.tensor(sorted(range(len(view)), key=lambda i: (view[i] == 0, view[i])))
-    cls_s, labels_s = cls[spread.to(device)], labels[spread.to(device)]
+    order = torch.arange(len(cls), device=device).view(-1, views.n_views).roll(-1, 1).t()  # (V, n)
+    cls_s, labels_s = cls[order.flatten()], labels[order.flatten()]
     stored = torch.stack([F.normalize(cls_s[labels_s == c][:S], dim=-1) for c in range(C)])
     model.prompts.set_classnames(model.clip, classnames)
     return dict(proto_classnames=list(classnames), proto_cls=class_prototypes(cls, labels, C).cpu(),
@@ -393,8 +352,7 @@ def source_prototypes(model, items, classnames, views, seed, device, precision, 
 def match_prototypes(model, ckpt, classnames, device):
     """A test set's classes' source prototypes, by name, else (open point 9) the source class's of
     nearest EOT feature; and L_A's h^t, text_at_load: their EOT features at the loaded prompts."""
-    with torch.no_grad():
-        text = model.text_features()  # (C, D) at the loaded prompts
+    text = model.text_features().detach()  # (C, D) at the loaded prompts
     names, source = list(ckpt["proto_classnames"]), ckpt["proto_text"].to(device)
     nearest = (text @ source.t()).argmax(dim=-1).tolist()
     index = [names.index(c) if c in names else nearest[i] for i, c in enumerate(classnames)]
@@ -429,26 +387,24 @@ def sync_terms(model, views, sync, rho=0.1, precision="fp32", part="all"):
     return entropy, align, discrimination, logits
 
 
-def gradients(loss, params, scale=1.0):
-    """d loss / d params in fp32 (zeros for a loss None, of weight 0); the loss is multiplied by
-    `scale` (fp16's range, as a loss scaler does) and the gradients divided by it."""
-    if loss is None:
-        return [torch.zeros_like(p) for p in params]
-    grads = torch.autograd.grad(loss * scale, params, allow_unused=True)
-    return [torch.zeros_like(p) if g is None else g.float() / scale for p, g in zip(params, grads)]
-
-
 def meta_update(params, optimizer, loss_D, loss_test, lr, steps=1, scale=1.0, eps=1e-8):
     """[PromptSync] the header's four lines `steps` times, summing (g_D + g_A) / 2, then one step
     from the params as they were. loss_D, loss_test: -> the loss at the params' current values
     (None: weight 0). -> False, and no step, if a gradient is not finite (an fp16 overflow)."""
+
+    def grad(loss):  # in fp32, zeros for None; of the loss x scale (fp16's range, a loss scaler)
+        if loss is None:
+            return [torch.zeros_like(p) for p in params]
+        grads = torch.autograd.grad(loss * scale, params, materialize_grads=True)  # unused: zeros
+        return [g.float() / scale for g in grads]
+
     start, total = [p.detach().clone() for p in params], [torch.zeros_like(p) for p in params]
     for _ in range(steps):
-        g_D = gradients(loss_D(), params, scale)  # g_D = grad L_D(P)
+        g_D = grad(loss_D())  # g_D = grad L_D(P)
         with torch.no_grad():  # P' = P - lr sign(g_D) as g / (|g| + eps), Adam's first step: only
             for p, g in zip(params, g_D):  # the sign counts (open point 17); P' goes on
                 p.sub_(lr * g / (g.abs() + eps))
-        g_A = gradients(loss_test(), params, scale)  # g_A = grad(L_ent + L_A)(P')
+        g_A = grad(loss_test())  # g_A = grad(L_ent + L_A)(P')
         total = [s + (a + b) / 2 for s, a, b in zip(total, g_D, g_A)]
     with torch.no_grad():
         for p, s in zip(params, start):
@@ -527,7 +483,8 @@ class ViewDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, k):
         i, path, label = self.items[k]
-        seed_everything(self.seed * 1_000_003 + i)
+        np.random.seed(self.seed * 1_000_003 + i)  # AugMix's generator
+        torch.manual_seed(self.seed * 1_000_003 + i)  # torchvision's random transforms
         return self.views(Image.open(path).convert("RGB")), label, i
 
 
@@ -542,14 +499,10 @@ def train_step(model, optimizer, scaler, images, precision="fp32", features=None
         if features is None:  # the vision prompts are learned: the vision tower is in the graph
             features = model.image_features(images, tokens)
         logits = model.logits(features)  # (k, C)
-    if labels is None:
-        loss = marginal_entropy(logits)  # [TPT L_ent]
-    else:  # [MaPLe] cross-entropy on labelled images, in fp32 (autocast's logits are fp16)
-        loss = F.cross_entropy(logits.float(), labels)
-    if align:  # [PromptAlign] the k views' token statistics vs the source's
-        layers, source_means, source_variances, weight = align
-        means, variances = view_statistics(tokens, layers)  # (T, W) each
-        loss = loss + weight * token_alignment(means, variances, source_means, source_variances)
+    # [TPT L_ent]; [MaPLe] cross-entropy on labelled images, in fp32 (autocast's logits are fp16)
+    loss = marginal_entropy(logits) if labels is None else F.cross_entropy(logits.float(), labels)
+    if align:  # [PromptAlign] the k views' token statistics (T, W) each vs the source's, weighted
+        loss = loss + align[3] * token_alignment(*view_statistics(tokens, align[0]), *align[1:3])
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()  # a no-op scale unless fp16 on CUDA
     scaler.step(optimizer)  # on the fp32 prompts; a step that overflows is skipped
@@ -581,8 +534,7 @@ def adapt(model, views, optimizer, scaler, steps=1, rho=0.1, precision="fp32", a
     with torch.no_grad(), autocast(views.device, precision):  # the original view, tuned prompts
         original = features[:1] if frozen else model.image_features(views[:1])
         if gap is not None:  # the kept views at the tuned prompts: one more forward, no graph
-            tokens = []
-            model.image_features(views[selected], tokens)
+            model.image_features(views[selected], tokens := [])
             gap["after"] = gap_of(tokens).tolist()
         return before, int(model.logits(original)[0].argmax()), skipped
 
@@ -614,19 +566,17 @@ def source_stage(args, model, data, test_sets, config, run_dir, device):
     optimizer = torch.optim.SGD(learned, args.lr, 0.9, weight_decay=args.weight_decay)  # MaPLe's
     fp16 = precision != "fp32" and device.type == "cuda"  # a loss scaler for fp16's range
     scaler = torch.amp.GradScaler(device.type, enabled=fp16)
-    transform = train_transform(n_px, args.crop_scale)
-    loader = make_loader(data["train"], transform, args.batch_size, args.workers, device,
-                         shuffle=True)  # fmt: skip
+    loader = make_loader(data["train"], train_transform(n_px, args.crop_scale), args.batch_size,
+                         args.workers, device, shuffle=True)  # fmt: skip
     for epoch in range(0 if args.eval_only else args.epochs):
         lr = lr_at_epoch(epoch, args.lr, args.epochs)  # MaPLe's: a warm-up epoch at 1e-5, cosine
         optimizer.param_groups[0]["lr"] = lr
         t0, losses, n = time.time(), [], 0
-        peak_mib(device, reset=True)
         for images, labels in loader:
             images, labels = images.to(device), labels.to(device)
             losses.append(train_step(model, optimizer, scaler, images, precision, labels=labels))
             n += len(labels)
-        log_epoch(run_dir, device, epoch + 1, args.epochs, time.time() - t0, n, lr=lr, loss=losses)
+        log_epoch(run_dir, epoch + 1, args.epochs, time.time() - t0, n, lr=lr, loss=losses)
     # [PromptAlign] the statistics, with the learned prompts, over the whole train split (not only
     # the shots; CLIP's preprocess); [PromptSync] the class prototypes (open point 4)
     every = load_dataset(args.data, args.split_file)["train"]
@@ -657,25 +607,22 @@ def test_stage(args, model, ckpt, test_sets, run_dir, device):
     initial = copy.deepcopy((model.prompts.state_dict(), optimizer.state_dict()))
     run = dict(steps=0 if args.eval_only else args.steps, rho=args.rho, precision=args.precision)
     align = alignment_targets(args, ckpt, model) if args.loss == "align" else None
-    weights = [float(w) for w in args.sync_weights.split(",")]  # PromptSync's Table 5 ablation
+    sync, weights = None, [float(w) for w in args.sync_weights.split(",")]  # Table 5's ablation
     fp16 = args.precision != "fp32" and device.type == "cuda"
     n_px, n_views = model.clip.visual.input_resolution, 1 if args.eval_only else args.views
     views = Views(n_px, n_views, args.augmix, args.crop_scale, args.corrupt)
     path, (K, N) = os.path.join(run_dir, "predictions.jsonl"), map(int, args.shard.split("/"))
-    done = read_predictions([run_dir]) if args.resume else {}
+    done = read_predictions(run_dir) if args.resume else {}
     save(path, "".join(json.dumps(r) + "\n" for r in done.values()))  # drops a line cut short
-    watch_preemption()
     for name, (items, classnames) in test_sets.items():
         model.prompts.set_classnames(model.clip, classnames)
         model.prompts.load_state_dict(initial[0])  # the prototypes' h^t: at the loaded prompts
-        sync = None
         if args.loss == "sync":
             sync = dict(match_prototypes(model, ckpt, classnames, device), weights=weights)
         todo = [(i, *item) for i, item in enumerate(items) if i % N == K and (name, i) not in done]
         dataset = ViewDataset(todo, views, args.seed)  # one image's views per item, from workers
         loader = torch.utils.data.DataLoader(dataset, None, num_workers=args.workers)
         t0 = time.time()
-        peak_mib(device, reset=True)
         with open(path, "a") as f:
             for images, label, i in tqdm(loader, name, mininterval=10):
                 model.prompts.load_state_dict(initial[0])  # [TPT] episodic: reset the prompts
@@ -692,14 +639,11 @@ def test_stage(args, model, ckpt, test_sets, run_dir, device):
                     r["align_gap"] = dict(gap, blocks=align[0])
                 f.write(json.dumps(dict(r, skipped=skip)) + "\n")
                 f.flush()  # a killed run keeps every image it finished (--resume)
-                if PREEMPTED:
-                    raise SystemExit(f"stopped by SIGUSR1 after image {i} of {name}; the same "
-                                     f"command with --resume continues {path}")  # fmt: skip
         t = time.time() - t0
-        record = dict(set=name, images=len(todo), seconds=round(t, 3), peak_mib=peak_mib(device))
+        record = dict(set=name, images=len(todo), seconds=round(t, 3))
         with open(os.path.join(run_dir, "log.jsonl"), "a") as f:  # the speed of each test set
             f.write(json.dumps(dict(record, images_per_s=round(len(todo) / t, 3))) + "\n")
-    return summary(read_predictions([run_dir]))
+    return summary(read_predictions(run_dir))
 
 
 def alignment_targets(args, ckpt, model):
@@ -710,22 +654,19 @@ def alignment_targets(args, ckpt, model):
     if means.shape[1:] != shape or not layers or max(layers) >= L:
         fail(f"{args.load}: statistics {tuple(means.shape)} or --align-layers {spec} do not fit "
              f"this backbone ({L} blocks, {shape} tokens x width); use 0,1 or all")  # fmt: skip
-    device = model.prompts.ctx.device
-    stats = [[ckpt[k][l].to(device) for l in layers] for k in ("means", "variances")]
-    return layers, *stats, args.align_weight
+    stats = [list(ckpt[k][layers].to(model.prompts.ctx.device)) for k in ("means", "variances")]
+    return layers, *stats, args.align_weight  # (T, W) per block each
 
 
-def read_predictions(run_dirs):
-    """{(test set, image index): record} from the predictions.jsonl of run folders (shards)."""
-    records = {}
-    for path in [os.path.join(d, "predictions.jsonl") for d in run_dirs]:
-        for line in open(path).read().splitlines() if os.path.isfile(path) else []:
-            try:
-                r = json.loads(line)
-            except ValueError:  # a line cut short by a kill
-                continue
-            if records.setdefault((r["set"], r["index"]), r) != r:
-                fail(f"{path}: image {r['index']} of {r['set']} has two different predictions")
+def read_predictions(run_dir):
+    """{(test set, image index): record} of a run folder's predictions.jsonl ({} if none)."""
+    path, records = os.path.join(run_dir, "predictions.jsonl"), {}
+    for line in open(path).read().splitlines() if os.path.isfile(path) else []:
+        try:
+            r = json.loads(line)
+            records[r["set"], r["index"]] = r
+        except ValueError:  # a line cut short by a kill
+            continue
     return records
 
 
@@ -743,24 +684,9 @@ def summary(records):
     gaps = [r["align_gap"] for r in records if "align_gap" in r]
     if gaps:  # PromptAlign's: {block: [mean|mu - mu^|, mean|var - var^|]}, the images' mean
         mean = lambda when: np.mean([g[when] for g in gaps], axis=0).round(6).tolist()  # (L, 2)
-        gap = {w: dict(zip(map(str, gaps[0]["blocks"]), mean(w))) for w in ("before", "after")}
-        print(f"PromptAlign's gap {{block: [mean|mu - mu^|, mean|var - var^|]}} over {len(gaps)} "
-              f"images: before {gap['before']}, after {gap['after']}")  # fmt: skip
-        extra["align_gap"] = gap
+        blocks = list(map(str, gaps[0]["blocks"]))
+        extra["align_gap"] = {w: dict(zip(blocks, mean(w))) for w in ("before", "after")}
     return before, after, extra
-
-
-def load_test_sets(args):
-    """Only the test images are read and checked (not a large train/ folder next to them)."""
-    data = load_dataset(args.data, args.split_file)
-    test_sets = {"test": (data["test"], data["classnames"])}
-    for root in args.eval_data:
-        name, items, classnames = load_eval_set(root)
-        test_sets[name if name not in test_sets else root] = (items, classnames)
-    for items, _ in test_sets.values():
-        check_images(items, full=False)
-    name = os.path.basename(args.split_file or os.path.normpath(args.data))
-    return name.replace("split_zhou_", "").replace(".json", ""), data, test_sets
 
 
 def main(args):
@@ -771,14 +697,13 @@ def main(args):
         fail(f"--loss {loss} aligns to what a source stage records: --load the checkpoint.pt of "
              "a --stage source run (MaPLe prompts; rerun it if it predates this file)")  # fmt: skip
     # Data: the labelled source shots, or the test sets
-    dataset, data, test_sets = load_task(args, args.shots) if source else load_test_sets(args)
+    dataset, data, test_sets = load_task(args, args.shots)  # the test stage: 0 shots, train/ unused
     method = "maple" if source else dict(align="promptalign", sync="promptsync").get(loss, "tpt")
     method += "_maple" if method == "tpt" and args.depth else ""
-    K, N = args.shard.split("/")
     folder = f"{args.shots}shot_seed{args.seed}" if source else f"seed{args.seed}"
-    folder += f"_shard{K}of{N}" if int(N) > 1 else ""
+    folder += "" if args.shard.endswith("/1") else "_shard" + args.shard.replace("/", "of")
     run_dir = args.out or os.path.join("runs", method, dataset, folder)
-    seed_everything(args.seed)
+    torch.manual_seed(args.seed)
 
     # Frozen CLIP and the prompts: every test set's class names must fit, before any work
     clip_model = load_clip(args.backbone, device, args.precision)
@@ -789,10 +714,8 @@ def main(args):
     except ValueError as e:
         fail(str(e))
     learned, kind = learned_state(model.to(device)), "maple" if args.depth else "tpt"
-    assert not any(p.requires_grad for p in clip_model.parameters())
-    print(f"{method}: {kind} prompts (n_ctx {args.n_ctx}, depth {args.depth}), learned "
-          f"{list(learned)} = {sum(p.numel() for p in learned.values()):,} parameters; "
-          "CLIP is frozen")  # fmt: skip
+    n = sum(p.numel() for p in learned.values())
+    print(f"{method}: {kind} prompts, learned {list(learned)} = {n:,} parameters; CLIP is frozen")
     config = dict(method=kind, backbone=args.backbone, n_ctx=args.n_ctx, depth=args.depth)
     if args.load:
         load_learned(model, ckpt, args.load, config)
@@ -812,13 +735,11 @@ def main(args):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser()
     p.description = f"{__doc__.splitlines()[0]} Defaults: the papers' settings."
     add = p.add_argument
-    add("--stage", choices=["source", "test"], default="test", help="source: learn MaPLe's "
-        "prompts, record statistics and prototypes; test: tune on every image")  # fmt: skip
-    add("--loss", choices=["tpt", "align", "sync"], default="tpt", help="the test stage's "
-        "method: TPT, PromptAlign or PromptSync")  # fmt: skip
+    add("--stage", choices=["source", "test"], default="test", help="source: MaPLe's prompts")
+    add("--loss", choices=["tpt", "align", "sync"], default="tpt", help="the test stage's method")
     add("--setting", choices=["dg", "fine-grained"], default="dg", help="the papers' two settings")
     add("--n-ctx", type=int, help="learned text tokens (TPT: 'a photo of a'; MaPLe: 'a photo')")
     add("--depth", type=int, help="MaPLe's prompt depth J (0: TPT's text-only prompts)")
@@ -842,7 +763,6 @@ def parse_args(argv=None):
     add("--sync-weights", default="1,1,1", help="E,A,D: L_ent's, L_A's, L_D's weights (0: off)")
     add("--shard", default="0/1", help="K/N: only every N-th test image, from the K-th")
     p.set_defaults(subsample="all")  # load_task's base/new split: not used here
-    add_run_args(add)
     args = parse(p, argv, PRESETS, lambda a: "source" if a.stage == "source" else a.loss)
     K, _, N = args.shard.partition("/")
     if not (K.isdigit() and N.isdigit() and int(K) < int(N)):
@@ -1002,7 +922,7 @@ def load_task(args, shots=None):
         folder = f"{root}/test" if os.path.isdir(f"{root}/test") else root
         name = os.path.basename(root) if os.path.basename(root) not in test_sets else root
         test_sets[name] = read_image_folder(folder, f"{root}/classnames.txt")
-    check_images(part["train"], full=bool(shots))  # zero-shot: the headers suffice
+    check_images(part["train"] if shots else [])  # the shots decoded; no shots: train unused
     for items, _ in test_sets.values():
         check_images(items, full=False)
     name = os.path.basename(args.split_file or os.path.normpath(args.data))
