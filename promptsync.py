@@ -7,16 +7,15 @@ Papers  TPT (test-time prompt tuning): Shu et al., arXiv 2209.07511 (NeurIPS 202
         paper leaves open is decided in OPEN POINTS below
 
 The idea. TPT tunes CLIP's prompt on each test image, without its label: of N augmented views it
-keeps those CLIP is most confident about, takes a step that lowers the entropy of their mean
-prediction, classifies the original image with the updated prompt, and resets the prompt for the
-next image. PromptAlign does the same on MaPLe's multimodal prompts (text prompts in the first J
-blocks of the text tower, linear projections of them in the vision tower, learned once on a
-labelled source set) and also pulls the mean and variance of the views' vision tokens towards the
-whole source set's. PromptSync uses class prototypes instead (each source class's mean features in
-both towers), class c weighted by the image's mean predicted probability p^_c. Its step has two
-halves: meta-train moves the prompts so that the views stand apart from the other classes (a
-contrastive loss L_D); meta-test, at the moved prompts, pulls the features towards the prototypes
-of the likely classes (L_A) and lowers TPT's entropy. The mean of the two gradients updates them.
+keeps those CLIP is most confident about, lowers the entropy of their mean prediction by a step,
+classifies the original image with the tuned prompt, and resets the prompt for the next image.
+PromptAlign does the same on MaPLe's multimodal prompts (text prompts in the first J blocks of the
+text tower, linear projections of them in the vision tower, learned once on a labelled source set)
+and also pulls the views' vision-token means and variances towards the source set's. PromptSync
+uses class prototypes (each source class's mean features), class c weighted by the image's p^_c:
+meta-train moves the prompts so that the views stand apart from other classes (contrastive L_D);
+meta-test, there, pulls the features towards the likely classes' prototypes (L_A) and lowers TPT's
+entropy; the mean of the two gradients updates the prompts.
 
 Equations (p_i = softmax of view i's logits, H the entropy, tau = 1/100 CLIP's temperature; TPT's
 Eq. 4-6 hold its first two lines together)
@@ -146,8 +145,7 @@ class MultimodalPrompts(nn.Module):
 
 
 def encode_text(clip_model, prompts, tokenized, deep=()):
-    """[MaPLe] CLIP's text tower on prompts (C, L, d), deep[j-1] (M, d) written over positions
-    1..M before block j; text_features: the same numbers faster (speed-ups)."""
+    """[MaPLe] the text tower on prompts (C, L, d), deep[j-1] (M, d) at positions 1..M, block j."""
     dtype = clip_model.dtype
     x = (prompts.type(dtype) + clip_model.positional_embedding.type(dtype)).permute(1, 0, 2)
     for j, block in enumerate(clip_model.transformer.resblocks):  # x: (L, C, d), LND
@@ -160,9 +158,8 @@ def encode_text(clip_model, prompts, tokenized, deep=()):
 
 
 def encode_image(visual, images, prompts=(), tokens=None, last=None):
-    """CLIP's ViT with MaPLe's vision prompts: prompts[0] (M, width) appended after the patches
-    (layer-normed with them by ln_pre), the last M tokens replaced by prompts[j] before block j.
-    tokens, last: lists that get each block's input and the last one's output, (T, B, width)."""
+    """CLIP's ViT, prompts[0] (M, width) after the patches (ln_pre'd with them), the last M tokens
+    replaced by prompts[j] before block j; tokens, last: get block inputs, last output (T, B, W)."""
     x = visual.conv1(images.type(visual.conv1.weight.dtype))  # (B, width, g, g)
     x = x.flatten(2).permute(0, 2, 1)  # (B, g*g, width)
     B = x.shape[0]
@@ -229,15 +226,14 @@ def marginal_entropy(logits):
 
 
 def view_statistics(tokens, layers):
-    """[PromptAlign] mu_l, var_l: the mean and biased variance over the views of the aligned
-    blocks' input tokens tokens[l] (T, k, W), per position and channel: (T, W) each."""
+    """[PromptAlign] mu_l, var_l (biased): over the views of tokens[l] (T, k, W) -> (T, W) each."""
     x = [tokens[l].float() for l in layers]  # (T, k, W) each
     return [t.mean(dim=1) for t in x], [t.var(dim=1, unbiased=False) for t in x]
 
 
 def token_alignment(means, variances, source_means, source_variances, terms=False):
-    """[PromptAlign, as coded] sum_l (0.5 mean|mu_l - mu^_l| + 0.5 mean|var_l - var^_l|), means
-    over positions and channels; terms: the gaps [mean|mu_l - mu^_l|, mean|var_l - var^_l|]."""
+    """[PromptAlign, as coded] sum_l (0.5 mean|mu_l - mu^_l| + 0.5 mean|var_l - var^_l|); terms:
+    the pairs [mean|mu_l - mu^_l|, mean|var_l - var^_l|] per block, (L, 2), not summed."""
     pairs = zip(means, variances, source_means, source_variances)
     gaps = [torch.stack([(m - sm).abs().mean(), (v - sv).abs().mean()]) for m, v, sm, sv in pairs]
     return torch.stack(gaps) if terms else 0.5 * torch.stack(gaps).sum()
@@ -245,8 +241,8 @@ def token_alignment(means, variances, source_means, source_variances, terms=Fals
 
 @torch.no_grad()
 def token_statistics(model, loader, device, precision):
-    """Mean and biased variance of every vision block's input tokens over a set, (L, T, W) each;
-    batches merged by the exact update of Chan, Golub and LeVeque (1979): two passes in one."""
+    """Every vision block's input tokens' mean and biased variance over a set, (L, T, W) each, by
+    Chan, Golub and LeVeque's (1979) exact merge of batches: two passes in one."""
     n, mean, m2 = 0, 0.0, 0.0
     for images, _ in loader:
         tokens = []
@@ -290,9 +286,8 @@ def class_prototypes(features, labels, n_classes):
 
 
 def discrimination_loss(views, prototypes, class_views, weights, tau, groups=None):
-    """[PromptSync L_D] sum_k weights[k] (-log(L_pos(k) / L_neg(k))), cosine similarities / tau.
-    views (V, D): every class k's (the image's kept views); prototypes (C, D); class_views
-    (C, S, D); groups (C,): classes of one group are not each other's negatives."""
+    """[PromptSync L_D] sum_k weights[k] (-log(L_pos(k) / L_neg(k))), cosines / tau; views (V, D):
+    every class's; prototypes (C, D); class_views (C, S, D); groups (C,): no negatives within."""
     v, p, u = (F.normalize(t.float(), dim=-1) for t in (views, prototypes, class_views))
     C = p.shape[0]
     groups = torch.arange(C, device=p.device) if groups is None else groups
@@ -317,8 +312,8 @@ def prototype_alignment(test, prototypes, weights):
 
 
 def vision_vectors(model, images):
-    """-> h^v_CLS (B, D), the image feature before normalisation, and h^v (B, D): the mean token
-    output through ln_post and proj (CLIP's head for the class token), where h^v_CLS lives."""
+    """-> h^v_CLS (B, D), the unnormalised image feature, and h^v (B, D): the mean token output
+    through ln_post and proj (the class token's head), in h^v_CLS's space."""
     last, v = [], model.clip.visual
     cls = encode_image(v, images, model.prompts.vision_prompts(), last=last)  # (B, D)
     tokens = v.ln_post(last[0][1:].permute(1, 0, 2)) @ v.proj  # patches and prompts: (B, P, D)
@@ -327,8 +322,7 @@ def vision_vectors(model, images):
 
 @torch.no_grad()
 def source_prototypes(model, items, classnames, views, seed, device, precision, n_views=8):
-    """[PromptSync] the labelled source images' class prototypes with the learned prompts:
-    h^v_CLS, h^v, h^t (C, D), and n_views stored view features per class (C, S, D)."""
+    """[PromptSync] the source classes' prototypes h^v_CLS, h^v, h^t (C, D), views (C, S, D)."""
     cls, tokens, labels = [], [], []
     for x, y, _ in ViewDataset([(i, *item) for i, item in enumerate(items)], views, seed):
         with autocast(device, precision):
@@ -362,9 +356,8 @@ def match_prototypes(model, ckpt, classnames, device):
 
 
 def sync_terms(model, views, sync, rho=0.1, precision="fp32", part="all"):
-    """[PromptSync] at the current prompts, for views (N, 3, H, W): the confident views F and p^
-    (detached), then F in the graph -> (L_ent, L_A, L_D, the views' logits); part "D" or "test":
-    only L_D, or L_ent and L_A (the others None). One text pass serves selection and losses."""
+    """[PromptSync] at the current prompts, views (N, 3, H, W): F and p^ (detached), then F in the
+    graph -> (L_ent, L_A, L_D, logits); part "D": only L_D; "test": L_ent and L_A (else None)."""
     with autocast(views.device, precision):
         text = model.text_features()  # (C, D)
     with torch.no_grad(), autocast(views.device, precision):
@@ -389,8 +382,7 @@ def sync_terms(model, views, sync, rho=0.1, precision="fp32", part="all"):
 
 def meta_update(params, optimizer, loss_D, loss_test, lr, steps=1, scale=1.0, eps=1e-8):
     """[PromptSync] the header's four lines `steps` times, summing (g_D + g_A) / 2, then one step
-    from the params as they were. loss_D, loss_test: -> the loss at the params' current values
-    (None: weight 0). -> False, and no step, if a gradient is not finite (an fp16 overflow)."""
+    from the start; loss_D(), loss_test(): at the current values (None: weight 0). -> stepped?"""
 
     def grad(loss):  # in fp32, zeros for None; of the loss x scale (fp16's range, a loss scaler)
         if loss is None:
@@ -424,8 +416,7 @@ AUGMIX_OPS = ("autocontrast", "equalize", "posterize", "rotate", "solarize", "sh
 
 
 def augmix_chain(image):
-    """[AugMix] 1-3 random operations in a row, at severity 1 (magnitude level/10, level ~
-    U(0.1, 1)); shifts relative to the image side (AugMix's code: 224/3 pixels at full level)."""
+    """[AugMix] 1-3 random ops, severity 1 (level ~ U(0.1, 1), magnitude level/10; shift side/3)."""
     for _ in range(np.random.randint(1, 4)):
         op, v = np.random.choice(AUGMIX_OPS), np.random.uniform(0.1, 1.0) / 10
         s = 1 if np.random.uniform() < 0.5 else -1
@@ -471,18 +462,15 @@ class Views:
         return torch.stack(views)  # (N, 3, n_px, n_px)
 
 
-class ViewDataset(torch.utils.data.Dataset):
-    """(index, path, label) items -> (views, label, index); image i's views depend on (seed, i)
-    only (shards, workers, restarts), by reseeding the global generators (AugMix uses numpy's)."""
+class ViewDataset(list):
+    """(index, path, label) -> (views, label, index); image i's views depend on (seed, i) only."""
 
     def __init__(self, items, views, seed):
-        self.items, self.views, self.seed = items, views, seed
-
-    def __len__(self):
-        return len(self.items)
+        super().__init__(items)
+        self.views, self.seed = views, seed
 
     def __getitem__(self, k):
-        i, path, label = self.items[k]
+        i, path, label = super().__getitem__(k)
         np.random.seed(self.seed * 1_000_003 + i)  # AugMix's generator
         torch.manual_seed(self.seed * 1_000_003 + i)  # torchvision's random transforms
         return self.views(Image.open(path).convert("RGB")), label, i
@@ -491,9 +479,8 @@ class ViewDataset(torch.utils.data.Dataset):
 # One step, and the per-image procedures (select, step, predict), after a reset of the prompts
 def train_step(model, optimizer, scaler, images, precision="fp32", features=None, align=None,
                labels=None):  # fmt: skip
-    """One step: TPT's or PromptAlign's on one test image's confident views (k, 3, H, W) or, with
-    text-only prompts, their frozen features (k, D); align: PromptAlign's (layers, source means,
-    source variances, weight), (T, W) each. With labels: MaPLe's source step. -> the loss."""
+    """TPT's or PromptAlign's step on the confident views (k, 3, H, W) or their frozen features
+    (k, D); align: (layers, source means, variances (T, W), weight); labels: MaPLe's step."""
     tokens = [] if align else None
     with autocast(images.device, precision):
         if features is None:  # the vision prompts are learned: the vision tower is in the graph
@@ -510,32 +497,23 @@ def train_step(model, optimizer, scaler, images, precision="fp32", features=None
     return loss.item()
 
 
-def adapt(model, views, optimizer, scaler, steps=1, rho=0.1, precision="fp32", align=None,
-          gap=None):  # fmt: skip
-    """TPT's procedure for one image, views (N, 3, H, W), views[0] the original, after a reset of
-    the prompts and optimizer. -> (prediction before tuning, after, steps skipped on overflow);
-    gap: a dict, gets PromptAlign's loss terms (L, 2) on the kept views "before" and "after"."""
+def adapt(model, views, optimizer, scaler, steps=1, rho=0.1, precision="fp32", align=None):
+    """TPT's procedure for one image's views (N, 3, H, W), views[0] the original, after a reset of
+    the prompts and optimizer -> (prediction before tuning, after, steps skipped on overflow)."""
     frozen = model.prompts.depth == 0  # text-only prompts: the views' features never change
-    tokens = [] if gap is not None else None  # the gap before the step: from this pass
     with torch.no_grad(), autocast(views.device, precision):
-        features = model.image_features(views, tokens)  # (N, D), every view in one batch
+        features = model.image_features(views)  # (N, D), every view in one batch
         logits = model.logits(features)  # (N, C)
     before, skipped = int(logits[0].argmax()), 0
     if steps == 0:
         return before, before, 0
     selected = select_confident(logits, rho)  # [TPT select] once, before the first step
-    gap_of = lambda t: token_alignment(*view_statistics(t, align[0]), *align[1:3], terms=True)
-    if gap is not None:  # the kept views' tokens at the loaded prompts: (T, k, W) per block
-        gap["before"] = gap_of([t[:, selected] for t in tokens]).tolist()
     for _ in range(steps):  # the loss needs only the kept views: only they are recomputed
         kept, scale = features[selected] if frozen else None, scaler.get_scale()
         train_step(model, optimizer, scaler, views[selected], precision, kept, align)
         skipped += scaler.get_scale() < scale  # the scaler backs off after a skipped step
     with torch.no_grad(), autocast(views.device, precision):  # the original view, tuned prompts
         original = features[:1] if frozen else model.image_features(views[:1])
-        if gap is not None:  # the kept views at the tuned prompts: one more forward, no graph
-            model.image_features(views[selected], tokens := [])
-            gap["after"] = gap_of(tokens).tolist()
         return before, int(model.logits(original)[0].argmax()), skipped
 
 
@@ -559,8 +537,7 @@ def adapt_sync(model, views, optimizer, sync, steps=1, rho=0.1, precision="fp32"
 
 # main: the source stage (MaPLe's prompts, what PromptAlign and PromptSync align to), test stage
 def source_stage(args, model, data, test_sets, config, run_dir, device):
-    """[MaPLe] learn the prompts on the labelled source shots, then record what PromptAlign and
-    PromptSync align to. -> (zero-shot accuracy, the prompts' accuracy) per test set, {}."""
+    """[MaPLe] learn the prompts on the source shots, record what PromptAlign and PromptSync use."""
     learned = [p for p in model.parameters() if p.requires_grad]
     n_px, precision = model.clip.visual.input_resolution, args.precision
     optimizer = torch.optim.SGD(learned, args.lr, 0.9, weight_decay=args.weight_decay)  # MaPLe's
@@ -600,8 +577,7 @@ def source_stage(args, model, data, test_sets, config, run_dir, device):
 
 
 def test_stage(args, model, ckpt, test_sets, run_dir, device):
-    """[TPT] every test image on its own: reset, views, a step, predict; one line per image in
-    predictions.jsonl, which --resume continues. -> summary() of the run folder's images."""
+    """[TPT] each test image alone: reset, views, step, predict; a predictions.jsonl line each."""
     learned = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(learned, args.lr, weight_decay=args.weight_decay)
     initial = copy.deepcopy((model.prompts.state_dict(), optimizer.state_dict()))
@@ -622,27 +598,20 @@ def test_stage(args, model, ckpt, test_sets, run_dir, device):
         todo = [(i, *item) for i, item in enumerate(items) if i % N == K and (name, i) not in done]
         dataset = ViewDataset(todo, views, args.seed)  # one image's views per item, from workers
         loader = torch.utils.data.DataLoader(dataset, None, num_workers=args.workers)
-        t0 = time.time()
         with open(path, "a") as f:
             for images, label, i in tqdm(loader, name, mininterval=10):
                 model.prompts.load_state_dict(initial[0])  # [TPT] episodic: reset the prompts
                 optimizer.load_state_dict(initial[1])  # ... and AdamW's state
                 # TPT's loss scaler, new per image: an fp16 overflow skips the image's step
                 run["scaler"] = torch.amp.GradScaler(device.type, init_scale=1000, enabled=fp16)
-                x, gap = images.to(device), {} if align else None
+                x = images.to(device)
                 if sync:
                     before, after, skip = adapt_sync(model, x, optimizer, sync, **run)
                 else:
-                    before, after, skip = adapt(model, x, optimizer, align=align, gap=gap, **run)
+                    before, after, skip = adapt(model, x, optimizer, align=align, **run)
                 r = dict(set=name, index=i, label=label, before=before, after=after, n=len(items))
-                if gap:  # PromptAlign's loss terms per aligned block, before and after the step
-                    r["align_gap"] = dict(gap, blocks=align[0])
                 f.write(json.dumps(dict(r, skipped=skip)) + "\n")
                 f.flush()  # a killed run keeps every image it finished (--resume)
-        t = time.time() - t0
-        record = dict(set=name, images=len(todo), seconds=round(t, 3))
-        with open(os.path.join(run_dir, "log.jsonl"), "a") as f:  # the speed of each test set
-            f.write(json.dumps(dict(record, images_per_s=round(len(todo) / t, 3))) + "\n")
     return summary(read_predictions(run_dir))
 
 
@@ -671,8 +640,7 @@ def read_predictions(run_dir):
 
 
 def summary(records):
-    """-> {set: accuracy before tuning}, {set: after}, and for metrics.json the steps skipped on
-    fp16 overflows and PromptAlign's token-statistics gap per block before and after its step."""
+    """-> {set: accuracy before tuning}, {set: after}, {the steps skipped on fp16 overflows}."""
     before, after, records = {}, {}, list(records.values())
     for name in dict.fromkeys(r["set"] for r in records):
         rs = [r for r in records if r["set"] == name]
@@ -680,13 +648,7 @@ def summary(records):
             print(f"note: {name}: {len(rs)} of its {rs[0]['n']} images have a prediction")
         before[name] = 100 * float(np.mean([r["before"] == r["label"] for r in rs]))
         after[name] = 100 * float(np.mean([r["after"] == r["label"] for r in rs]))
-    extra = dict(skipped_steps=sum(r.get("skipped", 0) for r in records))
-    gaps = [r["align_gap"] for r in records if "align_gap" in r]
-    if gaps:  # PromptAlign's: {block: [mean|mu - mu^|, mean|var - var^|]}, the images' mean
-        mean = lambda when: np.mean([g[when] for g in gaps], axis=0).round(6).tolist()  # (L, 2)
-        blocks = list(map(str, gaps[0]["blocks"]))
-        extra["align_gap"] = {w: dict(zip(blocks, mean(w))) for w in ("before", "after")}
-    return before, after, extra
+    return before, after, dict(skipped_steps=sum(r.get("skipped", 0) for r in records))
 
 
 def main(args):
