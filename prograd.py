@@ -534,16 +534,17 @@ def load_task(args, shots=None):
     return name.removesuffix(".json").replace("split_zhou_", ""), part, test_sets
 
 
-class ImageDataset(list):
+class ImageDataset(torch.utils.data.Dataset):
     """(path, label) items -> (transformed image, label); grayscale, RGBA and palette become RGB."""
 
     def __init__(self, items, transform):
-        super().__init__(items)
-        self.transform = transform
+        self.items, self.transform = items, transform
+
+    def __len__(self):
+        return len(self.items)
 
     def __getitem__(self, i):
-        path, label = super().__getitem__(i)
-        return self.transform(Image.open(path).convert("RGB")), label
+        return self.transform(Image.open(self.items[i][0]).convert("RGB")), self.items[i][1]
 
 
 def train_transform(n_px, min_scale=0.08):
@@ -743,8 +744,7 @@ def load_learned(model, checkpoint, path, config):
 def save_progress(run_dir, config, model, optimizer, scaler, epoch, train_seconds, generator):
     """checkpoint.pt after each epoch: what --resume needs to go on exactly, the log included."""
     rng = {"torch": torch.get_rng_state(), "loader": generator.get_state()}
-    if torch.cuda.is_initialized():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
+    rng.update(cuda=torch.cuda.get_rng_state_all()) if torch.cuda.is_initialized() else None
     state = dict(config=config, state=learned_state(model), optimizer=optimizer.state_dict())
     state.update(scaler=scaler.state_dict(), epoch=epoch, train_seconds=train_seconds, rng=rng)
     state["log"] = open(os.path.join(run_dir, "log.jsonl")).read()

@@ -462,15 +462,17 @@ class Views:
         return torch.stack(views)  # (N, 3, n_px, n_px)
 
 
-class ViewDataset(list):
+class ViewDataset(torch.utils.data.Dataset):
     """(index, path, label) -> (views, label, index); image i's views depend on (seed, i) only."""
 
     def __init__(self, items, views, seed):
-        super().__init__(items)
-        self.views, self.seed = views, seed
+        self.items, self.views, self.seed = items, views, seed
+
+    def __len__(self):
+        return len(self.items)
 
     def __getitem__(self, k):
-        i, path, label = super().__getitem__(k)
+        i, path, label = self.items[k]
         np.random.seed(self.seed * 1_000_003 + i)  # AugMix's generator
         torch.manual_seed(self.seed * 1_000_003 + i)  # torchvision's random transforms
         return self.views(Image.open(path).convert("RGB")), label, i
@@ -545,6 +547,7 @@ def source_stage(args, model, data, test_sets, config, run_dir, device):
     scaler = torch.amp.GradScaler(device.type, enabled=fp16)
     loader = make_loader(data["train"], train_transform(n_px, args.crop_scale), args.batch_size,
                          args.workers, device, shuffle=True)  # fmt: skip
+    save(os.path.join(run_dir, "log.jsonl"), "")  # a fresh log (a source stage never resumes)
     for epoch in range(0 if args.eval_only else args.epochs):
         lr = lr_at_epoch(epoch, args.lr, args.epochs)  # MaPLe's: a warm-up epoch at 1e-5, cosine
         optimizer.param_groups[0]["lr"] = lr
@@ -644,8 +647,6 @@ def summary(records):
     before, after, records = {}, {}, list(records.values())
     for name in dict.fromkeys(r["set"] for r in records):
         rs = [r for r in records if r["set"] == name]
-        if len(rs) < rs[0]["n"]:
-            print(f"note: {name}: {len(rs)} of its {rs[0]['n']} images have a prediction")
         before[name] = 100 * float(np.mean([r["before"] == r["label"] for r in rs]))
         after[name] = 100 * float(np.mean([r["after"] == r["label"] for r in rs]))
     return before, after, dict(skipped_steps=sum(r.get("skipped", 0) for r in records))
@@ -676,14 +677,11 @@ def main(args):
     except ValueError as e:
         fail(str(e))
     learned, kind = learned_state(model.to(device)), "maple" if args.depth else "tpt"
-    n = sum(p.numel() for p in learned.values())
-    print(f"{method}: {kind} prompts, learned {list(learned)} = {n:,} parameters; CLIP is frozen")
+    print(f"{method}: {kind} prompts, learned {list(learned)}; CLIP is frozen")
     config = dict(method=kind, backbone=args.backbone, n_ctx=args.n_ctx, depth=args.depth)
     if args.load:
         load_learned(model, ckpt, args.load, config)
     os.makedirs(run_dir, exist_ok=True)
-    if os.path.exists(os.path.join(run_dir, "log.jsonl")) and not args.resume:
-        os.remove(os.path.join(run_dir, "log.jsonl"))  # a fresh run starts a fresh log
     save(os.path.join(run_dir, "args.json"), dict(vars(args), method=method, dataset=dataset))
 
     # The source stage's epochs, or the test images one by one; then metrics.json
@@ -891,16 +889,17 @@ def load_task(args, shots=None):
     return name.removesuffix(".json").replace("split_zhou_", ""), part, test_sets
 
 
-class ImageDataset(list):
+class ImageDataset(torch.utils.data.Dataset):
     """(path, label) items -> (transformed image, label); grayscale, RGBA and palette become RGB."""
 
     def __init__(self, items, transform):
-        super().__init__(items)
-        self.transform = transform
+        self.items, self.transform = items, transform
+
+    def __len__(self):
+        return len(self.items)
 
     def __getitem__(self, i):
-        path, label = super().__getitem__(i)
-        return self.transform(Image.open(path).convert("RGB")), label
+        return self.transform(Image.open(self.items[i][0]).convert("RGB")), self.items[i][1]
 
 
 def train_transform(n_px, min_scale=0.08):

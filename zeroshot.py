@@ -283,16 +283,17 @@ def load_task(args, shots=None):
     return name.removesuffix(".json").replace("split_zhou_", ""), part, test_sets
 
 
-class ImageDataset(list):
+class ImageDataset(torch.utils.data.Dataset):
     """(path, label) items -> (transformed image, label); grayscale, RGBA and palette become RGB."""
 
     def __init__(self, items, transform):
-        super().__init__(items)
-        self.transform = transform
+        self.items, self.transform = items, transform
+
+    def __len__(self):
+        return len(self.items)
 
     def __getitem__(self, i):
-        path, label = super().__getitem__(i)
-        return self.transform(Image.open(path).convert("RGB")), label
+        return self.transform(Image.open(self.items[i][0]).convert("RGB")), self.items[i][1]
 
 
 def train_transform(n_px, min_scale=0.08):

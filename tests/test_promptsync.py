@@ -239,24 +239,18 @@ def test_every_test_image_starts_from_the_same_prompts_and_optimizer(
     metrics = run(["--loss", "align", "--backbone", tiny_vit_ckpt, "--data", tiny_data, "--load",
         source_ckpt, "--views", "8", "--rho", "0.25", "--out", str(tmp_path)])  # fmt: skip
     assert len(seen) == 12 and metrics["method"] == "promptalign"
-    # the token-statistics gap, per aligned block, the mean over the images before and after
-    gap = json.load(open(tmp_path / "metrics.json"))["align_gap"]
-    assert gap == metrics["align_gap"] and list(gap["before"]) == list(gap["after"]) == ["0", "1"]
-    records = ps.read_predictions(str(tmp_path)).values()
-    mean = sum(r["align_gap"]["before"][1][0] for r in records) / len(records)
-    assert gap["before"]["1"][0] == pytest.approx(mean, abs=1e-6)
     loaded = torch.load(source_ckpt, weights_only=True)["state"]
     for prompts, opt in seen:
         assert all(torch.equal(v, loaded["prompts." + k]) for k, v in prompts.items())
         assert opt == seen[0][1] and opt["state"] == {}  # a fresh AdamW every image
 
 
-def test_promptalign_logs_its_loss_terms_before_and_after_the_step_which_shrinks_them(
-    source_ckpt, tiny_vit_ckpt
+def test_align_gap_tool_measures_the_loss_terms_before_and_after_the_step_which_shrinks_them(
+    source_ckpt, tiny_vit_ckpt, tiny_data, tmp_path
 ):
-    """The logged gap per block, [mean|mu_l - mu^_l|, mean|var_l - var^_l|], is the alignment
-    loss's pair of terms on the kept views: at the loaded prompts before the step, at the tuned
-    ones after it. A step with a large alignment weight (the entropy negligible) shrinks them.
+    """tools/align_gap.py: the gap per block, [mean|mu_l - mu^_l|, mean|var_l - var^_l|], is the
+    alignment loss's pair of terms on the kept views: at the loaded prompts before the step, at the
+    tuned ones after it. A step with a large alignment weight (the entropy negligible) shrinks them.
     (Target statistics moved off the source's: at those, the prompt positions match exactly, an
     L1 kink that any step of the prompts can only widen.)"""
     model, _, views = loaded_maple(source_ckpt, tiny_vit_ckpt)
@@ -277,13 +271,24 @@ def test_promptalign_logs_its_loss_terms_before_and_after_the_step_which_shrinks
         kept = ps.select_confident(model(views), 0.25)
     before, loss = terms_by_hand(kept)
     learned = [p for p in model.parameters() if p.requires_grad]
-    optimizer, gap = torch.optim.AdamW(learned, 1e-3, weight_decay=0.01), {}
+    optimizer = torch.optim.AdamW(learned, 1e-3, weight_decay=0.01)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    ps.adapt(model, views, optimizer, scaler, 1, 0.25, align=([0, 1], *stats, 1e4), gap=gap)
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import align_gap
+
+    gap = align_gap.image_gap(model, views, optimizer, scaler, ([0, 1], *stats, 1e4), 1, 0.25)
     assert gap["before"] == [pytest.approx(t, rel=1e-5) for t in before]
     assert 0.5 * sum(map(sum, gap["before"])) == pytest.approx(loss, rel=1e-5)  # [PromptAlign]
     assert gap["after"] == [pytest.approx(t, rel=1e-5) for t in terms_by_hand(kept)[0]]
     assert sum(map(sum, gap["after"])) < sum(map(sum, gap["before"]))
+    # the command line: every test image, promptsync.py's options; the JSON's means are the images'
+    argv = ["--backbone", tiny_vit_ckpt, "--data", tiny_data, "--load", source_ckpt, "--views",
+        "8", "--rho", "0.25", "--workers", "0", "--out", str(tmp_path)]  # fmt: skip
+    result = align_gap.main(argv)
+    saved = json.load(open(tmp_path / "align_gap.json"))
+    assert list(result["before"]) == ["0", "1"] and len(saved["images"]) == 12
+    mean = sum(g["before"][1][0] for g in saved["images"]) / 12
+    assert saved["before"] == result["before"] and result["before"]["1"][0] == pytest.approx(mean)
 
 
 def test_shards_together_equal_one_run_and_resume_continues(tiny_vit_ckpt, tiny_data, tmp_path):
