@@ -466,7 +466,7 @@ def main(args):
         fail(f"{args.load} is a checkpoint of {ckpt.get('config')}, not of --method {method}")
     template = resolve_template(args.template)  # shared with zeroshot.py, as --ensemble select
     templates = TEMPLATES_SELECT if args.ensemble == "select" else [template]
-    dataset, train, test_sets = load_task(args, args.shots)
+    dataset, train, test_sets = load_task(args, None if args.eval_only else args.shots)
     if not train["train"] and not args.eval_only:
         fail(f"{args.data}: no training images (a train/ folder or the split file's train list)")
     if method != "clip-adapter" and not args.eval_only:  # to choose alpha/beta, the epoch, C_reg
@@ -521,8 +521,8 @@ def parse_args(argv=None):
     add("--ensemble", choices=["none", "select"], help="select: the 7 ImageNet templates instead")
     add("--aug-views", type=int, default=10, help="views per training image, precomputed (Tip's)")
     add("--crop-scale", type=float, default=0.5, help="the views' least crop area (Tip's 0.5)")
-    add("--alpha", type=float, help="CLIP-Adapter: residual ratio; Tip: the cache's weight")
-    add("--beta", type=float, help="Tip: the sharpness (both before the search)")
+    add("--alpha", type=float, help="CLIP-Adapter: residual ratio; Tip-F: the cache's weight")
+    add("--beta", type=float, help="Tip-F: the sharpness (tip: both from the search)")
     grid = dict(nargs=2, metavar=("BETA", "ALPHA"))
     add("--search-scale", type=float, **grid, help="Tip: the grid's maxima")
     add("--search-step", type=int, default=[200, 20], **grid, help="Tip: the grid's steps")
@@ -789,8 +789,8 @@ def save(path, obj):
 
 
 def parse(parser, argv, presets, method, learned=True):
-    """Add the shared options, parse; an option left out takes `method(args)`'s preset (--help lists
-    them; other methods' presets stay absent; `method` reads only options with a default)."""
+    """Add the shared options and parse; an option left out takes `method(args)`'s preset (--help
+    lists them), so `method` may read only options that have a default of their own."""
     add = parser.add_argument
     add("--seed", type=int, default=1, help="the papers report seeds 1, 2, 3")
     fp16 = "amp: mixed precision; fp16: CLIP's own fp16 weights; default: amp on CUDA, else fp32"
@@ -804,12 +804,13 @@ def parse(parser, argv, presets, method, learned=True):
         add("--resume", action="store_true", help="continue the run in --out after its last epoch")
     for action in parser._actions:  # --help shows every default
         values = {m: p[action.dest] for m, p in presets.items() if action.dest in p}
-        if values:  # no single default: --help lists each method's, the namespace gets none
+        if values:  # --help lists each method's; unset until parsed (absent: no preset here)
             show = lambda v: v.__doc__ if callable(v) else repr(v)
-            action.help += " (" + "; ".join(f"{m}: {show(v)}" for m, v in values.items()) + ")"
+            tag = lambda m: m if len(presets) > 1 else "default"  # one method: the default
+            action.help += " (" + "; ".join(f"{tag(m)}: {show(v)}" for m, v in values.items()) + ")"
             action.default = argparse.SUPPRESS
-        elif action.default not in (None, False, argparse.SUPPRESS):
-            action.help = f"{action.help or ''} (default: {action.default})"
+        elif action.default not in (None, [], argparse.SUPPRESS) and action.default is not False:
+            action.help = f"{action.help or ''} (default: {action.default!r})"
     args = parser.parse_args(argv)
     for key, value in presets[method(args)].items():
         if not hasattr(args, key):
@@ -820,20 +821,20 @@ def parse(parser, argv, presets, method, learned=True):
     return args
 
 
-def finish_run(run_dir, args, method, dataset, zero_shot, accuracy, **extra):
+def finish_run(run_dir, args, method, dataset, zero_shot, acc, **extra):
     """metrics.json: zero-shot and the method's accuracy per test set, H, how and where it ran."""
     device, cuda = torch.device(args.device), args.device.startswith("cuda")
     metrics = dict(method=method, backbone=args.backbone, dataset=dataset, seed=args.seed)
-    metrics.update(shots=getattr(args, "shots", 0), zero_shot=zero_shot, accuracy=accuracy)
-    if "new" in accuracy:  # [CoCoOp] H = 2 * base * new / (base + new)
-        base, new = accuracy["test"], accuracy["new"]
+    metrics.update(shots=getattr(args, "shots", 0), zero_shot=zero_shot, accuracy=acc)
+    if "new" in acc:  # [CoCoOp] H, the harmonic mean of base and new: 2 base new / (base + new)
+        base, new = acc["test"], acc["new"]
         metrics["harmonic_mean"] = 2 * base * new / (base + new)
     where = f"{torch.cuda.get_device_name(device) if cuda else 'cpu'} ({os.cpu_count()} cores)"
     peak = round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if cuda else None
     metrics.update(extra, peak_mib=peak, device=where, torch=torch.__version__)
     save(os.path.join(run_dir, "metrics.json"), metrics)
-    shown = [" ".join(f"{k}={v:.2f}" for k, v in d.items()) for d in (accuracy, zero_shot)]
-    hm = f" H={metrics['harmonic_mean']:.2f}" if "new" in accuracy else ""
+    shown = [" ".join(f"{k}={v:.2f}" for k, v in d.items()) for d in (acc, zero_shot)]
+    hm = f" H={metrics['harmonic_mean']:.2f}" if "new" in acc else ""
     print(f"{method} {dataset} shots={metrics['shots']} seed={args.seed}: accuracy {shown[0]}{hm}"
           f" | zero-shot {shown[1]} | {run_dir}/metrics.json")  # fmt: skip
     return metrics
@@ -882,7 +883,7 @@ def load_learned(model, checkpoint, path, config):
     """Copy `checkpoint`'s learned tensors into `model` if it has the same options and shapes."""
     theirs, mine = checkpoint["state"], learned_state(model)
     shapes = lambda state: {k: tuple(v.shape) for k, v in state.items()}
-    options = lambda c: {k: v for k, v in (c or {}).items() if k != "backbone"}
+    options = lambda c: {k: v for k, v in (c or {}).items() if k != "backbone"}  # name or path
     if options(checkpoint.get("config")) != options(config) or shapes(theirs) != shapes(mine):
         fail(f"{path} does not fit this run: it holds {shapes(theirs)}, written with "
              f"{checkpoint.get('config')}; this run ({config}) learns {shapes(mine)}")  # fmt: skip

@@ -17,7 +17,7 @@ d: the token-embedding width (512); D: the image and text feature width (1024 RN
   [CoOp Eq. 3]   p(y=c|x) = exp(cos(g(t_c), f) / tau) / sum_j exp(cos(g(t_j), f) / tau)
   [ProGrad]      L_ce = CE(p, y),  L_kl = T^2 KL(p_zs || p_T) = T^2 sum_c p_zs log(p_zs / p_T),
                  p_zs(c|x) = softmax_c(cos(w_c, f) / (tau T)), w_c = g(template(c)) (the teacher),
-                 p_T: p at tau T (T = 1: authors' code only);  G_d = dL_ce/dctx,  G_g = dL_kl/dctx
+                 p_T: p at tau T (T: the code's; paper: 1);  G_d = dL_ce/dctx,  G_g = dL_kl/dctx
   [ProGrad Eq. 5]  G = G_d - lambda (G_d.G_g / |G_g|^2) G_g  if G_d.G_g < 0,  else G = G_d
 Variants: the class token in the middle or at the front; one context per class (CSC, --csc).
 Learned: ctx = [V]_1..[V]_M, (M, d), or (n_cls, M, d) with --csc, from the template's words.
@@ -55,7 +55,7 @@ with warnings.catch_warnings():  # openai-clip 1.0.1 imports the deprecated pkg_
 
 
 def by_shots(args):  # a function, so that it can read --shots; --help shows its docstring
-    """50/100/200 epochs for 1/2-4/8-16 shots; ImageNet: 50 at every count (give --epochs 50)"""
+    """50/100/200 epochs for 1/2-4/8-16 shots; ImageNet: 50 at every count, pass --epochs 50"""
     return epochs_for_shots(args)  # CoOp's configs: see the shared training block, near the end
 
 
@@ -111,7 +111,7 @@ class PromptLearner(nn.Module):
         d = clip_model.ln_final.weight.shape[0]  # token width (512 for RN50 and ViT-B)
         if ctx_init:  # [ProGrad] template init: [SOS] 0..0 <k template words> CLASS . [EOT]
             # The zeros go through the encoder too: the student starts near the teacher, not at it.
-            # k counts WORDS (the authors'): "pet, a" is 2 words, 3 BPE tokens; the last is frozen.
+            # k counts WORDS (the authors'): "pet, a" is 2 words, 3 tokens; the third stays frozen.
             k = len(ctx_init.split())
             if k > n_ctx:
                 raise ValueError(f"the template {ctx_init!r} has {k} words, more than M = {n_ctx}")
@@ -276,7 +276,7 @@ def main(args):
     loader = make_loader(train["train"], transform, args.batch_size, args.workers, device,
                          shuffle=True, drop_last=drop_last, generator=generator)  # fmt: skip
     epochs = 0 if args.eval_only else args.epochs
-    start, train_seconds, n_seen = 0, 0.0, 0
+    start, train_seconds = 0, 0.0  # over every session of the run (--resume)
     if args.resume:
         start, train_seconds = resume(run_dir, model, optimizer, scaler, generator, config)
     elif not args.eval_only and os.path.exists(os.path.join(run_dir, "log.jsonl")):
@@ -291,7 +291,7 @@ def main(args):
                 images, labels, args.precision, args.lam, args.temperature))  # fmt: skip
             n += len(labels)
         seconds = time.time() - t0
-        train_seconds, n_seen = train_seconds + seconds, n_seen + n
+        train_seconds += seconds
         loss_ce, loss_kl, train_acc, cosine = zip(*steps)  # one value per step
         cos = [c for c in cosine if not math.isnan(c)]  # NaN: a step skipped (fp16 overflow)
         log_epoch(run_dir, epoch + 1, epochs, seconds, n, lr=lr, loss_ce=loss_ce,
@@ -300,7 +300,7 @@ def main(args):
         save_progress(run_dir, config, model, optimizer, scaler, epoch + 1, train_seconds,
                       generator)  # fmt: skip
     zero_shot, acc = evaluate(args, clip_model, model, test_sets)  # the last epoch, every test set
-    speed = round(n_seen / train_seconds, 1) if n_seen else None
+    speed = round(len(train["train"]) * epochs / train_seconds, 1) if train_seconds else None
     extra = dict(epochs=epochs, precision=args.precision, images_per_s=speed)
     extra.update(train_seconds=round(train_seconds, 2), not_scored=not_scored)
     return finish_run(run_dir, args, method, dataset, zero_shot, acc, **extra)
@@ -359,7 +359,7 @@ def parse_args(argv=None):
     add("--eval-data", nargs="*", default=[], help="extra test sets (ImageFolder roots)")
     add("--template", help=f"the teacher's (' {{}}.' last) or {', '.join(PROGRAD_TEMPLATES)}")
     add("--n-ctx", type=int, help="context vectors M")
-    add("--ctx-init", choices=["template", "random"], help="the template's words, or CoOp's init")
+    add("--ctx-init", choices=["template", "random"], help="the template's words, or CoOp's random")
     add("--csc", action="store_true", help="class-specific context (one context per class)")
     where = "where the class name goes in the prompt (CoOp's variants)"
     add("--class-token-position", choices=["end", "middle", "front"], default="end", help=where)
@@ -369,7 +369,7 @@ def parse_args(argv=None):
     add("--epochs", type=int, help="training epochs")
     add("--batch-size", type=int, help="training images per step")
     add("--lr", type=float, default=0.002, help="SGD learning rate after the warm-up epoch")
-    add("--crop-scale", type=float, default=0.08, help="random crop's smallest area (toy: 0.5)")
+    add("--crop-scale", type=float, default=0.08, help="random crop's smallest area; toy runs: 0.5")
     add("--drop-last", action="store_true", help="drop the last partial batch, as the original")
     args = parse(p, argv, PRESETS, lambda a: "prograd")
     args.template = PROGRAD_TEMPLATES.get(args.template, args.template)
@@ -391,7 +391,7 @@ def shared_prefix(clip_model, prefix, suffix, tokenized, deep=()):
     class's own tokens (name, ".", EOT) attend to its keys and values and, causally, to their own.
     prefix: (B, P, d), B = 1 or one per image; suffix: (C, L - P, d), the rest of each class's
     prompt; tokenized: (C, L) ids; deep: tensors (n, d) that replace prefix positions 1..n before
-    blocks 1, 2, ... (MaPLe's deeper text prompts)."""
+    blocks 1, 2, ... (promptsync.py's MaPLe prompts)."""
     (B, P, _), C = prefix.shape, suffix.shape[0]
     eot = tokenized.argmax(dim=-1) - P  # EOT's index within the suffix: (C,)
     S = int(eot.max()) + 1
@@ -637,8 +637,8 @@ def save(path, obj):
 
 
 def parse(parser, argv, presets, method, learned=True):
-    """Add the shared options, parse; an option left out takes `method(args)`'s preset (--help lists
-    them; other methods' presets stay absent; `method` reads only options with a default)."""
+    """Add the shared options and parse; an option left out takes `method(args)`'s preset (--help
+    lists them), so `method` may read only options that have a default of their own."""
     add = parser.add_argument
     add("--seed", type=int, default=1, help="the papers report seeds 1, 2, 3")
     fp16 = "amp: mixed precision; fp16: CLIP's own fp16 weights; default: amp on CUDA, else fp32"
@@ -652,12 +652,13 @@ def parse(parser, argv, presets, method, learned=True):
         add("--resume", action="store_true", help="continue the run in --out after its last epoch")
     for action in parser._actions:  # --help shows every default
         values = {m: p[action.dest] for m, p in presets.items() if action.dest in p}
-        if values:  # no single default: --help lists each method's, the namespace gets none
+        if values:  # --help lists each method's; unset until parsed (absent: no preset here)
             show = lambda v: v.__doc__ if callable(v) else repr(v)
-            action.help += " (" + "; ".join(f"{m}: {show(v)}" for m, v in values.items()) + ")"
+            tag = lambda m: m if len(presets) > 1 else "default"  # one method: the default
+            action.help += " (" + "; ".join(f"{tag(m)}: {show(v)}" for m, v in values.items()) + ")"
             action.default = argparse.SUPPRESS
-        elif action.default not in (None, False, argparse.SUPPRESS):
-            action.help = f"{action.help or ''} (default: {action.default})"
+        elif action.default not in (None, [], argparse.SUPPRESS) and action.default is not False:
+            action.help = f"{action.help or ''} (default: {action.default!r})"
     args = parser.parse_args(argv)
     for key, value in presets[method(args)].items():
         if not hasattr(args, key):
@@ -668,20 +669,20 @@ def parse(parser, argv, presets, method, learned=True):
     return args
 
 
-def finish_run(run_dir, args, method, dataset, zero_shot, accuracy, **extra):
+def finish_run(run_dir, args, method, dataset, zero_shot, acc, **extra):
     """metrics.json: zero-shot and the method's accuracy per test set, H, how and where it ran."""
     device, cuda = torch.device(args.device), args.device.startswith("cuda")
     metrics = dict(method=method, backbone=args.backbone, dataset=dataset, seed=args.seed)
-    metrics.update(shots=getattr(args, "shots", 0), zero_shot=zero_shot, accuracy=accuracy)
-    if "new" in accuracy:  # [CoCoOp] H = 2 * base * new / (base + new)
-        base, new = accuracy["test"], accuracy["new"]
+    metrics.update(shots=getattr(args, "shots", 0), zero_shot=zero_shot, accuracy=acc)
+    if "new" in acc:  # [CoCoOp] H, the harmonic mean of base and new: 2 base new / (base + new)
+        base, new = acc["test"], acc["new"]
         metrics["harmonic_mean"] = 2 * base * new / (base + new)
     where = f"{torch.cuda.get_device_name(device) if cuda else 'cpu'} ({os.cpu_count()} cores)"
     peak = round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if cuda else None
     metrics.update(extra, peak_mib=peak, device=where, torch=torch.__version__)
     save(os.path.join(run_dir, "metrics.json"), metrics)
-    shown = [" ".join(f"{k}={v:.2f}" for k, v in d.items()) for d in (accuracy, zero_shot)]
-    hm = f" H={metrics['harmonic_mean']:.2f}" if "new" in accuracy else ""
+    shown = [" ".join(f"{k}={v:.2f}" for k, v in d.items()) for d in (acc, zero_shot)]
+    hm = f" H={metrics['harmonic_mean']:.2f}" if "new" in acc else ""
     print(f"{method} {dataset} shots={metrics['shots']} seed={args.seed}: accuracy {shown[0]}{hm}"
           f" | zero-shot {shown[1]} | {run_dir}/metrics.json")  # fmt: skip
     return metrics
@@ -730,7 +731,7 @@ def load_learned(model, checkpoint, path, config):
     """Copy `checkpoint`'s learned tensors into `model` if it has the same options and shapes."""
     theirs, mine = checkpoint["state"], learned_state(model)
     shapes = lambda state: {k: tuple(v.shape) for k, v in state.items()}
-    options = lambda c: {k: v for k, v in (c or {}).items() if k != "backbone"}
+    options = lambda c: {k: v for k, v in (c or {}).items() if k != "backbone"}  # name or path
     if options(checkpoint.get("config")) != options(config) or shapes(theirs) != shapes(mine):
         fail(f"{path} does not fit this run: it holds {shapes(theirs)}, written with "
              f"{checkpoint.get('config')}; this run ({config}) learns {shapes(mine)}")  # fmt: skip

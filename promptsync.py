@@ -746,7 +746,7 @@ def shared_prefix(clip_model, prefix, suffix, tokenized, deep=()):
     class's own tokens (name, ".", EOT) attend to its keys and values and, causally, to their own.
     prefix: (B, P, d), B = 1 or one per image; suffix: (C, L - P, d), the rest of each class's
     prompt; tokenized: (C, L) ids; deep: tensors (n, d) that replace prefix positions 1..n before
-    blocks 1, 2, ... (MaPLe's deeper text prompts)."""
+    blocks 1, 2, ... (promptsync.py's MaPLe prompts)."""
     (B, P, _), C = prefix.shape, suffix.shape[0]
     eot = tokenized.argmax(dim=-1) - P  # EOT's index within the suffix: (C,)
     S = int(eot.max()) + 1
@@ -992,8 +992,8 @@ def save(path, obj):
 
 
 def parse(parser, argv, presets, method, learned=True):
-    """Add the shared options, parse; an option left out takes `method(args)`'s preset (--help lists
-    them; other methods' presets stay absent; `method` reads only options with a default)."""
+    """Add the shared options and parse; an option left out takes `method(args)`'s preset (--help
+    lists them), so `method` may read only options that have a default of their own."""
     add = parser.add_argument
     add("--seed", type=int, default=1, help="the papers report seeds 1, 2, 3")
     fp16 = "amp: mixed precision; fp16: CLIP's own fp16 weights; default: amp on CUDA, else fp32"
@@ -1007,12 +1007,13 @@ def parse(parser, argv, presets, method, learned=True):
         add("--resume", action="store_true", help="continue the run in --out after its last epoch")
     for action in parser._actions:  # --help shows every default
         values = {m: p[action.dest] for m, p in presets.items() if action.dest in p}
-        if values:  # no single default: --help lists each method's, the namespace gets none
+        if values:  # --help lists each method's; unset until parsed (absent: no preset here)
             show = lambda v: v.__doc__ if callable(v) else repr(v)
-            action.help += " (" + "; ".join(f"{m}: {show(v)}" for m, v in values.items()) + ")"
+            tag = lambda m: m if len(presets) > 1 else "default"  # one method: the default
+            action.help += " (" + "; ".join(f"{tag(m)}: {show(v)}" for m, v in values.items()) + ")"
             action.default = argparse.SUPPRESS
-        elif action.default not in (None, False, argparse.SUPPRESS):
-            action.help = f"{action.help or ''} (default: {action.default})"
+        elif action.default not in (None, [], argparse.SUPPRESS) and action.default is not False:
+            action.help = f"{action.help or ''} (default: {action.default!r})"
     args = parser.parse_args(argv)
     for key, value in presets[method(args)].items():
         if not hasattr(args, key):
@@ -1023,20 +1024,20 @@ def parse(parser, argv, presets, method, learned=True):
     return args
 
 
-def finish_run(run_dir, args, method, dataset, zero_shot, accuracy, **extra):
+def finish_run(run_dir, args, method, dataset, zero_shot, acc, **extra):
     """metrics.json: zero-shot and the method's accuracy per test set, H, how and where it ran."""
     device, cuda = torch.device(args.device), args.device.startswith("cuda")
     metrics = dict(method=method, backbone=args.backbone, dataset=dataset, seed=args.seed)
-    metrics.update(shots=getattr(args, "shots", 0), zero_shot=zero_shot, accuracy=accuracy)
-    if "new" in accuracy:  # [CoCoOp] H = 2 * base * new / (base + new)
-        base, new = accuracy["test"], accuracy["new"]
+    metrics.update(shots=getattr(args, "shots", 0), zero_shot=zero_shot, accuracy=acc)
+    if "new" in acc:  # [CoCoOp] H, the harmonic mean of base and new: 2 base new / (base + new)
+        base, new = acc["test"], acc["new"]
         metrics["harmonic_mean"] = 2 * base * new / (base + new)
     where = f"{torch.cuda.get_device_name(device) if cuda else 'cpu'} ({os.cpu_count()} cores)"
     peak = round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if cuda else None
     metrics.update(extra, peak_mib=peak, device=where, torch=torch.__version__)
     save(os.path.join(run_dir, "metrics.json"), metrics)
-    shown = [" ".join(f"{k}={v:.2f}" for k, v in d.items()) for d in (accuracy, zero_shot)]
-    hm = f" H={metrics['harmonic_mean']:.2f}" if "new" in accuracy else ""
+    shown = [" ".join(f"{k}={v:.2f}" for k, v in d.items()) for d in (acc, zero_shot)]
+    hm = f" H={metrics['harmonic_mean']:.2f}" if "new" in acc else ""
     print(f"{method} {dataset} shots={metrics['shots']} seed={args.seed}: accuracy {shown[0]}{hm}"
           f" | zero-shot {shown[1]} | {run_dir}/metrics.json")  # fmt: skip
     return metrics
@@ -1085,7 +1086,7 @@ def load_learned(model, checkpoint, path, config):
     """Copy `checkpoint`'s learned tensors into `model` if it has the same options and shapes."""
     theirs, mine = checkpoint["state"], learned_state(model)
     shapes = lambda state: {k: tuple(v.shape) for k, v in state.items()}
-    options = lambda c: {k: v for k, v in (c or {}).items() if k != "backbone"}
+    options = lambda c: {k: v for k, v in (c or {}).items() if k != "backbone"}  # name or path
     if options(checkpoint.get("config")) != options(config) or shapes(theirs) != shapes(mine):
         fail(f"{path} does not fit this run: it holds {shapes(theirs)}, written with "
              f"{checkpoint.get('config')}; this run ({config}) learns {shapes(mine)}")  # fmt: skip

@@ -349,7 +349,7 @@ def test_sharded_test_time_runs_merge_to_the_unsharded_accuracy(tiny_vit_ckpt, t
     shards = [str(tmp_path / f"sharded/tpt/shard{K}") for K in range(3)]
     for K, shard in enumerate(shards):
         ps.main(ps.parse_args(common + ["--shard", f"{K}/3", "--out", shard]))
-    assert [len(ps.read_predictions([s])) for s in shards] == [4, 4, 4]  # a third each
+    assert [len(ps.read_predictions(s)) for s in shards] == [4, 4, 4]  # a third each
     [row] = sweep.collect(str(tmp_path / "sharded"))
     assert row["stats"]["test"] == (whole["accuracy"]["test"], 0.0) and row["seeds"] == [1]
     assert row["stats"]["zero-shot"][0] == whole["zero_shot"]["test"]
