@@ -94,7 +94,7 @@ PRESETS = {
     "source": dict(MAPLE, lr=0.0026, weight_decay=5e-4, shots=16),  # MaPLe's cross-dataset recipe
     "tpt": dict(TPT, **TEST, lr=5e-3, corrupt=0),  # AugMix on the fine-grained sets
     "align": dict(MAPLE, **TEST, lr=by_setting(4e-2, 5e-4)),  # PromptAlign's two configs
-    "sync": dict(MAPLE, **TEST, lr=by_setting(4e-2, 5e-4), corrupt=1),  # open point 17
+    "sync": dict(MAPLE, **TEST, lr=by_setting(4e-2, 5e-4), corrupt=1),  # open points 17, 12
 }
 
 
@@ -144,7 +144,7 @@ class MultimodalPrompts(nn.Module):
         return [self.proj(self.ctx)] + deep if self.depth else []  # [MaPLe] F_j(P_j): (M, width)
 
 
-def encode_text(clip_model, prompts, tokenized, deep=()):
+def text_encoder(clip_model, prompts, tokenized, deep=()):
     """[MaPLe] the text tower on prompts (C, L, d), deep[j-1] (M, d) at positions 1..M, block j."""
     dtype = clip_model.dtype
     x = (prompts.type(dtype) + clip_model.positional_embedding.type(dtype)).permute(1, 0, 2)
@@ -189,7 +189,7 @@ class MultimodalPromptedCLIP(nn.Module):
         self.clip = clip_model
 
     def text_features(self):
-        # = encode_text(self.clip, text_prompts(), tokenized, deep_text), the plain loop;
+        # = text_encoder(self.clip, text_prompts(), tokenized, deep_text), the plain loop;
         # [SOS][ctx] is every class's, so it runs once: the same numbers, see the speed-ups
         pl = self.prompts
         prefix = torch.cat([pl.token_prefix[:1], pl.ctx[None]], dim=1)  # (1, 1 + M, d)
@@ -600,12 +600,12 @@ def test_stage(args, model, ckpt, test_sets, run_dir, device):
             sync = dict(match_prototypes(model, ckpt, classnames, device), weights=weights)
         todo = [(i, *item) for i, item in enumerate(items) if i % N == K and (name, i) not in done]
         dataset = ViewDataset(todo, views, args.seed)  # one image's views per item, from workers
-        loader = torch.utils.data.DataLoader(dataset, None, num_workers=args.workers)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=args.workers)
         with open(path, "a") as f:
             for images, label, i in tqdm(loader, name, mininterval=10):
                 model.prompts.load_state_dict(initial[0])  # [TPT] episodic: reset the prompts
                 optimizer.load_state_dict(initial[1])  # ... and AdamW's state
-                # TPT's loss scaler, new per image: an fp16 overflow skips the image's step
+                # a loss scaler (TPT's init 1000), fresh per image: an overflow skips this step
                 run["scaler"] = torch.amp.GradScaler(device.type, init_scale=1000, enabled=fp16)
                 x = images.to(device)
                 if sync:
@@ -643,7 +643,7 @@ def read_predictions(run_dir):
 
 
 def summary(records):
-    """-> {set: accuracy before tuning}, {set: after}, {the steps skipped on fp16 overflows}."""
+    """-> {set: accuracy before tuning (metrics.json's "zero_shot")}, {set: after}, {skipped}."""
     before, after, records = {}, {}, list(records.values())
     for name in dict.fromkeys(r["set"] for r in records):
         rs = [r for r in records if r["set"] == name]
@@ -674,7 +674,7 @@ def main(args):
         model = MultimodalPromptedCLIP(clip_model, data["classnames"], args.n_ctx, args.depth)
         for classnames in [*(c for _, c in test_sets.values()), data["classnames"]]:
             model.prompts.set_classnames(clip_model, classnames)
-    except ValueError as e:
+    except (ValueError, RuntimeError) as e:  # RuntimeError: clip.tokenize, a name too long
         fail(str(e))
     learned, kind = learned_state(model.to(device)), "maple" if args.depth else "tpt"
     print(f"{method}: {kind} prompts, learned {list(learned)}; CLIP is frozen")
@@ -700,7 +700,7 @@ def parse_args(argv=None):
     add = p.add_argument
     add("--stage", choices=["source", "test"], default="test", help="source: MaPLe's prompts")
     add("--loss", choices=["tpt", "align", "sync"], default="tpt", help="the test stage's method")
-    add("--setting", choices=["dg", "fine-grained"], default="dg", help="the papers' two settings")
+    add("--setting", choices=["dg", "fine-grained"], default="dg", help="dg: ImageNet's shifts")
     add("--n-ctx", type=int, help="learned text tokens (TPT: 'a photo of a'; MaPLe: 'a photo')")
     add("--depth", type=int, help="MaPLe's prompt depth J (0: TPT's text-only prompts)")
     add("--backbone", default="ViT-B/16", help="CLIP name or checkpoint path (TPT also: RN50)")

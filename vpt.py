@@ -27,7 +27,7 @@ The papers' settings (PRESETS below; --help prints them). VPT with CLIP's text h
 muzairkhattak/multimodal-prompt-learning), the only published recipe for it: 8 prompts at all 12
 layers, SGD lr 0.0025, batch 4, 5 epochs, a warm-up epoch at 1e-5 then cosine (the schedule of
 Dassl, the library under CoOp's and MaPLe's code), its prompts after the patches.
-Its numbers (base 80.24, new 73.43, H 76.68 on ViT-B/16) need --placement maple (default: vpt).
+Its numbers (ViT-B/16: base 80.24, new 73.43, harmonic mean 76.68) need --placement maple.
 --head linear: VPT's recipe for a random head. Pad: Bahng et al.'s, ViT-B/32, SGD lr 40,
 batch 256, 1000 epochs, 1000 warm-up steps; training images through CLIP's preprocess.
 
@@ -188,7 +188,7 @@ class TextHead(nn.Module):
 
 def linear_head(dim, n_classes):
     """[VPT linear head] VPT's classifier on f(x), initialised as KMnP's; the bias is its
-    special_bias: every class starts at probability 0.01 (RetinaNet's focal-loss init)."""
+    special_bias, RetinaNet's prior 0.01 (a constant: softmax's cross-entropy never sees it)."""
     head = nn.Linear(dim, n_classes)
     nn.init.kaiming_normal_(head.weight, a=0, mode="fan_out")
     nn.init.constant_(head.bias, -math.log((1 - 0.01) / 0.01))  # about -4.595

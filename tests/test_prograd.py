@@ -195,7 +195,7 @@ def test_the_teacher_template_is_the_datasets_own_by_default(capsys):
     with pytest.raises(SystemExit):
         prograd.parse_args(["--help"])
     shown = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
-    assert "(prograd: the dataset's own" in shown
+    assert "(default: the dataset's own" in shown
 
 
 def test_presets_are_the_papers_settings(capsys):
@@ -206,7 +206,7 @@ def test_presets_are_the_papers_settings(capsys):
     with pytest.raises(SystemExit):
         prograd.parse_args(["--help"])
     shown = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
-    for fact in ("prograd: 'RN50'", "prograd: 1.0", "50/100/200 epochs", "0.002", "momentum 0.9"):
+    for fact in ("default: 'RN50'", "default: 1.0", "50/100/200 epochs", "0.002", "momentum 0.9"):
         assert fact in shown, fact
 
 

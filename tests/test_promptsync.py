@@ -152,7 +152,7 @@ def test_the_towers_with_prompts_are_clips_own_with_the_prompts_in_place():
         pl = model.prompts
         pl.deep_text[0].add_(0.3)
         deep = list(pl.deep_text)
-        plain = ps.encode_text(clip_model, pl.text_prompts(), pl.tokenized, deep)  # [MaPLe]
+        plain = ps.text_encoder(clip_model, pl.text_prompts(), pl.tokenized, deep)  # [MaPLe]
         by_hand = text_by_hand(clip_model, pl.text_prompts(), pl.tokenized, deep)
         torch.testing.assert_close(plain, by_hand, rtol=1e-5, atol=1e-6)
         text = model.text_features()  # the speed-up (shared_prefix): the plain loop's numbers

@@ -1,11 +1,11 @@
 """Does PromptAlign's step close the gap it aligns? PromptAlign (promptsync.py --loss align) adds
-to TPT's entropy, per aligned block l, 0.5 mean|mu_l - mu^_l| + 0.5 mean|var_l - var^_l|: the kept
-views' token means and variances against the source set's. For every test image this runs
-promptsync.py's own procedure (the same views, selection and step, reset per image) and measures
-both terms on the kept views at the loaded prompts (before) and at the tuned ones (after); it
-prints their mean over the images per block and writes them, per image too, to
-<--out>/align_gap.json. The options are promptsync.py's, with its PromptAlign presets; --load a
-source stage's checkpoint.
+to TPT's entropy beta sum_l (0.5 mean|mu_l - mu^_l| + 0.5 mean|var_l - var^_l|) over the aligned
+blocks l: the kept views' token means and variances against the source set's (mu^, var^). For
+every test image this runs promptsync.py's own procedure (the same views, selection and step,
+reset per image) and measures both terms on the kept views at the loaded prompts (before) and at
+the tuned ones (after); it prints their mean over the images per block and writes them, per image
+too, to <--out>/align_gap.json. The options are promptsync.py's, with its PromptAlign presets;
+--load a source stage's checkpoint.
 
   python tools/align_gap.py --backbone toy/clip_vit.pt --data toy/clutter --eval-data toy/haze \\
       toy/shapes --load runs/demo/source/checkpoint.pt --crop-scale 0.5 --shard 0/6 --workers 0
@@ -50,24 +50,23 @@ def main(argv=None):
     clip_model = ps.load_clip(args.backbone, device, args.precision)
     model = ps.MultimodalPromptedCLIP(clip_model, data["classnames"], args.n_ctx, args.depth)
     config = dict(method="maple", backbone=args.backbone, n_ctx=args.n_ctx, depth=args.depth)
-    ps.load_learned(model.to(device), ckpt, args.load, config)  # as promptsync.py's main
+    ps.load_learned(model.to(device), ckpt, args.load, config)  # checked as promptsync.py's main
     align = ps.alignment_targets(args, ckpt, model)
     learned = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(learned, args.lr, weight_decay=args.weight_decay)
     initial = copy.deepcopy((model.prompts.state_dict(), optimizer.state_dict()))
     n_px, (K, N) = model.clip.visual.input_resolution, map(int, args.shard.split("/"))
     views = ps.Views(n_px, args.views, args.augmix, args.crop_scale, args.corrupt)
-    per_image = []
+    fp16, per_image = args.precision != "fp32" and device.type == "cuda", []  # TPT's scaler
     for name, (items, classnames) in test_sets.items():
         model.prompts.set_classnames(model.clip, classnames)
         todo = [(i, *item) for i, item in enumerate(items) if i % N == K]
         for x, _, i in ps.ViewDataset(todo, views, args.seed):
             model.prompts.load_state_dict(initial[0])  # [TPT] episodic: reset the prompts
             optimizer.load_state_dict(initial[1])  # ... and AdamW's state
-            fp16 = args.precision != "fp32" and device.type == "cuda"  # TPT's loss scaler
             scaler = torch.amp.GradScaler(device.type, init_scale=1000, enabled=fp16)
-            run = (args.steps, args.rho, args.precision)
-            per_image.append(dict(image_gap(model, x.to(device), optimizer, scaler, align, *run)))
+            step = (args.steps, args.rho, args.precision)
+            per_image.append(image_gap(model, x.to(device), optimizer, scaler, align, *step))
             per_image[-1].update(set=name, index=i)
     mean = lambda when: np.mean([g[when] for g in per_image], axis=0).round(6).tolist()  # (L, 2)
     blocks = [str(b) for b in align[0]]
