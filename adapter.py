@@ -472,7 +472,8 @@ def main(args):
     if method != "clip-adapter" and not args.eval_only:  # to choose alpha/beta, the epoch, C_reg
         train["val"] = draw_validation(args, train, args.val_shots)
         check_images(train["val"])
-    run_dir = args.out or os.path.join("runs", method, dataset, f"{args.shots}shot_seed{args.seed}")
+    folder = f"{args.shots}shot_seed{args.seed}" + ("_eval" if args.eval_only else "")
+    run_dir = args.out or os.path.join("runs", method, dataset, folder)
     torch.manual_seed(args.seed)
     # Frozen CLIP and the frozen text classifier W of the training classes
     clip_model = load_clip(args.backbone, device, args.precision)

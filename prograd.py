@@ -253,7 +253,8 @@ def main(args):
     dataset, train, test_sets = load_task(args, args.shots)
     if not train["train"] and not args.eval_only:
         fail(f"{args.data}: no training images (a train/ folder or the split file's train list)")
-    run_dir = args.out or os.path.join("runs", method, dataset, f"{args.shots}shot_seed{args.seed}")
+    folder = f"{args.shots}shot_seed{args.seed}" + ("_eval" if args.eval_only else "")
+    run_dir = args.out or os.path.join("runs", method, dataset, folder)
     torch.manual_seed(args.seed)
     # Frozen CLIP and the learned prompt
     clip_model = load_clip(args.backbone, device, args.precision)

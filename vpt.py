@@ -323,7 +323,8 @@ def train_step(model, optimizer, scaler, images, labels, precision):
 def main(args):
     device, precision, pad = torch.device(args.device), args.precision, args.method == "pad"
     method, (dataset, train, test_sets) = f"vpt-{args.method}", load_data(args)
-    run_dir = args.out or os.path.join("runs", method, dataset, f"{args.shots}shot_seed{args.seed}")
+    folder = f"{args.shots}shot_seed{args.seed}" + ("_eval" if args.eval_only else "")
+    run_dir = args.out or os.path.join("runs", method, dataset, folder)
     torch.manual_seed(args.seed)
 
     # Frozen CLIP, the prompted image encoder, the head

@@ -258,6 +258,19 @@ def test_eval_only_with_other_class_names(tiny_ckpt, tiny_data, tmp_path):
     assert m["epochs"] == 0 and m["accuracy"]["test"] == trained["accuracy"]["new"]
 
 
+def test_an_evaluation_never_overwrites_its_training_run(
+    tiny_ckpt, tiny_data, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)  # the default run folders: runs/coop/<dataset>/1shot_seed1[_eval]
+    run(["--backbone", tiny_ckpt, "--data", tiny_data, "--shots", "1", "--epochs", "1"])
+    trained = tmp_path / "runs" / "coop" / os.path.basename(tiny_data) / "1shot_seed1"
+    run(["--backbone", tiny_ckpt, "--data", tiny_data, "--shots", "1", "--eval-only", "--load",
+        str(trained / "checkpoint.pt")])  # fmt: skip
+    assert json.loads((trained / "metrics.json").read_text())["epochs"] == 1  # kept
+    evaluated = json.loads((trained.parent / "1shot_seed1_eval" / "metrics.json").read_text())
+    assert evaluated["epochs"] == 0
+
+
 def test_resume_continues_exactly(tiny_ckpt, tiny_data, tmp_path, monkeypatch):
     args = ["--backbone", tiny_ckpt, "--data", tiny_data, "--shots", "4", "--epochs", "4",
         "--batch-size", "4", "--lr", "0.5"]  # fmt: skip
