@@ -242,6 +242,19 @@ def test_bad_data_is_named_before_any_work(tmp_path, case, message):
         assert "9.jpg" in str(e.value)
 
 
+def test_load_task_opens_the_training_images_only_when_it_draws_shots(tmp_path):
+    """A bad training image stops a few-shot run before any work; a run without shots (zero-shot,
+    a test stage, an evaluation) never reads the training images (ImageNet: 1.28M files)."""
+    make_image_folder(tmp_path / "train", ["a", "b"], 2)
+    make_image_folder(tmp_path / "test", ["a", "b"], 2)
+    (tmp_path / "train" / "a" / "9.jpg").write_bytes(b"not a jpeg")
+    args = argparse.Namespace(data=str(tmp_path), split_file=None, subsample="all", eval_data=[])
+    name, data, test_sets = coop.load_task(args)  # no shots: no error
+    assert len(data["train"]) == 5 and len(test_sets["test"][0]) == 4
+    with pytest.raises(SystemExit, match="9.jpg: cannot read this image"):
+        coop.load_task(argparse.Namespace(**vars(args), seed=1), shots=3)
+
+
 def test_grayscale_rgba_palette_are_converted(tiny_data):
     items = coop.load_dataset(tiny_data)["train"]
     modes = [Image.open(path).mode for path, _ in items[:4]]
