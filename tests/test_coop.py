@@ -310,23 +310,26 @@ def test_resume_after_sigkill_at_a_random_moment_logs_each_epoch_once(
     import time
 
     args = [sys.executable, "coop.py", "--backbone", tiny_ckpt, "--data", tiny_data,
-        "--shots", "2", "--epochs", "20", "--batch-size", "2", "--workers", "0", "--out",
+        "--shots", "2", "--epochs", "40", "--batch-size", "2", "--workers", "0", "--out",
         str(tmp_path)]  # fmt: skip
+    env = dict(os.environ, PYTHONUNBUFFERED="1")  # each epoch's line as soon as it is printed
     proc = subprocess.Popen(
-        args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+        args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
     )
-    # wait for the first epoch, then kill at a random moment of the next ones
+    # wait for a random epoch among the first half, then kill at a random moment after it (an
+    # epoch of the tiny run takes a few tens of milliseconds: the kill lands in the second half)
+    kill_after = random.randint(2, 20)  # its line is printed just before its checkpoint
     for line in proc.stdout:
-        if line.startswith("epoch 1/20"):
+        if line.startswith(f"epoch {kill_after}/40"):
             break
-    time.sleep(random.uniform(0.0, 0.5))
+    time.sleep(random.uniform(0.0, 0.05))
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["epoch"]
-    assert 1 <= done < 20, "the run ended before the kill; the test needs a longer run"
+    assert kill_after - 1 <= done < 40, "the run ended before the kill; the test needs a longer run"
     subprocess.run(args + ["--resume"], cwd=ROOT, check=True, capture_output=True)
     log = [json.loads(x)["epoch"] for x in (tmp_path / "log.jsonl").read_text().splitlines()]
-    assert log == list(range(1, 21))
+    assert log == list(range(1, 41))
 
 
 @pytest.mark.parametrize("drop_last, steps", [(False, 2), (True, 1)])
